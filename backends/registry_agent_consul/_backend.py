@@ -1,0 +1,319 @@
+"""Consul backend: an agent service with a TTL check ``service:<id>``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
+
+import consul
+import httpx
+
+from registry_agent import (
+    BackendUnavailable,
+    ConfigError,
+    HealthStatus,
+    InstanceHealth,
+    Lease,
+    LeaseLost,
+    Rejected,
+    ServiceInstance,
+    ServiceSnapshot,
+)
+from registry_agent._urls import (
+    Option,
+    opt_choice,
+    opt_duration,
+    opt_str,
+    parse_backend_url,
+    take_options,
+)
+from registry_agent_consul._http import AsyncConsul
+
+__all__ = ["ConsulBackend"]
+
+log = logging.getLogger("registry_agent.consul")
+T = TypeVar("T")
+
+_LOST_MARKERS = ("does not have associated TTL", "Unknown check", "Unknown service")
+# Consul never reaps a critical service sooner than this.
+_MIN_DEREGISTER_AFTER = 60.0
+
+
+def _go_duration(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+def _check_id(instance_id: str) -> str:
+    return f"service:{instance_id}"
+
+
+class ConsulBackend:
+    """``consul://host:port``: registers in a Consul agent (normally this host's).
+
+    Options (URL query or keywords):
+
+    ``token``
+        ACL token, sent as the ``X-Consul-Token`` header. Defaults to
+        ``CONSUL_HTTP_TOKEN`` from the environment; an explicit one wins.
+    ``dc``
+        Datacenter for reads (defaults to the agent's).
+    ``scheme``
+        ``http`` (default) or ``https``.
+    ``timeout``
+        Per-request timeout, default ``5s``.
+    ``wait``
+        Longest a blocking query waits before it is re-issued, default ``60s``.
+    ``deregister_critical_after``
+        Consul removes a service critical this long, default ``90s``; Consul's
+        floor is 1 minute and its reaper runs about every 30 seconds.
+    """
+
+    scheme: ClassVar[str] = "consul"
+    _OPTIONS: ClassVar[Mapping[str, Option]] = {
+        "token": opt_str,
+        "dc": opt_str,
+        "scheme": opt_choice("http", "https"),
+        "timeout": opt_duration,
+        "wait": opt_duration,
+        "deregister_critical_after": opt_duration,
+    }
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8500,
+        *,
+        token: str | None = None,
+        dc: str | None = None,
+        scheme: str = "http",
+        timeout: float = 5.0,
+        wait: float = 60.0,
+        deregister_critical_after: float = 90.0,
+    ) -> None:
+        if deregister_critical_after < _MIN_DEREGISTER_AFTER:
+            raise ConfigError(
+                f"Consul's floor is 60s, got {deregister_critical_after:g}s",
+                field="backend.deregister_critical_after",
+            )
+        self.host = host
+        self.port = port
+        self.dc = dc
+        self.timeout = timeout
+        self.wait = wait
+        self.deregister_critical_after = deregister_critical_after
+        self._scheme = scheme
+        self._token = token if token is not None else os.environ.get("CONSUL_HTTP_TOKEN") or None
+        self._api: AsyncConsul | None = None
+        # Status last set per check, so a heartbeat renews the TTL without changing it.
+        self._status: dict[str, tuple[HealthStatus, str]] = {}
+        self._warned: set[tuple[str, str]] = set()
+
+    @classmethod
+    def from_url(cls, url: str, options: Mapping[str, Any]) -> ConsulBackend:
+        """Build from ``consul://host:port?token=…&dc=…``."""
+        parsed = parse_backend_url(url, default_port=8500)
+        if len(parsed.endpoints) != 1:
+            raise ConfigError(
+                f"expected exactly one host:port (the local Consul agent) in {parsed.redacted()}",
+                field="backend",
+            )
+        (host, port), = parsed.endpoints
+        return cls(host, port, **take_options("consul", options, cls._OPTIONS))
+
+    def __repr__(self) -> str:
+        return f"ConsulBackend({self._scheme}://{self.host}:{self.port})"
+
+    @property
+    def api(self) -> AsyncConsul:
+        """py-consul's API object (created on first use, in the running process)."""
+        if self._api is None:
+            api = AsyncConsul(
+                host=self.host,
+                port=self.port,
+                scheme=self._scheme,
+                dc=self.dc,
+                verify=True,
+                timeout=self.timeout,
+            )
+            # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; we don't.
+            api.token = self._token
+            self._api = api
+        return self._api
+
+    async def _call(self, call: Awaitable[T], *, instance: ServiceInstance | None = None,
+                    service: str | None = None) -> T:
+        context = {
+            "backend": "consul",
+            "service": instance.service if instance else service,
+            "instance": instance.id if instance else None,
+        }
+        try:
+            return await call
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            raise BackendUnavailable(
+                f"Consul agent at {self.host}:{self.port} unreachable: {exc!r}", **context
+            ) from exc
+        except consul.ACLPermissionDenied as exc:
+            raise Rejected(f"permission denied: {exc}", **context) from exc
+        except consul.NotFound as exc:
+            raise LeaseLost(f"not found: {exc}", **context) from exc
+        except consul.ConsulException as exc:
+            text = str(exc)
+            if any(marker in text for marker in _LOST_MARKERS):
+                raise LeaseLost(f"TTL check lost: {text}", **context) from exc
+            if text[:1] == "4" or isinstance(exc, consul.base.ACLDisabled | consul.exceptions.ClientError):
+                raise Rejected(f"Consul refused the request: {text}", **context) from exc
+            raise BackendUnavailable(f"Consul error: {text}", **context) from exc
+
+    async def register(
+        self,
+        instance: ServiceInstance,
+        *,
+        ttl: float,
+        status: HealthStatus = HealthStatus.PASSING,
+        note: str = "",
+    ) -> Lease:
+        check_id = _check_id(instance.id)
+        check = {
+            "CheckID": check_id,
+            "Name": f"registry-agent TTL for {instance.id}",
+            "TTL": _go_duration(ttl),
+            "Status": str(status),
+            "Notes": "renewed by registry-agent",
+            "DeregisterCriticalServiceAfter": _go_duration(self.deregister_critical_after),
+        }
+        if note:
+            check["Output"] = note
+        await self._call(
+            self.api.agent.service.register(
+                instance.service,
+                service_id=instance.id,
+                address=instance.address,
+                port=instance.port,
+                tags=list(instance.tags),
+                meta=dict(instance.meta),
+                check=check,
+                replace_existing_checks=True,
+            ),
+            instance=instance,
+        )
+        self._status[check_id] = (status, note)
+        return Lease(instance, ttl, check_id, "consul")
+
+    async def _update_check(self, lease: Lease, status: HealthStatus, note: str) -> None:
+        check_id = str(lease.handle)
+        checks = self.api.agent.check
+        update = {
+            HealthStatus.PASSING: checks.ttl_pass,
+            HealthStatus.WARNING: checks.ttl_warn,
+            HealthStatus.CRITICAL: checks.ttl_fail,
+        }[status]
+        ok = await self._call(update(check_id, notes=note or None), instance=lease.instance)
+        if ok is False:  # py-consul answers False on 404
+            raise LeaseLost(
+                f"TTL check {check_id} not found",
+                backend="consul",
+                service=lease.instance.service,
+                instance=lease.instance.id,
+            )
+
+    async def heartbeat(self, lease: Lease) -> None:
+        status, note = self._status.get(str(lease.handle), (HealthStatus.PASSING, ""))
+        await self._update_check(lease, status, note)
+
+    async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:
+        await self._update_check(lease, status, note)
+        self._status[str(lease.handle)] = (status, note)
+
+    async def deregister(self, lease: Lease) -> None:
+        self._status.pop(str(lease.handle), None)
+        try:
+            await self._call(
+                self.api.agent.service.deregister(lease.instance.id), instance=lease.instance
+            )
+        except LeaseLost:
+            pass  # already gone: deregistering is idempotent
+
+    def _parse_entries(self, service: str, entries: Any) -> dict[str, InstanceHealth]:
+        found: dict[str, InstanceHealth] = {}
+        for entry in entries or ():
+            try:
+                svc = entry["Service"]
+                node = entry.get("Node") or {}
+                instance = ServiceInstance(
+                    service=svc["Service"],
+                    id=svc["ID"],
+                    address=svc.get("Address") or node.get("Address") or "",
+                    port=svc.get("Port"),
+                    tags=tuple(svc.get("Tags") or ()),
+                    meta=svc.get("Meta") or {},
+                )
+                checks = entry.get("Checks") or ()
+                status = HealthStatus.worst(HealthStatus(c["Status"]) for c in checks)
+                ours = [c for c in checks if c.get("CheckID") == _check_id(instance.id)]
+                worst = [c for c in checks if c["Status"] == status] if checks else []
+                note = str(((ours or worst or [{}])[0]).get("Output") or "")
+            except Exception as exc:  # a foreign or malformed entry must not break listing
+                key = (service, str(entry.get("Service", {}).get("ID", "?"))
+                       if isinstance(entry, dict) and isinstance(entry.get("Service"), dict)
+                       else "?")
+                if key not in self._warned:
+                    self._warned.add(key)
+                    log.warning(
+                        "skipping an entry of service %r that is not a valid instance: %s",
+                        service, exc, extra={"event": "skip_foreign", "backend": "consul",
+                                             "service": service},
+                    )
+                continue
+            found[instance.id] = InstanceHealth(instance, status, note)
+        return found
+
+    async def _health(self, service: str, index: int) -> tuple[int, dict[str, InstanceHealth]]:
+        kwargs: dict[str, Any] = {"dc": self.dc} if self.dc else {}
+        if index > 0:
+            kwargs.update(index=str(index), wait=_go_duration(self.wait))
+        raw_index, entries = await self._call(
+            self.api.health.service(service, **kwargs), service=service
+        )
+        try:
+            new_index = int(raw_index)
+        except (TypeError, ValueError):
+            raise BackendUnavailable(
+                f"Consul sent an invalid X-Consul-Index {raw_index!r}",
+                backend="consul", service=service,
+            ) from None
+        return new_index, self._parse_entries(service, entries)
+
+    async def list(self, service: str) -> ServiceSnapshot:
+        index, found = await self._health(service, 0)
+        return ServiceSnapshot(service, index, MappingProxyType(found))
+
+    async def watch(
+        self, service: str, *, since: ServiceSnapshot | None = None
+    ) -> AsyncIterator[ServiceSnapshot]:
+        index = since.index if since is not None else 0
+        last = dict(since.instances) if since is not None else None
+        while True:
+            started = time.monotonic()
+            new_index, found = await self._health(service, index)
+            if new_index < index or new_index <= 0:
+                # The agent restarted (or misbehaves): start over with a full read.
+                index = 0
+            else:
+                index = new_index
+            if last is None or found != last:
+                last = found
+                yield ServiceSnapshot(service, new_index, MappingProxyType(found))
+            elif time.monotonic() - started < 0.01:
+                # Nothing changed yet the query did not block: never spin.
+                await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        if self._api is not None:
+            api, self._api = self._api, None
+            await api.http.close()

@@ -1,0 +1,101 @@
+"""The seam between the core and a registry: the :class:`Backend` protocol.
+
+Backends know nothing of the registrar, watcher or agent; the core knows a
+backend only through this protocol. A third-party backend implements it and
+registers its class under the entry-point group ``registry_agent.backends``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from registry_agent._models import HealthStatus, ServiceInstance, ServiceSnapshot
+
+__all__ = ["Backend", "Lease"]
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Proof of one registration, returned by :meth:`Backend.register`.
+
+    ``handle`` is backend-specific (the Consul check id, the etcd lease id).
+    """
+
+    instance: ServiceInstance
+    ttl: float
+    handle: str | int
+    backend: str
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An asynchronous service registry.
+
+    Every method raises a subclass of :class:`~registry_agent.BackendError`:
+    :class:`~registry_agent.BackendUnavailable` when the registry cannot be
+    reached within the backend's timeout, :class:`~registry_agent.LeaseLost`
+    when the lease or check behind a :class:`Lease` no longer exists, and
+    :class:`~registry_agent.Rejected` when the registry refuses the request.
+    """
+
+    #: The URL scheme this backend serves, e.g. ``"consul"``.
+    scheme: ClassVar[str]
+
+    @classmethod
+    def from_url(cls, url: str, options: Mapping[str, Any]) -> Backend:
+        """Build a backend from a URL and options (query string merged with keywords).
+
+        Raises :class:`~registry_agent.ConfigError` naming a bad or unknown option.
+        """
+        ...
+
+    async def register(
+        self,
+        instance: ServiceInstance,
+        *,
+        ttl: float,
+        status: HealthStatus = HealthStatus.PASSING,
+        note: str = "",
+    ) -> Lease:
+        """Register ``instance`` (or replace its entry) and keep it for ``ttl`` seconds.
+
+        The entry disappears (etcd) or turns critical (Consul) unless
+        :meth:`heartbeat` is called within ``ttl``.
+        """
+        ...
+
+    async def heartbeat(self, lease: Lease) -> None:
+        """Renew ``lease`` for another TTL; raises ``LeaseLost`` when it is gone."""
+        ...
+
+    async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:
+        """Mark the registered instance passing or critical, with a human note."""
+        ...
+
+    async def deregister(self, lease: Lease) -> None:
+        """Remove the registration; removing one that is already gone is not an error."""
+        ...
+
+    async def list(self, service: str) -> ServiceSnapshot:
+        """Every instance of ``service`` with its health, and the index it was read at."""
+        ...
+
+    def watch(
+        self, service: str, *, since: ServiceSnapshot | None = None
+    ) -> AsyncIterator[ServiceSnapshot]:
+        """Yield a snapshot of ``service`` now, then a new one after every change.
+
+        With ``since``, resume after that snapshot: the first snapshot yielded
+        is the first that differs from it. Raises
+        :class:`~registry_agent.RevisionCompacted` when the backend cannot
+        resume from ``since`` (list again without it), and
+        :class:`~registry_agent.BackendUnavailable` when the connection is lost.
+        Consecutive snapshots always differ.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections. Registrations are not removed."""
+        ...

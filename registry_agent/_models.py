@@ -1,0 +1,160 @@
+"""Service instances and their health, the values every backend speaks."""
+
+from __future__ import annotations
+
+import enum
+import re
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from registry_agent._errors import ConfigError
+
+__all__ = ["HealthStatus", "InstanceHealth", "ServiceInstance", "ServiceSnapshot"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_MAX_NAME = 256
+
+
+class HealthStatus(enum.StrEnum):
+    """Health of a registered instance as the registry reports it."""
+
+    PASSING = "passing"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+    @classmethod
+    def worst(cls, statuses: Iterable[HealthStatus]) -> HealthStatus:
+        """The least healthy of ``statuses`` (passing when there are none)."""
+        order = (cls.CRITICAL, cls.WARNING)
+        found = set(statuses)
+        for status in order:
+            if status in found:
+                return status
+        return cls.PASSING
+
+
+def _check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"expected a non-empty string, got {value!r}", field=what)
+    if len(value) > _MAX_NAME or not _NAME.match(value):
+        raise ConfigError(
+            f"expected letters, digits, '_', '.' or '-' (at most {_MAX_NAME}), got {value!r}",
+            field=what,
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceInstance:
+    """One instance of a service: immutable, hashable, validated on creation.
+
+    ``id`` defaults to ``"{service}-{address}-{port}"``, stable across restarts.
+    ``address`` defaults to this host's name.
+    """
+
+    service: str
+    address: str = ""
+    port: int = 0
+    id: str = ""
+    tags: tuple[str, ...] = ()
+    meta: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        _check_name(self.service, "service")
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise ConfigError(f"expected an integer 1-65535, got {self.port!r}", field="port")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"expected an integer 1-65535, got {self.port}", field="port")
+        address = self.address or socket.gethostname()
+        if not isinstance(address, str) or any(c.isspace() for c in address):
+            raise ConfigError(f"expected a host name or IP address, got {address!r}", field="address")
+        object.__setattr__(self, "address", address)
+        if not self.id:
+            object.__setattr__(self, "id", f"{self.service}-{address}-{self.port}".replace(":", "_"))
+        _check_name(self.id, "id")
+        tags = self.tags
+        if isinstance(tags, str) or not isinstance(tags, Iterable):
+            raise ConfigError(f"expected a list of strings, got {tags!r}", field="tags")
+        tags = tuple(tags)
+        for i, tag in enumerate(tags):
+            if not isinstance(tag, str):
+                raise ConfigError(f"expected a string, got {tag!r}", field=f"tags[{i}]")
+        object.__setattr__(self, "tags", tags)
+        if not isinstance(self.meta, Mapping):
+            raise ConfigError(f"expected a mapping of strings, got {self.meta!r}", field="meta")
+        for key, value in self.meta.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"expected non-empty string keys, got {key!r}", field="meta")
+            if not isinstance(value, str):
+                raise ConfigError(f"expected a string value, got {value!r}", field=f"meta.{key}")
+        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+
+    def __hash__(self) -> int:
+        return hash((self.service, self.id, self.address, self.port, self.tags, self._meta_items()))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ServiceInstance):
+            return NotImplemented
+        return (
+            self.service == other.service
+            and self.id == other.id
+            and self.address == other.address
+            and self.port == other.port
+            and self.tags == other.tags
+            and dict(self.meta) == dict(other.meta)
+        )
+
+    def _meta_items(self) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted(self.meta.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the instance fields."""
+        return {
+            "service": self.service,
+            "id": self.id,
+            "address": self.address,
+            "port": self.port,
+            "tags": list(self.tags),
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ServiceInstance:
+        """Build an instance from :meth:`to_dict` output; raises :class:`ConfigError`."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"expected an object, got {type(data).__name__}")
+        known = {"service", "id", "address", "port", "tags", "meta"}
+        return cls(**{key: data[key] for key in known if key in data})
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceHealth:
+    """A registered instance with the health the registry reports for it."""
+
+    instance: ServiceInstance
+    status: HealthStatus = HealthStatus.PASSING
+    #: Free text from the registry (Consul check output); not part of equality.
+    note: str = field(default="", compare=False)
+
+    @property
+    def healthy(self) -> bool:
+        """True only when the registry says ``passing``."""
+        return self.status is HealthStatus.PASSING
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSnapshot:
+    """Every instance of one service at one registry index (Consul) or revision (etcd)."""
+
+    service: str
+    index: int
+    instances: Mapping[str, InstanceHealth] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+    def healthy(self) -> list[ServiceInstance]:
+        """The passing instances, ordered by id."""
+        return [h.instance for _, h in sorted(self.instances.items()) if h.healthy]

@@ -1,0 +1,245 @@
+"""Throwaway real Consul and etcd servers on free loopback ports, for tests and benchmarks.
+
+Binaries are looked up in ``$REGISTRY_AGENT_SERVERS_BIN``, then ``PATH``, then
+the ``.servers/bin`` folder that ``scripts/fetch-servers.sh`` fills. Servers
+are stopped by the PID this module started, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConsulServer", "EtcdServer", "ServerProcess", "find_binary", "free_port"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_binary(name: str) -> str:
+    """Path of the ``consul`` or ``etcd`` binary; raises FileNotFoundError with the fix."""
+    candidates: list[Path] = []
+    if env := os.environ.get("REGISTRY_AGENT_SERVERS_BIN"):
+        candidates.append(Path(env) / name)
+    if found := shutil.which(name):
+        candidates.append(Path(found))
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents, Path(__file__).resolve().parents[2]):
+        candidates.append(folder / ".servers" / "bin" / name)
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    raise FileNotFoundError(
+        f"{name} not found in $REGISTRY_AGENT_SERVERS_BIN, PATH or .servers/bin: "
+        "run scripts/fetch-servers.sh"
+    )
+
+
+def _http_json(url: str, timeout: float = 1.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # loopback only
+        return json.loads(response.read() or b"null")
+
+
+class ServerProcess:
+    """One server process with the controls failure tests need."""
+
+    name = "server"
+
+    def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"registry-agent-{self.name}-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._paused = False
+        self.starts = 0
+
+    # -- to be provided by subclasses ----------------------------------------
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def wipe_data(self) -> None:
+        """Delete persisted state (between stop and start)."""
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    # -- lifecycle -----------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """PID of the running server, if any."""
+        return self.process.pid if self.process and self.process.poll() is None else None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server and wait until it serves requests."""
+        if self.pid is not None:
+            return
+        log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=self.workdir, start_new_session=True,
+        )
+        log.close()
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            with contextlib.suppress(OSError, ValueError, urllib.error.URLError):
+                if self.ready():
+                    return
+            time.sleep(0.05)
+        tail = self.log_tail()
+        self.stop()
+        raise RuntimeError(f"{self.name} did not become ready in {timeout}s; log tail:\n{tail}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop gracefully (SIGTERM, then SIGKILL after ``timeout``)."""
+        self._signal_and_wait(signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as a crash."""
+        self._signal_and_wait(signal.SIGKILL, 10.0)
+
+    def _signal_and_wait(self, sig: signal.Signals, timeout: float) -> None:
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            self.process = None
+            return
+        if self._paused:
+            self.resume()
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10.0)
+        self.process = None
+
+    def restart(self, *, wipe: bool = False) -> None:
+        """Stop and start on the same ports; ``wipe`` loses every registration."""
+        self.stop()
+        if wipe:
+            self.wipe_data()
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server stops answering but keeps its sockets."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
+            self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+            self._paused = False
+
+    def close(self) -> None:
+        """Stop the server and remove its working folder if we made it."""
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the server's log, for error messages."""
+        path = self.workdir / "server.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ConsulServer(ServerProcess):
+    """``consul agent -dev`` on loopback; every restart starts it empty (dev keeps no data)."""
+
+    name = "consul"
+
+    def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(workdir)
+        self.binary = find_binary("consul")
+        self.http_port, self.serf_lan, self.serf_wan, self.server_port = (
+            free_port(), free_port(), free_port(), free_port(),
+        )
+        self.node = f"node-{self.http_port}"
+
+    @property
+    def url(self) -> str:
+        return f"consul://127.0.0.1:{self.http_port}"
+
+    @property
+    def http(self) -> str:
+        """Base URL of the HTTP API."""
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def command(self) -> list[str]:
+        return [
+            self.binary, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
+            "-advertise", "127.0.0.1", "-node", self.node, "-log-level", "warn",
+            "-http-port", str(self.http_port), "-dns-port", "-1", "-grpc-port", "-1",
+            "-serf-lan-port", str(self.serf_lan), "-serf-wan-port", str(self.serf_wan),
+            "-server-port", str(self.server_port),
+        ]
+
+    def ready(self) -> bool:
+        if not _http_json(f"{self.http}/v1/status/leader"):
+            return False
+        checks = _http_json(f"{self.http}/v1/health/node/{self.node}")
+        return any(c["CheckID"] == "serfHealth" and c["Status"] == "passing" for c in checks)
+
+
+class EtcdServer(ServerProcess):
+    """A single-member etcd with its own data folder; ``restart(wipe=True)`` loses it."""
+
+    name = "etcd"
+
+    def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(workdir)
+        self.binary = find_binary("etcd")
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.data_dir = self.workdir / "data"
+
+    @property
+    def url(self) -> str:
+        return f"etcd://127.0.0.1:{self.client_port}"
+
+    def command(self) -> list[str]:
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            self.binary, "--name", "member", "--data-dir", str(self.data_dir),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"member={peer}", "--log-level", "warn",
+        ]
+
+    def ready(self) -> bool:
+        health = _http_json(f"http://127.0.0.1:{self.client_port}/health")
+        return bool(health) and health.get("health") == "true"
+
+    def wipe_data(self) -> None:
+        shutil.rmtree(self.data_dir, ignore_errors=True)
