@@ -10,8 +10,8 @@ from registry_agent._errors import (
     BackendUnavailable,
     ConfigError,
     LeaseLost,
-    Rejected,
     RegistryError,
+    Rejected,
     RevisionCompacted,
 )
 from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance, ServiceSnapshot
@@ -29,8 +29,8 @@ __all__ = [
     "InstanceHealth",
     "Lease",
     "LeaseLost",
-    "Rejected",
     "RegistryError",
+    "Rejected",
     "RevisionCompacted",
     "ServiceInstance",
     "ServiceSnapshot",

@@ -23,8 +23,8 @@ __all__ = [
     "BackendUnavailable",
     "ConfigError",
     "LeaseLost",
-    "Rejected",
     "RegistryError",
+    "Rejected",
     "RevisionCompacted",
 ]
 
@@ -62,7 +62,9 @@ class RegistryError(Exception):
 class ConfigError(RegistryError, ValueError):
     """Invalid user input; ``field`` names what is wrong, ``source`` where it came from."""
 
-    def __init__(self, message: str, *, field: str | None = None, source: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, field: str | None = None, source: str | None = None
+    ) -> None:
         prefix = ": ".join(part for part in (source, field) if part)
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.field = field
@@ -94,4 +96,7 @@ class RevisionCompacted(BackendError):
 
 
 class Rejected(BackendError):
-    """The registry refused the request (permission, validation): retrying it unchanged won't help."""
+    """The registry refused the request (permission, validation).
+
+    Retrying the same request unchanged won't help.
+    """

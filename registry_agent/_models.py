@@ -70,10 +70,14 @@ class ServiceInstance:
             raise ConfigError(f"expected an integer 1-65535, got {self.port}", field="port")
         address = self.address or socket.gethostname()
         if not isinstance(address, str) or any(c.isspace() for c in address):
-            raise ConfigError(f"expected a host name or IP address, got {address!r}", field="address")
+            raise ConfigError(
+                f"expected a host name or IP address, got {address!r}", field="address"
+            )
         object.__setattr__(self, "address", address)
         if not self.id:
-            object.__setattr__(self, "id", f"{self.service}-{address}-{self.port}".replace(":", "_"))
+            object.__setattr__(
+                self, "id", f"{self.service}-{address}-{self.port}".replace(":", "_")
+            )
         _check_name(self.id, "id")
         tags = self.tags
         if isinstance(tags, str) or not isinstance(tags, Iterable):
@@ -151,9 +155,7 @@ class ServiceSnapshot:
 
     service: str
     index: int
-    instances: Mapping[str, InstanceHealth] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    instances: Mapping[str, InstanceHealth] = field(default_factory=lambda: MappingProxyType({}))
 
     def healthy(self) -> list[ServiceInstance]:
         """The passing instances, ordered by id."""

@@ -58,7 +58,8 @@ def backend_class(scheme: str) -> type[Backend]:
             else f"install the package that provides {module_name}"
         )
         raise BackendNotFound(
-            f"the {scheme} backend needs a package that is not installed ({exc.name or exc}): {hint}",
+            f"the {scheme} backend needs a package that is not installed "
+            f"({exc.name or exc}): {hint}",
             backend=scheme,
         ) from None
     cls: type[Backend] = getattr(module, attr)

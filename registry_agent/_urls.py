@@ -96,7 +96,9 @@ def _split_host_port(part: str, url: str, default_port: int | None) -> tuple[str
     elif part.count(":") == 1:
         host, port_text = part.split(":")
     elif ":" in part:
-        raise ConfigError(f"IPv6 addresses need brackets, as in [::1]:2379: {url!r}", field="backend")
+        raise ConfigError(
+            f"IPv6 addresses need brackets, as in [::1]:2379: {url!r}", field="backend"
+        )
     else:
         host, port_text = part, ""
     if not host:
@@ -146,7 +148,16 @@ def opt_bool(name: str, value: Any) -> bool:
     """An option holding a boolean (``true``/``false``/``1``/``0`` in a URL)."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+    if isinstance(value, str) and value.lower() in {
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+    }:
         return value.lower() in {"1", "true", "yes", "on"}
     raise ConfigError(f"expected true or false, got {value!r}", field=f"backend.{name}")
 

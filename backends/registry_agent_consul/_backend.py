@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -122,7 +123,7 @@ class ConsulBackend:
                 f"expected exactly one host:port (the local Consul agent) in {parsed.redacted()}",
                 field="backend",
             )
-        (host, port), = parsed.endpoints
+        ((host, port),) = parsed.endpoints
         return cls(host, port, **take_options("consul", options, cls._OPTIONS))
 
     def __repr__(self) -> str:
@@ -145,8 +146,13 @@ class ConsulBackend:
             self._api = api
         return self._api
 
-    async def _call(self, call: Awaitable[T], *, instance: ServiceInstance | None = None,
-                    service: str | None = None) -> T:
+    async def _call(
+        self,
+        call: Awaitable[T],
+        *,
+        instance: ServiceInstance | None = None,
+        service: str | None = None,
+    ) -> T:
         context = {
             "backend": "consul",
             "service": instance.service if instance else service,
@@ -166,7 +172,9 @@ class ConsulBackend:
             text = str(exc)
             if any(marker in text for marker in _LOST_MARKERS):
                 raise LeaseLost(f"TTL check lost: {text}", **context) from exc
-            if text[:1] == "4" or isinstance(exc, consul.base.ACLDisabled | consul.exceptions.ClientError):
+            if text[:1] == "4" or isinstance(
+                exc, consul.base.ACLDisabled | consul.exceptions.ClientError
+            ):
                 raise Rejected(f"Consul refused the request: {text}", **context) from exc
             raise BackendUnavailable(f"Consul error: {text}", **context) from exc
 
@@ -187,8 +195,6 @@ class ConsulBackend:
             "Notes": "renewed by registry-agent",
             "DeregisterCriticalServiceAfter": _go_duration(self.deregister_critical_after),
         }
-        if note:
-            check["Output"] = note
         await self._call(
             self.api.agent.service.register(
                 instance.service,
@@ -202,8 +208,11 @@ class ConsulBackend:
             ),
             instance=instance,
         )
+        lease = Lease(instance, float(ttl), check_id, "consul")
         self._status[check_id] = (status, note)
-        return Lease(instance, ttl, check_id, "consul")
+        if note:  # Consul takes no output at registration; set it with the status
+            await self._update_check(lease, status, note)
+        return lease
 
     async def _update_check(self, lease: Lease, status: HealthStatus, note: str) -> None:
         check_id = str(lease.handle)
@@ -232,12 +241,10 @@ class ConsulBackend:
 
     async def deregister(self, lease: Lease) -> None:
         self._status.pop(str(lease.handle), None)
-        try:
+        with contextlib.suppress(LeaseLost):  # already gone: deregistering is idempotent
             await self._call(
                 self.api.agent.service.deregister(lease.instance.id), instance=lease.instance
             )
-        except LeaseLost:
-            pass  # already gone: deregistering is idempotent
 
     def _parse_entries(self, service: str, entries: Any) -> dict[str, InstanceHealth]:
         found: dict[str, InstanceHealth] = {}
@@ -259,15 +266,19 @@ class ConsulBackend:
                 worst = [c for c in checks if c["Status"] == status] if checks else []
                 note = str(((ours or worst or [{}])[0]).get("Output") or "")
             except Exception as exc:  # a foreign or malformed entry must not break listing
-                key = (service, str(entry.get("Service", {}).get("ID", "?"))
-                       if isinstance(entry, dict) and isinstance(entry.get("Service"), dict)
-                       else "?")
+                key = (
+                    service,
+                    str(entry.get("Service", {}).get("ID", "?"))
+                    if isinstance(entry, dict) and isinstance(entry.get("Service"), dict)
+                    else "?",
+                )
                 if key not in self._warned:
                     self._warned.add(key)
                     log.warning(
                         "skipping an entry of service %r that is not a valid instance: %s",
-                        service, exc, extra={"event": "skip_foreign", "backend": "consul",
-                                             "service": service},
+                        service,
+                        exc,
+                        extra={"event": "skip_foreign", "backend": "consul", "service": service},
                     )
                 continue
             found[instance.id] = InstanceHealth(instance, status, note)
@@ -285,7 +296,8 @@ class ConsulBackend:
         except (TypeError, ValueError):
             raise BackendUnavailable(
                 f"Consul sent an invalid X-Consul-Index {raw_index!r}",
-                backend="consul", service=service,
+                backend="consul",
+                service=service,
             ) from None
         return new_index, self._parse_entries(service, entries)
 
@@ -301,11 +313,8 @@ class ConsulBackend:
         while True:
             started = time.monotonic()
             new_index, found = await self._health(service, index)
-            if new_index < index or new_index <= 0:
-                # The agent restarted (or misbehaves): start over with a full read.
-                index = 0
-            else:
-                index = new_index
+            # An index going backwards means the agent restarted: start over.
+            index = 0 if new_index < index or new_index <= 0 else new_index
             if last is None or found != last:
                 last = found
                 yield ServiceSnapshot(service, new_index, MappingProxyType(found))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -73,9 +74,10 @@ class EtcdBackend:
         password: str | None = None,
         timeout: float = 5.0,
     ) -> None:
-        if not prefix.startswith("/") or prefix.endswith("/") and prefix != "/":
+        if not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/"):
             raise ConfigError(
-                f"expected a key prefix like /services (leading '/', no trailing '/'), got {prefix!r}",
+                "expected a key prefix like /services (leading '/', no trailing '/'), "
+                f"got {prefix!r}",
                 field="backend.prefix",
             )
         if (user is None) != (password is None):
@@ -98,7 +100,7 @@ class EtcdBackend:
             raise ConfigError(
                 f"expected exactly one host:port in {parsed.redacted()}", field="backend"
             )
-        (host, port), = parsed.endpoints
+        ((host, port),) = parsed.endpoints
         given = dict(options)
         if parsed.username is not None:
             if "user" in given:
@@ -133,15 +135,24 @@ class EtcdBackend:
             text = exc.details() or str(exc.code())
         if "lease not found" in text:
             return LeaseLost(f"lease lost: {text}", **context)
-        if isinstance(exc, aetcd.exceptions.UnauthenticatedError) or "permission denied" in text \
-                or "authentication failed" in text or "invalid auth token" in text:
+        if (
+            isinstance(exc, aetcd.exceptions.UnauthenticatedError)
+            or "permission denied" in text
+            or "authentication failed" in text
+            or "invalid auth token" in text
+        ):
             return Rejected(f"etcd refused the request: {text}", **context)
         if isinstance(exc, aetcd.exceptions.InvalidArgumentError):
             return Rejected(f"etcd refused the request: {text}", **context)
         return BackendUnavailable(f"etcd at {self.host}:{self.port} failed: {text}", **context)
 
-    async def _call(self, call: Awaitable[T], *, instance: ServiceInstance | None = None,
-                    service: str | None = None) -> T:
+    async def _call(
+        self,
+        call: Awaitable[T],
+        *,
+        instance: ServiceInstance | None = None,
+        service: str | None = None,
+    ) -> T:
         context = {
             "backend": "etcd",
             "service": instance.service if instance else service,
@@ -159,10 +170,8 @@ class EtcdBackend:
         if isinstance(exc, TimeoutError | aetcd.exceptions.UnauthenticatedError):
             client, self._client = self._client, None
             if client is not None:
-                try:
+                with contextlib.suppress(Exception):  # already broken
                     await client.close()
-                except Exception:  # already broken
-                    pass
 
     def _value(self, instance: ServiceInstance, status: HealthStatus, note: str) -> bytes:
         data: dict[str, Any] = {**instance.to_dict(), "status": str(status)}
@@ -187,8 +196,10 @@ class EtcdBackend:
             if key not in self._warned:
                 self._warned.add(key)
                 log.warning(
-                    "skipping %r: not a registry-agent instance: %s", key.decode(errors="replace"),
-                    exc, extra={"event": "skip_foreign", "backend": "etcd", "service": service},
+                    "skipping %r: not a registry-agent instance: %s",
+                    key.decode(errors="replace"),
+                    exc,
+                    extra={"event": "skip_foreign", "backend": "etcd", "service": service},
                 )
             return None
 
@@ -209,15 +220,18 @@ class EtcdBackend:
             ),
             instance=instance,
         )
-        return Lease(instance, ttl, int(lease.id), "etcd")
+        return Lease(instance, float(ttl), int(lease.id), "etcd")
 
     async def heartbeat(self, lease: Lease) -> None:
         reply = await self._call(self.client.refresh_lease(lease.handle), instance=lease.instance)
         if reply is None or reply.TTL <= 0:
             raise LeaseLost(
-                f"lease {lease.handle:x} expired or not found" if isinstance(lease.handle, int)
+                f"lease {lease.handle:x} expired or not found"
+                if isinstance(lease.handle, int)
                 else "lease not found",
-                backend="etcd", service=lease.instance.service, instance=lease.instance.id,
+                backend="etcd",
+                service=lease.instance.service,
+                instance=lease.instance.id,
             )
 
     async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:
@@ -234,10 +248,8 @@ class EtcdBackend:
     async def deregister(self, lease: Lease) -> None:
         # Revoking the lease deletes its keys atomically; a key someone else
         # re-put under another lease is theirs and stays.
-        try:
+        with contextlib.suppress(LeaseLost):
             await self._call(self.client.revoke_lease(lease.handle), instance=lease.instance)
-        except LeaseLost:
-            pass
 
     async def list(self, service: str) -> ServiceSnapshot:
         prefix = self._key(service)
@@ -276,7 +288,7 @@ class EtcdBackend:
             yield create
             await stop.wait()
 
-        metadata = tuple(client.metadata or ()) + (_REQUIRE_LEADER,)
+        metadata = (*tuple(client.metadata or ()), _REQUIRE_LEADER)
         context: dict[str, str | None] = {"backend": "etcd", "service": service, "instance": None}
         call = rpc.WatchStub(client.channel).Watch(requests(), metadata=metadata)
         try:
@@ -285,17 +297,20 @@ class EtcdBackend:
                 if cluster_id is not None and header.cluster_id and header.cluster_id != cluster_id:
                     raise RevisionCompacted(
                         "etcd cluster changed (restarted empty?): list again",
-                        compacted_revision=0, **context,
+                        compacted_revision=0,
+                        **context,
                     )
                 if response.created and header.revision < revision:
                     raise RevisionCompacted(
                         f"etcd is at revision {header.revision}, behind {revision}: list again",
-                        compacted_revision=0, **context,
+                        compacted_revision=0,
+                        **context,
                     )
                 if response.compact_revision:
                     raise RevisionCompacted(
                         f"revision {revision + 1} was compacted (now {response.compact_revision})",
-                        compacted_revision=response.compact_revision, **context,
+                        compacted_revision=response.compact_revision,
+                        **context,
                     )
                 if response.canceled:
                     raise BackendUnavailable(
@@ -307,7 +322,7 @@ class EtcdBackend:
                 changed = False
                 for event in response.events:
                     kv = event.kv
-                    instance_id = kv.key[len(prefix):].decode(errors="replace")
+                    instance_id = kv.key[len(prefix) :].decode(errors="replace")
                     if event.type == rpc.Event.DELETE:
                         changed |= state.pop(instance_id, None) is not None
                         continue

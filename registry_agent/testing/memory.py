@@ -10,6 +10,7 @@ real backend works: the Consul and etcd plugins are tested on real servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
@@ -21,7 +22,7 @@ from typing import Any, ClassVar
 from registry_agent._backend import Backend, Lease
 from registry_agent._errors import BackendUnavailable, LeaseLost
 from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance, ServiceSnapshot
-from registry_agent._urls import parse_backend_url, take_options
+from registry_agent._urls import Option, opt_duration, parse_backend_url, take_options
 
 __all__ = ["MemoryBackend", "MemoryRegistry"]
 
@@ -84,6 +85,18 @@ class MemoryRegistry:
             self._leases.clear()
             self._revision = 0
         self._notify()
+
+    def restart(self, *, wipe: bool = False) -> None:
+        """Like a server restart: keeps state unless ``wipe``."""
+        self.stop()
+        if wipe:
+            self.wipe()
+        self.start()
+
+    @property
+    def url(self) -> str:
+        """``memory://NAME`` (for a registry made with :meth:`named`)."""
+        return f"memory://{self.name or 'default'}"
 
     @property
     def running(self) -> bool:
@@ -192,10 +205,11 @@ class MemoryRegistry:
 
 
 class MemoryBackend(Backend):
-    """``memory://NAME``: the in-memory :class:`Backend`; it takes no options."""
+    """``memory://NAME``: the in-memory :class:`Backend`."""
 
     scheme: ClassVar[str] = "memory"
-    _OPTIONS: ClassVar[Mapping[str, Any]] = {}
+    # ``timeout`` is accepted for symmetry with real backends; no call here waits.
+    _OPTIONS: ClassVar[Mapping[str, Option]] = {"timeout": opt_duration}
 
     def __init__(self, registry: MemoryRegistry | None = None) -> None:
         self.registry = registry if registry is not None else MemoryRegistry()
@@ -216,7 +230,7 @@ class MemoryBackend(Backend):
         note: str = "",
     ) -> Lease:
         lease_id = self.registry.put(InstanceHealth(instance, status, note), ttl)
-        return Lease(instance, ttl, lease_id, "memory")
+        return Lease(instance, float(ttl), lease_id, "memory")
 
     async def heartbeat(self, lease: Lease) -> None:
         assert isinstance(lease.handle, int)
@@ -254,11 +268,9 @@ class MemoryBackend(Backend):
                     yield current
                     continue
                 wait = self.registry.next_expiry()
-                try:
-                    # Wake at the next lease expiry too: nobody notifies for it.
+                # Wake at the next lease expiry too: nobody notifies for it.
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), None if wait is None else wait + 0.01)
-                except TimeoutError:
-                    pass
         finally:
             unsubscribe()
 

@@ -94,8 +94,12 @@ class ServerProcess:
             return
         log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=self.workdir, start_new_session=True,
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.workdir,
+            start_new_session=True,
         )
         log.close()
         self.starts += 1
@@ -183,7 +187,10 @@ class ConsulServer(ServerProcess):
         super().__init__(workdir)
         self.binary = find_binary("consul")
         self.http_port, self.serf_lan, self.serf_wan, self.server_port = (
-            free_port(), free_port(), free_port(), free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
         )
         self.node = f"node-{self.http_port}"
 
@@ -198,11 +205,31 @@ class ConsulServer(ServerProcess):
 
     def command(self) -> list[str]:
         return [
-            self.binary, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
-            "-advertise", "127.0.0.1", "-node", self.node, "-log-level", "warn",
-            "-http-port", str(self.http_port), "-dns-port", "-1", "-grpc-port", "-1",
-            "-serf-lan-port", str(self.serf_lan), "-serf-wan-port", str(self.serf_wan),
-            "-server-port", str(self.server_port),
+            self.binary,
+            "agent",
+            "-dev",
+            "-bind",
+            "127.0.0.1",
+            "-client",
+            "127.0.0.1",
+            "-advertise",
+            "127.0.0.1",
+            "-node",
+            self.node,
+            "-log-level",
+            "warn",
+            "-http-port",
+            str(self.http_port),
+            "-dns-port",
+            "-1",
+            "-grpc-port",
+            "-1",
+            "-serf-lan-port",
+            str(self.serf_lan),
+            "-serf-wan-port",
+            str(self.serf_wan),
+            "-server-port",
+            str(self.server_port),
         ]
 
     def ready(self) -> bool:
@@ -231,10 +258,23 @@ class EtcdServer(ServerProcess):
         client = f"http://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         return [
-            self.binary, "--name", "member", "--data-dir", str(self.data_dir),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"member={peer}", "--log-level", "warn",
+            self.binary,
+            "--name",
+            "member",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"member={peer}",
+            "--log-level",
+            "warn",
         ]
 
     def ready(self) -> bool:

@@ -1,0 +1,351 @@
+"""The backend contract: the guarantees every backend gives, as a pytest suite.
+
+Subclass :class:`BackendContract` in a test module and provide a ``server``
+fixture returning a :class:`ServerControl` (a real server for real backends)::
+
+    class TestMyBackend(BackendContract):
+        @pytest.fixture
+        def server(self):
+            with MyServer() as server:
+                yield server
+
+The suite needs pytest and pytest-asyncio (``asyncio_mode = "auto"``).
+Timing bounds derive from :attr:`BackendContract.ttl`; they are generous
+limits, not measurements (those live in ``bench/``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ClassVar, Protocol
+
+import pytest
+
+from registry_agent import (
+    Backend,
+    BackendUnavailable,
+    HealthStatus,
+    LeaseLost,
+    ServiceInstance,
+    ServiceSnapshot,
+    open_backend,
+)
+
+__all__ = ["BackendContract", "ServerControl", "eventually"]
+
+
+class ServerControl(Protocol):
+    """What the contract needs to drive a registry server."""
+
+    @property
+    def url(self) -> str:
+        """The backend URL, e.g. ``etcd://127.0.0.1:2379``."""
+        ...
+
+    def stop(self) -> None:
+        """Take the server down, keeping its data."""
+        ...
+
+    def start(self) -> None:
+        """Bring it back; returns once it serves requests."""
+        ...
+
+    def restart(self, *, wipe: bool = False) -> None:
+        """Stop and start; ``wipe=True`` loses every registration and lease."""
+        ...
+
+
+async def eventually(
+    predicate: Callable[[], Awaitable[bool]], *, within: float, interval: float = 0.05
+) -> float:
+    """Poll ``predicate`` until true; returns the seconds it took, fails after ``within``."""
+    started = time.monotonic()
+    while True:
+        if await predicate():
+            return time.monotonic() - started
+        if time.monotonic() - started > within:
+            pytest.fail(f"condition not met within {within:.1f}s")
+        await asyncio.sleep(interval)
+
+
+class BackendContract:
+    """Tests every backend must pass. Provide the ``server`` fixture."""
+
+    #: TTL used by the tests, seconds (etcd grants at least 2).
+    ttl: ClassVar[float] = 2.0
+    #: Per-request timeout given to the backend, seconds.
+    timeout: ClassVar[float] = 2.0
+    #: Extra options for ``open_backend``.
+    backend_options: ClassVar[dict[str, Any]] = {}
+
+    @pytest.fixture
+    def server(self) -> ServerControl:
+        raise NotImplementedError("provide a `server` fixture returning a ServerControl")
+
+    @pytest.fixture
+    async def backend(self, server: ServerControl) -> AsyncIterator[Backend]:
+        backend = open_backend(server.url, timeout=self.timeout, **self.backend_options)
+        yield backend
+        await backend.close()
+
+    @pytest.fixture
+    def service(self) -> str:
+        return f"svc-{uuid.uuid4().hex[:8]}"
+
+    def instance(self, service: str, n: int = 1, **fields: Any) -> ServiceInstance:
+        fields.setdefault("address", "127.0.0.1")
+        fields.setdefault("port", 9000 + n)
+        return ServiceInstance(service, id=f"{service}-{n}", **fields)
+
+    @staticmethod
+    async def status_of(backend: Backend, service: str, instance_id: str) -> HealthStatus | None:
+        snapshot = await backend.list(service)
+        health = snapshot.instances.get(instance_id)
+        return None if health is None else health.status
+
+    # -- registration ----------------------------------------------------------
+
+    async def test_register_is_listed_and_passing(self, backend: Backend, service: str) -> None:
+        inst = self.instance(service)
+        lease = await backend.register(inst, ttl=self.ttl)
+        assert lease.instance == inst
+        snapshot = await backend.list(service)
+        assert set(snapshot.instances) == {inst.id}
+        assert snapshot.instances[inst.id].instance == inst
+        assert snapshot.instances[inst.id].healthy
+        assert snapshot.healthy() == [inst]
+
+    async def test_register_critical_is_listed_not_passing(
+        self, backend: Backend, service: str
+    ) -> None:
+        inst = self.instance(service)
+        await backend.register(inst, ttl=self.ttl, status=HealthStatus.CRITICAL, note="not ready")
+        snapshot = await backend.list(service)
+        assert snapshot.instances[inst.id].status is HealthStatus.CRITICAL
+        assert snapshot.healthy() == []
+
+    async def test_list_holds_only_that_service(self, backend: Backend, service: str) -> None:
+        mine = self.instance(service, 1)
+        other = self.instance(f"{service}-x", 2)
+        await backend.register(mine, ttl=self.ttl)
+        await backend.register(other, ttl=self.ttl)
+        assert set((await backend.list(service)).instances) == {mine.id}
+        assert set((await backend.list(f"{service}-x")).instances) == {other.id}
+        assert (await backend.list(f"{service}-none")).instances == {}
+
+    async def test_register_again_replaces_the_entry(self, backend: Backend, service: str) -> None:
+        await backend.register(self.instance(service, port=9001), ttl=self.ttl)
+        newer = self.instance(service, port=9555, tags=("v2",))
+        await backend.register(newer, ttl=self.ttl)
+        snapshot = await backend.list(service)
+        assert [h.instance for h in snapshot.instances.values()] == [newer]
+
+    async def test_meta_and_tags_round_trip_exactly(self, backend: Backend, service: str) -> None:
+        inst = self.instance(
+            service,
+            tags=("v1", "λ-ünïcode", "with space", "a=b"),
+            meta={"version": "1.4.2", "zone": "zürich ✓", "empty": "", "json": '{"a": [1]}'},
+        )
+        await backend.register(inst, ttl=self.ttl)
+        listed = (await backend.list(service)).instances[inst.id].instance
+        assert listed == inst
+        assert listed.tags == inst.tags
+        assert dict(listed.meta) == dict(inst.meta)
+
+    # -- heartbeats and TTL ----------------------------------------------------------
+
+    async def test_heartbeats_keep_it_alive_past_three_ttls(
+        self, backend: Backend, service: str
+    ) -> None:
+        inst = self.instance(service)
+        lease = await backend.register(inst, ttl=self.ttl)
+        deadline = time.monotonic() + 3.5 * self.ttl
+        while time.monotonic() < deadline:
+            await asyncio.sleep(self.ttl / 3)
+            await backend.heartbeat(lease)
+            assert await self.status_of(backend, service, inst.id) is HealthStatus.PASSING
+
+    async def test_without_heartbeat_it_expires_within_ttl(
+        self, backend: Backend, service: str
+    ) -> None:
+        inst = self.instance(service)
+        await backend.register(inst, ttl=self.ttl)
+        await asyncio.sleep(self.ttl / 2)
+        assert await self.status_of(backend, service, inst.id) is HealthStatus.PASSING
+
+        async def expired() -> bool:
+            return await self.status_of(backend, service, inst.id) in (None, HealthStatus.CRITICAL)
+
+        # Consul turns the TTL check critical; etcd and memory drop the key.
+        await eventually(expired, within=self.ttl / 2 + 1.0)
+
+    async def test_heartbeat_keeps_the_status_it_had(self, backend: Backend, service: str) -> None:
+        inst = self.instance(service)
+        lease = await backend.register(inst, ttl=self.ttl)
+        await backend.set_status(lease, HealthStatus.CRITICAL, "draining")
+        await backend.heartbeat(lease)
+        assert await self.status_of(backend, service, inst.id) is HealthStatus.CRITICAL
+
+    async def test_set_status_critical_then_passing(self, backend: Backend, service: str) -> None:
+        inst = self.instance(service)
+        lease = await backend.register(inst, ttl=self.ttl)
+        await backend.set_status(lease, HealthStatus.CRITICAL, "db down")
+        snapshot = await backend.list(service)
+        assert snapshot.instances[inst.id].status is HealthStatus.CRITICAL
+        assert snapshot.instances[inst.id].instance == inst
+        await backend.set_status(lease, HealthStatus.PASSING)
+        assert await self.status_of(backend, service, inst.id) is HealthStatus.PASSING
+
+    # -- deregistration ------------------------------------------------------------------
+
+    async def test_deregister_removes_it_and_twice_is_fine(
+        self, backend: Backend, service: str
+    ) -> None:
+        keep = self.instance(service, 1)
+        drop = self.instance(service, 2)
+        await backend.register(keep, ttl=self.ttl)
+        lease = await backend.register(drop, ttl=self.ttl)
+        await backend.deregister(lease)
+        assert set((await backend.list(service)).instances) == {keep.id}
+        await backend.deregister(lease)
+        assert set((await backend.list(service)).instances) == {keep.id}
+
+    # -- server failures --------------------------------------------------------------------
+
+    async def test_lease_lost_after_server_restarts_empty(
+        self, server: ServerControl, backend: Backend, service: str
+    ) -> None:
+        inst = self.instance(service)
+        lease = await backend.register(inst, ttl=10 * self.ttl)
+        await backend.heartbeat(lease)
+        server.restart(wipe=True)
+
+        lost: list[LeaseLost] = []
+
+        async def heartbeat_raises_lease_lost() -> bool:
+            try:
+                await backend.heartbeat(lease)
+            except LeaseLost as exc:
+                lost.append(exc)
+                return True
+            except BackendUnavailable:
+                return False  # the client is still reconnecting
+            return False
+
+        await eventually(heartbeat_raises_lease_lost, within=5 * self.timeout, interval=0.2)
+        assert (lost[0].service, lost[0].instance) == (service, inst.id)
+        with pytest.raises(LeaseLost):
+            await backend.set_status(lease, HealthStatus.CRITICAL)
+        assert (await backend.list(service)).instances == {}
+        # Registering again is the cure.
+        lease = await backend.register(inst, ttl=self.ttl)
+        await backend.heartbeat(lease)
+        assert await self.status_of(backend, service, inst.id) is HealthStatus.PASSING
+
+    async def test_server_down_raises_unavailable_within_timeout(
+        self, server: ServerControl, backend: Backend, service: str
+    ) -> None:
+        inst = self.instance(service)
+        lease = await backend.register(inst, ttl=10 * self.ttl)
+        server.stop()
+        calls: list[Callable[[], Awaitable[Any]]] = [
+            lambda: backend.list(service),
+            lambda: backend.heartbeat(lease),
+            lambda: backend.set_status(lease, HealthStatus.CRITICAL),
+            lambda: backend.register(self.instance(service, 2), ttl=self.ttl),
+            lambda: backend.deregister(lease),
+        ]
+        for call in calls:
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                await asyncio.wait_for(call(), timeout=self.timeout + 2.0)
+            assert time.monotonic() - started <= self.timeout + 1.0
+        server.start()
+
+        async def back() -> bool:
+            with contextlib.suppress(BackendUnavailable):
+                await backend.list(service)
+                return True
+            return False
+
+        await eventually(back, within=5 * self.timeout, interval=0.2)
+
+    # -- change stream -------------------------------------------------------------------------
+
+    async def test_watch_reports_each_change(self, backend: Backend, service: str) -> None:
+        seen: asyncio.Queue[ServiceSnapshot] = asyncio.Queue()
+
+        async def consume() -> None:
+            async for snapshot in backend.watch(service):
+                await seen.put(snapshot)
+
+        async def next_state() -> dict[str, HealthStatus]:
+            snapshot = await asyncio.wait_for(seen.get(), timeout=5.0)
+            return {iid: h.status for iid, h in snapshot.instances.items()}
+
+        task = asyncio.create_task(consume())
+        try:
+            assert await next_state() == {}
+            inst = self.instance(service)
+            lease = await backend.register(inst, ttl=10 * self.ttl)
+            assert await next_state() == {inst.id: HealthStatus.PASSING}
+            await backend.set_status(lease, HealthStatus.CRITICAL, "failing")
+            assert await next_state() == {inst.id: HealthStatus.CRITICAL}
+            await backend.set_status(lease, HealthStatus.PASSING)
+            assert await next_state() == {inst.id: HealthStatus.PASSING}
+            moved = self.instance(service, port=9777)
+            await backend.register(moved, ttl=10 * self.ttl)
+            snapshot = await asyncio.wait_for(seen.get(), timeout=5.0)
+            assert snapshot.instances[inst.id].instance.port == 9777
+            lease = await backend.register(moved, ttl=10 * self.ttl)
+            await backend.deregister(lease)
+            # Re-registering an identical entry is no change; the deregistration is.
+            assert await next_state() == {}
+            assert seen.empty()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def test_watch_reports_ttl_expiry(self, backend: Backend, service: str) -> None:
+        inst = self.instance(service)
+        await backend.register(inst, ttl=self.ttl)
+        stream = aiter(backend.watch(service))
+        try:
+            first = await asyncio.wait_for(anext(stream), timeout=5.0)
+            assert first.instances[inst.id].healthy
+            second = await asyncio.wait_for(anext(stream), timeout=self.ttl + 2.0)
+            assert inst.id not in second.instances or not second.instances[inst.id].healthy
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def test_watch_resumes_after_a_snapshot(self, backend: Backend, service: str) -> None:
+        a = self.instance(service, 1)
+        await backend.register(a, ttl=10 * self.ttl)
+        before = await backend.list(service)
+        b = self.instance(service, 2)
+        await backend.register(b, ttl=10 * self.ttl)
+        stream = aiter(backend.watch(service, since=before))
+        try:
+            resumed = await asyncio.wait_for(anext(stream), timeout=5.0)
+            assert set(resumed.instances) == {a.id, b.id}
+            assert resumed.index >= before.index
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def test_watch_ends_with_unavailable_when_server_stops(
+        self, server: ServerControl, backend: Backend, service: str
+    ) -> None:
+        stream = aiter(backend.watch(service))
+        try:
+            await asyncio.wait_for(anext(stream), timeout=5.0)
+            server.stop()
+            with pytest.raises(BackendUnavailable):
+                await asyncio.wait_for(anext(stream), timeout=self.timeout + 5.0)
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+            server.start()
