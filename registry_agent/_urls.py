@@ -62,11 +62,10 @@ def parse_backend_url(url: str, *, default_port: int | None = None) -> BackendUR
     shown = f"{scheme}://{rest.partition('?')[0].rpartition('@')[2]}"
     if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
         raise ConfigError(f"invalid URL scheme {scheme!r} in {shown!r}", field="backend")
-    netloc, _, tail = rest.partition("/")
-    path_and_query = "/" + tail if tail else ""
-    path, _, query_text = path_and_query.partition("?")
-    if "?" in netloc:
-        netloc, _, query_text = netloc.partition("?")
+    rest, _, query_text = rest.partition("?")
+    rest = rest.partition("#")[0]
+    netloc, slash, tail = rest.partition("/")
+    path = slash + tail
     username = password = None
     if "@" in netloc:
         userinfo, netloc = netloc.rsplit("@", 1)

@@ -310,6 +310,12 @@ class ConsulBackend:
     ) -> AsyncIterator[ServiceSnapshot]:
         index = since.index if since is not None else 0
         last = dict(since.instances) if since is not None else None
+        if index > 0:
+            # A blocking query with an index from before an agent restart would
+            # wait the whole `wait` for an index the new agent has not reached.
+            current, _ = await self._health(service, 0)
+            if current < index:
+                index = 0
         while True:
             started = time.monotonic()
             new_index, found = await self._health(service, index)

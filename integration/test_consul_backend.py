@@ -1,0 +1,117 @@
+"""Consul-specific behaviour on a real Consul agent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from registry_agent_consul import ConsulBackend
+
+from registry_agent import HealthStatus, ServiceInstance, open_backend
+from registry_agent.testing.servers import ConsulServer
+
+
+@pytest.fixture
+async def backend(consul_server: ConsulServer) -> AsyncIterator[ConsulBackend]:
+    backend = open_backend(consul_server.url, timeout=2, wait="2s")
+    assert isinstance(backend, ConsulBackend)
+    yield backend
+    await backend.close()
+
+
+async def test_registers_a_ttl_check_named_after_the_instance(
+    consul_server: ConsulServer, backend: ConsulBackend
+) -> None:
+    inst = ServiceInstance("orders", address="127.0.0.1", port=8080)
+    lease = await backend.register(inst, ttl=7.5)
+    assert lease.handle == f"service:{inst.id}"
+    async with httpx.AsyncClient(base_url=consul_server.http) as http:
+        checks = (await http.get("/v1/agent/checks")).json()
+    check = checks[f"service:{inst.id}"]
+    assert check["ServiceID"] == inst.id
+    assert check["Status"] == "passing"
+    assert check["Type"] == "ttl"
+
+
+async def test_a_failing_node_check_makes_every_instance_critical(
+    consul_server: ConsulServer, backend: ConsulBackend
+) -> None:
+    inst = ServiceInstance("orders", address="127.0.0.1", port=8080)
+    await backend.register(inst, ttl=30)
+    async with httpx.AsyncClient(base_url=consul_server.http) as http:
+        response = await http.put(
+            "/v1/agent/check/register",
+            json={"Name": "disk", "ID": "disk", "TTL": "30s", "Status": "critical"},
+        )
+        assert response.status_code == 200
+    health = (await backend.list("orders")).instances[inst.id]
+    assert health.status is HealthStatus.CRITICAL
+    assert not health.healthy
+
+
+async def test_foreign_entries_are_logged_and_skipped(
+    consul_server: ConsulServer, backend: ConsulBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    ours = ServiceInstance("orders", address="127.0.0.1", port=8080)
+    await backend.register(ours, ttl=30)
+    async with httpx.AsyncClient(base_url=consul_server.http) as http:
+        # Registered by some other tool: no port, an id we cannot represent.
+        response = await http.put(
+            "/v1/agent/service/register", json={"Name": "orders", "ID": "orders with spaces"}
+        )
+        assert response.status_code == 200
+    with caplog.at_level(logging.WARNING, logger="registry_agent.consul"):
+        snapshot = await backend.list("orders")
+        await backend.list("orders")
+    assert set(snapshot.instances) == {ours.id}
+    warnings = [r for r in caplog.records if "not a valid instance" in r.getMessage()]
+    assert len(warnings) == 1  # once per entry, not per read
+
+
+async def test_resuming_with_an_index_from_before_a_restart_does_not_block(
+    consul_server: ConsulServer,
+) -> None:
+    # A long `wait`: without the reset, resuming would block for a minute.
+    backend = open_backend(consul_server.url, timeout=2, wait="60s")
+    try:
+        for port in range(8000, 8020):
+            await backend.register(ServiceInstance("orders", address="h", port=port), ttl=60)
+        before = await backend.list("orders")
+        consul_server.restart(wipe=True)
+        survivor = ServiceInstance("orders", address="h", port=9999)
+        await backend.register(survivor, ttl=60)
+        stream = aiter(backend.watch("orders", since=before))
+        snapshot = await asyncio.wait_for(anext(stream), timeout=5)
+        await stream.aclose()  # type: ignore[attr-defined]
+        assert set(snapshot.instances) == {survivor.id}
+    finally:
+        await backend.close()
+
+
+async def test_an_idle_blocking_query_does_not_spin(
+    consul_server: ConsulServer, backend: ConsulBackend
+) -> None:
+    requests = 0
+    http = backend.api.http
+    original = http._request
+
+    async def counting(*args: object, **kwargs: object) -> object:
+        nonlocal requests
+        requests += 1
+        return await original(*args, **kwargs)
+
+    http._request = counting
+    stream = aiter(backend.watch("idle"))
+    await asyncio.wait_for(anext(stream), timeout=5)
+    pending = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(3.0)  # wait=2s: one or two blocking queries, never hundreds
+    assert not pending.done()
+    pending.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await pending
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert 1 <= requests <= 4

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up a fresh clone: a virtualenv with the package and its test tools, and
+# real Consul/etcd binaries under .servers/. Safe to run again.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+python="${PYTHON:-python3}"
+if [[ ! -x .venv/bin/python ]]; then
+  "$python" -m venv .venv
+fi
+stamp=.venv/.installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[all,test]'
+  touch "$stamp"
+fi
+bash scripts/fetch-servers.sh >/dev/null

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up everything, then lint, type-check and run the whole test suite
+# (unit tests and integration tests against real Consul and etcd).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup.sh
+export PATH="$root/.venv/bin:$PATH"
+echo "== ruff"
+ruff check .
+ruff format --check .
+echo "== mypy"
+mypy
+echo "== pytest"
+# pytest exits 5 when it collected no test: that is a failure here too.
+pytest -n 2 -p no:cacheprovider --durations=5 "$@"

@@ -1,0 +1,65 @@
+"""The command line: output and exit codes."""
+
+import json
+import uuid
+
+import pytest
+
+from registry_agent import HealthStatus, InstanceHealth, ServiceInstance
+from registry_agent._cli import main
+from registry_agent.testing.memory import MemoryRegistry
+from registry_agent.testing.servers import free_port
+
+
+@pytest.fixture
+def registry() -> MemoryRegistry:
+    registry = MemoryRegistry.named(f"cli-{uuid.uuid4().hex}")
+    registry.put(InstanceHealth(ServiceInstance("orders", address="10.0.0.1", port=80)), ttl=60)
+    registry.put(
+        InstanceHealth(
+            ServiceInstance("orders", address="10.0.0.2", port=80, tags=("v2",)),
+            HealthStatus.CRITICAL,
+        ),
+        ttl=60,
+    )
+    return registry
+
+
+def test_list_table(registry: MemoryRegistry, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "orders", "--backend", registry.url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["ID", "ADDRESS", "STATUS", "TAGS"]
+    assert out[1].split() == ["orders-10.0.0.1-80", "10.0.0.1:80", "passing"]
+    assert out[2].split() == ["orders-10.0.0.2-80", "10.0.0.2:80", "critical", "v2"]
+
+
+def test_list_json(registry: MemoryRegistry, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "orders", "--backend", registry.url, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["id"], r["healthy"]) for r in rows] == [
+        ("orders-10.0.0.1-80", True),
+        ("orders-10.0.0.2-80", False),
+    ]
+
+
+def test_list_empty(registry: MemoryRegistry, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "users", "--backend", registry.url]) == 0
+    assert capsys.readouterr().out == "no instances of users\n"
+
+
+def test_bad_url_exits_2_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "orders", "--backend", "consul://h:notaport"]) == 2
+    err = capsys.readouterr().err
+    assert "backend: expected a port 1-65535" in err
+    assert "Traceback" not in err
+
+
+def test_unreachable_registry_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"consul://127.0.0.1:{free_port()}"
+    assert main(["list", "orders", "--backend", url, "--timeout", "1"]) == 1
+    assert "unreachable" in capsys.readouterr().err
+
+
+def test_backends(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["backends"]) == 0
+    assert capsys.readouterr().out.split() == ["consul", "etcd", "memory"]

@@ -1,0 +1,102 @@
+"""ServiceInstance validation and value semantics."""
+
+import pytest
+
+from registry_agent import ConfigError, HealthStatus, InstanceHealth, ServiceInstance
+
+
+def test_defaults_give_a_stable_id() -> None:
+    a = ServiceInstance("orders", address="10.0.0.5", port=8080)
+    b = ServiceInstance("orders", address="10.0.0.5", port=8080)
+    assert a.id == "orders-10.0.0.5-8080"
+    assert a == b
+    assert hash(a) == hash(b)
+
+
+def test_address_defaults_to_host_name() -> None:
+    assert ServiceInstance("orders", port=80).address
+
+
+def test_instances_are_immutable_and_hashable() -> None:
+    inst = ServiceInstance("orders", address="h", port=1, tags=["a"], meta={"k": "v"})
+    assert inst.tags == ("a",)
+    with pytest.raises(AttributeError):
+        inst.port = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        inst.meta["k"] = "w"  # type: ignore[index]
+    assert {inst: 1}[ServiceInstance("orders", address="h", port=1, tags=("a",), meta={"k": "v"})]
+
+
+def test_meta_is_copied_from_the_callers_dict() -> None:
+    meta = {"k": "v"}
+    inst = ServiceInstance("orders", address="h", port=1, meta=meta)
+    meta["k"] = "changed"
+    assert inst.meta["k"] == "v"
+
+
+def test_equality_covers_every_field() -> None:
+    base = ServiceInstance("orders", address="h", port=1, tags=("a",), meta={"k": "v"})
+    for change in (
+        {"address": "g"},
+        {"port": 2},
+        {"tags": ("b",)},
+        {"meta": {"k": "w"}},
+        {"id": "other"},
+    ):
+        fields = {"address": "h", "port": 1, "tags": ("a",), "meta": {"k": "v"}, **change}
+        assert ServiceInstance("orders", **fields) != base  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "expected"),
+    [
+        ({"service": ""}, "service", "non-empty"),
+        ({"service": "has space"}, "service", "letters, digits"),
+        ({"service": "slash/no"}, "service", "letters, digits"),
+        ({"service": "ünï"}, "service", "letters, digits"),
+        ({"port": 0}, "port", "1-65535"),
+        ({"port": 65536}, "port", "1-65535"),
+        ({"port": "80"}, "port", "integer"),
+        ({"port": True}, "port", "integer"),
+        ({"id": "a b"}, "id", "letters, digits"),
+        ({"tags": "v1"}, "tags", "list of strings"),
+        ({"tags": ["ok", 3]}, "tags[1]", "string"),
+        ({"meta": {"k": 1}}, "meta.k", "string value"),
+        ({"meta": {1: "v"}}, "meta", "string keys"),
+        ({"meta": ["k"]}, "meta", "mapping"),
+        ({"address": "a b"}, "address", "host name"),
+    ],
+)
+def test_invalid_fields_name_the_field(
+    fields: dict[str, object], field: str, expected: str
+) -> None:
+    args: dict[str, object] = {"service": "orders", "address": "h", "port": 80, **fields}
+    with pytest.raises(ConfigError) as info:
+        ServiceInstance(**args)  # type: ignore[arg-type]
+    assert info.value.field == field
+    assert expected in str(info.value)
+    assert str(info.value).startswith(f"{field}: ")
+
+
+def test_round_trip_through_dict() -> None:
+    inst = ServiceInstance("orders", address="h", port=1, tags=("λ",), meta={"zone": "zürich"})
+    assert ServiceInstance.from_dict(inst.to_dict()) == inst
+
+
+def test_from_dict_rejects_non_objects() -> None:
+    with pytest.raises(ConfigError):
+        ServiceInstance.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_worst_status() -> None:
+    worst = HealthStatus.worst
+    assert worst([]) is HealthStatus.PASSING
+    assert worst([HealthStatus.PASSING, HealthStatus.WARNING]) is HealthStatus.WARNING
+    assert worst([HealthStatus.WARNING, HealthStatus.CRITICAL]) is HealthStatus.CRITICAL
+
+
+def test_only_passing_is_healthy_and_note_is_not_identity() -> None:
+    inst = ServiceInstance("orders", address="h", port=1)
+    assert InstanceHealth(inst).healthy
+    assert not InstanceHealth(inst, HealthStatus.WARNING).healthy
+    assert InstanceHealth(inst, note="a") == InstanceHealth(inst, note="b")

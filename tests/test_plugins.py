@@ -1,0 +1,104 @@
+"""Backend lookup through entry points and open_backend's errors."""
+
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+from registry_agent_consul import ConsulBackend
+from registry_agent_etcd import EtcdBackend
+
+from registry_agent import BackendNotFound, ConfigError, available_backends, open_backend
+from registry_agent._plugins import ENTRY_POINT_GROUP, backend_class
+from registry_agent.testing import MemoryBackend
+
+
+def test_entry_points_map_the_shipped_backends() -> None:
+    found = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    assert found == {
+        "consul": "registry_agent_consul:ConsulBackend",
+        "etcd": "registry_agent_etcd:EtcdBackend",
+        "memory": "registry_agent.testing.memory:MemoryBackend",
+    }
+    assert available_backends() == ["consul", "etcd", "memory"]
+
+
+def test_open_each_scheme() -> None:
+    consul = open_backend("consul://127.0.0.1:8500?dc=dc1&token=t", timeout="2s")
+    assert isinstance(consul, ConsulBackend)
+    assert (consul.host, consul.port, consul.dc, consul.timeout) == ("127.0.0.1", 8500, "dc1", 2.0)
+    etcd = open_backend("etcd://127.0.0.1?prefix=/reg")
+    assert isinstance(etcd, EtcdBackend)
+    assert (etcd.port, etcd.prefix) == (2379, "/reg")
+    assert isinstance(open_backend("memory://"), MemoryBackend)
+
+
+def test_memory_backends_with_one_name_share_state() -> None:
+    a = open_backend("memory://shared-name")
+    b = open_backend("memory://shared-name")
+    c = open_backend("memory://other-name")
+    assert isinstance(a, MemoryBackend)
+    assert isinstance(b, MemoryBackend)
+    assert isinstance(c, MemoryBackend)
+    assert a.registry is b.registry
+    assert a.registry is not c.registry
+
+
+def test_unknown_scheme_lists_installed_backends() -> None:
+    with pytest.raises(BackendNotFound) as info:
+        open_backend("zookeeper://127.0.0.1:2181")
+    assert "'zookeeper'" in str(info.value)
+    assert "consul, etcd, memory" in str(info.value)
+
+
+@pytest.mark.parametrize(("scheme", "module"), [("etcd", "aetcd"), ("consul", "consul")])
+def test_missing_extra_gives_the_pip_hint(
+    monkeypatch: pytest.MonkeyPatch, scheme: str, module: str
+) -> None:
+    # A None entry in sys.modules makes the import fail as if not installed.
+    monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.delitem(sys.modules, f"registry_agent_{scheme}", raising=False)
+    monkeypatch.delitem(sys.modules, f"registry_agent_{scheme}._backend", raising=False)
+    with pytest.raises(BackendNotFound) as info:
+        backend_class(scheme)
+    assert f"pip install 'registry-agent[{scheme}]'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "field", "expected"),
+    [
+        ("consul://h:1?colour=red", {}, "backend", "unknown option(s) 'colour' for consul://"),
+        ("etcd://h:1", {"prefx": "/a"}, "backend", "expected one of: password, prefix"),
+        ("consul://h:1?scheme=ftp", {}, "backend.scheme", "expected one of http, https"),
+        ("consul://h:1?timeout=soon", {}, "backend.timeout", "duration"),
+        ("consul://h:1?timeout=0s", {}, "backend.timeout", "above zero"),
+        (
+            "consul://h:1",
+            {"deregister_critical_after": "30s"},
+            "backend.deregister_critical_after",
+            "floor is 60s",
+        ),
+        ("etcd://h:1?prefix=services", {}, "backend.prefix", "leading '/'"),
+        ("etcd://h:1?user=alice", {}, "backend.user", "user and password go together"),
+        ("consul://a:1,b:2", {}, "backend", "exactly one host:port"),
+        ("consul://h:1?token=a", {"token": "b"}, "backend", "both in the URL and as keywords"),
+    ],
+)
+def test_bad_options_name_the_field(
+    url: str, options: dict[str, object], field: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        open_backend(url, **options)
+    assert info.value.field == field
+    assert expected in str(info.value)
+
+
+def test_explicit_consul_token_beats_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "from-env")
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "10.9.9.9:1")
+    explicit = open_backend("consul://127.0.0.1:8500", token="explicit")
+    assert isinstance(explicit, ConsulBackend)
+    assert explicit.api.token == "explicit"
+    assert explicit.api.http.base_uri == "http://127.0.0.1:8500"
+    implicit = open_backend("consul://127.0.0.1:8500")
+    assert isinstance(implicit, ConsulBackend)
+    assert implicit.api.token == "from-env"
