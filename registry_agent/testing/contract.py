@@ -58,6 +58,14 @@ class ServerControl(Protocol):
         """Stop and start; ``wipe=True`` loses every registration and lease."""
         ...
 
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections open, nothing answers."""
+        ...
+
+    def resume(self) -> None:
+        """Unfreeze after :meth:`pause`."""
+        ...
+
 
 async def eventually(
     predicate: Callable[[], Awaitable[bool]], *, within: float, interval: float = 0.05
@@ -273,6 +281,30 @@ class BackendContract:
             return False
 
         await eventually(back, within=5 * self.timeout, interval=0.2)
+
+    async def test_frozen_server_raises_unavailable_within_timeout(
+        self, server: ServerControl, backend: Backend, service: str
+    ) -> None:
+        inst = self.instance(service)
+        lease = await backend.register(inst, ttl=10 * self.ttl)
+        server.pause()
+        try:
+            for call in (lambda: backend.heartbeat(lease), lambda: backend.list(service)):
+                started = time.monotonic()
+                with pytest.raises(BackendUnavailable):
+                    await asyncio.wait_for(call(), timeout=self.timeout + 5.0)
+                assert time.monotonic() - started <= self.timeout + 1.0
+        finally:
+            server.resume()
+
+        async def answers() -> bool:
+            with contextlib.suppress(BackendUnavailable):
+                await backend.heartbeat(lease)
+                return True
+            return False
+
+        await eventually(answers, within=5 * self.timeout, interval=0.2)
+        assert await self.status_of(backend, service, inst.id) is HealthStatus.PASSING
 
     # -- change stream -------------------------------------------------------------------------
 

@@ -86,6 +86,14 @@ class MemoryRegistry:
             self._revision = 0
         self._notify()
 
+    def pause(self) -> None:
+        """Like a frozen server; here calls fail at once instead of timing out."""
+        self.stop()
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`."""
+        self.start()
+
     def restart(self, *, wipe: bool = False) -> None:
         """Like a server restart: keeps state unless ``wipe``."""
         self.stop()
