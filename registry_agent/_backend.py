@@ -13,7 +13,18 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from registry_agent._models import HealthStatus, ServiceInstance, ServiceSnapshot
 
-__all__ = ["Backend", "Lease"]
+__all__ = ["Backend", "Lease", "error_context"]
+
+
+def error_context(
+    backend: str, *, instance: ServiceInstance | None = None, service: str | None = None
+) -> dict[str, str | None]:
+    """The keyword arguments that tie an error to its backend, service and instance."""
+    return {
+        "backend": backend,
+        "service": instance.service if instance is not None else service,
+        "instance": instance.id if instance is not None else None,
+    }
 
 
 @dataclass(frozen=True, slots=True)

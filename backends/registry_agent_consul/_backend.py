@@ -25,6 +25,7 @@ from registry_agent import (
     ServiceInstance,
     ServiceSnapshot,
 )
+from registry_agent._backend import error_context
 from registry_agent._urls import (
     Option,
     opt_choice,
@@ -153,11 +154,7 @@ class ConsulBackend:
         instance: ServiceInstance | None = None,
         service: str | None = None,
     ) -> T:
-        context = {
-            "backend": "consul",
-            "service": instance.service if instance else service,
-            "instance": instance.id if instance else None,
-        }
+        context = error_context("consul", instance=instance, service=service)
         try:
             return await call
         except (httpx.TimeoutException, httpx.TransportError) as exc:

@@ -27,6 +27,7 @@ from registry_agent import (
     ServiceInstance,
     ServiceSnapshot,
 )
+from registry_agent._backend import error_context
 from registry_agent._urls import Option, opt_duration, opt_str, parse_backend_url, take_options
 
 __all__ = ["EtcdBackend"]
@@ -153,11 +154,7 @@ class EtcdBackend:
         instance: ServiceInstance | None = None,
         service: str | None = None,
     ) -> T:
-        context = {
-            "backend": "etcd",
-            "service": instance.service if instance else service,
-            "instance": instance.id if instance else None,
-        }
+        context = error_context("etcd", instance=instance, service=service)
         try:
             return await call
         except (aetcd.ClientError, grpc.aio.AioRpcError, OSError, TimeoutError) as exc:
