@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from registry_agent._models import HealthStatus, ServiceInstance, ServiceSnapshot
+from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance, ServiceSnapshot
 
 __all__ = ["Backend", "Lease", "error_context"]
 
@@ -69,16 +69,30 @@ class Backend(Protocol):
         ttl: float,
         status: HealthStatus = HealthStatus.PASSING,
         note: str = "",
+        deregister_critical_after: float | None = None,
     ) -> Lease:
         """Register ``instance`` (or replace its entry) and keep it for ``ttl`` seconds.
 
         The entry disappears (etcd) or turns critical (Consul) unless
-        :meth:`heartbeat` is called within ``ttl``.
+        :meth:`heartbeat` is called within ``ttl``. ``deregister_critical_after``
+        asks a registry that keeps critical entries (Consul) to remove them
+        after that long; ``None`` keeps the backend's default.
         """
         ...
 
     async def heartbeat(self, lease: Lease) -> None:
-        """Renew ``lease`` for another TTL; raises ``LeaseLost`` when it is gone."""
+        """Renew ``lease`` for another TTL, keeping the status last set.
+
+        Raises ``LeaseLost`` when the lease or check is gone.
+        """
+        ...
+
+    async def lookup(self, lease: Lease) -> InstanceHealth | None:
+        """Our own entry as the registry holds it now, read cheaply (one key or one service).
+
+        ``None`` when it is missing or no longer held by ``lease`` (deleted,
+        replaced by someone else, or unreadable): the registrar then registers again.
+        """
         ...
 
     async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
 import consul
+import consul.callback
 import httpx
 
 from registry_agent import (
@@ -182,7 +185,13 @@ class ConsulBackend:
         ttl: float,
         status: HealthStatus = HealthStatus.PASSING,
         note: str = "",
+        deregister_critical_after: float | None = None,
     ) -> Lease:
+        reap_after = deregister_critical_after or self.deregister_critical_after
+        if reap_after < _MIN_DEREGISTER_AFTER:
+            raise ConfigError(
+                f"Consul's floor is 60s, got {reap_after:g}s", field="deregister_critical_after"
+            )
         check_id = _check_id(instance.id)
         check = {
             "CheckID": check_id,
@@ -190,7 +199,7 @@ class ConsulBackend:
             "TTL": _go_duration(ttl),
             "Status": str(status),
             "Notes": "renewed by registry-agent",
-            "DeregisterCriticalServiceAfter": _go_duration(self.deregister_critical_after),
+            "DeregisterCriticalServiceAfter": _go_duration(reap_after),
         }
         await self._call(
             self.api.agent.service.register(
@@ -235,6 +244,31 @@ class ConsulBackend:
     async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:
         await self._update_check(lease, status, note)
         self._status[str(lease.handle)] = (status, note)
+
+    async def lookup(self, lease: Lease) -> InstanceHealth | None:
+        instance = lease.instance
+
+        def parse(response: Any) -> Any:
+            # 200 passing, 429 warning, 503 critical, 404 unknown: all carry JSON.
+            if response.code not in (200, 404, 429, 503):
+                consul.callback.CB._status(response)
+                raise consul.ConsulException(f"{response.code} {response.body}")
+            return json.loads(response.body) if response.code != 404 else None
+
+        path = f"/v1/agent/health/service/id/{urllib.parse.quote(instance.id, safe='')}"
+        data = await self._call(
+            self.api.http.get(
+                parse, path, params=[("format", "json")], headers=self.api.prepare_headers()
+            ),
+            instance=instance,
+        )
+        if not data or not data.get("Service"):
+            return None
+        ours = [c for c in data.get("Checks") or () if c.get("CheckID") == lease.handle]
+        entry = {"Service": data["Service"], "Checks": ours}
+        if not ours:
+            return None  # the service is there but our TTL check is not: register again
+        return self._parse_entries(instance.service, [entry]).get(instance.id)
 
     async def deregister(self, lease: Lease) -> None:
         self._status.pop(str(lease.handle), None)

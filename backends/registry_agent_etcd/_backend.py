@@ -207,6 +207,7 @@ class EtcdBackend:
         ttl: float,
         status: HealthStatus = HealthStatus.PASSING,
         note: str = "",
+        deregister_critical_after: float | None = None,
     ) -> Lease:
         lease = await self._call(self.client.lease(max(1, math.ceil(ttl))), instance=instance)
         await self._call(
@@ -230,6 +231,14 @@ class EtcdBackend:
                 service=lease.instance.service,
                 instance=lease.instance.id,
             )
+
+    async def lookup(self, lease: Lease) -> InstanceHealth | None:
+        instance = lease.instance
+        key = self._key(instance.service, instance.id)
+        kv = await self._call(self.client.get(key), instance=instance)
+        if kv is None or kv.lease != lease.handle:
+            return None
+        return self._parse(instance.service, key, kv.value)
 
     async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:
         instance = lease.instance

@@ -164,6 +164,32 @@ class BackendContract:
         assert listed.tags == inst.tags
         assert dict(listed.meta) == dict(inst.meta)
 
+    async def test_lookup_reads_our_own_entry(self, backend: Backend, service: str) -> None:
+        inst = self.instance(service, meta={"zone": "zürich"})
+        lease = await backend.register(inst, ttl=10 * self.ttl)
+        found = await backend.lookup(lease)
+        assert found is not None
+        assert (found.instance, found.status) == (inst, HealthStatus.PASSING)
+        await backend.set_status(lease, HealthStatus.CRITICAL, "down")
+        found = await backend.lookup(lease)
+        assert found is not None
+        assert found.status is HealthStatus.CRITICAL
+        await backend.deregister(lease)
+        assert await backend.lookup(lease) is None
+
+    async def test_lookup_after_the_server_restarts_empty_is_none(
+        self, server: ServerControl, backend: Backend, service: str
+    ) -> None:
+        lease = await backend.register(self.instance(service), ttl=10 * self.ttl)
+        server.restart(wipe=True)
+
+        async def gone() -> bool:
+            with contextlib.suppress(BackendUnavailable):
+                return await backend.lookup(lease) is None
+            return False
+
+        await eventually(gone, within=5 * self.timeout, interval=0.2)
+
     # -- heartbeats and TTL ----------------------------------------------------------
 
     async def test_heartbeats_keep_it_alive_past_three_ttls(

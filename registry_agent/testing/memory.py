@@ -175,6 +175,14 @@ class MemoryRegistry:
                 self._leases.pop(lease_id, None)
         self._notify()
 
+    def get(self, service: str, instance_id: str, lease_id: int) -> InstanceHealth | None:
+        """The entry held by ``lease_id``, if it still is."""
+        with self._lock:
+            self._check_running()
+            self._expire()
+            entry = self._entries.get((service, instance_id))
+            return entry.health if entry is not None and entry.lease_id == lease_id else None
+
     def snapshot(self, service: str) -> ServiceSnapshot:
         """Every live entry of ``service``."""
         with self._lock:
@@ -236,6 +244,7 @@ class MemoryBackend(Backend):
         ttl: float,
         status: HealthStatus = HealthStatus.PASSING,
         note: str = "",
+        deregister_critical_after: float | None = None,
     ) -> Lease:
         lease_id = self.registry.put(InstanceHealth(instance, status, note), ttl)
         return Lease(instance, float(ttl), lease_id, "memory")
@@ -249,6 +258,10 @@ class MemoryBackend(Backend):
                 service=lease.instance.service,
                 instance=lease.instance.id,
             )
+
+    async def lookup(self, lease: Lease) -> InstanceHealth | None:
+        assert isinstance(lease.handle, int)
+        return self.registry.get(lease.instance.service, lease.instance.id, lease.handle)
 
     async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:
         assert isinstance(lease.handle, int)
