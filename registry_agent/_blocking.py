@@ -1,0 +1,209 @@
+"""Blocking facades: run the async core on a private event-loop thread.
+
+Like httpx's ``Client`` over ``AsyncClient``: no logic lives here, only the
+hop between the caller's thread and the loop thread, each bounded in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Coroutine, Iterable
+from types import TracebackType
+from typing import Any, TypeVar
+
+from registry_agent._backend import Backend
+from registry_agent._errors import RegistryError
+from registry_agent._health.checks import HealthCheck
+from registry_agent._health.gate import GateState, OnUnhealthy
+from registry_agent._models import ServiceInstance
+from registry_agent._registrar import AsyncRegistrar, RegistrarEvent, chain_signal
+from registry_agent._retry import RetryPolicy
+
+__all__ = ["LoopThread", "Registrar"]
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop running in a daemon thread, with bounded calls into it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop (starting the thread on first use)."""
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+            self._thread.start()
+            ready.wait()
+            self._loop = loop
+        return self._loop
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        """Run ``coro`` on the loop thread and wait for it, at most ``timeout`` seconds."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("blocking call made from the registrar's own loop thread")
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise RegistryError(
+                f"{self.name}: no answer from the event loop thread within {timeout:g}s"
+            ) from None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the loop and join its thread."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if not loop.is_running():
+            loop.close()
+
+
+class Registrar:
+    """Blocking facade over :class:`AsyncRegistrar` for sync apps (Flask, Django, scripts).
+
+    Takes the same arguments; registration runs on a private event-loop thread
+    created by :meth:`start`. With ``install_signal_handlers=True`` (call
+    :meth:`start` from the main thread), SIGTERM/SIGINT deregister before the
+    signal takes its usual course, and an ``atexit`` hook stops it too.
+    """
+
+    def __init__(
+        self,
+        backend: str | Backend,
+        instance: ServiceInstance,
+        *,
+        ttl: float = 10.0,
+        heartbeat: float | None = None,
+        checks: Iterable[HealthCheck | Callable[[], Any]] = (),
+        fall: int = 3,
+        rise: int = 2,
+        on_unhealthy: str | OnUnhealthy = "deregister",
+        deregister_critical_after: float = 60.0,
+        retry: RetryPolicy | None = None,
+        on_event: Callable[[RegistrarEvent], None] | None = None,
+        install_signal_handlers: bool = False,
+    ) -> None:
+        self._async = AsyncRegistrar(
+            backend,
+            instance,
+            ttl=ttl,
+            heartbeat=heartbeat,
+            checks=checks,
+            fall=fall,
+            rise=rise,
+            on_unhealthy=on_unhealthy,
+            deregister_critical_after=deregister_critical_after,
+            retry=retry,
+            on_event=on_event,
+            install_signal_handlers=False,  # the loop thread cannot take signals
+        )
+        self.install_signal_handlers = install_signal_handlers
+        self._thread = LoopThread(f"registry-agent {instance.id}")
+        self._signals: list[tuple[int, Any]] = []
+        self._stopped = False
+
+    @property
+    def instance(self) -> ServiceInstance:
+        """The instance this registrar keeps registered."""
+        return self._async.instance
+
+    @property
+    def state(self) -> GateState:
+        """The health gate's state: starting, registered, withdrawn or stopped."""
+        return self._async.state
+
+    @property
+    def registered(self) -> bool:
+        """True while the registry holds our entry."""
+        return self._async.registered
+
+    def start(self, *, wait_registered: float | None = None) -> Registrar:
+        """Start in the background and return at once (or wait, see AsyncRegistrar.start)."""
+        timeout = None if wait_registered is None else wait_registered + 15.0
+        try:
+            self._thread.run(self._async.start(wait_registered=wait_registered), timeout)
+        except BaseException:
+            self._thread.close()
+            raise
+        if self.install_signal_handlers:
+            self._install_signal_handlers()
+        return self
+
+    def wait_registered(self, timeout: float | None = None) -> bool:
+        """Block until the entry is in the registry; False on timeout."""
+        bound = None if timeout is None else timeout + 5.0
+        return self._thread.run(self._async.wait_registered(timeout), bound)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Deregister and stop within ``timeout`` seconds; then the loop thread ends."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._remove_signal_handlers()
+        try:
+            with contextlib.suppress(RegistryError):
+                self._thread.run(self._async.stop(timeout), timeout + 2.0)
+        finally:
+            self._thread.close()
+
+    def status(self) -> dict[str, Any]:
+        """See :meth:`AsyncRegistrar.status`."""
+        return self._async.status()
+
+    def __enter__(self) -> Registrar:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"Registrar({self.instance.service}/{self.instance.id}, state={self.state})"
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("install_signal_handlers needs start() from the main thread")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+            signal.signal(sig, self._on_signal)
+            self._signals.append((sig, previous))
+        atexit.register(self.stop)
+
+    def _remove_signal_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig, previous in self._signals:
+                signal.signal(sig, previous)
+        self._signals.clear()
+        atexit.unregister(self.stop)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        previous = dict(self._signals).get(signum, signal.SIG_DFL)
+        self.stop()
+        chain_signal(signum, previous)
