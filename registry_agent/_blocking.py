@@ -64,6 +64,8 @@ class LoopThread:
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
+            if future.done():
+                raise  # the coroutine's own TimeoutError (e.g. RegistrationTimeout)
             future.cancel()
             raise RegistryError(
                 f"{self.name}: no answer from the event loop thread within {timeout:g}s"
