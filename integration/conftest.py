@@ -2,16 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from registry_agent.testing.servers import ConsulServer, EtcdServer
+from registry_agent.testing.servers import ConsulServer, EtcdServer, ServerProcess
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(pytest.mark.integration)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print every recovery time the tests measured (xdist carries user_properties over)."""
+    rows = []
+    for report in terminalreporter.stats.get("passed", []):
+        for name, value in getattr(report, "user_properties", ()):
+            if name == "measured":
+                rows.append(value)
+    if rows:
+        terminalreporter.section("measured recovery times (bounds are generous; bench/ measures)")
+        for row in sorted(rows):
+            terminalreporter.write_line(row)
+
+
+@pytest.fixture
+def measured(
+    record_property: Callable[[str, object], None], request: pytest.FixtureRequest
+) -> Callable[[str, float, float], None]:
+    """Record and check one measured duration: ``measured(what, seconds, bound)``."""
+
+    def record(what: str, seconds: float, bound: float) -> None:
+        record_property(
+            "measured", f"{request.node.name:70} {what:28} {seconds:6.2f}s (bound {bound:.1f}s)"
+        )
+        assert seconds <= bound, f"{what} took {seconds:.2f}s, bound {bound:.2f}s"
+
+    return record
+
+
+@pytest.fixture(params=["consul", "etcd"])
+def server(request: pytest.FixtureRequest) -> ServerProcess:
+    """A real Consul, then a real etcd."""
+    server: ServerProcess = request.getfixturevalue(f"{request.param}_server")
+    return server
 
 
 @pytest.fixture
