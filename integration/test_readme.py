@@ -1,10 +1,13 @@
-"""The README's example runs as written, against a real Consul and a real etcd."""
+"""The README's examples run as written, against a real Consul and a real etcd."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -14,24 +17,126 @@ from registry_agent.testing.servers import ConsulServer, EtcdServer
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def example() -> str:
+def block(marker: str) -> str:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    runnable = [block for block in blocks if "asyncio.run(main())" in block]
-    assert len(runnable) == 1
-    return runnable[0]
+    found = [b for b in blocks if marker in b]
+    assert len(found) == 1, marker
+    return found[0]
+
+
+def run(code: str, tmp_path: Path) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+class _Healthy(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def health_url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/healthz"
+    server.shutdown()
+    server.server_close()
+
+
+def url_of(kind: str, consul: ConsulServer, etcd: EtcdServer) -> str:
+    return consul.url if kind == "consul" else etcd.url
 
 
 @pytest.mark.parametrize("kind", ["consul", "etcd"])
-def test_readme_example_runs(
-    kind: str, consul_server: ConsulServer, etcd_server: EtcdServer
+def test_backend_api_example(
+    kind: str, consul_server: ConsulServer, etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
-    url = consul_server.url if kind == "consul" else etcd_server.url
-    code = example().replace('"consul://127.0.0.1:8500"', repr(url))
+    url = url_of(kind, consul_server, etcd_server)
+    code = block("asyncio.run(main())").replace('"consul://127.0.0.1:8500"', repr(url))
     assert repr(url) in code
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    lines = run(code, tmp_path)
     assert "critical" in lines[0]
     assert lines[1].endswith("[]")  # the watch's first snapshot: no healthy instance
+
+
+AFTER_SYNC = """
+assert registrar.wait_registered(10)
+import asyncio
+from registry_agent import open_backend
+backend = open_backend({url!r})
+print(asyncio.run(backend.list("orders")).healthy()[0].id)
+registrar.stop()
+print(asyncio.run(backend.list("orders")).instances == {{}})
+"""
+
+
+@pytest.mark.parametrize("kind", ["consul", "etcd"])
+def test_sync_registrar_example(
+    kind: str,
+    consul_server: ConsulServer,
+    etcd_server: EtcdServer,
+    health_url: str,
+    tmp_path: Path,
+) -> None:
+    url = url_of(kind, consul_server, etcd_server)
+    code = block("Registrar(\n").replace('"consul://127.0.0.1:8500"', repr(url))
+    code = code.replace('"http://127.0.0.1:8080/healthz"', repr(health_url))
+    assert repr(url) in code
+    assert repr(health_url) in code
+    assert run(code + AFTER_SYNC.format(url=url), tmp_path) == ["orders-10.0.0.5-8080", "True"]
+
+
+# FastAPI is not a dependency: a stand-in with the same constructor drives the lifespan.
+FASTAPI_STUB = """
+class FastAPI:
+    def __init__(self, lifespan=None):
+        self.lifespan = lifespan
+"""
+AFTER_ASYNC = """
+import asyncio
+from registry_agent import open_backend
+
+async def drive():
+    backend = open_backend({url!r})
+    async with app.lifespan(app):
+        for _ in range(100):
+            if (await backend.list("orders")).healthy():
+                break
+            await asyncio.sleep(0.1)
+        print([i.id for i in (await backend.list("orders")).healthy()])
+    print((await backend.list("orders")).instances == {{}})
+    await backend.close()
+
+asyncio.run(drive())
+"""
+
+
+@pytest.mark.parametrize("kind", ["consul", "etcd"])
+def test_fastapi_lifespan_example(
+    kind: str,
+    consul_server: ConsulServer,
+    etcd_server: EtcdServer,
+    health_url: str,
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "fastapi.py").write_text(FASTAPI_STUB)
+    url = url_of(kind, consul_server, etcd_server)
+    code = block("lifespan").replace('"etcd://127.0.0.1:2379"', repr(url))
+    code = code.replace('"http://127.0.0.1:8080/healthz"', repr(health_url))
+    assert repr(url) in code
+    lines = run(code + AFTER_ASYNC.format(url=url), tmp_path)
+    assert lines == ["['orders-10.0.0.5-8080']", "True"]

@@ -7,13 +7,22 @@ registers its class under the entry-point group ``registry_agent.backends``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance, ServiceSnapshot
 
-__all__ = ["Backend", "Lease", "error_context"]
+__all__ = ["Backend", "Lease", "error_context", "running_loop"]
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running event loop, or None: backends rebuild clients when it changes."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def error_context(

@@ -28,7 +28,7 @@ from registry_agent import (
     ServiceInstance,
     ServiceSnapshot,
 )
-from registry_agent._backend import error_context
+from registry_agent._backend import error_context, running_loop
 from registry_agent._urls import (
     Option,
     opt_choice,
@@ -114,6 +114,7 @@ class ConsulBackend:
         self._scheme = scheme
         self._token = token if token is not None else os.environ.get("CONSUL_HTTP_TOKEN") or None
         self._api: AsyncConsul | None = None
+        self._api_loop: asyncio.AbstractEventLoop | None = None
         # Status last set per check, so a heartbeat renews the TTL without changing it.
         self._status: dict[str, tuple[HealthStatus, str]] = {}
         self._warned: set[tuple[str, str]] = set()
@@ -135,8 +136,13 @@ class ConsulBackend:
 
     @property
     def api(self) -> AsyncConsul:
-        """py-consul's API object (created on first use, in the running process)."""
+        """py-consul's API object (created on first use, in the running process and loop)."""
+        loop = running_loop()
+        if self._api is not None and self._api_loop is not loop:
+            # Used from another event loop (asyncio.run twice): the old pool is unusable there.
+            self._api = None
         if self._api is None:
+            self._api_loop = loop
             api = AsyncConsul(
                 host=self.host,
                 port=self.port,
@@ -360,6 +366,6 @@ class ConsulBackend:
                 await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        if self._api is not None:
-            api, self._api = self._api, None
+        api, self._api = self._api, None
+        if api is not None and self._api_loop is running_loop():
             await api.http.close()

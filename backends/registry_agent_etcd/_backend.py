@@ -27,7 +27,7 @@ from registry_agent import (
     ServiceInstance,
     ServiceSnapshot,
 )
-from registry_agent._backend import error_context
+from registry_agent._backend import error_context, running_loop
 from registry_agent._urls import Option, opt_duration, opt_str, parse_backend_url, take_options
 
 __all__ = ["EtcdBackend"]
@@ -90,6 +90,7 @@ class EtcdBackend:
         self._user = user
         self._password = password
         self._client: aetcd.Client | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
         self._cluster_id: int | None = None
         self._warned: set[bytes] = set()
 
@@ -116,8 +117,13 @@ class EtcdBackend:
 
     @property
     def client(self) -> aetcd.Client:
-        """aetcd's client (created on first use, in the running process)."""
+        """aetcd's client (created on first use, in the running process and loop)."""
+        loop = running_loop()
+        if self._client is not None and self._client_loop is not loop:
+            # Used from another event loop (asyncio.run twice): its channel is unusable there.
+            self._client = None
         if self._client is None:
+            self._client_loop = loop
             self._client = aetcd.Client(
                 host=self.host,
                 port=self.port,
@@ -350,6 +356,6 @@ class EtcdBackend:
         raise BackendUnavailable("etcd closed the watch stream", **context)
 
     async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
+        client, self._client = self._client, None
+        if client is not None and self._client_loop is running_loop():
             await client.close()
