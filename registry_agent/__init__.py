@@ -4,17 +4,20 @@ The public API is re-exported here; every other module is private.
 """
 
 from registry_agent._backend import Backend, Lease
-from registry_agent._blocking import Registrar
+from registry_agent._blocking import Discovery, Registrar, Watcher
+from registry_agent._discovery import AsyncDiscovery
 from registry_agent._errors import (
     BackendError,
     BackendNotFound,
     BackendUnavailable,
     ConfigError,
     LeaseLost,
+    NoInstanceAvailable,
     RegistryError,
     Rejected,
     RevisionCompacted,
 )
+from registry_agent._events import EventType, WatchEvent
 from registry_agent._health.checks import (
     CallableCheck,
     CheckResult,
@@ -33,11 +36,17 @@ from registry_agent._registrar import (
     RegistrationTimeout,
 )
 from registry_agent._retry import RetryPolicy
+from registry_agent._select import Strategy
+from registry_agent._transport import AsyncDiscoveryTransport, DiscoveryTransport
+from registry_agent._watcher import AsyncWatcher
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncDiscovery",
+    "AsyncDiscoveryTransport",
     "AsyncRegistrar",
+    "AsyncWatcher",
     "Backend",
     "BackendError",
     "BackendNotFound",
@@ -46,6 +55,9 @@ __all__ = [
     "CheckResult",
     "CommandCheck",
     "ConfigError",
+    "Discovery",
+    "DiscoveryTransport",
+    "EventType",
     "GateState",
     "HealthCheck",
     "HealthStatus",
@@ -53,6 +65,7 @@ __all__ = [
     "InstanceHealth",
     "Lease",
     "LeaseLost",
+    "NoInstanceAvailable",
     "OnUnhealthy",
     "Registrar",
     "RegistrarEvent",
@@ -64,7 +77,10 @@ __all__ = [
     "RevisionCompacted",
     "ServiceInstance",
     "ServiceSnapshot",
+    "Strategy",
     "TcpCheck",
+    "WatchEvent",
+    "Watcher",
     "__version__",
     "available_backends",
     "open_backend",

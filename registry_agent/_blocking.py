@@ -10,21 +10,29 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import queue
 import signal
 import threading
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
 from registry_agent._backend import Backend
+from registry_agent._discovery import AsyncDiscovery
 from registry_agent._errors import RegistryError
+from registry_agent._events import WatchEvent
 from registry_agent._health.checks import HealthCheck
 from registry_agent._health.gate import GateState, OnUnhealthy
-from registry_agent._models import ServiceInstance
+from registry_agent._models import InstanceHealth, ServiceInstance
 from registry_agent._registrar import AsyncRegistrar, RegistrarEvent, chain_signal
 from registry_agent._retry import RetryPolicy
+from registry_agent._select import Selector, Strategy
+from registry_agent._watcher import AsyncWatcher
 
-__all__ = ["LoopThread", "Registrar"]
+__all__ = ["Discovery", "LoopThread", "Registrar", "Watcher"]
+
+# Bound on a hop into the loop thread for calls that do no network I/O.
+_QUICK = 10.0
 
 T = TypeVar("T")
 
@@ -209,3 +217,146 @@ class Registrar:
         previous = dict(self._signals).get(signum, signal.SIG_DFL)
         self.stop()
         chain_signal(signum, previous)
+
+
+_CLOSED = object()
+
+
+class Watcher:
+    """Blocking facade over :class:`AsyncWatcher`: ``for event in watcher`` blocks.
+
+    :meth:`close` (from any thread) ends a pending iteration promptly.
+    """
+
+    def __init__(
+        self,
+        backend: str | Backend,
+        services: str | Iterable[str],
+        *,
+        retry: RetryPolicy | None = None,
+        on_error: Callable[[str, BaseException], None] | None = None,
+    ) -> None:
+        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._async = AsyncWatcher(
+            backend, services, retry=retry, on_error=on_error, listener=self._events.put
+        )
+        self._thread = LoopThread(f"registry-agent watch {','.join(self._async.services)}")
+        self._started = False
+        self._closed = False
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """The watched service names."""
+        return self._async.services
+
+    def start(self) -> Watcher:
+        """Start watching in the background (iterating starts it too)."""
+        if not self._started:
+            self._started = True
+            self._thread.run(self._async.start(), _QUICK)
+        return self
+
+    def __iter__(self) -> Iterator[WatchEvent]:
+        self.start()
+        while True:
+            item = self._events.get()
+            if item is _CLOSED:
+                self._events.put(_CLOSED)
+                return
+            yield item
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """Block until every service has been read once; False on timeout."""
+        self.start()
+        bound = None if timeout is None else timeout + _QUICK
+        return self._thread.run(self._async.wait_synced(timeout), bound)
+
+    def snapshot(self, service: str | None = None) -> list[InstanceHealth]:
+        """See :meth:`AsyncWatcher.snapshot`."""
+        return self._async.snapshot(service)
+
+    def close(self) -> None:
+        """Stop watching; a blocked ``for`` loop ends."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._started:
+                with contextlib.suppress(RegistryError):
+                    self._thread.run(self._async.close(), _QUICK)
+        finally:
+            self._events.put(_CLOSED)
+            self._thread.close()
+
+    def __enter__(self) -> Watcher:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Discovery:
+    """Blocking facade over :class:`AsyncDiscovery` (same arguments and methods)."""
+
+    def __init__(
+        self,
+        backend: str | Backend,
+        *,
+        keep_last_nonempty: bool = False,
+        sync_timeout: float = 5.0,
+        retry: RetryPolicy | None = None,
+        on_error: Callable[[str, BaseException], None] | None = None,
+        selector: Selector | None = None,
+    ) -> None:
+        self._async = AsyncDiscovery(
+            backend,
+            keep_last_nonempty=keep_last_nonempty,
+            sync_timeout=sync_timeout,
+            retry=retry,
+            on_error=on_error,
+            selector=selector,
+        )
+        self._thread = LoopThread("registry-agent discovery")
+        self._bound = sync_timeout + _QUICK
+
+    def health(self, service: str) -> list[InstanceHealth]:
+        """See :meth:`AsyncDiscovery.health`."""
+        return self._thread.run(self._async.health(service), self._bound)
+
+    def instances(self, service: str, healthy_only: bool = True) -> list[ServiceInstance]:
+        """See :meth:`AsyncDiscovery.instances`."""
+        return self._thread.run(self._async.instances(service, healthy_only), self._bound)
+
+    def choose(
+        self,
+        service: str,
+        strategy: str | Strategy = Strategy.ROUND_ROBIN,
+        *,
+        exclude: Collection[str] = (),
+    ) -> ServiceInstance:
+        """See :meth:`AsyncDiscovery.choose`."""
+        return self._thread.run(self._async.choose(service, strategy, exclude=exclude), self._bound)
+
+    def close(self) -> None:
+        """Stop every watch and the loop thread."""
+        try:
+            with contextlib.suppress(RegistryError):
+                self._thread.run(self._async.close(), _QUICK)
+        finally:
+            self._thread.close()
+
+    def __enter__(self) -> Discovery:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

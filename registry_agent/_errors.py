@@ -5,6 +5,7 @@
     RegistryError                  every error raised by this package
     ├── ConfigError                bad input from the user: a field, a URL, a file
     ├── BackendNotFound            no backend for a URL scheme, or its extra is missing
+    ├── NoInstanceAvailable        discovery found no (healthy) instance to choose
     └── BackendError               a backend call failed
         ├── BackendUnavailable     the registry could not be reached: retry
         ├── LeaseLost              our lease/check is gone: register again
@@ -23,6 +24,7 @@ __all__ = [
     "BackendUnavailable",
     "ConfigError",
     "LeaseLost",
+    "NoInstanceAvailable",
     "RegistryError",
     "Rejected",
     "RevisionCompacted",
@@ -73,6 +75,10 @@ class ConfigError(RegistryError, ValueError):
 
 class BackendNotFound(RegistryError):
     """No backend is registered for a URL scheme, or its optional dependency is missing."""
+
+
+class NoInstanceAvailable(RegistryError, LookupError):
+    """Discovery has no (healthy) instance of the service to offer."""
 
 
 class BackendError(RegistryError):

@@ -1,0 +1,127 @@
+"""AsyncDiscovery: an always-fresh cache of instances per service, and instance choice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Collection
+from types import TracebackType
+
+from registry_agent._backend import Backend
+from registry_agent._errors import BackendUnavailable, NoInstanceAvailable
+from registry_agent._models import InstanceHealth, ServiceInstance
+from registry_agent._plugins import open_backend
+from registry_agent._retry import RetryPolicy
+from registry_agent._select import Selector, Strategy, as_strategy
+from registry_agent._watcher import AsyncWatcher
+
+__all__ = ["AsyncDiscovery"]
+
+
+class AsyncDiscovery:
+    """Instances of any service, served from a watcher-backed cache.
+
+    The first call for a service starts a watch and waits (up to
+    ``sync_timeout``) for its first read; from then on answers come from
+    memory and stay fresh. With ``keep_last_nonempty=True`` a service that
+    suddenly reads empty keeps being served its last non-empty set (protection
+    against a registry wiped or cut off; off by default: an empty list is a fact).
+    """
+
+    def __init__(
+        self,
+        backend: str | Backend,
+        *,
+        keep_last_nonempty: bool = False,
+        sync_timeout: float = 5.0,
+        retry: RetryPolicy | None = None,
+        on_error: Callable[[str, BaseException], None] | None = None,
+        selector: Selector | None = None,
+    ) -> None:
+        self._owns_backend = isinstance(backend, str)
+        self.backend: Backend = open_backend(backend) if isinstance(backend, str) else backend
+        self.keep_last_nonempty = keep_last_nonempty
+        self.sync_timeout = sync_timeout
+        self.retry = retry
+        self.on_error = on_error
+        self.selector = selector or Selector()
+        self._watchers: dict[str, AsyncWatcher] = {}
+        self._last_nonempty: dict[tuple[str, bool], list[ServiceInstance]] = {}
+        self._lock = asyncio.Lock()
+
+    async def _watcher(self, service: str) -> AsyncWatcher:
+        watcher = self._watchers.get(service)
+        if watcher is None:
+            async with self._lock:
+                watcher = self._watchers.get(service)
+                if watcher is None:
+                    watcher = AsyncWatcher(
+                        self.backend,
+                        service,
+                        retry=self.retry,
+                        on_error=self.on_error,
+                        listener=lambda event: None,
+                    )
+                    await watcher.start()
+                    self._watchers[service] = watcher
+        if not watcher.synced(service) and not await watcher.wait_synced(self.sync_timeout):
+            raise BackendUnavailable(
+                f"no answer from the registry within {self.sync_timeout:g}s",
+                service=service,
+            )
+        return watcher
+
+    async def health(self, service: str) -> list[InstanceHealth]:
+        """Every instance of ``service`` with its health, ordered by id."""
+        return (await self._watcher(service)).snapshot(service)
+
+    async def instances(self, service: str, healthy_only: bool = True) -> list[ServiceInstance]:
+        """The instances of ``service`` (by default only the passing ones), ordered by id."""
+        found = [h.instance for h in await self.health(service) if h.healthy or not healthy_only]
+        if self.keep_last_nonempty:
+            key = (service, healthy_only)
+            if found:
+                self._last_nonempty[key] = found
+            else:
+                return list(self._last_nonempty.get(key, ()))
+        return found
+
+    async def choose(
+        self,
+        service: str,
+        strategy: str | Strategy = Strategy.ROUND_ROBIN,
+        *,
+        exclude: Collection[str] = (),
+    ) -> ServiceInstance:
+        """One healthy instance of ``service`` (ids in ``exclude`` skipped).
+
+        Raises :class:`NoInstanceAvailable` when there is none.
+        """
+        strategy = as_strategy(strategy)
+        candidates = [i for i in await self.instances(service) if i.id not in exclude]
+        chosen = self.selector.pick(service, candidates, strategy)
+        if chosen is None:
+            raise NoInstanceAvailable(
+                "no healthy instance" + (" left to try" if exclude else ""), service=service
+            )
+        return chosen
+
+    async def close(self) -> None:
+        """Stop every watch."""
+        watchers, self._watchers = list(self._watchers.values()), {}
+        for watcher in watchers:
+            await watcher.close()
+        if self._owns_backend:
+            with contextlib.suppress(Exception):
+                await self.backend.close()
+
+    async def __aenter__(self) -> AsyncDiscovery:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,123 @@
+"""httpx transports that send ``http://SERVICE/path`` to a healthy instance of SERVICE.
+
+A URL with an explicit port is not a service name and passes through
+unchanged. On a connect failure the request goes to another instance, at
+most ``retries`` more times; the ``Host`` header keeps the service name.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import httpx
+
+from registry_agent._errors import NoInstanceAvailable
+from registry_agent._models import ServiceInstance
+from registry_agent._select import Strategy
+
+__all__ = ["AsyncDiscoveryTransport", "DiscoveryTransport"]
+
+_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+class _Chooser(Protocol):
+    def choose(
+        self, service: str, strategy: str | Strategy = ..., *, exclude: tuple[str, ...] = ...
+    ) -> ServiceInstance: ...
+
+
+class _AsyncChooser(Protocol):
+    async def choose(
+        self, service: str, strategy: str | Strategy = ..., *, exclude: tuple[str, ...] = ...
+    ) -> ServiceInstance: ...
+
+
+def _is_service_url(request: httpx.Request) -> bool:
+    return request.url.port is None and request.url.scheme in ("http", "https")
+
+
+def _route(request: httpx.Request, instance: ServiceInstance) -> None:
+    request.url = request.url.copy_with(host=instance.address, port=instance.port)
+    request.extensions = {**request.extensions, "registry_agent_instance": instance.id}
+
+
+def _no_instance(
+    request: httpx.Request, service: str, exc: NoInstanceAvailable
+) -> httpx.ConnectError:
+    return httpx.ConnectError(f"{service}: {exc.message}", request=request)
+
+
+class DiscoveryTransport(httpx.BaseTransport):
+    """For ``httpx.Client``: routes by service name through a blocking :class:`Discovery`."""
+
+    def __init__(
+        self,
+        discovery: _Chooser,
+        *,
+        strategy: str | Strategy = Strategy.ROUND_ROBIN,
+        retries: int = 2,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.discovery = discovery
+        self.strategy = strategy
+        self.retries = retries
+        self.transport = transport or httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if not _is_service_url(request):
+            return self.transport.handle_request(request)
+        service = request.url.host
+        tried: tuple[str, ...] = ()
+        while True:
+            try:
+                instance = self.discovery.choose(service, self.strategy, exclude=tried)
+            except NoInstanceAvailable as exc:
+                raise _no_instance(request, service, exc) from exc
+            _route(request, instance)
+            try:
+                return self.transport.handle_request(request)
+            except _RETRYABLE:
+                tried += (instance.id,)
+                if len(tried) > self.retries:
+                    raise
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class AsyncDiscoveryTransport(httpx.AsyncBaseTransport):
+    """For ``httpx.AsyncClient``: routes by service name through :class:`AsyncDiscovery`."""
+
+    def __init__(
+        self,
+        discovery: _AsyncChooser,
+        *,
+        strategy: str | Strategy = Strategy.ROUND_ROBIN,
+        retries: int = 2,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.discovery = discovery
+        self.strategy = strategy
+        self.retries = retries
+        self.transport = transport or httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not _is_service_url(request):
+            return await self.transport.handle_async_request(request)
+        service = request.url.host
+        tried: tuple[str, ...] = ()
+        while True:
+            try:
+                instance = await self.discovery.choose(service, self.strategy, exclude=tried)
+            except NoInstanceAvailable as exc:
+                raise _no_instance(request, service, exc) from exc
+            _route(request, instance)
+            try:
+                return await self.transport.handle_async_request(request)
+            except _RETRYABLE:
+                tried += (instance.id,)
+                if len(tried) > self.retries:
+                    raise
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
