@@ -6,6 +6,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+# The shared contract suites live in the package: show their failed asserts in full.
+pytest.register_assert_rewrite("registry_agent.testing.contract")
+
 from registry_agent.testing.servers import ConsulServer, EtcdServer, ServerProcess
 
 
@@ -52,6 +55,17 @@ def server(request: pytest.FixtureRequest) -> ServerProcess:
 @pytest.fixture
 def consul_server() -> Iterator[ConsulServer]:
     server = ConsulServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def persistent_consul_server() -> Iterator[ConsulServer]:
+    """A Consul server agent with a data folder: registrations survive a restart."""
+    server = ConsulServer(persistent=True)
     server.start()
     try:
         yield server

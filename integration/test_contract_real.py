@@ -2,7 +2,8 @@
 
 import pytest
 
-from registry_agent.testing.contract import BackendContract, ServerControl
+from registry_agent import EventType
+from registry_agent.testing.contract import BackendContract, ServerControl, WatcherContract
 from registry_agent.testing.servers import ConsulServer, EtcdServer
 
 
@@ -13,6 +14,21 @@ class TestConsulContract(BackendContract):
 
 
 class TestEtcdContract(BackendContract):
+    @pytest.fixture
+    def server(self, etcd_server: EtcdServer) -> ServerControl:
+        return etcd_server
+
+
+class TestConsulWatcher(WatcherContract):
+    # Consul keeps an entry whose TTL ran out, critical: watchers see it offline.
+    expiry_event = EventType.OFFLINE
+
+    @pytest.fixture
+    def server(self, persistent_consul_server: ConsulServer) -> ServerControl:
+        return persistent_consul_server
+
+
+class TestEtcdWatcher(WatcherContract):
     @pytest.fixture
     def server(self, etcd_server: EtcdServer) -> ServerControl:
         return etcd_server

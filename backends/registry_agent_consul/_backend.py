@@ -45,6 +45,8 @@ log = logging.getLogger("registry_agent.consul")
 T = TypeVar("T")
 
 _LOST_MARKERS = ("does not have associated TTL", "Unknown check", "Unknown service")
+# A pause longer than this between two queries may hide an agent restart.
+_RESUME_GAP = 1.0
 # Consul never reaps a critical service sooner than this.
 _MIN_DEREGISTER_AFTER = 60.0
 
@@ -345,25 +347,31 @@ class ConsulBackend:
     async def watch(
         self, service: str, *, since: ServiceSnapshot | None = None
     ) -> AsyncIterator[ServiceSnapshot]:
-        index = since.index if since is not None else 0
+        # An index is only meaningful to the agent incarnation that issued it: after
+        # a restart (wiped or not) it may be ahead of the new agent's, and a blocking
+        # query would then wait out the whole `wait`. So the index is re-read without
+        # blocking whenever the agent may have changed under us: when resuming,
+        # after a blocking query that returned without a change (wait expired, or
+        # the agent shut down), and after a pause on our side (frozen, slow consumer).
         last = dict(since.instances) if since is not None else None
-        if index > 0:
-            # A blocking query with an index from before an agent restart would
-            # wait the whole `wait` for an index the new agent has not reached.
-            current, _ = await self._health(service, 0)
-            if current < index:
-                index = 0
+        index = 0
+        received = time.monotonic()
         while True:
+            gap = time.monotonic() - received
+            blocking = index > 0 and gap < _RESUME_GAP
             started = time.monotonic()
-            new_index, found = await self._health(service, index)
-            # An index going backwards means the agent restarted: start over.
-            index = 0 if new_index < index or new_index <= 0 else new_index
+            new_index, found = await self._health(service, index if blocking else 0)
+            received = time.monotonic()
             if last is None or found != last:
                 last = found
                 yield ServiceSnapshot(service, new_index, MappingProxyType(found))
-            elif time.monotonic() - started < 0.01:
-                # Nothing changed yet the query did not block: never spin.
-                await asyncio.sleep(0.05)
+                index = max(new_index, 0)
+            elif blocking and new_index == index:
+                index = 0  # returned without a change: re-read once without blocking
+                if received - started < 0.01:
+                    await asyncio.sleep(0.05)  # it did not even block: never spin
+            else:
+                index = max(new_index, 0)
 
     async def close(self) -> None:
         api, self._api = self._api, None

@@ -1,4 +1,4 @@
-"""The backend contract: the guarantees every backend gives, as a pytest suite.
+"""The backend and watcher contracts: the guarantees every backend gives, as pytest suites.
 
 Subclass :class:`BackendContract` in a test module and provide a ``server``
 fixture returning a :class:`ServerControl` (a real server for real backends)::
@@ -27,16 +27,20 @@ from typing import Any, ClassVar, Protocol
 import pytest
 
 from registry_agent import (
+    AsyncWatcher,
     Backend,
     BackendUnavailable,
+    EventType,
     HealthStatus,
     LeaseLost,
+    RetryPolicy,
     ServiceInstance,
     ServiceSnapshot,
+    WatchEvent,
     open_backend,
 )
 
-__all__ = ["BackendContract", "ServerControl", "eventually"]
+__all__ = ["BackendContract", "ServerControl", "WatcherContract", "eventually"]
 
 
 class ServerControl(Protocol):
@@ -426,3 +430,216 @@ class BackendContract:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
             server.start()
+
+
+class WatcherContract:
+    """Exact watch events on a backend: provide the ``server`` fixture.
+
+    ``expiry_event`` is what a TTL running out looks like: ``deleted`` where the
+    registry drops the entry (etcd, memory), ``offline`` where it keeps it
+    critical (Consul).
+    """
+
+    ttl: ClassVar[float] = 2.0
+    timeout: ClassVar[float] = 2.0
+    expiry_event: ClassVar[EventType] = EventType.DELETED
+    backend_options: ClassVar[dict[str, Any]] = {}
+
+    @pytest.fixture
+    def server(self) -> ServerControl:
+        raise NotImplementedError("provide a `server` fixture returning a ServerControl")
+
+    @pytest.fixture
+    async def backend(self, server: ServerControl) -> AsyncIterator[Backend]:
+        backend = open_backend(server.url, timeout=self.timeout, **self.backend_options)
+        yield backend
+        await backend.close()
+
+    @pytest.fixture
+    def service(self) -> str:
+        return f"svc-{uuid.uuid4().hex[:8]}"
+
+    @pytest.fixture
+    async def watcher(self, server: ServerControl, service: str) -> AsyncIterator[AsyncWatcher]:
+        backend = open_backend(server.url, timeout=self.timeout, **self.backend_options)
+        watcher = AsyncWatcher(backend, service, retry=RetryPolicy(initial=0.05, cap=0.5))
+        yield watcher
+        await watcher.close()
+        await backend.close()
+
+    def instance(self, service: str, n: int = 1, **fields: Any) -> ServiceInstance:
+        fields.setdefault("address", "127.0.0.1")
+        fields.setdefault("port", 9000 + n)
+        return ServiceInstance(service, id=f"{service}-{n}", **fields)
+
+    @staticmethod
+    async def take(
+        events: AsyncIterator[WatchEvent], count: int, within: float = 5.0
+    ) -> list[tuple[EventType, str, bool]]:
+        """The next ``count`` events as (type, id, healthy)."""
+        got = []
+        for _ in range(count):
+            event = await asyncio.wait_for(anext(events), within)
+            got.append((event.type, event.instance.id, event.healthy))
+        return got
+
+    @staticmethod
+    async def nothing_more(events: AsyncIterator[WatchEvent], within: float = 1.0) -> None:
+        with contextlib.suppress(TimeoutError):
+            extra = await asyncio.wait_for(anext(events), within)
+            pytest.fail(f"unexpected event {extra}")
+
+    async def test_first_snapshot_adds_what_exists(
+        self, backend: Backend, watcher: AsyncWatcher, service: str
+    ) -> None:
+        a, b = self.instance(service, 1), self.instance(service, 2)
+        await backend.register(a, ttl=10 * self.ttl)
+        await backend.register(b, ttl=10 * self.ttl, status=HealthStatus.CRITICAL)
+        events = aiter(watcher)
+        assert await self.take(events, 3) == [
+            (EventType.ADDED, a.id, True),
+            (EventType.ADDED, b.id, False),
+            (EventType.OFFLINE, b.id, False),
+        ]
+        assert [h.instance for h in watcher.snapshot()] == [a, b]
+        await self.nothing_more(events)
+
+    async def test_each_event_type_from_its_real_trigger(
+        self, backend: Backend, watcher: AsyncWatcher, service: str
+    ) -> None:
+        events = aiter(watcher)
+        assert await watcher.wait_synced(5)
+        inst = self.instance(service, meta={"version": "1"})
+        lease = await backend.register(inst, ttl=10 * self.ttl)
+        assert await self.take(events, 1) == [(EventType.ADDED, inst.id, True)]
+        changed = self.instance(service, meta={"version": "2"})
+        lease = await backend.register(changed, ttl=10 * self.ttl)
+        event = await asyncio.wait_for(anext(events), 5)
+        assert (event.type, event.instance, event.previous) == (EventType.UPDATED, changed, inst)
+        await backend.set_status(lease, HealthStatus.CRITICAL, "failing")
+        assert await self.take(events, 1) == [(EventType.OFFLINE, inst.id, False)]
+        await backend.set_status(lease, HealthStatus.PASSING)
+        assert await self.take(events, 1) == [(EventType.ONLINE, inst.id, True)]
+        await backend.deregister(lease)
+        assert await self.take(events, 1) == [(EventType.DELETED, inst.id, False)]
+        await self.nothing_more(events)
+
+    async def test_ttl_expiry_of_the_last_instance_is_reported(
+        self, backend: Backend, watcher: AsyncWatcher, service: str
+    ) -> None:
+        inst = self.instance(service)
+        await backend.register(inst, ttl=self.ttl)
+        events = aiter(watcher)
+        assert await self.take(events, 1) == [(EventType.ADDED, inst.id, True)]
+        started = time.monotonic()
+        assert await self.take(events, 1, within=self.ttl + 3) == [
+            (self.expiry_event, inst.id, False)
+        ]
+        assert time.monotonic() - started <= self.ttl + 1.5
+        assert not [h for h in watcher.snapshot() if h.healthy]
+
+    async def test_last_instance_going_offline_is_reported(
+        self, backend: Backend, watcher: AsyncWatcher, service: str
+    ) -> None:
+        a, b = self.instance(service, 1), self.instance(service, 2)
+        lease_a = await backend.register(a, ttl=10 * self.ttl)
+        lease_b = await backend.register(b, ttl=10 * self.ttl)
+        events = aiter(watcher)
+        assert len(await self.take(events, 2)) == 2
+        await backend.set_status(lease_a, HealthStatus.CRITICAL)
+        await backend.set_status(lease_b, HealthStatus.CRITICAL)
+        assert await self.take(events, 2) == [
+            (EventType.OFFLINE, a.id, False),
+            (EventType.OFFLINE, b.id, False),
+        ]
+        await backend.deregister(lease_a)
+        await backend.deregister(lease_b)
+        assert await self.take(events, 2) == [
+            (EventType.DELETED, a.id, False),
+            (EventType.DELETED, b.id, False),
+        ]
+        assert watcher.snapshot() == []
+
+    async def test_server_restarted_empty_yields_deleted_then_added(
+        self, server: ServerControl, backend: Backend, watcher: AsyncWatcher, service: str
+    ) -> None:
+        a, b = self.instance(service, 1), self.instance(service, 2)
+        await backend.register(a, ttl=10 * self.ttl)
+        await backend.register(b, ttl=10 * self.ttl)
+        events = aiter(watcher)
+        assert len(await self.take(events, 2)) == 2
+        server.restart(wipe=True)
+        assert await self.take(events, 2, within=15) == [
+            (EventType.DELETED, a.id, False),
+            (EventType.DELETED, b.id, False),
+        ]
+        await self._register_when_up(backend, a)
+        assert await self.take(events, 1, within=10) == [(EventType.ADDED, a.id, True)]
+        await self.nothing_more(events)
+
+    async def test_changes_across_a_restart_with_data_yield_exactly_their_events(
+        self, server: ServerControl, backend: Backend, watcher: AsyncWatcher, service: str
+    ) -> None:
+        keep, drop = self.instance(service, 1), self.instance(service, 2)
+        keep_lease = await backend.register(keep, ttl=30 * self.ttl)
+        lease = await backend.register(drop, ttl=30 * self.ttl)
+        # A heartbeat is what makes Consul persist a TTL check's state across restarts.
+        await backend.heartbeat(keep_lease)
+        await backend.heartbeat(lease)
+        events = aiter(watcher)
+        assert len(await self.take(events, 2)) == 2
+        server.stop()
+        await asyncio.sleep(0.5)  # the watcher notices the outage
+        server.start()
+        # Changes made before the watcher is back must each come through once.
+        new = self.instance(service, 3)
+        try:
+            await backend.deregister(lease)
+            await backend.register(new, ttl=30 * self.ttl)
+        except LeaseLost:
+            pytest.fail("the registry kept no data across its restart")
+        got = await self.take(events, 2, within=15)
+        assert sorted(got) == sorted(
+            [(EventType.DELETED, drop.id, False), (EventType.ADDED, new.id, True)]
+        )
+        await self.nothing_more(events, within=1.5)
+        assert [h.instance.id for h in watcher.snapshot()] == [keep.id, new.id]
+
+    async def test_no_cpu_spin_while_the_server_is_down(
+        self, server: ServerControl, backend: Backend, service: str
+    ) -> None:
+        errors: list[BaseException] = []
+        watcher = AsyncWatcher(
+            open_backend(server.url, timeout=self.timeout, **self.backend_options),
+            service,
+            on_error=lambda svc, exc: errors.append(exc),
+        )
+        await watcher.start()
+        assert await watcher.wait_synced(5)
+        server.stop()
+        try:
+            cpu = time.process_time()
+            await asyncio.sleep(5.0)
+            used = time.process_time() - cpu
+        finally:
+            server.start()
+        assert errors, "the outage was reported through on_error"
+        assert all(isinstance(e, BackendUnavailable) for e in errors)
+        assert used < 0.5, f"the watcher used {used:.2f}s of CPU during a 5s outage"
+        await self._register_when_up(backend, self.instance(service))
+        await asyncio.sleep(0.1)
+        for _ in range(100):
+            if watcher.snapshot():
+                break
+            await asyncio.sleep(0.1)
+        assert [h.instance.id for h in watcher.snapshot()] == [self.instance(service).id]
+        await watcher.close()
+
+    async def _register_when_up(self, backend: Backend, inst: ServiceInstance) -> None:
+        for _ in range(100):
+            try:
+                await backend.register(inst, ttl=10 * self.ttl)
+                return
+            except BackendUnavailable:
+                await asyncio.sleep(0.1)
+        pytest.fail("the server did not come back")
