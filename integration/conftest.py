@@ -9,7 +9,11 @@ import pytest
 # The shared contract suites live in the package: show their failed asserts in full.
 pytest.register_assert_rewrite("registry_agent.testing.contract")
 
-from registry_agent.testing.servers import ConsulServer, EtcdServer, ServerProcess
+from registry_agent.testing.servers import (  # noqa: E402 - after the rewrite hook
+    ConsulServer,
+    EtcdServer,
+    ServerProcess,
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -44,10 +44,15 @@ class LoopThread:
         self.name = name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop (starting the thread on first use)."""
+        """The running loop (starting the thread on first use, from any thread)."""
+        with self._lock:
+            return self._loop or self._start()
+
+    def _start(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             loop = asyncio.new_event_loop()
             ready = threading.Event()
@@ -241,6 +246,7 @@ class Watcher:
             backend, services, retry=retry, on_error=on_error, listener=self._events.put
         )
         self._thread = LoopThread(f"registry-agent watch {','.join(self._async.services)}")
+        self._lock = threading.Lock()
         self._started = False
         self._closed = False
 
@@ -251,9 +257,10 @@ class Watcher:
 
     def start(self) -> Watcher:
         """Start watching in the background (iterating starts it too)."""
-        if not self._started:
-            self._started = True
-            self._thread.run(self._async.start(), _QUICK)
+        with self._lock:
+            if not self._started:
+                self._started = True
+                self._thread.run(self._async.start(), _QUICK)
         return self
 
     def __iter__(self) -> Iterator[WatchEvent]:

@@ -1,0 +1,250 @@
+"""Selection strategies, the discovery cache, the blocking Watcher, and the httpx transports."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from registry_agent import (
+    AsyncDiscovery,
+    AsyncDiscoveryTransport,
+    BackendUnavailable,
+    ConfigError,
+    Discovery,
+    DiscoveryTransport,
+    EventType,
+    HealthStatus,
+    InstanceHealth,
+    NoInstanceAvailable,
+    ServiceInstance,
+    Watcher,
+)
+from registry_agent._select import Selector, weight_of
+from registry_agent.testing.memory import MemoryRegistry
+from registry_agent.testing.servers import free_port
+
+
+def inst(n: int, **meta: str) -> ServiceInstance:
+    return ServiceInstance("orders", address="127.0.0.1", port=9000 + n, id=f"o{n}", meta=meta)
+
+
+def test_round_robin_cycles_in_order() -> None:
+    selector = Selector()
+    pool = [inst(1), inst(2), inst(3)]
+    assert [selector.pick("orders", pool, "round_robin").id for _ in range(6)] == [  # type: ignore[union-attr]
+        "o1",
+        "o2",
+        "o3",
+        "o1",
+        "o2",
+        "o3",
+    ]
+    assert selector.pick("orders", [], "round_robin") is None
+
+
+def test_random_and_weighted_follow_their_odds() -> None:
+    selector = Selector(random.Random(1))
+    pool = [inst(1, weight="1"), inst(2, weight="3"), inst(3, weight="0")]
+    weighted = Counter(selector.pick("orders", pool, "weighted").id for _ in range(4000))  # type: ignore[union-attr]
+    assert weighted["o3"] == 0
+    assert 2.5 < weighted["o2"] / weighted["o1"] < 3.5
+    uniform = Counter(selector.pick("orders", pool, "random").id for _ in range(3000))  # type: ignore[union-attr]
+    assert all(900 < uniform[k] < 1100 for k in ("o1", "o2", "o3"))
+    assert selector.pick("orders", [inst(1, weight="0")], "weighted") is None
+
+
+def test_weight_parsing() -> None:
+    assert weight_of(inst(1)) == 1
+    assert weight_of(inst(1, weight="5")) == 5
+    assert weight_of(inst(1, weight="-2")) == 0
+    assert weight_of(inst(1, weight="heavy")) == 1
+
+
+def test_unknown_strategy() -> None:
+    with pytest.raises(ConfigError) as info:
+        Selector().pick("orders", [inst(1)], "fastest")
+    assert info.value.field == "strategy"
+
+
+@pytest.fixture
+def registry() -> MemoryRegistry:
+    return MemoryRegistry.named(f"disc-{uuid.uuid4().hex}")
+
+
+def put(
+    registry: MemoryRegistry, instance: ServiceInstance, status: HealthStatus = HealthStatus.PASSING
+) -> int:
+    return registry.put(InstanceHealth(instance, status), ttl=60)
+
+
+async def test_discovery_cache_stays_fresh(registry: MemoryRegistry) -> None:
+    put(registry, inst(1))
+    put(registry, inst(2), HealthStatus.CRITICAL)
+    async with AsyncDiscovery(registry.url) as discovery:
+        assert await discovery.instances("orders") == [inst(1)]
+        assert await discovery.instances("orders", healthy_only=False) == [inst(1), inst(2)]
+        put(registry, inst(3))
+        for _ in range(50):
+            if len(await discovery.instances("orders")) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert await discovery.instances("orders") == [inst(1), inst(3)]
+        assert (await discovery.choose("orders", exclude={"o1"})).id == "o3"
+        with pytest.raises(NoInstanceAvailable):
+            await discovery.choose("orders", exclude={"o1", "o3"})
+        assert await discovery.instances("users") == []
+
+
+async def test_keep_last_nonempty(registry: MemoryRegistry) -> None:
+    put(registry, inst(1))
+    async with (
+        AsyncDiscovery(registry.url, keep_last_nonempty=True) as keeping,
+        AsyncDiscovery(registry.url) as plain,
+    ):
+        assert await keeping.instances("orders") == [inst(1)]
+        assert await plain.instances("orders") == [inst(1)]
+        registry.wipe()
+        for _ in range(50):
+            if not await plain.instances("orders"):
+                break
+            await asyncio.sleep(0.01)
+        assert await plain.instances("orders") == []  # an empty list is a fact
+        assert await keeping.instances("orders") == [inst(1)]  # unless asked otherwise
+
+
+async def test_discovery_without_a_registry_says_so(registry: MemoryRegistry) -> None:
+    registry.stop()
+    async with AsyncDiscovery(registry.url, sync_timeout=0.3) as discovery:
+        with pytest.raises(BackendUnavailable):
+            await discovery.instances("orders")
+
+
+def test_blocking_watcher_ends_promptly_on_close(registry: MemoryRegistry) -> None:
+    put(registry, inst(1))
+    watcher = Watcher(registry.url, "orders")
+    got: list[EventType] = []
+
+    def consume() -> None:
+        got.extend(event.type for event in watcher)
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    assert watcher.wait_synced(2)
+    assert [h.instance for h in watcher.snapshot()] == [inst(1)]
+    time.sleep(0.1)
+    started = time.monotonic()
+    watcher.close()
+    thread.join(2)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 1
+    assert got == [EventType.ADDED]
+
+
+def test_blocking_watcher_several_services(registry: MemoryRegistry) -> None:
+    put(registry, inst(1))
+    registry.put(InstanceHealth(ServiceInstance("users", address="h", port=1)), ttl=60)
+    with Watcher(registry.url, ["orders", "users"]) as watcher:
+        events = iter(watcher)
+        services = sorted(next(events).service for _ in range(2))
+        assert services == ["orders", "users"]
+        with pytest.raises(ConfigError):
+            watcher.snapshot()
+        assert len(watcher.snapshot("users")) == 1
+
+
+class _Hello(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = f"{self.server.server_address[1]} {self.headers['Host']}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def web() -> Iterator[list[int]]:
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Hello) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield [s.server_address[1] for s in servers]
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def register_web(registry: MemoryRegistry, ports: list[int]) -> list[ServiceInstance]:
+    instances = [
+        ServiceInstance("orders", address="127.0.0.1", port=p, id=f"web{i}")
+        for i, p in enumerate(ports)
+    ]
+    for instance in instances:
+        put(registry, instance)
+    return instances
+
+
+def test_transport_routes_and_retries_on_connect_failure(
+    registry: MemoryRegistry, web: list[int]
+) -> None:
+    dead = ServiceInstance("orders", address="127.0.0.1", port=free_port(), id="web-dead")
+    put(registry, dead)
+    register_web(registry, web)
+    with (
+        Discovery(registry.url) as discovery,
+        httpx.Client(transport=DiscoveryTransport(discovery, retries=2)) as client,
+    ):
+        answers = [client.get("http://orders/hello").text for _ in range(9)]
+    ports = Counter(int(a.split()[0]) for a in answers)
+    assert set(ports) == set(web)  # every request succeeded, none on the dead one
+    assert all(a.split()[1] == "orders" for a in answers)  # Host keeps the service name
+
+
+def test_transport_passes_explicit_ports_through(registry: MemoryRegistry, web: list[int]) -> None:
+    with (
+        Discovery(registry.url) as discovery,
+        httpx.Client(transport=DiscoveryTransport(discovery)) as client,
+    ):
+        assert client.get(f"http://127.0.0.1:{web[0]}/").text.startswith(str(web[0]))
+
+
+def test_transport_without_instances_is_a_connect_error(registry: MemoryRegistry) -> None:
+    with (
+        Discovery(registry.url) as discovery,
+        httpx.Client(transport=DiscoveryTransport(discovery)) as client,
+        pytest.raises(httpx.ConnectError, match="orders: no healthy instance"),
+    ):
+        client.get("http://orders/")
+
+
+def test_transport_gives_up_after_its_retries(registry: MemoryRegistry) -> None:
+    for n in range(4):
+        put(registry, ServiceInstance("orders", address="127.0.0.1", port=free_port(), id=f"d{n}"))
+    with (
+        Discovery(registry.url) as discovery,
+        httpx.Client(transport=DiscoveryTransport(discovery, retries=1)) as client,
+        pytest.raises(httpx.ConnectError),
+    ):
+        client.get("http://orders/")
+
+
+async def test_async_transport(registry: MemoryRegistry, web: list[int]) -> None:
+    dead = ServiceInstance("orders", address="127.0.0.1", port=free_port(), id="web-dead")
+    put(registry, dead)
+    register_web(registry, web)
+    async with (
+        AsyncDiscovery(registry.url) as discovery,
+        httpx.AsyncClient(transport=AsyncDiscoveryTransport(discovery)) as client,
+    ):
+        answers = [(await client.get("http://orders/")).text for _ in range(6)]
+    assert {int(a.split()[0]) for a in answers} == set(web)
