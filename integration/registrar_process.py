@@ -1,17 +1,35 @@
 """A service process that registers itself, for tests that signal or freeze a whole process.
 
-Usage: python registrar_process.py BACKEND_URL PORT TTL
+Usage: python registrar_process.py BACKEND_URL PORT TTL [serve]
+With "serve" it also answers HTTP on PORT (its port number as the body).
 Prints "registered" once in the registry, then idles until a signal ends it.
 """
 
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from registry_agent import Registrar, RetryPolicy, ServiceInstance
 
 
+class _Answer(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = str(self.server.server_address[1]).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 def main() -> None:
     url, port, ttl = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    if sys.argv[4:] == ["serve"]:
+        server = ThreadingHTTPServer(("127.0.0.1", port), _Answer)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
     instance = ServiceInstance("orders", address="127.0.0.1", port=port)
     registrar = Registrar(
         url,

@@ -139,10 +139,11 @@ async def test_registry_unreachable_at_startup(
         await reg.backend.close()
 
 
-def start_process(server: ServerProcess, port: int) -> subprocess.Popen[str]:
+def start_process(server: ServerProcess, port: int, *extra: str) -> subprocess.Popen[str]:
+    """A separate service process registering itself (``extra``: "serve" for HTTP)."""
     script = Path(__file__).with_name("registrar_process.py")
     proc = subprocess.Popen(
-        [sys.executable, str(script), server.url, str(port), str(TTL)],
+        [sys.executable, str(script), server.url, str(port), str(TTL), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
