@@ -140,3 +140,33 @@ def test_fastapi_lifespan_example(
     assert repr(url) in code
     lines = run(code + AFTER_ASYNC.format(url=url), tmp_path)
     assert lines == ["['orders-10.0.0.5-8080']", "True"]
+
+
+@pytest.mark.parametrize("kind", ["consul", "etcd"])
+def test_discovery_example(
+    kind: str,
+    consul_server: ConsulServer,
+    etcd_server: EtcdServer,
+    health_url: str,
+    tmp_path: Path,
+) -> None:
+    url = url_of(kind, consul_server, etcd_server)
+    port = int(health_url.split(":")[2].split("/")[0])  # the fixture's server answers 200
+    setup = f"""
+import asyncio
+from registry_agent import ServiceInstance, open_backend
+_backend = open_backend({url!r})
+asyncio.run(_backend.register(ServiceInstance("orders", address="127.0.0.1", port={port}), ttl=30))
+"""
+    code = block("DiscoveryTransport(discovery)").replace('"etcd://127.0.0.1:2379"', repr(url))
+    assert repr(url) in code
+    after = """
+print(discovery.instances("orders")[0].port)
+print(client.get("http://orders/api/items").status_code)
+discovery.close()
+"""
+    assert run(setup + code + after, tmp_path) == [str(port), "200"]
+
+
+def test_watch_example_compiles() -> None:
+    compile(block("for event in watcher"), "README.md", "exec")
