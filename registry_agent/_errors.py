@@ -69,6 +69,8 @@ class ConfigError(RegistryError, ValueError):
     ) -> None:
         prefix = ": ".join(part for part in (source, field) if part)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+        #: What is wrong, without the source and field prefix.
+        self.reason = message
         self.field = field
         self.source = source
 

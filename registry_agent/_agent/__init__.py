@@ -1,0 +1,1 @@
+"""The registration agent process: config file, runtime, status server, logs."""
