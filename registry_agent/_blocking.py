@@ -21,7 +21,7 @@ from registry_agent._backend import Backend
 from registry_agent._discovery import AsyncDiscovery
 from registry_agent._errors import RegistryError
 from registry_agent._events import WatchEvent
-from registry_agent._health.checks import HealthCheck
+from registry_agent._health.checks import CheckResult, HealthCheck
 from registry_agent._health.gate import GateState, OnUnhealthy
 from registry_agent._models import InstanceHealth, ServiceInstance
 from registry_agent._registrar import AsyncRegistrar, RegistrarEvent, chain_signal
@@ -119,6 +119,7 @@ class Registrar:
         deregister_critical_after: float = 60.0,
         retry: RetryPolicy | None = None,
         on_event: Callable[[RegistrarEvent], None] | None = None,
+        on_check: Callable[[HealthCheck, CheckResult], None] | None = None,
         install_signal_handlers: bool = False,
     ) -> None:
         self._async = AsyncRegistrar(
@@ -133,6 +134,7 @@ class Registrar:
             deregister_critical_after=deregister_critical_after,
             retry=retry,
             on_event=on_event,
+            on_check=on_check,
             install_signal_handlers=False,  # the loop thread cannot take signals
         )
         self.install_signal_handlers = install_signal_handlers

@@ -1,18 +1,43 @@
-"""The ``registry-agent`` command line."""
+"""The ``registry-agent`` command line: run, check, watch, list, backends.
+
+Exit codes: 0 success, 1 a runtime failure (a check failed, the registry
+could not be read), 2 bad input (config file, URL, arguments).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
+import signal
 import sys
+import time
 from collections.abc import Sequence
 
-from registry_agent import ConfigError, RegistryError, __version__, available_backends
+from registry_agent import (
+    ConfigError,
+    RegistryError,
+    WatchEvent,
+    __version__,
+    available_backends,
+)
+from registry_agent._agent.config import AgentConfig, load_config
+from registry_agent._agent.logs import configure_logging
+from registry_agent._agent.runtime import AgentRuntime
 from registry_agent._plugins import open_backend
+from registry_agent._watcher import AsyncWatcher
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+# -- list ----------------------------------------------------------------------------
 
 
 async def _list(url: str, service: str, as_json: bool, request_timeout: float) -> int:
@@ -24,7 +49,7 @@ async def _list(url: str, service: str, as_json: bool, request_timeout: float) -
     rows = [snapshot.instances[key] for key in sorted(snapshot.instances)]
     if as_json:
         for health in rows:
-            print(
+            _print(
                 json.dumps(
                     {
                         **health.instance.to_dict(),
@@ -36,16 +61,107 @@ async def _list(url: str, service: str, as_json: bool, request_timeout: float) -
             )
         return 0
     if not rows:
-        print(f"no instances of {service}")
+        _print(f"no instances of {service}")
         return 0
-    print(f"{'ID':30} {'ADDRESS':22} {'STATUS':9} TAGS")
+    _print(f"{'ID':30} {'ADDRESS':22} {'STATUS':9} TAGS")
     for health in rows:
         inst = health.instance
-        print(
+        _print(
             f"{inst.id:30} {inst.address + ':' + str(inst.port):22} {health.status!s:9} "
             f"{','.join(inst.tags)}"
         )
     return 0
+
+
+# -- watch ---------------------------------------------------------------------------
+
+
+def _event_line(event: WatchEvent, as_json: bool) -> str:
+    inst = event.instance
+    if as_json:
+        return json.dumps(
+            {
+                "type": str(event.type),
+                "service": inst.service,
+                "id": inst.id,
+                "address": inst.address,
+                "port": inst.port,
+                "healthy": event.healthy,
+                "tags": list(inst.tags),
+                "meta": dict(inst.meta),
+                "ts": round(time.time(), 3),
+            },
+            ensure_ascii=False,
+        )
+    stamp = time.strftime("%H:%M:%S")
+    health = "healthy" if event.healthy else "unhealthy"
+    return (
+        f"{stamp}  {event.type!s:8} {inst.service:16} {inst.id:30} "
+        f"{inst.address}:{inst.port:<6} {health}"
+    )
+
+
+async def _watch(url: str, services: list[str], as_json: bool, request_timeout: float) -> int:
+    def on_error(service: str, exc: BaseException) -> None:
+        print(f"registry-agent: watch {service}: {exc} (retrying)", file=sys.stderr, flush=True)
+
+    backend = open_backend(url, timeout=request_timeout)
+    watcher = AsyncWatcher(backend, services, on_error=on_error)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if not as_json:
+        _print(f"{'TIME':8}  {'EVENT':8} {'SERVICE':16} {'ID':30} {'ADDRESS':22} HEALTH")
+
+    async def pump() -> None:
+        async for event in watcher:
+            _print(_event_line(event, as_json))
+
+    task = asyncio.create_task(pump())
+    await stop.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await watcher.close()
+    await backend.close()
+    return 0
+
+
+# -- run and check -------------------------------------------------------------------
+
+
+def _load(path: str) -> AgentConfig:
+    return load_config(path)
+
+
+async def _check(config: AgentConfig) -> int:
+    failed = 0
+    for service in config.services:
+        for check_config in service.checks:
+            check = check_config.build()
+            result = await check.run()
+            await check.aclose()
+            failed += not result.ok
+            mark = "ok  " if result.ok else "FAIL"
+            _print(
+                f"{mark} {service.instance.id:30} {check.name:40} {result.latency * 1000:7.1f} ms"
+                f"  {result.detail}"
+            )
+        if not service.checks:
+            _print(f"ok   {service.instance.id:30} (no checks: registers at once)")
+    _print(f"{config.source}: valid; {len(config.services)} service(s), {failed} check(s) failing")
+    return EXIT_ERROR if failed else 0
+
+
+def _run(config: AgentConfig, log_format: str | None, log_level: str | None) -> int:
+    configure_logging(
+        log_format or config.log_format, log_level or config.log_level, config.secrets()
+    )
+    return asyncio.run(AgentRuntime(config).run())
+
+
+# -- parser --------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,13 +171,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"registry-agent {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    list_cmd = commands.add_parser("list", help="print the instances of a service")
-    list_cmd.add_argument("service")
-    list_cmd.add_argument(
-        "--backend", required=True, metavar="URL", help="consul://host:port or etcd://host:port"
-    )
-    list_cmd.add_argument("--json", action="store_true", help="one JSON object per line")
-    list_cmd.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+
+    run = commands.add_parser("run", help="register the services of a config file until stopped")
+    run.add_argument("-c", "--config", required=True, metavar="FILE", help="agent.toml")
+    run.add_argument("--log-format", choices=["text", "json"], help="default: from the file, text")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    check = commands.add_parser("check", help="validate a config file and run every check once")
+    check.add_argument("-c", "--config", required=True, metavar="FILE")
+
+    for name, help_text in (
+        ("watch", "print one line per event"),
+        ("list", "print the instances of a service"),
+    ):
+        cmd = commands.add_parser(name, help=help_text)
+        cmd.add_argument("service", nargs="+" if name == "watch" else None)
+        cmd.add_argument(
+            "--backend", required=True, metavar="URL", help="consul://host:port or etcd://host:port"
+        )
+        cmd.add_argument("--json", action="store_true", help="one JSON object per line")
+        cmd.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+
     commands.add_parser("backends", help="print the installed backend schemes")
     return parser
 
@@ -71,9 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "backends":
-            print("\n".join(available_backends()))
+            _print("\n".join(available_backends()))
             return 0
-        return asyncio.run(_list(args.backend, args.service, args.json, args.timeout))
+        if args.command == "list":
+            return asyncio.run(_list(args.backend, args.service, args.json, args.timeout))
+        if args.command == "watch":
+            return asyncio.run(_watch(args.backend, args.service, args.json, args.timeout))
+        config = _load(args.config)
+        if args.command == "check":
+            return asyncio.run(_check(config))
+        return _run(config, args.log_format, args.log_level)
     except ConfigError as exc:
         print(f"registry-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -82,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    finally:
+        logging.shutdown()
 
 
 if __name__ == "__main__":

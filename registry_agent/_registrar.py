@@ -97,7 +97,7 @@ class AsyncRegistrar:
     to be withdrawn); an unhealthy instance is removed, or kept as critical with
     ``on_unhealthy="critical"``. Every failure is retried with ``retry``'s
     jittered backoff, forever. ``on_event`` is called (on the event loop) for
-    every :class:`RegistrarEvent`.
+    every :class:`RegistrarEvent`, ``on_check`` for every check result.
     """
 
     def __init__(
@@ -114,6 +114,7 @@ class AsyncRegistrar:
         deregister_critical_after: float = 60.0,
         retry: RetryPolicy | None = None,
         on_event: Callable[[RegistrarEvent], None] | None = None,
+        on_check: Callable[[HealthCheck, CheckResult], None] | None = None,
         install_signal_handlers: bool = False,
     ) -> None:
         if not isinstance(instance, ServiceInstance):
@@ -142,6 +143,7 @@ class AsyncRegistrar:
         self.deregister_critical_after = float(deregister_critical_after)
         self.retry = retry or RetryPolicy()
         self.on_event = on_event
+        self.on_check = on_check
         self.install_signal_handlers = install_signal_handlers
         self.checks = [as_check(c) for c in checks]
         names = [c.name for c in self.checks]
@@ -313,6 +315,11 @@ class AsyncRegistrar:
             started = loop.time()
             result = await check.run()
             self._results[check.name] = result
+            if self.on_check is not None:
+                try:
+                    self.on_check(check, result)
+                except Exception:
+                    log.exception("on_check callback failed", extra=self._extra("callback_failed"))
             was_up = self.gate.check_up(check.name)
             changed = self.gate.observe(check.name, result.ok)
             if was_up != self.gate.check_up(check.name):

@@ -1,0 +1,99 @@
+"""Prometheus metrics of the agent, read from the registrars at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from registry_agent._health.checks import CheckResult, HealthCheck
+from registry_agent._health.gate import GateState
+from registry_agent._registrar import AsyncRegistrar
+
+__all__ = ["AgentMetrics"]
+
+_COUNTERS = {
+    "registrations": "Registrations of an instance that was not in the registry",
+    "reregistrations": "Registrations again after the registry lost our entry",
+    "deregistrations": "Removals from the registry (unhealthy or stopping)",
+    "lease_losses": "Times the registry lost our lease, check or entry",
+    "errors": "Failed registry calls (each retried with backoff)",
+    "verifications": "Anti-entropy reads of our own entry",
+}
+
+
+class _RegistrarCollector(Collector):
+    def __init__(self, registrars: Callable[[], Iterable[AsyncRegistrar]]) -> None:
+        self.registrars = registrars
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["service", "instance"]
+        counters = {
+            name: CounterMetricFamily(f"registry_agent_{name}", help_text, labels=labels)
+            for name, help_text in _COUNTERS.items()
+        }
+        heartbeats = CounterMetricFamily(
+            "registry_agent_heartbeats", "Heartbeats sent", labels=[*labels, "result"]
+        )
+        state = GaugeMetricFamily(
+            "registry_agent_service_state",
+            "1 for the state each service is in",
+            labels=[*labels, "state"],
+        )
+        registered = GaugeMetricFamily(
+            "registry_agent_registered", "1 while the registry holds the entry", labels=labels
+        )
+        check_up = GaugeMetricFamily(
+            "registry_agent_check_up",
+            "1 while a check is up (after rise/fall)",
+            labels=[*labels, "check"],
+        )
+        for reg in self.registrars():
+            ids = [reg.instance.service, reg.instance.id]
+            for name, family in counters.items():
+                family.add_metric(ids, getattr(reg.counters, name))
+            heartbeats.add_metric([*ids, "ok"], reg.counters.heartbeats_ok)
+            heartbeats.add_metric([*ids, "failed"], reg.counters.heartbeats_failed)
+            for value in GateState:
+                state.add_metric([*ids, value.value], 1.0 if reg.state is value else 0.0)
+            registered.add_metric(ids, 1.0 if reg.registered else 0.0)
+            for check in reg.checks:
+                check_up.add_metric(
+                    [*ids, check.name], 1.0 if reg.gate.check_up(check.name) else 0.0
+                )
+        yield from counters.values()
+        yield from (heartbeats, state, registered, check_up)
+
+
+class AgentMetrics:
+    """The agent's registry of metrics; ``observe_check`` feeds the latency histogram."""
+
+    def __init__(self, registrars: Callable[[], Iterable[AsyncRegistrar]]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_RegistrarCollector(registrars))
+        self.check_latency = Histogram(
+            "registry_agent_check_latency_seconds",
+            "Duration of health check runs",
+            ["service", "instance", "check", "result"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+
+    def check_observer(
+        self, registrar_instance: tuple[str, str]
+    ) -> Callable[[HealthCheck, CheckResult], None]:
+        """An ``on_check`` callback recording latency for one service instance."""
+        service, instance = registrar_instance
+
+        def observe(check: HealthCheck, result: CheckResult) -> None:
+            self.check_latency.labels(
+                service, instance, check.name, "ok" if result.ok else "failed"
+            ).observe(result.latency)
+
+        return observe
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)
