@@ -1,0 +1,370 @@
+"""The real agent process (registry-agent run) against real Consul and etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from registry_agent import HealthStatus, ServiceInstance, open_backend
+from registry_agent.testing.servers import ConsulServer, ServerProcess, free_port
+
+SECRET = "tok-5ecret-do-not-print"
+
+
+class Agent:
+    """A `registry-agent run` subprocess with its config, logs and status port."""
+
+    def __init__(
+        self, tmp_path: Path, backend_url: str, services: str, extra_backend: str = ""
+    ) -> None:
+        self.status_port = free_port()
+        self.path = tmp_path / "agent.toml"
+        self.log_path = tmp_path / "agent.log"
+        self.backend_url = backend_url
+        self.extra_backend = extra_backend
+        self.write(services)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write(self, services: str) -> None:
+        self.path.write_text(
+            f'[backend]\nurl = "{self.backend_url}"\n{self.extra_backend}\n'
+            f'[status]\nlisten = "127.0.0.1:{self.status_port}"\n' + textwrap.dedent(services)
+        )
+
+    def start(self, *args: str) -> Agent:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "registry_agent", "run", "-c", str(self.path), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def get(self, path: str) -> tuple[int | None, Any]:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.status_port}{path}", timeout=2
+            ) as r:
+                body = r.read().decode()
+                return r.status, body if path == "/metrics" else json.loads(body)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read().decode())
+        except OSError:
+            return None, None
+
+    def until(self, path: str, status: int, within: float = 15.0) -> Any:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            code, body = self.get(path)
+            if code == status:
+                return body
+            time.sleep(0.1)
+        pytest.fail(f"{path} never answered {status}; last {code} {body}\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(20)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Agent]]:
+    made: list[Agent] = []
+    yield made
+    for agent in made:
+        agent.close()
+
+
+def listed(url: str, service: str) -> dict[str, HealthStatus]:
+    async def read() -> dict[str, HealthStatus]:
+        backend = open_backend(url)
+        try:
+            snapshot = await backend.list(service)
+        finally:
+            await backend.close()
+        return {iid: h.status for iid, h in snapshot.instances.items()}
+
+    return asyncio.run(read())
+
+
+def health_file_check(tmp_path: Path) -> tuple[Path, str]:
+    """A command check that passes while a file exists."""
+    flag = tmp_path / "healthy"
+    flag.touch()
+    return flag, f'command = ["test", "-e", "{flag}"]\ninterval = "200ms"'
+
+
+ORDERS = """
+[[service]]
+name = "orders"
+id = "orders-1"
+address = "127.0.0.1"
+port = 8080
+ttl = "3s"
+gate = {{ fall = 2, rise = 1 }}
+[[service.check]]
+{check}
+"""
+
+
+def test_registration_readyz_and_metrics(
+    server: ServerProcess,
+    tmp_path: Path,
+    agents: list[Agent],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    flag, check = health_file_check(tmp_path)
+    agent = Agent(tmp_path, server.url, ORDERS.format(check=check))
+    agents.append(agent.start())
+    agent.until("/healthz", 200)
+    agent.until("/readyz", 200)
+    assert listed(server.url, "orders") == {"orders-1": HealthStatus.PASSING}
+    status = agent.until("/status", 200)
+    (svc,) = status["services"]
+    assert (svc["state"], svc["registered"], svc["registry_status"]) == (
+        "registered",
+        True,
+        "passing",
+    )
+    (check_status,) = svc["checks"].values()
+    assert check_status["ok"] is True
+    assert check_status["latency"] > 0
+    metrics = agent.until("/metrics", 200)
+    assert 'registry_agent_registrations_total{instance="orders-1",service="orders"} 1.0' in metrics
+    assert (
+        'registry_agent_service_state{instance="orders-1",service="orders",state="registered"} 1.0'
+        in metrics
+    )
+    assert "registry_agent_check_latency_seconds_bucket{" in metrics
+    assert (
+        'registry_agent_heartbeats_total{instance="orders-1",result="ok",service="orders"}'
+        in metrics
+    )
+    # Health breaks: withdrawn, /readyz says why.
+    flag.unlink()
+    started = time.monotonic()
+    body = agent.until("/readyz", 503)
+    measured("readyz 503 after health broke", time.monotonic() - started, 0.2 * 2 + 2)
+    assert body["not_ready"]["orders/orders-1"]["state"] == "withdrawn"
+    assert listed(server.url, "orders") == {}
+    flag.touch()
+    agent.until("/readyz", 200)
+    assert agent.stop() == 0
+
+
+def test_sigterm_deregisters_and_exits_0(
+    server: ServerProcess, tmp_path: Path, agents: list[Agent]
+) -> None:
+    _, check = health_file_check(tmp_path)
+    agent = Agent(tmp_path, server.url, ORDERS.format(check=check))
+    agents.append(agent.start())
+    agent.until("/readyz", 200)
+    started = time.monotonic()
+    assert agent.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 10
+    assert listed(server.url, "orders") == {}
+    assert "deregistered" in agent.logs()
+
+
+TWO = """
+[[service]]
+name = "orders"
+id = "orders-1"
+address = "127.0.0.1"
+port = 8080
+ttl = "3s"
+
+[[service]]
+name = "users"
+id = "users-1"
+address = "127.0.0.1"
+port = 8081
+ttl = "3s"
+"""
+
+
+def test_sighup_reload_touches_only_what_changed(
+    server: ServerProcess, tmp_path: Path, agents: list[Agent]
+) -> None:
+    agent = Agent(tmp_path, server.url, TWO)
+    agents.append(agent.start())
+    agent.until("/readyz", 200)
+    # users removed, orders unchanged, billing added.
+    agent.write(
+        TWO.split('[[service]]\nname = "users"')[0]
+        + """
+[[service]]
+name = "billing"
+address = "127.0.0.1"
+port = 8082
+ttl = "3s"
+"""
+    )
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and listed(server.url, "billing") == {}:
+        time.sleep(0.1)
+    assert listed(server.url, "billing") == {"billing-127.0.0.1-8082": HealthStatus.PASSING}
+    assert listed(server.url, "users") == {}
+    assert listed(server.url, "orders") == {"orders-1": HealthStatus.PASSING}
+    status = agent.until("/status", 200)
+    orders = next(s for s in status["services"] if s["service"] == "orders")
+    assert orders["counters"]["registrations"] == 1  # never re-registered by the reload
+    assert status["agent"]["reloads"] == 1
+    # A broken file on reload is refused; the running config stays.
+    agent.path.write_text(agent.path.read_text().replace("port = 8082", 'port = "x"'))
+    agent.proc.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert "reload refused" in agent.logs()
+    assert listed(server.url, "billing") == {"billing-127.0.0.1-8082": HealthStatus.PASSING}
+    assert agent.stop() == 0
+
+
+def test_invalid_config_exits_2_and_registers_nothing(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    agent = Agent(tmp_path, server.url, ORDERS.format(check='http = "http://x/"\ninterval = "2x"'))
+    result = subprocess.run(
+        [sys.executable, "-m", "registry_agent", "run", "-c", str(agent.path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"registry-agent: {agent.path}: service[0].check[0].interval: "
+        'expected a duration like "2s" or "500ms", got \'2x\''
+    )
+    assert listed(server.url, "orders") == {}
+
+
+def test_secrets_never_appear_in_logs_or_status(
+    consul_server: ConsulServer, tmp_path: Path, agents: list[Agent]
+) -> None:
+    # Consul without ACLs accepts any token: the agent runs normally with it.
+    agent = Agent(
+        tmp_path,
+        consul_server.url,
+        ORDERS.format(check='tcp = "127.0.0.1:1"'),
+        extra_backend=f'token = "{SECRET}"',
+    )
+    agents.append(agent.start("--log-format", "json", "--log-level", "debug"))
+    agent.until("/readyz", 503)  # the check fails: not ready, with the reason
+    status = json.dumps(agent.until("/status", 200))
+    consul_server.stop()  # errors now carry backend details
+    time.sleep(1.5)
+    consul_server.start()
+    assert agent.stop() == 0
+    logs = agent.logs()
+    assert logs.strip()
+    assert all(json.loads(line) for line in logs.strip().splitlines())
+    for text in (logs, status):
+        assert SECRET not in text
+
+
+def test_unreachable_registry_is_not_a_config_error(tmp_path: Path, agents: list[Agent]) -> None:
+    agent = Agent(tmp_path, f"consul://127.0.0.1:{free_port()}", TWO)
+    agents.append(agent.start())
+    body = agent.until("/readyz", 503)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "unreachable" not in json.dumps(body):
+        time.sleep(0.2)
+        _, body = agent.get("/readyz")
+    assert "unreachable" in body["not_ready"]["orders/orders-1"]["why"]
+    assert agent.proc is not None
+    assert agent.proc.poll() is None  # still running, still trying
+    assert agent.stop() == 0
+
+
+def test_watch_json_for_a_scripted_sequence(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "watch.out"
+    with open(out, "wb") as sink:
+        watch = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "registry_agent",
+                "watch",
+                "orders",
+                "--backend",
+                server.url,
+                "--json",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        async def script() -> None:
+            backend = open_backend(server.url)
+            inst = ServiceInstance(
+                "orders",
+                address="127.0.0.1",
+                port=8080,
+                id="orders-1",
+                tags=("v1",),
+                meta={"zone": "zürich"},
+            )
+            await asyncio.sleep(1.5)  # let the watcher take its first (empty) read
+            lease = await backend.register(inst, ttl=30)
+            await asyncio.sleep(0.3)
+            await backend.set_status(lease, HealthStatus.CRITICAL)
+            await asyncio.sleep(0.3)
+            await backend.set_status(lease, HealthStatus.PASSING)
+            await asyncio.sleep(0.3)
+            await backend.deregister(lease)
+            await asyncio.sleep(0.8)
+            await backend.close()
+
+        asyncio.run(script())
+    finally:
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(e["type"], e["healthy"]) for e in lines] == [
+        ("added", True),
+        ("offline", False),
+        ("online", True),
+        ("deleted", False),
+    ]
+    first = lines[0]
+    assert set(first) == {
+        "type",
+        "service",
+        "id",
+        "address",
+        "port",
+        "healthy",
+        "tags",
+        "meta",
+        "ts",
+    }
+    assert (first["service"], first["id"], first["port"], first["tags"], first["meta"]) == (
+        "orders",
+        "orders-1",
+        8080,
+        ["v1"],
+        {"zone": "zürich"},
+    )

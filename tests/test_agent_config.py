@@ -1,0 +1,215 @@
+"""agent.toml: every error names the file and the field; secrets never show."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from registry_agent import ConfigError
+from registry_agent._agent.config import load_config, parse_config
+from registry_agent._cli import main
+
+GOOD = """
+[backend]
+url = "consul://127.0.0.1:8500"
+
+[status]
+listen = "127.0.0.1:9750"
+
+[[service]]
+name = "orders"
+id = "orders-1"
+address = "127.0.0.1"
+port = 8080
+tags = ["v1"]
+meta = { version = "1.4.2" }
+ttl = "10s"
+on_unhealthy = "critical"
+gate = { fall = 4, rise = 1 }
+
+[[service.check]]
+http = "http://127.0.0.1:8080/healthz"
+interval = "2s"
+timeout = "500ms"
+expect_status = "200-299"
+
+[[service.check]]
+tcp = "127.0.0.1:8080"
+
+[[service]]
+name = "users"
+port = 8081
+
+[[service.check]]
+command = ["true"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_a_full_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD), env={})
+    orders, users = config.services
+    assert orders.instance.id == "orders-1"
+    assert dict(orders.instance.meta) == {"version": "1.4.2"}
+    assert (orders.ttl, orders.fall, orders.rise, str(orders.on_unhealthy)) == (
+        10,
+        4,
+        1,
+        "critical",
+    )
+    http, tcp = orders.checks
+    assert (http.kind, http.interval, http.timeout, http.expect_status) == (
+        "http",
+        2,
+        0.5,
+        (200, 299),
+    )
+    assert http.build().name == "http http://127.0.0.1:8080/healthz"
+    assert tcp.build().name == "tcp 127.0.0.1:8080"
+    assert users.checks[0].build().name == "command true"
+    assert config.status_listen == ("127.0.0.1", 9750)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ('interval = "2s"', 'interval = "soon"'),
+            'service[0].check[0].interval: expected a duration like "2s"',
+        ),
+        (("port = 8081", "port = 0"), "service[1].port: expected an integer 1-65535"),
+        (("port = 8081", 'port = "8081"'), "service[1].port: expected a whole number"),
+        (('name = "users"', 'name = "us ers"'), "service[1].name: expected letters"),
+        (('ttl = "10s"', 'ttl = "10s"\ncolour = "red"'), "service[0]: unknown key(s) colour"),
+        (('interval = "2s"', 'intervall = "2s"'), "service[0].check[0]: unknown key(s) intervall"),
+        (('listen = "127.0.0.1:9750"', 'listen = "9750"'), 'status.listen: expected "host:port"'),
+        (
+            ('on_unhealthy = "critical"', 'on_unhealthy = "panic"'),
+            "service[0].on_unhealthy: expected one of deregister, critical",
+        ),
+        (("gate = { fall = 4, rise = 1 }", "gate = { fall = 0 }"), "service[0].gate.fall"),
+        (
+            ('tcp = "127.0.0.1:8080"', 'tcp = "localhost"'),
+            'service[0].check[1].tcp: expected "host:port"',
+        ),
+        (
+            ('command = ["true"]', 'command = "true"'),
+            "service[1].check[0].command: expected a list",
+        ),
+        (
+            ('tcp = "127.0.0.1:8080"', 'tcp = "127.0.0.1:8080"\nhttp = "http://x/"'),
+            "service[0].check[1]: expected exactly one of",
+        ),
+        (
+            ('url = "consul://127.0.0.1:8500"', 'url = "consul:/oops"'),
+            "backend.url: expected a URL",
+        ),
+        (('id = "orders-1"', 'id = "users-127.0.0.1-8081"\nname2 = 1'), "unknown key(s) name2"),
+    ],
+)
+def test_errors_name_file_and_field(tmp_path: Path, change: tuple[str, str], expected: str) -> None:
+    old, new = change
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(f"{path}: ")
+    assert expected in str(info.value)
+
+
+def test_toml_syntax_errors_give_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("port = 8080", "port = = 8080"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    line = GOOD.splitlines().index("port = 8080") + 1
+    assert str(info.value).startswith(f"{path}:{line}: invalid TOML")
+
+
+def test_duplicate_ids_and_missing_pieces(tmp_path: Path) -> None:
+    dup = GOOD + '\n[[service]]\nname = "orders"\nid = "orders-1"\nport = 1\n'
+    with pytest.raises(ConfigError, match=r"service\[2\]\.id: same id as service\[0\]"):
+        load_config(write(tmp_path, dup), env={})
+    with pytest.raises(ConfigError, match="backend: is required"):
+        parse_config({"service": [{"name": "a", "port": 1}]}, env={})
+    with pytest.raises(ConfigError, match=r"service: expected at least one \[\[service\]\]"):
+        parse_config({"backend": {"url": "consul://h:1"}}, env={})
+
+
+def test_environment_overrides_and_unknown_variables(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    config = load_config(
+        path,
+        env={
+            "REGISTRY_AGENT_BACKEND": "etcd://127.0.0.1:2379",
+            "REGISTRY_AGENT_STATUS_LISTEN": "off",
+            "REGISTRY_AGENT_LOG_FORMAT": "json",
+            "REGISTRY_AGENT_SERVERS_BIN": "/opt/bin",  # a tool's variable, not a setting
+        },
+    )
+    assert config.backend.url == "etcd://127.0.0.1:2379"
+    assert config.status_listen is None
+    assert config.log_format == "json"
+    with pytest.raises(ConfigError, match=r"unknown environment variable.*REGISTRY_AGENT_BACKNED"):
+        load_config(path, env={"REGISTRY_AGENT_BACKNED": "etcd://h:1"})
+
+
+def test_secrets_from_env_or_file_never_in_repr(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("file-secret\n")
+    path = write(
+        tmp_path,
+        GOOD.replace(
+            'url = "consul://127.0.0.1:8500"',
+            'url = "consul://127.0.0.1:8500"\ntoken_file = "token"',
+        ),
+    )
+    config = load_config(path, env={})
+    assert config.backend.token == "file-secret"
+    assert "file-secret" not in repr(config)
+    assert "file-secret" in config.secrets()
+    env = load_config(path, env={"REGISTRY_AGENT_TOKEN": "env-secret"})
+    assert env.backend.token == "env-secret"  # the environment wins over the file
+    assert env.backend.options()["token"] == "env-secret"
+    missing = write(
+        tmp_path,
+        GOOD.replace(
+            'url = "consul://127.0.0.1:8500"',
+            'url = "consul://127.0.0.1:8500"\ntoken_file = "nope"',
+        ),
+    )
+    with pytest.raises(ConfigError, match=r"backend\.token_file: cannot read"):
+        load_config(missing, env={})
+
+
+def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write(
+        tmp_path,
+        GOOD.replace(
+            'http = "http://127.0.0.1:8080/healthz"', 'command = ["true"]\nname = "always"'
+        )
+        .replace('expect_status = "200-299"', "")
+        .replace('tcp = "127.0.0.1:8080"', 'command = ["sh", "-c", "exit 0"]'),
+    )
+    assert main(["check", "-c", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "valid; 2 service(s), 0 check(s) failing" in out
+    bad = write(
+        tmp_path,
+        GOOD.replace('command = ["true"]', 'command = ["false"]')
+        .replace('http = "http://127.0.0.1:8080/healthz"', 'command = ["true"]\nname = "x"')
+        .replace('expect_status = "200-299"', "")
+        .replace('tcp = "127.0.0.1:8080"', 'command = ["true"]'),
+    )
+    assert main(["check", "-c", str(bad)]) == 1
+    assert "FAIL users-" in capsys.readouterr().out
+    invalid = write(tmp_path, GOOD.replace("port = 8081", "port = -1"))
+    assert main(["check", "-c", str(invalid)]) == 2
+    err = capsys.readouterr().err
+    assert "service[1].port" in err
+    assert "Traceback" not in err
