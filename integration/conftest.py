@@ -1,14 +1,21 @@
-"""Real Consul and etcd servers on free loopback ports, one per test, stopped by PID."""
+"""Real Consul and etcd servers on free loopback ports, one per test, stopped by PID.
+
+With REGISTRY_AGENT_CONSUL_URL / REGISTRY_AGENT_ETCD_URL set, tests use those
+servers instead (see compose-tests.sh) and skip what needs a server of their own.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 # The shared contract suites live in the package: show their failed asserts in full.
 pytest.register_assert_rewrite("registry_agent.testing.contract")
 
+from registry_agent._urls import parse_backend_url  # noqa: E402
 from registry_agent.testing.servers import (  # noqa: E402 - after the rewrite hook
     ConsulServer,
     EtcdServer,
@@ -56,32 +63,49 @@ def server(request: pytest.FixtureRequest) -> ServerProcess:
     return server
 
 
-@pytest.fixture
-def consul_server() -> Iterator[ConsulServer]:
-    server = ConsulServer()
+class ExternalServer:
+    """A server someone else runs (docker compose): usable, but not ours to stop or wipe."""
+
+    def __init__(self, name: str, url: str) -> None:
+        parsed = parse_backend_url(url, default_port=8500 if name == "consul" else 2379)
+        ((host, port),) = parsed.endpoints
+        self.name = name
+        self.url = url
+        self.http = f"http://{host}:{port}"
+        self.http_port = self.client_port = port
+
+    def _not_ours(self, *args: object, **kwargs: object) -> None:
+        pytest.skip(f"needs a {self.name} server of its own, not the shared one at {self.url}")
+
+    stop = start = restart = pause = resume = kill = close = _not_ours
+
+
+def _server(kind: str, make: Callable[[], ServerProcess]) -> Iterator[Any]:
+    url = os.environ.get(f"REGISTRY_AGENT_{kind.upper()}_URL")
+    if url:
+        yield ExternalServer(kind, url)
+        return
+    server = make()
     server.start()
     try:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def consul_server() -> Iterator[ConsulServer]:
+    """A throwaway `consul agent -dev` (or $REGISTRY_AGENT_CONSUL_URL's server)."""
+    yield from _server("consul", ConsulServer)
 
 
 @pytest.fixture
 def persistent_consul_server() -> Iterator[ConsulServer]:
     """A Consul server agent with a data folder: registrations survive a restart."""
-    server = ConsulServer(persistent=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from _server("consul", lambda: ConsulServer(persistent=True))
 
 
 @pytest.fixture
 def etcd_server() -> Iterator[EtcdServer]:
-    server = EtcdServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
+    """A throwaway single-member etcd (or $REGISTRY_AGENT_ETCD_URL's server)."""
+    yield from _server("etcd", EtcdServer)
