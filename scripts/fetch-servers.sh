@@ -66,8 +66,8 @@ fetch_pkg() { # suite package version binary-path-in-package target-name
   log "downloading $pkg=$version"
   (cd "$work/pkgs" && apt-get "${opts[@]}" -qq download "$pkg=$version" >&2 2>&1) ||
     (cd "$work/pkgs" && apt-get "${opts[@]}" -qq download "$pkg" >&2)
-  local deb
-  deb="$(ls "$work/pkgs/${pkg}"_*.deb | head -n1)"
+  local debs=("$work/pkgs/${pkg}"_*.deb)
+  local deb="${debs[0]}"
   dpkg -x "$deb" "$work/root"
   install -m 0755 "$work/root/$inner" "$bin/$name"
   rm -rf "$work/root" "$work/cache" "$work/lists"
@@ -80,6 +80,8 @@ fi
 if ! have etcd; then
   fetch_pkg trixie etcd-server '3.5.16*' usr/bin/etcd etcd
 fi
-"$bin/consul" version | head -n1 >&2
-"$bin/etcd" --version | head -n1 >&2
+# sed reads to the end: `head` would close the pipe early, and under pipefail the
+# writer's SIGPIPE (exit 141) would fail this script at random.
+"$bin/consul" version | sed -n 1p >&2
+"$bin/etcd" --version | sed -n 1p >&2
 echo "$bin"
