@@ -202,6 +202,8 @@ class AsyncRegistrar:
         for check in self.checks:
             self._tasks.append(asyncio.create_task(self._run_check(check), name=check.name))
         self._reconciler = asyncio.create_task(self._reconcile(), name="registrar")
+        if hasattr(self.backend, "wait_connection_change"):
+            self._tasks.append(asyncio.create_task(self._watch_connection(), name="probe"))
         if self.install_signal_handlers:
             self._install_signal_handlers()
         if wait_registered is not None:
@@ -457,6 +459,21 @@ class AsyncRegistrar:
             self.counters.heartbeats_ok += 1
             self._last_heartbeat = time.time()
             self._heartbeat_due = now() + self.heartbeat_interval
+
+    async def _watch_connection(self) -> None:
+        # The registry went away or came back: check our entry now, not at the
+        # next heartbeat, and cut short any backoff sleep.
+        wait = self.backend.wait_connection_change  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            try:
+                await wait()
+            except Exception as exc:
+                log.debug("connection probe failed: %s", exc, extra=self._extra("probe_failed"))
+                await asyncio.sleep(1.0)
+                continue
+            self._verify_due = loop.time()
+            self._wake_up()
 
     def _lost(self, why: str) -> None:
         self.counters.lease_losses += 1

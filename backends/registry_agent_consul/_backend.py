@@ -9,7 +9,7 @@ import logging
 import os
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
@@ -29,6 +29,7 @@ from registry_agent import (
     ServiceSnapshot,
 )
 from registry_agent._backend import error_context, running_loop
+from registry_agent._probe import ConnectionProbe
 from registry_agent._urls import (
     Option,
     opt_choice,
@@ -120,6 +121,7 @@ class ConsulBackend:
         # Status last set per check, so a heartbeat renews the TTL without changing it.
         self._status: dict[str, tuple[HealthStatus, str]] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._probe = ConnectionProbe(self._hold_connection)
 
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> ConsulBackend:
@@ -373,7 +375,39 @@ class ConsulBackend:
             else:
                 index = max(new_index, 0)
 
+    async def wait_connection_change(self) -> None:
+        """Return when the agent went away, or came back after being away (see ConnectionProbe)."""
+        await self._probe.wait_change()
+
+    async def _hold_connection(self, connected: Callable[[], None]) -> bool:
+        # A hash-based blocking query on one of our own services (only needs read
+        # access to it): it ends early when the agent goes away.
+        ids = [check_id.removeprefix("service:") for check_id in self._status]
+        if not ids:
+            await self.api.status.leader()
+            connected()
+            await asyncio.sleep(1.0)
+            return True
+        path = f"/v1/agent/service/{urllib.parse.quote(ids[0], safe='')}"
+        content_hash = ""
+        while ids[0] in (c.removeprefix("service:") for c in self._status):
+            params = [("hash", content_hash), ("wait", "30s")] if content_hash else []
+            started = time.monotonic()
+            code, new_hash = await self.api.http.get(
+                lambda r: (r.code, r.headers.get("X-Consul-ContentHash", "")),
+                path,
+                params=params,
+                headers=self.api.prepare_headers(),
+            )
+            connected()
+            if code != 200 or (new_hash == content_hash and time.monotonic() - started < 0.05):
+                await asyncio.sleep(1.0)  # our entry is gone, or no blocking here: poll gently
+                return True
+            content_hash = new_hash
+        return True
+
     async def close(self) -> None:
+        await self._probe.close()
         api, self._api = self._api, None
         if api is not None and self._api_loop is running_loop():
             await api.http.close()

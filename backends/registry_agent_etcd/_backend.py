@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
@@ -28,12 +28,22 @@ from registry_agent import (
     ServiceSnapshot,
 )
 from registry_agent._backend import error_context, running_loop
+from registry_agent._probe import ConnectionProbe
 from registry_agent._urls import Option, opt_duration, opt_str, parse_backend_url, take_options
 
 __all__ = ["EtcdBackend"]
 
 log = logging.getLogger("registry_agent.etcd")
 T = TypeVar("T")
+
+# gRPC waits up to 120 s (1 s at first, x1.6) between reconnects to a server that
+# went away, failing every call meanwhile: a restarted etcd would be ignored for
+# seconds. Our own retries already back off, so reconnect promptly.
+_CHANNEL_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1000,
+}
 
 # etcd's clientv3.WithRequireLeader: a member cut off from the leader ends the
 # stream instead of leaving it silent.
@@ -92,6 +102,7 @@ class EtcdBackend:
         self._client: aetcd.Client | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._cluster_id: int | None = None
+        self._probe = ConnectionProbe(self._hold_connection)
         self._warned: set[bytes] = set()
 
     @classmethod
@@ -130,6 +141,7 @@ class EtcdBackend:
                 username=self._user,
                 password=self._password,
                 timeout=self.timeout,
+                options=_CHANNEL_OPTIONS,
             )
         return self._client
 
@@ -355,7 +367,36 @@ class EtcdBackend:
             call.cancel()
         raise BackendUnavailable("etcd closed the watch stream", **context)
 
+    async def wait_connection_change(self) -> None:
+        """Return when etcd went away, or came back after being away (see ConnectionProbe)."""
+        await self._probe.wait_change()
+
+    async def _hold_connection(self, connected: Callable[[], None]) -> bool:
+        # A watch on a key nobody writes: it only ends when the stream breaks.
+        client = self.client
+        await client.connect()
+        key = f"{self.prefix}/.registry-agent-probe".encode()
+        stop = asyncio.Event()
+
+        async def requests() -> AsyncIterator[Any]:
+            yield rpc.WatchRequest(create_request=rpc.WatchCreateRequest(key=key))
+            await stop.wait()
+
+        metadata = (*tuple(client.metadata or ()), _REQUIRE_LEADER)
+        call = rpc.WatchStub(client.channel).Watch(requests(), metadata=metadata)
+        try:
+            async for response in call:
+                if response.created:
+                    connected()
+                if response.canceled:
+                    return False
+        finally:
+            stop.set()
+            call.cancel()
+        return False
+
     async def close(self) -> None:
+        await self._probe.close()
         client, self._client = self._client, None
         if client is not None and self._client_loop is running_loop():
             await client.close()

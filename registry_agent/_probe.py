@@ -1,0 +1,82 @@
+"""ConnectionProbe: notice at once when a registry goes away and when it comes back.
+
+Heartbeats alone see a restart only at the next beat (ttl/3 later), and retry
+backoff can push the repair further out after a long outage. A backend keeps
+one long-lived request open instead (a blocking query, a watch stream) and
+reports each transition, so registrars can re-check their entries the moment
+the registry answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+__all__ = ["ConnectionProbe", "Hold"]
+
+#: ``hold(connected)``: open a long-lived request, call ``connected()`` once the
+#: registry answered, and keep waiting while it is up. Return True to be called
+#: again (still connected), False or raise when the connection broke.
+Hold = Callable[[Callable[[], None]], Awaitable[bool]]
+
+_RETRY_FIRST, _RETRY_CAP = 0.1, 1.0
+
+
+class ConnectionProbe:
+    """Runs ``hold`` in a loop; :meth:`wait_change` returns on each up/down transition."""
+
+    def __init__(self, hold: Hold) -> None:
+        self._hold = hold
+        self._up: bool | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._change: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def up(self) -> bool | None:
+        """True while connected, False after a break, None before the first answer."""
+        return self._up
+
+    async def wait_change(self) -> None:
+        """Return when the registry went away, or came back after being away."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._task is None or self._task.done():
+            self._loop = loop
+            self._change = loop.create_future()
+            self._task = loop.create_task(self._run(), name="registry connection probe")
+        assert self._change is not None
+        await asyncio.shield(self._change)
+
+    def _mark(self, up: bool) -> None:
+        previous, self._up = self._up, up
+        if previous is None and up:
+            return  # the first answer is no news
+        if previous != up and self._change is not None and self._loop is not None:
+            done, self._change = self._change, self._loop.create_future()
+            if not done.done():
+                done.set_result(None)
+
+    async def _run(self) -> None:
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                still_up = await self._hold(lambda: self._mark(True))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                still_up = False
+            if still_up:
+                delay = _RETRY_FIRST
+                continue
+            self._mark(False)
+            await asyncio.sleep(delay)
+            delay = min(_RETRY_CAP, delay * 2)
+
+    async def close(self) -> None:
+        """Stop probing."""
+        task, self._task = self._task, None
+        if task is not None and self._loop is asyncio.get_running_loop():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
