@@ -41,7 +41,9 @@ class Row:
     note: str = ""
 
     def cells(self) -> list[str]:
-        scale, fmt = (1000.0, "{:.2f}") if self.unit == "ms" else (1.0, "{:.3f}")
+        scale, fmt = {"ms": (1000.0, "{:.2f}"), "%": (100.0, "{:.1f}"), "MB": (1.0, "{:.0f}")}.get(
+            self.unit, (1.0, "{:.3f}")
+        )
         med = fmt.format(statistics.median(self.samples) * scale) if self.samples else "-"
         p95 = fmt.format(percentile(self.samples, 95) * scale) if self.samples else "-"
         return [self.figure, self.backend, str(len(self.samples)), f"{med} {self.unit}",

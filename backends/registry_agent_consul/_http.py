@@ -34,27 +34,41 @@ class HttpxConsulClient(base.HTTPClient):  # type: ignore[misc]
     ) -> None:
         super().__init__(host, port, scheme, verify, cert)
         self.timeout = timeout
-        self._client: httpx.AsyncClient | None = None
+        self._quick: httpx.AsyncClient | None = None
+        self._blocking: httpx.AsyncClient | None = None
 
-    def _http(self) -> httpx.AsyncClient:
-        # Created on first use, inside the running loop (never across fork()).
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=self.timeout,
-                verify=self.verify,
-                cert=self.cert,
-                limits=httpx.Limits(max_keepalive_connections=32, keepalive_expiry=30.0),
-                trust_env=False,
+    def _http(self, blocking: bool) -> httpx.AsyncClient:
+        # Two pools, created on first use inside the running loop (never across
+        # fork()): short calls share a few connections (httpcore scans every idle
+        # connection on each request, so a big pool costs CPU), while each
+        # blocking query holds a connection of its own for up to `wait`.
+        if blocking:
+            if self._blocking is None:
+                self._blocking = self._new_client(httpx.Limits(max_connections=None))
+            return self._blocking
+        if self._quick is None:
+            self._quick = self._new_client(
+                httpx.Limits(max_connections=8, max_keepalive_connections=8, keepalive_expiry=30.0)
             )
-        return self._client
+        return self._quick
 
-    def _timeout_for(self, params: Sequence[tuple[str, Any]] | None) -> httpx.Timeout:
+    def _new_client(self, limits: httpx.Limits) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            timeout=self.timeout,
+            verify=self.verify,
+            cert=self.cert,
+            limits=limits,
+            trust_env=False,
+        )
+
+    def _timeout_for(self, params: Sequence[tuple[str, Any]] | None) -> httpx.Timeout | None:
+        """The timeout of a blocking query (None for a short call)."""
         wait = dict(params or ()).get("wait")
         if isinstance(wait, str) and _WAIT_PARAM.match(wait):
             # Consul adds up to wait/16 of jitter to a blocking query.
             read = parse_duration(wait, field="wait") * 17 / 16 + self.timeout
             return httpx.Timeout(self.timeout, read=read)
-        return httpx.Timeout(self.timeout)
+        return None
 
     async def _request(
         self,
@@ -65,12 +79,13 @@ class HttpxConsulClient(base.HTTPClient):  # type: ignore[misc]
         data: str | bytes | None,
         headers: dict[str, str] | None,
     ) -> Any:
-        response = await self._http().request(
+        blocking = self._timeout_for(params)
+        response = await self._http(blocking is not None).request(
             method,
             self.uri(path, list(params) if params else None),
             content=data or None,
             headers=headers,
-            timeout=self._timeout_for(params),
+            timeout=blocking or httpx.Timeout(self.timeout, pool=self.timeout),
         )
         return callback(base.Response(response.status_code, response.headers, response.text))
 
@@ -115,8 +130,9 @@ class HttpxConsulClient(base.HTTPClient):  # type: ignore[misc]
         return self._request(callback, "POST", path, params, data, headers)
 
     async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
+        clients = [c for c in (self._quick, self._blocking) if c is not None]
+        self._quick = self._blocking = None
+        for client in clients:
             await client.aclose()
 
 
