@@ -47,17 +47,32 @@ def measure(url: str, count: int, workdir: Path) -> tuple[float, float, float]:
         for i in range(count)
     )
     config = workdir / f"cap-{count}.toml"
-    config.write_text(f'[backend]\nurl = "{url}"\n\n[status]\nlisten = "127.0.0.1:{status}"\n\n{services}')
+    config.write_text(
+        f'[backend]\nurl = "{url}"\n\n[status]\nlisten = "127.0.0.1:{status}"\n\n{services}'
+    )
     log_file = open(workdir / f"cap-{count}.log", "wb")  # noqa: SIM115 - closed below
     agent = subprocess.Popen(
-        [sys.executable, "-m", "registry_agent", "run", "-c", str(config), "--log-level", "warning"],
-        stdout=log_file, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "registry_agent",
+            "run",
+            "-c",
+            str(config),
+            "--log-level",
+            "warning",
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
     )
     try:
         started = time.monotonic()
         while not ready(status):
             if time.monotonic() - started > 120 or agent.poll() is not None:
-                raise RuntimeError(f"{count} services not ready: {(workdir / f'cap-{count}.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"{count} services not ready: "
+                    + (workdir / f"cap-{count}.log").read_text()[-2000:]
+                )
             time.sleep(0.2)
         took = time.monotonic() - started
         time.sleep(3.0)  # settle: the first heartbeats and verifications spread out
@@ -81,10 +96,28 @@ def run(quick: bool = False) -> tuple[list[Row], list[list[str]]]:
                 for count in counts:
                     log(f"capacity on {kind}: {count} registrations, {WINDOW:g}s window")
                     took, cpu, rss = measure(srv.url, count, Path(tmp))
-                    details.append([kind, str(count), f"{took:.1f} s", f"{cpu * 100:.1f} %", f"{rss:.0f} MB"])
+                    details.append(
+                        [kind, str(count), f"{took:.1f} s", f"{cpu * 100:.1f} %", f"{rss:.0f} MB"]
+                    )
                     if count == 1000 or quick:
-                        rows.append(Row(f"capacity: {count} registrations, CPU", kind, [cpu], "< 10 % of a core",
-                                        cpu < 0.10, unit="%"))
-                        rows.append(Row(f"capacity: {count} registrations, RSS", kind, [rss], "< 150 MB",
-                                        rss < 150, unit="MB"))
+                        rows.append(
+                            Row(
+                                f"capacity: {count} registrations, CPU",
+                                kind,
+                                [cpu],
+                                "< 10 % of a core",
+                                cpu < 0.10,
+                                unit="%",
+                            )
+                        )
+                        rows.append(
+                            Row(
+                                f"capacity: {count} registrations, RSS",
+                                kind,
+                                [rss],
+                                "< 150 MB",
+                                rss < 150,
+                                unit="MB",
+                            )
+                        )
     return rows, details

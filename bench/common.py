@@ -46,8 +46,16 @@ class Row:
         )
         med = fmt.format(statistics.median(self.samples) * scale) if self.samples else "-"
         p95 = fmt.format(percentile(self.samples, 95) * scale) if self.samples else "-"
-        return [self.figure, self.backend, str(len(self.samples)), f"{med} {self.unit}",
-                f"{p95} {self.unit}", self.goal, "yes" if self.ok else "NO", self.note]
+        return [
+            self.figure,
+            self.backend,
+            str(len(self.samples)),
+            f"{med} {self.unit}",
+            f"{p95} {self.unit}",
+            self.goal,
+            "yes" if self.ok else "NO",
+            self.note,
+        ]
 
 
 HEADER = ["figure", "backend", "n", "median", "p95", "goal", "met", "note"]
@@ -56,7 +64,10 @@ HEADER = ["figure", "backend", "n", "median", "p95", "goal", "met", "note"]
 def table(rows: Sequence[Sequence[str]], header: Sequence[str] = HEADER) -> str:
     """A Markdown table."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+
+    def line(r: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
@@ -80,7 +91,9 @@ def start_service_process(url: str, port: int, ttl: float) -> subprocess.Popen[s
     """A separate process registering itself (to kill -9); returns once registered."""
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "service_process.py"), url, str(port), str(ttl)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()

@@ -42,11 +42,17 @@ class Events:
     def __call__(self, event: WatchEvent) -> None:
         self.seen.append((now(), event))
 
-    async def wait(self, kinds: set[EventType], after: float, within: float, port: int = 0) -> float:
+    async def wait(
+        self, kinds: set[EventType], after: float, within: float, port: int = 0
+    ) -> float:
         deadline = now() + within
         while now() < deadline:
             for at, event in self.seen:
-                if at >= after and event.type in kinds and (not port or event.instance.port == port):
+                if (
+                    at >= after
+                    and event.type in kinds
+                    and (not port or event.instance.port == port)
+                ):
                     return at
             await asyncio.sleep(0.002)
         raise RuntimeError(f"no {kinds} event within {within}s")
@@ -58,7 +64,7 @@ async def detection(url: str, trials: int) -> tuple[list[float], list[float]]:
         flag = Path(tmp) / "healthy"
         flag.touch()
         port = free_port()
-        sample = subprocess.Popen(
+        sample = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
             [sys.executable, str(ROOT / "scripts" / "sample_service.py"), str(port), str(flag)]
         )
         from registry_agent import AsyncWatcher
@@ -67,9 +73,11 @@ async def detection(url: str, trials: int) -> tuple[list[float], list[float]]:
         watcher = AsyncWatcher(url, "bench-detect", listener=events)
         await watcher.start()
         registrar = AsyncRegistrar(
-            url, ServiceInstance("bench-detect", address="127.0.0.1", port=port),
+            url,
+            ServiceInstance("bench-detect", address="127.0.0.1", port=port),
             checks=[HttpCheck(f"http://127.0.0.1:{port}/healthz", interval=interval, timeout=0.5)],
-            fall=fall, rise=rise,
+            fall=fall,
+            rise=rise,
         )
         down, up = [], []
         try:
@@ -151,20 +159,48 @@ def run(quick: bool = False) -> list[Row]:
         with server(kind) as srv:
             log(f"detection on {kind}: {n} trials (interval 1s, fall 2, rise 2)")
             down, up = asyncio.run(detection(srv.url, n))
-            rows.append(Row("detection: health fails -> deleted", kind, down, "<= 2.5 s (1s x 2 + 0.5)",
-                            max(down) <= 2.5))
-            rows.append(Row("detection: health back -> added", kind, up, "<= 2.5 s (1s x 2 + 0.5)",
-                            max(up) <= 2.5))
+            rows.append(
+                Row(
+                    "detection: health fails -> deleted",
+                    kind,
+                    down,
+                    "<= 2.5 s (1s x 2 + 0.5)",
+                    max(down) <= 2.5,
+                )
+            )
+            rows.append(
+                Row(
+                    "detection: health back -> added",
+                    kind,
+                    up,
+                    "<= 2.5 s (1s x 2 + 0.5)",
+                    max(up) <= 2.5,
+                )
+            )
             for ttl, trials in ((3.0, 3 if quick else 6), (10.0, 1 if quick else 3)):
                 log(f"crash on {kind}: TTL {ttl:g}s, {trials} kill -9")
                 samples = asyncio.run(crash(srv, ttl, trials))
-                rows.append(Row(f"crash: kill -9 -> gone (TTL {ttl:g}s)", kind, samples,
-                                f"<= {ttl + 1:g} s", max(samples) <= ttl + 1))
+                rows.append(
+                    Row(
+                        f"crash: kill -9 -> gone (TTL {ttl:g}s)",
+                        kind,
+                        samples,
+                        f"<= {ttl + 1:g} s",
+                        max(samples) <= ttl + 1,
+                    )
+                )
             for ttl, trials in ((10.0, 3 if quick else 8), (3.0, 3 if quick else 8)):
                 log(f"heal on {kind}: TTL {ttl:g}s, {trials} restarts with data loss")
                 samples = asyncio.run(heal(srv, ttl, trials))
-                rows.append(Row(f"heal: restarted empty -> back (TTL {ttl:g}s)", kind, samples,
-                                "<= 2 s", max(samples) <= 2.0))
+                rows.append(
+                    Row(
+                        f"heal: restarted empty -> back (TTL {ttl:g}s)",
+                        kind,
+                        samples,
+                        "<= 2 s",
+                        max(samples) <= 2.0,
+                    )
+                )
     return rows
 
 

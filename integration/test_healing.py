@@ -110,7 +110,7 @@ async def test_registry_down_longer_than_ttl(
     async with running(registrar(server)) as reg:
         server.stop()
         await asyncio.sleep(TTL * 2)
-        assert reg.counters.heartbeats_failed >= 1
+        assert reg.counters.errors >= 1  # it noticed, and kept trying
         server.start()
         took = await until(observer, PASSING, 10)
         measured("registered again", took, RETRY.cap + reg.heartbeat_interval + MARGIN)

@@ -1,0 +1,42 @@
+"""python -m bench [--quick]: every figure of DESIGN §8 and the §6 fault matrix, as tables."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+
+from bench import capacity, faults, propagation, recovery, watch_scale
+from bench.common import table
+
+
+def main() -> int:
+    quick = "--quick" in sys.argv
+    started = time.monotonic()
+    print(f"# registry-agent benchmarks ({'quick' if quick else 'full'} run)\n")
+    print(
+        f"machine: {platform.machine()}, {platform.python_implementation()} "
+        f"{platform.python_version()}, {sys.platform}; servers: Consul 1.8.7 -dev, etcd 3.5.16\n"
+    )
+    rows = propagation.run(quick) + recovery.run(quick)
+    cap_rows, cap_details = capacity.run(quick)
+    scale_rows, scale_details = watch_scale.run(quick)
+    print("## Figures (median and p95 over the trials; goals from DESIGN §8)\n")
+    print(table([r.cells() for r in rows + cap_rows + scale_rows]))
+    print("\n## Capacity: one agent process, TTL 10 s, no checks\n")
+    print(
+        table(
+            cap_details,
+            ["backend", "registrations", "time to register all", "CPU (one core)", "RSS"],
+        )
+    )
+    print("\n## Watch scale: one service\n")
+    print(table(scale_details, ["backend", "instances", "initial snapshot", "watcher memory"]))
+    print("\n## Fault matrix (DESIGN §6, real servers)\n")
+    print(table(faults.run(), ["scenario", "consul", "etcd"]))
+    print(f"\ntotal time: {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
