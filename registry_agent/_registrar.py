@@ -7,7 +7,6 @@ import contextlib
 import enum
 import logging
 import os
-import random
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -160,7 +159,6 @@ class AsyncRegistrar:
         self._lease: Lease | None = None
         self._actual: HealthStatus | None = None
         self._lost_entry = False
-        self._rng = random.Random()
         self._heartbeat_due = 0.0
         self._verify_due = 0.0
         self._failures = 0
@@ -408,10 +406,8 @@ class AsyncRegistrar:
                 deregister_critical_after=self.deregister_critical_after,
             )
             self._set_actual(wanted)
-            # The first beat and check land anywhere in their interval (sooner is
-            # always safe), so registrations made together never beat together.
-            self._heartbeat_due = now() + self.heartbeat_interval * self._rng.uniform(0.1, 1.0)
-            self._verify_due = now() + self.verify_interval * self._rng.uniform(0.1, 1.0)
+            self._heartbeat_due = now() + self.heartbeat_interval
+            self._verify_due = now() + self.verify_interval
             self._last_heartbeat = time.time()
             if self._lost_entry:
                 self._lost_entry = False
@@ -433,13 +429,13 @@ class AsyncRegistrar:
             note = "" if wanted is HealthStatus.PASSING else "unhealthy: " + self._failing_checks()
             await backend.set_status(self._lease, wanted, note)
             self._set_actual(wanted)
-            self._heartbeat_due = now() + self._spread(self.heartbeat_interval)
+            self._heartbeat_due = now() + self.heartbeat_interval
             self._emit(RegistrarEventKind.STATUS_CHANGED, str(wanted))
         elif step is Step.VERIFY:
             assert self._lease is not None
             found = await backend.lookup(self._lease)
             self.counters.verifications += 1
-            self._verify_due = now() + self._spread(self.verify_interval)
+            self._verify_due = now() + self.verify_interval
             if found is None:
                 raise LeaseLost(
                     "our entry is missing from the registry",
@@ -462,7 +458,7 @@ class AsyncRegistrar:
             await backend.heartbeat(self._lease)
             self.counters.heartbeats_ok += 1
             self._last_heartbeat = time.time()
-            self._heartbeat_due = now() + self._spread(self.heartbeat_interval)
+            self._heartbeat_due = now() + self.heartbeat_interval
 
     async def _watch_connection(self) -> None:
         # The registry went away or came back: check our entry now, not at the
@@ -478,12 +474,6 @@ class AsyncRegistrar:
                 continue
             self._verify_due = loop.time()
             self._wake_up()
-
-    def _spread(self, interval: float) -> float:
-        # Never later than asked, sometimes up to 20 % sooner: registrars started
-        # together (an agent with many services) drift apart instead of sending
-        # their heartbeats in bursts.
-        return interval * (1.0 - 0.2 * self._rng.random())
 
     def _lost(self, why: str) -> None:
         self.counters.lease_losses += 1
