@@ -163,6 +163,7 @@ class AsyncRegistrar:
         self._verify_due = 0.0
         self._failures = 0
         self._losses_in_row = 0
+        self._registered_at = 0.0
         self._last_failure_log = 0.0
         self._last_error: str | None = None
         self._last_heartbeat: float | None = None
@@ -372,6 +373,8 @@ class AsyncRegistrar:
             except LeaseLost as exc:
                 # Register again at once; only a loss that keeps coming back waits.
                 self._lost(str(exc))
+                if loop.time() - self._registered_at > self.heartbeat_interval:
+                    self._losses_in_row = 0  # it held for a while: this loss is news
                 self._losses_in_row += 1
                 if self._losses_in_row > 1:
                     await self._sleep(self.retry.delay(self._losses_in_row - 1))
@@ -406,6 +409,7 @@ class AsyncRegistrar:
                 deregister_critical_after=self.deregister_critical_after,
             )
             self._set_actual(wanted)
+            self._registered_at = now()
             self._heartbeat_due = now() + self.heartbeat_interval
             self._verify_due = now() + self.verify_interval
             self._last_heartbeat = time.time()
