@@ -108,10 +108,11 @@ async def test_an_idle_blocking_query_does_not_spin(
     stream = aiter(backend.watch("idle"))
     await asyncio.wait_for(anext(stream), timeout=5)
     pending = asyncio.ensure_future(anext(stream))
-    await asyncio.sleep(3.0)  # wait=2s: one or two blocking queries, never hundreds
+    await asyncio.sleep(3.0)  # wait=2s
     assert not pending.done()
     pending.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await pending
     await stream.aclose()  # type: ignore[attr-defined]
-    assert 1 <= requests <= 4
+    # per 2 s wait: one blocking query and one re-read without blocking; a spin would be hundreds
+    assert 1 <= requests <= 6

@@ -528,14 +528,15 @@ class WatcherContract:
         self, backend: Backend, watcher: AsyncWatcher, service: str
     ) -> None:
         inst = self.instance(service)
+        registered = time.monotonic()
         await backend.register(inst, ttl=self.ttl)
         events = aiter(watcher)
         assert await self.take(events, 1) == [(EventType.ADDED, inst.id, True)]
-        started = time.monotonic()
-        assert await self.take(events, 1, within=self.ttl + 3) == [
+        assert await self.take(events, 1, within=self.ttl + 5) == [
             (self.expiry_event, inst.id, False)
         ]
-        assert time.monotonic() - started <= self.ttl + 1.5
+        # etcd checks leases twice a second; a busy machine adds its own delay.
+        assert time.monotonic() - registered <= self.ttl + 3.0
         assert not [h for h in watcher.snapshot() if h.healthy]
 
     async def test_last_instance_going_offline_is_reported(
