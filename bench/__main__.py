@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import sys
 import time
@@ -12,6 +13,8 @@ from bench.common import table
 
 def main() -> int:
     quick = "--quick" in sys.argv
+    # The registrars' own warnings (restarts are the point here) would drown the tables.
+    logging.basicConfig(level=logging.ERROR)
     started = time.monotonic()
     print(f"# registry-agent benchmarks ({'quick' if quick else 'full'} run)\n")
     print(
