@@ -85,8 +85,8 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
-class BackendContract:
-    """Tests every backend must pass. Provide the ``server`` fixture."""
+class _ContractFixtures:
+    """What both contracts share: settings, the server and backend fixtures, instances."""
 
     #: TTL used by the tests, seconds (etcd grants at least 2).
     ttl: ClassVar[float] = 2.0
@@ -113,6 +113,10 @@ class BackendContract:
         fields.setdefault("address", "127.0.0.1")
         fields.setdefault("port", 9000 + n)
         return ServiceInstance(service, id=f"{service}-{n}", **fields)
+
+
+class BackendContract(_ContractFixtures):
+    """Tests every backend must pass. Provide the ``server`` fixture."""
 
     @staticmethod
     async def status_of(backend: Backend, service: str, instance_id: str) -> HealthStatus | None:
@@ -432,7 +436,7 @@ class BackendContract:
             server.start()
 
 
-class WatcherContract:
+class WatcherContract(_ContractFixtures):
     """Exact watch events on a backend: provide the ``server`` fixture.
 
     ``expiry_event`` is what a TTL running out looks like: ``deleted`` where the
@@ -440,24 +444,7 @@ class WatcherContract:
     critical (Consul).
     """
 
-    ttl: ClassVar[float] = 2.0
-    timeout: ClassVar[float] = 2.0
     expiry_event: ClassVar[EventType] = EventType.DELETED
-    backend_options: ClassVar[dict[str, Any]] = {}
-
-    @pytest.fixture
-    def server(self) -> ServerControl:
-        raise NotImplementedError("provide a `server` fixture returning a ServerControl")
-
-    @pytest.fixture
-    async def backend(self, server: ServerControl) -> AsyncIterator[Backend]:
-        backend = open_backend(server.url, timeout=self.timeout, **self.backend_options)
-        yield backend
-        await backend.close()
-
-    @pytest.fixture
-    def service(self) -> str:
-        return f"svc-{uuid.uuid4().hex[:8]}"
 
     @pytest.fixture
     async def watcher(self, server: ServerControl, service: str) -> AsyncIterator[AsyncWatcher]:
@@ -466,11 +453,6 @@ class WatcherContract:
         yield watcher
         await watcher.close()
         await backend.close()
-
-    def instance(self, service: str, n: int = 1, **fields: Any) -> ServiceInstance:
-        fields.setdefault("address", "127.0.0.1")
-        fields.setdefault("port", 9000 + n)
-        return ServiceInstance(service, id=f"{service}-{n}", **fields)
 
     @staticmethod
     async def take(
