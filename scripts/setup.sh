@@ -6,7 +6,14 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
-  "$python" -m venv .venv
+  if ! "$python" -m venv .venv; then
+    # Debian's system Python ships venv separately.
+    rm -rf .venv
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+      apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    fi
+    "$python" -m venv .venv
+  fi
 fi
 stamp=.venv/.installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
