@@ -50,23 +50,23 @@ class LoopThread:
     def loop(self) -> asyncio.AbstractEventLoop:
         """The running loop (starting the thread on first use, from any thread)."""
         with self._lock:
-            return self._loop or self._start()
+            if self._loop is None:
+                self._loop = self._start()
+            return self._loop
 
     def _start(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            loop = asyncio.new_event_loop()
-            ready = threading.Event()
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
 
-            def run() -> None:
-                asyncio.set_event_loop(loop)
-                loop.call_soon(ready.set)
-                loop.run_forever()
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
 
-            self._thread = threading.Thread(target=run, name=self.name, daemon=True)
-            self._thread.start()
-            ready.wait()
-            self._loop = loop
-        return self._loop
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self._thread.start()
+        ready.wait()
+        return loop
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
         """Run ``coro`` on the loop thread and wait for it, at most ``timeout`` seconds."""

@@ -131,10 +131,6 @@ async def _watch(url: str, services: list[str], as_json: bool, request_timeout: 
 # -- run and check -------------------------------------------------------------------
 
 
-def _load(path: str) -> AgentConfig:
-    return load_config(path)
-
-
 async def _check(config: AgentConfig) -> int:
     failed = 0
     for service in config.services:
@@ -207,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_list(args.backend, args.service, args.json, args.timeout))
         if args.command == "watch":
             return asyncio.run(_watch(args.backend, args.service, args.json, args.timeout))
-        config = _load(args.config)
+        config = load_config(args.config)
         if args.command == "check":
             return asyncio.run(_check(config))
         return _run(config, args.log_format, args.log_level)

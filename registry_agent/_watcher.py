@@ -61,7 +61,6 @@ class AsyncWatcher:
         self.on_error = on_error
         self.listener = listener
         self._state: dict[str, Mapping[str, InstanceHealth]] = {}
-        self._indexes: dict[str, int] = {}
         self._synced: dict[str, asyncio.Event] = {}
         self._queue: asyncio.Queue[Any] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -211,7 +210,6 @@ class AsyncWatcher:
         old = self._state.get(service, {})
         events = diff_snapshots(old, snapshot.instances, snapshot.index)
         self._state[service] = MappingProxyType(dict(snapshot.instances))
-        self._indexes[service] = snapshot.index
         self._synced[service].set()
         for event in events:
             if self.listener is not None:

@@ -382,15 +382,17 @@ class ConsulBackend:
     async def _hold_connection(self, connected: Callable[[], None]) -> bool:
         # A hash-based blocking query on one of our own services (only needs read
         # access to it): it ends early when the agent goes away.
-        ids = [check_id.removeprefix("service:") for check_id in self._status]
-        if not ids:
+        # Any one of our checks will do; picked without copying them all (1,000s).
+        check_id = next(iter(self._status), None)
+        if check_id is None:
             await self.api.status.leader()
             connected()
             await asyncio.sleep(1.0)
             return True
-        path = f"/v1/agent/service/{urllib.parse.quote(ids[0], safe='')}"
+        service_id = check_id.removeprefix("service:")
+        path = f"/v1/agent/service/{urllib.parse.quote(service_id, safe='')}"
         content_hash = ""
-        while ids[0] in (c.removeprefix("service:") for c in self._status):
+        while check_id in self._status:
             params = [("hash", content_hash), ("wait", "30s")] if content_hash else []
             started = time.monotonic()
             code, new_hash = await self.api.http.get(

@@ -31,7 +31,6 @@ __all__ = ["MemoryBackend", "MemoryRegistry"]
 class _Entry:
     health: InstanceHealth
     lease_id: int
-    expires_at: float
 
 
 class MemoryRegistry:
@@ -147,7 +146,7 @@ class MemoryRegistry:
                     instance=health.instance.id,
                 )
             key = (health.instance.service, health.instance.id)
-            self._entries[key] = _Entry(health, lease_id, self._leases[lease_id])
+            self._entries[key] = _Entry(health, lease_id)
             self._revision += 1
         self._notify()
         return lease_id
