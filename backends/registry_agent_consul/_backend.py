@@ -7,9 +7,11 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
@@ -30,6 +32,7 @@ from registry_agent import (
 )
 from registry_agent._backend import error_context, running_loop
 from registry_agent._probe import ConnectionProbe
+from registry_agent._tls import TLSFiles
 from registry_agent._urls import (
     Option,
     opt_choice,
@@ -60,18 +63,41 @@ def _check_id(instance_id: str) -> str:
     return f"service:{instance_id}"
 
 
+def _token(token: str | None, token_file: str | None) -> str | None:
+    """The ACL token: explicit, else from its file, else Consul's own variables."""
+    if token is not None and token_file is not None:
+        raise ConfigError("give token or token_file, not both", field="backend.token_file")
+    if token is None and token_file is None:
+        token = os.environ.get("CONSUL_HTTP_TOKEN") or None
+        token_file = None if token else os.environ.get("CONSUL_HTTP_TOKEN_FILE") or None
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read {token_file}: {exc.strerror}", field="backend.token_file"
+            ) from None
+    return token or None
+
+
 class ConsulBackend:
     """``consul://host:port``: registers in a Consul agent (normally this host's).
 
     Options (URL query or keywords):
 
-    ``token``
-        ACL token, sent as the ``X-Consul-Token`` header. Defaults to
-        ``CONSUL_HTTP_TOKEN`` from the environment; an explicit one wins.
+    ``token``, ``token_file``
+        ACL token (or a file holding it), sent as the ``X-Consul-Token`` header,
+        never in a URL. Defaults to ``CONSUL_HTTP_TOKEN`` / ``CONSUL_HTTP_TOKEN_FILE``
+        from the environment, as Consul's own CLI; an explicit one wins.
     ``dc``
         Datacenter for reads (defaults to the agent's).
     ``scheme``
-        ``http`` (default) or ``https``.
+        ``http`` or ``https``; ``https`` when a TLS file is given, else ``http``.
+    ``ca_file``, ``cert_file``, ``key_file``
+        PEM CA bundle that signed the agent's certificate (default: the system
+        store), and a client certificate and key for agents that verify clients
+        (``verify_incoming``). Default to ``CONSUL_CACERT``, ``CONSUL_CLIENT_CERT``,
+        ``CONSUL_CLIENT_KEY``.
     ``timeout``
         Per-request timeout, default ``5s``.
     ``wait``
@@ -84,11 +110,15 @@ class ConsulBackend:
     scheme: ClassVar[str] = "consul"
     _OPTIONS: ClassVar[Mapping[str, Option]] = {
         "token": opt_str,
+        "token_file": opt_str,
         "dc": opt_str,
         "scheme": opt_choice("http", "https"),
         "timeout": opt_duration,
         "wait": opt_duration,
         "deregister_critical_after": opt_duration,
+        "ca_file": opt_str,
+        "cert_file": opt_str,
+        "key_file": opt_str,
     }
 
     def __init__(
@@ -97,11 +127,15 @@ class ConsulBackend:
         port: int = 8500,
         *,
         token: str | None = None,
+        token_file: str | None = None,
         dc: str | None = None,
-        scheme: str = "http",
+        scheme: str | None = None,
         timeout: float = 5.0,
         wait: float = 60.0,
         deregister_critical_after: float = 90.0,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
         if deregister_critical_after < _MIN_DEREGISTER_AFTER:
             raise ConfigError(
@@ -114,8 +148,22 @@ class ConsulBackend:
         self.timeout = timeout
         self.wait = wait
         self.deregister_critical_after = deregister_critical_after
-        self._scheme = scheme
-        self._token = token if token is not None else os.environ.get("CONSUL_HTTP_TOKEN") or None
+        self._token = _token(token, token_file)
+        env = os.environ
+        self._tls = TLSFiles(
+            ca_file or env.get("CONSUL_CACERT") or None,
+            cert_file or env.get("CONSUL_CLIENT_CERT") or None,
+            key_file or env.get("CONSUL_CLIENT_KEY") or None,
+        )
+        self._scheme = scheme or ("https" if self._tls.enabled else "http")
+        if self._scheme == "http" and self._tls.enabled:
+            raise ConfigError(
+                "TLS files were given but scheme is http: use scheme=https (or leave it out)",
+                field="backend.scheme",
+            )
+        self._verify: ssl.SSLContext | bool = (
+            self._tls.ssl_context() if self._scheme == "https" else True
+        )
         self._api: AsyncConsul | None = None
         self._api_loop: asyncio.AbstractEventLoop | None = None
         # Status last set per check, so a heartbeat renews the TTL without changing it.
@@ -152,7 +200,7 @@ class ConsulBackend:
                 port=self.port,
                 scheme=self._scheme,
                 dc=self.dc,
-                verify=True,
+                verify=self._verify,
                 timeout=self.timeout,
             )
             # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; we don't.
@@ -175,7 +223,7 @@ class ConsulBackend:
                 f"Consul agent at {self.host}:{self.port} unreachable: {exc!r}", **context
             ) from exc
         except consul.ACLPermissionDenied as exc:
-            raise Rejected(f"permission denied: {exc}", **context) from exc
+            raise Rejected(self._denied(str(exc), instance, service), **context) from exc
         except consul.NotFound as exc:
             raise LeaseLost(f"not found: {exc}", **context) from exc
         except consul.ConsulException as exc:
@@ -187,6 +235,17 @@ class ConsulBackend:
             ):
                 raise Rejected(f"Consul refused the request: {text}", **context) from exc
             raise BackendUnavailable(f"Consul error: {text}", **context) from exc
+
+    def _denied(self, text: str, instance: ServiceInstance | None, service: str | None) -> str:
+        subject = instance.service if instance is not None else service
+        what = f"permission denied for service {subject!r}" if subject else "permission denied"
+        if "ACL not found" in text:
+            why = "Consul does not know this ACL token (wrong, expired or deleted)"
+        elif self._token is None:
+            why = "no ACL token was given (token, token_file or CONSUL_HTTP_TOKEN)"
+        else:
+            why = "the ACL token's policy does not allow it"
+        return f"{what}: {why} [Consul: {text.strip() or '403'}]"
 
     async def register(
         self,

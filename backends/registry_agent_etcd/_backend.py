@@ -7,11 +7,12 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
 import aetcd
+import aetcd.watcher
 import grpc
 from aetcd import rpc
 
@@ -29,7 +30,15 @@ from registry_agent import (
 )
 from registry_agent._backend import error_context, running_loop
 from registry_agent._probe import ConnectionProbe
-from registry_agent._urls import Option, opt_duration, opt_str, parse_backend_url, take_options
+from registry_agent._tls import TLSFiles
+from registry_agent._urls import (
+    Option,
+    opt_bool,
+    opt_duration,
+    opt_str,
+    parse_backend_url,
+    take_options,
+)
 
 __all__ = ["EtcdBackend"]
 
@@ -38,16 +47,67 @@ T = TypeVar("T")
 
 # gRPC waits up to 120 s (1 s at first, x1.6) between reconnects to a server that
 # went away, failing every call meanwhile: a restarted etcd would be ignored for
-# seconds. Our own retries already back off, so reconnect promptly.
+# seconds. Our own retries already back off, so reconnect promptly. Keepalive
+# pings find a member that hangs (frozen, cut off) under an open watch stream;
+# etcd refuses pings more often than every 5 s.
 _CHANNEL_OPTIONS = {
     "grpc.initial_reconnect_backoff_ms": 100,
     "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 1000,
+    "grpc.keepalive_time_ms": 5000,
+    "grpc.keepalive_timeout_ms": 2000,
+    "grpc.keepalive_permit_without_calls": 0,
+    "grpc.http2.max_pings_without_data": 0,
 }
 
 # etcd's clientv3.WithRequireLeader: a member cut off from the leader ends the
 # stream instead of leaving it silent.
 _REQUIRE_LEADER = ("hasleader", "true")
+
+_TLS_MARKERS = ("ssl", "handshake", "certificate", "tls")
+
+
+class _Client(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client, over TLS when given credentials (aetcd itself only dials plaintext)."""
+
+    _is_connecting: bool
+
+    def __init__(self, *, credentials: grpc.ChannelCredentials | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # another task is connecting: wait for it
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        self._is_connecting = True
+        try:
+            target = f"{self._host}:{self._port}"
+            options = list(self._options.items())
+            if self._credentials is None:
+                self.channel = grpc.aio.insecure_channel(target, options=options)
+            else:
+                self.channel = grpc.aio.secure_channel(target, self._credentials, options=options)
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+                try:
+                    reply = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+                except grpc.aio.AioRpcError as exc:
+                    aetcd.exceptions._handle_exception(exc)
+                self.metadata = (("token", reply.token),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(
+                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -55,7 +115,13 @@ def _prefix_end(prefix: bytes) -> bytes:
 
 
 class EtcdBackend:
-    """``etcd://host:port``: registers instances as leased keys in etcd.
+    """``etcd://host:port[,host:port…]``: registers instances as leased keys in etcd.
+
+    With several endpoints (members of one cluster) the backend talks to one at
+    a time and moves to the next when a call to it fails or times out; leases
+    live in the cluster, so registrations survive the move. Watches require a
+    leader: a member cut off in a minority ends them, and they resume exactly
+    on another member.
 
     Options (URL query or keywords):
 
@@ -63,6 +129,12 @@ class EtcdBackend:
         Key prefix, default ``/services``: keys are ``<prefix>/<service>/<id>``.
     ``user``, ``password``
         etcd authentication (also accepted as ``etcd://user:password@host:port``).
+    ``ca_file``, ``cert_file``, ``key_file``
+        TLS: the PEM CA bundle that signed the members' certificates (giving
+        any of them turns TLS on), and a client certificate and key for
+        ``--client-cert-auth`` clusters.
+    ``tls``
+        ``true`` for TLS verified against the system store (no files).
     ``timeout``
         Per-request timeout, default ``5s``.
     """
@@ -73,6 +145,10 @@ class EtcdBackend:
         "user": opt_str,
         "password": opt_str,
         "timeout": opt_duration,
+        "ca_file": opt_str,
+        "cert_file": opt_str,
+        "key_file": opt_str,
+        "tls": opt_bool,
     }
 
     def __init__(
@@ -84,6 +160,11 @@ class EtcdBackend:
         user: str | None = None,
         password: str | None = None,
         timeout: float = 5.0,
+        endpoints: Sequence[tuple[str, int]] | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        tls: bool | None = None,
     ) -> None:
         if not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/"):
             raise ConfigError(
@@ -93,8 +174,16 @@ class EtcdBackend:
             )
         if (user is None) != (password is None):
             raise ConfigError("user and password go together", field="backend.user")
-        self.host = host
-        self.port = port
+        self.endpoints = tuple(endpoints) if endpoints else ((host, port),)
+        self._current = 0
+        tls_files = TLSFiles(ca_file, cert_file, key_file)
+        if tls is False and tls_files.enabled:
+            raise ConfigError("TLS files were given but tls is false", field="backend.tls")
+        self.tls = tls_files.enabled if tls is None else tls
+        self._credentials: grpc.ChannelCredentials | None = None
+        if self.tls:
+            ca, key, cert = tls_files.pem()
+            self._credentials = grpc.ssl_channel_credentials(ca, key, cert)
         self.prefix = prefix.rstrip("/")
         self.timeout = timeout
         self._user = user
@@ -109,11 +198,14 @@ class EtcdBackend:
     def from_url(cls, url: str, options: Mapping[str, Any]) -> EtcdBackend:
         """Build from ``etcd://[user:password@]host:port?prefix=/services``."""
         parsed = parse_backend_url(url, default_port=2379)
-        if len(parsed.endpoints) != 1:
+        if not parsed.endpoints:
             raise ConfigError(
-                f"expected exactly one host:port in {parsed.redacted()}", field="backend"
+                f"expected host:port[,host:port…] in {parsed.redacted()}", field="backend"
             )
-        ((host, port),) = parsed.endpoints
+        if len(set(parsed.endpoints)) != len(parsed.endpoints):
+            raise ConfigError(
+                f"an endpoint is listed twice in {parsed.redacted()}", field="backend"
+            )
         given = dict(options)
         if parsed.username is not None:
             if "user" in given:
@@ -121,10 +213,21 @@ class EtcdBackend:
             given["user"] = parsed.username
             if parsed.password is not None:
                 given["password"] = parsed.password
-        return cls(host, port, **take_options("etcd", given, cls._OPTIONS))
+        return cls(endpoints=parsed.endpoints, **take_options("etcd", given, cls._OPTIONS))
 
     def __repr__(self) -> str:
-        return f"EtcdBackend(etcd://{self.host}:{self.port}, prefix={self.prefix!r})"
+        hosts = ",".join(f"{h}:{p}" for h, p in self.endpoints)
+        return f"EtcdBackend(etcd://{hosts}, prefix={self.prefix!r})"
+
+    @property
+    def host(self) -> str:
+        """Host of the member in use."""
+        return self.endpoints[self._current][0]
+
+    @property
+    def port(self) -> int:
+        """Port of the member in use."""
+        return self.endpoints[self._current][1]
 
     @property
     def client(self) -> aetcd.Client:
@@ -135,13 +238,14 @@ class EtcdBackend:
             self._client = None
         if self._client is None:
             self._client_loop = loop
-            self._client = aetcd.Client(
+            self._client = _Client(
                 host=self.host,
                 port=self.port,
                 username=self._user,
                 password=self._password,
                 timeout=self.timeout,
                 options=_CHANNEL_OPTIONS,
+                credentials=self._credentials,
             )
         return self._client
 
@@ -152,18 +256,30 @@ class EtcdBackend:
         text = str(exc) or type(exc).__name__
         if isinstance(exc, grpc.aio.AioRpcError):
             text = exc.details() or str(exc.code())
+        where = f"etcd at {self.host}:{self.port}"
         if "lease not found" in text:
             return LeaseLost(f"lease lost: {text}", **context)
-        if (
-            isinstance(exc, aetcd.exceptions.UnauthenticatedError)
-            or "permission denied" in text
-            or "authentication failed" in text
-            or "invalid auth token" in text
-        ):
-            return Rejected(f"etcd refused the request: {text}", **context)
-        if isinstance(exc, aetcd.exceptions.InvalidArgumentError):
-            return Rejected(f"etcd refused the request: {text}", **context)
-        return BackendUnavailable(f"etcd at {self.host}:{self.port} failed: {text}", **context)
+        if "invalid auth token" in text:  # expired (etcd --auth-token-ttl): log in again
+            return BackendUnavailable(f"{where}: auth token expired, logging in again", **context)
+        if "authentication failed" in text:
+            return Rejected(f"{where}: wrong user name or password [{text}]", **context)
+        if "permission denied" in text:
+            subject = context.get("service")
+            what = f"permission denied for service {subject!r}" if subject else "permission denied"
+            return Rejected(
+                f"{what}: the etcd user's role does not grant read/write on "
+                f"{self.prefix}/{subject or ''} [{text}]",
+                **context,
+            )
+        if isinstance(exc, aetcd.exceptions.UnauthenticatedError | aetcd.InvalidArgumentError):
+            return Rejected(f"{where} refused the request: {text}", **context)
+        if any(marker in text.lower() for marker in _TLS_MARKERS):
+            return BackendUnavailable(
+                f"TLS with {where} failed (check ca_file, cert_file, key_file and that the "
+                f"member serves TLS): {text}",
+                **context,
+            )
+        return BackendUnavailable(f"{where} failed: {text}", **context)
 
     async def _call(
         self,
@@ -172,21 +288,44 @@ class EtcdBackend:
         instance: ServiceInstance | None = None,
         service: str | None = None,
     ) -> T:
-        context = error_context("etcd", instance=instance, service=service)
+        client = self._client
         try:
             return await call
         except (aetcd.ClientError, grpc.aio.AioRpcError, OSError, TimeoutError) as exc:
-            await self._drop_client_if_broken(exc)
-            raise self._error(exc, context) from exc
+            raise await self._failed(exc, client, instance=instance, service=service) from exc
 
-    async def _drop_client_if_broken(self, exc: BaseException) -> None:
-        # aetcd keeps a half-open client after a failed connect (auth, timeout):
-        # start afresh next time.
-        if isinstance(exc, TimeoutError | aetcd.exceptions.UnauthenticatedError):
-            client, self._client = self._client, None
-            if client is not None:
-                with contextlib.suppress(Exception):  # already broken
-                    await client.close()
+    async def _failed(
+        self,
+        exc: BaseException,
+        client: Any,
+        *,
+        instance: ServiceInstance | None = None,
+        service: str | None = None,
+    ) -> Exception:
+        """Map a failure to our errors; drop a broken client and move to the next member."""
+        error = self._error(exc, error_context("etcd", instance=instance, service=service))
+        unavailable = isinstance(error, BackendUnavailable)
+        # aetcd keeps a half-open client after a failed connect (auth, timeout), and
+        # an expired auth token stays in its metadata: start afresh next time.
+        broken = isinstance(exc, TimeoutError | aetcd.exceptions.UnauthenticatedError) or (
+            "invalid auth token" in str(error)
+        )
+        failover = unavailable and len(self.endpoints) > 1
+        # Only the first failure of a client moves on: its other calls fail with it.
+        if (broken or failover) and client is self._client and client is not None:
+            self._client = None
+            if failover:
+                self._current = (self._current + 1) % len(self.endpoints)
+                log.info(
+                    "etcd member %s:%s failed; moving to %s:%s",
+                    *self.endpoints[self._current - 1],
+                    self.host,
+                    self.port,
+                    extra={"event": "failover", "backend": "etcd", "service": service},
+                )
+            with contextlib.suppress(Exception):  # already broken
+                await client.close()
+        return error
 
     def _value(self, instance: ServiceInstance, status: HealthStatus, note: str) -> bytes:
         data: dict[str, Any] = {**instance.to_dict(), "status": str(status)}
@@ -361,7 +500,7 @@ class EtcdBackend:
                 if changed:
                     yield ServiceSnapshot(service, revision, MappingProxyType(dict(state)))
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc, context) from exc
+            raise await self._failed(exc, client, service=service) from exc
         finally:
             stop.set()
             call.cancel()
