@@ -218,10 +218,15 @@ class ConsulBackend:
         context = error_context("consul", instance=instance, service=service)
         try:
             return await call
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
-            raise BackendUnavailable(
-                f"Consul agent at {self.host}:{self.port} unreachable: {exc!r}", **context
-            ) from exc
+        except (httpx.TimeoutException, httpx.TransportError, OSError) as exc:
+            where = f"Consul agent at {self._scheme}://{self.host}:{self.port}"
+            if isinstance(exc, ssl.SSLError) or "SSL" in str(exc):
+                raise BackendUnavailable(
+                    f"TLS with {where} failed (check ca_file, cert_file, key_file and that "
+                    f"the agent serves HTTPS on this port): {exc}",
+                    **context,
+                ) from exc
+            raise BackendUnavailable(f"{where} unreachable: {exc!r}", **context) from exc
         except consul.ACLPermissionDenied as exc:
             raise Rejected(self._denied(str(exc), instance, service), **context) from exc
         except consul.NotFound as exc:
@@ -230,6 +235,12 @@ class ConsulBackend:
             text = str(exc)
             if any(marker in text for marker in _LOST_MARKERS):
                 raise LeaseLost(f"TTL check lost: {text}", **context) from exc
+            if "HTTP request to an HTTPS server" in text:
+                raise Rejected(
+                    f"the Consul agent at {self.host}:{self.port} serves HTTPS: set "
+                    "scheme=https and ca_file (or CONSUL_CACERT)",
+                    **context,
+                ) from exc
             if text[:1] == "4" or isinstance(
                 exc, consul.base.ACLDisabled | consul.exceptions.ClientError
             ):

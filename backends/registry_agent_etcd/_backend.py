@@ -64,7 +64,7 @@ _CHANNEL_OPTIONS = {
 # stream instead of leaving it silent.
 _REQUIRE_LEADER = ("hasleader", "true")
 
-_TLS_MARKERS = ("ssl", "handshake", "certificate", "tls")
+_TLS_MARKERS = ("ssl", "handshake", "certificate", "tls", "tsi_")
 
 
 class _Client(aetcd.Client):  # type: ignore[misc]
@@ -279,6 +279,8 @@ class EtcdBackend:
                 f"member serves TLS): {text}",
                 **context,
             )
+        if not self.tls and "Socket closed" in text:
+            text += " (if the member serves TLS, set ca_file or tls=true)"
         return BackendUnavailable(f"{where} failed: {text}", **context)
 
     async def _call(
@@ -525,6 +527,12 @@ class EtcdBackend:
         call = rpc.WatchStub(client.channel).Watch(requests(), metadata=metadata)
         try:
             async for response in call:
+                if response.canceled and "permission denied" in response.cancel_reason:
+                    # A role limited to some services: etcd answered, so it is up.
+                    # Poll gently instead of holding a watch.
+                    connected()
+                    await asyncio.sleep(1.0)
+                    return True
                 if response.created:
                     connected()
                 if response.canceled:

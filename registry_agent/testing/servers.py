@@ -7,21 +7,31 @@ are stopped by the PID this module started, never by name.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConsulServer", "EtcdServer", "ServerProcess", "find_binary", "free_port"]
+__all__ = [
+    "ConsulServer",
+    "EtcdServer",
+    "ServerProcess",
+    "ServerTLS",
+    "find_binary",
+    "free_port",
+]
 
 
 def free_port() -> int:
@@ -50,9 +60,39 @@ def find_binary(name: str) -> str:
     )
 
 
-def _http_json(url: str, timeout: float = 1.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # loopback only
-        return json.loads(response.read() or b"null")
+def _http_json(
+    url: str,
+    timeout: float = 1.0,
+    *,
+    context: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    body: Any = None,
+) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+        return json.loads(response.read() or b"null")  # loopback only
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """PEM files a test server serves TLS with; ``verify_clients`` asks clients for one too."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+    verify_clients: bool = True
+
+    def client_context(self) -> ssl.SSLContext:
+        """A context that trusts the CA and presents the server's own certificate."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 class ServerProcess:
@@ -178,21 +218,33 @@ class ServerProcess:
         self.close()
 
 
+_CONSUL_ACL = 'enabled = true default_policy = "deny" down_policy = "extend-cache"'
+
+
 class ConsulServer(ServerProcess):
     """A Consul agent on loopback.
 
     By default ``consul agent -dev``: fast to start, keeps nothing, so every
     restart starts it empty. With ``persistent=True`` a single-server agent
     with a data folder: its services survive a restart unless ``wipe=True``.
+    ``acl_token`` turns ACLs on (default policy deny) with that management
+    token; ``tls`` serves the HTTP API over HTTPS only.
     """
 
     name = "consul"
 
     def __init__(
-        self, workdir: str | os.PathLike[str] | None = None, *, persistent: bool = False
+        self,
+        workdir: str | os.PathLike[str] | None = None,
+        *,
+        persistent: bool = False,
+        acl_token: str | None = None,
+        tls: ServerTLS | None = None,
     ) -> None:
         super().__init__(workdir)
         self.persistent = persistent
+        self.acl_token = acl_token
+        self.tls = tls
         self.data_dir = self.workdir / "data"
         self.binary = find_binary("consul")
         self.http_port, self.serf_lan, self.serf_wan, self.server_port = (
@@ -210,7 +262,15 @@ class ConsulServer(ServerProcess):
     @property
     def http(self) -> str:
         """Base URL of the HTTP API."""
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
+
+    def api(self, path: str, *, method: str = "GET", body: Any = None) -> Any:
+        """Call the HTTP API with the management token (if any); JSON in and out."""
+        headers = {"X-Consul-Token": self.acl_token} if self.acl_token else {}
+        context = self.tls.client_context() if self.tls else None
+        return _http_json(
+            f"{self.http}{path}", 5.0, context=context, headers=headers, method=method, body=body
+        )
 
     def command(self) -> list[str]:
         if self.persistent:
@@ -219,8 +279,20 @@ class ConsulServer(ServerProcess):
             mode += ["-hcl", "performance { raft_multiplier = 1 }"]
         else:
             mode = ["-dev"]
+        if self.acl_token:
+            mode += ["-hcl", f'acl {{ {_CONSUL_ACL} tokens {{ master = "{self.acl_token}" }} }}']
+            mode += ["-hcl", f'acl {{ tokens {{ agent = "{self.acl_token}" }} }}']
+        http_port = self.http_port
+        if self.tls:
+            http_port = -1
+            mode += ["-hcl", f"ports {{ https = {self.http_port} }}"]
+            mode += ["-hcl", f'ca_file = "{self.tls.ca_file}"']
+            mode += ["-hcl", f'cert_file = "{self.tls.cert_file}"']
+            mode += ["-hcl", f'key_file = "{self.tls.key_file}"']
+            verify = "true" if self.tls.verify_clients else "false"
+            mode += ["-hcl", f"verify_incoming_https = {verify}"]
         ports = {
-            "-http-port": self.http_port,
+            "-http-port": http_port,
             "-dns-port": -1,
             "-grpc-port": -1,
             "-serf-lan-port": self.serf_lan,
@@ -237,9 +309,9 @@ class ConsulServer(ServerProcess):
         ]
 
     def ready(self) -> bool:
-        if not _http_json(f"{self.http}/v1/status/leader"):
+        if not self.api("/v1/status/leader"):
             return False
-        checks = _http_json(f"{self.http}/v1/health/node/{self.node}")
+        checks = self.api(f"/v1/health/node/{self.node}")
         return any(c["CheckID"] == "serfHealth" and c["Status"] == "passing" for c in checks)
 
     def wipe_data(self) -> None:
@@ -251,21 +323,69 @@ class EtcdServer(ServerProcess):
 
     name = "etcd"
 
-    def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, workdir: str | os.PathLike[str] | None = None, *, tls: ServerTLS | None = None
+    ) -> None:
         super().__init__(workdir)
         self.binary = find_binary("etcd")
         self.client_port, self.peer_port = free_port(), free_port()
         self.data_dir = self.workdir / "data"
+        self.tls = tls
+        self._auth_token: str | None = None
 
     @property
     def url(self) -> str:
         return f"etcd://127.0.0.1:{self.client_port}"
 
+    @property
+    def client_url(self) -> str:
+        """The client URL etcd listens on (https with ``tls``)."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+
+    def api(self, path: str, body: Any = None) -> Any:
+        """POST to etcd's JSON gateway (``/v3/...``), logged in as root once auth is on."""
+        headers = {"Authorization": self._auth_token} if self._auth_token else {}
+        context = self.tls.client_context() if self.tls else None
+        return _http_json(
+            f"{self.client_url}{path}",
+            5.0,
+            context=context,
+            headers=headers,
+            method="POST",
+            body=body or {},
+        )
+
+    def enable_auth(self, root_password: str) -> None:
+        """Create ``root`` with ``root_password`` and turn authentication on."""
+        self.api("/v3/auth/user/add", {"name": "root", "password": root_password})
+        self.api("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        self.api("/v3/auth/enable")
+        reply = self.api("/v3/auth/authenticate", {"name": "root", "password": root_password})
+        self._auth_token = reply["token"]
+
+    def add_user(self, name: str, password: str, *, read_write_prefix: str) -> None:
+        """A user whose only role may read and write keys under ``read_write_prefix``."""
+        key = read_write_prefix.encode()
+        end = key[:-1] + bytes([key[-1] + 1])
+        role = f"{name}-role"
+        self.api("/v3/auth/role/add", {"name": role})
+        perm = {"permType": "READWRITE", "key": _b64(key), "range_end": _b64(end)}
+        self.api("/v3/auth/role/grant", {"name": role, "perm": perm})
+        self.api("/v3/auth/user/add", {"name": name, "password": password})
+        self.api("/v3/auth/user/grant", {"user": name, "role": role})
+
     def command(self) -> list[str]:
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = self.client_url
         peer = f"http://127.0.0.1:{self.peer_port}"
+        tls: list[str] = []
+        if self.tls:
+            tls = ["--cert-file", self.tls.cert_file, "--key-file", self.tls.key_file]
+            tls += ["--trusted-ca-file", self.tls.ca_file]
+            if self.tls.verify_clients:
+                tls += ["--client-cert-auth"]
         return [
             self.binary,
+            *tls,
             "--name",
             "member",
             "--data-dir",
@@ -285,7 +405,8 @@ class EtcdServer(ServerProcess):
         ]
 
     def ready(self) -> bool:
-        health = _http_json(f"http://127.0.0.1:{self.client_port}/health")
+        context = self.tls.client_context() if self.tls else None
+        health = _http_json(f"{self.client_url}/health", context=context)
         return bool(health) and health.get("health") == "true"
 
     def wipe_data(self) -> None:
