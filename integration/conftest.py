@@ -15,6 +15,7 @@ import pytest
 # The shared contract suites live in the package: show their failed asserts in full.
 pytest.register_assert_rewrite("registry_agent.testing.contract")
 
+from integration.agent_process import Agent  # noqa: E402
 from registry_agent._urls import parse_backend_url  # noqa: E402
 from registry_agent.testing.servers import (  # noqa: E402 - after the rewrite hook
     ConsulServer,
@@ -109,3 +110,12 @@ def persistent_consul_server() -> Iterator[ConsulServer]:
 def etcd_server() -> Iterator[EtcdServer]:
     """A throwaway single-member etcd (or $REGISTRY_AGENT_ETCD_URL's server)."""
     yield from _server("etcd", EtcdServer)
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Agent]]:
+    """Agent processes a test starts; killed at its end if still running."""
+    made: list[Agent] = []
+    yield made
+    for agent in made:
+        agent.close()

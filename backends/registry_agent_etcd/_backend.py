@@ -261,6 +261,11 @@ class EtcdBackend:
             return LeaseLost(f"lease lost: {text}", **context)
         if "invalid auth token" in text:  # expired (etcd --auth-token-ttl): log in again
             return BackendUnavailable(f"{where}: auth token expired, logging in again", **context)
+        if "user name is empty" in text:
+            return Rejected(
+                f"{where}: authentication is on and no user/password was given [{text}]",
+                **context,
+            )
         if "authentication failed" in text:
             return Rejected(f"{where}: wrong user name or password [{text}]", **context)
         if "permission denied" in text:

@@ -9,6 +9,7 @@ Environment overrides (they win over the file): ``REGISTRY_AGENT_BACKEND``,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -39,6 +40,9 @@ _ENV_KEYS = {
     "USER": ("backend", "user"),
     "PASSWORD": ("backend", "password"),
     "PASSWORD_FILE": ("backend", "password_file"),
+    "CA_FILE": ("backend", "ca_file"),
+    "CERT_FILE": ("backend", "cert_file"),
+    "KEY_FILE": ("backend", "key_file"),
     "STATUS_LISTEN": ("status", "listen"),
     "LOG_FORMAT": ("log", "format"),
     "LOG_LEVEL": ("log", "level"),
@@ -56,6 +60,11 @@ class BackendConfig:
     token: str | None = field(default=None, repr=False)
     user: str | None = None
     password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    #: Digest of the TLS files' contents: a reload with rotated certificates reconnects.
+    tls_digest: str = field(default="", repr=False)
 
     def options(self) -> dict[str, Any]:
         """Keyword options for ``open_backend``."""
@@ -63,6 +72,9 @@ class BackendConfig:
         options: dict[str, Any] = {"timeout": self.timeout}
         if self.token is not None:
             options["token"] = self.token
+        for name in ("ca_file", "cert_file", "key_file"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)
         if scheme == "etcd":
             if self.user is not None:
                 options["user"] = self.user
@@ -366,8 +378,29 @@ def _backend(fields: _Fields, base: Path) -> BackendConfig:
         raise fields.error("password_file", "give password or password_file, not both")
     if password_file is not None:
         password = _read_secret_file(password_file, fields.field("password_file"), base)
+    tls = {name: fields.get(name, _path_in(base)) for name in ("ca_file", "cert_file", "key_file")}
     fields.done()
-    return BackendConfig(url, timeout, token, user, password)
+    digest = hashlib.sha256()
+    for name, path in tls.items():
+        if path is not None:
+            try:
+                digest.update(Path(path).read_bytes())
+            except OSError as exc:
+                raise fields.error(name, f"cannot read {path}: {exc.strerror}") from None
+    return BackendConfig(url, timeout, token, user, password, **tls, tls_digest=digest.hexdigest())
+
+
+def _path_in(base: Path) -> Callable[[Any, str], str]:
+    """A path to an existing file, relative to the config file's folder."""
+
+    def convert(value: Any, path: str) -> str:
+        text = _str(value, path)
+        full = Path(text) if Path(text).is_absolute() else base / text
+        if not full.is_file():
+            raise ConfigError(f"no such file: {full}", field=path)
+        return str(full)
+
+    return convert
 
 
 def _service(fields: _Fields) -> ServiceConfig:
