@@ -69,7 +69,11 @@ class ServiceInstance:
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"expected an integer 1-65535, got {self.port}", field="port")
         address = self.address or socket.gethostname()
-        if not isinstance(address, str) or any(c.isspace() for c in address):
+        if (
+            not isinstance(address, str)
+            or not address.isprintable()
+            or any(c.isspace() for c in address)
+        ):
             raise ConfigError(
                 f"expected a host name or IP address, got {address!r}", field="address"
             )

@@ -67,7 +67,12 @@ def test_missing_extra_gives_the_pip_hint(
     ("url", "options", "field", "expected"),
     [
         ("consul://h:1?colour=red", {}, "backend", "unknown option(s) 'colour' for consul://"),
-        ("etcd://h:1", {"prefx": "/a"}, "backend", "expected one of: ca_file, cert_file, key_file, password, prefix"),
+        (
+            "etcd://h:1",
+            {"prefx": "/a"},
+            "backend",
+            "expected one of: ca_file, cert_file, key_file, password, prefix",
+        ),
         ("consul://h:1?scheme=ftp", {}, "backend.scheme", "expected one of http, https"),
         ("consul://h:1?timeout=soon", {}, "backend.timeout", "duration"),
         ("consul://h:1?timeout=0s", {}, "backend.timeout", "above zero"),

@@ -515,4 +515,6 @@ def load_config(
             line = rest.split(",")[0]
             where = f":{line}"
         raise ConfigError(f"invalid TOML: {message}", source=f"{source}{where}") from None
+    except RecursionError:
+        raise ConfigError("invalid TOML: nested too deeply", source=source) from None
     return parse_config(data, source=source, env=env, base=file.parent)
