@@ -8,6 +8,7 @@ valid instances of the service asked for, or skip; they never raise.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -23,6 +24,7 @@ from registry_agent_etcd import EtcdBackend
 
 from registry_agent import ConfigError, InstanceHealth, ServiceInstance
 from registry_agent._agent.config import load_config, parse_config
+from registry_agent._agent.status import StatusServer, json_body
 from registry_agent._cli import main
 
 SETTINGS = settings(
@@ -258,3 +260,67 @@ def test_instance_addresses_are_printable_without_spaces(address: str) -> None:
 def test_dates_in_a_config_are_errors_not_crashes() -> None:
     with pytest.raises(ConfigError, match=r"backend\.url: expected a string"):
         parse_config({"backend": {"url": datetime.date(2026, 1, 1)}}, env={})
+
+
+# -- the status server ---------------------------------------------------------------
+
+ROUTES = ["/healthz", "/readyz", "/status", "/metrics"]
+
+
+async def _ask(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    await writer.drain()
+    writer.write_eof()
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    method=st.text(alphabet=string.ascii_letters, min_size=1, max_size=10).filter(
+        lambda m: m not in ("GET", "HEAD")
+    ),
+    path=st.sampled_from(ROUTES),
+)
+def test_the_status_server_refuses_every_method_but_get(method: str, path: str) -> None:
+    async def scenario() -> bytes:
+        server = StatusServer("127.0.0.1", 0, {p: lambda: json_body(200, {}) for p in ROUTES})
+        await server.start()
+        try:
+            return await _ask(server.port, f"{method} {path} HTTP/1.1\r\n\r\n".encode())
+        finally:
+            await server.close()
+
+    reply = asyncio.run(scenario())
+    assert reply.startswith(b"HTTP/1.1 405 ")
+    assert b"Allow: GET, HEAD" in reply
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_the_status_server_survives_any_bytes(raw: bytes) -> None:
+    def handler() -> tuple[int, str, bytes]:
+        return json_body(200, {})
+
+    async def scenario() -> tuple[bytes, bytes]:
+        server = StatusServer("127.0.0.1", 0, dict.fromkeys(ROUTES, handler))
+        await server.start()
+        try:
+            junk = await _ask(server.port, raw + b"\r\n\r\n")
+            good = await _ask(server.port, b"GET /healthz HTTP/1.1\r\n\r\n")
+            return junk, good
+        finally:
+            await server.close()
+
+    junk, good = asyncio.run(scenario())
+    assert not junk.startswith(b"HTTP/1.1 5")
+    assert good.startswith(b"HTTP/1.1 200 ")  # still serving
+
+
+def test_the_status_server_binds_loopback_unless_told_otherwise() -> None:
+    base = {"backend": {"url": "consul://127.0.0.1:8500"}, "service": [{"name": "a", "port": 1}]}
+    assert parse_config(base, env={}).status_listen == ("127.0.0.1", 9750)
+    told = {**base, "status": {"listen": "0.0.0.0:9750"}}
+    assert parse_config(told, env={}).status_listen == ("0.0.0.0", 9750)
