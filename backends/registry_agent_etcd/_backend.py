@@ -110,6 +110,11 @@ class _Client(aetcd.Client):  # type: ignore[misc]
             self._is_connecting = False
 
 
+async def _connected(client: aetcd.Client) -> aetcd.Client:
+    await client.connect()
+    return client
+
+
 def _prefix_end(prefix: bytes) -> bytes:
     return aetcd.utils.prefix_range_end(prefix)  # type: ignore[no-any-return]
 
@@ -290,16 +295,21 @@ class EtcdBackend:
 
     async def _call(
         self,
-        call: Awaitable[T],
+        make: Callable[[aetcd.Client], Awaitable[T]],
         *,
         instance: ServiceInstance | None = None,
         service: str | None = None,
     ) -> T:
-        client = self._client
-        try:
-            return await call
-        except (aetcd.ClientError, grpc.aio.AioRpcError, OSError, TimeoutError) as exc:
-            raise await self._failed(exc, client, instance=instance, service=service) from exc
+        """``make(client)`` on the member in use; when it is unavailable, on the next ones."""
+        for attempt in range(len(self.endpoints)):
+            client = self.client
+            try:
+                return await make(client)
+            except (aetcd.ClientError, grpc.aio.AioRpcError, OSError, TimeoutError) as exc:
+                error = await self._failed(exc, client, instance=instance, service=service)
+                if not isinstance(error, BackendUnavailable) or attempt == len(self.endpoints) - 1:
+                    raise error from exc
+        raise AssertionError("unreachable")
 
     async def _failed(
         self,
@@ -373,9 +383,9 @@ class EtcdBackend:
         note: str = "",
         deregister_critical_after: float | None = None,
     ) -> Lease:
-        lease = await self._call(self.client.lease(max(1, math.ceil(ttl))), instance=instance)
+        lease = await self._call(lambda c: c.lease(max(1, math.ceil(ttl))), instance=instance)
         await self._call(
-            self.client.put(
+            lambda c: c.put(
                 self._key(instance.service, instance.id),
                 self._value(instance, status, note),
                 lease=lease.id,
@@ -385,7 +395,7 @@ class EtcdBackend:
         return Lease(instance, float(ttl), int(lease.id), "etcd")
 
     async def heartbeat(self, lease: Lease) -> None:
-        reply = await self._call(self.client.refresh_lease(lease.handle), instance=lease.instance)
+        reply = await self._call(lambda c: c.refresh_lease(lease.handle), instance=lease.instance)
         if reply is None or reply.TTL <= 0:
             raise LeaseLost(
                 f"lease {lease.handle:x} expired or not found"
@@ -399,7 +409,7 @@ class EtcdBackend:
     async def lookup(self, lease: Lease) -> InstanceHealth | None:
         instance = lease.instance
         key = self._key(instance.service, instance.id)
-        kv = await self._call(self.client.get(key), instance=instance)
+        kv = await self._call(lambda c: c.get(key), instance=instance)
         if kv is None or kv.lease != lease.handle:
             return None
         return self._parse(instance.service, key, kv.value)
@@ -407,7 +417,7 @@ class EtcdBackend:
     async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:
         instance = lease.instance
         await self._call(
-            self.client.put(
+            lambda c: c.put(
                 self._key(instance.service, instance.id),
                 self._value(instance, status, note),
                 lease=lease.handle,
@@ -419,11 +429,11 @@ class EtcdBackend:
         # Revoking the lease deletes its keys atomically; a key someone else
         # re-put under another lease is theirs and stays.
         with contextlib.suppress(LeaseLost):
-            await self._call(self.client.revoke_lease(lease.handle), instance=lease.instance)
+            await self._call(lambda c: c.revoke_lease(lease.handle), instance=lease.instance)
 
     async def list(self, service: str) -> ServiceSnapshot:
         prefix = self._key(service)
-        result = await self._call(self.client.get_prefix(prefix), service=service)
+        result = await self._call(lambda c: c.get_prefix(prefix), service=service)
         self._cluster_id = result.header.cluster_id
         found: dict[str, InstanceHealth] = {}
         for kv in result:
@@ -442,8 +452,7 @@ class EtcdBackend:
         revision = since.index
         cluster_id = self._cluster_id
         prefix = self._key(service)
-        client = self.client
-        await self._call(client.connect(), service=service)
+        client = await self._call(_connected, service=service)
         create = rpc.WatchRequest(
             create_request=rpc.WatchCreateRequest(
                 key=prefix,

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ConsulCluster",
     "ConsulServer",
+    "EtcdCluster",
     "EtcdServer",
     "ServerProcess",
     "ServerTLS",
@@ -100,7 +102,17 @@ class ServerProcess:
 
     name = "server"
 
-    def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+    ) -> None:
+        #: Address the server binds and advertises (a 127.x.y.z of a test host's veth).
+        self.host = host
+        #: Network namespace (a test host) the server runs in, or None for this one.
+        self.netns = netns
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"registry-agent-{self.name}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -132,9 +144,18 @@ class ServerProcess:
         """Start the server and wait until it serves requests."""
         if self.pid is not None:
             return
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting (cluster members wait for each other)."""
+        if self.pid is not None:
+            return
+        # `ip netns exec` execs the server in place: the PID we hold is the server's.
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(
-            self.command(),
+            [*prefix, *self.command()],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -143,11 +164,15 @@ class ServerProcess:
         )
         log.close()
         self.starts += 1
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the spawned server serves requests; stop it and raise if it does not."""
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 break
-            with contextlib.suppress(OSError, ValueError, urllib.error.URLError):
+            with contextlib.suppress(OSError, ValueError, KeyError, urllib.error.URLError):
                 if self.ready():
                     return
             time.sleep(0.05)
@@ -240,11 +265,21 @@ class ConsulServer(ServerProcess):
         persistent: bool = False,
         acl_token: str | None = None,
         tls: ServerTLS | None = None,
+        bootstrap_expect: int = 1,
+        client: bool = False,
+        join: tuple[str, ...] = (),
+        leave_on_terminate: bool | None = None,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
     ) -> None:
-        super().__init__(workdir)
-        self.persistent = persistent
+        super().__init__(workdir, host=host, netns=netns)
+        self.persistent = persistent or client or bootstrap_expect > 1
         self.acl_token = acl_token
         self.tls = tls
+        self.bootstrap_expect = bootstrap_expect
+        self.client = client
+        self.join = join
+        self.leave_on_terminate = leave_on_terminate
         self.data_dir = self.workdir / "data"
         self.binary = find_binary("consul")
         self.http_port, self.serf_lan, self.serf_wan, self.server_port = (
@@ -257,12 +292,22 @@ class ConsulServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"consul://127.0.0.1:{self.http_port}"
+        return f"consul://{self.host}:{self.http_port}"
+
+    @property
+    def serf_address(self) -> str:
+        """host:port other agents join."""
+        return f"{self.host}:{self.serf_lan}"
+
+    @property
+    def rpc_address(self) -> str:
+        """host:port of the server RPC (what /v1/status/leader names)."""
+        return f"{self.host}:{self.server_port}"
 
     @property
     def http(self) -> str:
         """Base URL of the HTTP API."""
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.http_port}"
 
     def api(self, path: str, *, method: str = "GET", body: Any = None) -> Any:
         """Call the HTTP API with the management token (if any); JSON in and out."""
@@ -273,12 +318,18 @@ class ConsulServer(ServerProcess):
         )
 
     def command(self) -> list[str]:
-        if self.persistent:
-            # raft_multiplier 1: the single server elects itself in ~1.5 s, not ~9 s.
-            mode = ["-server", "-bootstrap-expect", "1", "-data-dir", str(self.data_dir)]
-            mode += ["-hcl", "performance { raft_multiplier = 1 }"]
+        if self.client:
+            mode = ["-data-dir", str(self.data_dir)]
+        elif self.persistent:
+            # raft_multiplier 1: a server elects itself in ~1.5 s, not ~9 s.
+            mode = ["-server", "-bootstrap-expect", str(self.bootstrap_expect)]
+            mode += ["-data-dir", str(self.data_dir), "-hcl", "performance { raft_multiplier = 1 }"]
         else:
             mode = ["-dev"]
+        for address in self.join:
+            mode += ["-retry-join", address, "-retry-interval", "1s"]
+        if self.leave_on_terminate is not None:
+            mode += ["-hcl", f"leave_on_terminate = {str(self.leave_on_terminate).lower()}"]
         if self.acl_token:
             mode += ["-hcl", f'acl {{ {_CONSUL_ACL} tokens {{ master = "{self.acl_token}" }} }}']
             mode += ["-hcl", f'acl {{ tokens {{ agent = "{self.acl_token}" }} }}']
@@ -303,7 +354,7 @@ class ConsulServer(ServerProcess):
             self.binary,
             "agent",
             *mode,
-            *("-bind", "127.0.0.1", "-client", "127.0.0.1", "-advertise", "127.0.0.1"),
+            *("-bind", self.host, "-client", self.host, "-advertise", self.host),
             *("-node", self.node, "-log-level", "warn"),
             *(item for flag, port in ports.items() for item in (flag, str(port))),
         ]
@@ -324,23 +375,44 @@ class EtcdServer(ServerProcess):
     name = "etcd"
 
     def __init__(
-        self, workdir: str | os.PathLike[str] | None = None, *, tls: ServerTLS | None = None
+        self,
+        workdir: str | os.PathLike[str] | None = None,
+        *,
+        tls: ServerTLS | None = None,
+        member: str = "member",
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+        ports: tuple[int, int] | None = None,
+        cluster: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(workdir)
+        super().__init__(workdir, host=host, netns=netns)
         self.binary = find_binary("etcd")
-        self.client_port, self.peer_port = free_port(), free_port()
+        self.client_port, self.peer_port = ports or (free_port(), free_port())
         self.data_dir = self.workdir / "data"
         self.tls = tls
+        self.member = member
+        #: member name -> peer URL of every member (this one included), for a cluster.
+        self.cluster = cluster or {member: self.peer_url}
         self._auth_token: str | None = None
 
     @property
     def url(self) -> str:
-        return f"etcd://127.0.0.1:{self.client_port}"
+        return f"etcd://{self.host}:{self.client_port}"
 
     @property
     def client_url(self) -> str:
         """The client URL etcd listens on (https with ``tls``)."""
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        """The URL other members reach this one on."""
+        return f"http://{self.host}:{self.peer_port}"
+
+    def status(self) -> tuple[str, str]:
+        """(this member's id, the leader's id as this member sees it) from etcd itself."""
+        reply = self.api("/v3/maintenance/status")
+        return str(reply["header"]["member_id"]), str(reply.get("leader", ""))
 
     def api(self, path: str, body: Any = None) -> Any:
         """POST to etcd's JSON gateway (``/v3/...``), logged in as root once auth is on."""
@@ -376,7 +448,7 @@ class EtcdServer(ServerProcess):
 
     def command(self) -> list[str]:
         client = self.client_url
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = self.peer_url
         tls: list[str] = []
         if self.tls:
             tls = ["--cert-file", self.tls.cert_file, "--key-file", self.tls.key_file]
@@ -387,7 +459,7 @@ class EtcdServer(ServerProcess):
             self.binary,
             *tls,
             "--name",
-            "member",
+            self.member,
             "--data-dir",
             str(self.data_dir),
             "--listen-client-urls",
@@ -399,7 +471,9 @@ class EtcdServer(ServerProcess):
             "--initial-advertise-peer-urls",
             peer,
             "--initial-cluster",
-            f"member={peer}",
+            ",".join(f"{name}={url}" for name, url in self.cluster.items()),
+            "--initial-cluster-token",
+            "registry-agent-" + min(self.cluster.values()).rpartition(":")[2],
             "--log-level",
             "warn",
         ]
@@ -411,3 +485,148 @@ class EtcdServer(ServerProcess):
 
     def wipe_data(self) -> None:
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class EtcdCluster:
+    """``size`` etcd members forming one cluster; each member is an :class:`EtcdServer`.
+
+    ``hosts`` gives each member its own address (and ``netns`` its own test
+    host); by default all share 127.0.0.1 on free ports.
+    """
+
+    name = "etcd"
+
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        hosts: tuple[str, ...] | None = None,
+        netns: tuple[str | None, ...] | None = None,
+    ) -> None:
+        hosts = hosts or ("127.0.0.1",) * size
+        spaces = netns or (None,) * size
+        ports = [(free_port(), free_port()) for _ in range(size)]
+        names = [f"m{i}" for i in range(size)]
+        cluster = {n: f"http://{h}:{pp}" for n, h, (_, pp) in zip(names, hosts, ports, strict=True)}
+        self.members = [
+            EtcdServer(member=n, host=h, netns=ns, ports=pp, cluster=cluster)
+            for n, h, ns, pp in zip(names, hosts, spaces, ports, strict=True)
+        ]
+
+    @property
+    def url(self) -> str:
+        """``etcd://h1:p1,h2:p2,h3:p3``: every member."""
+        return "etcd://" + ",".join(f"{m.host}:{m.client_port}" for m in self.members)
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start every member that is not running and wait for all of them."""
+        stopped = [m for m in self.members if m.pid is None]
+        for member in stopped:
+            member.spawn()
+        for member in stopped:
+            member.wait_ready(timeout)
+
+    def leader(self, timeout: float = 15.0) -> EtcdServer:
+        """The member the running members agree leads (waits for an election)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ids: dict[str, EtcdServer] = {}
+            leaders = set()
+            for member in self.members:
+                if member.pid is None or member._paused:
+                    continue
+                with contextlib.suppress(OSError, ValueError, KeyError, urllib.error.URLError):
+                    own, leader = member.status()
+                    ids[own] = member
+                    leaders.add(leader)
+            if len(leaders) == 1 and (found := ids.get(leaders.pop())) is not None:
+                return found
+            time.sleep(0.1)
+        raise RuntimeError(f"no etcd leader within {timeout}s")
+
+    def close(self) -> None:
+        """Stop every member and remove their folders."""
+        for member in self.members:
+            member.close()
+
+    def __enter__(self) -> EtcdCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ConsulCluster:
+    """``servers`` Consul servers and one client agent, as Consul runs in production.
+
+    Registrars talk to the client agent (:attr:`url`), as on every host.
+    ``hosts``/``netns`` place the servers and the client on test hosts of
+    their own (index 0 to ``servers - 1`` for servers, the last for the client).
+    """
+
+    name = "consul"
+
+    def __init__(
+        self,
+        servers: int = 3,
+        *,
+        hosts: tuple[str, ...] | None = None,
+        netns: tuple[str | None, ...] | None = None,
+        client_leave_on_terminate: bool | None = None,
+    ) -> None:
+        hosts = hosts or ("127.0.0.1",) * (servers + 1)
+        spaces = netns or (None,) * (servers + 1)
+        self.servers: list[ConsulServer] = []
+        for host, space in zip(hosts[:servers], spaces[:servers], strict=True):
+            self.servers.append(ConsulServer(bootstrap_expect=servers, host=host, netns=space))
+        joins = tuple(s.serf_address for s in self.servers)
+        for server in self.servers:
+            server.join = tuple(j for j in joins if j != server.serf_address)
+        self.client = ConsulServer(
+            client=True,
+            join=joins,
+            host=hosts[servers],
+            netns=spaces[servers],
+            leave_on_terminate=client_leave_on_terminate,
+        )
+
+    @property
+    def url(self) -> str:
+        """The client agent: where registrars register."""
+        return self.client.url
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start every agent that is not running and wait for all of them."""
+        stopped = [a for a in (*self.servers, self.client) if a.pid is None]
+        for agent in stopped:
+            agent.spawn()
+        for agent in stopped:
+            agent.wait_ready(timeout)
+
+    def leader(self, timeout: float = 15.0) -> ConsulServer:
+        """The server that leads now (waits for an election)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for server in self.servers:
+                if server.pid is None:
+                    continue
+                with contextlib.suppress(OSError, ValueError, urllib.error.URLError):
+                    address = server.api("/v1/status/leader")
+                    for candidate in self.servers:
+                        if candidate.rpc_address == address and candidate.pid is not None:
+                            return candidate
+            time.sleep(0.1)
+        raise RuntimeError(f"no Consul leader within {timeout}s")
+
+    def close(self) -> None:
+        """Stop every agent and remove their folders."""
+        for agent in (self.client, *self.servers):
+            agent.close()
+
+    def __enter__(self) -> ConsulCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
