@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,8 @@ class ConsulServer(ServerProcess):
             free_port(),
         )
         self.node = f"node-{self.http_port}"
+        # Fixed, so a wiped agent comes back as the same node (as a host's machine id).
+        self.node_id = str(uuid.uuid4())
 
     @property
     def url(self) -> str:
@@ -355,7 +358,7 @@ class ConsulServer(ServerProcess):
             "agent",
             *mode,
             *("-bind", self.host, "-client", self.host, "-advertise", self.host),
-            *("-node", self.node, "-log-level", "warn"),
+            *("-node", self.node, "-node-id", self.node_id, "-log-level", "warn"),
             *(item for flag, port in ports.items() for item in (flag, str(port))),
         ]
 
