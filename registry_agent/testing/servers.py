@@ -387,8 +387,11 @@ class EtcdServer(ServerProcess):
         netns: str | None = None,
         ports: tuple[int, int] | None = None,
         cluster: dict[str, str] | None = None,
+        peer_host: str | None = None,
     ) -> None:
         super().__init__(workdir, host=host, netns=netns)
+        #: Address members talk to each other on (``host`` unless a separate network).
+        self.peer_host = peer_host or host
         self.binary = find_binary("etcd")
         self.client_port, self.peer_port = ports or (free_port(), free_port())
         self.data_dir = self.workdir / "data"
@@ -410,7 +413,7 @@ class EtcdServer(ServerProcess):
     @property
     def peer_url(self) -> str:
         """The URL other members reach this one on."""
-        return f"http://{self.host}:{self.peer_port}"
+        return f"http://{self.peer_host}:{self.peer_port}"
 
     def status(self) -> tuple[str, str]:
         """(this member's id, the leader's id as this member sees it) from etcd itself."""
@@ -505,15 +508,17 @@ class EtcdCluster:
         *,
         hosts: tuple[str, ...] | None = None,
         netns: tuple[str | None, ...] | None = None,
+        peer_hosts: tuple[str, ...] | None = None,
     ) -> None:
         hosts = hosts or ("127.0.0.1",) * size
+        peers = peer_hosts or hosts
         spaces = netns or (None,) * size
         ports = [(free_port(), free_port()) for _ in range(size)]
         names = [f"m{i}" for i in range(size)]
-        cluster = {n: f"http://{h}:{pp}" for n, h, (_, pp) in zip(names, hosts, ports, strict=True)}
+        cluster = {n: f"http://{h}:{pp}" for n, h, (_, pp) in zip(names, peers, ports, strict=True)}
         self.members = [
-            EtcdServer(member=n, host=h, netns=ns, ports=pp, cluster=cluster)
-            for n, h, ns, pp in zip(names, hosts, spaces, ports, strict=True)
+            EtcdServer(member=n, host=h, netns=ns, ports=pp, cluster=cluster, peer_host=ph)
+            for n, h, ns, pp, ph in zip(names, hosts, spaces, ports, peers, strict=True)
         ]
 
     @property
