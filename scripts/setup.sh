@@ -22,3 +22,7 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   touch "$stamp"
 fi
 bash scripts/fetch-servers.sh >/dev/null
+# The partition tests build test hosts with iproute2 (network namespaces, veth).
+if ! command -v ip >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+fi
