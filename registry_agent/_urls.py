@@ -45,7 +45,7 @@ class BackendURL:
 
     def redacted(self) -> str:
         """The URL without credentials, safe to log."""
-        hosts = ",".join(f"{h}:{p}" for h, p in self.endpoints)
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.endpoints)
         return f"{self.scheme}://{hosts}{self.path}"
 
 

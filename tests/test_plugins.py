@@ -32,6 +32,14 @@ def test_open_each_scheme() -> None:
     assert isinstance(open_backend("memory://"), MemoryBackend)
 
 
+def test_etcd_takes_every_member_of_a_cluster() -> None:
+    etcd = open_backend("etcd://10.0.0.1:2379,10.0.0.2,[::1]:2479?prefix=/reg")
+    assert isinstance(etcd, EtcdBackend)
+    assert etcd.endpoints == (("10.0.0.1", 2379), ("10.0.0.2", 2379), ("::1", 2479))
+    assert (etcd.host, etcd.port) == ("10.0.0.1", 2379)  # starts with the first
+    assert repr(etcd) == "EtcdBackend(etcd://10.0.0.1:2379,10.0.0.2:2379,[::1]:2479, prefix='/reg')"
+
+
 def test_memory_backends_with_one_name_share_state() -> None:
     a = open_backend("memory://shared-name")
     b = open_backend("memory://shared-name")
@@ -85,6 +93,8 @@ def test_missing_extra_gives_the_pip_hint(
         ("etcd://h:1?prefix=services", {}, "backend.prefix", "leading '/'"),
         ("etcd://h:1?user=alice", {}, "backend.user", "user and password go together"),
         ("consul://a:1,b:2", {}, "backend", "exactly one host:port"),
+        ("etcd://a:1,b:2,a:1", {}, "backend", "an endpoint is listed twice"),
+        ("etcd://a:1?tls=maybe", {}, "backend.tls", "expected true or false"),
         ("consul://h:1?token=a", {"token": "b"}, "backend", "both in the URL and as keywords"),
     ],
 )

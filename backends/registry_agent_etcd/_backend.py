@@ -84,7 +84,7 @@ class _Client(aetcd.Client):  # type: ignore[misc]
             return
         self._is_connecting = True
         try:
-            target = f"{self._host}:{self._port}"
+            target = _hostport(self._host, self._port)
             options = list(self._options.items())
             if self._credentials is None:
                 self.channel = grpc.aio.insecure_channel(target, options=options)
@@ -108,6 +108,10 @@ class _Client(aetcd.Client):  # type: ignore[misc]
             self._connected.set()
         finally:
             self._is_connecting = False
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _connected(client: aetcd.Client) -> aetcd.Client:
@@ -221,7 +225,7 @@ class EtcdBackend:
         return cls(endpoints=parsed.endpoints, **take_options("etcd", given, cls._OPTIONS))
 
     def __repr__(self) -> str:
-        hosts = ",".join(f"{h}:{p}" for h, p in self.endpoints)
+        hosts = ",".join(_hostport(h, p) for h, p in self.endpoints)
         return f"EtcdBackend(etcd://{hosts}, prefix={self.prefix!r})"
 
     @property
@@ -261,7 +265,7 @@ class EtcdBackend:
         text = str(exc) or type(exc).__name__
         if isinstance(exc, grpc.aio.AioRpcError):
             text = exc.details() or str(exc.code())
-        where = f"etcd at {self.host}:{self.port}"
+        where = f"etcd at {_hostport(self.host, self.port)}"
         if "lease not found" in text:
             return LeaseLost(f"lease lost: {text}", **context)
         if "invalid auth token" in text:  # expired (etcd --auth-token-ttl): log in again
