@@ -12,7 +12,7 @@ def test_parse_full_url() -> None:
     assert url.endpoints == (("10.0.0.1", 2379), ("::1", 2380))
     assert (url.username, url.password) == ("u", "p@ss")
     assert url.query == {"prefix": "/s"}
-    assert url.redacted() == "etcd://10.0.0.1:2379,::1:2380/x"
+    assert url.redacted() == "etcd://10.0.0.1:2379,[::1]:2380/x"
 
 
 def test_default_port_and_empty_host_list() -> None:
