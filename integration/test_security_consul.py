@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from integration.agent_process import Agent
 from integration.certs import CertFiles, make_certs
 from registry_agent import (
     AsyncRegistrar,
@@ -293,3 +295,38 @@ def test_tls_files_are_checked_before_any_request(tmp_path: Path, certs: CertFil
         )
     with pytest.raises(ConfigError, match=r"backend\.scheme: TLS files were given but scheme"):
         open_backend("consul://127.0.0.1:8501?scheme=http", ca_file=certs.ca)
+
+
+def test_the_agent_process_with_tls_and_a_token_file(
+    tmp_path: Path, certs: CertFiles, agents: list[Agent]
+) -> None:
+    server = ConsulServer(
+        acl_token=str(uuid.uuid4()),
+        tls=ServerTLS(certs.ca, certs.server_cert, certs.server_key),
+    )
+    server.start()
+    try:
+        acl = AclConsul(server)
+        (tmp_path / "token").write_text(acl.token)
+        agent = Agent(
+            tmp_path,
+            server.url,
+            """
+[[service]]
+name = "orders"
+id = "orders-1"
+address = "127.0.0.1"
+port = 8080
+ttl = "3s"
+""",
+            extra_backend='token_file = "token"\ncert_file = "client.pem"',
+        )
+        shutil.copy(certs.client_cert, tmp_path / "client.pem")
+        env = {"REGISTRY_AGENT_CA_FILE": certs.ca, "REGISTRY_AGENT_KEY_FILE": certs.client_key}
+        agents.append(agent.start(env=env))
+        agent.until("/readyz", 200)
+        assert "orders-1" in acl.services()
+        assert agent.stop() == 0
+        assert "orders-1" not in acl.services()
+    finally:
+        server.close()
