@@ -110,6 +110,12 @@ class _Client(aetcd.Client):  # type: ignore[misc]
             self._is_connecting = False
 
 
+def _details(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.details() or str(exc.code())
+    return str(exc) or type(exc).__name__
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -262,9 +268,7 @@ class EtcdBackend:
         return f"{self.prefix}/{service}/{instance_id}".encode()
 
     def _error(self, exc: BaseException, context: dict[str, str | None]) -> Exception:
-        text = str(exc) or type(exc).__name__
-        if isinstance(exc, grpc.aio.AioRpcError):
-            text = exc.details() or str(exc.code())
+        text = _details(exc)
         where = f"etcd at {_hostport(self.host, self.port)}"
         if "lease not found" in text:
             return LeaseLost(f"lease lost: {text}", **context)
@@ -329,7 +333,7 @@ class EtcdBackend:
         # aetcd keeps a half-open client after a failed connect (auth, timeout), and
         # an expired auth token stays in its metadata: start afresh next time.
         broken = isinstance(exc, TimeoutError | aetcd.exceptions.UnauthenticatedError) or (
-            "invalid auth token" in str(error)
+            "invalid auth token" in _details(exc)
         )
         failover = unavailable and len(self.endpoints) > 1
         # Only the first failure of a client moves on: its other calls fail with it.
