@@ -130,8 +130,9 @@ async def test_client_agent_restarted_with_its_data_kept(
     ours = [e for e in events if e.instance.id == ORDERS.id]
     assert EventType.DELETED not in [e.type for e in ours]
     assert ours[-1].type in (EventType.ADDED, EventType.ONLINE)
-    # Consul 1.8 brings a TTL check back critical until its next update; the
-    # connection probe sends that update at once, so a blip is milliseconds long.
+    # A graceful stop makes Consul 1.8 drop the TTL check's saved state: it comes
+    # back critical until its next update, which the connection probe sends at
+    # once, so a blip is milliseconds long.
     for went, came in itertools.pairwise(ours):
         if went.type is EventType.OFFLINE:
             assert came.type is EventType.ONLINE
