@@ -6,6 +6,7 @@ import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from registry_agent._errors import ConfigError
@@ -126,6 +127,14 @@ def take_options(
             field="backend",
         )
     return {name: spec[name](name, value) for name, value in given.items()}
+
+
+def read_secret_file(path: str | Path, *, field: str) -> str:
+    """A token or password kept in a file (surrounding whitespace removed)."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", field=field) from None
 
 
 def opt_str(name: str, value: Any) -> str:

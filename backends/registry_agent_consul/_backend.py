@@ -11,7 +11,6 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
@@ -39,6 +38,7 @@ from registry_agent._urls import (
     opt_duration,
     opt_str,
     parse_backend_url,
+    read_secret_file,
     take_options,
 )
 from registry_agent_consul._http import AsyncConsul
@@ -71,12 +71,7 @@ def _token(token: str | None, token_file: str | None) -> str | None:
         token = os.environ.get("CONSUL_HTTP_TOKEN") or None
         token_file = None if token else os.environ.get("CONSUL_HTTP_TOKEN_FILE") or None
     if token_file is not None:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read {token_file}: {exc.strerror}", field="backend.token_file"
-            ) from None
+        token = read_secret_file(token_file, field="backend.token_file")
     return token or None
 
 

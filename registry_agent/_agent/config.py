@@ -21,7 +21,7 @@ from registry_agent._errors import ConfigError
 from registry_agent._health.checks import CommandCheck, HealthCheck, HttpCheck, TcpCheck
 from registry_agent._health.gate import OnUnhealthy
 from registry_agent._models import ServiceInstance
-from registry_agent._urls import parse_backend_url, parse_duration
+from registry_agent._urls import parse_backend_url, parse_duration, read_secret_file
 
 __all__ = [
     "AgentConfig",
@@ -273,12 +273,7 @@ def _status_range(value: Any, path: str) -> tuple[int, int]:
 
 def _read_secret_file(path_text: str, field: str, base: Path) -> str:
     path = Path(path_text)
-    if not path.is_absolute():
-        path = base / path
-    try:
-        return path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}", field=field) from None
+    return read_secret_file(path if path.is_absolute() else base / path, field=field)
 
 
 def _with_source(error: ConfigError, source: str) -> ConfigError:
