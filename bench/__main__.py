@@ -7,7 +7,7 @@ import platform
 import sys
 import time
 
-from bench import capacity, faults, propagation, recovery, watch_scale
+from bench import capacity, faults, propagation, recovery, topologies, watch_scale
 from bench.common import table
 
 
@@ -37,6 +37,8 @@ def main() -> int:
     print(table(scale_details, ["backend", "instances", "initial snapshot", "watcher memory"]))
     print("\n## Fault matrix (DESIGN §6, real servers)\n")
     print(table(faults.run(), ["scenario", "consul", "etcd"]))
+    print("\n## Clusters and partitions (integration topology tests, repeated)\n")
+    print(table(topologies.run(quick), ["scenario", "step", "median", "worst", "runs"]))
     print(f"\ntotal time: {time.monotonic() - started:.0f} s")
     return 0
 

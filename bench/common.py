@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,3 +114,42 @@ def stop_process(proc: subprocess.Popen[str]) -> None:
 
 def now() -> float:
     return time.perf_counter()
+
+
+@dataclass
+class TestResult:
+    """One integration test case from a JUnit report: outcome and measured durations."""
+
+    name: str
+    passed: bool
+    measured: list[tuple[str, float]]
+
+
+def run_measured_tests(*paths: str) -> list[TestResult]:
+    """Run integration test files (2 workers) and read back what each measured."""
+    root = HERE.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.xml"
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2"),
+                *("-o", "junit_family=xunit1", f"--junitxml={report}"),
+                *(str(root / "integration" / path) for path in paths),
+            ],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+        tree = ET.parse(report)
+    results = []
+    for case in tree.iter("testcase"):
+        passed = all(case.find(tag) is None for tag in ("failure", "error", "skipped"))
+        measured = []
+        for prop in case.iter("property"):
+            if prop.get("name") == "measured":
+                found = re.search(r"\s{2,}(\S.*?)\s+(\d+\.\d+)s \(bound", prop.get("value", ""))
+                if found:
+                    measured.append((found.group(1).strip(), float(found.group(2))))
+        results.append(TestResult(case.get("name", ""), passed, measured))
+    return results

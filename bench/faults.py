@@ -8,15 +8,8 @@ pytest's JUnit report: one set of scenarios, tested and benchmarked alike.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-import tempfile
-import xml.etree.ElementTree as ET
-from pathlib import Path
 
-from bench.common import log
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import log, run_measured_tests
 
 SCENARIOS = [
     ("1. registry restarted empty", "test_registry_restarted_empty"),
@@ -35,50 +28,17 @@ SCENARIOS = [
 
 def run() -> list[list[str]]:
     log("fault matrix: integration/test_healing.py on real Consul and etcd")
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "faults.xml"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "-n",
-                "2",
-                "-o",
-                "junit_family=xunit1",
-                f"--junitxml={report}",
-                str(ROOT / "integration" / "test_healing.py"),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            check=False,
-        )
-        tree = ET.parse(report)
     results: dict[tuple[str, str], list[str]] = {}
     passed: dict[tuple[str, str], bool] = {}
-    for case in tree.iter("testcase"):
-        match = re.fullmatch(r"(test_\w+?)\[(consul|etcd)(?:-(\w+))?\]", case.get("name", ""))
+    for case in run_measured_tests("test_healing.py"):
+        match = re.fullmatch(r"(test_\w+?)\[(consul|etcd)(?:-(\w+))?\]", case.name)
         if not match:
             continue
         name, backend, _variant = match.groups()
-        ok = (
-            case.find("failure") is None
-            and case.find("error") is None
-            and case.find("skipped") is None
-        )
         key = (name, backend)
-        passed[key] = passed.get(key, True) and ok
-        for prop in case.iter("property"):
-            if prop.get("name") == "measured":
-                text = prop.get("value", "")
-                what = re.search(r"\s{2,}(\S.*?)\s+(\d+\.\d+)s \(bound", text)
-                if what:
-                    label = what.group(1).strip()
-                    results.setdefault(key, []).append(f"{label} {float(what.group(2)):.2f}s")
+        passed[key] = passed.get(key, True) and case.passed
+        for label, seconds in case.measured:
+            results.setdefault(key, []).append(f"{label} {seconds:.2f}s")
     rows = []
     for title, name in SCENARIOS:
         row = [title]

@@ -50,7 +50,7 @@ def measured(
 
     def record(what: str, seconds: float, bound: float) -> None:
         record_property(
-            "measured", f"{request.node.name:70} {what:28} {seconds:6.2f}s (bound {bound:.1f}s)"
+            "measured", f"{request.node.name:70}  {what:28} {seconds:6.2f}s (bound {bound:.1f}s)"
         )
         assert seconds <= bound, f"{what} took {seconds:.2f}s, bound {bound:.2f}s"
 

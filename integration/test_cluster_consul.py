@@ -132,7 +132,7 @@ async def test_client_agent_restarted_with_its_data_kept(
     assert ours[-1].type in (EventType.ADDED, EventType.ONLINE)
     # A graceful stop makes Consul 1.8 drop the TTL check's saved state: it comes
     # back critical until its next update, which the connection probe sends at
-    # once, so a blip is milliseconds long.
+    # once: watchers elsewhere see a blip of a few hundred milliseconds at most.
     for went, came in itertools.pairwise(ours):
         if went.type is EventType.OFFLINE:
             assert came.type is EventType.ONLINE
