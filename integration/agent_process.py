@@ -20,6 +20,15 @@ import pytest
 from registry_agent import HealthStatus, open_backend
 from registry_agent.testing.servers import free_port
 
+ONE_SERVICE = """
+[[service]]
+name = "orders"
+id = "orders-1"
+address = "127.0.0.1"
+port = 8080
+ttl = "3s"
+"""
+
 
 class Agent:
     """A `registry-agent run` subprocess with its config, logs and status port."""

@@ -12,6 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from registry_agent.testing.servers import ServerTLS
+
 
 @dataclass(frozen=True)
 class CertFiles:
@@ -22,6 +24,14 @@ class CertFiles:
     server_key: str
     client_cert: str
     client_key: str
+
+    def server_tls(self) -> ServerTLS:
+        """What a test server serves TLS with (it verifies clients)."""
+        return ServerTLS(self.ca, self.server_cert, self.server_key)
+
+    def client_options(self) -> dict[str, str]:
+        """Backend options for a client that trusts the CA and shows its certificate."""
+        return {"ca_file": self.ca, "cert_file": self.client_cert, "key_file": self.client_key}
 
 
 def _name(common_name: str) -> x509.Name:

@@ -7,6 +7,7 @@ servers instead (see compose-tests.sh) and skip what needs a server of their own
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,7 +16,9 @@ import pytest
 # The shared contract suites live in the package: show their failed asserts in full.
 pytest.register_assert_rewrite("registry_agent.testing.contract")
 
+from integration.acl import AclConsul  # noqa: E402
 from integration.agent_process import Agent  # noqa: E402
+from integration.certs import CertFiles, make_certs  # noqa: E402
 from registry_agent._urls import parse_backend_url  # noqa: E402
 from registry_agent.testing.servers import (  # noqa: E402 - after the rewrite hook
     ConsulServer,
@@ -119,3 +122,20 @@ def agents() -> Iterator[list[Agent]]:
     yield made
     for agent in made:
         agent.close()
+
+
+@pytest.fixture
+def acl() -> Iterator[AclConsul]:
+    """A Consul agent with ACLs on (default deny) and a token for ``orders*`` only."""
+    server = ConsulServer(acl_token=str(uuid.uuid4()))
+    server.start()
+    try:
+        yield AclConsul(server)
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> CertFiles:
+    """A throwaway CA with a 127.0.0.1 server certificate and a client certificate."""
+    return make_certs(tmp_path_factory.mktemp("certs"))

@@ -13,33 +13,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from integration.agent_process import Agent
-from integration.test_security_consul import AclConsul
-from registry_agent.testing.servers import ConsulServer, EtcdServer
-
-SERVICE = """
-[[service]]
-name = "orders"
-id = "orders-1"
-address = "127.0.0.1"
-port = 8080
-ttl = "3s"
-"""
-
-
-@pytest.fixture
-def acl() -> Iterator[AclConsul]:
-    server = ConsulServer(acl_token=str(uuid.uuid4()))
-    server.start()
-    try:
-        yield AclConsul(server)
-    finally:
-        server.close()
+from integration.acl import AclConsul
+from integration.agent_process import ONE_SERVICE, Agent
+from registry_agent.testing.servers import EtcdServer
 
 
 def surfaces(agent: Agent) -> list[str]:
@@ -68,7 +48,7 @@ def test_consul_token_never_shows(
     wrong = str(uuid.uuid4())
     token_file = tmp_path / "token"
     token_file.write_text(acl.token)
-    agent = Agent(tmp_path, acl.server.url, SERVICE, extra_backend='token_file = "token"')
+    agent = Agent(tmp_path, acl.server.url, ONE_SERVICE, extra_backend='token_file = "token"')
     agents.append(agent.start("--log-format", log_format, "--log-level", "debug"))
     agent.until("/readyz", 200)
     seen = surfaces(agent)
@@ -102,7 +82,7 @@ def test_etcd_password_never_shows(tmp_path: Path, agents: list[Agent]) -> None:
         server.add_user("agent", password, read_write_prefix="/services/")
         (tmp_path / "pw").write_text(password)
         agent = Agent(
-            tmp_path, server.url, SERVICE, extra_backend='user = "agent"\npassword_file = "pw"'
+            tmp_path, server.url, ONE_SERVICE, extra_backend='user = "agent"\npassword_file = "pw"'
         )
         agents.append(agent.start("--log-format", "json", "--log-level", "debug"))
         agent.until("/readyz", 200)

@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from integration.agent_process import Agent
+from integration.acl import AclConsul
+from integration.agent_process import ONE_SERVICE, Agent
 from integration.certs import CertFiles, make_certs
 from registry_agent import (
     AsyncRegistrar,
@@ -24,56 +25,20 @@ from registry_agent import (
     ServiceInstance,
     open_backend,
 )
-from registry_agent.testing.servers import ConsulServer, ServerTLS
+from registry_agent.testing.servers import ConsulServer
 
 ORDERS = ServiceInstance("orders", address="127.0.0.1", port=8080)
 BILLING = ServiceInstance("billing", address="127.0.0.1", port=8081)
-RULES = 'service_prefix "orders" { policy = "write" }\nnode_prefix "" { policy = "read" }'
-
-
-class AclConsul:
-    """A Consul agent with ACLs on, default deny, and a token limited to ``orders*``."""
-
-    def __init__(self, server: ConsulServer) -> None:
-        self.server = server
-        policy = server.api(
-            "/v1/acl/policy", method="PUT", body={"Name": "orders-only", "Rules": RULES}
-        )
-        token = server.api("/v1/acl/token", method="PUT", body={"Policies": [{"ID": policy["ID"]}]})
-        self.token: str = token["SecretID"]
-
-    def services(self) -> set[str]:
-        """What the catalog holds, read with the management token."""
-        return set(self.server.api("/v1/agent/services"))
-
-
-@pytest.fixture
-def acl() -> Iterator[AclConsul]:
-    server = ConsulServer(acl_token=str(uuid.uuid4()))
-    server.start()
-    try:
-        yield AclConsul(server)
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> CertFiles:
-    return make_certs(tmp_path_factory.mktemp("consul-certs"))
 
 
 @pytest.fixture
 def tls_consul(certs: CertFiles) -> Iterator[ConsulServer]:
-    server = ConsulServer(tls=ServerTLS(certs.ca, certs.server_cert, certs.server_key))
+    server = ConsulServer(tls=certs.server_tls())
     server.start()
     try:
         yield server
     finally:
         server.close()
-
-
-def client_tls(certs: CertFiles) -> dict[str, str]:
-    return {"ca_file": certs.ca, "cert_file": certs.client_cert, "key_file": certs.client_key}
 
 
 # -- ACLs ----------------------------------------------------------------------------
@@ -213,7 +178,7 @@ async def test_the_token_travels_in_a_header_never_in_a_url(
 async def test_tls_with_the_ca_and_a_client_certificate(
     tls_consul: ConsulServer, certs: CertFiles
 ) -> None:
-    reg = AsyncRegistrar(open_backend(tls_consul.url, **client_tls(certs)), ORDERS, ttl=3)
+    reg = AsyncRegistrar(open_backend(tls_consul.url, **certs.client_options()), ORDERS, ttl=3)
     await reg.start(wait_registered=10)
     try:
         snapshot = await reg.backend.list("orders")
@@ -302,7 +267,7 @@ def test_the_agent_process_with_tls_and_a_token_file(
 ) -> None:
     server = ConsulServer(
         acl_token=str(uuid.uuid4()),
-        tls=ServerTLS(certs.ca, certs.server_cert, certs.server_key),
+        tls=certs.server_tls(),
     )
     server.start()
     try:
@@ -311,14 +276,7 @@ def test_the_agent_process_with_tls_and_a_token_file(
         agent = Agent(
             tmp_path,
             server.url,
-            """
-[[service]]
-name = "orders"
-id = "orders-1"
-address = "127.0.0.1"
-port = 8080
-ttl = "3s"
-""",
+            ONE_SERVICE,
             extra_backend='token_file = "token"\ncert_file = "client.pem"',
         )
         shutil.copy(certs.client_cert, tmp_path / "client.pem")

@@ -20,7 +20,7 @@ from registry_agent import (
     ServiceInstance,
     open_backend,
 )
-from registry_agent.testing.servers import EtcdServer, ServerTLS
+from registry_agent.testing.servers import EtcdServer
 
 ORDERS = ServiceInstance("orders", address="127.0.0.1", port=8080)
 BILLING = ServiceInstance("billing", address="127.0.0.1", port=8081)
@@ -40,23 +40,14 @@ def auth_etcd() -> Iterator[EtcdServer]:
         server.close()
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> CertFiles:
-    return make_certs(tmp_path_factory.mktemp("etcd-certs"))
-
-
 @pytest.fixture
 def tls_etcd(certs: CertFiles) -> Iterator[EtcdServer]:
-    server = EtcdServer(tls=ServerTLS(certs.ca, certs.server_cert, certs.server_key))
+    server = EtcdServer(tls=certs.server_tls())
     server.start()
     try:
         yield server
     finally:
         server.close()
-
-
-def client_tls(certs: CertFiles) -> dict[str, str]:
-    return {"ca_file": certs.ca, "cert_file": certs.client_cert, "key_file": certs.client_key}
 
 
 # -- authentication ------------------------------------------------------------------
@@ -160,7 +151,7 @@ port = 8080
 async def test_tls_with_the_ca_and_a_client_certificate(
     tls_etcd: EtcdServer, certs: CertFiles
 ) -> None:
-    reg = AsyncRegistrar(open_backend(tls_etcd.url, **client_tls(certs)), ORDERS, ttl=3)
+    reg = AsyncRegistrar(open_backend(tls_etcd.url, **certs.client_options()), ORDERS, ttl=3)
     await reg.start(wait_registered=10)
     try:
         assert list((await reg.backend.list("orders")).instances) == [ORDERS.id]
