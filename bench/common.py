@@ -123,6 +123,8 @@ class TestResult:
     name: str
     passed: bool
     measured: list[tuple[str, float]]
+    #: The failure's message when it did not pass.
+    why: str = ""
 
 
 def run_measured_tests(*paths: str) -> list[TestResult]:
@@ -144,12 +146,15 @@ def run_measured_tests(*paths: str) -> list[TestResult]:
         tree = ET.parse(report)
     results = []
     for case in tree.iter("testcase"):
-        passed = all(case.find(tag) is None for tag in ("failure", "error", "skipped"))
+        problems = [case.find(tag) for tag in ("failure", "error", "skipped")]
+        found_problem = next((p for p in problems if p is not None), None)
+        passed = found_problem is None
+        why = "" if found_problem is None else (found_problem.get("message") or "")[:300]
         measured = []
         for prop in case.iter("property"):
             if prop.get("name") == "measured":
                 found = re.search(r"\s{2,}(\S.*?)\s+(\d+\.\d+)s \(bound", prop.get("value", ""))
                 if found:
                     measured.append((found.group(1).strip(), float(found.group(2))))
-        results.append(TestResult(case.get("name", ""), passed, measured))
+        results.append(TestResult(case.get("name", ""), passed, measured, why))
     return results

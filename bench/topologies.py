@@ -19,11 +19,11 @@ def run(quick: bool) -> list[list[str]]:
     trials = 1 if quick else 3
     log(f"topologies: {', '.join(FILES)} x {trials}")
     seen: dict[tuple[str, str], list[float]] = {}
-    failed: set[str] = set()
+    failed: dict[str, str] = {}
     for _ in range(trials):
         for case in run_measured_tests(*FILES):
             if not case.passed:
-                failed.add(case.name)
+                failed[case.name] = case.why
             for label, seconds in case.measured:
                 seen.setdefault((case.name, label), []).append(seconds)
     rows = [
@@ -36,5 +36,5 @@ def run(quick: bool) -> list[list[str]]:
         ]
         for (name, label), values in sorted(seen.items())
     ]
-    rows += [[name, "FAILED", "-", "-", "-"] for name in sorted(failed)]
+    rows += [[name, f"FAILED: {why}", "-", "-", "-"] for name, why in sorted(failed.items())]
     return rows

@@ -37,11 +37,32 @@ __all__ = [
 ]
 
 
+# Ports are handed out in turn from a block of their own per test worker, below
+# the kernel's ephemeral range (32768+, where outgoing connections take theirs):
+# a port a stopped server will restart on is not given to anyone else meanwhile,
+# and two workers never race for the same port.
+_PORT_BLOCK = 2000
+_PORT_BASE = 20000
+_next_port: list[int] = []
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on, not handed out before by this process."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    low = _PORT_BASE + (index % 6) * _PORT_BLOCK
+    if not _next_port:
+        _next_port.append(low + os.getpid() % _PORT_BLOCK)
+    for _ in range(_PORT_BLOCK):
+        port = _next_port[0]
+        _next_port[0] = low + (port + 1 - low) % _PORT_BLOCK
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + _PORT_BLOCK - 1}")
 
 
 def find_binary(name: str) -> str:
