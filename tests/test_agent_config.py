@@ -213,3 +213,30 @@ def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     err = capsys.readouterr().err
     assert "service[1].port" in err
     assert "Traceback" not in err
+
+
+def test_tls_files_resolve_from_the_config_folder_and_rotation_changes_the_config(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "ca.pem").write_text("first CA")
+    text = GOOD.replace(
+        'url = "consul://127.0.0.1:8500"', 'url = "consul://127.0.0.1:8500"\nca_file = "ca.pem"'
+    )
+    path = write(tmp_path, text)
+    first = load_config(path, env={})
+    assert first.backend.ca_file == str(tmp_path / "ca.pem")
+    assert first.backend.options()["ca_file"] == str(tmp_path / "ca.pem")
+    assert load_config(path, env={}).backend == first.backend  # same files: nothing to redo
+    (tmp_path / "ca.pem").write_text("rotated CA")
+    assert load_config(path, env={}).backend != first.backend  # a reload reconnects
+    (tmp_path / "other.pem").write_text("other CA")
+    env = load_config(path, env={"REGISTRY_AGENT_CA_FILE": str(tmp_path / "other.pem")})
+    assert env.backend.ca_file == str(tmp_path / "other.pem")  # the environment wins
+
+
+def test_a_missing_tls_file_names_the_field(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'url = "consul://127.0.0.1:8500"', 'url = "consul://127.0.0.1:8500"\ncert_file = "c.pem"'
+    )
+    with pytest.raises(ConfigError, match=r"backend\.cert_file: no such file: .*c\.pem"):
+        load_config(write(tmp_path, text), env={})
