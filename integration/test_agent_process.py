@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from integration.agent_process import Agent, listed
+from integration.agent_process import ONE_SERVICE, Agent, listed
 from registry_agent import HealthStatus, ServiceInstance, open_backend
 from registry_agent.testing.servers import ConsulServer, ServerProcess, free_port
 
@@ -25,17 +25,13 @@ def health_file_check(tmp_path: Path) -> tuple[Path, str]:
     return flag, f'command = ["test", "-e", "{flag}"]\ninterval = "200ms"'
 
 
-ORDERS = """
-[[service]]
-name = "orders"
-id = "orders-1"
-address = "127.0.0.1"
-port = 8080
-ttl = "3s"
-gate = {{ fall = 2, rise = 1 }}
+ORDERS = (
+    ONE_SERVICE
+    + """gate = {{ fall = 2, rise = 1 }}
 [[service.check]]
 {check}
 """
+)
 
 
 def test_registration_readyz_and_metrics(
