@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
+from integration.event_log import EventLog
 from registry_agent import (
     AsyncRegistrar,
     AsyncWatcher,
@@ -23,7 +24,6 @@ from registry_agent import (
     HealthStatus,
     RetryPolicy,
     ServiceInstance,
-    WatchEvent,
     open_backend,
 )
 from registry_agent.testing.servers import ConsulCluster
@@ -52,33 +52,12 @@ async def registrar(cluster: ConsulCluster) -> AsyncIterator[AsyncRegistrar]:
     await reg.backend.close()
 
 
-class Seen(list[WatchEvent]):
-    """Events in arrival order, with when each arrived (``at``, monotonic seconds)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.at: dict[int, float] = {}
-
-    def add(self, event: WatchEvent) -> None:
-        self.at[id(event)] = time.monotonic()
-        self.append(event)
-
-
 @pytest.fixture
-async def events(cluster: ConsulCluster) -> AsyncIterator[Seen]:
+async def events(cluster: ConsulCluster) -> AsyncIterator[EventLog]:
     """What a discovery client on another host sees (through a server agent)."""
     backend = open_backend(cluster.servers[1].url, timeout=1, wait="5s")
-    watcher = AsyncWatcher(backend, "orders", retry=RETRY)
-    seen = Seen()
-
-    async def collect() -> None:
-        async for event in watcher:
-            seen.add(event)
-
-    task = asyncio.create_task(collect())
-    yield seen
-    task.cancel()
-    await watcher.close()
+    async with EventLog(AsyncWatcher(backend, "orders", retry=RETRY)) as log:
+        yield log
     await backend.close()
 
 
@@ -99,21 +78,13 @@ async def until_passing(backend: Backend, instance: ServiceInstance, within: flo
     pytest.fail(f"{instance.id} never passing")
 
 
-async def until_event(seen: list[WatchEvent], kind: EventType, instance_id: str) -> None:
-    for _ in range(400):
-        if any(e.type is kind and e.instance.id == instance_id for e in seen):
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"no {kind} for {instance_id}: {seen}")
-
-
 async def test_client_agent_restarted_with_its_data_kept(
     cluster: ConsulCluster,
     registrar: AsyncRegistrar,
-    events: Seen,
+    events: EventLog,
     measured: Measured,
 ) -> None:
-    await until_event(events, EventType.ADDED, ORDERS.id)
+    await events.wait_for((EventType.ADDED, ORDERS.id))
     cluster.client.stop()
     cluster.client.start()
     back = time.monotonic()
@@ -136,7 +107,7 @@ async def test_client_agent_restarted_with_its_data_kept(
     for went, came in itertools.pairwise(ours):
         if went.type is EventType.OFFLINE:
             assert came.type is EventType.ONLINE
-            blip = events.at[id(came)] - events.at[id(went)]
+            blip = events.at(came) - events.at(went)
             # Repaired by the next heartbeat at the latest, never left to the TTL.
             measured("critical blip on restart", blip, TTL / 3 + RETRY.cap)
 
@@ -162,36 +133,27 @@ async def test_leader_killed(
     cluster: ConsulCluster, registrar: AsyncRegistrar, measured: Measured
 ) -> None:
     watched = open_backend(cluster.url, timeout=1, wait="5s")  # the host's own agent
-    watcher = AsyncWatcher(watched, "orders", retry=RETRY)
-    seen: list[WatchEvent] = []
-
-    async def collect() -> None:
-        async for event in watcher:
-            seen.append(event)
-
-    task = asyncio.create_task(collect())
     late = ServiceInstance("orders", id="orders-late", address="127.0.0.1", port=8081)
     other = open_backend(cluster.url, timeout=1)
     try:
-        await until_event(seen, EventType.ADDED, ORDERS.id)
-        leader = cluster.leader()
-        leader.kill()
-        killed = time.monotonic()
-        await other.register(late, ttl=30)  # the local agent accepts it; syncs when it can
-        await until_event(seen, EventType.ADDED, late.id)
-        measured("watch event after leader kill", time.monotonic() - killed, 10.0)
-        assert cluster.leader() is not leader
-        await asyncio.sleep(TTL)
-        survivor = next(s for s in cluster.servers if s is not leader)
-        observer = open_backend(survivor.url, timeout=1)
-        try:
-            assert await status_via(observer, ORDERS) is HealthStatus.PASSING
-        finally:
-            await observer.close()
-        assert registrar.counters.reregistrations == 0
-        assert [e.type for e in seen if e.instance.id == ORDERS.id] == [EventType.ADDED]
+        async with EventLog(AsyncWatcher(watched, "orders", retry=RETRY)) as seen:
+            await seen.wait_for((EventType.ADDED, ORDERS.id))
+            leader = cluster.leader()
+            leader.kill()
+            killed = time.monotonic()
+            await other.register(late, ttl=30)  # the local agent accepts it; syncs when it can
+            await seen.wait_for((EventType.ADDED, late.id))
+            measured("watch event after leader kill", time.monotonic() - killed, 10.0)
+            assert cluster.leader() is not leader
+            await asyncio.sleep(TTL)
+            survivor = next(s for s in cluster.servers if s is not leader)
+            observer = open_backend(survivor.url, timeout=1)
+            try:
+                assert await status_via(observer, ORDERS) is HealthStatus.PASSING
+            finally:
+                await observer.close()
+            assert registrar.counters.reregistrations == 0
+            assert seen.of(ORDERS.id) == [EventType.ADDED]
     finally:
-        task.cancel()
-        await watcher.close()
         await watched.close()
         await other.close()

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
+from integration.event_log import EventLog
 from registry_agent import (
     AsyncRegistrar,
     AsyncWatcher,
@@ -21,7 +22,6 @@ from registry_agent import (
     EventType,
     RetryPolicy,
     ServiceInstance,
-    WatchEvent,
     open_backend,
 )
 from registry_agent.testing.servers import EtcdCluster, EtcdServer
@@ -127,41 +127,27 @@ async def test_the_leader_dies_registrations_survive_and_watchers_deliver(
     cluster: EtcdCluster, registrar: AsyncRegistrar, measured: Measured
 ) -> None:
     watched = open_backend(cluster.url, timeout=TIMEOUT)
-    watcher = AsyncWatcher(watched, "orders", retry=RETRY)
-    events: list[WatchEvent] = []
-
-    async def collect() -> None:
-        async for event in watcher:
-            events.append(event)
-
-    task = asyncio.create_task(collect())
     other = open_backend(cluster.url, timeout=TIMEOUT)
     try:
-        for _ in range(500):
-            if events:
-                break
-            await asyncio.sleep(0.02)
-        leader = cluster.leader()
-        leader.kill()
-        killed = time.monotonic()
-        late = ServiceInstance("orders", id="orders-late", address="127.0.0.1", port=8081)
-        while True:  # a write needs a new leader: retry until the cluster has one
-            try:
-                await other.register(late, ttl=30)
-                break
-            except BackendUnavailable:
-                await asyncio.sleep(0.05)
-        while not any(e.type is EventType.ADDED and e.instance.id == late.id for e in events):
-            assert time.monotonic() - killed < 20, events
-            await asyncio.sleep(0.02)
-        took = time.monotonic() - killed
-        measured("watch event after leader kill", took, TIMEOUT * 2 + RETRY.cap + MARGIN + 2)
-        assert cluster.leader() is not leader
-        assert [e.type for e in events if e.instance.id == ORDERS.id] == [EventType.ADDED]
-        assert registrar.counters.lease_losses == 0
+        async with EventLog(AsyncWatcher(watched, "orders", retry=RETRY)) as events:
+            await events.wait_for((EventType.ADDED, ORDERS.id), 10)
+            leader = cluster.leader()
+            leader.kill()
+            killed = time.monotonic()
+            late = ServiceInstance("orders", id="orders-late", address="127.0.0.1", port=8081)
+            while True:  # a write needs a new leader: retry until the cluster has one
+                try:
+                    await other.register(late, ttl=30)
+                    break
+                except BackendUnavailable:
+                    await asyncio.sleep(0.05)
+            await events.wait_for((EventType.ADDED, late.id), 20)
+            took = time.monotonic() - killed
+            measured("watch event after leader kill", took, TIMEOUT * 2 + RETRY.cap + MARGIN + 2)
+            assert cluster.leader() is not leader
+            assert events.of(ORDERS.id) == [EventType.ADDED]
+            assert registrar.counters.lease_losses == 0
     finally:
-        task.cancel()
-        await watcher.close()
         await watched.close()
         await other.close()
 

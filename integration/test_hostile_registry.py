@@ -20,6 +20,7 @@ import aetcd
 import httpx
 import pytest
 
+from integration.event_log import EventLog
 from registry_agent import (
     AsyncRegistrar,
     AsyncWatcher,
@@ -77,22 +78,6 @@ def hostile_values(rng: random.Random, count: int) -> list[bytes]:
     return values
 
 
-async def collect(watcher: AsyncWatcher, into: list[WatchEvent]) -> None:
-    async for event in watcher:
-        into.append(event)
-
-
-async def until_event(
-    events: list[WatchEvent], kind: EventType, instance_id: str, within: float
-) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if any(e.type is kind and e.instance.id == instance_id for e in events):
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"no {kind} {instance_id} in {[(e.type, e.instance.id) for e in events]}")
-
-
 def assert_valid(events: list[WatchEvent]) -> None:
     for event in events:
         instance = event.instance
@@ -102,19 +87,16 @@ def assert_valid(events: list[WatchEvent]) -> None:
 
 
 @pytest.fixture
-async def watching(request: pytest.FixtureRequest) -> AsyncIterator[list[WatchEvent]]:
+async def watching(request: pytest.FixtureRequest) -> AsyncIterator[EventLog]:
     server = request.getfixturevalue(request.param)
     watcher = AsyncWatcher(server.url, "orders", retry=RetryPolicy(initial=0.05, cap=0.5))
-    events: list[WatchEvent] = []
-    task = asyncio.create_task(collect(watcher, events))
-    yield events
-    task.cancel()
-    await watcher.close()
+    async with EventLog(watcher) as events:
+        yield events
 
 
 @pytest.mark.parametrize("watching", ["etcd_server"], indirect=True)
 async def test_etcd_garbage_under_the_prefix(
-    etcd_server: EtcdServer, watching: list[WatchEvent], caplog: pytest.LogCaptureFixture
+    etcd_server: EtcdServer, watching: EventLog, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="registry_agent")
     reg = AsyncRegistrar(
@@ -124,17 +106,17 @@ async def test_etcd_garbage_under_the_prefix(
     raw = aetcd.Client(port=etcd_server.client_port)
     other = open_backend(etcd_server.url)
     try:
-        await until_event(watching, EventType.ADDED, ORDERS.id, 5)
+        await watching.wait_for((EventType.ADDED, ORDERS.id), 5)
         values = hostile_values(random.Random(7), 150)
         for i, value in enumerate(values):
             await raw.put(f"/services/orders/junk-{i}".encode(), value)
         await raw.put(b"/services/orders/\xff\xfe", b"{}")  # a key that is not UTF-8
         await other.register(LATE, ttl=30)
-        await until_event(watching, EventType.ADDED, LATE.id, 10)  # it went on
+        await watching.wait_for((EventType.ADDED, LATE.id), 10)  # it went on
         # Our own key overwritten with garbage: withdrawn for watchers, then repaired.
         await raw.put(f"/services/orders/{ORDERS.id}".encode(), b"\x00garbage")
         broken = time.monotonic()
-        await until_event(watching, EventType.DELETED, ORDERS.id, 5)
+        await watching.wait_for((EventType.DELETED, ORDERS.id), 5)
         deadline = time.monotonic() + reg.ttl + 5
         while time.monotonic() < deadline:
             if sum(e.type is EventType.ADDED and e.instance.id == ORDERS.id for e in watching) > 1:
@@ -158,12 +140,12 @@ async def test_etcd_garbage_under_the_prefix(
 
 
 @pytest.mark.parametrize("watching", ["consul_server"], indirect=True)
-async def test_consul_odd_entries(consul_server: ConsulServer, watching: list[WatchEvent]) -> None:
+async def test_consul_odd_entries(consul_server: ConsulServer, watching: EventLog) -> None:
     reg = AsyncRegistrar(open_backend(consul_server.url), ORDERS, ttl=2)
     await reg.start(wait_registered=10)
     accepted = 0
     try:
-        await until_event(watching, EventType.ADDED, ORDERS.id, 5)
+        await watching.wait_for((EventType.ADDED, ORDERS.id), 5)
         rng = random.Random(11)
         odd: list[dict[str, object]] = [
             {"Address": "a b c", "Port": 1},
@@ -182,11 +164,11 @@ async def test_consul_odd_entries(consul_server: ConsulServer, watching: list[Wa
                 reply = await http.put("/v1/agent/service/register", json=body)
                 accepted += reply.status_code == 200
         assert accepted >= 3
-        await until_event(watching, EventType.ADDED, "odd-2", 10)
+        await watching.wait_for((EventType.ADDED, "odd-2"), 10)
         late = open_backend(consul_server.url)
         try:
             await late.register(LATE, ttl=30)
-            await until_event(watching, EventType.ADDED, LATE.id, 10)
+            await watching.wait_for((EventType.ADDED, LATE.id), 10)
         finally:
             await late.close()
     finally:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from integration.event_log import EventLog
 from integration.netns import Host, TestNet, netlab
 from registry_agent import (
     AsyncRegistrar,
@@ -29,7 +30,6 @@ from registry_agent import (
     HealthStatus,
     RetryPolicy,
     ServiceInstance,
-    WatchEvent,
     open_backend,
 )
 from registry_agent.testing.servers import ConsulServer, EtcdCluster, EtcdServer
@@ -208,48 +208,31 @@ async def test_etcd_member_in_a_minority_is_left_by_watchers_and_registrars(
         "etcd://" + ",".join(f"{m.host}:{m.client_port}" for m in cluster.members[1:]),
         timeout=1,
     )
-    watcher = AsyncWatcher(watched, "orders", retry=RETRY)
-    seen: list[tuple[float, WatchEvent]] = []
-
-    async def collect() -> None:
-        async for event in watcher:
-            seen.append((time.monotonic(), event))
-
-    task = asyncio.create_task(collect())
     try:
-        await registrar.start(wait_registered=10)
-        for _ in range(200):
-            if seen:
-                break
-            await asyncio.sleep(0.05)
-        assert watched.host == cluster.members[0].host  # type: ignore[attr-defined]
-        net.cut(members[0], "peers")
-        isolated = time.monotonic()
-        late = ServiceInstance("orders", id="orders-late", address="127.0.0.1", port=8082)
-        while True:  # the majority may be electing a leader if m0 led
-            try:
-                await majority.register(late, ttl=60)
-                break
-            except BackendUnavailable:
-                await asyncio.sleep(0.1)
-        for _ in range(400):
-            if any(e.instance.id == late.id for _, e in seen):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail(f"the watcher stalled on the isolated member: {seen}")
-        took = next(at for at, e in seen if e.instance.id == late.id) - isolated
-        # etcd ends require-leader watches after 3 election timeouts without a
-        # leader (3 x 1 s); the watcher then fails over and re-lists.
-        measured("watch event despite minority", took, 3 * 1.0 + RETRY.cap + MARGIN + 1)
-        assert watched.host != cluster.members[0].host  # type: ignore[attr-defined]
-        await asyncio.sleep(3.0)
-        status = await status_in(majority, "orders-1")
-        assert status is HealthStatus.PASSING  # the registrar moved on too
-        assert [e.type for _, e in seen if e.instance.id == "orders-1"] == [EventType.ADDED]
+        async with EventLog(AsyncWatcher(watched, "orders", retry=RETRY)) as seen:
+            await registrar.start(wait_registered=10)
+            await seen.wait_for(lambda e: True, 10)
+            assert watched.host == cluster.members[0].host  # type: ignore[attr-defined]
+            net.cut(members[0], "peers")
+            isolated = time.monotonic()
+            late = ServiceInstance("orders", id="orders-late", address="127.0.0.1", port=8082)
+            while True:  # the majority may be electing a leader if m0 led
+                try:
+                    await majority.register(late, ttl=60)
+                    break
+                except BackendUnavailable:
+                    await asyncio.sleep(0.1)
+            event = await seen.wait_for(lambda e: e.instance.id == late.id, 20)
+            took = seen.at(event) - isolated
+            # etcd ends require-leader watches after 3 election timeouts without a
+            # leader (3 x 1 s); the watcher then fails over and re-lists.
+            measured("watch event despite minority", took, 3 * 1.0 + RETRY.cap + MARGIN + 1)
+            assert watched.host != cluster.members[0].host  # type: ignore[attr-defined]
+            await asyncio.sleep(3.0)
+            status = await status_in(majority, "orders-1")
+            assert status is HealthStatus.PASSING  # the registrar moved on too
+            assert seen.of("orders-1") == [EventType.ADDED]
     finally:
-        task.cancel()
-        await watcher.close()
         await registrar.stop(timeout=5)
         await registrar.backend.close()
         await watched.close()
@@ -274,47 +257,26 @@ async def test_consul_client_host_cut_from_the_servers(net: TestNet, measured: M
     )
     client.start()
     observer = open_backend(server.url, timeout=1, wait="5s")
-    watcher = AsyncWatcher(observer, "orders", retry=RETRY)
-    seen: list[tuple[float, WatchEvent]] = []
-
-    async def collect() -> None:
-        async for event in watcher:
-            seen.append((time.monotonic(), event))
-
     registrar = Process(net, app, sys.executable, str(REGISTRAR), client.url, "8080", str(TTL))
-    task = asyncio.create_task(collect())
     try:
-        registrar.wait_line(lambda line: line == "registered", 20)
-        for _ in range(200):
-            if seen:
-                break
-            await asyncio.sleep(0.05)
-        net.cut(app)
-        cut = time.monotonic()
-        for _ in range(600):
-            if any(e.type is EventType.OFFLINE for _, e in seen):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail(f"the servers never noticed: {seen}")
-        offline = next(at for at, e in seen if e.type is EventType.OFFLINE)
-        measured("offline after the cut (serf)", offline - cut, 15.0)
-        net.heal(app)
-        healed = time.monotonic()
-        for _ in range(600):
-            if seen[-1][1].type is EventType.ONLINE:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail(f"never back online: {seen}")
-        measured("online after heal", seen[-1][0] - healed, 15.0)
-        kinds = [e.type for _, e in seen]
-        assert EventType.DELETED not in kinds, kinds
-        assert registrar.proc.poll() is None
-        assert not any("re-registered" in line for _, line in registrar.lines)
+        async with EventLog(AsyncWatcher(observer, "orders", retry=RETRY)) as seen:
+            registrar.wait_line(lambda line: line == "registered", 20)
+            await seen.wait_for(lambda e: True, 10)
+            net.cut(app)
+            cut = time.monotonic()
+            offline = await seen.wait_for(lambda e: e.type is EventType.OFFLINE, 30)
+            measured("offline after the cut (serf)", seen.at(offline) - cut, 15.0)
+            net.heal(app)
+            healed = time.monotonic()
+            online = await seen.wait_for(
+                lambda e: e.type is EventType.ONLINE and seen.at(e) > seen.at(offline), 30
+            )
+            measured("online after heal", seen.at(online) - healed, 15.0)
+            kinds = [e.type for e in seen]
+            assert EventType.DELETED not in kinds, kinds
+            assert registrar.proc.poll() is None
+            assert not any("re-registered" in line for _, line in registrar.lines)
     finally:
-        task.cancel()
-        await watcher.close()
         await observer.close()
         registrar.close()
         client.close()
