@@ -16,6 +16,7 @@ from registry_agent._errors import (
     RegistryError,
     Rejected,
     RevisionCompacted,
+    Throttled,
 )
 from registry_agent._events import EventType, WatchEvent
 from registry_agent._health.checks import (
@@ -79,6 +80,7 @@ __all__ = [
     "ServiceSnapshot",
     "Strategy",
     "TcpCheck",
+    "Throttled",
     "WatchEvent",
     "Watcher",
     "__version__",

@@ -8,6 +8,7 @@
     ├── NoInstanceAvailable        discovery found no (healthy) instance to choose
     └── BackendError               a backend call failed
         ├── BackendUnavailable     the registry could not be reached: retry
+        │   └── Throttled          it answered 429/503: retry after ``retry_after``
         ├── LeaseLost              our lease/check is gone: register again
         ├── RevisionCompacted      a watch cannot resume from its revision: re-list
         └── Rejected               the registry refused the request: do not retry as is
@@ -28,6 +29,7 @@ __all__ = [
     "RegistryError",
     "Rejected",
     "RevisionCompacted",
+    "Throttled",
 ]
 
 
@@ -89,6 +91,17 @@ class BackendError(RegistryError):
 
 class BackendUnavailable(BackendError):
     """The registry could not be reached or did not answer in time. Safe to retry."""
+
+
+class Throttled(BackendUnavailable):
+    """The registry is shedding load (HTTP 429/503, gRPC RESOURCE_EXHAUSTED): retry later.
+
+    ``retry_after`` is the server's ``Retry-After`` in seconds, when it sent one.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **context: str | None):
+        super().__init__(message, **context)
+        self.retry_after = retry_after
 
 
 class LeaseLost(BackendError):
