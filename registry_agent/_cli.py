@@ -27,6 +27,7 @@ from registry_agent._agent.config import AgentConfig, load_config
 from registry_agent._agent.logs import configure_logging
 from registry_agent._agent.runtime import AgentRuntime
 from registry_agent._plugins import open_backend
+from registry_agent._urls import parse_backend_url
 from registry_agent._watcher import AsyncWatcher
 
 EXIT_ERROR = 1
@@ -35,6 +36,29 @@ EXIT_USAGE = 2
 
 def _print(line: str) -> None:
     print(line, flush=True)
+
+
+def _url_secrets(url: str | None) -> list[str]:
+    """Credentials a backend URL carries, to mask in any message we print."""
+    if not url:
+        return []
+    try:
+        parsed = parse_backend_url(url, default_port=0)
+    except Exception:
+        return []
+    values = (parsed.password, parsed.query.get("token"), parsed.query.get("password"))
+    return [v for v in values if v]
+
+
+def _fail(exc: BaseException, secrets: Sequence[str] = ()) -> None:
+    """One line on stderr: the problem, never a traceback, never a secret."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, RegistryError):
+        # Not ours: name its kind, the message alone may be cryptic ("'NoneType' …").
+        text = f"unexpected {type(exc).__name__}: {text}"
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    print(f"registry-agent: {text}", file=sys.stderr, flush=True)
 
 
 # -- list ----------------------------------------------------------------------------
@@ -102,8 +126,13 @@ def _event_line(event: WatchEvent, as_json: bool) -> str:
 
 
 async def _watch(url: str, services: list[str], as_json: bool, request_timeout: float) -> int:
+    secrets = _url_secrets(url)
+
     def on_error(service: str, exc: BaseException) -> None:
-        print(f"registry-agent: watch {service}: {exc} (retrying)", file=sys.stderr, flush=True)
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        print(f"registry-agent: watch {service}: {text} (retrying)", file=sys.stderr, flush=True)
 
     backend = open_backend(url, timeout=request_timeout)
     watcher = AsyncWatcher(backend, services, on_error=on_error)
@@ -195,6 +224,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``registry-agent`` console script."""
     args = _parser().parse_args(argv)
+    secrets = _url_secrets(getattr(args, "backend", None))
     try:
         if args.command == "backends":
             _print("\n".join(available_backends()))
@@ -204,17 +234,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "watch":
             return asyncio.run(_watch(args.backend, args.service, args.json, args.timeout))
         config = load_config(args.config)
+        secrets += config.secrets()
         if args.command == "check":
             return asyncio.run(_check(config))
         return _run(config, args.log_format, args.log_level)
     except ConfigError as exc:
-        print(f"registry-agent: {exc}", file=sys.stderr)
+        _fail(exc, secrets)
         return EXIT_USAGE
-    except RegistryError as exc:
-        print(f"registry-agent: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a registry error, or anything a client library raised
+        _fail(exc, secrets)
+        return EXIT_ERROR
     finally:
         logging.shutdown()
 

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from registry_agent import HealthStatus, InstanceHealth, ServiceInstance
+from registry_agent import BackendUnavailable, HealthStatus, InstanceHealth, ServiceInstance
 from registry_agent._cli import main
 from registry_agent.testing.memory import MemoryRegistry
 from registry_agent.testing.servers import free_port
@@ -63,3 +63,60 @@ def test_unreachable_registry_exits_1(capsys: pytest.CaptureFixture[str]) -> Non
 def test_backends(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["backends"]) == 0
     assert capsys.readouterr().out.split() == ["consul", "etcd", "memory"]
+
+
+class _Broken:
+    """A backend whose client library fails in a way nobody mapped."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def list(self, service: str) -> None:
+        raise self.exc
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (
+            AttributeError("module 'consul' has no attribute 'ConsulException'"),
+            "registry-agent: unexpected AttributeError: module 'consul' has no attribute "
+            "'ConsulException'",
+        ),
+        (
+            BackendUnavailable("HTTP 500: No cluster leader\n", backend="consul"),
+            "registry-agent: HTTP 500: No cluster leader (backend=consul)",
+        ),
+        (ValueError(""), "registry-agent: unexpected ValueError: ValueError"),
+    ],
+)
+def test_any_failure_is_one_line_and_exit_1(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    exc: BaseException,
+    expected: str,
+) -> None:
+    monkeypatch.setattr("registry_agent._cli.open_backend", lambda url, **kw: _Broken(exc))
+    assert main(["list", "orders", "--backend", "consul://127.0.0.1:8500"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == expected + "\n"
+
+
+def test_a_failure_never_echoes_the_url_token(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = "s3cr3t-t0ken"
+    url = f"consul://127.0.0.1:8500?token={secret}"
+    monkeypatch.setattr(
+        "registry_agent._cli.open_backend",
+        lambda url, **kw: _Broken(RuntimeError(f"GET {url} failed")),
+    )
+    assert main(["list", "orders", "--backend", url]) == 1
+    err = capsys.readouterr().err
+    assert secret not in err
+    assert err.count("\n") == 1
+    assert "token=***" in err
