@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
-import signal
-import time
-from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
-from dataclasses import dataclass
+import re
+import urllib.parse
+from collections.abc import Awaitable, Callable, Container, Mapping
 from typing import Any
 
 import httpx
 
 from registry_agent._errors import ConfigError
+from registry_agent._health.base import MASK, CheckResult, HealthCheck
+from registry_agent._health.command import CommandCheck
+from registry_agent._health.solo_thread import SoloThread
 
 __all__ = [
     "CallableCheck",
@@ -30,64 +31,38 @@ __all__ = [
     "as_check",
 ]
 
-
-@dataclass(frozen=True, slots=True)
-class CheckResult:
-    """One run of a check: outcome, why, how long it took, and when (Unix time)."""
-
-    ok: bool
-    detail: str
-    latency: float
-    at: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {"ok": self.ok, "detail": self.detail, "latency": self.latency, "at": self.at}
+_USERINFO = re.compile(r"(?<=://)[^/?#@]*@")
 
 
-def _positive(value: float, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(f"expected a number of seconds above zero, got {value!r}", field=field)
-    return float(value)
+def _mask_userinfo(text: str) -> str:
+    """``text`` with any ``user:password@`` of a URL in it masked, for error messages."""
+    return _USERINFO.sub(f"{MASK}@", text)
 
 
-class HealthCheck:
-    """Base class: subclasses implement :meth:`probe`; :meth:`run` bounds and times it."""
-
-    def __init__(self, name: str, *, interval: float = 5.0, timeout: float = 2.0) -> None:
-        self.name = name
-        self.interval = _positive(interval, f"check {name}: interval")
-        self.timeout = _positive(timeout, f"check {name}: timeout")
-
-    async def probe(self) -> str:
-        """Probe once: return a detail on success, raise on failure."""
-        raise NotImplementedError
-
-    async def run(self) -> CheckResult:
-        """Run :meth:`probe` within ``timeout``; never raises (except cancellation)."""
-        at = time.time()
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.timeout):
-                detail = await self.probe()
-            ok = True
-        except TimeoutError:
-            ok, detail = False, f"timed out after {self.timeout:g}s"
-        except Exception as exc:
-            ok, detail = False, str(exc) or type(exc).__name__
-        return CheckResult(ok, detail, time.perf_counter() - started, at)
-
-    async def aclose(self) -> None:
-        """Release what the check holds (connections)."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, interval={self.interval:g})"
+def _split_credentials(url: str) -> tuple[str, str, httpx.BasicAuth | None, tuple[str, ...]]:
+    """(URL to request, URL to show, basic auth, secrets to mask) for ``url``."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        return url, url, None, ()
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=hostport))
+    user, colon, password = userinfo.partition(":")
+    # A lone user name is often a token: mask it whole.
+    secret = password if colon else user
+    shown_info = f"{user}:{MASK}" if colon else MASK
+    shown = urllib.parse.urlunsplit(parts._replace(netloc=f"{shown_info}@{hostport}"))
+    secrets = (secret, urllib.parse.unquote(secret))
+    auth = httpx.BasicAuth(urllib.parse.unquote(user), urllib.parse.unquote(password))
+    return bare, shown, auth, secrets
 
 
 class HttpCheck(HealthCheck):
     """Passes when ``url`` answers with a status in ``expect_status`` (and ``body`` agrees).
 
-    ``body`` is an optional predicate on the decoded JSON body.
+    ``body`` is an optional predicate on the decoded JSON body. Credentials in
+    the URL (``http://user:password@host/``) are sent as basic auth and never
+    shown: :attr:`url`, the default name, ``repr`` and every result detail
+    read ``http://user:***@host/``.
     """
 
     def __init__(
@@ -103,9 +78,20 @@ class HttpCheck(HealthCheck):
         name: str | None = None,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ConfigError(f"expected an http:// or https:// URL, got {url!r}", field="http")
-        super().__init__(name or f"http {url}", interval=interval, timeout=timeout)
-        self.url = url
+            shown = _mask_userinfo(url) if isinstance(url, str) else url
+            raise ConfigError(f"expected an http:// or https:// URL, got {shown!r}", field="http")
+        try:
+            target, shown, self._auth, secrets = _split_credentials(url)
+            httpx.URL(target)
+        except (ValueError, httpx.InvalidURL) as exc:
+            raise ConfigError(
+                f"{_mask_userinfo(str(exc))} in {_mask_userinfo(url)!r}", field="http"
+            ) from None
+        super().__init__(name or f"http {shown}", interval=interval, timeout=timeout)
+        self._hide(secrets)
+        self._target = target
+        #: The URL as it may be shown: credentials masked.
+        self.url = shown
         self.method = method
         self.expect_status = expect_status
         self.headers = dict(headers or {})
@@ -117,7 +103,7 @@ class HttpCheck(HealthCheck):
             # No redirects followed, no proxies from the environment: probe the target itself.
             self._client = httpx.AsyncClient(trust_env=False)
         response = await self._client.request(
-            self.method, self.url, headers=self.headers, timeout=self.timeout
+            self.method, self._target, headers=self.headers, auth=self._auth, timeout=self.timeout
         )
         if response.status_code not in self.expect_status:
             raise RuntimeError(f"HTTP {response.status_code}")
@@ -157,53 +143,14 @@ class TcpCheck(HealthCheck):
         return f"connected to {self.host}:{self.port}"
 
 
-class CommandCheck(HealthCheck):
-    """Passes when ``argv`` exits 0. On timeout its whole process group is killed and reaped."""
-
-    def __init__(
-        self,
-        argv: Sequence[str],
-        *,
-        interval: float = 5.0,
-        timeout: float = 2.0,
-        name: str | None = None,
-    ) -> None:
-        if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
-            raise ConfigError(
-                f'expected a list of strings like ["pg_isready", "-q"], got {argv!r}',
-                field="command",
-            )
-        super().__init__(name or f"command {argv[0]}", interval=interval, timeout=timeout)
-        self.argv = list(argv)
-
-    async def probe(self) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            output, _ = await proc.communicate()
-        except BaseException:
-            # Timeout or cancellation: kill the group (children too), then reap.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(proc.wait())
-            raise
-        text = output.decode(errors="replace").strip()[-200:]
-        if proc.returncode != 0:
-            raise RuntimeError(f"exit {proc.returncode}" + (f": {text}" if text else ""))
-        return text or "exit 0"
-
-
 class CallableCheck(HealthCheck):
     """Passes when ``func()`` returns a true value or None; a false one or an exception fails.
 
-    Async functions are awaited; plain ones run in a worker thread so they
-    never block the event loop (a hung one is abandoned after ``timeout``).
+    Async functions are awaited on the loop. Plain ones run on a daemon
+    thread of the check's own, never the loop's default executor: a hung one
+    is abandoned after ``timeout`` (nothing ever waits for it, exit included)
+    and, while it is still hung, later runs fail at once ("previous run still
+    running") instead of starting more threads.
     """
 
     def __init__(
@@ -219,12 +166,13 @@ class CallableCheck(HealthCheck):
         label = getattr(func, "__qualname__", None) or repr(func)
         super().__init__(name or f"call {label}", interval=interval, timeout=timeout)
         self.func = func
+        self._thread = SoloThread(self.name)
 
     async def probe(self) -> str:
         if inspect.iscoroutinefunction(self.func):
             result = await self.func()
         else:
-            result = await asyncio.to_thread(self.func)
+            result = await self._thread.call(self.func)
             if inspect.isawaitable(result):
                 result = await result
         if result is not None and not result:

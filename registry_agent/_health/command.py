@@ -1,0 +1,154 @@
+"""A check that runs a command: bounded output, its whole process group killed, always reaped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+
+from registry_agent._errors import ConfigError
+from registry_agent._health.base import HealthCheck
+
+__all__ = ["SAFE_ENV", "CommandCheck", "command_env"]
+
+#: Variables a command check inherits from the agent (plus every ``LC_*``); nothing else.
+SAFE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR")
+#: Output kept for the detail (the tail); the rest is read and dropped as it comes.
+OUTPUT_KEEP = 4096
+#: After the command exits, how long its leftovers may keep writing before they are cut.
+_AFTER_EXIT = 0.2
+#: How long to wait for a killed process to be reaped before leaving it to a background task.
+_REAP_WAIT = 1.0
+
+_reaping: set[asyncio.Task[int]] = set()
+
+
+def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A command check's environment: :data:`SAFE_ENV` and ``LC_*`` of ours, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k in SAFE_ENV or k.startswith("LC_")}
+    env.setdefault("PATH", os.defpath)
+    env.update(extra or {})
+    return env
+
+
+class _Tail(asyncio.Protocol):
+    """Keeps the last :data:`OUTPUT_KEEP` bytes of a pipe, drops the rest as it arrives."""
+
+    def __init__(self) -> None:
+        self.tail = b""
+        self.size = 0
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.size += len(data)
+        self.tail = (self.tail + data[-OUTPUT_KEEP:])[-OUTPUT_KEEP:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Wait briefly for a killed process; if it lingers (D state), a background task reaps it."""
+    waiter = asyncio.ensure_future(proc.wait())
+    _reaping.add(waiter)
+    waiter.add_done_callback(_reaping.discard)
+    await asyncio.wait({waiter}, timeout=_REAP_WAIT)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+class CommandCheck(HealthCheck):
+    """Passes when ``argv`` exits 0; its output (stdout and stderr) is the detail.
+
+    The command runs in a session of its own with no stdin. On timeout, or
+    when the check is cancelled, its whole process group (children and
+    grandchildren that stayed in it) is killed with SIGKILL; when it exits,
+    whatever it left running in its group is killed too. The command is
+    always waited for, so it never stays a zombie of ours. Output is read as
+    it comes and only its last 4 KiB are kept: a command printing gigabytes
+    costs no memory.
+
+    Environment: the command does **not** inherit the agent's environment,
+    which may hold registry credentials (``CONSUL_HTTP_TOKEN``,
+    ``REGISTRY_AGENT_*``, ``ETCD_PASSWORD``…). It gets only ``PATH``,
+    ``HOME``, ``USER``, ``LOGNAME``, ``LANG``, ``LANGUAGE``, ``LC_*``, ``TZ``
+    and ``TMPDIR`` from the agent, plus the ``env`` mapping given here, which
+    wins over them.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        interval: float = 5.0,
+        timeout: float = 2.0,
+        name: str | None = None,
+    ) -> None:
+        if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ConfigError(
+                f'expected a list of strings like ["pg_isready", "-q"], got {argv!r}',
+                field="command",
+            )
+        super().__init__(name or f"command {argv[0]}", interval=interval, timeout=timeout)
+        if env is not None and (
+            not isinstance(env, Mapping)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+            or any(not k or "=" in k for k in env)
+        ):
+            raise ConfigError(
+                'expected a table of names to strings like {PGHOST = "db"}, got a '
+                f"{type(env).__name__}",
+                field=f"check {self.name}: env",
+            )
+        self.argv = list(argv)
+        self.env = dict(env or {})
+
+    async def probe(self) -> str:
+        loop = asyncio.get_running_loop()
+        read_fd, write_fd = os.pipe()
+        try:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=write_fd,
+                    stderr=write_fd,
+                    start_new_session=True,
+                    env=command_env(self.env),
+                )
+            finally:
+                os.close(write_fd)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        pipe = os.fdopen(read_fd, "rb", buffering=0)
+        transport: asyncio.BaseTransport | None = None
+        try:
+            transport, tail = await loop.connect_read_pipe(_Tail, pipe)
+            code = await proc.wait()
+            # Leftovers in its group may hold the pipe open: kill them, take what they wrote.
+            _kill_group(proc.pid)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_AFTER_EXIT):
+                    await asyncio.shield(tail.closed)
+        except BaseException:
+            _kill_group(proc.pid)
+            await _reap(proc)
+            raise
+        finally:
+            if transport is not None:
+                transport.close()
+            pipe.close()
+        text = tail.tail.decode(errors="replace").strip()[-200:]
+        if code != 0:
+            why = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+            raise RuntimeError(why + (f": {text}" if text else ""))
+        return text or "exit 0"
