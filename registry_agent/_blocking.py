@@ -10,10 +10,11 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
-import queue
+import logging
+import os
 import signal
 import threading
-from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -21,15 +22,18 @@ from registry_agent._backend import Backend
 from registry_agent._discovery import AsyncDiscovery
 from registry_agent._errors import RegistryError
 from registry_agent._events import WatchEvent
+from registry_agent._fork import ForkGuard
 from registry_agent._health.checks import CheckResult, HealthCheck
 from registry_agent._health.gate import GateState, OnUnhealthy
 from registry_agent._models import InstanceHealth, ServiceInstance
 from registry_agent._registrar import AsyncRegistrar, RegistrarEvent, chain_signal
 from registry_agent._retry import RetryPolicy
 from registry_agent._select import Selector, Strategy
-from registry_agent._watcher import AsyncWatcher
+from registry_agent._watcher import AsyncWatcher, _Consumer
 
 __all__ = ["Discovery", "LoopThread", "Registrar", "Watcher"]
+
+log = logging.getLogger("registry_agent")
 
 # Bound on a hop into the loop thread for calls that do no network I/O.
 _QUICK = 10.0
@@ -38,13 +42,23 @@ T = TypeVar("T")
 
 
 class LoopThread:
-    """An event loop running in a daemon thread, with bounded calls into it."""
+    """An event loop running in a daemon thread, with bounded calls into it.
+
+    The thread exists only in the process that started it: in a child that
+    inherited the object through ``fork()``, :meth:`run` raises at once and
+    :meth:`close` returns at once, instead of waiting on a thread that is not there.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._fork: ForkGuard | None = None
+
+    def in_child(self, action: str) -> bool:
+        """True (and one warning) when the loop was started in a process we forked from."""
+        return self._fork is not None and self._fork.in_child(action)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -63,17 +77,29 @@ class LoopThread:
             loop.call_soon(ready.set)
             loop.run_forever()
 
+        self._fork = ForkGuard(self.name)
         self._thread = threading.Thread(target=run, name=self.name, daemon=True)
         self._thread.start()
         ready.wait()
         return loop
 
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
-        """Run ``coro`` on the loop thread and wait for it, at most ``timeout`` seconds."""
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the loop thread; its result comes through the future."""
+        if self._fork is not None and self._fork.forked():
+            coro.close()
+            raise RegistryError(
+                f"{self.name}: started in process {self._fork.pid}, this is process "
+                f"{os.getpid()} (it crossed fork()): its event loop thread does not exist here; "
+                "create the object after the fork (e.g. in a gunicorn post_fork hook)"
+            )
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("blocking call made from the registrar's own loop thread")
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        """Run ``coro`` on the loop thread and wait for it, at most ``timeout`` seconds."""
+        future = self.submit(coro)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -84,16 +110,38 @@ class LoopThread:
                 f"{self.name}: no answer from the event loop thread within {timeout:g}s"
             ) from None
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the loop and join its thread."""
-        loop, self._loop = self._loop, None
-        if loop is None:
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` on the loop thread, if the loop still runs (never starts it)."""
+        loop = self._loop
+        if loop is None or (self._fork is not None and self._fork.forked()):
             return
-        loop.call_soon_threadsafe(loop.stop)
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            loop.call_soon_threadsafe(callback)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the loop and join its thread (in a forked child: forget them)."""
+        loop, self._loop = self._loop, None
+        if loop is None or (self._fork is not None and self._fork.forked()):
+            return
+        try:
+            loop.call_soon_threadsafe(loop.stop)
+        except RuntimeError:
+            return  # already closed
         if self._thread is not None:
             self._thread.join(timeout)
         if not loop.is_running():
             loop.close()
+
+
+def _quietly(what: str, call: Callable[[], object]) -> None:
+    """Run one shutdown step: whatever it raises is logged, never raised."""
+    try:
+        call()
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, RegistryError) else f"{type(exc).__name__}: {exc}"
+        log.warning("%s failed: %s", what, reason, extra={"event": "stop_failed"})
+        if not isinstance(exc, RegistryError):
+            log.debug("unexpected error during %s", what, exc_info=exc)
 
 
 class Registrar:
@@ -175,16 +223,26 @@ class Registrar:
         return self._thread.run(self._async.wait_registered(timeout), bound)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Deregister and stop within ``timeout`` seconds; then the loop thread ends."""
+        """Deregister and stop within about ``timeout`` seconds; then the loop thread ends.
+
+        Never raises: a failure is logged (the entry then goes when its TTL
+        runs out). In a child process that inherited a started registrar
+        through ``fork()`` it returns at once with a warning (the registration
+        belongs to the parent); so does the ``atexit`` hook.
+        """
         if self._stopped:
             return
         self._stopped = True
-        self._remove_signal_handlers()
+        if self._thread.in_child("stop()"):
+            return
+        _quietly("removing the signal handlers", self._remove_signal_handlers)
         try:
-            with contextlib.suppress(RegistryError):
-                self._thread.run(self._async.stop(timeout), timeout + 2.0)
+            _quietly(
+                f"stop of {self.instance.id}",
+                lambda: self._thread.run(self._async.stop(timeout), timeout + 2.0),
+            )
         finally:
-            self._thread.close()
+            _quietly("stopping the loop thread", self._thread.close)
 
     def status(self) -> dict[str, Any]:
         """See :meth:`AsyncRegistrar.status`."""
@@ -226,13 +284,20 @@ class Registrar:
         chain_signal(signum, previous)
 
 
-_CLOSED = object()
+async def _next_event(consumer: AsyncIterator[WatchEvent]) -> WatchEvent | None:
+    try:
+        return await anext(consumer)
+    except StopAsyncIteration:
+        return None
 
 
 class Watcher:
     """Blocking facade over :class:`AsyncWatcher`: ``for event in watcher`` blocks.
 
-    :meth:`close` (from any thread) ends a pending iteration promptly.
+    Each ``for`` loop (in any thread) is a consumer of its own, as with
+    :class:`AsyncWatcher`: it first gets ``added`` for what exists, then every
+    change; a slow one gets coalesced events, never an unbounded queue.
+    :meth:`close` (from any thread) ends every pending iteration promptly.
     """
 
     def __init__(
@@ -242,15 +307,17 @@ class Watcher:
         *,
         retry: RetryPolicy | None = None,
         on_error: Callable[[str, BaseException], None] | None = None,
+        lag_warning: float = 10.0,
     ) -> None:
-        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._async = AsyncWatcher(
-            backend, services, retry=retry, on_error=on_error, listener=self._events.put
+            backend, services, retry=retry, on_error=on_error, lag_warning=lag_warning
         )
         self._thread = LoopThread(f"registry-agent watch {','.join(self._async.services)}")
         self._lock = threading.Lock()
         self._started = False
         self._closed = False
+        # Done once close() is called: wakes every blocked iteration.
+        self._closing: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     @property
     def services(self) -> tuple[str, ...]:
@@ -260,19 +327,40 @@ class Watcher:
     def start(self) -> Watcher:
         """Start watching in the background (iterating starts it too)."""
         with self._lock:
-            if not self._started:
+            if not self._started and not self._closed:
                 self._started = True
                 self._thread.run(self._async.start(), _QUICK)
         return self
 
     def __iter__(self) -> Iterator[WatchEvent]:
         self.start()
-        while True:
-            item = self._events.get()
-            if item is _CLOSED:
-                self._events.put(_CLOSED)
+        with self._lock:
+            if self._closed:
                 return
-            yield item
+            consumer = self._thread.run(self._subscribe(), _QUICK)
+        try:
+            while True:
+                with self._lock:  # never submit to a loop close() has stopped
+                    if self._closed:
+                        return
+                    future = self._thread.submit(_next_event(consumer))
+                waiting: list[concurrent.futures.Future[Any]] = [future, self._closing]
+                concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
+                if not future.done():
+                    future.cancel()
+                    return
+                try:
+                    event = future.result()
+                except concurrent.futures.CancelledError:
+                    return
+                if event is None:
+                    return
+                yield event
+        finally:
+            self._thread.call_soon(consumer.close)
+
+    async def _subscribe(self) -> _Consumer:
+        return self._async._subscribe()
 
     def wait_synced(self, timeout: float | None = None) -> bool:
         """Block until every service has been read once; False on timeout."""
@@ -285,17 +373,25 @@ class Watcher:
         return self._async.snapshot(service)
 
     def close(self) -> None:
-        """Stop watching; a blocked ``for`` loop ends."""
-        if self._closed:
+        """Stop watching; every blocked ``for`` loop ends. Never raises.
+
+        In a child process that inherited a started watcher through ``fork()``
+        it returns at once with a warning.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._closing.set_result(None)
+        if self._thread.in_child("close()"):
             return
-        self._closed = True
         try:
             if self._started:
-                with contextlib.suppress(RegistryError):
-                    self._thread.run(self._async.close(), _QUICK)
+                _quietly(
+                    "closing the watcher", lambda: self._thread.run(self._async.close(), _QUICK)
+                )
         finally:
-            self._events.put(_CLOSED)
-            self._thread.close()
+            _quietly("stopping the loop thread", self._thread.close)
 
     def __enter__(self) -> Watcher:
         return self.start()
@@ -352,12 +448,17 @@ class Discovery:
         return self._thread.run(self._async.choose(service, strategy, exclude=exclude), self._bound)
 
     def close(self) -> None:
-        """Stop every watch and the loop thread."""
+        """Stop every watch and the loop thread. Never raises.
+
+        In a child process that inherited a started discovery through
+        ``fork()`` it returns at once with a warning.
+        """
+        if self._thread.in_child("close()"):
+            return
         try:
-            with contextlib.suppress(RegistryError):
-                self._thread.run(self._async.close(), _QUICK)
+            _quietly("closing the discovery", lambda: self._thread.run(self._async.close(), _QUICK))
         finally:
-            self._thread.close()
+            _quietly("stopping the loop thread", self._thread.close)
 
     def __enter__(self) -> Discovery:
         return self

@@ -9,6 +9,7 @@ from types import TracebackType
 
 from registry_agent._backend import Backend
 from registry_agent._errors import BackendUnavailable, NoInstanceAvailable
+from registry_agent._fork import ForkGuard
 from registry_agent._models import InstanceHealth, ServiceInstance
 from registry_agent._plugins import open_backend
 from registry_agent._retry import RetryPolicy
@@ -48,6 +49,8 @@ class AsyncDiscovery:
         self._watchers: dict[str, AsyncWatcher] = {}
         self._last_nonempty: dict[tuple[str, bool], list[ServiceInstance]] = {}
         self._lock = asyncio.Lock()
+        # Armed by the first watch: what runs from then on belongs to this process.
+        self._fork: ForkGuard | None = None
 
     async def _watcher(self, service: str) -> AsyncWatcher:
         watcher = self._watchers.get(service)
@@ -60,8 +63,9 @@ class AsyncDiscovery:
                         service,
                         retry=self.retry,
                         on_error=self.on_error,
-                        listener=lambda event: None,
                     )
+                    if self._fork is None:
+                        self._fork = ForkGuard("AsyncDiscovery")
                     await watcher.start()
                     self._watchers[service] = watcher
         if not watcher.synced(service) and not await watcher.wait_synced(self.sync_timeout):
@@ -107,8 +111,15 @@ class AsyncDiscovery:
         return chosen
 
     async def close(self) -> None:
-        """Stop every watch."""
+        """Stop every watch.
+
+        In a child process that inherited a discovery already watching through
+        ``fork()`` it returns at once (with a warning): the watches belong to
+        the parent.
+        """
         watchers, self._watchers = list(self._watchers.values()), {}
+        if self._fork is not None and self._fork.in_child("close()"):
+            return
         for watcher in watchers:
             await watcher.close()
         if self._owns_backend:

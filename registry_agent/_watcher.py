@@ -6,13 +6,19 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import MappingProxyType, TracebackType
-from typing import Any
 
 from registry_agent._backend import Backend
-from registry_agent._errors import ConfigError, RegistryError, RevisionCompacted
-from registry_agent._events import WatchEvent, diff_snapshots
+from registry_agent._errors import (
+    BackendUnavailable,
+    ConfigError,
+    RegistryError,
+    RevisionCompacted,
+)
+from registry_agent._events import Backlog, WatchEvent, diff_snapshots
+from registry_agent._fork import ForkGuard
 from registry_agent._models import InstanceHealth, ServiceSnapshot, _check_name
 from registry_agent._plugins import open_backend
 from registry_agent._retry import RetryPolicy
@@ -22,22 +28,33 @@ __all__ = ["AsyncWatcher"]
 log = logging.getLogger("registry_agent.watcher")
 
 _REPEAT_LOG_EVERY = 30.0
-_CLOSED = object()
+_EMPTY: Mapping[str, InstanceHealth] = MappingProxyType({})
 
 
 class AsyncWatcher:
-    """Watches services and yields a :class:`WatchEvent` for every change, each exactly once.
+    """Watches services and yields a :class:`WatchEvent` for every change.
 
     ``backend`` is a URL or a :class:`Backend`; ``services`` a name or a list of
     names. After a disconnect or a server restart the watcher resumes (etcd:
     from the next revision; Consul: from the last index) or, when it cannot,
     lists again and diffs against what it knew: every change missed meanwhile
     yields exactly its events. Errors never end the watch: each one goes to
-    ``on_error`` and the log (repeats rate-limited), then the watcher retries
-    with ``retry``'s backoff, so a dead server costs no CPU.
+    ``on_error`` (always a :class:`RegistryError`) and the log (repeats
+    rate-limited), then the watcher retries with ``retry``'s backoff, so a dead
+    server costs no CPU.
 
-    Iterate with ``async for``, or pass ``listener`` to be called for each
-    event instead (on the event loop).
+    Every ``async for`` over the watcher is a consumer of its own: it starts
+    from "nothing seen", so it first gets ``added`` (and ``offline``) for what
+    exists when it starts, then every change. Several loops over one watcher
+    each get every event. A consumer slower than the registry is not queued
+    for: changes to one instance it has not taken yet coalesce (see
+    :class:`~registry_agent._events.Backlog`), so memory stays bounded by the
+    number of instances and what it gets is a legal sequence ending at the
+    current state. A consumer more than ``lag_warning`` seconds behind is
+    logged once (WARNING), and again when it has caught up (INFO).
+
+    ``listener``, when given, is called for each event as it happens (on the
+    event loop), in addition to any ``async for``.
     """
 
     def __init__(
@@ -48,22 +65,28 @@ class AsyncWatcher:
         retry: RetryPolicy | None = None,
         on_error: Callable[[str, BaseException], None] | None = None,
         listener: Callable[[WatchEvent], None] | None = None,
+        lag_warning: float = 10.0,
     ) -> None:
         names = [services] if isinstance(services, str) else list(services)
         if not names:
             raise ConfigError("expected at least one service name", field="services")
         for name in names:
             _check_name(name, "services")
+        if not lag_warning > 0:
+            raise ConfigError(f"expected seconds > 0, got {lag_warning!r}", field="lag_warning")
         self.services = tuple(dict.fromkeys(names))
         self._owns_backend = isinstance(backend, str)
         self.backend: Backend = open_backend(backend) if isinstance(backend, str) else backend
         self.retry = retry or RetryPolicy(initial=0.1, cap=2.0)
         self.on_error = on_error
         self.listener = listener
+        self.lag_warning = lag_warning
         self._state: dict[str, Mapping[str, InstanceHealth]] = {}
+        self._index: dict[str, int] = {}
         self._synced: dict[str, asyncio.Event] = {}
-        self._queue: asyncio.Queue[Any] | None = None
+        self._consumers: weakref.WeakSet[_Consumer] = weakref.WeakSet()
         self._tasks: list[asyncio.Task[None]] = []
+        self._fork: ForkGuard | None = None
         self._closed = False
         self.errors = 0
 
@@ -73,22 +96,29 @@ class AsyncWatcher:
         """Start watching in the background (iterating starts it too)."""
         if self._tasks or self._closed:
             return self
-        self._queue = asyncio.Queue()
+        # The watch tasks belong to this process: a fork()ed child must not touch them.
+        self._fork = ForkGuard("AsyncWatcher")
         for service in self.services:
             self._synced[service] = asyncio.Event()
             self._tasks.append(asyncio.create_task(self._watch(service), name=f"watch {service}"))
         return self
 
     async def close(self) -> None:
-        """Stop watching; a pending ``async for`` ends."""
+        """Stop watching; every pending ``async for`` ends.
+
+        In a child process that inherited a started watcher through ``fork()``
+        it returns at once (with a warning): the watch belongs to the parent.
+        """
         if self._closed:
             return
         self._closed = True
+        if self._fork is not None and self._fork.in_child("close()"):
+            return
+        for consumer in list(self._consumers):
+            consumer.wake()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._queue is not None:
-            self._queue.put_nowait(_CLOSED)
         if self._owns_backend:
             with contextlib.suppress(Exception):
                 await self.backend.close()
@@ -105,19 +135,19 @@ class AsyncWatcher:
         await self.close()
 
     def __aiter__(self) -> AsyncIterator[WatchEvent]:
-        return self._events()
+        """A new consumer: ``added`` for what exists now, then every change."""
+        return self._subscribe()
 
-    async def _events(self) -> AsyncIterator[WatchEvent]:
-        if self.listener is not None:
-            raise RuntimeError("this watcher delivers its events to its listener")
-        await self.start()
-        assert self._queue is not None
-        while True:
-            item = await self._queue.get()
-            if item is _CLOSED:
-                self._queue.put_nowait(_CLOSED)  # every iterator ends
-                return
-            yield item
+    def _subscribe(self) -> _Consumer:
+        consumer = _Consumer(self)
+        if not self._closed:
+            now = time.monotonic()
+            for service in self.services:
+                state = self._state.get(service, _EMPTY)
+                for key in sorted(state):
+                    consumer.backlog.changed((service, key), state[key], now)
+            self._consumers.add(consumer)
+        return consumer
 
     # -- state ----------------------------------------------------------------------
 
@@ -148,20 +178,22 @@ class AsyncWatcher:
             service = self.services[0]
         if service not in self.services:
             raise ConfigError(f"not watched: {service!r}", field="service")
-        state = self._state.get(service, {})
-        return [state[iid] for iid in sorted(state)]
+        state = self._state.get(service, _EMPTY)
+        return [state[key] for key in sorted(state)]
 
     # -- the watch loop -------------------------------------------------------------
 
     async def _watch(self, service: str) -> None:
         last: ServiceSnapshot | None = None
         failures = 0
+        relists = 0
         last_log = 0.0
         while True:
             try:
                 async for snapshot in self.backend.watch(service, since=last):
                     self._apply(service, snapshot)
                     last = snapshot
+                    relists = 0
                     if failures:
                         log.info(
                             "watch of %s resumed after %d failure(s)",
@@ -171,7 +203,8 @@ class AsyncWatcher:
                         )
                         failures = 0
             except RevisionCompacted as exc:
-                # Cannot resume from our revision: list again and diff, at once.
+                # Cannot resume from our revision: list again and diff, at once
+                # (backing off only if that keeps happening without a snapshot).
                 log.info(
                     "watch of %s re-lists: %s",
                     service,
@@ -179,10 +212,14 @@ class AsyncWatcher:
                     extra={"event": "watch_relist", "service": service},
                 )
                 last = None
+                relists += 1
+                if relists > 1:
+                    await asyncio.sleep(self.retry.delay(relists - 1))
                 continue
             except Exception as exc:  # never die: report, back off, go on
                 failures += 1
                 self.errors += 1
+                error = self._as_registry_error(service, exc)
                 now = time.monotonic()
                 if failures == 1 or now - last_log >= _REPEAT_LOG_EVERY:
                     last_log = now
@@ -190,33 +227,123 @@ class AsyncWatcher:
                         "watch of %s failed (failure %d, retrying): %s",
                         service,
                         failures,
-                        exc,
-                        extra={"event": "watch_failed", "service": service, "error": str(exc)},
+                        error,
+                        extra={"event": "watch_failed", "service": service, "error": str(error)},
                     )
+                if error is not exc:
+                    log.debug("unexpected watch error", exc_info=exc)
                 if self.on_error is not None:
                     try:
-                        self.on_error(service, exc)
+                        self.on_error(service, error)
                     except Exception:
                         log.exception("on_error callback failed")
-                if not isinstance(exc, RegistryError):
-                    log.debug("unexpected watch error", exc_info=exc)
                 await asyncio.sleep(self.retry.delay(failures))
                 continue
             # A stream that ends without an error is re-opened after a pause.
             failures += 1
             await asyncio.sleep(self.retry.delay(failures))
 
+    def _as_registry_error(self, service: str, exc: Exception) -> RegistryError:
+        """``exc`` itself when it is a RegistryError, else a BackendUnavailable naming it."""
+        if isinstance(exc, RegistryError):
+            return exc
+        scheme = getattr(self.backend, "scheme", None)
+        error = BackendUnavailable(
+            f"watch failed: {type(exc).__name__}: {exc}",
+            service=service,
+            backend=scheme if isinstance(scheme, str) else None,
+        )
+        error.__cause__ = exc
+        return error
+
     def _apply(self, service: str, snapshot: ServiceSnapshot) -> None:
-        old = self._state.get(service, {})
-        events = diff_snapshots(old, snapshot.instances, snapshot.index)
-        self._state[service] = MappingProxyType(dict(snapshot.instances))
+        old = self._state.get(service, _EMPTY)
+        new: Mapping[str, InstanceHealth] = MappingProxyType(dict(snapshot.instances))
+        self._state[service] = new
+        self._index[service] = snapshot.index
         self._synced[service].set()
-        for event in events:
-            if self.listener is not None:
+        if self.listener is not None:
+            for event in diff_snapshots(old, new, snapshot.index):
                 try:
                     self.listener(event)
                 except Exception:
                     log.exception("watch listener failed", extra={"event": "listener_failed"})
-            else:
-                assert self._queue is not None
-                self._queue.put_nowait(event)
+        consumers = list(self._consumers)
+        if not consumers:
+            return
+        changed = [key for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+        if not changed:
+            return
+        now = time.monotonic()
+        for consumer in consumers:
+            for key in changed:
+                consumer.backlog.changed((service, key), new.get(key), now)
+            consumer.wake()
+            self._log_lag(consumer, now)
+
+    def _current(self, key: tuple[str, str]) -> tuple[InstanceHealth | None, int]:
+        service, instance_key = key
+        return self._state.get(service, _EMPTY).get(instance_key), self._index.get(service, 0)
+
+    def _log_lag(self, consumer: _Consumer, now: float) -> None:
+        change = consumer.backlog.lag_change(now, self.lag_warning)
+        if change is None:
+            return
+        services = ",".join(self.services)
+        if change:
+            log.warning(
+                "a consumer of the watch of %s is %.1fs behind (%d instance(s) changed since it "
+                "last looked; their changes coalesce until it does)",
+                services,
+                consumer.backlog.lag(now),
+                consumer.backlog.pending,
+                extra={"event": "watch_consumer_lagging", "service": services},
+            )
+        else:
+            log.info(
+                "a consumer of the watch of %s caught up",
+                services,
+                extra={"event": "watch_consumer_caught_up", "service": services},
+            )
+
+
+class _Consumer:
+    """One ``async for`` over a watcher: its own backlog, woken on every change."""
+
+    __slots__ = ("__weakref__", "_wake", "_watcher", "backlog", "closed")
+
+    def __init__(self, watcher: AsyncWatcher) -> None:
+        self._watcher = watcher
+        # Keyed by (service, the key of the instance in its snapshots).
+        self.backlog: Backlog[tuple[str, str]] = Backlog()
+        self._wake = asyncio.Event()
+        self.closed = False
+
+    def __aiter__(self) -> _Consumer:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        watcher = self._watcher
+        await watcher.start()
+        while True:
+            if self.closed or watcher._closed:
+                raise StopAsyncIteration
+            # Taken synchronously after the wait: a cancelled wait loses nothing.
+            event = self.backlog.pop(watcher._current)
+            watcher._log_lag(self, time.monotonic())
+            if event is not None:
+                return event
+            self._wake.clear()
+            await self._wake.wait()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        """Stop this consumer (the watcher goes on for the others)."""
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self._watcher._consumers.discard(self)
+        self._wake.set()
