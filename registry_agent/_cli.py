@@ -25,7 +25,7 @@ from registry_agent import (
 )
 from registry_agent._agent.config import AgentConfig, load_config
 from registry_agent._agent.logs import configure_logging
-from registry_agent._agent.runtime import AgentRuntime
+from registry_agent._agent.runtime import AgentRuntime, open_configured_backend
 from registry_agent._plugins import open_backend
 from registry_agent._urls import parse_backend_url
 from registry_agent._watcher import AsyncWatcher
@@ -161,6 +161,8 @@ async def _watch(url: str, services: list[str], as_json: bool, request_timeout: 
 
 
 async def _check(config: AgentConfig) -> int:
+    # Opened (never connected) exactly as `run` opens it: the same options are refused.
+    await open_configured_backend(config).close()
     failed = 0
     for service in config.services:
         for check_config in service.checks:

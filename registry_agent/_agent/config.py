@@ -3,7 +3,8 @@
 Environment overrides (they win over the file): ``REGISTRY_AGENT_BACKEND``,
 ``REGISTRY_AGENT_TOKEN``, ``REGISTRY_AGENT_TOKEN_FILE``, ``REGISTRY_AGENT_USER``,
 ``REGISTRY_AGENT_PASSWORD``, ``REGISTRY_AGENT_PASSWORD_FILE``,
-``REGISTRY_AGENT_STATUS_LISTEN``, ``REGISTRY_AGENT_LOG_FORMAT``,
+``REGISTRY_AGENT_STATUS_LISTEN``, ``REGISTRY_AGENT_STATUS_TOKEN``,
+``REGISTRY_AGENT_STATUS_TOKEN_FILE``, ``REGISTRY_AGENT_LOG_FORMAT``,
 ``REGISTRY_AGENT_LOG_LEVEL``.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +46,17 @@ _ENV_KEYS = {
     "CERT_FILE": ("backend", "cert_file"),
     "KEY_FILE": ("backend", "key_file"),
     "STATUS_LISTEN": ("status", "listen"),
+    "STATUS_TOKEN": ("status", "token"),
+    "STATUS_TOKEN_FILE": ("status", "token_file"),
     "LOG_FORMAT": ("log", "format"),
     "LOG_LEVEL": ("log", "level"),
 }
 # Variables with our prefix that are not agent settings (tests, tools).
 _ENV_OTHER = {"SERVERS_BIN", "SERVERS_DIR", "CONSUL_URL", "ETCD_URL"}
+# A ttl below this would mean heartbeats many times a second, and as many log lines.
+TTL_FLOOR = 1.0
+# Header values of HTTP checks that are credentials, masked like the backend's.
+_SECRET_HEADER_WORDS = ("auth", "token", "key", "secret", "cookie", "password")
 
 
 @dataclass(frozen=True)
@@ -100,8 +108,25 @@ class CheckConfig:
     timeout: float = 2.0
     method: str = "GET"
     expect_status: tuple[int, int] = (200, 399)
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     name: str | None = None
+    #: Variables given to a command check (its only environment besides a safe few).
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def secrets(self) -> list[str]:
+        """Credentials this check carries: a URL's password, secret-looking header values."""
+        found = [
+            value
+            for name, value in self.headers.items()
+            if any(word in name.lower() for word in _SECRET_HEADER_WORDS)
+        ]
+        if self.kind == "http":
+            userinfo = urllib.parse.urlsplit(str(self.target)).netloc.rpartition("@")[0]
+            if userinfo:
+                user, _, password = userinfo.partition(":")
+                secret = password or user  # a lone user name is often a token
+                found += [secret, urllib.parse.unquote(secret)]
+        return [s for s in found if s]
 
     def build(self) -> HealthCheck:
         """The runnable check."""
@@ -120,6 +145,8 @@ class CheckConfig:
         if self.kind == "tcp":
             host, _, port = str(self.target).rpartition(":")
             return TcpCheck(host.strip("[]"), int(port), **common)
+        if self.env:
+            common["env"] = dict(self.env)
         return CommandCheck(list(self.target), **common)
 
 
@@ -152,10 +179,18 @@ class AgentConfig:
     status_listen: tuple[str, int] | None = ("127.0.0.1", 9750)
     log_format: str = "text"
     log_level: str = "info"
+    #: Bearer token the status server requires (all but /healthz), if any.
+    status_token: str | None = field(default=None, repr=False)
 
     def secrets(self) -> list[str]:
         """Values that must never be printed."""
-        return self.backend.secrets()
+        found = self.backend.secrets()
+        if self.status_token:
+            found.append(self.status_token)
+        for service in self.services:
+            for check in service.checks:
+                found += check.secrets()
+        return found
 
 
 class _Fields:
@@ -311,6 +346,8 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
                     section.pop("token_file" if item == "token" else "token", None)
                 if item in ("password", "password_file"):
                     section.pop("password_file" if item == "password" else "password", None)
+                if table == "status" and item in ("token", "token_file"):
+                    section.pop("token_file" if item == "token" else "token", None)
         elif key not in _ENV_OTHER:
             unknown.append(name)
     return unknown
@@ -329,6 +366,14 @@ def _parse(data: dict[str, Any], source: str, env: Mapping[str, str], base: Path
     status = top.get("status", lambda v, p: v, {})
     status_fields = _Fields(status, "status", source)
     listen = status_fields.get("listen", _listen, ("127.0.0.1", 9750))
+    status_token = status_fields.get("token", _str)
+    status_token_file = status_fields.get("token_file", _str)
+    if status_token is not None and status_token_file is not None:
+        raise status_fields.error("token_file", "give token or token_file, not both")
+    if status_token_file is not None:
+        status_token = _read_secret_file(status_token_file, status_fields.field("token_file"), base)
+    if status_token is not None and not status_token.strip():
+        raise status_fields.error("token", "is empty")
     status_fields.done()
     log = _Fields(top.get("log", lambda v, p: v, {}), "log", source)
     log_format = log.get("format", _choice("text", "json"), "text")
@@ -350,7 +395,7 @@ def _parse(data: dict[str, Any], source: str, env: Mapping[str, str], base: Path
                 source=source,
             )
         seen[svc.key] = i
-    return AgentConfig(source, backend, services, listen, log_format, log_level)
+    return AgentConfig(source, backend, services, listen, log_format, log_level, status_token)
 
 
 def _backend(fields: _Fields, base: Path) -> BackendConfig:
@@ -415,6 +460,10 @@ def _service(fields: _Fields) -> ServiceConfig:
         inner = "name" if exc.field == "service" else exc.field
         raise ConfigError(exc.reason, field=f"{path}.{inner}" if inner else path) from None
     ttl = fields.get("ttl", _duration, 10.0)
+    if ttl < TTL_FLOOR:
+        raise fields.error(
+            "ttl", f"must be at least {TTL_FLOOR:g}s (heartbeats every ttl/3), got {ttl:g}s"
+        )
     heartbeat = fields.get("heartbeat", _duration)
     if heartbeat is not None and heartbeat > ttl / 3:
         raise fields.error("heartbeat", f"must be at most ttl/3 ({ttl / 3:g}s), got {heartbeat:g}s")
@@ -480,12 +529,23 @@ def _check(fields: _Fields) -> CheckConfig:
     method = "GET"
     expect: tuple[int, int] = (200, 399)
     headers: dict[str, str] = {}
+    env: dict[str, str] = {}
     if kind == "http":
         method = fields.get("method", _choice("GET", "HEAD", "POST"), "GET")
         expect = fields.get("expect_status", _status_range, (200, 399))
         headers = fields.get("headers", _str_map, {})
+    if kind == "command":
+        env = fields.get("env", _env_map, {})
     fields.done()
-    return CheckConfig(kind, target, interval, timeout, method, expect, headers, name)
+    return CheckConfig(kind, target, interval, timeout, method, expect, headers, name, env)
+
+
+def _env_map(value: Any, path: str) -> dict[str, str]:
+    env = _str_map(value, path)
+    for key in env:
+        if not key or "=" in key or "\0" in key:
+            raise ConfigError(f"not a valid variable name: {key!r}", field=f"{path}.{key}")
+    return env
 
 
 def load_config(

@@ -24,9 +24,19 @@ _COUNTERS = {
 }
 
 
+Readiness = Callable[[AsyncRegistrar], tuple[bool, str]]
+
+
+def _registered(registrar: AsyncRegistrar) -> tuple[bool, str]:
+    return registrar.registered, ""
+
+
 class _RegistrarCollector(Collector):
-    def __init__(self, registrars: Callable[[], Iterable[AsyncRegistrar]]) -> None:
+    def __init__(
+        self, registrars: Callable[[], Iterable[AsyncRegistrar]], ready: Readiness
+    ) -> None:
         self.registrars = registrars
+        self.ready = ready
 
     def collect(self) -> Iterator[Metric]:
         labels = ["service", "instance"]
@@ -45,6 +55,11 @@ class _RegistrarCollector(Collector):
         registered = GaugeMetricFamily(
             "registry_agent_registered", "1 while the registry holds the entry", labels=labels
         )
+        ready = GaugeMetricFamily(
+            "registry_agent_ready",
+            "1 while the registry holds the entry as passing (what /readyz says)",
+            labels=labels,
+        )
         check_up = GaugeMetricFamily(
             "registry_agent_check_up",
             "1 while a check is up (after rise/fall)",
@@ -59,20 +74,25 @@ class _RegistrarCollector(Collector):
             for value in GateState:
                 state.add_metric([*ids, value.value], 1.0 if reg.state is value else 0.0)
             registered.add_metric(ids, 1.0 if reg.registered else 0.0)
+            ready.add_metric(ids, 1.0 if self.ready(reg)[0] else 0.0)
             for check in reg.checks:
                 check_up.add_metric(
                     [*ids, check.name], 1.0 if reg.gate.check_up(check.name) else 0.0
                 )
         yield from counters.values()
-        yield from (heartbeats, state, registered, check_up)
+        yield from (heartbeats, state, registered, ready, check_up)
 
 
 class AgentMetrics:
     """The agent's registry of metrics; ``observe_check`` feeds the latency histogram."""
 
-    def __init__(self, registrars: Callable[[], Iterable[AsyncRegistrar]]) -> None:
+    def __init__(
+        self,
+        registrars: Callable[[], Iterable[AsyncRegistrar]],
+        ready: Readiness = _registered,
+    ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_RegistrarCollector(registrars))
+        self.registry.register(_RegistrarCollector(registrars, ready))
         self.check_latency = Histogram(
             "registry_agent_check_latency_seconds",
             "Duration of health check runs",

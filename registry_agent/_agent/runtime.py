@@ -1,9 +1,16 @@
-"""The agent runtime: every configured service on one event loop, reloadable, stoppable."""
+"""The agent runtime: every configured service on one event loop, reloadable, stoppable.
+
+Starting, reloading and stopping take turns (one lock): a SIGTERM that comes
+during a reload waits for it, then deregisters everything, including what the
+reload just started; a SIGHUP after a SIGTERM does nothing.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import json
 import logging
 import os
 import signal
@@ -12,16 +19,42 @@ from typing import Any
 
 from registry_agent._agent.config import AgentConfig, ServiceConfig, load_config
 from registry_agent._agent.metrics import AgentMetrics
+from registry_agent._agent.readiness import readiness
+from registry_agent._agent.reaper import OrphanReaper, become_subreaper
 from registry_agent._agent.status import StatusServer, json_body
 from registry_agent._backend import Backend
-from registry_agent._errors import ConfigError
+from registry_agent._errors import ConfigError, RegistryError
 from registry_agent._plugins import open_backend
 from registry_agent._registrar import AsyncRegistrar
 from registry_agent._urls import parse_backend_url
 
-__all__ = ["AgentRuntime"]
+__all__ = ["AgentRuntime", "open_configured_backend"]
 
 log = logging.getLogger("registry_agent.agent")
+
+# The same complaint from the event loop is logged at most this often.
+_LOOP_ERRORS_EVERY = 60.0
+
+
+def open_configured_backend(config: AgentConfig) -> Backend:
+    """The backend of ``config``, opened (not connected) exactly as ``run`` does.
+
+    Options the backend refuses raise :class:`ConfigError` naming the file.
+    """
+    try:
+        return open_backend(config.backend.url, **config.backend.options())
+    except ConfigError as exc:
+        field = "backend" if exc.field in (None, "backend") else f"backend.{exc.field}"
+        raise ConfigError(exc.reason, field=field, source=config.source) from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class AgentRuntime:
@@ -34,46 +67,85 @@ class AgentRuntime:
         self.reloads = 0
         self.backend: Backend | None = None
         self.registrars: dict[str, tuple[ServiceConfig, AsyncRegistrar]] = {}
-        self.metrics = AgentMetrics(lambda: [reg for _, reg in self.registrars.values()])
+        self.metrics = AgentMetrics(
+            lambda: [reg for _, reg in self.registrars.values()], self.ready_of
+        )
         self.status_server: StatusServer | None = None
+        self.reaper = OrphanReaper()
+        self.subreaper = False
         self._stop = asyncio.Event()
-        self._reloading: asyncio.Lock | None = None
+        self._stopping = False
+        # Start, reload and stop take turns.
+        self._turn: asyncio.Lock | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop_errors: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def run(self) -> int:
         """Serve until asked to stop; returns the process exit code."""
-        self._reloading = asyncio.Lock()
+        self._turn = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_error)
         self._install_signals()
-        await self._start_status_server()
-        self.backend = self._open_backend(self.config)
-        for service in self.config.services:
-            await self._start_service(service)
-        log.info(
-            "agent running: %d service(s) on %s",
-            len(self.registrars),
-            parse_backend_url(self.config.backend.url, default_port=0).redacted(),
-            extra={"event": "agent_started"},
-        )
-        await self._stop.wait()
-        await self.shutdown()
+        self.subreaper = become_subreaper() or os.getpid() == 1
+        if self.subreaper:
+            self._spawn(self.reaper.run())
+        self.backend = open_configured_backend(self.config)
+        try:
+            await self._start_status_server()
+            async with self._turn:
+                for service in self.config.services:
+                    if self._stopping:
+                        break
+                    await self._start_service(service)
+            log.info(
+                "agent running: %d service(s) on %s",
+                len(self.registrars),
+                parse_backend_url(self.config.backend.url, default_port=0).redacted(),
+                extra={"event": "agent_started"},
+            )
+            await self._stop.wait()
+        finally:
+            # Also after a failed start: what did start is deregistered.
+            await self.shutdown()
         return 0
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to deregister everything and return."""
+        self._stopping = True
         self._stop.set()
 
     async def shutdown(self) -> None:
-        """Deregister every service (concurrently, within the stop timeout) and close."""
-        log.info(
-            "stopping: deregistering %d service(s)",
-            len(self.registrars),
-            extra={"event": "agent_stopping"},
-        )
-        registrars = [reg for _, reg in self.registrars.values()]
-        await asyncio.gather(
-            *(reg.stop(timeout=self.stop_timeout) for reg in registrars), return_exceptions=True
-        )
+        """Deregister every service (concurrently, within the stop timeout) and close.
+
+        Waits for a reload in flight first, so what it registers is deregistered too.
+        """
+        self._stopping = True
+        assert self._turn is not None
+        async with self._turn:
+            log.info(
+                "stopping: deregistering %d service(s)",
+                len(self.registrars),
+                extra={"event": "agent_stopping"},
+            )
+            registrars = [reg for _, reg in self.registrars.values()]
+            results = await asyncio.gather(
+                *(reg.stop(timeout=self.stop_timeout) for reg in registrars),
+                return_exceptions=True,
+            )
+            for reg, result in zip(registrars, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.warning(
+                        "%s: stop failed: %s",
+                        reg.instance.id,
+                        result,
+                        extra={"event": "stop_failed", "error": str(result)},
+                    )
+            self.registrars.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.backend is not None:
             with contextlib.suppress(Exception):
                 await self.backend.close()
@@ -81,16 +153,34 @@ class AgentRuntime:
             await self.status_server.close()
         log.info("stopped", extra={"event": "agent_stopped"})
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # e.g. "socket.accept() out of system resource" once per attempt: once a minute is plenty.
+        message = str(context.get("message", "event loop error"))
+        now = time.monotonic()
+        if now - self._loop_errors.get(message, -_LOOP_ERRORS_EVERY) < _LOOP_ERRORS_EVERY:
+            return
+        self._loop_errors[message] = now
+        exc = context.get("exception")
+        log.error(
+            "%s%s (repeats are not logged for %gs)",
+            message,
+            f": {exc}" if exc else "",
+            _LOOP_ERRORS_EVERY,
+            extra={"event": "loop_error"},
+        )
 
     # -- services --------------------------------------------------------------------
-
-    def _open_backend(self, config: AgentConfig) -> Backend:
-        return open_backend(config.backend.url, **config.backend.options())
 
     async def _start_service(self, service: ServiceConfig) -> None:
         assert self.backend is not None
@@ -107,8 +197,9 @@ class AgentRuntime:
             deregister_critical_after=service.deregister_critical_after,
             on_check=self.metrics.check_observer((instance.service, instance.id)),
         )
-        await registrar.start()
+        # Known before it starts: whatever happens next, stop() will find it.
         self.registrars[service.key] = (service, registrar)
+        await registrar.start()
 
     async def _stop_service(self, key: str) -> None:
         _, registrar = self.registrars.pop(key)
@@ -116,10 +207,16 @@ class AgentRuntime:
 
     async def reload(self) -> None:
         """Re-read the file: start new services, stop removed ones, restart changed ones."""
-        assert self._reloading is not None
-        async with self._reloading:
+        assert self._turn is not None
+        async with self._turn:
+            if self._stopping:
+                log.info("reload skipped: stopping", extra={"event": "reload_skipped"})
+                return
             try:
                 new = load_config(self.config.source)
+                new_backend = (
+                    open_configured_backend(new) if new.backend != self.config.backend else None
+                )
             except ConfigError as exc:
                 log.error(
                     "reload refused, keeping the running config: %s",
@@ -127,14 +224,14 @@ class AgentRuntime:
                     extra={"event": "reload_failed", "error": str(exc)},
                 )
                 return
-            if new.backend != self.config.backend:
+            if new_backend is not None:
                 log.info(
                     "backend changed: re-registering every service",
                     extra={"event": "reload_backend"},
                 )
                 for key in list(self.registrars):
                     await self._stop_service(key)
-                old_backend, self.backend = self.backend, self._open_backend(new)
+                old_backend, self.backend = self.backend, new_backend
                 if old_backend is not None:
                     with contextlib.suppress(Exception):
                         await old_backend.close()
@@ -144,10 +241,19 @@ class AgentRuntime:
                 k for k in self.registrars if k in wanted and self.registrars[k][0] != wanted[k]
             ]
             added = [k for k in wanted if k not in self.registrars]
-            for key in removed + changed:
-                await self._stop_service(key)
+            await asyncio.gather(*(self._stop_service(key) for key in removed + changed))
             for key in changed + added:
-                await self._start_service(wanted[key])
+                if self._stopping:
+                    break  # the stop that waits for us deregisters what we started
+                try:
+                    await self._start_service(wanted[key])
+                except RegistryError as exc:
+                    log.error(
+                        "reload: %s not started: %s",
+                        key,
+                        exc,
+                        extra={"event": "reload_failed", "error": str(exc)},
+                    )
             self.config = new
             self.reloads += 1
             log.info(
@@ -174,26 +280,57 @@ class AgentRuntime:
                 "/status": lambda: json_body(200, self.status()),
                 "/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.render()),
             },
+            token=self.config.status_token,
+            redact=self._redact,
         )
         await self.status_server.start()
         log.info(
-            "status server on http://%s:%d",
+            "status server on http://%s:%d%s",
             host,
             self.status_server.port,
+            " (bearer token required but for /healthz)" if self.config.status_token else "",
             extra={"event": "status_listening"},
         )
+        if not _is_loopback(host):
+            log.warning(
+                "status server listens beyond loopback on %s: anyone who can reach it %s",
+                host,
+                "needs the bearer token (but for /healthz)"
+                if self.config.status_token
+                else "can read /status and /metrics; set [status] token to require one",
+                extra={"event": "status_exposed"},
+            )
+
+    def _redact(self, body: bytes) -> bytes:
+        # Whatever a handler rendered, credentials never leave: raw and JSON-escaped forms.
+        for secret in sorted(set(self.config.secrets()), key=len, reverse=True):
+            for form in {secret, json.dumps(secret)[1:-1]}:
+                body = body.replace(form.encode(), b"***")
+        return body
+
+    def ready_of(self, registrar: AsyncRegistrar) -> tuple[bool, str]:
+        """Whether the registry holds ``registrar``'s entry as passing, and why not."""
+        return readiness(registrar.status(), registrar.ttl)
+
+    def _service_status(self, registrar: AsyncRegistrar) -> dict[str, Any]:
+        status = registrar.status()
+        ready, why = readiness(status, registrar.ttl)
+        return {**status, "ready": ready, "not_ready_reason": why or None}
 
     def _readyz(self) -> tuple[int, str, bytes]:
         not_ready = {}
         for key, (_, reg) in self.registrars.items():
-            status = reg.status()
-            if status["registry_status"] != "passing":
+            status = self._service_status(reg)
+            if not status["ready"]:
                 not_ready[key] = {
                     "state": status["state"],
                     "registered": status["registered"],
-                    "why": status["last_error"] or f"health gate is {status['state']}",
+                    "registry_status": status["registry_status"],
+                    "why": status["not_ready_reason"],
                 }
-        if not_ready or not self.registrars:
+        if not self.registrars:
+            return json_body(503, {"ready": False, "not_ready": {}, "why": "no services running"})
+        if not_ready:
             return json_body(503, {"ready": False, "not_ready": not_ready})
         return json_body(200, {"ready": True})
 
@@ -206,6 +343,9 @@ class AgentRuntime:
                 "config": self.config.source,
                 "reloads": self.reloads,
                 "backend": parse_backend_url(self.config.backend.url, default_port=0).redacted(),
+                "subreaper": self.subreaper,
+                "orphans_reaped": self.reaper.reaped,
+                "status_connections": self.status_server.connections if self.status_server else 0,
             },
-            "services": [reg.status() for _, reg in self.registrars.values()],
+            "services": [self._service_status(reg) for _, reg in self.registrars.values()],
         }

@@ -1,12 +1,20 @@
-"""The agent's status server: /healthz, /readyz, /status, /metrics. GET only, small and strict."""
+"""The agent's status server: /healthz, /readyz, /status, /metrics. GET only, small and strict.
+
+It cannot be starved by its own clients: at most ``max_connections`` at once
+(a new one evicts the oldest that has not finished sending its request), a
+request head must arrive within ``head_timeout`` seconds, and the complaints
+about it are logged once a minute, not once a connection.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 from http import HTTPStatus
 from typing import Any
 
@@ -15,7 +23,9 @@ __all__ = ["StatusServer"]
 log = logging.getLogger("registry_agent.status")
 
 _MAX_REQUEST = 8192
-_READ_TIMEOUT = 5.0
+_HEAD_TIMEOUT = 5.0
+_MAX_CONNECTIONS = 64
+_COMPLAIN_EVERY = 60.0
 Handler = Callable[[], tuple[int, str, bytes]]
 
 
@@ -25,42 +35,132 @@ def json_body(status: int, data: Any) -> tuple[int, str, bytes]:
 
 
 class StatusServer:
-    """Serves ``routes`` (path -> handler) on ``host:port``: HTTP/1.1, one request a connection."""
+    """Serves ``routes`` (path -> handler) on ``host:port``: HTTP/1.1, one request a connection.
 
-    def __init__(self, host: str, port: int, routes: dict[str, Handler]) -> None:
+    With ``token``, every path but those in ``open_paths`` needs
+    ``Authorization: Bearer <token>`` (401 otherwise). ``redact`` is applied
+    to every response body (secrets out of whatever a handler rendered).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        routes: dict[str, Handler],
+        *,
+        token: str | None = None,
+        open_paths: Collection[str] = ("/healthz",),
+        max_connections: int = _MAX_CONNECTIONS,
+        head_timeout: float = _HEAD_TIMEOUT,
+        redact: Callable[[bytes], bytes] | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.routes = routes
+        self.token = token
+        self.open_paths = frozenset(open_paths)
+        self.max_connections = max_connections
+        self.head_timeout = head_timeout
+        self.redact = redact
         self._server: asyncio.Server | None = None
+        # Open connections in arrival order -> True while still reading the request head.
+        self._open: dict[asyncio.StreamWriter, bool] = {}
+        self.evicted = 0
+        self.timed_out = 0
+        self._complained = 0.0
+        self._unreported = 0
+
+    @property
+    def connections(self) -> int:
+        """Connections open right now."""
+        return len(self._open)
 
     async def start(self) -> None:
         """Bind and serve; the chosen port is in ``self.port`` (for port 0)."""
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, limit=_MAX_REQUEST
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
         """Stop serving."""
         if self._server is not None:
             self._server.close()
+            for writer in list(self._open):
+                writer.transport.abort()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(_READ_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-            status, content_type, body, extra = self._respond(head)
-        except (
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            TimeoutError,
-            ConnectionError,
-        ):
-            writer.close()
+    def _admit(self, writer: asyncio.StreamWriter) -> None:
+        if len(self._open) >= self.max_connections:
+            # Make room: the oldest connection still idling on its request goes.
+            idle = next((w for w, reading in self._open.items() if reading), None)
+            if idle is not None:
+                self._open.pop(idle)
+                idle.transport.abort()
+                self.evicted += 1
+                self._complain()
+            else:
+                writer.transport.abort()
+                self.evicted += 1
+                self._complain()
+                return
+        self._open[writer] = True
+
+    def _complain(self) -> None:
+        self._unreported += 1
+        now = time.monotonic()
+        if now - self._complained < _COMPLAIN_EVERY:
             return
+        self._complained = now
+        log.warning(
+            "status server: %d connection(s) closed over the cap of %d open at once "
+            "(clients that connect and send nothing?); next report in %gs at most",
+            self._unreported,
+            self.max_connections,
+            _COMPLAIN_EVERY,
+            extra={"event": "status_overloaded"},
+        )
+        self._unreported = 0
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._admit(writer)
+        if writer not in self._open:
+            return
+        try:
+            await self._serve(reader, writer)
+        except Exception:
+            # A handler bug or a client gone mid-write: one line, rate-limited, no traceback flood.
+            now = time.monotonic()
+            if now - self._complained >= _COMPLAIN_EVERY:
+                self._complained = now
+                log.warning("status request failed", exc_info=True)
+        finally:
+            self._open.pop(writer, None)
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # a client that does not read keeps nothing open
+            else:
+                writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(self.head_timeout):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except TimeoutError:
+            self.timed_out += 1
+            return
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            return
+        if writer not in self._open:
+            return  # evicted meanwhile
+        self._open[writer] = False
+        try:
+            status, content_type, body, extra = self._respond(head)
         except Exception:
             log.exception("status request failed")
             status, content_type, body, extra = 500, "text/plain", b"internal error\n", {}
+        if self.redact is not None:
+            body = self.redact(body)
         reason = HTTPStatus(status).phrase
         headers = {
             "Content-Type": content_type,
@@ -73,10 +173,21 @@ class StatusServer:
         payload = ("\r\n".join(lines) + "\r\n\r\n").encode()
         if not head.startswith(b"HEAD "):
             payload += body
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(ConnectionError, TimeoutError):
             writer.write(payload)
-            await writer.drain()
-        writer.close()
+            async with asyncio.timeout(self.head_timeout):
+                await writer.drain()
+
+    def _authorized(self, head: bytes) -> bool:
+        if self.token is None:
+            return True
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"authorization":
+                scheme, _, given = value.strip().partition(b" ")
+                if scheme.lower() == b"bearer":
+                    return hmac.compare_digest(given.strip(), self.token.encode())
+        return False
 
     def _respond(self, head: bytes) -> tuple[int, str, bytes, dict[str, str]]:
         if len(head) > _MAX_REQUEST:
@@ -93,5 +204,12 @@ class StatusServer:
             return 404, "text/plain", f"not found; try {known}\n".encode(), {}
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"only GET\n", {"Allow": "GET, HEAD"}
+        if path not in self.open_paths and not self._authorized(head):
+            return (
+                401,
+                "text/plain",
+                b"a bearer token is required: Authorization: Bearer <[status] token>\n",
+                {"WWW-Authenticate": 'Bearer realm="registry-agent"'},
+            )
         status, content_type, body = handler()
         return status, content_type, body, {}
