@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import socket
+import subprocess
 import sys
+import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -18,9 +23,19 @@ from registry_agent import CallableCheck, CommandCheck, ConfigError, HttpCheck, 
 from registry_agent._health.checks import as_check
 from registry_agent.testing.servers import free_port
 
+PASSWORD = "s3cr@t-pw:x"  # a test secret: "@" and ":" must be escaped in URLs
+QUOTED_PASSWORD = "s3cr%40t-pw%3Ax"
+
 
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
+        if self.path == "/auth":
+            expected = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+            ok = self.headers.get("Authorization") == f"Basic {expected}"
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path == "/slow":
             time.sleep(2)
         status = {"/ok": 200, "/redirect": 302, "/fail": 503, "/json": 200, "/down": 200}.get(
@@ -188,3 +203,381 @@ def test_bad_checks_name_the_field(make: object, field: str) -> None:
     with pytest.raises(ConfigError) as info:
         make()  # type: ignore[operator]
     assert info.value.field == field
+
+
+async def _until(predicate: Callable[[], bool], within: float) -> None:
+    """Wait (polling, bounded) until ``predicate()`` holds; fail the test otherwise."""
+    for _ in range(int(within / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    assert predicate(), f"not true within {within}s"
+
+
+# -- sync callables: a thread of their own, one run in flight -------------------------
+
+
+async def test_a_hung_sync_check_holds_one_thread_and_fails_at_once_while_hung() -> None:
+    release = threading.Event()
+    calls = 0
+
+    def hangs() -> bool:
+        nonlocal calls
+        calls += 1
+        release.wait(30)
+        return True
+
+    check = CallableCheck(hangs, timeout=0.2)
+    threads = threading.active_count()
+    first = await check.run()
+    assert (first.ok, first.detail) == (False, "timed out after 0.2s")
+    started = time.monotonic()
+    for _ in range(10):
+        again = await check.run()
+        assert not again.ok
+        assert again.detail.startswith("previous run still running after")
+    assert time.monotonic() - started < 1.0  # each failed at once, without waiting
+    assert calls == 1
+    assert threading.active_count() == threads + 1
+    release.set()
+    await _until(lambda: threading.active_count() == threads, within=5)
+    assert (await check.run()).ok
+    assert calls == 2
+
+
+async def test_hung_sync_checks_leave_the_default_executor_free() -> None:
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(max_workers=1)
+    loop.set_default_executor(executor)
+    release = threading.Event()
+    checks = [CallableCheck(lambda: release.wait(30), timeout=0.1, name=f"c{i}") for i in range(8)]
+    results = await asyncio.gather(*(c.run() for c in checks))
+    assert not any(r.ok for r in results)
+    try:
+        # DNS for a neighbour's "localhost" URL goes through the default executor.
+        async with asyncio.timeout(2):
+            infos = await loop.getaddrinfo("localhost", 80, type=socket.SOCK_STREAM)
+        assert infos
+    finally:
+        release.set()
+
+
+def test_a_process_with_a_hung_sync_check_exits_promptly() -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio, time
+        from registry_agent import CallableCheck
+
+        async def main():
+            result = await CallableCheck(lambda: time.sleep(3600), timeout=0.2).run()
+            print(result.detail, flush=True)
+
+        asyncio.run(main())
+        """
+    )
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "timed out after 0.2s"
+    assert took < 10, f"exit took {took:.1f}s"
+
+
+async def test_sync_callables_that_raise_anything_are_results() -> None:
+    def exits() -> None:
+        raise SystemExit(3)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    def huge() -> None:
+        raise RuntimeError("x" * 1_000_000)
+
+    async def cancels_itself() -> None:
+        raise asyncio.CancelledError
+
+    for func, words in [
+        (exits, "SystemExit"),
+        (interrupted, "KeyboardInterrupt"),
+        (huge, "xxx"),
+        (cancels_itself, "cancelled"),
+    ]:
+        result = await CallableCheck(func).run()  # type: ignore[arg-type]
+        assert not result.ok
+        assert words in result.detail
+        assert len(result.detail) <= 500
+
+
+async def test_cancelling_a_run_is_still_cancellation() -> None:
+    async def sleeps() -> None:
+        await asyncio.sleep(30)
+
+    task = asyncio.create_task(CallableCheck(sleeps, timeout=20).run())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+# -- commands: bounded output, group killed, reaped, scrubbed environment ------------
+
+
+def test_a_command_printing_100_mb_costs_no_memory() -> None:
+    # A fresh interpreter measures its own peak RSS (VmHWM) before and after the run.
+    script = textwrap.dedent(
+        """
+        import asyncio, json, sys
+        from registry_agent import CommandCheck
+
+        def hwm():
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
+
+        PRINTER = (
+            "import sys\\n"
+            "for _ in range(100): sys.stdout.buffer.write(b'y' * (1 << 20))\\n"
+            "print('the end')"
+        )
+
+        async def main():
+            check = CommandCheck([sys.executable, "-c", PRINTER], timeout=60)
+            await CommandCheck([sys.executable, "-c", "pass"]).run()  # warm up
+            before = hwm()
+            result = await check.run()
+            print(json.dumps({"ok": result.ok, "detail": result.detail,
+                              "latency": result.latency, "before": before, "after": hwm()}))
+
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    grew_mib = (seen["after"] - seen["before"]) / 1024
+    print(f"100 MB of output: {seen['latency']:.2f}s, peak RSS grew {grew_mib:.1f} MiB")
+    assert seen["ok"], seen["detail"]
+    assert seen["detail"].endswith("the end")
+    assert grew_mib < 16
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter (R, S, Z…), None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def test_a_timed_out_command_loses_its_grandchildren_too(tmp_path: Path) -> None:
+    # The check runs in a child subreaper: orphans come back to it, so it can see
+    # how each process of the tree died (our own child must be reaped already).
+    script = textwrap.dedent(
+        """
+        import asyncio, ctypes, json, os, sys
+        from registry_agent import CommandCheck
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        pidfile = sys.argv[1]
+        shell = 'sleep 100 & echo $! > "$1"; echo $$ >> "$1"; sleep 100'
+
+        async def main():
+            check = CommandCheck(["sh", "-c", shell, "sh", pidfile], timeout=0.5)
+            result = await check.run()
+            grandchild, child = (int(p) for p in open(pidfile).read().split())
+            try:
+                os.waitpid(child, os.WNOHANG)
+                child_reaped = False
+            except ChildProcessError:
+                child_reaped = True
+            _, status = os.waitpid(grandchild, 0)
+            print(json.dumps({"detail": result.detail, "latency": result.latency,
+                              "child_reaped": child_reaped,
+                              "grandchild_signal": os.WTERMSIG(status)}))
+
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "pids")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["detail"] == "timed out after 0.5s"
+    assert seen["latency"] < 2.5
+    assert seen["child_reaped"]
+    assert seen["grandchild_signal"] == 9  # SIGKILL from the check, not left running
+
+
+async def test_a_command_that_exits_leaves_nothing_running(tmp_path: Path) -> None:
+    # The leftover keeps the output pipe open: the check must not wait for it.
+    pidfile = tmp_path / "left.pid"
+    check = CommandCheck(
+        ["sh", "-c", 'sleep 100 & echo $! > "$1"; echo fine', "sh", str(pidfile)], timeout=5
+    )
+    result = await check.run()
+    assert (result.ok, result.detail) == (True, "fine")
+    assert result.latency < 2
+    left = int(pidfile.read_text())
+    await _until(lambda: _state(left) in (None, "Z"), within=5)
+
+
+async def test_command_checks_get_a_scrubbed_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secrets = {
+        "CONSUL_HTTP_TOKEN": "consul-token-1",
+        "REGISTRY_AGENT_TOKEN": "agent-token-2",
+        "REGISTRY_AGENT_BACKEND": "etcd://root:pw3@127.0.0.1:2379",
+        "ETCD_PASSWORD": "etcd-password-4",
+        "ETCDCTL_PASSWORD": "etcd-password-5",
+        "AWS_SECRET_ACCESS_KEY": "aws-6",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LC_TIME", "C")
+    out = tmp_path / "env"
+    argv = ["sh", "-c", 'env > "$1"', "sh", str(out)]
+
+    assert (await CommandCheck(argv).run()).ok
+    seen = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+    for name, value in secrets.items():
+        assert name not in seen
+        assert value not in out.read_text()
+    assert seen["PATH"] == os.environ["PATH"]
+    assert seen["LC_TIME"] == "C"
+
+    given = {"PGHOST": "db", "CONSUL_HTTP_TOKEN": "for-this-check"}
+    assert (await CommandCheck(argv, env=given).run()).ok
+    seen = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+    assert seen["PGHOST"] == "db"
+    assert seen["CONSUL_HTTP_TOKEN"] == "for-this-check"
+    assert "REGISTRY_AGENT_TOKEN" not in seen
+
+
+async def test_a_cancelled_command_is_killed_and_reaped_promptly(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    check = CommandCheck(["sh", "-c", 'echo $$ > "$1"; exec sleep 100', "sh", str(pidfile)])
+    check.timeout = 60
+    task = asyncio.create_task(check.run())
+    await _until(lambda: pidfile.exists() and pidfile.read_text().strip() != "", within=10)
+    pid = int(pidfile.read_text())
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await check.aclose()
+    assert time.monotonic() - started < 1.5
+    assert _state(pid) is None  # killed and reaped by us: not even a zombie
+
+
+async def test_a_command_killed_by_a_signal_says_so() -> None:
+    result = await CommandCheck(["sh", "-c", "kill -TERM $$"]).run()
+    assert (result.ok, result.detail) == (False, "killed by signal 15")
+
+
+@pytest.mark.parametrize("env", [{"A": 1}, {"": "x"}, {"A=B": "x"}, ["A=B"]])
+def test_bad_command_env_names_the_field(env: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        CommandCheck(["true"], env=env)  # type: ignore[arg-type]
+    assert info.value.field == "check command true: env"
+
+
+# -- credentials in HTTP check URLs -----------------------------------------------
+
+
+def _no_password(*texts: str) -> None:
+    for text in texts:
+        assert PASSWORD not in text
+        assert QUOTED_PASSWORD not in text
+        assert "s3cr" not in text
+
+
+async def test_http_credentials_are_sent_as_basic_auth_and_never_shown(http_url: str) -> None:
+    host = http_url.removeprefix("http://")
+    check = HttpCheck(f"http://alice:{QUOTED_PASSWORD}@{host}/auth")
+    result = await check.run()
+    assert (result.ok, result.detail) == (True, "HTTP 200")
+    assert check.url == f"http://alice:***@{host}/auth"
+    assert check.name == f"http http://alice:***@{host}/auth"
+    _no_password(check.url, check.name, repr(check), str(check.__dict__.get("url")))
+    wrong = HttpCheck(f"http://alice:wrong@{host}/auth")
+    assert (await wrong.run()).detail == "HTTP 401"
+    assert "wrong" not in repr(wrong) + wrong.url
+    token = HttpCheck(f"http://tok-{QUOTED_PASSWORD}@{host}/ok")
+    assert token.url == f"http://***@{host}/ok"
+    _no_password(token.name, repr(token))
+    for c in (check, wrong, token):
+        await c.aclose()
+
+
+async def test_failing_http_checks_never_show_the_password(http_url: str) -> None:
+    # Refused, timing out, a stalled server, garbage answers: every detail and error.
+    stalled = socket.create_server(("127.0.0.1", 0))
+    garbage = await asyncio.start_server(
+        lambda r, w: (w.write(b"\x00\xffnot http " + PASSWORD.encode() + b"\r\n\r\n"), w.close()),
+        "127.0.0.1",
+        0,
+    )
+    targets = {
+        "refused": f"127.0.0.1:{free_port()}/",
+        "slow": f"{http_url.removeprefix('http://')}/slow",
+        "stalled": f"127.0.0.1:{stalled.getsockname()[1]}/",
+        "garbage": f"127.0.0.1:{garbage.sockets[0].getsockname()[1]}/",
+    }
+    try:
+        for what, target in targets.items():
+            url = f"http://alice:{QUOTED_PASSWORD}@{target}"
+            check = HttpCheck(url, timeout=0.5)
+            result = await check.run()
+            assert not result.ok, what
+            _no_password(result.detail, repr(check), check.name, json.dumps(result.to_dict()))
+            try:
+                async with asyncio.timeout(1):
+                    await check.probe()
+            except (Exception, TimeoutError) as exc:
+                _no_password(str(exc), repr(exc))
+            await check.aclose()
+    finally:
+        stalled.close()
+        garbage.close()
+        await garbage.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"ftp://alice:{QUOTED_PASSWORD}@host/",
+        f"http://alice:{QUOTED_PASSWORD}@[::1/",
+        f"http://alice:{QUOTED_PASSWORD}@host:port/",
+    ],
+)
+def test_bad_http_urls_do_not_echo_the_password(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        HttpCheck(url)
+    assert info.value.field == "http"
+    _no_password(str(info.value))
+
+
+async def test_aclose_is_prompt_with_a_request_in_flight() -> None:
+    stalled = socket.create_server(("127.0.0.1", 0))
+    try:
+        check = HttpCheck(f"http://127.0.0.1:{stalled.getsockname()[1]}/", timeout=30)
+        task = asyncio.create_task(check.run())
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await check.aclose()
+        assert time.monotonic() - started < 1
+    finally:
+        stalled.close()

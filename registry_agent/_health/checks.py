@@ -99,6 +99,16 @@ class HttpCheck(HealthCheck):
         self._client: httpx.AsyncClient | None = None
 
     async def probe(self) -> str:
+        try:
+            return await self._request()
+        except Exception as exc:
+            text = str(exc)
+            if self._mask(text) != text:
+                # The server echoed a credential back (httpx quotes what it could not parse).
+                raise RuntimeError(self._mask(text)) from None
+            raise
+
+    async def _request(self) -> str:
         if self._client is None:
             # No redirects followed, no proxies from the environment: probe the target itself.
             self._client = httpx.AsyncClient(trust_env=False)
