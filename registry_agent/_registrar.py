@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import logging
+import math
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -15,7 +18,15 @@ from types import TracebackType
 from typing import Any
 
 from registry_agent._backend import Backend, Lease
-from registry_agent._errors import ConfigError, LeaseLost, RegistryError, Rejected
+from registry_agent._errors import (
+    BackendUnavailable,
+    ConfigError,
+    LeaseLost,
+    RegistryError,
+    Rejected,
+    Throttled,
+)
+from registry_agent._fork import ForkGuard
 from registry_agent._health.checks import CheckResult, HealthCheck, as_check
 from registry_agent._health.gate import (
     GateState,
@@ -23,17 +34,42 @@ from registry_agent._health.gate import (
     OnUnhealthy,
     desired_registration,
 )
-from registry_agent._models import HealthStatus, ServiceInstance
+from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance
 from registry_agent._plugins import open_backend
 from registry_agent._reconcile import Step, next_step
 from registry_agent._retry import RetryPolicy
 
-__all__ = ["AsyncRegistrar", "RegistrarEvent", "RegistrarEventKind", "RegistrationTimeout"]
+__all__ = [
+    "HEARTBEAT_FLOOR",
+    "TTL_FLOOR",
+    "AsyncRegistrar",
+    "RegistrarEvent",
+    "RegistrarEventKind",
+    "RegistrationTimeout",
+    "scrub_credentials",
+]
 
 log = logging.getLogger("registry_agent.registrar")
 
-# A failure that goes on is logged again at most this often.
+# A registry that cannot be reached is logged again at most this often.
 _REPEAT_LOG_EVERY = 30.0
+#: Shortest TTL accepted. etcd grants leases in whole seconds (and rounds a short
+#: one up to its own minimum, 2 s by default); Consul reaps on a coarse timer.
+#: Below a second an entry flaps on any scheduling hiccup.
+TTL_FLOOR = 1.0
+#: Shortest heartbeat accepted: at most 4 renewals a second per registrar.
+HEARTBEAT_FLOOR = 0.25
+# Consul never reaps a critical service sooner than this.
+_DEREGISTER_CRITICAL_FLOOR = 60.0
+# Releasing a lease we abandoned is best effort: never wait longer than this for it.
+_RELEASE_TIMEOUT = 2.0
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+
+
+def scrub_credentials(text: str) -> str:
+    """``text`` with the user and password of every ``scheme://user:pass@`` URL masked."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 class RegistrationTimeout(RegistryError, TimeoutError):
@@ -77,6 +113,14 @@ class _Counters:
     errors: int = 0
 
 
+def _seconds(value: object, name: str, floor: float, why: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"expected a number of seconds, got {value!r}", field=name)
+    if value < floor:
+        raise ConfigError(f"must be at least {floor:g}s ({why}), got {value:g}s", field=name)
+    return float(value)
+
+
 def _as_on_unhealthy(value: str | OnUnhealthy) -> OnUnhealthy:
     try:
         return OnUnhealthy(value)
@@ -96,8 +140,15 @@ class AsyncRegistrar:
     registration (``rise`` passes to be ready or to come back, ``fall`` failures
     to be withdrawn); an unhealthy instance is removed, or kept as critical with
     ``on_unhealthy="critical"``. Every failure is retried with ``retry``'s
-    jittered backoff, forever. ``on_event`` is called (on the event loop) for
-    every :class:`RegistrarEvent`, ``on_check`` for every check result.
+    jittered backoff, forever: growing while the registry cannot be reached,
+    short (or its ``Retry-After``) while it answers but sheds load, and at the
+    cap for a :class:`~registry_agent.Rejected` request. ``on_event`` is called
+    (on the event loop) for every :class:`RegistrarEvent`, ``on_check`` for
+    every check result.
+
+    ``ttl`` is at least :data:`TTL_FLOOR` (1 s) and ``heartbeat`` at least
+    :data:`HEARTBEAT_FLOOR` (0.25 s). ``deregister_critical_after`` (at least
+    60 s) defaults to the backend's own setting.
     """
 
     def __init__(
@@ -111,7 +162,7 @@ class AsyncRegistrar:
         fall: int = 3,
         rise: int = 2,
         on_unhealthy: str | OnUnhealthy = "deregister",
-        deregister_critical_after: float = 60.0,
+        deregister_critical_after: float | None = None,
         retry: RetryPolicy | None = None,
         on_event: Callable[[RegistrarEvent], None] | None = None,
         on_check: Callable[[HealthCheck, CheckResult], None] | None = None,
@@ -119,28 +170,29 @@ class AsyncRegistrar:
     ) -> None:
         if not isinstance(instance, ServiceInstance):
             raise ConfigError(f"expected a ServiceInstance, got {instance!r}", field="instance")
-        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
-            raise ConfigError(f"expected seconds above zero, got {ttl!r}", field="ttl")
+        ttl = _seconds(ttl, "ttl", TTL_FLOOR, "etcd leases are whole seconds")
         beat = ttl / 3 if heartbeat is None else heartbeat
-        if isinstance(beat, bool) or not isinstance(beat, int | float) or beat <= 0:
-            raise ConfigError(f"expected seconds above zero, got {heartbeat!r}", field="heartbeat")
+        beat = _seconds(beat, "heartbeat", HEARTBEAT_FLOOR, "at most 4 renewals a second")
         if beat > ttl / 3 + 1e-9:
             raise ConfigError(
                 f"must be at most ttl/3 ({ttl / 3:g}s) so two heartbeats can fail "
                 f"before the TTL runs out, got {beat:g}s",
                 field="heartbeat",
             )
-        if deregister_critical_after < 60:
-            raise ConfigError(
-                f"Consul's floor is 60s, got {deregister_critical_after:g}s",
-                field="deregister_critical_after",
+        if deregister_critical_after is not None:
+            deregister_critical_after = _seconds(
+                deregister_critical_after,
+                "deregister_critical_after",
+                _DEREGISTER_CRITICAL_FLOOR,
+                "Consul's floor",
             )
         self.instance = instance
         self.ttl = float(ttl)
         self.heartbeat_interval = float(beat)
         self.verify_interval = self.ttl
         self.on_unhealthy = _as_on_unhealthy(on_unhealthy)
-        self.deregister_critical_after = float(deregister_critical_after)
+        #: None: the backend's own setting (e.g. ``consul://…?deregister_critical_after=5m``).
+        self.deregister_critical_after = deregister_critical_after
         self.retry = retry or RetryPolicy()
         self.on_event = on_event
         self.on_check = on_check
@@ -156,12 +208,22 @@ class AsyncRegistrar:
         self.backend: Backend = open_backend(backend) if isinstance(backend, str) else backend
         self._backend_name = getattr(type(self.backend), "scheme", type(self.backend).__name__)
 
+        self._fork = ForkGuard(f"AsyncRegistrar({instance.service}/{instance.id})")
+        self._clock: Callable[[], float] = time.monotonic  # the event loop's clock too
+
         self._lease: Lease | None = None
-        self._actual: HealthStatus | None = None
+        self._actual: HealthStatus | None = None  # the status we last wrote; None: no entry
+        self._expires_at: float | None = None  # our entry lapses then unless renewed
+        self._stale: Lease | None = None  # a lease we abandoned that may still be alive
+        self._seen: InstanceHealth | None = None  # our entry as the last verification read it
+        self._just_wrote = False  # a status write awaits its read-back
         self._lost_entry = False
         self._heartbeat_due = 0.0
         self._verify_due = 0.0
         self._failures = 0
+        self._unreachable = 0  # failures in a row without an answer: the backoff exponent
+        self._episode: str | None = None  # the kind of failure last logged
+        self._rejection: Rejected | None = None
         self._losses_in_row = 0
         self._registered_at = 0.0
         self._last_failure_log = 0.0
@@ -171,6 +233,7 @@ class AsyncRegistrar:
         self.counters = _Counters()
         self._wake: asyncio.Event | None = None
         self._registered: asyncio.Event | None = None
+        self._rejected: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reconciler: asyncio.Task[None] | None = None
         self._stopping = False
@@ -186,20 +249,40 @@ class AsyncRegistrar:
 
     @property
     def registered(self) -> bool:
-        """True while the registry holds our entry (passing or critical)."""
-        return self._actual is not None
+        """True while the registry holds our entry (passing or critical).
+
+        False as soon as no registration or heartbeat has succeeded for a TTL:
+        by then the registry has dropped the entry (etcd) or failed it (Consul).
+        """
+        return self._actual is not None and not self._lapsed()
+
+    @property
+    def ready(self) -> bool:
+        """True while the registry holds our entry as passing (what ``/readyz`` reports)."""
+        return self._readiness()[0]
 
     async def start(self, *, wait_registered: float | None = None) -> None:
         """Start checks and registration in the background and return at once.
 
+        The instance is first checked against what the backend documents it
+        accepts (``backend.validate``): a :class:`~registry_agent.Rejected` or
+        :class:`~registry_agent.ConfigError` is raised here, before anything runs.
+
         With ``wait_registered``, wait up to that many seconds for the entry to
         be in the registry; on timeout, stop and raise :class:`RegistrationTimeout`.
+        If the registry refuses the registration (:class:`~registry_agent.Rejected`:
+        a permission or a value no retry can fix), stop and raise that at once.
+        Without it, a refused registration is reported by :meth:`status` and
+        the log, and retried slowly (at the backoff cap) in case an operator
+        fixes the permission.
         """
         if self._started:
             raise RuntimeError("a registrar can be started once")
+        await self._validate()
         self._started = True
         self._wake = asyncio.Event()
         self._registered = asyncio.Event()
+        self._rejected = asyncio.Event()
         for check in self.checks:
             self._tasks.append(asyncio.create_task(self._run_check(check), name=check.name))
         self._reconciler = asyncio.create_task(self._reconcile(), name="registrar")
@@ -208,18 +291,41 @@ class AsyncRegistrar:
         if self.install_signal_handlers:
             self._install_signal_handlers()
         if wait_registered is not None:
-            try:
-                async with asyncio.timeout(wait_registered):
-                    await self._registered.wait()
-            except TimeoutError:
-                why = self._last_error or f"health gate is {self.state}"
-                await self.stop()
-                raise RegistrationTimeout(
-                    f"not registered within {wait_registered:g}s: {why}",
-                    service=self.instance.service,
-                    instance=self.instance.id,
-                    backend=self._backend_name,
-                ) from None
+            await self._wait_started(wait_registered)
+
+    async def _validate(self) -> None:
+        validate = getattr(self.backend, "validate", None)
+        if validate is None:
+            return
+        result = validate(self.instance)
+        if inspect.isawaitable(result):
+            await result
+
+    async def _wait_started(self, timeout: float) -> None:
+        assert self._registered is not None
+        assert self._rejected is not None
+        waits = [
+            asyncio.ensure_future(self._registered.wait()),
+            asyncio.ensure_future(self._rejected.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        if self._registered.is_set():
+            return
+        rejection = self._rejection
+        why = self._last_error or f"health gate is {self.state}"
+        await self.stop()
+        if rejection is not None:
+            raise rejection
+        raise RegistrationTimeout(
+            f"not registered within {timeout:g}s: {why}",
+            service=self.instance.service,
+            instance=self.instance.id,
+            backend=self._backend_name,
+        )
 
     async def wait_registered(self, timeout: float | None = None) -> bool:
         """Wait until the entry is in the registry; False on timeout."""
@@ -235,13 +341,27 @@ class AsyncRegistrar:
     async def stop(self, timeout: float = 10.0) -> None:
         """Deregister (etcd: revoke the lease) and stop, within ``timeout`` seconds.
 
-        Hanging checks are abandoned; a registry that does not answer in time
-        leaves the entry to expire with its TTL.
+        Never raises: hanging checks are abandoned, and a registry that fails
+        or does not answer in time is logged (and kept in ``status()``'s
+        ``last_error``), leaving the entry to expire with its TTL. In a process
+        that inherited the registrar through ``fork()`` it returns at once.
         """
+        if self._fork.in_child("stop()"):
+            return
         if self._stopping:
             return
         self._stopping = True
-        deadline = time.monotonic() + timeout
+        try:
+            await self._shutdown(timeout)
+        except Exception as exc:  # stop() never raises: whatever broke is logged and kept
+            self._log_failure("stop", self._registry_error(exc), force=True)
+
+    async def _shutdown(self, timeout: float) -> None:
+        deadline = self._clock() + timeout
+
+        def left() -> float:
+            return max(0.1, deadline - self._clock())
+
         self._remove_signal_handlers()
         for task in self._tasks:
             task.cancel()
@@ -251,38 +371,62 @@ class AsyncRegistrar:
             done, _ = await asyncio.wait({self._reconciler}, timeout=timeout / 2)
             if not done:
                 self._reconciler.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._reconciler
+                await asyncio.wait({self._reconciler}, timeout=left())
         changed = self.gate.stop()
         if changed is not None:
             self._emit(RegistrarEventKind.STATE_CHANGED, "stopping")
+        if self._stale is not None and self._stale != self._lease:
+            await self._release()
         if self._lease is not None:
             try:
-                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                async with asyncio.timeout(left()):
                     await self.backend.deregister(self._lease)
+            except Exception as exc:
+                self._log_failure("deregister", self._registry_error(exc), force=True)
+            else:
+                self._lease = None
                 self._set_actual(None)
                 self.counters.deregistrations += 1
                 self._emit(RegistrarEventKind.DEREGISTERED, "stopped")
-            except (RegistryError, TimeoutError) as exc:
-                self._log_failure("deregister_failed", exc, force=True)
         for check in self.checks:
             with contextlib.suppress(Exception):
-                await check.aclose()
+                async with asyncio.timeout(left()):
+                    await check.aclose()
         if self._owns_backend:
             with contextlib.suppress(Exception):
-                await self.backend.close()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+                async with asyncio.timeout(left()):
+                    await self.backend.close()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=left())
         self._emit(RegistrarEventKind.STOPPED, "")
 
     def status(self) -> dict[str, Any]:
-        """A JSON-ready view: state, checks' last results, heartbeat, last error, counters."""
+        """A JSON-ready view: state, registry view, checks' last results, last error, counters.
+
+        ``registered``: the registry holds our entry (False once renewals have
+        failed for a TTL). ``registry_status``: our entry's health as the
+        registry reports it (None when not registered), ``registry_note`` its
+        note when not passing. ``ready``: the registry holds our entry as
+        passing; ``not_ready_reason`` says why not (None when ready).
+        """
+        ready, reason = self._readiness()
+        registered = self.registered
+        seen = self._seen
+        shown = seen.status if seen is not None else self._actual
         return {
             "service": self.instance.service,
             "instance": self.instance.id,
             "backend": self._backend_name,
             "state": str(self.state),
-            "registered": self.registered,
-            "registry_status": str(self._actual) if self._actual else None,
+            "registered": registered,
+            "registry_status": str(shown) if registered and shown is not None else None,
+            "registry_note": (
+                scrub_credentials(seen.note)
+                if registered and seen is not None and not seen.healthy
+                else None
+            ),
+            "ready": ready,
+            "not_ready_reason": reason,
             "last_heartbeat": self._last_heartbeat,
             "last_error": self._last_error,
             "checks": {
@@ -294,6 +438,31 @@ class AsyncRegistrar:
             },
             "counters": {name: getattr(self.counters, name) for name in self.counters.__slots__},
         }
+
+    def _readiness(self) -> tuple[bool, str | None]:
+        if self._stopping or self.state is GateState.STOPPED:
+            return False, "stopped"
+        if not self.registered:
+            if self._rejection is not None:
+                return False, f"rejected by the registry: {self._rejection}"
+            if self.state is GateState.STARTING:
+                return False, "health checks have not passed yet"
+            if self.state is GateState.WITHDRAWN:
+                return False, "withdrawn: " + self._failing_checks()
+            if self._last_error:
+                return False, f"not registered: {self._last_error}"
+            return False, "not registered yet"
+        if self.state is GateState.WITHDRAWN:
+            return False, "held critical: " + self._failing_checks()
+        if self._actual is not HealthStatus.PASSING:
+            return False, f"the registry holds our entry as {self._actual}"
+        seen = self._seen
+        if seen is not None and not seen.healthy:
+            note = scrub_credentials(seen.note)
+            return False, f"the registry holds our entry as {seen.status}" + (
+                f": {note}" if note else ""
+            )
+        return True, None
 
     async def __aenter__(self) -> AsyncRegistrar:
         await self.start()
@@ -330,7 +499,7 @@ class AsyncRegistrar:
                     "check %s is %s: %s",
                     check.name,
                     "up" if result.ok else "down",
-                    result.detail,
+                    scrub_credentials(result.detail),
                     extra=self._extra("check_up" if result.ok else "check_down"),
                 )
             if changed is not None:
@@ -345,58 +514,118 @@ class AsyncRegistrar:
         if self._wake is not None:
             self._wake.set()
 
+    def _lapsed(self) -> bool:
+        return self._expires_at is not None and self._clock() >= self._expires_at
+
     async def _sleep(self, seconds: float | None) -> None:
         assert self._wake is not None
         if self._stopping:
             return
+        started = self._clock()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
         self._wake.clear()
+        if seconds is not None:
+            self._notice_blocked_loop(self._clock() - started - seconds)
+
+    def _notice_blocked_loop(self, late: float) -> None:
+        # Woken this late, the loop (or the whole process) was stalled at least
+        # that long; add the up-to-one heartbeat since the last renewal and the
+        # TTL may have run out in the registry.
+        if late >= self.ttl - self.heartbeat_interval:
+            log.warning(
+                "%s: the event loop was blocked (or the process frozen) for at least %.1fs "
+                "(TTL %gs): the registry may have dropped our entry; something is "
+                "blocking the event loop",
+                self.instance.id,
+                late,
+                self.ttl,
+                extra=self._extra("loop_blocked", blocked=round(late, 3)),
+            )
 
     async def _reconcile(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self._stopping:
             desired = desired_registration(self.gate.state, self.on_unhealthy)
+            now = self._clock()
             step, wake_at = next_step(
                 desired,
                 self._actual,
-                now=loop.time(),
+                now=now,
                 heartbeat_due=self._heartbeat_due,
                 verify_due=self._verify_due,
+                expires_at=self._expires_at,
+                stale_lease=self._stale is not None,
             )
             if step is Step.IDLE:
-                await self._sleep(None if wake_at is None else max(0.0, wake_at - loop.time()))
+                await self._sleep(None if wake_at is None else max(0.0, wake_at - now))
+                continue
+            if step is Step.EXPIRED:
+                self._expired()
+                continue
+            if step is Step.RELEASE:
+                await self._release()
                 continue
             try:
-                await self._do(step, desired.status, loop.time)
+                await self._do(step, desired.status, now)
             except LeaseLost as exc:
                 # Register again at once; only a loss that keeps coming back waits.
-                self._lost(str(exc))
-                if loop.time() - self._registered_at > self.heartbeat_interval:
+                # An entry that verification found missing or changed may still
+                # hold a live lease: release it first, so no orphan stays a TTL.
+                self._unreachable = 0
+                self._lost(str(exc), stale=step is Step.VERIFY)
+                if now - self._registered_at > self.heartbeat_interval:
                     self._losses_in_row = 0  # it held for a while: this loss is news
                 self._losses_in_row += 1
                 if self._losses_in_row > 1:
                     await self._sleep(self.retry.delay(self._losses_in_row - 1))
             except Exception as exc:  # never give up: every error is retried
-                self._failures += 1
-                self.counters.errors += 1
-                if step is Step.HEARTBEAT:
-                    self.counters.heartbeats_failed += 1
-                self._last_error = str(exc)
-                if self._failures == 1:
-                    self._emit(RegistrarEventKind.BACKEND_UNAVAILABLE, str(exc))
-                self._log_failure(step.value, exc)
-                await self._sleep(self.retry.delay(self._failures))
+                await self._failed(step, self._registry_error(exc))
             else:
-                if step in (Step.HEARTBEAT, Step.VERIFY):
-                    self._losses_in_row = 0  # the entry held: a later loss is news
-                if self._failures:
-                    self._emit(RegistrarEventKind.BACKEND_RECOVERED, f"after {step.value}")
-                    self._failures = 0
-                self._last_error = None
+                self._succeeded(step)
 
-    async def _do(self, step: Step, wanted: HealthStatus | None, now: Callable[[], float]) -> None:
+    async def _failed(self, step: Step, error: RegistryError) -> None:
+        assert self._rejected is not None
+        self._failures += 1
+        self.counters.errors += 1
+        if step is Step.HEARTBEAT:
+            self.counters.heartbeats_failed += 1
+        self._last_error = scrub_credentials(str(error))
+        if self._failures == 1:
+            self._emit(RegistrarEventKind.BACKEND_UNAVAILABLE, self._last_error)
+        self._log_failure(step.value, error)
+        if isinstance(error, Rejected):
+            # No retry can fix it as is; an operator may (permissions): retry slowly.
+            self._unreachable = 0
+            self._rejection = error
+            self._rejected.set()
+            delay = self.retry.slowest()
+        elif isinstance(error, Throttled):
+            # It answered: it is up. Come back when it says, not after a growing backoff.
+            self._unreachable = 0
+            delay = self.retry.answered(self._failures, error.retry_after)
+        else:
+            self._unreachable += 1
+            delay = self.retry.delay(self._unreachable)
+        if self._actual is not None and self._expires_at is not None:
+            delay = min(delay, max(0.0, self._expires_at - self._clock()))
+        await self._sleep(delay)
+
+    def _succeeded(self, step: Step) -> None:
+        if step in (Step.HEARTBEAT, Step.VERIFY):
+            self._losses_in_row = 0  # the entry held: a later loss is news
+        if self._failures:
+            self._emit(RegistrarEventKind.BACKEND_RECOVERED, f"after {step.value}")
+            self._failures = 0
+        self._episode = None
+        self._unreachable = 0
+        self._last_error = None
+        if self._rejection is not None:
+            self._rejection = None
+            if self._rejected is not None:
+                self._rejected.clear()
+
+    async def _do(self, step: Step, wanted: HealthStatus | None, started: float) -> None:
         backend = self.backend
         if step is Step.REGISTER:
             assert wanted is not None
@@ -408,10 +637,14 @@ class AsyncRegistrar:
                 note=note,
                 deregister_critical_after=self.deregister_critical_after,
             )
+            now = self._clock()
+            self._expires_at = started + self.ttl
+            self._seen = None
+            self._just_wrote = False
             self._set_actual(wanted)
-            self._registered_at = now()
-            self._heartbeat_due = now() + self.heartbeat_interval
-            self._verify_due = now() + self.verify_interval
+            self._registered_at = now
+            self._heartbeat_due = now + self.heartbeat_interval
+            self._verify_due = now + self.verify_interval
             self._last_heartbeat = time.time()
             if self._lost_entry:
                 self._lost_entry = False
@@ -424,6 +657,8 @@ class AsyncRegistrar:
             assert self._lease is not None
             await backend.deregister(self._lease)
             self._lease = None
+            self._expires_at = None
+            self._seen = None
             self._set_actual(None)
             self.counters.deregistrations += 1
             self._emit(RegistrarEventKind.DEREGISTERED, "unhealthy: " + self._failing_checks())
@@ -433,13 +668,17 @@ class AsyncRegistrar:
             note = "" if wanted is HealthStatus.PASSING else "unhealthy: " + self._failing_checks()
             await backend.set_status(self._lease, wanted, note)
             self._set_actual(wanted)
-            self._heartbeat_due = now() + self.heartbeat_interval
+            # Read it back at once: the registry may hold it otherwise (Consul
+            # maintenance mode, a node check). A status write does not renew an
+            # etcd lease, so it does not count as a heartbeat.
+            self._just_wrote = True
+            self._verify_due = self._clock()
             self._emit(RegistrarEventKind.STATUS_CHANGED, str(wanted))
         elif step is Step.VERIFY:
             assert self._lease is not None
             found = await backend.lookup(self._lease)
             self.counters.verifications += 1
-            self._verify_due = now() + self.verify_interval
+            self._verify_due = self._clock() + self.verify_interval
             if found is None:
                 raise LeaseLost(
                     "our entry is missing from the registry",
@@ -454,21 +693,66 @@ class AsyncRegistrar:
                     instance=self.instance.id,
                     backend=self._backend_name,
                 )
-            if found.status is not self._actual:
-                # e.g. Consul turned our check critical while we were frozen.
-                self._set_actual(found.status)
+            self._read_back(found)
         elif step is Step.HEARTBEAT:
             assert self._lease is not None
             await backend.heartbeat(self._lease)
             self.counters.heartbeats_ok += 1
+            self._expires_at = started + self.ttl
             self._last_heartbeat = time.time()
-            self._heartbeat_due = now() + self.heartbeat_interval
+            self._heartbeat_due = self._clock() + self.heartbeat_interval
+
+    def _read_back(self, found: InstanceHealth) -> None:
+        """Compare our entry's health in the registry with the status we wrote."""
+        just_wrote, self._just_wrote = self._just_wrote, False
+        before = self._seen
+        self._seen = found
+        if found.status is self._actual:
+            if before is not None and before.status is not found.status:
+                log.info(
+                    "%s: the registry holds our entry as %s again",
+                    self.instance.id,
+                    found.status,
+                    extra=self._extra("registry_status", status=str(found.status)),
+                )
+            return
+        if not just_wrote:
+            # e.g. our TTL check turned critical while we were frozen: write our
+            # status again (SET_STATUS comes next), then read it back.
+            self._set_actual(found.status)
+            return
+        # We wrote our status a moment ago and the registry says otherwise:
+        # someone else holds it so (maintenance mode, a node check, another
+        # check). Report it; rewriting would change nothing.
+        if before is None or before.status is not found.status:
+            log.warning(
+                "%s: the registry holds our entry as %s although we set it %s: %s",
+                self.instance.id,
+                found.status,
+                self._actual,
+                scrub_credentials(found.note) or "no note",
+                extra=self._extra("registry_status", status=str(found.status)),
+            )
+
+    async def _release(self) -> None:
+        lease, self._stale = self._stale, None
+        if lease is None:
+            return
+        try:
+            async with asyncio.timeout(min(_RELEASE_TIMEOUT, max(0.5, self.heartbeat_interval))):
+                await self.backend.deregister(lease)
+        except Exception as exc:  # best effort: an unreleased lease expires with its TTL
+            log.debug(
+                "%s: releasing the abandoned lease failed: %s",
+                self.instance.id,
+                self._registry_error(exc),
+                extra=self._extra("release_failed"),
+            )
 
     async def _watch_connection(self) -> None:
         # The registry went away or came back: check our entry now, not at the
         # next heartbeat, and cut short any backoff sleep.
         wait = self.backend.wait_connection_change  # type: ignore[attr-defined]
-        loop = asyncio.get_running_loop()
         while not self._stopping:
             try:
                 await wait()
@@ -476,16 +760,29 @@ class AsyncRegistrar:
                 log.debug("connection probe failed: %s", exc, extra=self._extra("probe_failed"))
                 await asyncio.sleep(1.0)
                 continue
-            self._verify_due = loop.time()
+            self._verify_due = self._clock()
             self._wake_up()
 
-    def _lost(self, why: str) -> None:
+    def _expired(self) -> None:
+        why = (
+            f"no heartbeat succeeded for {self.ttl:g}s (the TTL): the registry no longer "
+            "holds our entry as alive"
+        )
+        if self._last_error:
+            why += f"; last error: {self._last_error}"
+        self._lost(why, stale=True)
+
+    def _lost(self, why: str, *, stale: bool) -> None:
         self.counters.lease_losses += 1
         self._lost_entry = True
+        if stale and self._lease is not None:
+            self._stale = self._lease
         self._lease = None
+        self._expires_at = None
+        self._seen = None
         self._set_actual(None)
-        self._last_error = why
-        self._emit(RegistrarEventKind.LEASE_LOST, why)
+        self._last_error = scrub_credentials(why)
+        self._emit(RegistrarEventKind.LEASE_LOST, self._last_error)
 
     def _set_actual(self, status: HealthStatus | None) -> None:
         self._actual = status
@@ -501,7 +798,21 @@ class AsyncRegistrar:
             for name, result in self._results.items()
             if not self.gate.check_up(name)
         ]
-        return "; ".join(failing) or "checks not passing"
+        # This note is written into the registry, readable by anyone who can read it.
+        return scrub_credentials("; ".join(failing)) or "checks not passing"
+
+    def _registry_error(self, exc: BaseException) -> RegistryError:
+        """``exc`` itself when it is a RegistryError, else wrapped as BackendUnavailable."""
+        if isinstance(exc, RegistryError):
+            return exc
+        wrapped = BackendUnavailable(
+            f"unexpected {type(exc).__name__}: {exc}",
+            service=self.instance.service,
+            instance=self.instance.id,
+            backend=self._backend_name,
+        )
+        wrapped.__cause__ = exc
+        return wrapped
 
     # -- events and logs -----------------------------------------------------------------
 
@@ -515,6 +826,7 @@ class AsyncRegistrar:
         }
 
     def _emit(self, kind: RegistrarEventKind, detail: str) -> None:
+        detail = scrub_credentials(detail)
         event = RegistrarEvent(kind, self.instance, self.state, detail)
         if kind is not RegistrarEventKind.BACKEND_UNAVAILABLE:
             level = logging.WARNING if kind is RegistrarEventKind.LEASE_LOST else logging.INFO
@@ -533,21 +845,45 @@ class AsyncRegistrar:
             except Exception:
                 log.exception("on_event callback failed", extra=self._extra("callback_failed"))
 
-    def _log_failure(self, action: str, exc: BaseException, *, force: bool = False) -> None:
+    def _log_failure(self, action: str, error: RegistryError, *, force: bool = False) -> None:
+        """Log a failure once per episode (a kind of failure in a row).
+
+        Rejected is logged at ERROR, throttling and an unreachable registry at
+        WARNING; an unreachable registry is recalled every 30 s, the rest at DEBUG.
+        """
+        if isinstance(error, Rejected):
+            kind, level = "rejected", logging.ERROR
+        elif isinstance(error, Throttled):
+            kind, level = "throttled", logging.WARNING
+        else:
+            kind, level = "unavailable", logging.WARNING
         now = time.monotonic()
-        if not force and self._failures > 1 and now - self._last_failure_log < _REPEAT_LOG_EVERY:
-            return
-        self._last_failure_log = now
-        level = logging.ERROR if isinstance(exc, Rejected) else logging.WARNING
-        repeat = f" (failure {self._failures}, retrying with backoff)" if self._failures > 1 else ""
+        if not force:
+            if kind == self._episode and not (
+                kind == "unavailable" and now - self._last_failure_log >= _REPEAT_LOG_EVERY
+            ):
+                level = logging.DEBUG
+            else:
+                self._episode = kind
+                self._last_failure_log = now
+        if force:
+            self._last_error = scrub_credentials(str(error))
+        how = {
+            "rejected": "no retry can fix this as is; retrying every "
+            f"{self.retry.cap:g}s in case it is fixed",
+            "throttled": "the registry is shedding load; retrying when it says",
+            "unavailable": "retrying with backoff",
+        }[kind]
+        repeat = f" (failure {self._failures}, {how})" if not force else ""
         log.log(
             level,
             "%s %s failed: %s%s",
             self.instance.id,
             action,
-            exc,
+            scrub_credentials(str(error)),
             repeat,
-            extra=self._extra(f"{action}_failed", error=str(exc), failures=self._failures),
+            extra=self._extra(f"{action}_failed", error=str(error), failures=self._failures),
+            exc_info=error.__cause__ if level == logging.DEBUG and error.__cause__ else None,
         )
 
     # -- signals -----------------------------------------------------------------------

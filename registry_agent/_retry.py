@@ -44,6 +44,11 @@ class RetryPolicy:
     cap: float = 10.0
     multiplier: float = 2.0
     jitter: float = 0.5
+    #: Longest wait between retries while the server answers (429/5xx): it is up,
+    #: so come back soon (within ``answered_cap`` of it recovering).
+    answered_cap: float = 1.0
+    #: Longest ``Retry-After`` honoured: a server asking for more is retried sooner.
+    retry_after_cap: float = 30.0
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +61,12 @@ class RetryPolicy:
             raise ConfigError(f"expected a multiplier >= 1, got {self.multiplier}", field="retry")
         if not 0 <= self.jitter < 1:
             raise ConfigError(f"expected 0 <= jitter < 1, got {self.jitter}", field="retry")
+        if not 0 < self.answered_cap <= self.retry_after_cap:
+            raise ConfigError(
+                f"expected 0 < answered_cap <= retry_after_cap, got answered_cap="
+                f"{self.answered_cap}, retry_after_cap={self.retry_after_cap}",
+                field="retry",
+            )
 
     @property
     def wait(self) -> tenacity.wait.wait_base:
@@ -67,3 +78,23 @@ class RetryPolicy:
         state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
         state.attempt_number = max(1, attempt)
         return float(self.wait(state))
+
+    def slowest(self) -> float:
+        """A delay at the cap, jittered: for errors no quick retry can fix (``Rejected``)."""
+        return self.cap * (1.0 - self.jitter * self.rng.random())
+
+    def answered(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry ``attempt`` when the server answered but refused.
+
+        A server that answers (429, 503) is reachable: honour its ``retry_after``
+        (at most ``retry_after_cap``, at least ``initial``, plus up to 10 % so a
+        fleet does not come back in step), else back off from ``initial`` but
+        never beyond ``answered_cap``, so the first retry after it recovers
+        comes within about ``answered_cap``.
+        """
+        if retry_after is not None and retry_after >= 0:
+            wait = min(max(retry_after, self.initial), self.retry_after_cap)
+            return wait * (1.0 + 0.1 * self.rng.random())
+        exponent = min(max(0, attempt - 1), 64)
+        base = min(self.answered_cap, self.cap, self.initial * self.multiplier**exponent)
+        return base * (1.0 - self.jitter * self.rng.random())

@@ -61,7 +61,7 @@ def events() -> list[RegistrarEvent]:
 @pytest.fixture
 def make(registry: MemoryRegistry, events: list[RegistrarEvent]) -> Callable[..., AsyncRegistrar]:
     def make(**kwargs: Any) -> AsyncRegistrar:
-        kwargs.setdefault("ttl", 0.6)
+        kwargs.setdefault("ttl", 1.0)
         kwargs.setdefault("retry", FAST)
         kwargs.setdefault("on_event", events.append)
         return AsyncRegistrar(registry.url, kwargs.pop("instance", INSTANCE), **kwargs)
@@ -284,11 +284,13 @@ async def test_status_report(
     reg = make(checks=[CallableCheck(Switch(), interval=0.05, name="db")], rise=1)
     cleanup.append(reg)
     await reg.start(wait_registered=2)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(reg.heartbeat_interval + 0.2)
     status = reg.status()
     assert status["state"] == "registered"
     assert status["registered"] is True
     assert status["registry_status"] == "passing"
+    assert status["ready"] is True
+    assert status["not_ready_reason"] is None
     assert status["checks"]["db"]["up"] is True
     assert status["checks"]["db"]["ok"] is True
     assert status["counters"]["heartbeats_ok"] >= 1
@@ -301,7 +303,7 @@ async def test_a_failing_event_callback_is_logged_not_fatal(
     def broken(event: RegistrarEvent) -> None:
         raise RuntimeError("callback bug")
 
-    reg = AsyncRegistrar(registry.url, INSTANCE, ttl=0.6, on_event=broken)
+    reg = AsyncRegistrar(registry.url, INSTANCE, ttl=1.0, on_event=broken)
     with caplog.at_level(logging.ERROR):
         await reg.start(wait_registered=2)
         await reg.stop()
@@ -342,7 +344,7 @@ def test_no_client_is_created_before_start() -> None:
 def test_blocking_facade(registry: MemoryRegistry) -> None:
     threads_before = threading.active_count()
     events: list[RegistrarEvent] = []
-    with Registrar(registry.url, INSTANCE, ttl=0.6, retry=FAST, on_event=events.append) as reg:
+    with Registrar(registry.url, INSTANCE, ttl=1.0, retry=FAST, on_event=events.append) as reg:
         assert reg.wait_registered(2)
         assert reg.registered
         assert reg.state is GateState.REGISTERED
@@ -357,7 +359,7 @@ def test_blocking_facade(registry: MemoryRegistry) -> None:
 
 def test_blocking_facade_with_a_backend_object(registry: MemoryRegistry) -> None:
     backend = MemoryBackend(registry)
-    reg = Registrar(backend, INSTANCE, ttl=0.6).start(wait_registered=2)
+    reg = Registrar(backend, INSTANCE, ttl=1.0).start(wait_registered=2)
     try:
         assert registry.snapshot("orders").healthy() == [INSTANCE]
     finally:
@@ -368,4 +370,4 @@ def test_blocking_facade_with_a_backend_object(registry: MemoryRegistry) -> None
 def test_blocking_wait_registered_timeout(registry: MemoryRegistry) -> None:
     registry.stop()
     with pytest.raises(RegistrationTimeout):
-        Registrar(registry.url, INSTANCE, ttl=0.6, retry=FAST).start(wait_registered=0.3)
+        Registrar(registry.url, INSTANCE, ttl=1.0, retry=FAST).start(wait_registered=0.3)
