@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
@@ -23,10 +23,12 @@ from registry_agent import (
     InstanceHealth,
     Lease,
     LeaseLost,
+    RegistryError,
     Rejected,
     RevisionCompacted,
     ServiceInstance,
     ServiceSnapshot,
+    Throttled,
 )
 from registry_agent._backend import error_context, running_loop
 from registry_agent._probe import ConnectionProbe
@@ -47,22 +49,55 @@ T = TypeVar("T")
 
 # gRPC waits up to 120 s (1 s at first, x1.6) between reconnects to a server that
 # went away, failing every call meanwhile: a restarted etcd would be ignored for
-# seconds. Our own retries already back off, so reconnect promptly. Keepalive
-# pings find a member that hangs (frozen, cut off) under an open watch stream;
-# etcd refuses pings more often than every 5 s.
-_CHANNEL_OPTIONS = {
+# seconds. Our own retries already back off, so reconnect promptly. No pings
+# without a call: etcd (PermitWithoutStream=false) answers them with GOAWAY.
+# Like etcd's own client, accept replies of any size (a big list is not an error).
+_CHANNEL_OPTIONS: dict[str, int] = {
     "grpc.initial_reconnect_backoff_ms": 100,
     "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 1000,
-    "grpc.keepalive_time_ms": 5000,
-    "grpc.keepalive_timeout_ms": 2000,
     "grpc.keepalive_permit_without_calls": 0,
     "grpc.http2.max_pings_without_data": 0,
+    "grpc.max_receive_message_length": -1,
 }
+
+#: etcd's --grpc-keepalive-min-time default: pinged more often, it sends GOAWAY.
+KEEPALIVE_TIME_FLOOR = 5.0
+KEEPALIVE_TIMEOUT_FLOOR = 0.5
+#: etcd's --max-request-bytes default (1.5 MiB).
+MAX_REQUEST_BYTES = 1536 * 1024
+# A put request's bytes beyond its key and value: field tags, lengths, lease id.
+_PUT_OVERHEAD = 32
+
+
+def _keepalive_options(time: float, timeout: float) -> dict[str, int]:
+    """Keepalive pings that find a member hanging (frozen, cut off) under an open stream.
+
+    grpcio (1.5x+) waits for a keepalive ping's ack ``grpc.http2.ping_timeout_ms``
+    (default 60 s), not ``grpc.keepalive_timeout_ms``: without it a blackholed
+    watch stays silent for time + 60 s.
+    """
+    return {
+        "grpc.keepalive_time_ms": round(time * 1000),
+        "grpc.keepalive_timeout_ms": round(timeout * 1000),
+        "grpc.http2.ping_timeout_ms": round(timeout * 1000),
+    }
+
 
 # etcd's clientv3.WithRequireLeader: a member cut off from the leader ends the
 # stream instead of leaving it silent.
 _REQUIRE_LEADER = ("hasleader", "true")
+
+# What no retry of the same request can fix (etcd's "invalid auth token" is
+# UNAUTHENTICATED too: it is recognised first, and logging in again heals it).
+_REJECTED_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
 
 _TLS_MARKERS = ("ssl", "handshake", "certificate", "tls", "tsi_")
 
@@ -110,10 +145,33 @@ class _Client(aetcd.Client):  # type: ignore[misc]
             self._is_connecting = False
 
 
+def _rpc_error(exc: BaseException) -> grpc.aio.AioRpcError | None:
+    """The gRPC error behind ``exc`` (aetcd re-raises them as its own, ``from`` the original)."""
+    for error in (exc, exc.__cause__):
+        if isinstance(error, grpc.aio.AioRpcError):
+            return error
+    return None
+
+
 def _details(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.details() or str(exc.code())
+    """The server's own words (gRPC details) when there are some."""
+    rpc_error = _rpc_error(exc)
+    if rpc_error is not None:
+        return rpc_error.details() or str(rpc_error.code())
     return str(exc) or type(exc).__name__
+
+
+def _opt_size(name: str, value: Any) -> int:
+    """An option holding a whole number of bytes."""
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if isinstance(value, bool | float) or size <= 0:
+        raise ConfigError(
+            f"expected a whole number of bytes above zero, got {value!r}", field=f"backend.{name}"
+        )
+    return size
 
 
 def _hostport(host: str, port: int) -> str:
@@ -151,7 +209,17 @@ class EtcdBackend:
     ``tls``
         ``true`` for TLS verified against the system store (no files).
     ``timeout``
-        Per-request timeout, default ``5s``.
+        Per-request timeout, default ``5s``: no call waits longer on a member
+        (a stalled connection included).
+    ``keepalive_time``, ``keepalive_timeout``
+        Under an open watch, ping the member after ``keepalive_time`` of silence
+        (default and minimum ``5s``, etcd's ``--grpc-keepalive-min-time``) and
+        drop the connection when no answer comes within ``keepalive_timeout``
+        (default ``2s``): a frozen member or a dead connection ends a watch
+        within their sum plus a second.
+    ``max_request_bytes``
+        The cluster's ``--max-request-bytes`` (default 1.5 MiB): a registration
+        bigger than this is refused before it is sent (:meth:`validate`).
     """
 
     scheme: ClassVar[str] = "etcd"
@@ -164,6 +232,9 @@ class EtcdBackend:
         "cert_file": opt_str,
         "key_file": opt_str,
         "tls": opt_bool,
+        "keepalive_time": opt_duration,
+        "keepalive_timeout": opt_duration,
+        "max_request_bytes": _opt_size,
     }
 
     def __init__(
@@ -180,7 +251,26 @@ class EtcdBackend:
         cert_file: str | None = None,
         key_file: str | None = None,
         tls: bool | None = None,
+        keepalive_time: float = KEEPALIVE_TIME_FLOOR,
+        keepalive_timeout: float = 2.0,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
+        if keepalive_time < KEEPALIVE_TIME_FLOOR:
+            raise ConfigError(
+                f"expected at least {KEEPALIVE_TIME_FLOOR:g}s (etcd refuses pings more often "
+                f"than --grpc-keepalive-min-time, 5s by default), got {keepalive_time:g}s",
+                field="backend.keepalive_time",
+            )
+        if keepalive_timeout < KEEPALIVE_TIMEOUT_FLOOR:
+            raise ConfigError(
+                f"expected at least {KEEPALIVE_TIMEOUT_FLOOR:g}s, got {keepalive_timeout:g}s",
+                field="backend.keepalive_timeout",
+            )
+        if max_request_bytes < 1024:
+            raise ConfigError(
+                f"expected at least 1024 bytes, got {max_request_bytes}",
+                field="backend.max_request_bytes",
+            )
         if not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/"):
             raise ConfigError(
                 "expected a key prefix like /services (leading '/', no trailing '/'), "
@@ -201,6 +291,10 @@ class EtcdBackend:
             self._credentials = grpc.ssl_channel_credentials(ca, key, cert)
         self.prefix = prefix.rstrip("/")
         self.timeout = timeout
+        self.keepalive_time = keepalive_time
+        self.keepalive_timeout = keepalive_timeout
+        self.max_request_bytes = max_request_bytes
+        self._options = _CHANNEL_OPTIONS | _keepalive_options(keepalive_time, keepalive_timeout)
         self._user = user
         self._password = password
         self._client: aetcd.Client | None = None
@@ -208,6 +302,7 @@ class EtcdBackend:
         self._cluster_id: int | None = None
         self._probe = ConnectionProbe(self._hold_connection)
         self._warned: set[bytes] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> EtcdBackend:
@@ -259,7 +354,7 @@ class EtcdBackend:
                 username=self._user,
                 password=self._password,
                 timeout=self.timeout,
-                options=_CHANNEL_OPTIONS,
+                options=self._options,
                 credentials=self._credentials,
             )
         return self._client
@@ -268,8 +363,31 @@ class EtcdBackend:
         return f"{self.prefix}/{service}/{instance_id}".encode()
 
     def _error(self, exc: BaseException, context: dict[str, str | None]) -> Exception:
-        text = _details(exc)
+        """Our error for whatever the client raised, with the server's words in it."""
+        if isinstance(exc, RegistryError):
+            return exc
         where = f"etcd at {_hostport(self.host, self.port)}"
+        if isinstance(exc, TimeoutError):
+            return BackendUnavailable(f"{where}: no answer within {self.timeout:g}s", **context)
+        text = _details(exc)
+        rpc_error = _rpc_error(exc)
+        code = rpc_error.code() if rpc_error is not None else None
+        if code is None and not isinstance(exc, aetcd.ClientError | OSError):
+            # AttributeError on a garbled reply, grpc.aio.UsageError, InvalidStateError…:
+            # a client-side surprise is still a failed call, worth retrying.
+            return BackendUnavailable(
+                f"{where} failed: unexpected {type(exc).__name__} in the etcd client: {text}",
+                **context,
+            )
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if "larger than max" in text:  # beyond etcd's --max-request-bytes + gRPC overhead
+                return Rejected(f"{where} refused a request this large [{text}]", **context)
+            return Throttled(f"{where} is shedding load [{text}]", retry_after=None, **context)
+        if "request is too large" in text:
+            return Rejected(
+                f"{where} refused a request this large (its --max-request-bytes) [{text}]",
+                **context,
+            )
         if "lease not found" in text:
             return LeaseLost(f"lease lost: {text}", **context)
         if "invalid auth token" in text:  # expired (etcd --auth-token-ttl): log in again
@@ -289,7 +407,9 @@ class EtcdBackend:
                 f"{self.prefix}/{subject or ''} [{text}]",
                 **context,
             )
-        if isinstance(exc, aetcd.exceptions.UnauthenticatedError | aetcd.InvalidArgumentError):
+        if code in _REJECTED_CODES or isinstance(
+            exc, aetcd.exceptions.UnauthenticatedError | aetcd.InvalidArgumentError
+        ):
             return Rejected(f"{where} refused the request: {text}", **context)
         if any(marker in text.lower() for marker in _TLS_MARKERS):
             return BackendUnavailable(
@@ -312,8 +432,11 @@ class EtcdBackend:
         for attempt in range(len(self.endpoints)):
             client = self.client
             try:
-                return await make(client)
-            except (aetcd.ClientError, grpc.aio.AioRpcError, OSError, TimeoutError) as exc:
+                # Every RPC carries the timeout as its deadline; this also bounds
+                # what aetcd does around it (connecting, waiting for another connect).
+                async with asyncio.timeout(self.timeout + 1.0):
+                    return await make(client)
+            except Exception as exc:
                 error = await self._failed(exc, client, instance=instance, service=service)
                 if not isinstance(error, BackendUnavailable) or attempt == len(self.endpoints) - 1:
                     raise error from exc
@@ -332,8 +455,14 @@ class EtcdBackend:
         unavailable = isinstance(error, BackendUnavailable)
         # aetcd keeps a half-open client after a failed connect (auth, timeout), and
         # an expired auth token stays in its metadata: start afresh next time.
-        broken = isinstance(exc, TimeoutError | aetcd.exceptions.UnauthenticatedError) or (
-            "invalid auth token" in _details(exc)
+        # A call that timed out may sit on a dead connection (blackholed, half-open)
+        # that the channel would keep until keepalive gives up: dial afresh.
+        rpc_error = _rpc_error(exc)
+        broken = (
+            isinstance(exc, TimeoutError | aetcd.exceptions.UnauthenticatedError)
+            or "invalid auth token" in _details(exc)
+            or (rpc_error is not None and rpc_error.code() is grpc.StatusCode.DEADLINE_EXCEEDED)
+            or (unavailable and rpc_error is None)  # a client-side surprise: start afresh
         )
         failover = unavailable and len(self.endpoints) > 1
         # Only the first failure of a client moves on: its other calls fail with it.
@@ -348,8 +477,7 @@ class EtcdBackend:
                     self.port,
                     extra={"event": "failover", "backend": "etcd", "service": service},
                 )
-            with contextlib.suppress(Exception):  # already broken
-                await client.close()
+            await self._close_client(client)
         return error
 
     def _value(self, instance: ServiceInstance, status: HealthStatus, note: str) -> bytes:
@@ -382,6 +510,26 @@ class EtcdBackend:
                 )
             return None
 
+    def validate(self, instance: ServiceInstance) -> None:
+        """Raise :class:`Rejected` when etcd would refuse to store ``instance``.
+
+        etcd refuses a request above its ``--max-request-bytes`` (option
+        ``max_request_bytes``, 1.5 MiB by default), whatever the retries.
+        """
+        self._check_size(instance, self._value(instance, HealthStatus.CRITICAL, ""))
+
+    def _check_size(self, instance: ServiceInstance, value: bytes) -> None:
+        key = self._key(instance.service, instance.id)
+        size = len(key) + len(value) + _PUT_OVERHEAD
+        if size > self.max_request_bytes:
+            raise Rejected(
+                f"the etcd entry of {instance.id!r} would be {size} bytes (key {len(key)}, "
+                f"value {len(value)}), above etcd's request limit of {self.max_request_bytes} "
+                "bytes (option max_request_bytes, the cluster's --max-request-bytes): "
+                "shrink its meta or tags",
+                **error_context("etcd", instance=instance),
+            )
+
     async def register(
         self,
         instance: ServiceInstance,
@@ -391,16 +539,42 @@ class EtcdBackend:
         note: str = "",
         deregister_critical_after: float | None = None,
     ) -> Lease:
+        value = self._value(instance, status, note)
+        self._check_size(instance, value)
         lease = await self._call(lambda c: c.lease(max(1, math.ceil(ttl))), instance=instance)
-        await self._call(
-            lambda c: c.put(
-                self._key(instance.service, instance.id),
-                self._value(instance, status, note),
-                lease=lease.id,
-            ),
-            instance=instance,
-        )
+        try:
+            await self._call(
+                lambda c: c.put(self._key(instance.service, instance.id), value, lease=lease.id),
+                instance=instance,
+            )
+        except BaseException:
+            # The lease would live a TTL for nothing (and with our key, if the put
+            # landed before its answer was lost): revoke it, without delaying the error.
+            self._spawn(self._revoke_quietly(instance, int(lease.id)))
+            raise
         return Lease(instance, float(ttl), int(lease.id), "etcd")
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _revoke_quietly(self, instance: ServiceInstance, lease_id: int) -> None:
+        try:
+            await self._call(lambda c: c.revoke_lease(lease_id), instance=instance)
+        except RegistryError as exc:
+            if not isinstance(exc, LeaseLost):
+                log.info(
+                    "could not revoke lease %x of a failed registration (it expires with "
+                    "its TTL): %s",
+                    lease_id,
+                    exc,
+                    extra={
+                        "event": "revoke_failed",
+                        "backend": "etcd",
+                        "service": instance.service,
+                    },
+                )
 
     async def heartbeat(self, lease: Lease) -> None:
         reply = await self._call(lambda c: c.refresh_lease(lease.handle), instance=lease.instance)
@@ -424,18 +598,19 @@ class EtcdBackend:
 
     async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:
         instance = lease.instance
+        value = self._value(instance, status, note)
+        self._check_size(instance, value)
         await self._call(
-            lambda c: c.put(
-                self._key(instance.service, instance.id),
-                self._value(instance, status, note),
-                lease=lease.handle,
-            ),
+            lambda c: c.put(self._key(instance.service, instance.id), value, lease=lease.handle),
             instance=instance,
         )
 
     async def deregister(self, lease: Lease) -> None:
-        # Revoking the lease deletes its keys atomically; a key someone else
-        # re-put under another lease is theirs and stays.
+        """Revoke the lease: its keys go with it; a lease already gone is no error.
+
+        A key someone else re-put under another lease is theirs and stays; a
+        lease whose key was deleted is still revoked (no orphan for a TTL).
+        """
         with contextlib.suppress(LeaseLost):
             await self._call(lambda c: c.revoke_lease(lease.handle), instance=lease.instance)
 
@@ -479,7 +654,7 @@ class EtcdBackend:
         context: dict[str, str | None] = {"backend": "etcd", "service": service, "instance": None}
         call = rpc.WatchStub(client.channel).Watch(requests(), metadata=metadata)
         try:
-            async for response in call:
+            async for response in self._responses(call):
                 header = response.header
                 if cluster_id is not None and header.cluster_id and header.cluster_id != cluster_id:
                     raise RevisionCompacted(
@@ -523,21 +698,39 @@ class EtcdBackend:
                 revision = max(revision, header.revision)
                 if changed:
                     yield ServiceSnapshot(service, revision, MappingProxyType(dict(state)))
-        except grpc.aio.AioRpcError as exc:
+        except RegistryError:
+            raise
+        except Exception as exc:
             raise await self._failed(exc, client, service=service) from exc
         finally:
             stop.set()
             call.cancel()
         raise BackendUnavailable("etcd closed the watch stream", **context)
 
+    async def _responses(self, call: Any) -> AsyncIterator[Any]:
+        """A watch stream's responses; the first (``created``) must come within the timeout.
+
+        Once created, keepalive pings bound the silence of a dead connection;
+        before, a connection that stalls (accepted, never answered) would hang.
+        """
+        stream = aiter(call)
+        try:
+            async with asyncio.timeout(self.timeout):
+                first = await anext(stream)
+        except StopAsyncIteration:
+            return
+        yield first
+        async for response in stream:
+            yield response
+
     async def wait_connection_change(self) -> None:
         """Return when etcd went away, or came back after being away (see ConnectionProbe)."""
         await self._probe.wait_change()
 
     async def _hold_connection(self, connected: Callable[[], None]) -> bool:
-        # A watch on a key nobody writes: it only ends when the stream breaks.
-        client = self.client
-        await client.connect()
+        # A watch on a key nobody writes: it only ends when the stream breaks
+        # (keepalive pings notice a dead connection or a frozen member).
+        client = await self._call(_connected)
         key = f"{self.prefix}/.registry-agent-probe".encode()
         stop = asyncio.Event()
 
@@ -548,7 +741,7 @@ class EtcdBackend:
         metadata = (*tuple(client.metadata or ()), _REQUIRE_LEADER)
         call = rpc.WatchStub(client.channel).Watch(requests(), metadata=metadata)
         try:
-            async for response in call:
+            async for response in self._responses(call):
                 if response.canceled and "permission denied" in response.cancel_reason:
                     # A role limited to some services: etcd answered, so it is up.
                     # Poll gently instead of holding a watch.
@@ -564,8 +757,15 @@ class EtcdBackend:
             call.cancel()
         return False
 
+    async def _close_client(self, client: aetcd.Client) -> None:
+        # Closing cancels the channel's calls; bounded in case the channel is wedged.
+        with contextlib.suppress(Exception):  # already broken
+            async with asyncio.timeout(self.timeout):
+                await client.close()
+
     async def close(self) -> None:
+        """Stop the connection probe and close the channel (bounded by ``timeout``)."""
         await self._probe.close()
         client, self._client = self._client, None
         if client is not None and self._client_loop is running_loop():
-            await client.close()
+            await self._close_client(client)
