@@ -1,0 +1,360 @@
+"""The fault section of the backend contract: a misbehaving network, then a heal.
+
+Subclass :class:`FaultContract` in a test module and provide the ``server``
+fixture (as for :class:`~registry_agent.testing.contract.BackendContract`)::
+
+    class TestMyBackendFaults(FaultContract):
+        @pytest.fixture
+        def server(self):
+            with MyServer() as server:
+                yield server
+
+For every fault of :data:`FAULTS`, two :class:`~registry_agent.AsyncRegistrar`
+and one :class:`~registry_agent.AsyncWatcher` talk to the real server through a
+:class:`~registry_agent.testing.faultproxy.FaultProxy`; the fault lasts longer
+than the TTL, then the proxy heals. Within :meth:`FaultContract.heal_bound`
+(derived from the TTL, heartbeat, retry cap, backend timeout and how soon a
+dead connection is noticed) the registry, read directly, must hold exactly
+the two entries, passing, with no duplicates and no orphan leases, and the
+watcher's snapshot must equal it. During the fault the process may not spin
+(CPU under :attr:`FaultContract.max_cpu` of wall time), and every error a
+backend raised to the registrars or the watcher must be a
+:class:`~registry_agent.RegistryError` that carries the server's own words
+where it sent some.
+
+Override :meth:`FaultContract.registry_ids` and
+:meth:`FaultContract.orphan_leases` to read the server's own view (the
+defaults read through a direct backend and know of no leases).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
+
+import pytest
+
+from registry_agent import (
+    AsyncRegistrar,
+    AsyncWatcher,
+    Backend,
+    BackendError,
+    HealthStatus,
+    RegistryError,
+    RetryPolicy,
+    ServiceInstance,
+    open_backend,
+)
+from registry_agent.testing.contract import ServerControl, _ContractFixtures
+from registry_agent.testing.faultproxy import FaultProxy
+
+__all__ = ["FAULTS", "Fault", "FaultContract", "RecordedError", "recording"]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One way the network misbehaves: how to inject it, what the server says meanwhile."""
+
+    name: str
+    inject: Callable[[FaultProxy], None]
+    #: Text the server's answer carries during the fault (HTTP backends only).
+    words: str | None = None
+    #: Seconds a ``Retry-After`` asks for (part of the heal bound).
+    retry_after: float = 0.0
+    #: True when the fault breaks requests (some error must be surfaced).
+    breaks: bool = True
+
+
+FAULTS: tuple[Fault, ...] = (
+    Fault("latency", lambda p: p.latency(0.2), breaks=False),
+    Fault("stall", lambda p: p.stall()),
+    Fault("blackhole", lambda p: p.blackhole()),
+    Fault("reset", lambda p: p.reset_after(64)),
+    Fault("refuse", lambda p: p.refuse()),
+    Fault(
+        "http-429",
+        lambda p: p.http(429, "Too many requests, slow down", {"Retry-After": "1"}),
+        words="slow down",
+        retry_after=1.0,
+    ),
+    Fault("http-500", lambda p: p.http(500, "No cluster leader"), words="No cluster leader"),
+    Fault(
+        "http-503",
+        lambda p: p.http(503, "Service Unavailable: in maintenance", {"Retry-After": "1"}),
+        words="in maintenance",
+        retry_after=1.0,
+    ),
+    Fault("http-404", lambda p: p.http(404, "404 page not found"), words="404 page not found"),
+    Fault("garbage", lambda p: p.garbage(512)),
+)
+
+
+@dataclass(frozen=True)
+class RecordedError:
+    """An exception a backend method raised, and when."""
+
+    at: float
+    method: str
+    error: BaseException
+
+
+_CALLS = frozenset({"register", "heartbeat", "lookup", "set_status", "deregister", "list"})
+
+
+class _Recorder:
+    """Delegates to a backend and records every exception its calls and watches raise."""
+
+    def __init__(self, backend: Backend, errors: list[RecordedError]) -> None:
+        self._backend = backend
+        self._errors = errors
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._backend, name)
+        if name in _CALLS:
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await attr(*args, **kwargs)
+                except Exception as exc:
+                    self._errors.append(RecordedError(time.monotonic(), name, exc))
+                    raise
+
+            return call
+        if name == "watch":
+            return lambda *args, **kwargs: self._watch(attr(*args, **kwargs))
+        return attr
+
+    async def _watch(self, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        try:
+            async for item in stream:
+                yield item
+        except Exception as exc:
+            self._errors.append(RecordedError(time.monotonic(), "watch", exc))
+            raise
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+
+def recording(backend: Backend, errors: list[RecordedError]) -> Backend:
+    """``backend``, with every exception its methods raise appended to ``errors``."""
+    cls = type("Recorded", (_Recorder,), {"scheme": getattr(type(backend), "scheme", "?")})
+    return cast(Backend, cls(backend, errors))
+
+
+def proxied_url(url: str, proxy: FaultProxy) -> str:
+    """``url`` with its host:port replaced by the proxy's."""
+    parts = urllib.parse.urlsplit(url)
+    auth = parts.netloc.rpartition("@")[0]
+    netloc = f"{auth}@" if auth else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{netloc}{proxy.host}:{proxy.port}"))
+
+
+def target_of(url: str) -> tuple[str, int]:
+    """(host, port) of a one-endpoint backend URL."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname is None or parts.port is None:
+        raise ValueError(f"expected host:port in {url}")
+    return parts.hostname, parts.port
+
+
+class FaultContract(_ContractFixtures):
+    """Every backend heals from every fault of :data:`FAULTS`. Provide ``server``."""
+
+    ttl: ClassVar[float] = 3.0
+    timeout: ClassVar[float] = 2.0
+    #: Registrars' and watcher's backoff.
+    retry: ClassVar[RetryPolicy] = RetryPolicy(initial=0.1, cap=2.0)
+    #: How long the fault lasts: longer than the TTL, so entries are lost.
+    fault_for: ClassVar[float] = 4.0
+    #: Longest a watch may sit on a silent connection before noticing (backend option).
+    dead_connection: ClassVar[float] = 10.0
+    #: The backend speaks HTTP/1.1 (the proxy's HTTP answers reach it as such).
+    speaks_http: ClassVar[bool] = True
+    #: Share of wall time the process may spend on CPU during a fault.
+    max_cpu: ClassVar[float] = 0.2
+
+    def heal_bound(self, fault: Fault) -> float:
+        """Seconds from the heal until registry and watcher are exact again.
+
+        A request on a dead connection runs to its timeout, the backoff sleep
+        is at most the retry cap (or the server's ``Retry-After``), a watch
+        notices a silent connection within :attr:`dead_connection`; then a lease
+        may be found lost at the next heartbeat and the entry registered again.
+        """
+        registrar = (
+            self.timeout + max(self.retry.cap, fault.retry_after) + self.ttl / 3 + 2 * self.timeout
+        )
+        watcher = self.dead_connection + self.retry.cap + self.timeout
+        return max(registrar, watcher) + 3.0  # slack for a busy machine
+
+    def registry_ids(self, server: ServerControl, service: str) -> list[str] | None:
+        """The ids of ``service``'s entries as the server lists them, duplicates kept
+        (None: only what a direct backend lists is checked)."""
+        return None
+
+    def orphan_leases(self, server: ServerControl) -> list[str]:
+        """Leases on the server that no key uses (backends without leases: none)."""
+        return []
+
+    @pytest.fixture
+    def measure(self) -> Callable[[str, float, float], None]:
+        """Record and check a duration: ``measure(what, seconds, bound)``."""
+
+        def record(what: str, seconds: float, bound: float) -> None:
+            print(f"{what}: {seconds:.2f}s (bound {bound:.1f}s)")
+            assert seconds <= bound, f"{what} took {seconds:.2f}s, bound {bound:.2f}s"
+
+        return record
+
+    @pytest.fixture(params=FAULTS, ids=[f.name for f in FAULTS])
+    def fault(self, request: pytest.FixtureRequest) -> Fault:
+        return cast(Fault, request.param)
+
+    @pytest.fixture
+    def proxy(self, server: ServerControl) -> Iterator[FaultProxy]:
+        with FaultProxy(*target_of(server.url)) as proxy:
+            yield proxy
+
+    async def test_heals_exactly_after_the_fault(
+        self,
+        server: ServerControl,
+        proxy: FaultProxy,
+        fault: Fault,
+        measure: Callable[[str, float, float], None],
+    ) -> None:
+        service = f"svc-{uuid.uuid4().hex[:8]}"
+        desired = {inst.id: inst for inst in (self.instance(service, 1), self.instance(service, 2))}
+        errors: list[RecordedError] = []
+        surfaced: list[BaseException] = []
+        url = proxied_url(server.url, proxy)
+
+        def backend() -> Backend:
+            return recording(
+                open_backend(url, timeout=self.timeout, **self.backend_options), errors
+            )
+
+        direct = open_backend(server.url, timeout=self.timeout, **self.backend_options)
+        registrars = [
+            AsyncRegistrar(backend(), inst, ttl=self.ttl, retry=self.retry)
+            for inst in desired.values()
+        ]
+        watcher = AsyncWatcher(
+            backend(), service, retry=self.retry, on_error=lambda _, exc: surfaced.append(exc)
+        )
+        try:
+            for registrar in registrars:
+                await registrar.start()
+            await watcher.start()
+            await self._converged(server, direct, watcher, registrars, desired, within=15.0)
+            losses = sum(r.counters.lease_losses for r in registrars)
+
+            fault.inject(proxy)
+            started, cpu = time.monotonic(), time.process_time()
+            await asyncio.sleep(self.fault_for)
+            wall, used = time.monotonic() - started, time.process_time() - cpu
+            last_errors = [r.status()["last_error"] for r in registrars]
+            proxy.heal()
+            healed = time.monotonic()
+            fault_errors = [e for e in errors if started <= e.at < healed]
+
+            took = await self._converged(
+                server, direct, watcher, registrars, desired, within=self.heal_bound(fault)
+            )
+            measure(f"{fault.name}: healed", took, self.heal_bound(fault))
+            print(f"{fault.name}: CPU {used:.2f}s in {wall:.1f}s of fault")
+            assert used < self.max_cpu * wall, (
+                f"CPU spin: {used:.2f}s of CPU in {wall:.1f}s of {fault.name}"
+            )
+            self._check_errors(fault, errors, fault_errors, surfaced, last_errors)
+            if not fault.breaks:
+                assert sum(r.counters.lease_losses for r in registrars) == losses, (
+                    f"{fault.name} cost an entry: {[r.status() for r in registrars]}"
+                )
+        finally:
+            proxy.heal()
+            for registrar in registrars:
+                await registrar.stop()
+            await watcher.close()
+            for registrar in registrars:
+                await registrar.backend.close()
+            await watcher.backend.close()
+            await direct.close()
+
+    def _check_errors(
+        self,
+        fault: Fault,
+        errors: list[RecordedError],
+        fault_errors: list[RecordedError],
+        surfaced: list[BaseException],
+        last_errors: list[str | None],
+    ) -> None:
+        strays = [e for e in errors if not isinstance(e.error, RegistryError)]
+        assert not strays, "backends raised errors outside the RegistryError tree: " + "; ".join(
+            f"{e.method}: {type(e.error).__module__}.{type(e.error).__name__}: {e.error}"
+            for e in strays
+        )
+        strays_seen = [e for e in surfaced if not isinstance(e, RegistryError)]
+        assert not strays_seen, f"on_error got non-RegistryError errors: {strays_seen!r}"
+        if fault.breaks:
+            assert fault_errors or surfaced, f"{fault.name} was not noticed by anyone"
+        if fault.words is None or not self.speaks_http:
+            return
+        wordless = [
+            f"{e.method}: {type(e.error).__name__}: {e.error}"
+            for e in fault_errors
+            if isinstance(e.error, BackendError) and fault.words not in str(e.error)
+        ]
+        assert not wordless, f"errors without the server's words {fault.words!r}: " + "; ".join(
+            wordless
+        )
+        for text in last_errors:
+            assert text is None or fault.words in text, (
+                f"registrar last_error lost the server's words {fault.words!r}: {text!r}"
+            )
+
+    async def _converged(
+        self,
+        server: ServerControl,
+        direct: Backend,
+        watcher: AsyncWatcher,
+        registrars: list[AsyncRegistrar],
+        desired: dict[str, ServiceInstance],
+        *,
+        within: float,
+    ) -> float:
+        """Seconds until registry, server view and watcher are exactly ``desired``."""
+        started = time.monotonic()
+        service = next(iter(desired.values())).service
+        want = {i: (inst, HealthStatus.PASSING) for i, inst in desired.items()}
+        problem = "never read"
+        while True:
+            try:
+                snapshot = await direct.list(service)
+                held = {i: (h.instance, h.status) for i, h in snapshot.instances.items()}
+                seen = {h.instance.id: (h.instance, h.status) for h in watcher.snapshot()}
+                ids = await asyncio.to_thread(self.registry_ids, server, service)
+                orphans = await asyncio.to_thread(self.orphan_leases, server)
+            except RegistryError as exc:
+                problem = f"registry not readable: {exc}"
+            else:
+                if held != want:
+                    problem = f"registry holds {held}, want {want}"
+                elif ids is not None and sorted(ids) != sorted(desired):
+                    problem = f"the server lists {ids}, want {sorted(desired)}"
+                elif seen != held:
+                    problem = f"watcher sees {seen}, registry holds {held}"
+                elif orphans:
+                    problem = f"orphan leases {orphans}"
+                else:
+                    return time.monotonic() - started
+            if time.monotonic() - started > within:
+                states = [r.status() for r in registrars]
+                pytest.fail(f"not exact within {within:.1f}s: {problem}; registrars: {states}")
+            await asyncio.sleep(0.1)
