@@ -58,6 +58,15 @@ class Backend(Protocol):
     reached within the backend's timeout, :class:`~registry_agent.LeaseLost`
     when the lease or check behind a :class:`Lease` no longer exists, and
     :class:`~registry_agent.Rejected` when the registry refuses the request.
+
+    **Optional** ``validate(instance: ServiceInstance) -> None`` (plain or
+    ``async``): check ``instance`` against what the registry documents it
+    accepts (Consul: at most 64 meta keys, key and value lengths, no ``.`` in a
+    meta key…) without any I/O, raising :class:`~registry_agent.Rejected` or
+    :class:`~registry_agent.ConfigError` naming the field. The registrar calls
+    it in ``start()`` when the backend has it, so a value the registry would
+    refuse fails at once instead of being retried. It is not a member of this
+    protocol, so backends without it still satisfy ``isinstance(x, Backend)``.
     """
 
     #: The URL scheme this backend serves, e.g. ``"consul"``.

@@ -217,7 +217,9 @@ class AsyncRegistrar:
         self._stale: Lease | None = None  # a lease we abandoned that may still be alive
         self._seen: InstanceHealth | None = None  # our entry as the last verification read it
         self._just_wrote = False  # a status write awaits its read-back
+        self._external: HealthStatus | None = None  # status someone else holds our entry at
         self._lost_entry = False
+        self._lost_reason: str | None = None
         self._heartbeat_due = 0.0
         self._verify_due = 0.0
         self._failures = 0
@@ -449,6 +451,12 @@ class AsyncRegistrar:
                 return False, "health checks have not passed yet"
             if self.state is GateState.WITHDRAWN:
                 return False, "withdrawn: " + self._failing_checks()
+            if self._lost_reason is not None:
+                again = self._last_error
+                more = (
+                    f"; registering again: {again}" if again and again != self._lost_reason else ""
+                )
+                return False, f"entry lost ({self._lost_reason}){more}"
             if self._last_error:
                 return False, f"not registered: {self._last_error}"
             return False, "not registered yet"
@@ -644,8 +652,10 @@ class AsyncRegistrar:
             self._set_actual(wanted)
             self._registered_at = now
             self._heartbeat_due = now + self.heartbeat_interval
-            self._verify_due = now + self.verify_interval
+            # Someone else held our entry critical before: see at once whether they still do.
+            self._verify_due = now + (0.0 if self._external else self.verify_interval)
             self._last_heartbeat = time.time()
+            self._lost_reason = None
             if self._lost_entry:
                 self._lost_entry = False
                 self.counters.reregistrations += 1
@@ -705,10 +715,10 @@ class AsyncRegistrar:
     def _read_back(self, found: InstanceHealth) -> None:
         """Compare our entry's health in the registry with the status we wrote."""
         just_wrote, self._just_wrote = self._just_wrote, False
-        before = self._seen
-        self._seen = found
+        before, self._seen = self._seen, found
         if found.status is self._actual:
-            if before is not None and before.status is not found.status:
+            if self._external is not None:
+                self._external = None
                 log.info(
                     "%s: the registry holds our entry as %s again",
                     self.instance.id,
@@ -716,15 +726,16 @@ class AsyncRegistrar:
                     extra=self._extra("registry_status", status=str(found.status)),
                 )
             return
-        if not just_wrote:
+        if not just_wrote and (before is None or before.status is not found.status):
             # e.g. our TTL check turned critical while we were frozen: write our
             # status again (SET_STATUS comes next), then read it back.
             self._set_actual(found.status)
             return
-        # We wrote our status a moment ago and the registry says otherwise:
-        # someone else holds it so (maintenance mode, a node check, another
-        # check). Report it; rewriting would change nothing.
-        if before is None or before.status is not found.status:
+        # The registry says otherwise right after we wrote our status, or still
+        # says what it said last time: someone else holds it so (maintenance
+        # mode, a node check, another check). Report it; rewriting won't help.
+        if self._external is not found.status:
+            self._external = found.status
             log.warning(
                 "%s: the registry holds our entry as %s although we set it %s: %s",
                 self.instance.id,
@@ -781,7 +792,7 @@ class AsyncRegistrar:
         self._expires_at = None
         self._seen = None
         self._set_actual(None)
-        self._last_error = scrub_credentials(why)
+        self._last_error = self._lost_reason = scrub_credentials(why)
         self._emit(RegistrarEventKind.LEASE_LOST, self._last_error)
 
     def _set_actual(self, status: HealthStatus | None) -> None:

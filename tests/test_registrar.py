@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 import uuid
@@ -21,12 +22,17 @@ from registry_agent import (
     ConfigError,
     GateState,
     HealthStatus,
+    InstanceHealth,
+    Lease,
     Registrar,
     RegistrarEvent,
     RegistrarEventKind,
     RegistrationTimeout,
+    RegistryError,
+    Rejected,
     RetryPolicy,
     ServiceInstance,
+    Throttled,
 )
 from registry_agent.testing.contract import eventually
 from registry_agent.testing.memory import MemoryBackend, MemoryRegistry
@@ -315,8 +321,14 @@ async def test_a_failing_event_callback_is_logged_not_fatal(
     ("kwargs", "field"),
     [
         ({"ttl": 0}, "ttl"),
+        ({"ttl": 0.001}, "ttl"),  # 1 ms: 80 heartbeats a second
+        ({"ttl": "1ms"}, "ttl"),
+        ({"ttl": float("nan")}, "ttl"),
+        ({"ttl": True}, "ttl"),
         ({"ttl": 9, "heartbeat": 4}, "heartbeat"),
         ({"heartbeat": -1}, "heartbeat"),
+        ({"ttl": 60, "heartbeat": 0.01}, "heartbeat"),
+        ({"deregister_critical_after": "5m"}, "deregister_critical_after"),
         ({"on_unhealthy": "panic"}, "on_unhealthy"),
         ({"deregister_critical_after": 10}, "deregister_critical_after"),
         ({"rise": 0}, "rise"),
@@ -371,3 +383,366 @@ def test_blocking_wait_registered_timeout(registry: MemoryRegistry) -> None:
     registry.stop()
     with pytest.raises(RegistrationTimeout):
         Registrar(registry.url, INSTANCE, ttl=1.0, retry=FAST).start(wait_registered=0.3)
+
+
+# -- field hardening: errors, throttles, rejections, truthful state, leases, forks --------
+
+
+class Faulty(MemoryBackend):
+    """The memory backend, with calls that fail on demand and a registry-side status override."""
+
+    def __init__(self, registry: MemoryRegistry) -> None:
+        super().__init__(registry)
+        self.fail: dict[str, BaseException] = {}
+        self.calls: dict[str, int] = {}
+        self.held: tuple[HealthStatus, str] | None = None  # what "someone else" holds us at
+        self.register_kwargs: list[dict[str, Any]] = []
+
+    def _call(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if name in self.fail:
+            raise self.fail[name]
+
+    async def register(self, instance: ServiceInstance, **kwargs: Any) -> Lease:
+        self._call("register")
+        self.register_kwargs.append(kwargs)
+        return await super().register(instance, **kwargs)
+
+    async def heartbeat(self, lease: Lease) -> None:
+        self._call("heartbeat")
+        await super().heartbeat(lease)
+
+    async def lookup(self, lease: Lease) -> InstanceHealth | None:
+        self._call("lookup")
+        found = await super().lookup(lease)
+        if found is not None and self.held is not None:
+            return InstanceHealth(found.instance, *self.held)
+        return found
+
+    async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:
+        self._call("set_status")
+        await super().set_status(lease, status, note)
+
+    async def deregister(self, lease: Lease) -> None:
+        self._call("deregister")
+        await super().deregister(lease)
+
+
+@pytest.fixture
+def faulty(registry: MemoryRegistry) -> Faulty:
+    return Faulty(registry)
+
+
+def lines(caplog: pytest.LogCaptureFixture, level: int, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == level and text in r.getMessage() and r.name == "registry_agent.registrar"
+    ]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        AttributeError("module 'consul.base' has no attribute 'ConsulException'"),
+        RuntimeError("boom"),
+        Rejected("403 Permission denied", backend="memory"),
+    ],
+)
+async def test_stop_never_raises_whatever_the_backend_raises(
+    faulty: Faulty,
+    registry: MemoryRegistry,
+    events: list[RegistrarEvent],
+    error: BaseException,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reg = AsyncRegistrar(faulty, INSTANCE, ttl=1.0, retry=FAST, on_event=events.append)
+    await reg.start(wait_registered=2)
+    faulty.fail["deregister"] = error
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="registry_agent.registrar"):
+        await reg.stop(timeout=1)  # does not raise
+    assert time.monotonic() - started < 1.5
+    assert reg.state is GateState.STOPPED
+    assert kinds(events)[-1] is K.STOPPED
+    last_error = reg.status()["last_error"]
+    assert last_error is not None
+    if not isinstance(error, RegistryError):
+        assert f"unexpected {type(error).__name__}" in last_error
+    level = logging.ERROR if isinstance(error, Rejected) else logging.WARNING
+    assert lines(caplog, level, "deregister failed")
+    assert await in_registry(registry) is HealthStatus.PASSING  # left to its TTL
+
+
+async def test_unexpected_errors_reach_callbacks_as_registry_errors(
+    faulty: Faulty, events: list[RegistrarEvent], cleanup: list[AsyncRegistrar]
+) -> None:
+    reg = AsyncRegistrar(faulty, INSTANCE, ttl=1.0, retry=FAST, on_event=events.append)
+    cleanup.append(reg)
+    await reg.start(wait_registered=2)
+    faulty.fail["heartbeat"] = AttributeError("no attribute 'ConsulException'")
+    await eventually(lambda: _true(K.BACKEND_UNAVAILABLE in kinds(events)), within=2)
+    failure = next(e for e in events if e.kind is K.BACKEND_UNAVAILABLE)
+    assert failure.detail.startswith("unexpected AttributeError: no attribute")
+    assert (reg.status()["last_error"] or "").startswith("unexpected AttributeError")
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_throttled_retries_when_told_not_at_the_backoff_cap(
+    faulty: Faulty, cleanup: list[AsyncRegistrar], caplog: pytest.LogCaptureFixture
+) -> None:
+    retry = RetryPolicy(initial=0.2, cap=10.0)  # the default: unanswered, it would reach 3.2 s
+    reg = AsyncRegistrar(faulty, INSTANCE, ttl=1.0, retry=retry)
+    cleanup.append(reg)
+    faulty.fail["register"] = Throttled("429 slow down", retry_after=0.5, backend="memory")
+    with caplog.at_level(logging.DEBUG, logger="registry_agent.registrar"):
+        await reg.start()
+        await asyncio.sleep(2.5)
+        tries = faulty.calls["register"]
+        assert 4 <= tries <= 7  # every ~0.5 s as told: no spin, no growing backoff
+        del faulty.fail["register"]
+        ended = time.monotonic()
+        assert await reg.wait_registered(5)
+    took = time.monotonic() - ended
+    print(f"registered {took:.2f}s after the throttle ended (Retry-After 0.5s)")
+    assert took <= 0.5 * 1.1 + 0.3
+    assert len(lines(caplog, logging.WARNING, "register failed")) == 1  # once per episode
+    assert "shedding load" in lines(caplog, logging.WARNING, "register failed")[0]
+
+
+async def test_throttled_without_retry_after_comes_back_within_the_answered_cap(
+    faulty: Faulty, cleanup: list[AsyncRegistrar]
+) -> None:
+    retry = RetryPolicy(initial=0.2, cap=10.0)
+    reg = AsyncRegistrar(faulty, INSTANCE, ttl=1.0, retry=retry)
+    cleanup.append(reg)
+    faulty.fail["register"] = Throttled("503 No cluster leader", backend="memory")
+    await reg.start()
+    await asyncio.sleep(3.0)
+    del faulty.fail["register"]
+    ended = time.monotonic()
+    assert await reg.wait_registered(5)
+    took = time.monotonic() - ended
+    print(f"registered {took:.2f}s after 503s ended (no Retry-After)")
+    assert took <= retry.answered_cap + 0.3
+
+
+async def test_rejected_fails_start_at_once(
+    faulty: Faulty, registry: MemoryRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    faulty.fail["register"] = Rejected("400 Meta key 'a.b' contains '.'", backend="memory")
+    reg = AsyncRegistrar(faulty, INSTANCE, ttl=1.0, retry=FAST)
+    started = time.monotonic()
+    with (
+        caplog.at_level(logging.WARNING, logger="registry_agent.registrar"),
+        pytest.raises(Rejected, match="contains"),
+    ):
+        await reg.start(wait_registered=10)
+    assert time.monotonic() - started < 1  # not after the 10 s wait
+    assert reg.state is GateState.STOPPED
+    assert len(lines(caplog, logging.ERROR, "register failed")) == 1
+    assert await in_registry(registry) is None
+
+
+async def test_rejected_is_reported_and_retried_slowly(
+    faulty: Faulty, cleanup: list[AsyncRegistrar], caplog: pytest.LogCaptureFixture
+) -> None:
+    retry = RetryPolicy(initial=0.05, cap=0.5)
+    faulty.fail["register"] = Rejected("403 Permission denied", backend="memory")
+    reg = AsyncRegistrar(faulty, INSTANCE, ttl=1.0, retry=retry)
+    cleanup.append(reg)
+    with caplog.at_level(logging.DEBUG, logger="registry_agent.registrar"):
+        await reg.start()
+        await asyncio.sleep(1.6)
+    # At the cap (0.25..0.5 s) from the first refusal: at most 1 + 1.6 / 0.25 tries.
+    assert 3 <= faulty.calls["register"] <= 7
+    status = reg.status()
+    assert status["ready"] is False
+    assert status["not_ready_reason"].startswith("rejected by the registry: 403 Permission")
+    assert len(lines(caplog, logging.ERROR, "register failed")) == 1
+    del faulty.fail["register"]  # an operator fixed the permission
+    assert await reg.wait_registered(retry.cap + 0.5)
+    assert reg.status()["ready"] is True
+    assert reg.status()["last_error"] is None
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_backend_validate_fails_start_before_anything_runs(
+    registry: MemoryRegistry, kind: str
+) -> None:
+    class Validating(Faulty):
+        def validate(self, instance: ServiceInstance) -> None:
+            raise ConfigError("at most 64 meta keys, got 65", field="meta")
+
+    class AsyncValidating(Faulty):
+        async def validate(self, instance: ServiceInstance) -> None:
+            raise Rejected("meta key 'a.b' contains '.'", backend="memory")
+
+    backend = Validating(registry) if kind == "sync" else AsyncValidating(registry)
+    reg = AsyncRegistrar(backend, INSTANCE, ttl=1.0)
+    with pytest.raises(ConfigError if kind == "sync" else Rejected):
+        await reg.start(wait_registered=5)
+    await asyncio.sleep(0.1)
+    assert backend.calls == {}
+    assert await in_registry(registry) is None
+    await reg.stop()
+
+
+async def test_entry_counted_lost_a_ttl_after_the_last_heartbeat(
+    make: Callable[..., AsyncRegistrar],
+    registry: MemoryRegistry,
+    events: list[RegistrarEvent],
+    cleanup: list[AsyncRegistrar],
+) -> None:
+    reg = make()
+    cleanup.append(reg)
+    await reg.start(wait_registered=2)
+    assert reg.status()["ready"] is True
+    registry.stop()
+    stopped = time.monotonic()
+    await eventually(lambda: _true(not reg.registered), within=5)
+    took = time.monotonic() - stopped
+    print(f"registered turned False {took:.2f}s into the outage (TTL {reg.ttl:g}s)")
+    # The last heartbeat came at most one interval before the outage.
+    assert reg.ttl - reg.heartbeat_interval - 0.05 <= took <= reg.ttl + 0.3
+    await asyncio.sleep(0.1)
+    status = reg.status()
+    assert status["registered"] is False
+    assert status["registry_status"] is None
+    assert status["ready"] is False
+    assert "no heartbeat succeeded" in (status["not_ready_reason"] or "") + (
+        status["last_error"] or ""
+    )
+    assert K.LEASE_LOST in kinds(events)
+    assert reg.counters.lease_losses == 1
+    registry.start()
+    assert await reg.wait_registered(FAST.cap + 1)
+    assert reg.status()["ready"] is True
+    assert reg.counters.reregistrations == 1
+
+
+async def test_registry_side_health_is_read_back_and_reported(
+    faulty: Faulty, cleanup: list[AsyncRegistrar], caplog: pytest.LogCaptureFixture
+) -> None:
+    reg = AsyncRegistrar(faulty, INSTANCE, ttl=1.0, retry=FAST)
+    cleanup.append(reg)
+    await reg.start(wait_registered=2)
+    faulty.held = (
+        HealthStatus.CRITICAL,
+        "Maintenance mode is enabled (by http://ops:hunter2@10.0.0.1/)",
+    )
+    with caplog.at_level(logging.INFO, logger="registry_agent.registrar"):
+        await eventually(lambda: _true(not reg.ready), within=reg.verify_interval + 1)
+        writes = faulty.calls.get("set_status", 0)
+        await asyncio.sleep(reg.verify_interval * 3)
+        status = reg.status()
+        assert status["registered"] is True
+        assert status["registry_status"] == "critical"
+        assert status["ready"] is False
+        reason = status["not_ready_reason"]
+        assert reason.startswith("the registry holds our entry as critical: Maintenance mode")
+        assert "hunter2" not in reason
+        assert "hunter2" not in (status["registry_note"] or "x")
+        assert writes <= 1  # one rewrite of our status, then only reported
+        assert faulty.calls.get("set_status", 0) == writes
+        faulty.held = None
+        await eventually(lambda: _true(reg.ready), within=reg.verify_interval + 1)
+    warned = lines(caplog, logging.WARNING, "although we set it passing")
+    assert len(warned) == 1
+    assert "hunter2" not in warned[0]
+    assert lines(caplog, logging.INFO, "as passing again")
+
+
+async def test_repairing_a_deleted_entry_releases_its_lease(
+    make: Callable[..., AsyncRegistrar], registry: MemoryRegistry, cleanup: list[AsyncRegistrar]
+) -> None:
+    reg = make(ttl=3.0, heartbeat=0.5)
+    cleanup.append(reg)
+    await reg.start(wait_registered=2)
+    registry.delete(INSTANCE.service, INSTANCE.id, None)  # key gone, lease alive
+    await eventually(lambda: _is(registry, HealthStatus.PASSING), within=reg.ttl + 1)
+    assert reg.counters.reregistrations == 1
+    assert len(registry._leases) == 1  # the old lease was revoked, not left for a TTL
+
+
+async def test_stop_in_a_forked_child_returns_at_once(
+    make: Callable[..., AsyncRegistrar],
+    registry: MemoryRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reg = make()
+    await reg.start(wait_registered=2)
+    parent = reg._fork.pid
+    reg._fork.pid = os.getpid() + 1  # as if it were created in our parent
+    with caplog.at_level(logging.WARNING):
+        started = time.monotonic()
+        await reg.stop()
+        assert time.monotonic() - started < 0.05
+    assert "crossed fork()" in caplog.text
+    assert await in_registry(registry) is HealthStatus.PASSING  # the parent's entry stays
+    reg._fork.pid = parent
+    await reg.stop()
+    assert await in_registry(registry) is None
+
+
+async def test_a_blocked_event_loop_is_logged(
+    make: Callable[..., AsyncRegistrar],
+    cleanup: list[AsyncRegistrar],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reg = make()
+    cleanup.append(reg)
+    await reg.start(wait_registered=2)
+    with caplog.at_level(logging.WARNING, logger="registry_agent.registrar"):
+        await asyncio.sleep(0.05)
+        time.sleep(reg.ttl * 1.2)  # noqa: ASYNC251 - blocks the event loop past the TTL
+        await asyncio.sleep(0.2)
+    assert lines(caplog, logging.WARNING, "event loop was blocked")
+    assert await reg.wait_registered(2)  # and it heals
+
+
+async def test_the_note_in_the_registry_never_holds_credentials(
+    make: Callable[..., AsyncRegistrar], registry: MemoryRegistry, cleanup: list[AsyncRegistrar]
+) -> None:
+    ok = True
+
+    def check() -> bool:
+        if not ok:
+            raise RuntimeError("GET http://admin:hunter2@127.0.0.1:9/health: refused")
+        return True
+
+    reg = make(
+        checks=[CallableCheck(check, interval=0.05)], rise=1, fall=1, on_unhealthy="critical"
+    )
+    cleanup.append(reg)
+    await reg.start(wait_registered=2)
+    ok = False
+    await eventually(lambda: _is(registry, HealthStatus.CRITICAL), within=2)
+    note = registry.snapshot("orders").instances[INSTANCE.id].note
+    assert "refused" in note
+    assert "hunter2" not in note
+    assert "admin" not in note
+    assert "hunter2" not in (reg.status()["not_ready_reason"] or "")
+
+
+def test_scrub_credentials() -> None:
+    from registry_agent._registrar import scrub_credentials
+
+    assert scrub_credentials("GET https://u:p@h:1/x and etcd://root:pw@10.0.0.1:2379") == (
+        "GET https://***@h:1/x and etcd://***@10.0.0.1:2379"
+    )
+    assert scrub_credentials("http://h/a@b") == "http://h/a@b"  # an @ in the path is no userinfo
+
+
+@pytest.mark.parametrize(("given", "sent"), [(None, None), (120, 120.0)])
+async def test_deregister_critical_after_defaults_to_the_backends_own(
+    faulty: Faulty, given: float | None, sent: float | None
+) -> None:
+    kwargs = {} if given is None else {"deregister_critical_after": given}
+    reg = AsyncRegistrar(faulty, INSTANCE, ttl=1.0, **kwargs)  # type: ignore[arg-type]
+    await reg.start(wait_registered=2)
+    await reg.stop()
+    assert faulty.register_kwargs[0]["deregister_critical_after"] == sent
