@@ -245,6 +245,24 @@ async def test_a_hung_sync_check_holds_one_thread_and_fails_at_once_while_hung()
     assert calls == 2
 
 
+async def test_overlapping_runs_of_one_sync_check_share_one_call() -> None:
+    # One check object given to two registrars: their runs overlap, one thread serves both.
+    calls = 0
+
+    def slow() -> bool:
+        nonlocal calls
+        calls += 1
+        time.sleep(0.3)
+        return True
+
+    check = CallableCheck(slow, timeout=2)
+    first, second = await asyncio.gather(check.run(), check.run())
+    assert (first.ok, second.ok) == (True, True)
+    assert calls == 1
+    assert (await check.run()).ok
+    assert calls == 2
+
+
 async def test_hung_sync_checks_leave_the_default_executor_free() -> None:
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(max_workers=1)
@@ -260,6 +278,7 @@ async def test_hung_sync_checks_leave_the_default_executor_free() -> None:
         assert infos
     finally:
         release.set()
+        executor.shutdown(wait=False)
 
 
 def test_a_process_with_a_hung_sync_check_exits_promptly() -> None:

@@ -42,25 +42,35 @@ def _deliver(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
 
 
 class SoloThread:
-    """Runs a blocking callable on a fresh daemon thread, at most one call in flight."""
+    """Runs a blocking callable on a fresh daemon thread, at most one call in flight.
+
+    Callers that overlap a call still awaited (one check object shared by two
+    registrars) share its outcome. Once every caller has given up on a call,
+    new calls fail with :class:`StillRunning` until it returns.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._lock = threading.Lock()
-        self._since: float | None = None
+        self._since: float | None = None  # when the call in flight started
+        self._current: asyncio.Future[Any] | None = None
+        self._waiters = 0
 
     @property
     def busy(self) -> bool:
-        """True while a call (perhaps abandoned by its caller) is still running."""
+        """True while a call (perhaps abandoned by its callers) is still running."""
         return self._since is not None
 
     async def call(self, func: Callable[[], Any]) -> Any:
-        """Return ``func()``'s result or raise its exception; :class:`StillRunning` if busy.
+        """Return ``func()``'s result or raise its exception; :class:`StillRunning` if hung.
 
         Cancelling the caller abandons the call: its thread finishes on its own
         and nothing waits for it.
         """
         loop = asyncio.get_running_loop()
+        current = self._current
+        if current is not None and not current.done() and current.get_loop() is loop:
+            return await self._outcome(current)
         with self._lock:
             if self._since is not None:
                 raise StillRunning(time.monotonic() - self._since)
@@ -91,4 +101,14 @@ class SoloThread:
             with self._lock:
                 self._since = None
             raise
-        return await future
+        self._current = future
+        return await self._outcome(future)
+
+    async def _outcome(self, future: asyncio.Future[Any]) -> Any:
+        self._waiters += 1
+        try:
+            return await asyncio.shield(future)
+        finally:
+            self._waiters -= 1
+            if self._waiters == 0 and not future.done():
+                future.cancel()  # abandoned: its late outcome is dropped
