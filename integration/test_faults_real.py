@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -10,7 +9,12 @@ import pytest
 from registry_agent_consul._http import blocking_bound
 
 from registry_agent.testing.contract import ServerControl
-from registry_agent.testing.fault_contract import FaultContract
+from registry_agent.testing.fault_contract import (
+    FaultContract,
+    consul_ids,
+    etcd_ids,
+    etcd_orphan_leases,
+)
 from registry_agent.testing.servers import ConsulServer, EtcdServer
 
 CONSUL_WAIT = 5.0
@@ -33,11 +37,7 @@ class TestConsulFaults(_Measured, FaultContract):
 
     def registry_ids(self, server: ServerControl, service: str) -> list[str]:
         assert isinstance(server, ConsulServer)
-        return [entry["ServiceID"] for entry in server.api(f"/v1/catalog/service/{service}")]
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+        return consul_ids(server, service)
 
 
 class TestEtcdFaults(_Measured, FaultContract):
@@ -52,20 +52,10 @@ class TestEtcdFaults(_Measured, FaultContract):
     def server(self, etcd_server: EtcdServer) -> ServerControl:
         return etcd_server
 
-    def _keys(self, server: ServerControl, prefix: bytes) -> list[dict[str, Any]]:
-        assert isinstance(server, EtcdServer)
-        end = prefix[:-1] + bytes([prefix[-1] + 1])
-        reply = server.api("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
-        return list(reply.get("kvs", []))
-
     def registry_ids(self, server: ServerControl, service: str) -> list[str]:
-        prefix = f"/services/{service}/".encode()
-        return [
-            base64.b64decode(kv["key"])[len(prefix) :].decode() for kv in self._keys(server, prefix)
-        ]
+        assert isinstance(server, EtcdServer)
+        return etcd_ids(server, service)
 
     def orphan_leases(self, server: ServerControl) -> list[str]:
         assert isinstance(server, EtcdServer)
-        leases = {str(lease["ID"]) for lease in server.api("/v3/lease/leases").get("leases", [])}
-        used = {str(kv.get("lease", "0")) for kv in self._keys(server, b"/")}
-        return sorted(leases - used)
+        return etcd_orphan_leases(server)

@@ -30,6 +30,7 @@ defaults read through a direct backend and know of no leases).
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import urllib.parse
 import uuid
@@ -52,8 +53,19 @@ from registry_agent import (
 )
 from registry_agent.testing.contract import ServerControl, _ContractFixtures
 from registry_agent.testing.faultproxy import FaultProxy
+from registry_agent.testing.servers import ConsulServer, EtcdServer
 
-__all__ = ["FAULTS", "Fault", "FaultContract", "RecordedError", "recording"]
+__all__ = [
+    "FAULTS",
+    "Fault",
+    "FaultContract",
+    "RecordedError",
+    "consul_ids",
+    "etcd_ids",
+    "etcd_keys",
+    "etcd_orphan_leases",
+    "recording",
+]
 
 
 @dataclass(frozen=True)
@@ -162,6 +174,35 @@ def target_of(url: str) -> tuple[str, int]:
     if parts.hostname is None or parts.port is None:
         raise ValueError(f"expected host:port in {url}")
     return parts.hostname, parts.port
+
+
+def consul_ids(server: ConsulServer, service: str) -> list[str]:
+    """Service ids of ``service`` in Consul's catalog, duplicates kept."""
+    return [entry["ServiceID"] for entry in server.api(f"/v1/catalog/service/{service}")]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def etcd_keys(server: EtcdServer, prefix: bytes) -> list[dict[str, Any]]:
+    """Every key-value under ``prefix`` as etcd's JSON gateway returns it (base64 keys)."""
+    end = prefix[:-1] + bytes([prefix[-1] + 1])
+    reply = server.api("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
+    return list(reply.get("kvs", []))
+
+
+def etcd_ids(server: EtcdServer, service: str, prefix: str = "/services") -> list[str]:
+    """Instance ids under ``<prefix>/<service>/`` in etcd."""
+    start = f"{prefix}/{service}/".encode()
+    return [base64.b64decode(kv["key"])[len(start) :].decode() for kv in etcd_keys(server, start)]
+
+
+def etcd_orphan_leases(server: EtcdServer) -> list[str]:
+    """Leases alive on the server that no key is attached to."""
+    leases = {str(lease["ID"]) for lease in server.api("/v3/lease/leases").get("leases", [])}
+    used = {str(kv.get("lease", "0")) for kv in etcd_keys(server, b"/")}
+    return sorted(leases - used)
 
 
 class FaultContract(_ContractFixtures):
