@@ -53,23 +53,31 @@ async def test_a_failing_node_check_makes_every_instance_critical(
     assert not health.healthy
 
 
-async def test_foreign_entries_are_logged_and_skipped(
+async def test_every_entry_consul_accepts_is_read(
     consul_server: ConsulServer, backend: ConsulBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
     ours = ServiceInstance("orders", address="127.0.0.1", port=8080)
     await backend.register(ours, ttl=30)
+    foreign = [
+        {"Name": "orders", "ID": "orders with spaces"},  # no port, an id we would not write
+        {"Name": "orders", "ID": "orders-[::1]:8080", "Address": "::1", "Port": 8080},
+    ]
     async with httpx.AsyncClient(base_url=consul_server.http) as http:
-        # Registered by some other tool: no port, an id we cannot represent.
-        response = await http.put(
-            "/v1/agent/service/register", json={"Name": "orders", "ID": "orders with spaces"}
-        )
-        assert response.status_code == 200
+        for body in foreign:
+            response = await http.put("/v1/agent/service/register", json=body)
+            assert response.status_code == 200, response.text
     with caplog.at_level(logging.WARNING, logger="registry_agent.consul"):
         snapshot = await backend.list("orders")
-        await backend.list("orders")
-    assert set(snapshot.instances) == {ours.id}
-    warnings = [r for r in caplog.records if "not a valid instance" in r.getMessage()]
-    assert len(warnings) == 1  # once per entry, not per read
+    assert set(snapshot.instances) == {ours.id, "orders with spaces", "orders-[::1]:8080"}
+    assert snapshot.instances[ours.id].instance == ours
+    portless = snapshot.instances["orders with spaces"].instance
+    assert portless.port == 0
+    assert portless.address == "127.0.0.1"  # the node's address, as Consul's DNS does
+    assert snapshot.instances["orders-[::1]:8080"].instance.address == "::1"
+    nodes = {h.instance.node for h in snapshot.instances.values()}
+    assert len(nodes) == 1  # every instance carries its node
+    assert "" not in nodes
+    assert not [r for r in caplog.records if "not a valid instance" in r.getMessage()]
 
 
 async def test_resuming_with_an_index_from_before_a_restart_does_not_block(

@@ -53,6 +53,11 @@ class ServiceInstance:
 
     ``id`` defaults to ``"{service}-{address}-{port}"``, stable across restarts.
     ``address`` defaults to this host's name.
+
+    ``node`` is where the registry holds the instance, set on instances read from
+    a registry whose ids are unique per node only (Consul: per agent); empty
+    otherwise. It is not part of equality or the hash: it says where an entry
+    is, not what was registered (a snapshot's keys tell entries apart).
     """
 
     service: str
@@ -61,9 +66,12 @@ class ServiceInstance:
     id: str = ""
     tags: tuple[str, ...] = ()
     meta: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    node: str = ""
 
     def __post_init__(self) -> None:
         _check_name(self.service, "service")
+        if not isinstance(self.node, str) or not self.node.isprintable():
+            raise ConfigError(f"expected a node name, got {self.node!r}", field="node")
         if isinstance(self.port, bool) or not isinstance(self.port, int):
             raise ConfigError(f"expected an integer 1-65535, got {self.port!r}", field="port")
         if not 1 <= self.port <= 65535:
@@ -118,9 +126,55 @@ class ServiceInstance:
     def _meta_items(self) -> tuple[tuple[str, str], ...]:
         return tuple(sorted(self.meta.items()))
 
+    @classmethod
+    def from_registry(
+        cls,
+        *,
+        service: str,
+        id: str,
+        address: str,
+        port: int,
+        tags: Iterable[str] = (),
+        meta: Mapping[str, str] | None = None,
+        node: str = "",
+    ) -> ServiceInstance:
+        """An instance as a registry holds it, checked only for its types.
+
+        What another tool registered may break our rules for what we write (an
+        id with ``:`` or spaces, no port: ``port`` 0); it is still an instance.
+        Raises :class:`ConfigError` naming the field when a value has the wrong type.
+        """
+        for name, value in (("service", service), ("id", id), ("address", address)):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"expected a non-empty string, got {value!r}", field=name)
+        if not isinstance(node, str):
+            raise ConfigError(f"expected a string, got {node!r}", field="node")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigError(f"expected an integer 0-65535, got {port!r}", field="port")
+        if isinstance(tags, str) or not all(isinstance(tag, str) for tag in tags):
+            raise ConfigError(f"expected a list of strings, got {tags!r}", field="tags")
+        meta = {} if meta is None else meta
+        if not isinstance(meta, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+        ):
+            raise ConfigError(f"expected a mapping of strings, got {meta!r}", field="meta")
+        instance = object.__new__(cls)
+        fields: tuple[tuple[str, object], ...] = (
+            ("service", service),
+            ("address", address),
+            ("port", port),
+            ("id", id),
+            ("tags", tuple(tags)),
+            ("meta", MappingProxyType(dict(meta))),
+            ("node", node),
+        )
+        for attribute, content in fields:
+            object.__setattr__(instance, attribute, content)
+        return instance
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the instance fields."""
-        return {
+        """A JSON-ready dict of the instance fields (``node`` only when set)."""
+        data: dict[str, Any] = {
             "service": self.service,
             "id": self.id,
             "address": self.address,
@@ -128,13 +182,16 @@ class ServiceInstance:
             "tags": list(self.tags),
             "meta": dict(self.meta),
         }
+        if self.node:
+            data["node"] = self.node
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ServiceInstance:
         """Build an instance from :meth:`to_dict` output; raises :class:`ConfigError`."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected an object, got {type(data).__name__}")
-        known = {"service", "id", "address", "port", "tags", "meta"}
+        known = {"service", "id", "address", "port", "tags", "meta", "node"}
         return cls(**{key: data[key] for key in known if key in data})
 
 

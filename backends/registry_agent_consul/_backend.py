@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import logging
 import os
+import re
 import ssl
 import time
 import urllib.parse
@@ -19,6 +21,7 @@ import consul.callback
 import httpx
 
 from registry_agent import (
+    BackendError,
     BackendUnavailable,
     ConfigError,
     HealthStatus,
@@ -28,6 +31,7 @@ from registry_agent import (
     Rejected,
     ServiceInstance,
     ServiceSnapshot,
+    Throttled,
 )
 from registry_agent._backend import error_context, running_loop
 from registry_agent._probe import ConnectionProbe
@@ -41,7 +45,11 @@ from registry_agent._urls import (
     read_secret_file,
     take_options,
 )
-from registry_agent_consul._http import AsyncConsul
+from registry_agent_consul._http import (
+    AsyncConsul,
+    ConsulHTTPError,
+    handles_errors,
+)
 
 __all__ = ["ConsulBackend"]
 
@@ -53,6 +61,19 @@ _LOST_MARKERS = ("does not have associated TTL", "Unknown check", "Unknown servi
 _RESUME_GAP = 1.0
 # Consul never reaps a critical service sooner than this.
 _MIN_DEREGISTER_AFTER = 60.0
+# Consul's own limits on service meta (structs.validateMetaPair, Consul 1.8).
+_META_MAX_KEYS = 64
+_META_KEY_MAX = 128
+_META_VALUE_MAX = 512
+_META_RESERVED = "consul-"
+_META_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+# The health check is a TTL check only so we can set it; it must never expire.
+_HEALTH_TTL = "100000h"
+# Bounds of our own options: a blocking query shorter than this is a poll loop,
+# Consul caps `wait` at 10 minutes.
+_MIN_WAIT, _MAX_WAIT = 1.0, 600.0
+_MIN_TIMEOUT = 0.1
+_EXCERPT = 300
 
 
 def _go_duration(seconds: float) -> str:
@@ -61,6 +82,30 @@ def _go_duration(seconds: float) -> str:
 
 def _check_id(instance_id: str) -> str:
     return f"service:{instance_id}"
+
+
+def _health_id(instance_id: str) -> str:
+    return f"service:{instance_id}:health"
+
+
+def _excerpt(body: str) -> str:
+    """The server's words, short and on one line."""
+    text = " ".join(body.split())
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…"
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (a number or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    return None
 
 
 def _token(token: str | None, token_file: str | None) -> str | None:
@@ -94,12 +139,31 @@ class ConsulBackend:
         (``verify_incoming``). Default to ``CONSUL_CACERT``, ``CONSUL_CLIENT_CERT``,
         ``CONSUL_CLIENT_KEY``.
     ``timeout``
-        Per-request timeout, default ``5s``.
+        Bound of each short request (register, heartbeat, lookup, …), whole
+        request included; default ``5s``, at least ``100ms``.
     ``wait``
-        Longest a blocking query waits before it is re-issued, default ``60s``.
+        Longest a blocking query (list changes for ``watch``) waits before it is
+        re-issued, default ``10s`` (1s to 10m). It also bounds how long a dead
+        connection (silent, no FIN/RST) can hold a watch: a blocking query with
+        no answer after ``wait * 17/16 + min(timeout, 3s)`` (Consul adds up to
+        wait/16 of jitter) is given up and retried, 13.6 s with the defaults.
     ``deregister_critical_after``
-        Consul removes a service critical this long, default ``90s``; Consul's
-        floor is 1 minute and its reaper runs about every 30 seconds.
+        Consul removes a service whose liveness check is critical this long
+        (the process stopped heartbeating), default ``90s``; Consul's floor is
+        1 minute and its reaper runs about every 30 seconds. An instance held
+        critical by its health checks is never reaped while we run: its status
+        lives on a second check, ``service:<id>:health``, without reaping.
+
+    Errors: unreachable, timed out, not HTTP, 5xx, or a body that is not what
+    the API returns: :class:`BackendUnavailable`; 429 and 503 (outside the
+    health endpoint's own use of them): :class:`Throttled` with the
+    ``Retry-After`` seconds; 401/403 and other 4xx: :class:`Rejected`; our
+    check gone: :class:`LeaseLost`. Each carries Consul's own words.
+
+    Instances are read as Consul holds them (any id, port 0 when none) and
+    carry their ``node``: ids are unique per agent only. Snapshot keys are the
+    id for instances on the node of the agent we talk to, ``node/id`` for the
+    same id on other nodes.
     """
 
     scheme: ClassVar[str] = "consul"
@@ -126,7 +190,7 @@ class ConsulBackend:
         dc: str | None = None,
         scheme: str | None = None,
         timeout: float = 5.0,
-        wait: float = 60.0,
+        wait: float = 10.0,
         deregister_critical_after: float = 90.0,
         ca_file: str | None = None,
         cert_file: str | None = None,
@@ -136,6 +200,14 @@ class ConsulBackend:
             raise ConfigError(
                 f"Consul's floor is 60s, got {deregister_critical_after:g}s",
                 field="backend.deregister_critical_after",
+            )
+        if not _MIN_WAIT <= wait <= _MAX_WAIT:
+            raise ConfigError(
+                f"expected {_MIN_WAIT:g}s to {_MAX_WAIT:g}s, got {wait:g}s", field="backend.wait"
+            )
+        if not timeout >= _MIN_TIMEOUT:
+            raise ConfigError(
+                f"expected at least {_MIN_TIMEOUT:g}s, got {timeout:g}s", field="backend.timeout"
             )
         self.host = host
         self.port = port
@@ -164,6 +236,10 @@ class ConsulBackend:
         # Status last set per check, so a heartbeat renews the TTL without changing it.
         self._status: dict[str, tuple[HealthStatus, str]] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._throttled = False  # logged once per episode of 429/503 answers
+        # Name of the node of the agent we talk to (keys of snapshots), when known.
+        self._node: str | None = None
+        self._node_asked: AsyncConsul | None = None
         self._probe = ConnectionProbe(self._hold_connection)
 
     @classmethod
@@ -209,12 +285,22 @@ class ConsulBackend:
         *,
         instance: ServiceInstance | None = None,
         service: str | None = None,
+        missing_is_lost: bool = False,
     ) -> T:
+        """Await one py-consul call, mapping every failure into our error tree.
+
+        ``missing_is_lost``: a 404 means our check or service is gone (LeaseLost),
+        not a request Consul refused.
+        """
         context = error_context("consul", instance=instance, service=service)
+        where = f"Consul agent at {self._scheme}://{self.host}:{self.port}"
         try:
-            return await call
-        except (httpx.TimeoutException, httpx.TransportError, OSError) as exc:
-            where = f"Consul agent at {self._scheme}://{self.host}:{self.port}"
+            result = await call
+        except httpx.ProtocolError as exc:
+            raise BackendUnavailable(
+                f"{where} answered something that is not HTTP: {exc}", **context
+            ) from exc
+        except (httpx.HTTPError, OSError) as exc:
             if isinstance(exc, ssl.SSLError) or "SSL" in str(exc):
                 raise BackendUnavailable(
                     f"TLS with {where} failed (check ca_file, cert_file, key_file and that "
@@ -222,25 +308,54 @@ class ConsulBackend:
                     **context,
                 ) from exc
             raise BackendUnavailable(f"{where} unreachable: {exc!r}", **context) from exc
-        except consul.ACLPermissionDenied as exc:
-            raise Rejected(self._denied(str(exc), instance, service), **context) from exc
-        except consul.NotFound as exc:
-            raise LeaseLost(f"not found: {exc}", **context) from exc
-        except consul.ConsulException as exc:
-            text = str(exc)
-            if any(marker in text for marker in _LOST_MARKERS):
-                raise LeaseLost(f"TTL check lost: {text}", **context) from exc
-            if "HTTP request to an HTTPS server" in text:
-                raise Rejected(
-                    f"the Consul agent at {self.host}:{self.port} serves HTTPS: set "
-                    "scheme=https and ca_file (or CONSUL_CACERT)",
-                    **context,
-                ) from exc
-            if text[:1] == "4" or isinstance(
-                exc, consul.base.ACLDisabled | consul.exceptions.ClientError
-            ):
-                raise Rejected(f"Consul refused the request: {text}", **context) from exc
-            raise BackendUnavailable(f"Consul error: {text}", **context) from exc
+        except ConsulHTTPError as exc:
+            raise self._http_error(exc, instance, service, missing_is_lost) from exc
+        except consul.ConsulException as exc:  # raised by py-consul before any request
+            raise Rejected(f"Consul client refused the request: {exc}", **context) from exc
+        self._throttled = False
+        return result
+
+    def _http_error(
+        self,
+        exc: ConsulHTTPError,
+        instance: ServiceInstance | None,
+        service: str | None,
+        missing_is_lost: bool,
+    ) -> BackendError:
+        """The error of our tree for an HTTP answer we cannot use, with Consul's own words."""
+        context = error_context("consul", instance=instance, service=service)
+        code, text = exc.code, _excerpt(exc.body)
+        said = f"Consul answered {code}: {text}" if text else f"Consul answered {code}"
+        if code < 400:  # a success status whose body py-consul could not read
+            return BackendUnavailable(
+                f"Consul answered {code} with a body that is not what its API returns "
+                f"({exc}): {text!r}",
+                **context,
+            )
+        if code in (429, 503):
+            retry_after = _retry_after(exc.headers.get("Retry-After"))
+            if not self._throttled:
+                self._throttled = True
+                log.warning(
+                    "Consul is shedding load (%s%s); backing off",
+                    said,
+                    f", retry after {retry_after:g}s" if retry_after is not None else "",
+                    extra={"event": "throttled", "backend": "consul", **context},
+                )
+            return Throttled(said, retry_after=retry_after, **context)
+        if any(marker in exc.body for marker in _LOST_MARKERS) or (code == 404 and missing_is_lost):
+            return LeaseLost(f"our check is gone: {said}", **context)
+        if code in (401, 403):
+            return Rejected(self._denied(exc.body, instance, service), **context)
+        if "HTTP request to an HTTPS server" in exc.body:
+            return Rejected(
+                f"the Consul agent at {self.host}:{self.port} serves HTTPS: set "
+                "scheme=https and ca_file (or CONSUL_CACERT)",
+                **context,
+            )
+        if code < 500:
+            return Rejected(f"Consul refused the request: {said}", **context)
+        return BackendUnavailable(said, **context)
 
     def _denied(self, text: str, instance: ServiceInstance | None, service: str | None) -> str:
         subject = instance.service if instance is not None else service
@@ -253,6 +368,44 @@ class ConsulBackend:
             why = "the ACL token's policy does not allow it"
         return f"{what}: {why} [Consul: {text.strip() or '403'}]"
 
+    def validate(self, instance: ServiceInstance) -> None:
+        """Raise :class:`Rejected` for what Consul would refuse to register.
+
+        Consul's rules for service meta: at most 64 keys; keys of letters, digits,
+        ``-`` and ``_``, at most 128 characters, not starting with ``consul-``;
+        values at most 512 characters (counted in UTF-8 bytes, as Consul does).
+        """
+        context = error_context("consul", instance=instance)
+        meta = instance.meta
+        if len(meta) > _META_MAX_KEYS:
+            raise Rejected(
+                f"meta: Consul takes at most {_META_MAX_KEYS} keys, got {len(meta)}", **context
+            )
+        for key, value in meta.items():
+            if not _META_KEY.match(key):
+                raise Rejected(
+                    f"meta.{key}: Consul takes only letters, digits, '-' and '_' in a meta "
+                    f"key, got {key!r}",
+                    **context,
+                )
+            if len(key.encode()) > _META_KEY_MAX:
+                raise Rejected(
+                    f"meta.{key[:40]}…: Consul takes meta keys of at most {_META_KEY_MAX} "
+                    f"characters, got {len(key.encode())}",
+                    **context,
+                )
+            if key.startswith(_META_RESERVED):
+                raise Rejected(
+                    f"meta.{key}: the prefix {_META_RESERVED!r} is reserved by Consul, got {key!r}",
+                    **context,
+                )
+            if len(value.encode()) > _META_VALUE_MAX:
+                raise Rejected(
+                    f"meta.{key}: Consul takes meta values of at most {_META_VALUE_MAX} "
+                    f"characters, got {len(value.encode())}: {value[:40]!r}…",
+                    **context,
+                )
+
     async def register(
         self,
         instance: ServiceInstance,
@@ -262,19 +415,35 @@ class ConsulBackend:
         note: str = "",
         deregister_critical_after: float | None = None,
     ) -> Lease:
+        """Register ``instance`` with two checks: liveness (TTL, reaped) and health.
+
+        The liveness check ``service:<id>`` is renewed passing by every heartbeat
+        and carries ``DeregisterCriticalServiceAfter``: a process that stops
+        heartbeating is reaped. Health (``service:<id>:health``) carries the
+        status and note of :meth:`set_status`, with no reaping: an instance held
+        critical stays registered (and critical) while we run.
+        """
+        self.validate(instance)
         reap_after = deregister_critical_after or self.deregister_critical_after
         if reap_after < _MIN_DEREGISTER_AFTER:
             raise ConfigError(
                 f"Consul's floor is 60s, got {reap_after:g}s", field="deregister_critical_after"
             )
         check_id = _check_id(instance.id)
-        check = {
+        liveness = {
             "CheckID": check_id,
             "Name": f"registry-agent TTL for {instance.id}",
             "TTL": _go_duration(ttl),
-            "Status": str(status),
-            "Notes": "renewed by registry-agent",
+            "Status": str(HealthStatus.PASSING),
+            "Notes": "liveness: renewed by registry-agent while it runs",
             "DeregisterCriticalServiceAfter": _go_duration(reap_after),
+        }
+        health = {
+            "CheckID": _health_id(instance.id),
+            "Name": f"registry-agent health of {instance.id}",
+            "TTL": _HEALTH_TTL,  # never expires in practice: set by set_status only
+            "Status": str(status),
+            "Notes": "health: set by registry-agent from its checks",
         }
         await self._call(
             self.api.agent.service.register(
@@ -284,51 +453,58 @@ class ConsulBackend:
                 port=instance.port,
                 tags=list(instance.tags),
                 meta=dict(instance.meta),
-                check=check,
+                check=liveness,
+                extra_checks=[health],
                 replace_existing_checks=True,
             ),
             instance=instance,
         )
         lease = Lease(instance, float(ttl), check_id, "consul")
         self._status[check_id] = (status, note)
-        if note:  # Consul takes no output at registration; set it with the status
-            await self._update_check(lease, status, note)
+        # Consul takes no output at registration, and restores a TTL check after a
+        # restart as critical unless it was updated once: set the status now.
+        await self._update_check(lease, _health_id(instance.id), status, note)
         return lease
 
-    async def _update_check(self, lease: Lease, status: HealthStatus, note: str) -> None:
-        check_id = str(lease.handle)
+    async def _update_check(
+        self, lease: Lease, check_id: str, status: HealthStatus, note: str
+    ) -> None:
         checks = self.api.agent.check
         update = {
             HealthStatus.PASSING: checks.ttl_pass,
             HealthStatus.WARNING: checks.ttl_warn,
             HealthStatus.CRITICAL: checks.ttl_fail,
         }[status]
-        ok = await self._call(update(check_id, notes=note or None), instance=lease.instance)
-        if ok is False:  # py-consul answers False on 404
-            raise LeaseLost(
-                f"TTL check {check_id} not found",
-                backend="consul",
-                service=lease.instance.service,
-                instance=lease.instance.id,
-            )
+        await self._call(
+            update(check_id, notes=note or None), instance=lease.instance, missing_is_lost=True
+        )
 
     async def heartbeat(self, lease: Lease) -> None:
-        status, note = self._status.get(str(lease.handle), (HealthStatus.PASSING, ""))
-        await self._update_check(lease, status, note)
+        """Renew the liveness check (always passing: health lives on its own check)."""
+        await self._update_check(lease, str(lease.handle), HealthStatus.PASSING, "")
 
     async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:
-        await self._update_check(lease, status, note)
+        """Set the health check's status and note (liveness is left to heartbeats)."""
+        await self._update_check(lease, _health_id(lease.instance.id), status, note)
         self._status[str(lease.handle)] = (status, note)
 
     async def lookup(self, lease: Lease) -> InstanceHealth | None:
+        """Our entry on this agent with the worst status of its checks; None without ours."""
         instance = lease.instance
 
+        @handles_errors
         def parse(response: Any) -> Any:
             # 200 passing, 429 warning, 503 critical, 404 unknown: all carry JSON.
-            if response.code not in (200, 404, 429, 503):
-                consul.callback.CB._status(response)
-                raise consul.ConsulException(f"{response.code} {response.body}")
-            return json.loads(response.body) if response.code != 404 else None
+            if response.code == 404:
+                return None
+            data = None
+            if response.code in (200, 429, 503):
+                with contextlib.suppress(ValueError):
+                    data = json.loads(response.body)
+            if not isinstance(data, dict):  # not Consul's health answer: a proxy, throttling
+                reason = "not JSON" if response.code == 200 else f"HTTP {response.code}"
+                raise ConsulHTTPError(response.code, response.headers, response.body, reason)
+            return data
 
         path = f"/v1/agent/health/service/id/{urllib.parse.quote(instance.id, safe='')}"
         data = await self._call(
@@ -337,60 +513,111 @@ class ConsulBackend:
             ),
             instance=instance,
         )
-        if not data or not data.get("Service"):
+        if not data or not isinstance(data.get("Service"), dict):
             return None
-        ours = [c for c in data.get("Checks") or () if c.get("CheckID") == lease.handle]
-        entry = {"Service": data["Service"], "Checks": ours}
-        if not ours:
-            return None  # the service is there but our TTL check is not: register again
-        return self._parse_entries(instance.service, [entry]).get(instance.id)
+        checks = [c for c in data.get("Checks") or () if isinstance(c, dict)]
+        ids = {c.get("CheckID") for c in checks}
+        if lease.handle not in ids or _health_id(instance.id) not in ids:
+            return None  # the service is there but one of our checks is not: register again
+        for check in checks:
+            if check.get("CheckID") == lease.handle and check.get("Node"):
+                self._node = str(check["Node"])
+        entry = {"Service": data["Service"], "Checks": checks, "Node": {"Node": self._node}}
+        found = self._parse_entries(instance.service, [entry])
+        return next(iter(found.values()), None)
 
     async def deregister(self, lease: Lease) -> None:
         self._status.pop(str(lease.handle), None)
         with contextlib.suppress(LeaseLost):  # already gone: deregistering is idempotent
             await self._call(
-                self.api.agent.service.deregister(lease.instance.id), instance=lease.instance
+                self.api.agent.service.deregister(lease.instance.id),
+                instance=lease.instance,
+                missing_is_lost=True,
             )
 
     def _parse_entries(self, service: str, entries: Any) -> dict[str, InstanceHealth]:
+        """Every readable entry, keyed by id on this agent's node and ``node/id`` elsewhere."""
         found: dict[str, InstanceHealth] = {}
-        for entry in entries or ():
-            try:
-                svc = entry["Service"]
-                node = entry.get("Node") or {}
-                instance = ServiceInstance(
-                    service=svc["Service"],
-                    id=svc["ID"],
-                    address=svc.get("Address") or node.get("Address") or "",
-                    port=svc.get("Port"),
-                    tags=tuple(svc.get("Tags") or ()),
-                    meta=svc.get("Meta") or {},
-                )
-                checks = entry.get("Checks") or ()
-                status = HealthStatus.worst(HealthStatus(c["Status"]) for c in checks)
-                ours = [c for c in checks if c.get("CheckID") == _check_id(instance.id)]
-                worst = [c for c in checks if c["Status"] == status] if checks else []
-                note = str(((ours or worst or [{}])[0]).get("Output") or "")
-            except Exception as exc:  # a foreign or malformed entry must not break listing
-                key = (
-                    service,
-                    str(entry.get("Service", {}).get("ID", "?"))
-                    if isinstance(entry, dict) and isinstance(entry.get("Service"), dict)
-                    else "?",
-                )
-                if key not in self._warned:
-                    self._warned.add(key)
-                    log.warning(
-                        "skipping an entry of service %r that is not a valid instance: %s",
-                        service,
-                        exc,
-                        extra={"event": "skip_foreign", "backend": "consul", "service": service},
-                    )
-                continue
-            found[instance.id] = InstanceHealth(instance, status, note)
+        seen: set[str] = set()
+        parsed = [self._parse_entry(service, entry) for entry in entries or ()]
+        local = self._node
+        # This agent's entries first: they keep the plain id when the node is unknown too.
+        for health in sorted(
+            (h for h in parsed if h is not None),
+            key=lambda h: (h.instance.node != local, h.instance.node, h.instance.id),
+        ):
+            inst = health.instance
+            mine = inst.node == local if local is not None else inst.id not in seen
+            key = inst.id if mine or not inst.node else f"{inst.node}/{inst.id}"
+            seen.add(inst.id)
+            found[key] = health
         return found
 
+    def _parse_entry(self, service: str, entry: Any) -> InstanceHealth | None:
+        try:
+            svc = entry["Service"]
+            node = entry.get("Node") or {}
+            port = svc.get("Port") or 0
+            instance = ServiceInstance.from_registry(
+                service=svc["Service"],
+                id=svc["ID"],
+                address=svc.get("Address") or node.get("Address") or "",
+                port=port,
+                tags=svc.get("Tags") or (),
+                meta=svc.get("Meta") or {},
+                node=node.get("Node") or "",
+            )
+            checks = [
+                c
+                for c in entry.get("Checks") or ()
+                if c.get("ServiceID") in ("", None) or c.get("ServiceID") == instance.id
+            ]
+            status = HealthStatus.worst(HealthStatus(c["Status"]) for c in checks)
+            preferred = (_health_id(instance.id), _check_id(instance.id))
+            worst = sorted(
+                (c for c in checks if c["Status"] == status),
+                key=lambda c: (
+                    preferred.index(c.get("CheckID"))
+                    if c.get("CheckID") in preferred
+                    else len(preferred)
+                ),
+            )
+            note = str((worst or [{}])[0].get("Output") or "")
+        except Exception as exc:  # a malformed entry must not break listing
+            key = (
+                service,
+                str(entry.get("Service", {}).get("ID", "?"))
+                if isinstance(entry, dict) and isinstance(entry.get("Service"), dict)
+                else "?",
+            )
+            if key not in self._warned:
+                self._warned.add(key)
+                log.warning(
+                    "skipping an entry of service %r that is not a valid instance: %s",
+                    service,
+                    exc,
+                    extra={"event": "skip_foreign", "backend": "consul", "service": service},
+                )
+            return None
+        return InstanceHealth(instance, status, note)
+
+    async def _local_node(self) -> None:
+        """Learn the name of the node of the agent we talk to, once per API object."""
+        if self._node is not None or self._node_asked is self._api:
+            return
+        try:
+            data = await self._call(self.api.agent.self())
+        except (Rejected, LeaseLost):  # no agent:read: learnt from lookup() later
+            data = None
+        # (unreachable: raised, the read it comes before would fail the same way)
+        self._node_asked = self._api
+        config = data.get("Config") if isinstance(data, dict) else None
+        name = config.get("NodeName") if isinstance(config, dict) else None
+        if isinstance(name, str) and name:
+            self._node = name
+
     async def _health(self, service: str, index: int) -> tuple[int, dict[str, InstanceHealth]]:
+        await self._local_node()
         kwargs: dict[str, Any] = {"dc": self.dc} if self.dc else {}
         if index > 0:
             kwargs.update(index=str(index), wait=_go_duration(self.wait))
@@ -405,6 +632,13 @@ class ConsulBackend:
                 backend="consul",
                 service=service,
             ) from None
+        if not isinstance(entries, list):
+            raise BackendUnavailable(
+                f"Consul answered a health query with something that is not a list: "
+                f"{_excerpt(repr(entries))}",
+                backend="consul",
+                service=service,
+            )
         return new_index, self._parse_entries(service, entries)
 
     async def list(self, service: str) -> ServiceSnapshot:

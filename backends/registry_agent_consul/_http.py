@@ -7,16 +7,42 @@ async stack (shared with HTTP health checks) and prompt cancellation.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
 from consul import base
+from consul.exceptions import ConsulException
 
 from registry_agent._urls import parse_duration
 
 _WAIT_PARAM = re.compile(r"^\d+(?:\.\d+)?(?:ms|s|m|h)?$")
+# Slack on top of a blocking query's wait (+ Consul's wait/16 jitter) for the answer
+# to travel: small, so a dead connection is noticed soon after the wait.
+_MAX_SLACK = 3.0
+
+
+class ConsulHTTPError(ConsulException):  # type: ignore[misc]
+    """An HTTP answer py-consul's callback would not take, with its status, headers and body."""
+
+    def __init__(self, code: int, headers: Mapping[str, str], body: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.headers = headers
+        self.body = body
+
+
+def handles_errors(callback: Callable[[base.Response], Any]) -> Callable[[base.Response], Any]:
+    """Mark a callback that reads error statuses itself (they are not raised before it)."""
+    callback.handles_errors = True  # type: ignore[attr-defined]
+    return callback
+
+
+def blocking_bound(wait: float, timeout: float) -> float:
+    """The longest a blocking query with ``wait`` may take before it counts as dead."""
+    return wait * 17 / 16 + min(timeout, _MAX_SLACK)
 
 
 class HttpxConsulClient(base.HTTPClient):  # type: ignore[misc]
@@ -61,13 +87,12 @@ class HttpxConsulClient(base.HTTPClient):  # type: ignore[misc]
             trust_env=False,
         )
 
-    def _timeout_for(self, params: Sequence[tuple[str, Any]] | None) -> httpx.Timeout | None:
-        """The timeout of a blocking query (None for a short call)."""
+    def _bound_for(self, params: Sequence[tuple[str, Any]] | None) -> float | None:
+        """The whole-request bound of a blocking query (None for a short call)."""
         wait = dict(params or ()).get("wait")
         if isinstance(wait, str) and _WAIT_PARAM.match(wait):
             # Consul adds up to wait/16 of jitter to a blocking query.
-            read = parse_duration(wait, field="wait") * 17 / 16 + self.timeout
-            return httpx.Timeout(self.timeout, read=read)
+            return blocking_bound(parse_duration(wait, field="wait"), self.timeout)
         return None
 
     async def _request(
@@ -79,15 +104,31 @@ class HttpxConsulClient(base.HTTPClient):  # type: ignore[misc]
         data: str | bytes | None,
         headers: dict[str, str] | None,
     ) -> Any:
-        blocking = self._timeout_for(params)
-        response = await self._http(blocking is not None).request(
-            method,
-            self.uri(path, list(params) if params else None),
-            content=data or None,
-            headers=headers,
-            timeout=blocking or httpx.Timeout(self.timeout, pool=self.timeout),
-        )
-        return callback(base.Response(response.status_code, response.headers, response.text))
+        blocking = self._bound_for(params)
+        bound = blocking or self.timeout
+        try:
+            # httpx bounds each phase (connect, each read); this bounds the whole call,
+            # so a connection that trickles or goes silent is given up in time.
+            async with asyncio.timeout(bound):
+                response = await self._http(blocking is not None).request(
+                    method,
+                    self.uri(path, list(params) if params else None),
+                    content=data or None,
+                    headers=headers,
+                    timeout=httpx.Timeout(bound),
+                )
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"no answer within {bound:g}s") from None
+        answer = base.Response(response.status_code, response.headers, response.text)
+        if response.status_code >= 400 and not getattr(callback, "handles_errors", False):
+            raise ConsulHTTPError(answer.code, answer.headers, answer.body, f"HTTP {answer.code}")
+        try:
+            return callback(answer)
+        except ConsulHTTPError:
+            raise
+        except (ConsulException, ValueError, TypeError, KeyError, AttributeError) as exc:
+            # py-consul's decoding of an answer it did not expect (not JSON, wrong shape)
+            raise ConsulHTTPError(answer.code, answer.headers, answer.body, str(exc)) from exc
 
     def get(
         self,
