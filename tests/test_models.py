@@ -100,3 +100,61 @@ def test_only_passing_is_healthy_and_note_is_not_identity() -> None:
     assert InstanceHealth(inst).healthy
     assert not InstanceHealth(inst, HealthStatus.WARNING).healthy
     assert InstanceHealth(inst, note="a") == InstanceHealth(inst, note="b")
+
+
+def test_node_is_carried_but_not_identity() -> None:
+    plain = ServiceInstance("orders", address="h", port=1)
+    placed = ServiceInstance("orders", address="h", port=1, node="node-a")
+    assert placed.node == "node-a"
+    assert plain.node == ""
+    # Where an entry is held is not what was registered: a registrar's own
+    # instance still equals the one read back from its agent's node.
+    assert placed == plain
+    assert hash(placed) == hash(plain)
+    assert "node" not in plain.to_dict()
+    assert placed.to_dict()["node"] == "node-a"
+    assert ServiceInstance.from_dict(placed.to_dict()).node == "node-a"
+
+
+def test_node_must_be_a_printable_string() -> None:
+    with pytest.raises(ConfigError) as info:
+        ServiceInstance("orders", address="h", port=1, node="a\nb")
+    assert info.value.field == "node"
+
+
+def test_from_registry_reads_what_we_would_not_write() -> None:
+    # An id from an IPv6 host, no port: another tool's entry, still an instance.
+    inst = ServiceInstance.from_registry(
+        service="orders", id="orders-[::1]:8080", address="::1", port=0, node="n1"
+    )
+    assert (inst.id, inst.port, inst.node, inst.tags, dict(inst.meta)) == (
+        "orders-[::1]:8080",
+        0,
+        "n1",
+        (),
+        {},
+    )
+    with pytest.raises(ConfigError):
+        ServiceInstance(service="orders", id="orders-[::1]:8080", address="::1", port=0)
+    assert {inst: 1}[inst] == 1  # hashable like any instance
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"service": ""}, "service"),
+        ({"id": 3}, "id"),
+        ({"address": None}, "address"),
+        ({"port": -1}, "port"),
+        ({"port": "80"}, "port"),
+        ({"tags": "v1"}, "tags"),
+        ({"tags": [1]}, "tags"),
+        ({"meta": {"k": 1}}, "meta"),
+        ({"node": 5}, "node"),
+    ],
+)
+def test_from_registry_still_checks_types(fields: dict[str, object], field: str) -> None:
+    args: dict[str, object] = {"service": "orders", "id": "x", "address": "h", "port": 1}
+    with pytest.raises(ConfigError) as info:
+        ServiceInstance.from_registry(**{**args, **fields})  # type: ignore[arg-type]
+    assert info.value.field == field
