@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -50,27 +51,48 @@ class Agent:
             f'[status]\nlisten = "127.0.0.1:{self.status_port}"\n' + textwrap.dedent(services)
         )
 
-    def start(self, *args: str, env: dict[str, str] | None = None) -> Agent:
+    def start(
+        self, *args: str, env: dict[str, str] | None = None, max_files: int | None = None
+    ) -> Agent:
+        """Run the agent; ``max_files`` lowers its open-file limit (RLIMIT_NOFILE)."""
+
+        def limit() -> None:
+            if max_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "registry_agent", "run", "-c", str(self.path), *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
+                preexec_fn=limit if max_files is not None else None,
             )
         return self
 
-    def get(self, path: str) -> tuple[int | None, Any]:
+    def get(
+        self, path: str, headers: dict[str, str] | None = None, timeout: float = 2.0
+    ) -> tuple[int | None, Any]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.status_port}{path}", headers=headers or {}
+        )
         try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.status_port}{path}", timeout=2
-            ) as r:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
                 body = r.read().decode()
                 return r.status, body if path == "/metrics" else json.loads(body)
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read().decode())
+            text = e.read().decode()
+            try:
+                return e.code, json.loads(text)
+            except ValueError:
+                return e.code, text
         except OSError:
             return None, None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def until(self, path: str, status: int, within: float = 15.0) -> Any:
         deadline = time.monotonic() + within
