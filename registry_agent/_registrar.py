@@ -462,14 +462,14 @@ class AsyncRegistrar:
             return False, "not registered yet"
         if self.state is GateState.WITHDRAWN:
             return False, "held critical: " + self._failing_checks()
-        if self._actual is not HealthStatus.PASSING:
-            return False, f"the registry holds our entry as {self._actual}"
         seen = self._seen
         if seen is not None and not seen.healthy:
             note = scrub_credentials(seen.note)
             return False, f"the registry holds our entry as {seen.status}" + (
                 f": {note}" if note else ""
             )
+        if self._actual is not HealthStatus.PASSING:
+            return False, f"the registry holds our entry as {self._actual}"
         return True, None
 
     async def __aenter__(self) -> AsyncRegistrar:

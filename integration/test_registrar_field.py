@@ -1,0 +1,280 @@
+"""Issue 12, registrar side, on real Consul and etcd: truthful state, throttles, rejections.
+
+- an outage longer than the TTL: ``registered``/``ready`` turn False within
+  TTL + heartbeat, and True again once the registry is back;
+- Consul maintenance mode: the registry-side health of our entry is read back
+  and reported (critical, not ready, with the reason);
+- 429 with ``Retry-After`` through the fault proxy: back ≤ 2 s after it ends;
+- ``stop()`` through a proxy answering 500, garbage or nothing never raises and
+  returns within its timeout;
+- a registration the registry refuses fails ``start(wait_registered=…)`` at once;
+- repairing a deleted etcd key revokes the lease it replaces (no orphan).
+
+Bounds derive from the configuration plus a margin for a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import aetcd
+import httpx
+import pytest
+
+from integration.acl import AclConsul
+from registry_agent import (
+    AsyncRegistrar,
+    Backend,
+    BackendUnavailable,
+    HealthStatus,
+    RegistrarEvent,
+    RegistrarEventKind,
+    Rejected,
+    RetryPolicy,
+    ServiceInstance,
+    open_backend,
+)
+from registry_agent.testing.faultproxy import FaultProxy
+from registry_agent.testing.servers import ConsulServer, EtcdServer, ServerProcess
+
+TTL = 2.0
+RETRY = RetryPolicy(initial=0.1, cap=1.0)
+TIMEOUT = 1.0  # each backend call
+MARGIN = 2.0  # scheduling slack on a busy 2-core machine
+INSTANCE = ServiceInstance("orders", address="127.0.0.1", port=8080)
+Measured = Callable[[str, float, float], None]
+
+
+@pytest.fixture
+async def observer(server: ServerProcess) -> AsyncIterator[Backend]:
+    """A second client, straight to the server: what discovery sees."""
+    backend = open_backend(server.url, timeout=TIMEOUT)
+    yield backend
+    await backend.close()
+
+
+async def status_in(observer: Backend) -> HealthStatus | None:
+    try:
+        health = (await observer.list(INSTANCE.service)).instances.get(INSTANCE.id)
+    except BackendUnavailable:
+        return None
+    return None if health is None else health.status
+
+
+async def until(condition: Callable[[], bool], within: float, what: str) -> float:
+    """Seconds until ``condition()`` holds, polled every 20 ms; fails after ``within``."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > within:
+            pytest.fail(f"{what}: not within {within:.1f}s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+def registrar(url: str, events: list[RegistrarEvent] | None = None) -> AsyncRegistrar:
+    return AsyncRegistrar(
+        open_backend(url, timeout=TIMEOUT),
+        INSTANCE,
+        ttl=TTL,
+        retry=RETRY,
+        on_event=None if events is None else events.append,
+    )
+
+
+@pytest.fixture
+def proxy(server: ServerProcess) -> Iterator[FaultProxy]:
+    port = server.http_port if isinstance(server, ConsulServer) else server.client_port
+    with FaultProxy("127.0.0.1", port) as proxy:
+        yield proxy
+
+
+def through(server: ServerProcess, proxy: FaultProxy) -> str:
+    scheme = "consul" if isinstance(server, ConsulServer) else "etcd"
+    return f"{scheme}://{proxy.host}:{proxy.port}"
+
+
+async def test_outage_longer_than_the_ttl_is_reported_truthfully(
+    server: ServerProcess, observer: Backend, measured: Measured
+) -> None:
+    events: list[RegistrarEvent] = []
+    reg = registrar(server.url, events)
+    await reg.start(wait_registered=10)
+    try:
+        assert reg.status()["ready"] is True
+        server.stop()
+        took = await until(lambda: not reg.registered, TTL + MARGIN + 5, "registered turned False")
+        measured("registered False in outage", took, TTL + reg.heartbeat_interval + MARGIN)
+        # The last renewal came at most one heartbeat before the outage.
+        assert took >= TTL - reg.heartbeat_interval - 0.1
+        status = reg.status()
+        assert status["registered"] is False
+        assert status["registry_status"] is None
+        assert status["ready"] is False
+        assert "no heartbeat succeeded" in status["not_ready_reason"]
+        assert RegistrarEventKind.LEASE_LOST in [e.kind for e in events]
+        server.start()
+        took = await until(lambda: reg.ready, 10 + MARGIN, "ready again")
+        measured("ready again once back", took, RETRY.cap + reg.heartbeat_interval + MARGIN)
+        assert await status_in(observer) is HealthStatus.PASSING
+        assert reg.status()["registry_status"] == "passing"
+    finally:
+        await reg.stop(timeout=5)
+        await reg.backend.close()
+
+
+async def test_consul_maintenance_mode_is_read_back(
+    consul_server: ConsulServer, measured: Measured, caplog: pytest.LogCaptureFixture
+) -> None:
+    reg = registrar(consul_server.url)
+    await reg.start(wait_registered=10)
+    path = f"/v1/agent/service/maintenance/{urllib.parse.quote(INSTANCE.id, safe='')}"
+    try:
+        async with httpx.AsyncClient(base_url=consul_server.http) as http:
+            with caplog.at_level(logging.INFO, logger="registry_agent.registrar"):
+                answer = await http.put(path, params={"enable": "true", "reason": "disk swap"})
+                assert answer.status_code == 200
+                took = await until(lambda: not reg.ready, reg.verify_interval + MARGIN, "not ready")
+                measured("maintenance seen", took, reg.verify_interval + MARGIN)
+                status = reg.status()
+                assert status["registered"] is True  # still there: not "lost"
+                assert status["registry_status"] == "critical"
+                reason = status["not_ready_reason"]
+                assert reason.startswith("the registry holds our entry as critical")
+                writes = reg.counters.heartbeats_ok
+                await asyncio.sleep(reg.verify_interval * 2)
+                assert reg.ready is False  # no rewrite loop hides it
+                assert reg.counters.heartbeats_ok > writes  # liveness goes on meanwhile
+                answer = await http.put(path, params={"enable": "false"})
+                assert answer.status_code == 200
+                took = await until(lambda: reg.ready, reg.verify_interval + MARGIN, "ready")
+                measured("maintenance end seen", took, reg.verify_interval + MARGIN)
+        warned = [r for r in caplog.records if "although we set it passing" in r.getMessage()]
+        assert len(warned) == 1
+        # The operator's reason is reported (Consul puts it in the check's Notes).
+        assert "disk swap" in reason
+        assert "disk swap" in status["registry_note"]
+    finally:
+        await reg.stop(timeout=5)
+        await reg.backend.close()
+
+
+async def test_throttled_registration_is_back_within_2s_of_the_end(
+    consul_server: ConsulServer, measured: Measured, caplog: pytest.LogCaptureFixture
+) -> None:
+    retry_after = 1.0
+    with FaultProxy("127.0.0.1", consul_server.http_port) as proxy:
+        reg = AsyncRegistrar(
+            open_backend(f"consul://{proxy.host}:{proxy.port}", timeout=TIMEOUT),
+            INSTANCE,
+            ttl=TTL,
+            retry=RetryPolicy(
+                initial=0.2, cap=10.0
+            ),  # the default cap: a throttle must not reach it
+        )
+        await reg.start(wait_registered=10)
+        try:
+            with caplog.at_level(logging.WARNING, logger="registry_agent.registrar"):
+                proxy.http(429, "slow down", {"Retry-After": f"{retry_after:g}"})
+                throttled = time.monotonic()
+                took = await until(lambda: not reg.registered, TTL + MARGIN + 5, "lost")
+                measured(
+                    "throttled: entry counted lost", took, TTL + reg.heartbeat_interval + MARGIN
+                )
+                await asyncio.sleep(3 * TTL)  # long enough for a growing backoff to reach its cap
+                errors = reg.counters.errors
+                lasted = time.monotonic() - throttled
+                # One try per Retry-After, no spin (and the heartbeats before the loss).
+                assert errors <= lasted / retry_after + 4
+                proxy.heal()
+                took = await until(lambda: reg.registered, 10, "registered again")
+            measured("back after 429 ends", took, retry_after * 1.1 + 1.0)
+            text = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            throttle_lines = [line for line in text if "shedding load" in line]
+            assert 1 <= len(throttle_lines) <= 2  # once per episode (heartbeat, then register)
+            assert any("slow down" in line for line in throttle_lines)  # the server's words
+        finally:
+            await reg.stop(timeout=5)
+            await reg.backend.close()
+
+
+@pytest.mark.parametrize("fault", ["http 500", "garbage", "blackhole", "refuse"])
+async def test_stop_never_raises_through_a_misbehaving_network(
+    server: ServerProcess, proxy: FaultProxy, measured: Measured, fault: str
+) -> None:
+    reg = registrar(through(server, proxy))
+    await reg.start(wait_registered=10)
+    if fault == "http 500":
+        proxy.http(500, "No cluster leader")
+    elif fault == "garbage":
+        proxy.garbage(1024)
+    elif fault == "blackhole":
+        proxy.blackhole()
+    else:
+        proxy.refuse()
+    await asyncio.sleep(0.5)  # let a heartbeat meet it
+    timeout = 3.0
+    started = time.monotonic()
+    try:
+        await reg.stop(timeout=timeout)  # must not raise
+        measured(f"stop() through {fault}", time.monotonic() - started, timeout + 0.5)
+        assert reg.status()["ready"] is False
+        last_error = reg.status()["last_error"]
+        assert last_error is not None  # the deregistration cannot have gone through
+        assert "unexpected" not in last_error  # mapped by the backend, not wrapped by us
+    finally:
+        proxy.heal()
+        await reg.backend.close()
+
+
+async def test_a_refused_registration_fails_start_at_once(
+    acl: AclConsul, measured: Measured, caplog: pytest.LogCaptureFixture
+) -> None:
+    billing = ServiceInstance("billing", address="127.0.0.1", port=8081)  # not in the token
+    reg = AsyncRegistrar(
+        open_backend(acl.server.url, token=acl.token, timeout=TIMEOUT), billing, ttl=TTL
+    )
+    started = time.monotonic()
+    with (
+        caplog.at_level(logging.WARNING, logger="registry_agent.registrar"),
+        pytest.raises(Rejected) as info,
+    ):
+        await reg.start(wait_registered=30)
+    measured("Rejected raised by start()", time.monotonic() - started, TIMEOUT + MARGIN)
+    assert "ermission denied" in str(info.value)  # the server's words
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "billing" not in acl.services()
+    await reg.backend.close()
+
+
+async def test_a_repaired_etcd_key_leaves_no_orphan_lease(
+    etcd_server: EtcdServer, measured: Measured
+) -> None:
+    reg = registrar(etcd_server.url)
+    await reg.start(wait_registered=10)
+    try:
+        assert reg._lease is not None
+        old = reg._lease.handle
+        assert isinstance(old, int)
+        async with aetcd.Client(host="127.0.0.1", port=etcd_server.client_port) as client:
+            assert (await client.get_lease_info(old)).TTL > 0
+            assert await client.delete(f"/services/{INSTANCE.service}/{INSTANCE.id}".encode())
+            took = await until(
+                lambda: reg.counters.reregistrations == 1 and reg.registered,
+                reg.verify_interval + MARGIN,
+                "repaired",
+            )
+            measured("repaired", took, reg.verify_interval + RETRY.cap + MARGIN)
+            assert reg._lease is not None
+            assert reg._lease.handle != old
+            assert (await client.get_lease_info(old)).TTL == -1  # revoked, not left for a TTL
+            kv = await client.get(f"/services/{INSTANCE.service}/{INSTANCE.id}".encode())
+            assert kv is not None
+            assert kv.lease == reg._lease.handle
+    finally:
+        await reg.stop(timeout=5)
+        await reg.backend.close()
