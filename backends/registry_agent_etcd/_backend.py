@@ -174,6 +174,19 @@ def _opt_size(name: str, value: Any) -> int:
     return size
 
 
+def _closed_under_us() -> bool:
+    """Whether a CancelledError came from grpc, not from our task being cancelled.
+
+    grpc.aio raises CancelledError in every call of a channel being closed
+    (another call on it failed and dropped it): that is a failed call.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
+_CLOSED = "the connection was closed under the call (another call on it failed)"
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -429,6 +442,7 @@ class EtcdBackend:
         service: str | None = None,
     ) -> T:
         """``make(client)`` on the member in use; when it is unavailable, on the next ones."""
+        error: Exception
         for attempt in range(len(self.endpoints)):
             client = self.client
             try:
@@ -436,6 +450,15 @@ class EtcdBackend:
                 # what aetcd does around it (connecting, waiting for another connect).
                 async with asyncio.timeout(self.timeout + 1.0):
                     return await make(client)
+            except asyncio.CancelledError:
+                if not _closed_under_us():
+                    raise
+                error = BackendUnavailable(
+                    f"etcd at {_hostport(self.host, self.port)}: {_CLOSED}",
+                    **error_context("etcd", instance=instance, service=service),
+                )
+                if attempt == len(self.endpoints) - 1:
+                    raise error from None
             except Exception as exc:
                 error = await self._failed(exc, client, instance=instance, service=service)
                 if not isinstance(error, BackendUnavailable) or attempt == len(self.endpoints) - 1:
@@ -700,6 +723,10 @@ class EtcdBackend:
                     yield ServiceSnapshot(service, revision, MappingProxyType(dict(state)))
         except RegistryError:
             raise
+        except asyncio.CancelledError:
+            if not _closed_under_us():
+                raise
+            raise BackendUnavailable(f"etcd watch ended: {_CLOSED}", **context) from None
         except Exception as exc:
             raise await self._failed(exc, client, service=service) from exc
         finally:
@@ -752,6 +779,9 @@ class EtcdBackend:
                     connected()
                 if response.canceled:
                     return False
+        except asyncio.CancelledError:
+            if not _closed_under_us():
+                raise
         finally:
             stop.set()
             call.cancel()
