@@ -7,7 +7,10 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
@@ -191,6 +194,10 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+async def _revoke(client: aetcd.Client, *, lease_id: int) -> None:
+    await client.revoke_lease(lease_id)
+
+
 async def _connected(client: aetcd.Client) -> aetcd.Client:
     await client.connect()
     return client
@@ -315,7 +322,9 @@ class EtcdBackend:
         self._cluster_id: int | None = None
         self._probe = ConnectionProbe(self._hold_connection)
         self._warned: set[bytes] = set()
-        self._background: set[asyncio.Task[None]] = set()
+        #: Leases of failed registrations, to revoke: id -> (expiry, instance).
+        self._orphans: dict[int, tuple[float, ServiceInstance]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> EtcdBackend:
@@ -564,40 +573,41 @@ class EtcdBackend:
     ) -> Lease:
         value = self._value(instance, status, note)
         self._check_size(instance, value)
-        lease = await self._call(lambda c: c.lease(max(1, math.ceil(ttl))), instance=instance)
+        key = self._key(instance.service, instance.id)
+        seconds = max(1, math.ceil(ttl))
+        # We choose the lease id: when a grant's answer is lost (it may have
+        # landed all the same) or the put fails, we know which lease to revoke.
+        lease_id = secrets.randbits(62) + 1
         try:
-            await self._call(
-                lambda c: c.put(self._key(instance.service, instance.id), value, lease=lease.id),
-                instance=instance,
-            )
+            await self._call(lambda c: c.lease(seconds, lease_id), instance=instance)
+            await self._call(lambda c: c.put(key, value, lease=lease_id), instance=instance)
         except BaseException:
-            # The lease would live a TTL for nothing (and with our key, if the put
-            # landed before its answer was lost): revoke it, without delaying the error.
-            self._spawn(self._revoke_quietly(instance, int(lease.id)))
+            self._orphans[lease_id] = (time.monotonic() + seconds, instance)
+            self._sweep()
             raise
-        return Lease(instance, float(ttl), int(lease.id), "etcd")
+        if self._orphans:
+            self._sweep()
+        return Lease(instance, float(ttl), lease_id, "etcd")
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _sweep(self) -> None:
+        """Revoke the leases of failed registrations in the background, one sweep at a time."""
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(
+                self._revoke_orphans(), name="etcd lease sweeper"
+            )
 
-    async def _revoke_quietly(self, instance: ServiceInstance, lease_id: int) -> None:
-        try:
-            await self._call(lambda c: c.revoke_lease(lease_id), instance=instance)
-        except RegistryError as exc:
-            if not isinstance(exc, LeaseLost):
-                log.info(
-                    "could not revoke lease %x of a failed registration (it expires with "
-                    "its TTL): %s",
-                    lease_id,
-                    exc,
-                    extra={
-                        "event": "revoke_failed",
-                        "backend": "etcd",
-                        "service": instance.service,
-                    },
-                )
+    async def _revoke_orphans(self) -> None:
+        for lease_id, (expires, instance) in list(self._orphans.items()):
+            if expires > time.monotonic():
+                try:
+                    await self._call(partial(_revoke, lease_id=lease_id), instance=instance)
+                except LeaseLost:
+                    pass  # never granted, or gone already
+                except RegistryError as exc:
+                    # Tried again after the next registration; it expires with its TTL anyway.
+                    log.debug("lease %x of a failed registration kept for now: %s", lease_id, exc)
+                    return
+            self._orphans.pop(lease_id, None)
 
     async def heartbeat(self, lease: Lease) -> None:
         reply = await self._call(lambda c: c.refresh_lease(lease.handle), instance=lease.instance)
@@ -796,6 +806,15 @@ class EtcdBackend:
     async def close(self) -> None:
         """Stop the connection probe and close the channel (bounded by ``timeout``)."""
         await self._probe.close()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None and not sweeper.done() and sweeper.get_loop() is running_loop():
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        if self._orphans and self._client_loop is running_loop():
+            with contextlib.suppress(TimeoutError):  # a last try, bounded
+                async with asyncio.timeout(self.timeout):
+                    await self._revoke_orphans()
         client, self._client = self._client, None
         if client is not None and self._client_loop is running_loop():
             await self._close_client(client)
