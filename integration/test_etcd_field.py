@@ -1,0 +1,152 @@
+"""The etcd backend through a misbehaving network and a frozen member (real etcd).
+
+Every fault of the fault proxy, every backend method: only ``RegistryError``s,
+within a bound derived from the timeout; dead connections noticed within
+keepalive time + keepalive timeout + 1 s; no orphan lease after a fault heals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+from registry_agent_etcd import EtcdBackend
+
+from registry_agent import (
+    BackendUnavailable,
+    HealthStatus,
+    Lease,
+    RegistryError,
+    ServiceInstance,
+    ServiceSnapshot,
+    open_backend,
+)
+from registry_agent.testing.faultproxy import FaultProxy
+from registry_agent.testing.servers import EtcdServer
+
+TIMEOUT = 1.0
+# register is two calls (grant, put), each bounded by the timeout plus a second;
+# a new watch lists (one call) then waits the timeout for etcd to create it.
+CALL_BOUND = 2 * (TIMEOUT + 1.0) + 1.0
+
+Measured = Callable[[str, float, float], None]
+
+
+def etcd_leases(server: EtcdServer) -> set[int]:
+    """The ids of every lease the etcd server holds now (its JSON gateway)."""
+    reply = server.api("/v3/lease/leases")
+    return {int(item["ID"]) for item in reply.get("leases") or ()}
+
+
+async def wait_for_leases(server: EtcdServer, expected: set[int], bound: float) -> float:
+    """Seconds until etcd holds exactly ``expected`` leases; fails after ``bound``."""
+    start = time.monotonic()
+    while (held := etcd_leases(server)) != expected:
+        assert time.monotonic() - start < bound, f"etcd holds leases {held}, expected {expected}"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - start
+
+
+def instance(port: int) -> ServiceInstance:
+    return ServiceInstance("orders", address="127.0.0.1", port=port)
+
+
+@pytest.fixture
+def proxy(etcd_server: EtcdServer) -> Iterator[FaultProxy]:
+    with FaultProxy("127.0.0.1", etcd_server.client_port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+async def proxied(proxy: FaultProxy) -> AsyncIterator[EtcdBackend]:
+    backend = open_backend(f"etcd://{proxy.host}:{proxy.port}", timeout=TIMEOUT)
+    assert isinstance(backend, EtcdBackend)
+    yield backend
+    await backend.close()
+
+
+async def open_watch(
+    backend: EtcdBackend, marker: ServiceInstance
+) -> tuple[AsyncIterator[ServiceSnapshot], Lease]:
+    """A watch whose stream etcd has created (a change after the first snapshot came
+    through), and the lease of the marker registered to make that change."""
+    stream = aiter(backend.watch("orders"))
+    await asyncio.wait_for(anext(stream), 5)
+    lease = await backend.register(marker, ttl=30)
+    snapshot = await asyncio.wait_for(anext(stream), 5)
+    assert marker.id in snapshot.instances
+    return stream, lease
+
+
+FAULTS: dict[str, Callable[[FaultProxy], None]] = {
+    "stall": lambda p: p.stall(),
+    "blackhole": lambda p: p.blackhole(),
+    "reset": lambda p: p.reset_after(1),
+    "refuse": lambda p: p.refuse(),
+    "http-429": lambda p: p.http(429, "slow down", {"Retry-After": "1"}),
+    "http-500": lambda p: p.http(500, "No cluster leader"),
+    "garbage": lambda p: p.garbage(1024),
+    "latency": lambda p: p.latency(TIMEOUT + 1.0),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+async def test_every_method_raises_registry_errors_in_bounded_time_then_heals(
+    fault: str,
+    etcd_server: EtcdServer,
+    proxy: FaultProxy,
+    proxied: EtcdBackend,
+    measured: Measured,
+) -> None:
+    lease = await proxied.register(instance(8080), ttl=30)
+    stream, marker = await open_watch(proxied, instance(8081))
+    FAULTS[fault](proxy)
+
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "register": lambda: proxied.register(instance(8082), ttl=30),
+        "heartbeat": lambda: proxied.heartbeat(lease),
+        "set_status": lambda: proxied.set_status(lease, HealthStatus.CRITICAL, "down"),
+        "lookup": lambda: proxied.lookup(lease),
+        "list": lambda: proxied.list("orders"),
+        "deregister": lambda: proxied.deregister(lease),
+        "open watch": lambda: anext(stream),
+        "new watch": lambda: anext(aiter(proxied.watch("orders"))),
+    }
+    worst = 0.0
+    for name, call in calls.items():
+        start = time.monotonic()
+        with pytest.raises(RegistryError) as info:
+            # The outer bound only keeps a hang from hanging the suite.
+            await asyncio.wait_for(call(), CALL_BOUND + 10)
+        took = time.monotonic() - start
+        worst = max(worst, took)
+        error = info.value
+        print(f"{fault} {name}: {took:.2f}s {type(error).__name__}: {error}")
+        assert isinstance(error, BackendUnavailable), f"{name}: {error!r}"
+        assert error.backend == "etcd"
+        # The words of the server or of gRPC about it, after our "etcd at host:port …:".
+        assert error.message.rsplit(":", 1)[-1].strip(), f"{name}: {error.message!r}"
+        assert took <= CALL_BOUND, f"{name} took {took:.2f}s"
+    measured(f"{fault}: slowest call", worst, CALL_BOUND)
+
+    proxy.heal()
+    start = time.monotonic()
+    while True:  # bounded: healing is a fresh connection, at most a failed call away
+        try:
+            fresh = await proxied.register(instance(8083), ttl=30)
+            break
+        except BackendUnavailable:
+            assert time.monotonic() - start < 2 * CALL_BOUND, "not healed"
+            await asyncio.sleep(0.1)
+    measured(f"{fault}: registered after heal", time.monotonic() - start, 2 * CALL_BOUND)
+    snapshot = await proxied.list("orders")
+    assert {instance(8083).id} <= set(snapshot.instances)
+    await proxied.deregister(lease)  # failed during the fault: done now
+    # No orphan: the grant of the registration that failed during the fault
+    # (it may have landed) was revoked.
+    expected = {int(fresh.handle), int(marker.handle)}
+    took = await wait_for_leases(etcd_server, expected, 2 * CALL_BOUND)
+    measured(f"{fault}: orphan leases revoked", took, 2 * CALL_BOUND)
+    await stream.aclose()  # type: ignore[attr-defined]
