@@ -1,4 +1,7 @@
-"""python -m bench [--quick]: every figure of DESIGN §8 and the §6 fault matrix, as tables."""
+"""python -m bench [--quick]: every figure of DESIGN §8 and the §6 fault matrix, as tables.
+
+``python -m bench soak [--minutes 10] [--seed N]``: the chaos soak (see bench/soak.py).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,10 @@ from bench.common import table
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["soak"]:
+        from bench import soak
+
+        return soak.main(sys.argv[2:])
     quick = "--quick" in sys.argv
     # The registrars' own warnings (restarts are the point here) would drown the tables.
     logging.basicConfig(level=logging.ERROR)

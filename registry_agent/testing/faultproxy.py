@@ -377,6 +377,10 @@ class FaultProxy:
             await self._pump_client(conn)
         except (OSError, asyncio.IncompleteReadError):
             self._end(conn, rst=True)
+        except asyncio.CancelledError:
+            # Only close() cancels us. Ending normally keeps asyncio's stream callback
+            # (3.11) from logging the cancellation as an error.
+            pass
         finally:
             if not conn.closed:
                 self._end(conn, rst=False)

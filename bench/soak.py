@@ -1,0 +1,585 @@
+"""Chaos soak: registrars, watchers and an agent process on Consul and etcd under random faults.
+
+``python -m bench soak [--minutes 10] [--seed 1]`` (not part of the test suite).
+
+It starts its own Consul (a server agent with a data folder) and etcd, puts a
+:class:`~registry_agent.testing.faultproxy.FaultProxy` in front of each, and
+runs against each: three registrars (one plain, one whose check flaps and is
+withdrawn while failing, one kept critical while failing), a watcher through
+the proxy and one direct, and a ``registry-agent run`` process (reloaded with
+SIGHUP). Then, round after round, a seeded random fault hits one backend:
+server restarted empty, stopped and started, frozen (SIGSTOP/SIGCONT), every
+proxy mode, a check flapping, our entry deleted behind our back, the agent
+reloaded with a service added or removed. After each heal the invariants are
+checked within a bound derived from the configuration:
+
+- the registry (read directly) holds exactly the desired entries, with the
+  desired status, no duplicates in the server's own listing;
+- every watcher's snapshot equals the registry;
+- no etcd lease without a key;
+- file descriptors, threads and asyncio tasks of this process back to their
+  baseline (within a small slack);
+- every error a backend raised, or a watcher reported, is a ``RegistryError``;
+  the agent process is still running.
+
+It prints the faults injected, survived, and every invariant violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import concurrent.futures
+import logging
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from registry_agent_consul._http import blocking_bound
+
+from bench.common import table
+from registry_agent import (
+    AsyncRegistrar,
+    AsyncWatcher,
+    Backend,
+    CallableCheck,
+    HealthStatus,
+    RegistryError,
+    RetryPolicy,
+    ServiceInstance,
+    open_backend,
+)
+from registry_agent.testing.fault_contract import (
+    FAULTS,
+    RecordedError,
+    consul_ids,
+    etcd_ids,
+    etcd_orphan_leases,
+    proxied_url,
+    recording,
+    target_of,
+)
+from registry_agent.testing.faultproxy import FaultProxy
+from registry_agent.testing.servers import ConsulServer, EtcdServer, ServerProcess, free_port
+
+_T = TypeVar("_T")
+
+TTL = 3.0
+TIMEOUT = 2.0
+RETRY = RetryPolicy(initial=0.1, cap=2.0)
+CHECK_INTERVAL = 0.5
+CONSUL_WAIT = 5.0
+ETCD_KEEPALIVE = (5.0, 2.0)
+AGENT_RETRY_CAP = RetryPolicy().cap  # the agent runs with the default policy
+# How long a watch may sit on a dead connection before it notices.
+DEAD_CONNECTION = max(blocking_bound(CONSUL_WAIT, TIMEOUT), sum(ETCD_KEEPALIVE) + 1.0)
+# After a heal: a call on a dead connection times out, the backoff sleeps its cap,
+# a lost lease is found at the next heartbeat and registered again, a check
+# decides within two intervals; the agent has the default (longer) backoff.
+REGISTRAR_BOUND = DEAD_CONNECTION + RETRY.cap + 3 * TIMEOUT + TTL / 3 + 2 * CHECK_INTERVAL
+AGENT_BOUND = TIMEOUT + AGENT_RETRY_CAP + 3 * TIMEOUT + TTL / 3
+SETTLE_BOUND = max(REGISTRAR_BOUND, AGENT_BOUND) + 5.0  # slack for a busy machine
+RESOURCE_BOUND = 15.0
+FD_SLACK, THREAD_SLACK, TASK_SLACK = 24, 1, 2
+PROXY_FAULTS = {f"proxy {f.name}": f for f in FAULTS}
+SERVER_FAULTS = ("restart empty", "stop/start", "SIGSTOP")
+OTHER_FAULTS = ("health flap", "delete entry", "agent reload")
+KINDS = (*SERVER_FAULTS, *PROXY_FAULTS, *OTHER_FAULTS)
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@dataclass
+class Member:
+    """One registrar of the soak and what its check answers."""
+
+    instance: ServiceInstance
+    on_unhealthy: str
+    up: bool = True
+    registrar: AsyncRegistrar | None = None
+
+    def answer(self) -> bool:
+        """The check: passes while ``up``."""
+        return self.up
+
+    def desired(self) -> HealthStatus | None:
+        if self.up:
+            return HealthStatus.PASSING
+        return HealthStatus.CRITICAL if self.on_unhealthy == "critical" else None
+
+
+class Agent:
+    """A ``registry-agent run`` process with one or two services, reloaded by SIGHUP."""
+
+    def __init__(self, workdir: Path, url: str, service: str) -> None:
+        self.config = workdir / f"{service}.toml"
+        self.log = workdir / f"{service}.log"
+        self.url = url
+        self.service = service
+        self.ids = [f"{service}-1"]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.write()
+
+    def write(self) -> None:
+        services = "".join(
+            f'[[service]]\nname = "{self.service}"\nid = "{iid}"\naddress = "127.0.0.1"\n'
+            f'port = {8000 + n}\nttl = "{TTL:g}s"\n\n'
+            for n, iid in enumerate(self.ids, 1)
+        )
+        self.config.write_text(
+            f'[backend]\nurl = "{self.url}"\ntimeout = "{TIMEOUT:g}s"\n\n'
+            f'[status]\nlisten = "127.0.0.1:{free_port()}"\n\n'
+            f'[log]\nlevel = "warning"\n\n{services}'
+        )
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "registry_agent", "run", "-c", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def reload(self) -> str:
+        second = f"{self.service}-2"
+        if second in self.ids:
+            self.ids.remove(second)
+            what = f"removed {second}"
+        else:
+            self.ids.append(second)
+            what = f"added {second}"
+        self.write()
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        return what
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+class Side:
+    """One backend: its server, proxy, registrars, watchers and agent."""
+
+    def __init__(self, name: str, server: ServerProcess, workdir: Path) -> None:
+        self.name = name
+        self.server = server
+        self.proxy = FaultProxy(*target_of(server.url))
+        consul = isinstance(server, ConsulServer)
+        self.options: dict[str, Any] = (
+            {"wait": CONSUL_WAIT}
+            if consul
+            else {"keepalive_time": ETCD_KEEPALIVE[0], "keepalive_timeout": ETCD_KEEPALIVE[1]}
+        )
+        self.url = proxied_url(server.url, self.proxy)
+        self.service = f"soak-{name}"
+        self.errors: list[RecordedError] = []
+        self.surfaced: list[BaseException] = []
+        self.members = [
+            Member(self._instance(1), "deregister"),
+            Member(self._instance(2), "deregister"),
+            Member(self._instance(3), "critical"),
+        ]
+        agent_options = f"?wait={CONSUL_WAIT:g}s" if consul else ""
+        self.agent = Agent(workdir, self.url + agent_options, f"soak-agent-{name}")
+        self.direct = open_backend(server.url, timeout=TIMEOUT, **self.options)
+        self.watchers: list[AsyncWatcher] = []
+
+    def _instance(self, n: int) -> ServiceInstance:
+        return ServiceInstance(
+            self.service,
+            id=f"{self.service}-{n}",
+            address="127.0.0.1",
+            port=9000 + n,
+            meta={"soak": "yes"},
+        )
+
+    def backend(self, *, direct: bool = False) -> Backend:
+        url = self.server.url if direct else self.url
+        return recording(open_backend(url, timeout=TIMEOUT, **self.options), self.errors)
+
+    async def start(self) -> None:
+        for n, member in enumerate(self.members):
+            checks = []
+            if n:
+                checks.append(
+                    CallableCheck(
+                        member.answer,
+                        interval=CHECK_INTERVAL,
+                        timeout=1.0,
+                        name=f"flap {member.instance.id}",
+                    )
+                )
+            member.registrar = AsyncRegistrar(
+                self.backend(),
+                member.instance,
+                ttl=TTL,
+                checks=checks,
+                fall=1,
+                rise=1,
+                on_unhealthy=member.on_unhealthy,
+                retry=RETRY,
+            )
+            await member.registrar.start()
+        for direct in (False, True):
+            watcher = AsyncWatcher(
+                self.backend(direct=direct),
+                [self.service, self.agent.service],
+                retry=RETRY,
+                on_error=lambda _, exc: self.surfaced.append(exc),
+            )
+            await watcher.start()
+            self.watchers.append(watcher)
+        self.agent.start()
+
+    async def close(self) -> None:
+        self.proxy.heal()
+        for member in self.members:
+            if member.registrar is not None:
+                await member.registrar.stop()
+                await member.registrar.backend.close()
+        for watcher in self.watchers:
+            await watcher.close()
+            await watcher.backend.close()
+        await asyncio.to_thread(self.agent.stop)
+        await self.direct.close()
+        self.proxy.close()
+
+    def server_ids(self, service: str) -> list[str]:
+        if isinstance(self.server, ConsulServer):
+            return consul_ids(self.server, service)
+        assert isinstance(self.server, EtcdServer)
+        return etcd_ids(self.server, service)
+
+    def orphans(self) -> list[str]:
+        return etcd_orphan_leases(self.server) if isinstance(self.server, EtcdServer) else []
+
+    def delete(self, iid: str, service: str) -> None:
+        """Remove an entry behind its owner's back."""
+        if isinstance(self.server, ConsulServer):
+            self.server.api(f"/v1/agent/service/deregister/{iid}", method="PUT")
+        else:
+            assert isinstance(self.server, EtcdServer)
+            self.server.api("/v3/kv/deleterange", {"key": _b64(f"/services/{service}/{iid}")})
+
+    async def problems(self, run: Callable[..., Awaitable[Any]]) -> list[str]:
+        """What differs from the desired state now (empty: exact)."""
+        want = {
+            m.instance.id: (m.instance, status)
+            for m in self.members
+            if (status := m.desired()) is not None
+        }
+        agent_want = dict.fromkeys(self.agent.ids, HealthStatus.PASSING)
+        found: list[str] = []
+        try:
+            snapshot = await self.direct.list(self.service)
+            agent_snapshot = await self.direct.list(self.agent.service)
+            ids = await run(self.server_ids, self.service)
+            agent_ids = await run(self.server_ids, self.agent.service)
+            orphans = await run(self.orphans)
+        except (RegistryError, OSError) as exc:
+            return [f"{self.name}: registry not readable: {exc}"]
+        held = {i: (h.instance, h.status) for i, h in snapshot.instances.items()}
+        agent_held = {i: h.status for i, h in agent_snapshot.instances.items()}
+        if held != want:
+            found.append(f"{self.name}: registry holds {_show(held)}, want {_show(want)}")
+        if sorted(ids) != sorted(want):
+            found.append(f"{self.name}: the server lists {sorted(ids)}, want {sorted(want)}")
+        if agent_held != agent_want:
+            found.append(f"{self.name}: agent entries {agent_held}, want {agent_want}")
+        if sorted(agent_ids) != sorted(agent_want):
+            found.append(f"{self.name}: the server lists agent {sorted(agent_ids)}")
+        for n, watcher in enumerate(self.watchers):
+            kind = "direct" if n else "proxied"
+            seen = {h.instance.id: (h.instance, h.status) for h in watcher.snapshot(self.service)}
+            if seen != held:
+                found.append(
+                    f"{self.name}: {kind} watcher sees {_show(seen)}, registry {_show(held)}"
+                )
+            agent_seen = {h.instance.id: h.status for h in watcher.snapshot(self.agent.service)}
+            if agent_seen != agent_held:
+                found.append(f"{self.name}: {kind} watcher sees agent {agent_seen}")
+        if orphans:
+            found.append(f"{self.name}: orphan leases {orphans}")
+        return found
+
+
+def _show(entries: dict[str, tuple[ServiceInstance, HealthStatus]]) -> str:
+    return "{" + ", ".join(f"{i}: {s}" for i, (_, s) in sorted(entries.items())) + "}"
+
+
+@dataclass
+class Resources:
+    fds: int
+    threads: int
+    tasks: int
+
+    @classmethod
+    def now(cls) -> Resources:
+        return cls(
+            len(os.listdir("/proc/self/fd")),
+            threading.active_count(),
+            len(asyncio.all_tasks()),
+        )
+
+    def within(self, base: Resources) -> bool:
+        return (
+            self.fds <= base.fds + FD_SLACK
+            and self.threads <= base.threads + THREAD_SLACK
+            and self.tasks <= base.tasks + TASK_SLACK
+        )
+
+    def __str__(self) -> str:
+        return f"{self.fds} fds, {self.threads} threads, {self.tasks} tasks"
+
+
+@dataclass
+class Report:
+    injected: collections.Counter[str] = field(default_factory=collections.Counter)
+    survived: collections.Counter[str] = field(default_factory=collections.Counter)
+    settle: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    violations: list[str] = field(default_factory=list)
+    peak: Resources | None = None
+
+
+class Soak:
+    def __init__(self, minutes: float, seed: int) -> None:
+        self.minutes = minutes
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.report = Report()
+        # Blocking server operations run here, not on the loop's default executor
+        # (whose threads would count as a leak when it grows).
+        self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="soak")
+        self.sides: list[Side] = []
+        self.errors_seen: dict[str, int] = {}
+        self.surfaced_seen: dict[str, int] = {}
+
+    async def run_blocking(self, func: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, func, *args)
+
+    async def main(self) -> int:
+        with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+            workdir = Path(tmp)
+            consul = ConsulServer(workdir / "consul", persistent=True)
+            etcd = EtcdServer(workdir / "etcd")
+            try:
+                await asyncio.gather(self.run_blocking(consul.start), self.run_blocking(etcd.start))
+                self.sides = [Side("consul", consul, workdir), Side("etcd", etcd, workdir)]
+                for side in self.sides:
+                    await side.start()
+                return await self.rounds()
+            finally:
+                for side in self.sides:
+                    try:
+                        await side.close()
+                    except Exception as exc:  # report, and still stop the servers
+                        print(f"closing {side.name} failed: {exc!r}", file=sys.stderr)
+                consul.close()
+                etcd.close()
+                self.pool.shutdown()
+
+    async def settle(self, within: float) -> tuple[float, list[str]]:
+        """Seconds until every side is exact, or the problems left after ``within``."""
+        started = time.monotonic()
+        while True:
+            problems = [p for side in self.sides for p in await side.problems(self.run_blocking)]
+            if not problems:
+                return time.monotonic() - started, []
+            if time.monotonic() - started > within:
+                return time.monotonic() - started, problems
+            await asyncio.sleep(0.2)
+
+    async def resources_back(self, base: Resources) -> Resources:
+        deadline = time.monotonic() + RESOURCE_BOUND
+        while True:
+            current = Resources.now()
+            peak = self.report.peak
+            self.report.peak = Resources(
+                max(current.fds, peak.fds if peak else 0),
+                max(current.threads, peak.threads if peak else 0),
+                max(current.tasks, peak.tasks if peak else 0),
+            )
+            if current.within(base) or time.monotonic() > deadline:
+                return current
+            await asyncio.sleep(0.5)
+
+    async def rounds(self) -> int:
+        loop = asyncio.get_running_loop()
+        # Fill the default executor to its size now, so its threads are part of the baseline.
+        await asyncio.gather(*(loop.run_in_executor(None, time.sleep, 0.2) for _ in range(32)))
+        took, problems = await self.settle(60.0)
+        if problems:
+            print("never reached the desired state at start:\n  " + "\n  ".join(problems))
+            for side in self.sides:
+                print(f"{side.name} agent log:\n{side.agent.log.read_text()[-2000:]}")
+            return 1
+        await asyncio.sleep(2 * TTL)
+        base = Resources.now()
+        log(f"settled in {took:.1f}s; baseline {base}; settle bound {SETTLE_BOUND:.1f}s")
+        started = time.monotonic()
+        end = started + self.minutes * 60
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+            side = self.rng.choice(self.sides)
+            kind = self.rng.choice(KINDS)
+            detail = await self.inject(side, kind)
+            label = f"round {n} ({time.monotonic() - started:.0f}s): {side.name} {kind} {detail}"
+            self.report.injected[kind] += 1
+            took, problems = await self.settle(SETTLE_BOUND)
+            violations = [f"{label}: not exact after {took:.1f}s: {p}" for p in problems]
+            if problems:  # let it finish healing, so the next round starts clean
+                late, still = await self.settle(60.0)
+                violations.append(
+                    f"{label}: exact {late:.1f}s later"
+                    if not still
+                    else f"{label}: still not exact 60s later: {still}"
+                )
+            else:
+                self.report.settle[kind].append(took)
+            current = await self.resources_back(base)
+            if not current.within(base):
+                violations.append(f"{label}: resources {current}, baseline {base}")
+            violations += self.error_violations(label)
+            for s in self.sides:
+                if not s.agent.alive():
+                    violations.append(f"{label}: {s.name} agent exited ({s.agent.log})")
+            if violations:
+                self.report.violations += violations
+                for v in violations:
+                    log("VIOLATION " + v)
+            else:
+                self.report.survived[kind] += 1
+            log(f"{label}: settled {took:.2f}s, {current}")
+            await asyncio.sleep(self.rng.uniform(0.0, 1.0))
+        self.print_summary(time.monotonic() - started, base)
+        return 1 if self.report.violations else 0
+
+    def error_violations(self, label: str) -> list[str]:
+        found = []
+        for side in self.sides:
+            new = side.errors[self.errors_seen.get(side.name, 0) :]
+            self.errors_seen[side.name] = len(side.errors)
+            found += [
+                f"{label}: {side.name} {e.method} raised "
+                f"{type(e.error).__module__}.{type(e.error).__name__}: {e.error}"
+                for e in new
+                if not isinstance(e.error, RegistryError)
+            ]
+            seen = side.surfaced[self.surfaced_seen.get(side.name, 0) :]
+            self.surfaced_seen[side.name] = len(side.surfaced)
+            found += [
+                f"{label}: {side.name} on_error got {e!r}"
+                for e in seen
+                if not isinstance(e, RegistryError)
+            ]
+        return found
+
+    async def inject(self, side: Side, kind: str) -> str:
+        """Inject one fault and heal it; returns what was done."""
+        hold = round(self.rng.uniform(1.0, 2 * TTL), 1)
+        server = side.server
+        if kind == "restart empty":
+            await self.run_blocking(lambda: server.restart(wipe=True))
+            return ""
+        if kind == "stop/start":
+            await self.run_blocking(server.stop)
+            await asyncio.sleep(hold)
+            await self.run_blocking(server.start)
+            return f"{hold}s"
+        if kind == "SIGSTOP":
+            server.pause()
+            await asyncio.sleep(hold)
+            server.resume()
+            return f"{hold}s"
+        if kind in PROXY_FAULTS:
+            PROXY_FAULTS[kind].inject(side.proxy)
+            await asyncio.sleep(hold)
+            side.proxy.heal()
+            return f"{hold}s"
+        if kind == "health flap":
+            member = self.rng.choice(side.members[1:])
+            member.up = not member.up
+            return f"{member.instance.id} {'up' if member.up else 'down'}"
+        if kind == "delete entry":
+            present = [
+                (m.instance.id, side.service) for m in side.members if m.desired() is not None
+            ] + [(iid, side.agent.service) for iid in side.agent.ids]
+            iid, service = self.rng.choice(present)
+            await self.run_blocking(side.delete, iid, service)
+            return iid
+        if kind == "agent reload":
+            return side.agent.reload()
+        raise AssertionError(kind)
+
+    def print_summary(self, seconds: float, base: Resources) -> None:
+        r = self.report
+        injected = sum(r.injected.values())
+        print(f"## Chaos soak: {seconds / 60:.1f} min, seed {self.seed}\n")
+        print(
+            f"faults injected: {injected}; survived: {sum(r.survived.values())}; "
+            f"invariant violations: {len(r.violations)}\n"
+        )
+        rows = []
+        for kind in KINDS:
+            times = r.settle.get(kind, [])
+            rows.append(
+                [
+                    kind,
+                    str(r.injected[kind]),
+                    str(r.survived[kind]),
+                    f"{statistics.median(times):.2f} s" if times else "-",
+                    f"{max(times):.2f} s" if times else "-",
+                ]
+            )
+        print(table(rows, ["fault", "injected", "survived", "settle median", "settle max"]))
+        print(
+            f"\nsettle bound {SETTLE_BOUND:.1f} s (TTL {TTL:g} s, timeout {TIMEOUT:g} s, "
+            f"retry cap {RETRY.cap:g} s, dead connection {DEAD_CONNECTION:.1f} s)"
+        )
+        print(f"resources: baseline {base}; peak {r.peak}; end {Resources.now()}")
+        if r.violations:
+            print("\nviolations:")
+            for v in r.violations:
+                print(f"- {v}")
+
+
+def log(text: str) -> None:
+    print(f"  .. {text}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench soak", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--minutes", type=float, default=10.0, help="how long (default 10)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
+    # The registrars' own warnings (faults are the point here) would drown the report.
+    logging.basicConfig(level=logging.ERROR)
+    return asyncio.run(Soak(args.minutes, seed).main())
