@@ -7,14 +7,21 @@ fault proxy where the network misbehaves) and reads the servers directly.
 from __future__ import annotations
 
 import base64
+import http.server
 import signal
+import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from integration.agent_process import Agent, listed
+from registry_agent import HealthStatus
+from registry_agent._agent.reaper import zombie_children
+from registry_agent._urls import parse_backend_url
+from registry_agent.testing.faultproxy import FaultProxy
 from registry_agent.testing.servers import ConsulServer, EtcdServer, ServerProcess
 
 
@@ -88,3 +95,225 @@ def test_sigterm_during_a_reload_leaves_nothing_registered(
     assert listed(server.url, "b") == {}
     if isinstance(server, EtcdServer):
         assert etcd_leases(server) == [], "a lease outlived the agent"
+
+
+def server_port(server: ServerProcess) -> int:
+    ((_, port),) = parse_backend_url(server.url, default_port=0).endpoints
+    return port
+
+
+# -- item 7: readiness says what the registry holds ---------------------------------------
+
+
+def test_readyz_follows_the_registry_through_a_stalled_network(
+    server: ServerProcess,
+    tmp_path: Path,
+    agents: list[Agent],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    ttl, timeout = 3.0, 1.0
+    with FaultProxy("127.0.0.1", server_port(server)) as proxy:
+        url = f"{server.url.split('://')[0]}://{proxy.host}:{proxy.port}"
+        agent = Agent(
+            tmp_path, url, services("orders", 1, ttl=f"{ttl:g}s"), f'timeout = "{timeout:g}s"'
+        )
+        agents.append(agent.start())
+        agent.until("/readyz", 200)
+        proxy.stall()
+        started = time.monotonic()
+        body = agent.until("/readyz", 503, within=ttl + 10)
+        took = time.monotonic() - started
+        measured("readyz 503 after stall", took, ttl + 2)
+        why = body["not_ready"]["orders/orders-0"]["why"]
+        assert why, body
+        _, status = agent.get("/status")
+        (svc,) = status["services"]
+        assert (svc["ready"], svc["not_ready_reason"]) == (False, why)
+        metrics = agent.get("/metrics")[1]
+        assert 'registry_agent_ready{instance="orders-0",service="orders"} 0.0' in metrics
+        # Still stalled a TTL later: still not ready (never "passing" through an outage).
+        time.sleep(ttl)
+        assert agent.get("/readyz")[0] == 503
+        proxy.heal()
+        started = time.monotonic()
+        agent.until("/readyz", 200, within=30)
+        # Retry backoff caps at 10s; a request cut by the stall takes its timeout.
+        measured("readyz 200 after heal", time.monotonic() - started, 10 + 2 * timeout + ttl)
+        assert listed(server.url, "orders") == {"orders-0": HealthStatus.PASSING}
+        metrics = agent.get("/metrics")[1]
+        assert 'registry_agent_ready{instance="orders-0",service="orders"} 1.0' in metrics
+        assert agent.stop() == 0
+
+
+# -- item 3: no zombies when orphans are ours ------------------------------------------------
+
+
+def test_orphans_of_command_checks_are_adopted_and_reaped(
+    consul_server: ConsulServer, tmp_path: Path, agents: list[Agent]
+) -> None:
+    # Each run leaves one child in the check's group (killed when the command exits)
+    # and one that escaped into a session of its own: both orphans, both ours.
+    check = (
+        '[[service.check]]\ncommand = ["sh", "-c", "sleep 0.1 & setsid sleep 0.3 & exit 0"]\n'
+        'interval = "200ms"\n'
+    )
+    agent = Agent(tmp_path, consul_server.url, services("orders", 1, extra=check))
+    agents.append(agent.start())
+    agent.until("/readyz", 200)
+    time.sleep(3)
+    first = zombie_children(agent.pid)
+    time.sleep(3)
+    second = zombie_children(agent.pid)
+    _, status = agent.get("/status")
+    assert status["agent"]["subreaper"] is True
+    assert status["agent"]["orphans_reaped"] >= 10, status["agent"]
+    # Zombies live at most two reaper scans (1s apart): none lives 3s, and at once no more
+    # than two scans' worth of check runs leave (2 orphans a run, a run every 200ms).
+    assert first & second == set()
+    assert len(second) <= 2 * (2 * 1.0 / 0.2) + 4
+    assert agent.get("/readyz")[0] == 200  # the check itself never lost its exit status
+    assert "returncode 255" not in agent.logs()
+    assert agent.stop() == 0
+
+
+# -- item 12: idle clients cannot starve the agent --------------------------------------------
+
+
+class _App(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def app() -> Iterator[int]:
+    """A healthy HTTP service on loopback; yields its port."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _App)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _flood(port: int, count: int, seconds: float) -> int:
+    """Hold ``count`` idle connections for ``seconds``, reopening those the server closes."""
+    opened = 0
+    socks: list[socket.socket | None] = [None] * count
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            for i, sock in enumerate(socks):
+                if sock is not None:
+                    try:
+                        if sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) != b"":
+                            continue
+                    except BlockingIOError:
+                        continue  # still open, idle
+                    except OSError:
+                        pass
+                    sock.close()
+                try:
+                    socks[i] = socket.create_connection(("127.0.0.1", port), timeout=1)
+                    opened += 1
+                except OSError:
+                    socks[i] = None
+            time.sleep(0.5)
+    finally:
+        for sock in socks:
+            if sock is not None:
+                sock.close()
+    return opened
+
+
+def test_idle_connections_cannot_starve_the_agent(
+    server: ServerProcess,
+    tmp_path: Path,
+    agents: list[Agent],
+    app: int,
+    measured: Callable[[str, float, float], None],
+) -> None:
+    check = f'[[service.check]]\nhttp = "http://localhost:{app}/"\ninterval = "200ms"\n'
+    agent = Agent(
+        tmp_path, server.url, services("orders", 1, ttl="3s", extra="gate = { fall = 1 }\n" + check)
+    )
+    agents.append(agent.start(max_files=256))
+    agent.until("/readyz", 200)
+    log_lines = len(agent.logs().splitlines())
+    flood_seconds = 12.0
+    result: list[int] = []
+    flooder = threading.Thread(
+        target=lambda: result.append(_flood(agent.status_port, 500, flood_seconds))
+    )
+    flooder.start()
+    worst_healthz = 0.0
+    most_fds = 0
+    try:
+        time.sleep(1.0)
+        while flooder.is_alive():
+            started = time.monotonic()
+            while agent.get("/healthz", timeout=1)[0] != 200:
+                assert time.monotonic() - started < 10, "/healthz never answered"
+            worst_healthz = max(worst_healthz, time.monotonic() - started)
+            most_fds = max(most_fds, len(list(Path(f"/proc/{agent.pid}/fd").iterdir())))
+            assert listed(server.url, "orders") == {"orders-0": HealthStatus.PASSING}
+            time.sleep(0.5)
+    finally:
+        flooder.join()
+    print(f"flood: {result} connections opened, most fds {most_fds}")
+    measured("worst /healthz under flood", worst_healthz, 3.0)
+    assert result[0] >= 500
+    assert most_fds < 64 + 64, most_fds
+    _, status = agent.get("/status")
+    (svc,) = status["services"]
+    assert svc["counters"]["deregistrations"] == 0, "withdrawn while healthy"
+    assert svc["counters"]["registrations"] == 1
+    new_lines = agent.logs().splitlines()[log_lines:]
+    assert len(new_lines) <= 5, "\n".join(new_lines)
+    assert agent.stop() == 0
+
+
+# -- item 12: who may read the status server ---------------------------------------------------
+
+
+def test_status_token_from_a_file_or_the_environment(
+    consul_server: ConsulServer, tmp_path: Path, agents: list[Agent]
+) -> None:
+    token = "st4tus-t0ken-xyz"
+    agent = Agent(tmp_path, consul_server.url, services("orders", 1))
+    agent.path.write_text(
+        agent.path.read_text().replace("[status]\n", '[status]\ntoken_file = "status-token"\n')
+    )
+    (tmp_path / "status-token").write_text(token + "\n")
+    agents.append(agent.start())
+    agent.until("/healthz", 200)  # liveness stays open: probes carry no secret
+    auth = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + 15
+    while agent.get("/readyz", auth)[0] != 200:
+        assert time.monotonic() < deadline, agent.logs()
+        time.sleep(0.1)
+    for path in ("/readyz", "/status", "/metrics"):
+        code, body = agent.get(path)
+        assert code == 401, (path, code)
+        assert "orders" not in str(body)
+        assert agent.get(path, {"Authorization": "Bearer wrong"})[0] == 401
+        assert agent.get(path, auth)[0] == 200
+    logs = agent.logs()
+    assert "bearer token required" in logs
+    assert "beyond loopback" not in logs  # 127.0.0.1: no warning (tests/test_agent_parts.py)
+    assert token not in logs
+    assert agent.stop() == 0
+    # The environment wins over the file.
+    (tmp_path / "env").mkdir()
+    env_agent = Agent(tmp_path / "env", consul_server.url, services("orders", 1))
+    agents.append(env_agent.start(env={"REGISTRY_AGENT_STATUS_TOKEN": "from-env"}))
+    env_agent.until("/healthz", 200)
+    assert env_agent.get("/status")[0] == 401
+    assert env_agent.get("/status", {"Authorization": "Bearer from-env"})[0] == 200
+    assert "beyond loopback" not in env_agent.logs()
+    assert env_agent.stop() == 0

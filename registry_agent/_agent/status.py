@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable, Collection
 from http import HTTPStatus
@@ -62,9 +63,12 @@ class StatusServer:
         self.max_connections = max_connections
         self.head_timeout = head_timeout
         self.redact = redact
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
         # Open connections in arrival order -> True while still reading the request head.
         self._open: dict[asyncio.StreamWriter, bool] = {}
+        self._pending = 0  # accepted, not yet in _open
+        self._handlers: set[asyncio.Task[None]] = set()
         self.evicted = 0
         self.timed_out = 0
         self._complained = 0.0
@@ -77,56 +81,82 @@ class StatusServer:
 
     async def start(self) -> None:
         """Bind and serve; the chosen port is in ``self.port`` (for port 0)."""
-        self._server = await asyncio.start_server(
-            self._handle, self.host, self.port, limit=_MAX_REQUEST
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        listener = socket.create_server((self.host, self.port), backlog=128)
+        listener.setblocking(False)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._acceptor = asyncio.get_running_loop().create_task(self._accept(listener))
 
     async def close(self) -> None:
         """Stop serving."""
-        if self._server is not None:
-            self._server.close()
-            for writer in list(self._open):
-                writer.transport.abort()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acceptor
+        if self._listener is not None:
+            self._listener.close()
+        for writer in list(self._open):
+            writer.transport.abort()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*self._handlers, return_exceptions=True), 2)
 
-    def _admit(self, writer: asyncio.StreamWriter) -> None:
-        if len(self._open) >= self.max_connections:
-            # Make room: the oldest connection still idling on its request goes.
-            idle = next((w for w, reading in self._open.items() if reading), None)
-            if idle is not None:
-                self._open.pop(idle)
-                idle.transport.abort()
-                self.evicted += 1
-                self._complain()
-            else:
-                writer.transport.abort()
-                self.evicted += 1
-                self._complain()
-                return
-        self._open[writer] = True
+    async def _accept(self, listener: socket.socket) -> None:
+        # One accept at a time, room made before the next: open sockets never pass the cap
+        # (a server that accepts in batches holds hundreds before any handler runs).
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and the like: wait, never spin
+                self._complain(f"accept failed: {exc}")
+                await asyncio.sleep(0.1)
+                continue
+            if not self._make_room():
+                conn.close()
+                continue
+            self._pending += 1
+            task = loop.create_task(self._handle(conn))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
 
-    def _complain(self) -> None:
+    def _make_room(self) -> bool:
+        """Evict the oldest connection still idling on its request if we are full."""
+        if len(self._open) + self._pending < self.max_connections:
+            return True
+        idle = next((w for w, reading in self._open.items() if reading), None)
+        self.evicted += 1
+        self._complain()
+        if idle is None:
+            return False  # every slot is busy answering: refuse the newcomer
+        self._open.pop(idle)
+        idle.transport.abort()
+        return True
+
+    def _complain(self, problem: str | None = None) -> None:
         self._unreported += 1
         now = time.monotonic()
         if now - self._complained < _COMPLAIN_EVERY:
             return
         self._complained = now
         log.warning(
-            "status server: %d connection(s) closed over the cap of %d open at once "
-            "(clients that connect and send nothing?); next report in %gs at most",
-            self._unreported,
-            self.max_connections,
+            "status server: %s; next report in %gs at most",
+            problem
+            or f"{self._unreported} connection(s) closed over the cap of {self.max_connections} "
+            "open at once (clients that connect and send nothing?)",
             _COMPLAIN_EVERY,
             extra={"event": "status_overloaded"},
         )
         self._unreported = 0
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._admit(writer)
-        if writer not in self._open:
+    async def _handle(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=_MAX_REQUEST)
+        except OSError:
+            conn.close()
             return
+        finally:
+            self._pending -= 1
+        self._open[writer] = True
         try:
             await self._serve(reader, writer)
         except Exception:
