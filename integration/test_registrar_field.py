@@ -278,3 +278,42 @@ async def test_a_repaired_etcd_key_leaves_no_orphan_lease(
     finally:
         await reg.stop(timeout=5)
         await reg.backend.close()
+
+
+async def test_a_deleted_acl_token_is_reported_then_healed(
+    acl: AclConsul, measured: Measured
+) -> None:
+    server = acl.server
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        own = await http.get("/v1/acl/token/self", headers={"X-Consul-Token": acl.token})
+        token = own.json()
+    reg = AsyncRegistrar(
+        open_backend(server.url, token=acl.token, timeout=TIMEOUT),
+        INSTANCE,
+        ttl=TTL,
+        retry=RETRY,
+    )
+    await reg.start(wait_registered=10)
+    try:
+        server.api(f"/v1/acl/token/{token['AccessorID']}", method="DELETE")
+        took = await until(lambda: not reg.registered, TTL + MARGIN + 5, "lost")
+        measured("token deleted: counted lost", took, TTL + reg.heartbeat_interval + MARGIN)
+        status = reg.status()
+        assert status["ready"] is False
+        assert "ACL not found" in (status["last_error"] or "")  # the server's words
+        # The operator gives the token back: healed at the next slow retry.
+        server.api(
+            "/v1/acl/token",
+            method="PUT",
+            body={
+                "AccessorID": token["AccessorID"],
+                "SecretID": acl.token,
+                "Policies": [{"ID": p["ID"]} for p in token["Policies"]],
+            },
+        )
+        took = await until(lambda: reg.ready, 10 + MARGIN, "ready again")
+        measured("token back: ready again", took, RETRY.cap + reg.heartbeat_interval + MARGIN)
+        assert "orders-127.0.0.1-8080" in acl.services()
+    finally:
+        await reg.stop(timeout=5)
+        await reg.backend.close()

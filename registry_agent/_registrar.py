@@ -768,7 +768,11 @@ class AsyncRegistrar:
             try:
                 await wait()
             except Exception as exc:
-                log.debug("connection probe failed: %s", exc, extra=self._extra("probe_failed"))
+                log.debug(
+                    "connection probe failed: %s",
+                    self._registry_error(exc),
+                    extra=self._extra("probe_failed"),
+                )
                 await asyncio.sleep(1.0)
                 continue
             self._verify_due = self._clock()
