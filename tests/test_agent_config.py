@@ -240,3 +240,91 @@ def test_a_missing_tls_file_names_the_field(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"backend\.cert_file: no such file: .*c\.pem"):
         load_config(write(tmp_path, text), env={})
+
+
+def test_ttl_has_a_floor_naming_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace('ttl = "10s"', 'ttl = "1ms"'))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert (
+        str(info.value)
+        == f"{path}: service[0].ttl: must be at least 1s (heartbeats every ttl/3), got 0.001s"
+    )
+    assert load_config(write(tmp_path, GOOD.replace('ttl = "10s"', 'ttl = "1s"')), env={})
+
+
+def test_check_refuses_what_run_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A token means nothing to etcd: `run` refuses it when it opens the backend, so must `check`.
+    path = write(
+        tmp_path,
+        GOOD.replace(
+            'url = "consul://127.0.0.1:8500"', 'url = "etcd://127.0.0.1:2379"\ntoken = "t0k"'
+        )
+        .replace('http = "http://127.0.0.1:8080/healthz"', 'command = ["true"]\nname = "x"')
+        .replace('expect_status = "200-299"', ""),
+    )
+    assert main(["check", "-c", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"registry-agent: {path}: backend: unknown option(s) 'token'")
+    assert "t0k" not in captured.err
+    assert captured.err.count("\n") == 1
+    assert (
+        main(["check", "-c", str(write(tmp_path, GOOD.replace('ttl = "10s"', 'ttl = "0.5s"')))])
+        == 2
+    )
+    assert "service[0].ttl: must be at least 1s" in capsys.readouterr().err
+
+
+def test_status_token_from_file_or_environment(tmp_path: Path) -> None:
+    (tmp_path / "st").write_text("file-status-token\n")
+    path = write(tmp_path, GOOD.replace("[status]\n", '[status]\ntoken_file = "st"\n'))
+    config = load_config(path, env={})
+    assert config.status_token == "file-status-token"
+    assert "file-status-token" not in repr(config)
+    assert "file-status-token" in config.secrets()
+    env = load_config(path, env={"REGISTRY_AGENT_STATUS_TOKEN": "env-status-token"})
+    assert env.status_token == "env-status-token"  # the environment wins over the file
+    assert load_config(write(tmp_path, GOOD), env={}).status_token is None
+    both = GOOD.replace("[status]\n", '[status]\ntoken = "a"\ntoken_file = "st"\n')
+    with pytest.raises(ConfigError, match=r"status\.token_file: give token or token_file"):
+        load_config(write(tmp_path, both), env={})
+    with pytest.raises(ConfigError, match=r"status\.token: is empty"):
+        load_config(write(tmp_path, GOOD.replace("[status]\n", '[status]\ntoken = " "\n')), env={})
+
+
+def test_http_check_credentials_are_secrets_and_never_in_names(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'http = "http://127.0.0.1:8080/healthz"',
+        'http = "http://probe:pa%24%24word@127.0.0.1:8080/healthz"\n'
+        'headers = { Authorization = "Bearer hdr-secret", Accept = "text/plain" }',
+    )
+    config = load_config(write(tmp_path, text), env={})
+    secrets = config.secrets()
+    assert {"pa%24%24word", "pa$$word", "Bearer hdr-secret"} <= set(secrets)
+    assert "text/plain" not in secrets
+    check = config.services[0].checks[0]
+    name = check.build().name
+    assert "pa$$word" not in name
+    assert "pa%24%24word" not in name
+    assert name.endswith("@127.0.0.1:8080/healthz")
+    assert "pa$$word" not in repr(config)
+    assert "hdr-secret" not in repr(config)
+
+
+def test_command_check_env(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'command = ["true"]', 'command = ["true"]\nenv = { PGHOST = "db", LEVEL = "2" }'
+    )
+    config = load_config(write(tmp_path, text), env={})
+    check = config.services[1].checks[0]
+    assert dict(check.env) == {"PGHOST": "db", "LEVEL": "2"}
+    assert check.build().env == {"PGHOST": "db", "LEVEL": "2"}  # type: ignore[attr-defined]
+    bad = GOOD.replace('command = ["true"]', 'command = ["true"]\nenv = { PGPORT = 5432 }')
+    with pytest.raises(
+        ConfigError, match=r"service\[1\]\.check\[0\]\.env\.PGPORT: expected a string"
+    ):
+        load_config(write(tmp_path, bad), env={})
+    http_env = GOOD.replace('tcp = "127.0.0.1:8080"', 'tcp = "127.0.0.1:8080"\nenv = { A = "b" }')
+    with pytest.raises(ConfigError, match=r"service\[0\]\.check\[1\]: unknown key\(s\) env"):
+        load_config(write(tmp_path, http_env), env={})

@@ -48,6 +48,7 @@ def test_agents_wait_for_their_registry_and_the_sample() -> None:
         assert "sample" in depends
         assert "healthcheck" in services[registry]
         assert "registry-agent run -c /agent.toml" in services[agent]["command"]
+        assert services[agent]["init"] is True, f"{agent} runs under an init (zombies reaped)"
         (config,) = services[agent]["configs"]
         assert config["target"] == "/agent.toml"
 
