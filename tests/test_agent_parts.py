@@ -1,14 +1,21 @@
-"""The status server and the log formatters, alone."""
+"""The status server, readiness, the orphan reaper and the log formatters, alone."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
+import time
+from pathlib import Path
 
 import pytest
 
+from registry_agent._agent.config import parse_config
 from registry_agent._agent.logs import JsonFormatter, TextFormatter, configure_logging
+from registry_agent._agent.readiness import readiness
+from registry_agent._agent.reaper import OrphanReaper, zombie_children
+from registry_agent._agent.runtime import AgentRuntime
 from registry_agent._agent.status import StatusServer, json_body
 
 
@@ -87,3 +94,121 @@ def test_configure_logging_replaces_handlers(capsys: pytest.CaptureFixture[str])
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+async def test_status_token_guards_all_but_healthz() -> None:
+    ok = lambda: json_body(200, {"ok": True})  # noqa: E731
+    server = StatusServer("127.0.0.1", 0, {"/healthz": ok, "/status": ok}, token="t0k")
+    await server.start()
+    try:
+        assert (await request(server.port, b"GET /healthz HTTP/1.1\r\n\r\n"))[0] == 200
+        status, headers, body = await request(server.port, b"GET /status HTTP/1.1\r\n\r\n")
+        assert (status, headers["WWW-Authenticate"]) == (401, 'Bearer realm="registry-agent"')
+        assert b"true" not in body
+        wrong = b"GET /status HTTP/1.1\r\nAuthorization: Bearer t0kX\r\n\r\n"
+        assert (await request(server.port, wrong))[0] == 401
+        right = b"GET /status HTTP/1.1\r\nauthorization: bearer t0k\r\n\r\n"
+        assert (await request(server.port, right))[0] == 200
+    finally:
+        await server.close()
+
+
+async def test_idle_connections_are_capped_and_the_oldest_evicted() -> None:
+    server = StatusServer(
+        "127.0.0.1",
+        0,
+        {"/healthz": lambda: json_body(200, {"ok": True})},
+        max_connections=4,
+        head_timeout=0.5,
+        redact=lambda body: body.replace(b"true", b"***"),
+    )
+    await server.start()
+    idle = []
+    try:
+        for _ in range(10):
+            idle.append(await asyncio.open_connection("127.0.0.1", server.port))
+            await asyncio.sleep(0.01)
+        assert server.connections <= 4
+        # A real request still gets in (it evicts the oldest idle one) and is redacted.
+        status, _, body = await request(server.port, b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert (status, body) == (200, b'{\n  "ok": ***\n}\n')
+        assert server.evicted >= 6
+        # The oldest were cut; the rest time out on their head.
+        assert await asyncio.wait_for(idle[0][0].read(), 1) == b""
+        await asyncio.sleep(0.8)
+        assert server.connections == 0
+        assert server.timed_out >= 1
+    finally:
+        for _, writer in idle:
+            writer.close()
+        await server.close()
+
+
+def test_readiness_reads_the_registry_and_the_heartbeat_age() -> None:
+    passing = {
+        "state": "registered",
+        "registered": True,
+        "registry_status": "passing",
+        "last_heartbeat": 100.0,
+        "last_error": None,
+    }
+    assert readiness(passing, ttl=3, now=102) == (True, "")
+    ready, why = readiness({**passing, "last_error": "HTTP 500: no leader"}, ttl=3, now=104)
+    assert not ready
+    assert why.startswith("no successful heartbeat for 4.0s (ttl 3s)")
+    assert why.endswith("last error: HTTP 500: no leader")
+    withdrawn = {**passing, "state": "withdrawn", "registered": False, "registry_status": None}
+    assert readiness(withdrawn, ttl=3, now=101) == (False, "health gate is withdrawn")
+    critical = {**passing, "registry_status": "critical"}
+    assert readiness(critical, ttl=3, now=101) == (
+        False,
+        "registry holds our entry as critical",
+    )
+    # The registrar's own verdict wins when it gives one.
+    told = {**passing, "ready": False, "not_ready_reason": "maintenance mode"}
+    assert readiness(told, ttl=3, now=101) == (False, "maintenance mode")
+
+
+def test_the_reaper_reaps_only_zombies_seen_twice() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    deadline = time.monotonic() + 5
+    while not any(p == pid for p, _ in zombie_children()):
+        assert time.monotonic() < deadline, "the child never became a zombie"
+        time.sleep(0.01)
+    reaper = OrphanReaper()
+    assert reaper.scan() == 0  # seen once: it may be someone's to wait for
+    assert any(p == pid for p, _ in zombie_children())
+    assert reaper.scan() == 1
+    assert not any(p == pid for p, _ in zombie_children())
+    assert reaper.reaped == 1
+
+
+async def test_listening_beyond_loopback_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    async def no_bind(self: StatusServer) -> None:
+        self.port = 9750
+
+    monkeypatch.setattr(StatusServer, "start", no_bind)
+    base = {"backend": {"url": "consul://127.0.0.1:8500"}, "service": [{"name": "a", "port": 1}]}
+    for listen, token, warned in (
+        ("0.0.0.0:9750", None, "set [status] token to require one"),
+        ("0.0.0.0:9750", "t", "needs the bearer token"),
+        ("127.0.0.1:9750", None, None),
+        ("[::1]:9750", None, None),
+        ("localhost:9750", None, None),
+    ):
+        status = {"listen": listen, **({"token": token} if token else {})}
+        config = parse_config({**base, "status": status}, env={}, base=tmp_path)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "registry_agent.agent"):
+            await AgentRuntime(config)._start_status_server()
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        if warned is None:
+            assert warnings == [], listen
+        else:
+            (message,) = warnings
+            assert "beyond loopback" in message
+            assert warned in message
