@@ -150,3 +150,121 @@ async def test_every_method_raises_registry_errors_in_bounded_time_then_heals(
     took = await wait_for_leases(etcd_server, expected, 2 * CALL_BOUND)
     measured(f"{fault}: orphan leases revoked", took, 2 * CALL_BOUND)
     await stream.aclose()  # type: ignore[attr-defined]
+
+
+KEEPALIVE_CASES = {
+    "defaults": ("", 5.0, 2.0),
+    "options": ("&keepalive_time=6s&keepalive_timeout=1s", 6.0, 1.0),
+}
+
+
+def keepalive_bound(backend: EtcdBackend) -> float:
+    return backend.keepalive_time + backend.keepalive_timeout + 1.0
+
+
+async def quiet_watch(backend: EtcdBackend) -> asyncio.Future[ServiceSnapshot]:
+    """The next snapshot of a created watch, after a quiet keepalive period it survived.
+
+    The quiet period proves etcd accepts our pings (no GOAWAY for pinging too
+    often) and leaves only the keepalive ping to notice what comes next.
+    """
+    stream, _ = await open_watch(backend, instance(8081))
+    pending = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(keepalive_bound(backend))
+    assert not pending.done(), "a quiet watch on a healthy etcd ended"
+    return pending
+
+
+@pytest.mark.parametrize("case", sorted(KEEPALIVE_CASES))
+async def test_a_watch_on_a_blackholed_connection_ends_within_keepalive(
+    case: str, proxy: FaultProxy, measured: Measured
+) -> None:
+    query, time_, timeout = KEEPALIVE_CASES[case]
+    backend = open_backend(f"etcd://{proxy.host}:{proxy.port}?timeout=1s{query}")
+    assert isinstance(backend, EtcdBackend)
+    assert (backend.keepalive_time, backend.keepalive_timeout) == (time_, timeout)
+    try:
+        pending = await quiet_watch(backend)
+        proxy.blackhole()
+        start = time.monotonic()
+        with pytest.raises(BackendUnavailable) as info:
+            await asyncio.wait_for(pending, 60)  # 60: gRPC's own ping timeout
+        print(info.value)
+        measured("watch ended", time.monotonic() - start, keepalive_bound(backend))
+        proxy.heal()
+        start = time.monotonic()
+        stream = aiter(backend.watch("orders"))
+        assert instance(8081).id in (await asyncio.wait_for(anext(stream), 10)).instances
+        measured("listed again after heal", time.monotonic() - start, CALL_BOUND)
+        await stream.aclose()  # type: ignore[attr-defined]
+    finally:
+        await backend.close()
+
+
+async def test_a_frozen_member_ends_watches_and_probe_and_bounds_every_call(
+    etcd_server: EtcdServer, measured: Measured
+) -> None:
+    backend = open_backend(etcd_server.url, timeout=TIMEOUT)
+    assert isinstance(backend, EtcdBackend)
+    bound = keepalive_bound(backend)
+    try:
+        lease = await backend.register(instance(8080), ttl=60)
+        probe = asyncio.create_task(backend.wait_connection_change())
+        pending = await quiet_watch(backend)
+        assert backend._probe.up, "the probe never saw etcd"
+        assert not probe.done()
+        etcd_server.pause()
+        start = time.monotonic()
+        try:
+            with pytest.raises(BackendUnavailable) as info:
+                await asyncio.wait_for(pending, 60)
+            measured("watch ended", time.monotonic() - start, bound)
+            print(info.value)
+            await asyncio.wait_for(probe, 60)
+            measured("probe saw it", time.monotonic() - start, bound)
+            calls: dict[str, Callable[[], Awaitable[object]]] = {
+                "heartbeat": lambda: backend.heartbeat(lease),
+                "lookup": lambda: backend.lookup(lease),
+                "set_status": lambda: backend.set_status(lease, HealthStatus.CRITICAL, "x"),
+                "register": lambda: backend.register(instance(8082), ttl=60),
+                "list": lambda: backend.list("orders"),
+            }
+            for name, call in calls.items():
+                began = time.monotonic()
+                with pytest.raises(BackendUnavailable):
+                    await asyncio.wait_for(call(), 30)
+                measured(f"{name} while frozen", time.monotonic() - began, CALL_BOUND)
+        finally:
+            etcd_server.resume()
+        start = time.monotonic()
+        while True:
+            try:
+                await backend.heartbeat(lease)
+                break
+            except BackendUnavailable:
+                assert time.monotonic() - start < CALL_BOUND
+                await asyncio.sleep(0.1)
+        measured("heartbeat after resume", time.monotonic() - start, CALL_BOUND)
+    finally:
+        began = time.monotonic()
+        await backend.close()
+        assert time.monotonic() - began <= TIMEOUT + 1.0
+
+
+async def test_a_frozen_member_does_not_hang_close(
+    etcd_server: EtcdServer, measured: Measured
+) -> None:
+    backend = open_backend(etcd_server.url, timeout=TIMEOUT)
+    assert isinstance(backend, EtcdBackend)
+    stream, _ = await open_watch(backend, instance(8081))
+    probe = asyncio.create_task(backend.wait_connection_change())
+    await asyncio.sleep(0.5)
+    etcd_server.pause()
+    try:
+        start = time.monotonic()
+        await backend.close()
+        measured("close while frozen", time.monotonic() - start, TIMEOUT + 1.0)
+    finally:
+        etcd_server.resume()
+        probe.cancel()
+        await stream.aclose()  # type: ignore[attr-defined]
