@@ -455,6 +455,8 @@ async def test_held_critical_stays_while_running_and_a_crashed_one_is_reaped(
             if process.poll() is None:
                 process.terminate()
                 process.wait(10)
+            assert process.stdout is not None
+            process.stdout.close()
         await watcher.close()
 
 

@@ -692,10 +692,12 @@ class ConsulBackend:
         path = f"/v1/agent/service/{urllib.parse.quote(service_id, safe='')}"
         content_hash = ""
         while check_id in self._status:
-            params = [("hash", content_hash), ("wait", "30s")] if content_hash else []
+            params = (
+                [("hash", content_hash), ("wait", _go_duration(self.wait))] if content_hash else []
+            )
             started = time.monotonic()
             code, new_hash = await self.api.http.get(
-                lambda r: (r.code, r.headers.get("X-Consul-ContentHash", "")),
+                handles_errors(lambda r: (r.code, r.headers.get("X-Consul-ContentHash", ""))),
                 path,
                 params=params,
                 headers=self.api.prepare_headers(),
