@@ -147,6 +147,10 @@ class ServiceInstance:
         for name, value in (("service", service), ("id", id), ("address", address)):
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"expected a non-empty string, got {value!r}", field=name)
+        if not address.isprintable() or any(c.isspace() for c in address):
+            raise ConfigError(
+                f"expected a host name or IP address, got {address!r}", field="address"
+            )  # nothing could connect to it: not an instance
         if not isinstance(node, str):
             raise ConfigError(f"expected a string, got {node!r}", field="node")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:

@@ -145,6 +145,8 @@ def test_from_registry_reads_what_we_would_not_write() -> None:
         ({"service": ""}, "service"),
         ({"id": 3}, "id"),
         ({"address": None}, "address"),
+        ({"address": "a b"}, "address"),
+        ({"address": "h\x00"}, "address"),
         ({"port": -1}, "port"),
         ({"port": "80"}, "port"),
         ({"tags": "v1"}, "tags"),
