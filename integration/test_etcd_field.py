@@ -8,19 +8,25 @@ keepalive time + keepalive timeout + 1 s; no orphan lease after a fault heals.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+import grpc
 import pytest
 from registry_agent_etcd import EtcdBackend
 
 from registry_agent import (
     BackendUnavailable,
+    ConfigError,
     HealthStatus,
     Lease,
+    LeaseLost,
     RegistryError,
+    Rejected,
     ServiceInstance,
     ServiceSnapshot,
+    Throttled,
     open_backend,
 )
 from registry_agent.testing.faultproxy import FaultProxy
@@ -268,3 +274,144 @@ async def test_a_frozen_member_does_not_hang_close(
         etcd_server.resume()
         probe.cancel()
         await stream.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def direct(etcd_server: EtcdServer) -> AsyncIterator[EtcdBackend]:
+    backend = open_backend(etcd_server.url, timeout=TIMEOUT)
+    assert isinstance(backend, EtcdBackend)
+    yield backend
+    await backend.close()
+
+
+def delete_key(server: EtcdServer, key: str) -> None:
+    server.api("/v3/kv/deleterange", {"key": base64.b64encode(key.encode()).decode()})
+
+
+async def test_repairing_a_deleted_key_leaves_exactly_one_lease(
+    etcd_server: EtcdServer, direct: EtcdBackend
+) -> None:
+    inst = instance(8080)
+    old = await direct.register(inst, ttl=30)
+    assert etcd_leases(etcd_server) == {old.handle}
+    delete_key(etcd_server, f"/services/orders/{inst.id}")
+    assert await direct.lookup(old) is None
+    # What the registrar does on a lost entry: drop the old lease, register again.
+    await direct.deregister(old)
+    await direct.deregister(old)  # gone already: not an error
+    with pytest.raises(LeaseLost):
+        await direct.heartbeat(old)
+    new = await direct.register(inst, ttl=30)
+    assert etcd_leases(etcd_server) == {new.handle}
+    found = await direct.lookup(new)
+    assert found is not None
+    assert found.instance == inst
+
+
+def big_instance(size: int) -> ServiceInstance:
+    return ServiceInstance("orders", address="127.0.0.1", port=8080, meta={"blob": "x" * size})
+
+
+MIB = 1024 * 1024
+
+
+async def test_validate_refuses_what_etcd_would_refuse_before_sending(
+    etcd_server: EtcdServer, direct: EtcdBackend
+) -> None:
+    direct.validate(instance(8080))
+    direct.validate(big_instance(MIB))  # under 1.5 MiB
+    too_big = big_instance(MIB * 3 // 2)
+    with pytest.raises(Rejected) as info:
+        direct.validate(too_big)
+    assert "max_request_bytes" in str(info.value)
+    assert info.value.instance == too_big.id
+    with pytest.raises(Rejected):
+        await direct.register(too_big, ttl=30)
+    assert etcd_leases(etcd_server) == set()  # refused before any grant
+    lease = await direct.register(instance(8080), ttl=30)
+    with pytest.raises(Rejected):
+        await direct.set_status(lease, HealthStatus.CRITICAL, "n" * (MIB * 3 // 2))
+
+
+@pytest.mark.parametrize("size", [MIB * 3 // 2, MIB * 5 // 2], ids=["over-limit", "over-grpc-max"])
+async def test_etcd_refusing_a_request_is_rejected_and_leaks_no_lease(
+    size: int, etcd_server: EtcdServer, measured: Measured
+) -> None:
+    # A backend told the cluster takes more than it does: etcd itself refuses.
+    backend = open_backend(etcd_server.url, timeout=TIMEOUT, max_request_bytes=8 * MIB)
+    try:
+        with pytest.raises(Rejected) as info:
+            await backend.register(big_instance(size), ttl=30)
+        print(info.value)
+        assert "too large" in str(info.value) or "larger than max" in str(info.value)
+        took = await wait_for_leases(etcd_server, set(), CALL_BOUND)
+        measured("granted lease revoked", took, CALL_BOUND)
+        await backend.register(instance(8080), ttl=30)  # the connection is fine
+    finally:
+        await backend.close()
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+ERRORS: list[tuple[BaseException, type[RegistryError], str]] = [
+    (
+        rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too many requests"),
+        Throttled,
+        "too many requests",
+    ),
+    (
+        rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: request is too large"),
+        Rejected,
+        "request is too large",
+    ),
+    (
+        rpc_error(grpc.StatusCode.NOT_FOUND, "etcdserver: requested lease not found"),
+        LeaseLost,
+        "requested lease not found",
+    ),
+    (
+        rpc_error(grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied"),
+        Rejected,
+        "permission denied",
+    ),
+    (
+        rpc_error(grpc.StatusCode.UNAVAILABLE, "etcdserver: leader changed"),
+        BackendUnavailable,
+        "leader changed",
+    ),
+    (AttributeError("'NoneType' object has no attribute 'kvs'"), BackendUnavailable, "kvs"),
+    (grpc.aio.UsageError("Please don't mix two styles"), BackendUnavailable, "UsageError"),
+    (asyncio.InvalidStateError("invalid state"), BackendUnavailable, "InvalidStateError"),
+    (TimeoutError(), BackendUnavailable, "no answer within"),
+]
+
+
+@pytest.mark.parametrize(("raised", "expected", "words"), ERRORS, ids=lambda v: str(v)[:30])
+async def test_every_client_error_maps_into_our_tree(
+    direct: EtcdBackend, raised: BaseException, expected: type[RegistryError], words: str
+) -> None:
+    async def fail(client: object) -> None:
+        raise raised
+
+    with pytest.raises(RegistryError) as info:
+        await direct._call(fail, instance=instance(8080))
+    assert type(info.value) is expected, repr(info.value)
+    assert words in str(info.value)
+    assert info.value.instance == instance(8080).id
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("keepalive_time=1s", "backend.keepalive_time"),
+        ("keepalive_timeout=100ms", "backend.keepalive_timeout"),
+        ("max_request_bytes=lots", "backend.max_request_bytes"),
+        ("max_request_bytes=10", "backend.max_request_bytes"),
+    ],
+)
+def test_keepalive_and_size_options_have_floors(query: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        open_backend(f"etcd://127.0.0.1:2379?{query}")
+    assert info.value.field == field
