@@ -119,12 +119,27 @@ class LoopThread:
             loop.call_soon_threadsafe(callback)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the loop and join its thread (in a forked child: forget them)."""
+        """Cancel what still runs on the loop, stop it and join its thread, within ``timeout``.
+
+        In a forked child: forget them.
+        """
         loop, self._loop = self._loop, None
         if loop is None or (self._fork is not None and self._fork.forked()):
             return
+
+        async def shutdown() -> None:
+            try:
+                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for task in tasks:
+                    task.cancel()
+                if tasks:
+                    await asyncio.wait(tasks, timeout=timeout / 2)
+                await asyncio.wait_for(loop.shutdown_asyncgens(), timeout / 4)
+            finally:
+                loop.stop()
+
         try:
-            loop.call_soon_threadsafe(loop.stop)
+            asyncio.run_coroutine_threadsafe(shutdown(), loop)
         except RuntimeError:
             return  # already closed
         if self._thread is not None:
