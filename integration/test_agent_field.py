@@ -10,6 +10,8 @@ import base64
 import http.server
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -317,3 +319,51 @@ def test_status_token_from_a_file_or_the_environment(
     assert env_agent.get("/status", {"Authorization": "Bearer from-env"})[0] == 200
     assert "beyond loopback" not in env_agent.logs()
     assert env_agent.stop() == 0
+
+
+# -- item 2: the CLI prints one line, whatever the registry answers ------------------------------
+
+
+def _cli_list(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "registry_agent", "list", "orders", "--backend", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["http 500", "http 503", "http 404", "garbage", "reset", "refuse"],
+)
+def test_cli_list_through_a_misbehaving_network_prints_one_line(
+    server: ServerProcess, fault: str
+) -> None:
+    scheme = server.url.split("://")[0]
+    with FaultProxy("127.0.0.1", server_port(server)) as proxy:
+        url = f"{scheme}://{proxy.host}:{proxy.port}?timeout=2s"
+        healthy = _cli_list(url)
+        assert (healthy.returncode, healthy.stdout, healthy.stderr) == (
+            0,
+            "no instances of orders\n",
+            "",
+        )
+        if fault.startswith("http"):
+            status = int(fault.split()[1])
+            proxy.http(status, "No cluster leader" if status == 500 else "go away")
+        elif fault == "garbage":
+            proxy.garbage(1024)
+        elif fault == "reset":
+            proxy.reset_after(10)
+        else:
+            proxy.refuse()
+        result = _cli_list(url)
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    assert result.stderr.startswith("registry-agent: "), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    if fault == "http 500" and scheme == "consul":
+        assert "No cluster leader" in result.stderr  # the server's own words

@@ -26,6 +26,7 @@ from registry_agent import (
 from registry_agent._agent.config import AgentConfig, load_config
 from registry_agent._agent.logs import configure_logging
 from registry_agent._agent.runtime import AgentRuntime, open_configured_backend
+from registry_agent._backend import Backend
 from registry_agent._plugins import open_backend
 from registry_agent._urls import parse_backend_url
 from registry_agent._watcher import AsyncWatcher
@@ -64,8 +65,15 @@ def _fail(exc: BaseException, secrets: Sequence[str] = ()) -> None:
 # -- list ----------------------------------------------------------------------------
 
 
-async def _list(url: str, service: str, as_json: bool, request_timeout: float) -> int:
-    backend = open_backend(url, timeout=request_timeout)
+def _open(url: str, request_timeout: float | None) -> Backend:
+    # A timeout in the URL counts as given: --timeout only adds one (default 5s) when it is not.
+    if request_timeout is None and "timeout" in parse_backend_url(url, default_port=0).query:
+        return open_backend(url)
+    return open_backend(url, timeout=5.0 if request_timeout is None else request_timeout)
+
+
+async def _list(url: str, service: str, as_json: bool, request_timeout: float | None) -> int:
+    backend = _open(url, request_timeout)
     try:
         snapshot = await backend.list(service)
     finally:
@@ -125,7 +133,9 @@ def _event_line(event: WatchEvent, as_json: bool) -> str:
     )
 
 
-async def _watch(url: str, services: list[str], as_json: bool, request_timeout: float) -> int:
+async def _watch(
+    url: str, services: list[str], as_json: bool, request_timeout: float | None
+) -> int:
     secrets = _url_secrets(url)
 
     def on_error(service: str, exc: BaseException) -> None:
@@ -134,7 +144,7 @@ async def _watch(url: str, services: list[str], as_json: bool, request_timeout: 
             text = text.replace(secret, "***")
         print(f"registry-agent: watch {service}: {text} (retrying)", file=sys.stderr, flush=True)
 
-    backend = open_backend(url, timeout=request_timeout)
+    backend = _open(url, request_timeout)
     watcher = AsyncWatcher(backend, services, on_error=on_error)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -217,7 +227,9 @@ def _parser() -> argparse.ArgumentParser:
             "--backend", required=True, metavar="URL", help="consul://host:port or etcd://host:port"
         )
         cmd.add_argument("--json", action="store_true", help="one JSON object per line")
-        cmd.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+        cmd.add_argument(
+            "--timeout", type=float, help="seconds (default: the URL's timeout option, or 5)"
+        )
 
     commands.add_parser("backends", help="print the installed backend schemes")
     return parser
@@ -227,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``registry-agent`` console script."""
     args = _parser().parse_args(argv)
     secrets = _url_secrets(getattr(args, "backend", None))
+    if args.command != "run":
+        # What goes wrong is said once, by the command itself: no library log lines around it.
+        logging.getLogger().addHandler(logging.NullHandler())
     try:
         if args.command == "backends":
             _print("\n".join(available_backends()))
