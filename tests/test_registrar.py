@@ -746,3 +746,20 @@ async def test_deregister_critical_after_defaults_to_the_backends_own(
     await reg.start(wait_registered=2)
     await reg.stop()
     assert faulty.register_kwargs[0]["deregister_critical_after"] == sent
+
+
+async def test_registered_follows_the_clock_not_the_last_report(
+    make: Callable[..., AsyncRegistrar], cleanup: list[AsyncRegistrar]
+) -> None:
+    reg = make(ttl=30.0)  # nothing renews or expires during the test on its own
+    cleanup.append(reg)
+    await reg.start(wait_registered=2)
+    now = time.monotonic()
+    reg._clock = lambda: now + 29.9  # a frozen loop cannot report: the property must tell
+    assert reg.registered
+    reg._clock = lambda: now + 30.1
+    assert not reg.registered
+    assert reg.status()["registered"] is False
+    assert reg.status()["ready"] is False
+    reg._clock = time.monotonic
+    assert reg.registered
