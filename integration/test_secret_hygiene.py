@@ -2,17 +2,23 @@
 
 Every byte the agent prints (text and JSON logs at debug level, through
 success, refusal, outage and reload), every status endpoint, the process
-title and the CLI's own errors are scanned for the token and passwords.
+title, the CLI's own errors, the notes the agent writes into the registry
+and the environment its command checks get are scanned for the token and
+passwords, an HTTP check URL's password included.
 """
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -127,3 +133,153 @@ def test_cli_errors_never_echo_credentials_from_the_url() -> None:
         assert result.stderr.startswith("registry-agent: ")
         assert "Traceback" not in result.stderr
         assert secret not in result.stdout + result.stderr
+
+
+# -- an HTTP check's password, the registry's credentials, a command check's environment ----------
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    healthy = True
+
+    def do_GET(self) -> None:
+        code = 200 if type(self).healthy else 500
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def flaky_app() -> Iterator[tuple[int, type[_Flaky]]]:
+    """An HTTP service that answers 200 until its handler's ``healthy`` is set False."""
+    handler = type("Flaky", (_Flaky,), {"healthy": True})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1], handler
+    httpd.shutdown()
+    httpd.server_close()
+
+
+HTTP_PASSWORD = "chk-Pa55-in-url"
+
+
+def guarded_service(app_port: int, env_file: Path) -> str:
+    return f"""
+[[service]]
+name = "orders"
+id = "orders-1"
+address = "127.0.0.1"
+port = 8080
+ttl = "3s"
+on_unhealthy = "critical"
+gate = {{ fall = 1, rise = 1 }}
+
+[[service.check]]
+http = "http://probe:{HTTP_PASSWORD}@127.0.0.1:{app_port}/health"
+interval = "200ms"
+
+[[service.check]]
+command = ["sh", "-c", "env > {env_file}"]
+env = {{ CHECK_SETTING = "given-explicitly" }}
+interval = "200ms"
+"""
+
+
+def _held_critical(agent: Agent) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        _, status = agent.get("/status")
+        if status and status["services"][0]["registry_status"] == "critical":
+            return
+        time.sleep(0.1)
+    pytest.fail(f"never held critical:\n{agent.logs()}")
+
+
+def _check_env(env_file: Path, secrets: list[str]) -> None:
+    text = env_file.read_text()
+    assert "CHECK_SETTING=given-explicitly" in text
+    assert "REGISTRY_AGENT_" not in text
+    for secret in secrets:
+        assert secret not in text
+
+
+def test_consul_http_check_password_token_and_check_env_never_show(
+    acl: AclConsul,
+    tmp_path: Path,
+    agents: list[Agent],
+    flaky_app: tuple[int, type[_Flaky]],
+) -> None:
+    port, app = flaky_app
+    env_file = tmp_path / "check.env"
+    agent = Agent(tmp_path, acl.server.url, guarded_service(port, env_file))
+    # The token comes from the environment: exactly what a command check must not inherit.
+    agents.append(
+        agent.start(
+            "--log-format", "json", "--log-level", "debug", env={"REGISTRY_AGENT_TOKEN": acl.token}
+        )
+    )
+    agent.until("/readyz", 200)
+    seen = surfaces(agent)
+    app.healthy = False
+    _held_critical(agent)
+    seen += surfaces(agent)
+    checks = acl.server.api("/v1/agent/checks")
+    notes = json.dumps([c for c in checks.values() if c.get("ServiceName") == "orders"])
+    assert "unhealthy" in notes  # the note was written, and says why
+    assert "HTTP 500" in notes
+    secrets = [HTTP_PASSWORD, acl.token, acl.server.acl_token]
+    _check_env(env_file, secrets)
+    assert agent.stop() == 0
+    for text in [agent.logs(), notes, *seen]:
+        for secret in secrets:
+            assert secret not in text
+
+
+def test_etcd_http_check_password_and_check_env_never_show(
+    tmp_path: Path, agents: list[Agent], flaky_app: tuple[int, type[_Flaky]]
+) -> None:
+    port, app = flaky_app
+    env_file = tmp_path / "check.env"
+    server = EtcdServer()
+    server.start()
+    try:
+        server.enable_auth("root-Pa55word")
+        password = "agent-Pa55word-env"
+        server.add_user("agent", password, read_write_prefix="/services/")
+        agent = Agent(
+            tmp_path, server.url, guarded_service(port, env_file), extra_backend='user = "agent"'
+        )
+        agents.append(
+            agent.start(
+                "--log-format",
+                "text",
+                "--log-level",
+                "debug",
+                env={"REGISTRY_AGENT_PASSWORD": password},
+            )
+        )
+        agent.until("/readyz", 200)
+        seen = surfaces(agent)
+        app.healthy = False
+        _held_critical(agent)
+        seen += surfaces(agent)
+        prefix = b"/services/"
+        reply = server.api(
+            "/v3/kv/range",
+            {
+                "key": base64.b64encode(prefix).decode(),
+                "range_end": base64.b64encode(prefix[:-1] + b"0").decode(),
+            },
+        )
+        values = [base64.b64decode(kv["value"]).decode() for kv in reply["kvs"]]
+        assert any("critical" in v for v in values), values
+        secrets = [HTTP_PASSWORD, password, "root-Pa55word"]
+        _check_env(env_file, secrets)
+        assert agent.stop() == 0
+        for text in [agent.logs(), *values, *seen]:
+            for secret in secrets:
+                assert secret not in text
+    finally:
+        server.close()
