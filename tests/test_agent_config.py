@@ -328,3 +328,14 @@ def test_command_check_env(tmp_path: Path) -> None:
     http_env = GOOD.replace('tcp = "127.0.0.1:8080"', 'tcp = "127.0.0.1:8080"\nenv = { A = "b" }')
     with pytest.raises(ConfigError, match=r"service\[0\]\.check\[1\]: unknown key\(s\) env"):
         load_config(write(tmp_path, http_env), env={})
+
+
+def test_heartbeat_floor_and_deregister_critical_after_left_to_the_backend(tmp_path: Path) -> None:
+    fast = GOOD.replace('ttl = "10s"', 'ttl = "10s"\nheartbeat = "100ms"')
+    with pytest.raises(ConfigError, match=r"service\[0\]\.heartbeat: must be at least 0\.25s"):
+        load_config(write(tmp_path, fast), env={})
+    config = load_config(write(tmp_path, GOOD), env={})
+    # Not given: the backend's own setting applies (consul://…?deregister_critical_after=5m).
+    assert config.services[0].deregister_critical_after is None
+    given = GOOD.replace('ttl = "10s"', 'ttl = "10s"\nderegister_critical_after = "5m"')
+    assert load_config(write(tmp_path, given), env={}).services[0].deregister_critical_after == 300

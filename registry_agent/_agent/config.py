@@ -23,6 +23,7 @@ from registry_agent._errors import ConfigError
 from registry_agent._health.checks import CommandCheck, HealthCheck, HttpCheck, TcpCheck
 from registry_agent._health.gate import OnUnhealthy
 from registry_agent._models import ServiceInstance
+from registry_agent._registrar import HEARTBEAT_FLOOR, TTL_FLOOR
 from registry_agent._urls import parse_backend_url, parse_duration, read_secret_file
 
 __all__ = [
@@ -53,8 +54,6 @@ _ENV_KEYS = {
 }
 # Variables with our prefix that are not agent settings (tests, tools).
 _ENV_OTHER = {"SERVERS_BIN", "SERVERS_DIR", "CONSUL_URL", "ETCD_URL"}
-# A ttl below this would mean heartbeats many times a second, and as many log lines.
-TTL_FLOOR = 1.0
 # Header values of HTTP checks that are credentials, masked like the backend's.
 _SECRET_HEADER_WORDS = ("auth", "token", "key", "secret", "cookie", "password")
 
@@ -160,7 +159,8 @@ class ServiceConfig:
     on_unhealthy: OnUnhealthy = OnUnhealthy.DEREGISTER
     fall: int = 3
     rise: int = 2
-    deregister_critical_after: float = 60.0
+    #: None: the backend's own setting (``consul://…?deregister_critical_after=5m``, else 60s).
+    deregister_critical_after: float | None = None
     checks: tuple[CheckConfig, ...] = ()
 
     @property
@@ -460,18 +460,25 @@ def _service(fields: _Fields) -> ServiceConfig:
         inner = "name" if exc.field == "service" else exc.field
         raise ConfigError(exc.reason, field=f"{path}.{inner}" if inner else path) from None
     ttl = fields.get("ttl", _duration, 10.0)
+    # The registrar's own floors, named here by file and field.
     if ttl < TTL_FLOOR:
         raise fields.error(
             "ttl", f"must be at least {TTL_FLOOR:g}s (heartbeats every ttl/3), got {ttl:g}s"
         )
     heartbeat = fields.get("heartbeat", _duration)
+    if heartbeat is not None and heartbeat < HEARTBEAT_FLOOR:
+        raise fields.error(
+            "heartbeat",
+            f"must be at least {HEARTBEAT_FLOOR:g}s (at most 4 renewals a second), "
+            f"got {heartbeat:g}s",
+        )
     if heartbeat is not None and heartbeat > ttl / 3:
         raise fields.error("heartbeat", f"must be at most ttl/3 ({ttl / 3:g}s), got {heartbeat:g}s")
     on_unhealthy = OnUnhealthy(
         fields.get("on_unhealthy", _choice("deregister", "critical"), "deregister")
     )
-    deregister_after = fields.get("deregister_critical_after", _duration, 60.0)
-    if deregister_after < 60:
+    deregister_after = fields.get("deregister_critical_after", _duration)
+    if deregister_after is not None and deregister_after < 60:
         raise fields.error(
             "deregister_critical_after", f"Consul's floor is 60s, got {deregister_after:g}s"
         )

@@ -19,7 +19,9 @@ def readiness(status: dict[str, Any], ttl: float, now: float | None = None) -> t
     TTL is taken as lost: the registry has expired it by now, whatever we last heard.
     """
     now = time.time() if now is None else now
-    if status.get("ready") is False:
+    if "ready" in status:  # the registrar's own verdict, from what it read back
+        if status["ready"]:
+            return True, ""
         return False, str(status.get("not_ready_reason") or _why(status))
     if status.get("registry_status") != "passing" or not status.get("registered"):
         return False, _why(status)
