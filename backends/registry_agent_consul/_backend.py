@@ -606,7 +606,14 @@ class ConsulBackend:
         if self._node is not None or self._node_asked is self._api:
             return
         try:
-            data = await self._call(self.api.agent.self())
+            # py-consul's agent.self() sends no token: ask with ours.
+            data = await self._call(
+                self.api.http.get(
+                    lambda r: json.loads(r.body),
+                    "/v1/agent/self",
+                    headers=self.api.prepare_headers(),
+                )
+            )
         except (Rejected, LeaseLost):  # no agent:read: learnt from lookup() later
             data = None
         # (unreachable: raised, the read it comes before would fail the same way)
