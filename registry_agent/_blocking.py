@@ -49,8 +49,10 @@ class LoopThread:
     :meth:`close` returns at once, instead of waiting on a thread that is not there.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, what: str | None = None) -> None:
         self.name = name
+        #: What the thread serves, as fork warnings and errors name it.
+        self.what = what or name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -77,7 +79,7 @@ class LoopThread:
             loop.call_soon(ready.set)
             loop.run_forever()
 
-        self._fork = ForkGuard(self.name)
+        self._fork = ForkGuard(self.what)
         self._thread = threading.Thread(target=run, name=self.name, daemon=True)
         self._thread.start()
         ready.wait()
@@ -88,7 +90,7 @@ class LoopThread:
         if self._fork is not None and self._fork.forked():
             coro.close()
             raise RegistryError(
-                f"{self.name}: started in process {self._fork.pid}, this is process "
+                f"{self.what}: started in process {self._fork.pid}, this is process "
                 f"{os.getpid()} (it crossed fork()): its event loop thread does not exist here; "
                 "create the object after the fork (e.g. in a gunicorn post_fork hook)"
             )
@@ -201,7 +203,9 @@ class Registrar:
             install_signal_handlers=False,  # the loop thread cannot take signals
         )
         self.install_signal_handlers = install_signal_handlers
-        self._thread = LoopThread(f"registry-agent {instance.id}")
+        self._thread = LoopThread(
+            f"registry-agent {instance.id}", f"Registrar({instance.service}/{instance.id})"
+        )
         self._signals: list[tuple[int, Any]] = []
         self._stopped = False
 
@@ -327,7 +331,8 @@ class Watcher:
         self._async = AsyncWatcher(
             backend, services, retry=retry, on_error=on_error, lag_warning=lag_warning
         )
-        self._thread = LoopThread(f"registry-agent watch {','.join(self._async.services)}")
+        names = ",".join(self._async.services)
+        self._thread = LoopThread(f"registry-agent watch {names}", f"Watcher({names})")
         self._lock = threading.Lock()
         self._started = False
         self._closed = False
@@ -441,7 +446,7 @@ class Discovery:
             on_error=on_error,
             selector=selector,
         )
-        self._thread = LoopThread("registry-agent discovery")
+        self._thread = LoopThread("registry-agent discovery", "Discovery")
         self._bound = sync_timeout + _QUICK
 
     def health(self, service: str) -> list[InstanceHealth]:
