@@ -44,6 +44,8 @@ class Agent:
         self.extra_backend = extra_backend
         self.write(services)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None
+        self._prefixed = False
 
     def write(self, services: str) -> None:
         self.path.write_text(
@@ -52,17 +54,36 @@ class Agent:
         )
 
     def start(
-        self, *args: str, env: dict[str, str] | None = None, max_files: int | None = None
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        max_files: int | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> Agent:
-        """Run the agent; ``max_files`` lowers its open-file limit (RLIMIT_NOFILE)."""
+        """Run the agent; ``max_files`` lowers its open-file limit (RLIMIT_NOFILE).
+
+        ``prefix`` runs it under another command (e.g. ``unshare``): :attr:`pid`
+        is then the agent's own, the first python among that command's children.
+        """
 
         def limit() -> None:
             if max_files is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
 
+        self._prefixed = bool(prefix)
+        self._pid = None
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "registry_agent", "run", "-c", str(self.path), *args],
+                [
+                    *prefix,
+                    sys.executable,
+                    "-m",
+                    "registry_agent",
+                    "run",
+                    "-c",
+                    str(self.path),
+                    *args,
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
@@ -91,8 +112,22 @@ class Agent:
 
     @property
     def pid(self) -> int:
+        """The agent's process id (seen from here)."""
         assert self.proc is not None
-        return self.proc.pid
+        if self._pid is None and not self._prefixed:
+            self._pid = self.proc.pid
+        deadline = time.monotonic() + 10
+        while self._pid is None:
+            children = [
+                int(p.name)
+                for p in Path("/proc").iterdir()
+                if p.name.isdigit() and _parent(int(p.name)) == self.proc.pid
+            ]
+            if children:
+                self._pid = children[0]
+            assert time.monotonic() < deadline, "the agent process never appeared"
+            time.sleep(0.05)
+        return self._pid
 
     def until(self, path: str, status: int, within: float = 15.0) -> Any:
         deadline = time.monotonic() + within
@@ -115,6 +150,14 @@ class Agent:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text[text.rfind(")") + 2 :].split()[1])
 
 
 def listed(url: str, service: str) -> dict[str, HealthStatus]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import os
 import signal
 import socket
 import subprocess
@@ -367,3 +368,31 @@ def test_cli_list_through_a_misbehaving_network_prints_one_line(
     assert "Traceback" not in result.stderr
     if fault == "http 500" and scheme == "consul":
         assert "No cluster leader" in result.stderr  # the server's own words
+
+
+def test_as_pid_1_of_a_container_the_agent_reaps_and_stops_cleanly(
+    consul_server: ConsulServer, tmp_path: Path, agents: list[Agent]
+) -> None:
+    # A PID namespace of its own, as in a container without an init: the agent is PID 1.
+    check = (
+        '[[service.check]]\ncommand = ["sh", "-c", "sleep 0.1 & setsid sleep 0.3 & exit 0"]\n'
+        'interval = "200ms"\n'
+    )
+    agent = Agent(tmp_path, consul_server.url, services("orders", 1, extra=check))
+    agents.append(agent.start(prefix=("unshare", "--pid", "--fork", "--mount-proc")))
+    agent.until("/readyz", 200)
+    _, status = agent.get("/status")
+    assert status["agent"]["pid"] == 1
+    time.sleep(3)
+    first = zombie_children(agent.pid)
+    time.sleep(3)
+    second = zombie_children(agent.pid)
+    assert first & second == set()
+    assert len(second) <= 2 * (2 * 1.0 / 0.2) + 4
+    _, status = agent.get("/status")
+    assert status["agent"]["orphans_reaped"] >= 10
+    # SIGTERM reaches PID 1's handler (the kernel drops signals PID 1 does not handle).
+    os.kill(agent.pid, signal.SIGTERM)
+    assert agent.proc is not None
+    assert agent.proc.wait(20) == 0, agent.logs()
+    assert listed(consul_server.url, "orders") == {}
