@@ -581,9 +581,11 @@ class EtcdBackend:
         try:
             await self._call(lambda c: c.lease(seconds, lease_id), instance=instance)
             await self._call(lambda c: c.put(key, value, lease=lease_id), instance=instance)
-        except BaseException:
-            self._orphans[lease_id] = (time.monotonic() + seconds, instance)
-            self._sweep()
+        except BaseException as exc:
+            # (A duplicate id, once in 2**62, is someone else's lease: not ours to revoke.)
+            if not isinstance(exc.__cause__, aetcd.exceptions.DuplicateLeaseError):
+                self._orphans[lease_id] = (time.monotonic() + seconds, instance)
+                self._sweep()
             raise
         if self._orphans:
             self._sweep()
@@ -591,10 +593,9 @@ class EtcdBackend:
 
     def _sweep(self) -> None:
         """Revoke the leases of failed registrations in the background, one sweep at a time."""
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(
-                self._revoke_orphans(), name="etcd lease sweeper"
-            )
+        loop = asyncio.get_running_loop()
+        if self._sweeper is None or self._sweeper.done() or self._sweeper.get_loop() is not loop:
+            self._sweeper = loop.create_task(self._revoke_orphans(), name="etcd lease sweeper")
 
     async def _revoke_orphans(self) -> None:
         for lease_id, (expires, instance) in list(self._orphans.items()):
