@@ -92,7 +92,7 @@ REGISTRAR_BOUND = DEAD_CONNECTION + RETRY.cap + 3 * TIMEOUT + TTL / 3 + 2 * CHEC
 AGENT_BOUND = TIMEOUT + AGENT_RETRY_CAP + 3 * TIMEOUT + TTL / 3
 SETTLE_BOUND = max(REGISTRAR_BOUND, AGENT_BOUND) + 5.0  # slack for a busy machine
 RESOURCE_BOUND = 15.0
-FD_SLACK, THREAD_SLACK, TASK_SLACK = 24, 1, 2
+FD_SLACK, THREAD_SLACK, TASK_SLACK = 16, 1, 2
 PROXY_FAULTS = {f"proxy {f.name}": f for f in FAULTS}
 SERVER_FAULTS = ("restart empty", "stop/start", "SIGSTOP")
 OTHER_FAULTS = ("health flap", "delete entry", "agent reload")
@@ -255,7 +255,8 @@ class Side:
             self.watchers.append(watcher)
         self.agent.start()
 
-    async def close(self) -> None:
+    async def close(self) -> list[str]:
+        """Stop everything; returns what stopping left behind in the registry."""
         self.proxy.heal()
         for member in self.members:
             if member.registrar is not None:
@@ -264,9 +265,30 @@ class Side:
         for watcher in self.watchers:
             await watcher.close()
             await watcher.backend.close()
-        await asyncio.to_thread(self.agent.stop)
+        code = await asyncio.to_thread(self.agent.stop)
+        left: list[str] = []
+        if code != 0:
+            left.append(f"{self.name}: agent exited with {code} on SIGTERM")
+        try:
+            for service in (self.service, self.agent.service):
+                snapshot = await self.direct.list(service)
+                if snapshot.instances:
+                    left.append(
+                        f"{self.name}: still registered after stop: {sorted(snapshot.instances)}"
+                    )
+            leases = await asyncio.to_thread(self.leases)
+            if leases:
+                left.append(f"{self.name}: leases alive after stop: {leases}")
+        except RegistryError as exc:
+            left.append(f"{self.name}: registry not readable after stop: {exc}")
         await self.direct.close()
         self.proxy.close()
+        return left
+
+    def leases(self) -> list[str]:
+        if not isinstance(self.server, EtcdServer):
+            return []
+        return [str(lease["ID"]) for lease in self.server.api("/v3/lease/leases").get("leases", [])]
 
     def server_ids(self, service: str) -> list[str]:
         if isinstance(self.server, ConsulServer):
@@ -377,6 +399,8 @@ class Soak:
         self.sides: list[Side] = []
         self.errors_seen: dict[str, int] = {}
         self.surfaced_seen: dict[str, int] = {}
+        self.elapsed = 0.0
+        self.end: Resources | None = None
 
     async def run_blocking(self, func: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, func, *args)
@@ -391,7 +415,15 @@ class Soak:
                 self.sides = [Side("consul", consul, workdir), Side("etcd", etcd, workdir)]
                 for side in self.sides:
                     await side.start()
-                return await self.rounds()
+                base = await self.rounds()
+                ok = base is not None
+                for side in self.sides:
+                    left = await side.close()
+                    self.report.violations += [f"at the end: {v}" for v in left]
+                self.sides = []
+                if base is not None:
+                    self.print_summary(base)
+                return 0 if ok and not self.report.violations else 1
             finally:
                 for side in self.sides:
                     try:
@@ -427,7 +459,8 @@ class Soak:
                 return current
             await asyncio.sleep(0.5)
 
-    async def rounds(self) -> int:
+    async def rounds(self) -> Resources | None:
+        """Fault after fault until the time is up; the resource baseline (None: never settled)."""
         loop = asyncio.get_running_loop()
         # Fill the default executor to its size now, so its threads are part of the baseline.
         await asyncio.gather(*(loop.run_in_executor(None, time.sleep, 0.2) for _ in range(32)))
@@ -436,7 +469,7 @@ class Soak:
             print("never reached the desired state at start:\n  " + "\n  ".join(problems))
             for side in self.sides:
                 print(f"{side.name} agent log:\n{side.agent.log.read_text()[-2000:]}")
-            return 1
+            return None
         await asyncio.sleep(2 * TTL)
         base = Resources.now()
         log(f"settled in {took:.1f}s; baseline {base}; settle bound {SETTLE_BOUND:.1f}s")
@@ -476,8 +509,9 @@ class Soak:
                 self.report.survived[kind] += 1
             log(f"{label}: settled {took:.2f}s, {current}")
             await asyncio.sleep(self.rng.uniform(0.0, 1.0))
-        self.print_summary(time.monotonic() - started, base)
-        return 1 if self.report.violations else 0
+        self.elapsed = time.monotonic() - started
+        self.end = Resources.now()
+        return base
 
     def error_violations(self, label: str) -> list[str]:
         found = []
@@ -536,8 +570,9 @@ class Soak:
             return side.agent.reload()
         raise AssertionError(kind)
 
-    def print_summary(self, seconds: float, base: Resources) -> None:
+    def print_summary(self, base: Resources) -> None:
         r = self.report
+        seconds = self.elapsed
         injected = sum(r.injected.values())
         print(f"## Chaos soak: {seconds / 60:.1f} min, seed {self.seed}\n")
         print(
@@ -561,7 +596,7 @@ class Soak:
             f"\nsettle bound {SETTLE_BOUND:.1f} s (TTL {TTL:g} s, timeout {TIMEOUT:g} s, "
             f"retry cap {RETRY.cap:g} s, dead connection {DEAD_CONNECTION:.1f} s)"
         )
-        print(f"resources: baseline {base}; peak {r.peak}; end {Resources.now()}")
+        print(f"resources: baseline {base}; peak {r.peak}; end {self.end}")
         if r.violations:
             print("\nviolations:")
             for v in r.violations:
