@@ -396,3 +396,31 @@ def test_as_pid_1_of_a_container_the_agent_reaps_and_stops_cleanly(
     assert agent.proc is not None
     assert agent.proc.wait(20) == 0, agent.logs()
     assert listed(consul_server.url, "orders") == {}
+
+
+def test_readyz_reports_consul_maintenance_mode(
+    consul_server: ConsulServer,
+    tmp_path: Path,
+    agents: list[Agent],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    ttl = 3.0
+    agent = Agent(tmp_path, consul_server.url, services("orders", 1, ttl=f"{ttl:g}s"))
+    agents.append(agent.start())
+    agent.until("/readyz", 200)
+    consul_server.api(
+        "/v1/agent/service/maintenance/orders-0?enable=true&reason=disk+swap", method="PUT"
+    )
+    started = time.monotonic()
+    body = agent.until("/readyz", 503, within=ttl + 10)
+    # Our entry is read back at least once a TTL.
+    measured("readyz 503 in maintenance", time.monotonic() - started, ttl + 2)
+    why = body["not_ready"]["orders/orders-0"]["why"]
+    assert "critical" in why, why
+    metrics = agent.get("/metrics")[1]
+    assert 'registry_agent_ready{instance="orders-0",service="orders"} 0.0' in metrics
+    consul_server.api("/v1/agent/service/maintenance/orders-0?enable=false", method="PUT")
+    started = time.monotonic()
+    agent.until("/readyz", 200, within=ttl + 10)
+    measured("readyz 200 after maintenance", time.monotonic() - started, ttl + 2)
+    assert agent.stop() == 0
