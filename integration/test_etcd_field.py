@@ -381,6 +381,11 @@ ERRORS: list[tuple[BaseException, type[RegistryError], str]] = [
         BackendUnavailable,
         "leader changed",
     ),
+    (
+        rpc_error(grpc.StatusCode.UNAVAILABLE, "Received http2 header with status: 429"),
+        Throttled,
+        "status: 429",
+    ),
     (AttributeError("'NoneType' object has no attribute 'kvs'"), BackendUnavailable, "kvs"),
     (grpc.aio.UsageError("Please don't mix two styles"), BackendUnavailable, "UsageError"),
     (asyncio.InvalidStateError("invalid state"), BackendUnavailable, "InvalidStateError"),

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -101,6 +102,9 @@ _REJECTED_CODES = frozenset(
         grpc.StatusCode.OUT_OF_RANGE,
     }
 )
+
+# gRPC's words for an HTTP error status on a gRPC call.
+_HTTP_THROTTLED = re.compile(r"\bstatus:? (429|503)\b")
 
 _TLS_MARKERS = ("ssl", "handshake", "certificate", "tls", "tsi_")
 
@@ -405,6 +409,8 @@ class EtcdBackend:
             if "larger than max" in text:  # beyond etcd's --max-request-bytes + gRPC overhead
                 return Rejected(f"{where} refused a request this large [{text}]", **context)
             return Throttled(f"{where} is shedding load [{text}]", retry_after=None, **context)
+        if _HTTP_THROTTLED.search(text):  # an HTTP/2 proxy in front of etcd said 429/503
+            return Throttled(f"{where} is shedding load [{text}]", retry_after=None, **context)
         if "request is too large" in text:
             return Rejected(
                 f"{where} refused a request this large (its --max-request-bytes) [{text}]",
@@ -441,6 +447,8 @@ class EtcdBackend:
             )
         if not self.tls and "Socket closed" in text:
             text += " (if the member serves TLS, set ca_file or tls=true)"
+        if "http1.x server" in text:
+            text += " (an HTTP/1 server answered: is this etcd's client port?)"
         return BackendUnavailable(f"{where} failed: {text}", **context)
 
     async def _call(
