@@ -331,3 +331,37 @@ async def test_a_deleted_acl_token_is_reported_then_healed(
     finally:
         await reg.stop(timeout=5)
         await reg.backend.close()
+
+
+async def test_a_changed_etcd_password_is_reported_then_healed(measured: Measured) -> None:
+    user, password = "orders-agent", "s3cret-orders-pw"
+    server = EtcdServer()
+    server.start()
+    try:
+        server.enable_auth("root-pw")
+        server.add_user(user, password, read_write_prefix="/services/orders/")
+        reg = AsyncRegistrar(
+            open_backend(server.url, user=user, password=password, timeout=TIMEOUT),
+            INSTANCE,
+            ttl=TTL,
+            retry=RETRY,
+        )
+        await reg.start(wait_registered=10)
+        try:
+            # etcd drops the user's auth tokens with the change: the client logs in again.
+            server.api("/v3/auth/user/changepw", {"name": user, "password": "rotated-pw"})
+            took = await until(lambda: not reg.ready, TTL + MARGIN + 5, "not ready")
+            measured("password changed: not ready", took, TTL + reg.heartbeat_interval + MARGIN)
+            status = reg.status()
+            assert status["registered"] is False
+            assert "authentication failed" in (status["last_error"] or "").lower()
+            assert password not in str(status)
+            server.api("/v3/auth/user/changepw", {"name": user, "password": password})
+            took = await until(lambda: reg.ready, 10 + MARGIN, "ready again")
+            bound = RETRY.cap + reg.heartbeat_interval + MARGIN
+            measured("password back: ready again", took, bound)
+        finally:
+            await reg.stop(timeout=5)
+            await reg.backend.close()
+    finally:
+        server.close()

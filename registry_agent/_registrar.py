@@ -602,6 +602,10 @@ class AsyncRegistrar:
         if self._failures == 1:
             self._emit(RegistrarEventKind.BACKEND_UNAVAILABLE, self._last_error)
         self._log_failure(step.value, error)
+        if step is Step.VERIFY:
+            # A read that fails must not starve the heartbeats that keep the
+            # entry alive (e.g. reads refused, keepalives still accepted).
+            self._verify_due = self._clock() + self.heartbeat_interval
         if isinstance(error, Rejected):
             # No retry can fix it as is; an operator may (permissions): retry slowly.
             self._unreachable = 0
