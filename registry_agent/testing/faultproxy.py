@@ -251,7 +251,7 @@ class FaultProxy:
         if self._closed:
             return
         self._closed = True
-        if self._loop.is_running():
+        if self._thread.is_alive():
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=5)
             self._loop.call_soon_threadsafe(self._loop.stop)
