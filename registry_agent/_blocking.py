@@ -462,7 +462,7 @@ class Discovery:
         service: str,
         strategy: str | Strategy = Strategy.ROUND_ROBIN,
         *,
-        exclude: Collection[str] = (),
+        exclude: Collection[str | ServiceInstance] = (),
     ) -> ServiceInstance:
         """See :meth:`AsyncDiscovery.choose`."""
         return self._thread.run(self._async.choose(service, strategy, exclude=exclude), self._bound)

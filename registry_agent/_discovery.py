@@ -95,14 +95,18 @@ class AsyncDiscovery:
         service: str,
         strategy: str | Strategy = Strategy.ROUND_ROBIN,
         *,
-        exclude: Collection[str] = (),
+        exclude: Collection[str | ServiceInstance] = (),
     ) -> ServiceInstance:
-        """One healthy instance of ``service`` (ids in ``exclude`` skipped).
+        """One healthy instance of ``service``, skipping those in ``exclude``.
 
+        ``exclude`` holds ids (every instance with that id: on Consul, ids are
+        unique per node only) or instances (exactly those).
         Raises :class:`NoInstanceAvailable` when there is none.
         """
         strategy = as_strategy(strategy)
-        candidates = [i for i in await self.instances(service) if i.id not in exclude]
+        candidates = [
+            i for i in await self.instances(service) if i.id not in exclude and i not in exclude
+        ]
         chosen = self.selector.pick(service, candidates, strategy)
         if chosen is None:
             raise NoInstanceAvailable(

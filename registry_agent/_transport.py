@@ -2,7 +2,9 @@
 
 A URL with an explicit port is not a service name and passes through
 unchanged. On a connect failure the request goes to another instance, at
-most ``retries`` more times; the ``Host`` header keeps the service name.
+most ``retries`` more times (instances are told apart by address, not only
+by id: on Consul two nodes may hold the same id); the ``Host`` header keeps
+the service name.
 """
 
 from __future__ import annotations
@@ -22,13 +24,21 @@ _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout)
 
 class _Chooser(Protocol):
     def choose(
-        self, service: str, strategy: str | Strategy = ..., *, exclude: tuple[str, ...] = ...
+        self,
+        service: str,
+        strategy: str | Strategy = ...,
+        *,
+        exclude: tuple[ServiceInstance, ...] = ...,
     ) -> ServiceInstance: ...
 
 
 class _AsyncChooser(Protocol):
     async def choose(
-        self, service: str, strategy: str | Strategy = ..., *, exclude: tuple[str, ...] = ...
+        self,
+        service: str,
+        strategy: str | Strategy = ...,
+        *,
+        exclude: tuple[ServiceInstance, ...] = ...,
     ) -> ServiceInstance: ...
 
 
@@ -67,7 +77,7 @@ class DiscoveryTransport(httpx.BaseTransport):
         if not _is_service_url(request):
             return self.transport.handle_request(request)
         service = request.url.host
-        tried: tuple[str, ...] = ()
+        tried: tuple[ServiceInstance, ...] = ()
         while True:
             try:
                 instance = self.discovery.choose(service, self.strategy, exclude=tried)
@@ -77,7 +87,7 @@ class DiscoveryTransport(httpx.BaseTransport):
             try:
                 return self.transport.handle_request(request)
             except _RETRYABLE:
-                tried += (instance.id,)
+                tried += (instance,)
                 if len(tried) > self.retries:
                     raise
 
@@ -105,7 +115,7 @@ class AsyncDiscoveryTransport(httpx.AsyncBaseTransport):
         if not _is_service_url(request):
             return await self.transport.handle_async_request(request)
         service = request.url.host
-        tried: tuple[str, ...] = ()
+        tried: tuple[ServiceInstance, ...] = ()
         while True:
             try:
                 instance = await self.discovery.choose(service, self.strategy, exclude=tried)
@@ -115,7 +125,7 @@ class AsyncDiscoveryTransport(httpx.AsyncBaseTransport):
             try:
                 return await self.transport.handle_async_request(request)
             except _RETRYABLE:
-                tried += (instance.id,)
+                tried += (instance,)
                 if len(tried) > self.retries:
                     raise
 

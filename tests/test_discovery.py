@@ -248,3 +248,39 @@ async def test_async_transport(registry: MemoryRegistry, web: list[int]) -> None
     ):
         answers = [(await client.get("http://orders/")).text for _ in range(6)]
     assert {int(a.split()[0]) for a in answers} == set(web)
+
+
+async def test_choose_excludes_ids_or_exact_instances(registry: MemoryRegistry) -> None:
+    for n in (1, 2):
+        put(registry, inst(n))
+    async with AsyncDiscovery(registry.url) as discovery:
+        assert (await discovery.choose("orders", exclude={"o1"})).id == "o2"
+        assert (await discovery.choose("orders", exclude=[inst(2)])).id == "o1"
+        other = ServiceInstance("orders", address="10.9.9.9", port=9002, id="o2")
+        assert (await discovery.choose("orders", "random", exclude=[inst(1), other])).id == "o2"
+
+
+class _SameIdOnTwoNodes:
+    """A chooser holding two instances that share an id on two nodes (Consul allows it)."""
+
+    def __init__(self, pool: list[ServiceInstance]) -> None:
+        self.pool = pool
+        self.asked: list[tuple[object, ...]] = []
+
+    def choose(
+        self, service: str, strategy: object = "round_robin", *, exclude: tuple[object, ...] = ()
+    ) -> ServiceInstance:
+        self.asked.append(exclude)
+        left = [i for i in self.pool if i.id not in exclude and i not in exclude]
+        if not left:
+            raise NoInstanceAvailable("no healthy instance left to try", service=service)
+        return left[0]
+
+
+def test_transport_retries_an_instance_sharing_the_dead_ones_id(web: list[int]) -> None:
+    dead = ServiceInstance("orders", address="127.0.0.1", port=free_port(), id="orders-8080")
+    live = ServiceInstance("orders", address="127.0.0.1", port=web[0], id="orders-8080")
+    chooser = _SameIdOnTwoNodes([dead, live])
+    with httpx.Client(transport=DiscoveryTransport(chooser, retries=1)) as client:  # type: ignore[arg-type]
+        assert client.get("http://orders/").text.split()[0] == str(web[0])
+    assert chooser.asked == [(), (dead,)]  # the retry excluded that instance, not its id
