@@ -212,3 +212,28 @@ async def test_listening_beyond_loopback_warns(
             (message,) = warnings
             assert "beyond loopback" in message
             assert warned in message
+
+
+def test_status_and_metrics_are_scrubbed_of_every_credential(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "backend": {"url": "consul://127.0.0.1:8500", "token": "backend-tok"},
+            "status": {"token": "status-tok"},
+            "service": [
+                {
+                    "name": "a",
+                    "port": 8080,
+                    "check": [{"http": 'http://u:p"w-8080@127.0.0.1:8080/'}],
+                }
+            ],
+        },
+        env={},
+        base=tmp_path,
+    )
+    runtime = AgentRuntime(config)
+    data = {"why": "backend-tok refused; status-tok", 'p"w-8080': ['x p"w-8080'], "port": 8080}
+    assert runtime._scrub(data) == {"why": "*** refused; ***", "***": ["x ***"], "port": 8080}
+    metrics = b'check_up{check="http http://u:p\\"w-8080@h/"} 1.0\nport 8080\n'
+    assert (
+        runtime._scrub_text(metrics) == b'check_up{check="http http://u:***@h/"} 1.0\nport 8080\n'
+    )

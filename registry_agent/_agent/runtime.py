@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -167,11 +166,12 @@ class AgentRuntime:
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         # e.g. "socket.accept() out of system resource" once per attempt: once a minute is plenty.
         message = str(context.get("message", "event loop error"))
-        now = time.monotonic()
-        if now - self._loop_errors.get(message, -_LOOP_ERRORS_EVERY) < _LOOP_ERRORS_EVERY:
-            return
-        self._loop_errors[message] = now
         exc = context.get("exception")
+        key = f"{message}|{type(exc).__name__}"
+        now = time.monotonic()
+        if now - self._loop_errors.get(key, -_LOOP_ERRORS_EVERY) < _LOOP_ERRORS_EVERY:
+            return
+        self._loop_errors[key] = now
         log.error(
             "%s%s (repeats are not logged for %gs)",
             message,
@@ -277,11 +277,14 @@ class AgentRuntime:
             {
                 "/healthz": lambda: json_body(200, {"status": "alive", "pid": os.getpid()}),
                 "/readyz": self._readyz,
-                "/status": lambda: json_body(200, self.status()),
-                "/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.render()),
+                "/status": lambda: json_body(200, self._scrub(self.status())),
+                "/metrics": lambda: (
+                    200,
+                    "text/plain; version=0.0.4",
+                    self._scrub_text(self.metrics.render()),
+                ),
             },
             token=self.config.status_token,
-            redact=self._redact,
         )
         await self.status_server.start()
         log.info(
@@ -301,10 +304,31 @@ class AgentRuntime:
                 extra={"event": "status_exposed"},
             )
 
-    def _redact(self, body: bytes) -> bytes:
-        # Whatever a handler rendered, credentials never leave: raw and JSON-escaped forms.
-        for secret in sorted(set(self.config.secrets()), key=len, reverse=True):
-            for form in {secret, json.dumps(secret)[1:-1]}:
+    def _secrets(self) -> list[str]:
+        return sorted(set(self.config.secrets()), key=len, reverse=True)
+
+    def _scrub(self, data: Any) -> Any:
+        """``data`` with every credential masked in its strings (whatever rendered them)."""
+        secrets = self._secrets()
+
+        def mask(value: Any) -> Any:
+            if isinstance(value, str):
+                for secret in secrets:
+                    value = value.replace(secret, "***")
+                return value
+            if isinstance(value, dict):
+                return {mask(k): mask(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return [mask(v) for v in value]
+            return value
+
+        return mask(data) if secrets else data
+
+    def _scrub_text(self, body: bytes) -> bytes:
+        for secret in self._secrets():
+            # Prometheus label values escape backslashes, quotes and newlines.
+            escaped = secret.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            for form in {secret, escaped}:
                 body = body.replace(form.encode(), b"***")
         return body
 
@@ -331,7 +355,7 @@ class AgentRuntime:
         if not self.registrars:
             return json_body(503, {"ready": False, "not_ready": {}, "why": "no services running"})
         if not_ready:
-            return json_body(503, {"ready": False, "not_ready": not_ready})
+            return json_body(503, self._scrub({"ready": False, "not_ready": not_ready}))
         return json_body(200, {"ready": True})
 
     def status(self) -> dict[str, Any]:
