@@ -329,6 +329,8 @@ class EtcdBackend:
         #: Leases of failed registrations, to revoke: id -> (expiry, instance).
         self._orphans: dict[int, tuple[float, ServiceInstance]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        #: Whether the last call got an answer from etcd.
+        self._answering = False
 
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> EtcdBackend:
@@ -466,8 +468,11 @@ class EtcdBackend:
                 # Every RPC carries the timeout as its deadline; this also bounds
                 # what aetcd does around it (connecting, waiting for another connect).
                 async with asyncio.timeout(self.timeout + 1.0):
-                    return await make(client)
+                    result = await make(client)
+                self._answering = True
+                return result
             except asyncio.CancelledError:
+                self._answering = False
                 if not _closed_under_us():
                     raise
                 error = BackendUnavailable(
@@ -478,6 +483,7 @@ class EtcdBackend:
                     raise error from None
             except Exception as exc:
                 error = await self._failed(exc, client, instance=instance, service=service)
+                self._answering = isinstance(error, Rejected | LeaseLost)
                 if not isinstance(error, BackendUnavailable) or attempt == len(self.endpoints) - 1:
                     raise error from exc
         raise AssertionError("unreachable")
@@ -653,8 +659,18 @@ class EtcdBackend:
         A key someone else re-put under another lease is theirs and stays; a
         lease whose key was deleted is still revoked (no orphan for a TTL).
         """
-        with contextlib.suppress(LeaseLost):
+        try:
             await self._call(lambda c: c.revoke_lease(lease.handle), instance=lease.instance)
+        except LeaseLost:
+            pass
+        except BackendUnavailable:
+            # Revoked by the sweeper once etcd answers again, unless it expires first.
+            if isinstance(lease.handle, int):
+                self._orphans[lease.handle] = (time.monotonic() + lease.ttl, lease.instance)
+            raise
+        else:
+            if self._orphans:
+                self._sweep()
 
     async def list(self, service: str) -> ServiceSnapshot:
         prefix = self._key(service)
@@ -820,7 +836,8 @@ class EtcdBackend:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
-        if self._orphans and self._client_loop is running_loop():
+        # A last try, only while etcd answers: close() must not wait on a dead one.
+        if self._orphans and self._answering and self._client_loop is running_loop():
             with contextlib.suppress(TimeoutError):  # a last try, bounded
                 async with asyncio.timeout(self.timeout):
                     await self._revoke_orphans()
