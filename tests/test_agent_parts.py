@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from registry_agent._agent.config import parse_config
-from registry_agent._agent.logs import JsonFormatter, TextFormatter, configure_logging
+from registry_agent._agent.logs import (
+    JsonFormatter,
+    TextFormatter,
+    configure_logging,
+    remember_secrets,
+)
 from registry_agent._agent.readiness import readiness
 from registry_agent._agent.reaper import OrphanReaper, zombie_children
 from registry_agent._agent.runtime import AgentRuntime
@@ -237,3 +242,17 @@ def test_status_and_metrics_are_scrubbed_of_every_credential(tmp_path: Path) -> 
     assert (
         runtime._scrub_text(metrics) == b'check_up{check="http http://u:***@h/"} 1.0\nport 8080\n'
     )
+
+
+def test_secrets_added_on_reload_are_masked_too(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("text", "info", ["old-secret"])
+        remember_secrets(["new-secret"])
+        logging.getLogger("registry_agent.test").info("old-secret then new-secret")
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.endswith("registry_agent.test: *** then ***")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])

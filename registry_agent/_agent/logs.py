@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Iterable
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "remember_secrets"]
 
 _EXTRA_FIELDS = ("event", "service", "instance", "backend", "state", "error", "failures")
 MASK = "***"
@@ -17,8 +17,13 @@ MASK = "***"
 class _Redacting(logging.Formatter):
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
+        self.secrets: list[str] = []
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """Mask these too (a reload brought new credentials; the old ones stay masked)."""
         # Longest first, so a secret that contains another is masked whole.
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self.secrets = sorted({*self.secrets, *(s for s in secrets if s)}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
@@ -57,6 +62,14 @@ class JsonFormatter(_Redacting):
             if value is not None:
                 data[name] = value
         return self.redact(json.dumps(data, ensure_ascii=False, default=str))
+
+
+def remember_secrets(secrets: Iterable[str]) -> None:
+    """Add ``secrets`` to what every handler set up by :func:`configure_logging` masks."""
+    wanted = list(secrets)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, _Redacting):
+            handler.formatter.add(wanted)
 
 
 def configure_logging(fmt: str, level: str, secrets: Iterable[str] = ()) -> logging.Handler:

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from registry_agent._agent.config import AgentConfig, ServiceConfig, load_config
+from registry_agent._agent.logs import remember_secrets
 from registry_agent._agent.metrics import AgentMetrics
 from registry_agent._agent.readiness import readiness
 from registry_agent._agent.reaper import OrphanReaper, become_subreaper
@@ -214,6 +215,7 @@ class AgentRuntime:
                 return
             try:
                 new = load_config(self.config.source)
+                remember_secrets(new.secrets())
                 new_backend = (
                     open_configured_backend(new) if new.backend != self.config.backend else None
                 )
