@@ -635,6 +635,8 @@ class EtcdBackend:
                 service=lease.instance.service,
                 instance=lease.instance.id,
             )
+        if self._orphans:  # etcd answers again: revoke what failed meanwhile
+            self._sweep()
 
     async def lookup(self, lease: Lease) -> InstanceHealth | None:
         instance = lease.instance
