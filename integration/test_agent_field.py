@@ -424,3 +424,38 @@ def test_readyz_reports_consul_maintenance_mode(
     agent.until("/readyz", 200, within=ttl + 10)
     measured("readyz 200 after maintenance", time.monotonic() - started, ttl + 2)
     assert agent.stop() == 0
+
+
+# -- item 10: validated once, the same way by run, check and a reload ---------------------------
+
+
+def test_run_and_reload_refuse_what_the_registry_would_reject(
+    consul_server: ConsulServer, tmp_path: Path, agents: list[Agent]
+) -> None:
+    bad_meta = 'meta = { "app.version" = "1" }\n'
+    agent = Agent(tmp_path, consul_server.url, services("orders", 2) + bad_meta)
+    result = subprocess.run(
+        [sys.executable, "-m", "registry_agent", "run", "-c", str(agent.path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith(
+        f"registry-agent: {agent.path}: service[1]: meta.app.version: "
+    )
+    assert raw_entries(consul_server) == set()  # refused before anything was registered
+    agent.write(services("orders", 2))
+    agents.append(agent.start())
+    agent.until("/readyz", 200)
+    agent.write(services("orders", 3) + bad_meta)
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reload refused" not in agent.logs():
+        assert time.monotonic() < deadline, agent.logs()
+        time.sleep(0.1)
+    assert "service[2]: meta.app.version" in agent.logs()
+    assert raw_entries(consul_server) == {"orders-0", "orders-1"}  # the running config stays
+    assert agent.stop() == 0

@@ -25,7 +25,11 @@ from registry_agent import (
 )
 from registry_agent._agent.config import AgentConfig, load_config
 from registry_agent._agent.logs import configure_logging
-from registry_agent._agent.runtime import AgentRuntime, open_configured_backend
+from registry_agent._agent.runtime import (
+    AgentRuntime,
+    open_configured_backend,
+    validate_services,
+)
 from registry_agent._backend import Backend
 from registry_agent._plugins import open_backend
 from registry_agent._urls import parse_backend_url
@@ -171,8 +175,12 @@ async def _watch(
 
 
 async def _check(config: AgentConfig) -> int:
-    # Opened (never connected) exactly as `run` opens it: the same options are refused.
-    await open_configured_backend(config).close()
+    # Opened (never connected) and checked exactly as `run` does: the same errors come out.
+    backend = open_configured_backend(config)
+    try:
+        await validate_services(config, backend)
+    finally:
+        await backend.close()
     failed = 0
     for service in config.services:
         for check_config in service.checks:

@@ -339,3 +339,19 @@ def test_heartbeat_floor_and_deregister_critical_after_left_to_the_backend(tmp_p
     assert config.services[0].deregister_critical_after is None
     given = GOOD.replace('ttl = "10s"', 'ttl = "10s"\nderegister_critical_after = "5m"')
     assert load_config(write(tmp_path, given), env={}).services[0].deregister_critical_after == 300
+
+
+def test_check_refuses_what_the_backend_would_reject(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Consul refuses a meta key with a dot: refused here, naming the service, before any request.
+    text = (
+        GOOD.replace('meta = { version = "1.4.2" }', 'meta = { "app.version" = "1.4.2" }')
+        .replace('http = "http://127.0.0.1:8080/healthz"', 'command = ["true"]\nname = "x"')
+        .replace('expect_status = "200-299"', "")
+    )
+    path = write(tmp_path, text)
+    assert main(["check", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"registry-agent: {path}: service[0]: meta.app.version: ")
+    assert err.count("\n") == 1

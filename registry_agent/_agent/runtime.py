@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ipaddress
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from registry_agent._agent.config import AgentConfig, ServiceConfig, load_config
@@ -23,12 +25,13 @@ from registry_agent._agent.readiness import readiness
 from registry_agent._agent.reaper import OrphanReaper, become_subreaper
 from registry_agent._agent.status import StatusServer, json_body
 from registry_agent._backend import Backend
-from registry_agent._errors import ConfigError, RegistryError
+from registry_agent._errors import ConfigError, RegistryError, Rejected
+from registry_agent._health.checks import CheckResult, HealthCheck
 from registry_agent._plugins import open_backend
 from registry_agent._registrar import AsyncRegistrar
 from registry_agent._urls import parse_backend_url
 
-__all__ = ["AgentRuntime", "open_configured_backend"]
+__all__ = ["AgentRuntime", "open_configured_backend", "registrar_for", "validate_services"]
 
 log = logging.getLogger("registry_agent.agent")
 
@@ -46,6 +49,48 @@ def open_configured_backend(config: AgentConfig) -> Backend:
     except ConfigError as exc:
         field = "backend" if exc.field in (None, "backend") else f"backend.{exc.field}"
         raise ConfigError(exc.reason, field=field, source=config.source) from None
+
+
+def registrar_for(
+    backend: Backend,
+    service: ServiceConfig,
+    on_check: Callable[[HealthCheck, CheckResult], None] | None = None,
+) -> AsyncRegistrar:
+    """The registrar of one configured service (not started)."""
+    return AsyncRegistrar(
+        backend,
+        service.instance,
+        ttl=service.ttl,
+        heartbeat=service.heartbeat,
+        checks=[check.build() for check in service.checks],
+        fall=service.fall,
+        rise=service.rise,
+        on_unhealthy=service.on_unhealthy,
+        deregister_critical_after=service.deregister_critical_after,
+        on_check=on_check,
+    )
+
+
+async def validate_services(config: AgentConfig, backend: Backend) -> None:
+    """Refuse, naming the file and the service, what the registrar or the backend would.
+
+    ``run`` and ``check`` both call it before anything starts, and a reload
+    before it touches the running services: the same errors, up front.
+    """
+    for i, service in enumerate(config.services):
+        where = f"service[{i}]"
+        try:
+            registrar_for(backend, service)
+            validate = getattr(backend, "validate", None)
+            if validate is not None:
+                result = validate(service.instance)
+                if inspect.isawaitable(result):
+                    await result
+        except ConfigError as exc:
+            field = f"{where}.{exc.field}" if exc.field else where
+            raise ConfigError(exc.reason, field=field, source=config.source) from None
+        except Rejected as exc:
+            raise ConfigError(exc.message, field=where, source=config.source) from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -92,6 +137,7 @@ class AgentRuntime:
         if self.subreaper:
             self._spawn(self.reaper.run())
         self.backend = open_configured_backend(self.config)
+        await validate_services(self.config, self.backend)
         try:
             await self._start_status_server()
             async with self._turn:
@@ -186,17 +232,10 @@ class AgentRuntime:
     async def _start_service(self, service: ServiceConfig) -> None:
         assert self.backend is not None
         instance = service.instance
-        registrar = AsyncRegistrar(
+        registrar = registrar_for(
             self.backend,
-            instance,
-            ttl=service.ttl,
-            heartbeat=service.heartbeat,
-            checks=[check.build() for check in service.checks],
-            fall=service.fall,
-            rise=service.rise,
-            on_unhealthy=service.on_unhealthy,
-            deregister_critical_after=service.deregister_critical_after,
-            on_check=self.metrics.check_observer((instance.service, instance.id)),
+            service,
+            self.metrics.check_observer((instance.service, instance.id)),
         )
         # Known before it starts: whatever happens next, stop() will find it.
         self.registrars[service.key] = (service, registrar)
@@ -213,13 +252,19 @@ class AgentRuntime:
             if self._stopping:
                 log.info("reload skipped: stopping", extra={"event": "reload_skipped"})
                 return
+            new_backend: Backend | None = None
             try:
                 new = load_config(self.config.source)
                 remember_secrets(new.secrets())
                 new_backend = (
                     open_configured_backend(new) if new.backend != self.config.backend else None
                 )
+                assert self.backend is not None
+                await validate_services(new, new_backend or self.backend)
             except ConfigError as exc:
+                if new_backend is not None:
+                    with contextlib.suppress(Exception):
+                        await new_backend.close()
                 log.error(
                     "reload refused, keeping the running config: %s",
                     exc,
