@@ -162,8 +162,10 @@ class ConsulBackend:
 
     Instances are read as Consul holds them (any id, port 0 when none) and
     carry their ``node``: ids are unique per agent only. Snapshot keys are the
-    id for instances on the node of the agent we talk to, ``node/id`` for the
-    same id on other nodes.
+    id; when several nodes hold one id, one keeps the plain id (the node of
+    the agent we talk to, else the first node by name) and the others are
+    keyed ``node/id``. (The agent's node name needs ``agent:read``; without
+    it, the first node by name keeps the plain id.)
     """
 
     scheme: ClassVar[str] = "consul"
@@ -519,12 +521,9 @@ class ConsulBackend:
         ids = {c.get("CheckID") for c in checks}
         if lease.handle not in ids or _health_id(instance.id) not in ids:
             return None  # the service is there but one of our checks is not: register again
-        for check in checks:
-            if check.get("CheckID") == lease.handle and check.get("Node"):
-                self._node = str(check["Node"])
-        entry = {"Service": data["Service"], "Checks": checks, "Node": {"Node": self._node}}
-        found = self._parse_entries(instance.service, [entry])
-        return next(iter(found.values()), None)
+        node = next((c.get("Node") for c in checks if c.get("CheckID") == lease.handle), None)
+        entry = {"Service": data["Service"], "Checks": checks, "Node": {"Node": node or ""}}
+        return self._parse_entry(instance.service, entry)
 
     async def deregister(self, lease: Lease) -> None:
         self._status.pop(str(lease.handle), None)
@@ -536,19 +535,21 @@ class ConsulBackend:
             )
 
     def _parse_entries(self, service: str, entries: Any) -> dict[str, InstanceHealth]:
-        """Every readable entry, keyed by id on this agent's node and ``node/id`` elsewhere."""
+        """Every readable entry, keyed by id; an id held by several nodes: ``node/id`` but one.
+
+        The one keeping the plain id is this agent's node's, else the first node by name.
+        """
         found: dict[str, InstanceHealth] = {}
         seen: set[str] = set()
         parsed = [self._parse_entry(service, entry) for entry in entries or ()]
         local = self._node
-        # This agent's entries first: they keep the plain id when the node is unknown too.
+        # This agent's entries first: they keep the plain id.
         for health in sorted(
             (h for h in parsed if h is not None),
             key=lambda h: (h.instance.node != local, h.instance.node, h.instance.id),
         ):
             inst = health.instance
-            mine = inst.node == local if local is not None else inst.id not in seen
-            key = inst.id if mine or not inst.node else f"{inst.node}/{inst.id}"
+            key = inst.id if inst.id not in seen or not inst.node else f"{inst.node}/{inst.id}"
             seen.add(inst.id)
             found[key] = health
         return found
@@ -603,7 +604,8 @@ class ConsulBackend:
 
     async def _local_node(self) -> None:
         """Learn the name of the node of the agent we talk to, once per API object."""
-        if self._node is not None or self._node_asked is self._api:
+        api = self.api  # created first: a fresh API object means a new question
+        if self._node is not None or self._node_asked is api:
             return
         try:
             # py-consul's agent.self() sends no token: ask with ours.
@@ -614,10 +616,10 @@ class ConsulBackend:
                     headers=self.api.prepare_headers(),
                 )
             )
-        except (Rejected, LeaseLost):  # no agent:read: learnt from lookup() later
+        except (Rejected, LeaseLost):  # no agent:read: keys fall back to the first node
             data = None
         # (unreachable: raised, the read it comes before would fail the same way)
-        self._node_asked = self._api
+        self._node_asked = api
         config = data.get("Config") if isinstance(data, dict) else None
         name = config.get("NodeName") if isinstance(config, dict) else None
         if isinstance(name, str) and name:
