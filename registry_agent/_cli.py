@@ -162,12 +162,18 @@ async def _watch(
             _print(_event_line(event, as_json))
 
     task = asyncio.create_task(pump())
-    await stop.wait()
+    stopped = asyncio.create_task(stop.wait())
+    # Until a signal, or until the watch itself fails (its error is the one line we print).
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    await watcher.close()
-    await backend.close()
+    (outcome,) = await asyncio.gather(task, return_exceptions=True)
+    with contextlib.suppress(Exception):
+        await watcher.close()
+    with contextlib.suppress(Exception):
+        await backend.close()
+    if isinstance(outcome, Exception):
+        raise outcome
     return 0
 
 

@@ -120,3 +120,26 @@ def test_a_failure_never_echoes_the_url_token(
     assert secret not in err
     assert err.count("\n") == 1
     assert "token=***" in err
+
+
+def test_a_watch_that_fails_prints_one_line_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Failing:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def __aiter__(self) -> "Failing":
+            return self
+
+        async def __anext__(self) -> None:
+            raise KeyError("no such index")
+
+        async def close(self) -> None:
+            pass
+
+    monkeypatch.setattr("registry_agent._cli.AsyncWatcher", Failing)
+    monkeypatch.setattr("registry_agent._cli.open_backend", lambda url, **kw: _Broken(ValueError()))
+    assert main(["watch", "orders", "--backend", "consul://127.0.0.1:8500", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "registry-agent: unexpected KeyError: 'no such index'\n"
