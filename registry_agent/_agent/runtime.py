@@ -137,7 +137,12 @@ class AgentRuntime:
         if self.subreaper:
             self._spawn(self.reaper.run())
         self.backend = open_configured_backend(self.config)
-        await validate_services(self.config, self.backend)
+        try:
+            await validate_services(self.config, self.backend)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.backend.close()
+            raise
         try:
             await self._start_status_server()
             async with self._turn:
