@@ -87,6 +87,14 @@ class OrphanReaper:
 
     def scan(self) -> int:
         """Reap the zombies already seen by the previous scan; returns how many."""
+        try:
+            # One cheap look (nothing reaped) before reading /proc: usually there is no zombie.
+            peek = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            peek = None  # no children at all
+        if peek is None:
+            self._seen = set()
+            return 0
         zombies = zombie_children()
         reaped = 0
         for pid, _ in zombies & self._seen:
