@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -199,6 +201,137 @@ def test_a_process_whose_check_hangs_exits_right_after_stop(
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+_COMMANDS_BESIDE_A_REGISTRATION = textwrap.dedent(
+    """
+    import asyncio, ctypes, json, os, sys, time
+    from pathlib import Path
+    from registry_agent import (
+        AsyncRegistrar, CallableCheck, CommandCheck, RetryPolicy, ServiceInstance,
+    )
+
+    # A child subreaper, like the agent as PID 1: orphans of the checks come back to us.
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+    url, port, env_file, window = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    PRINTER = "import sys\\nfor _ in range(100): sys.stdout.buffer.write(b'y' * (1 << 20))"
+    RETRY = RetryPolicy(initial=0.1, cap=1.0)
+
+    def hwm():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
+
+    def descendants():
+        parents = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            state, ppid = text.rsplit(")", 1)[1].split()[:2]
+            parents[int(stat.parent.name)] = (int(ppid), state)
+        found, frontier = {}, {os.getpid()}
+        while frontier:
+            frontier = {p for p, (pp, _) in parents.items() if pp in frontier}
+            found.update({p: parents[p][1] for p in frontier})
+        return found
+
+    async def main():
+        healthy = AsyncRegistrar(
+            url,
+            ServiceInstance("orders", address="127.0.0.1", port=port),
+            checks=[
+                CommandCheck([sys.executable, "-c", PRINTER], interval=0.5, timeout=30,
+                             name="prints 100 MB"),
+                CommandCheck(["sh", "-c", 'env > "$1"', "sh", env_file], interval=0.5,
+                             name="env"),
+            ],
+            ttl=3, retry=RETRY, rise=1, fall=1,
+        )
+        stuck = AsyncRegistrar(
+            url,
+            ServiceInstance("stuck", address="127.0.0.1", port=port + 1),
+            checks=[
+                CommandCheck(["sh", "-c", "sleep 100 & sleep 100"], interval=0.2, timeout=0.3,
+                             name="tree"),
+                CallableCheck(lambda: time.sleep(3600), interval=0.2, timeout=0.3, name="hang"),
+            ],
+            ttl=3, retry=RETRY,
+        )
+        await healthy.start(wait_registered=30)
+        await stuck.start()
+        before = hwm()
+        print("registered", flush=True)
+        started, lapses = time.monotonic(), []
+        while time.monotonic() - started < window:
+            if not healthy.registered:
+                lapses.append(str(healthy.status()["checks"]))
+            await asyncio.sleep(0.1)
+        checks = {**healthy.status()["checks"], **stuck.status()["checks"]}
+        await stuck.stop(timeout=5)
+        await healthy.stop(timeout=5)
+        left = descendants()
+        print(json.dumps({
+            "lapses": lapses, "rss_before_kib": before, "rss_after_kib": hwm(),
+            "checks": checks,
+            "running_after_stop": [p for p, state in left.items() if state != "Z"],
+        }), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_command_checks_that_flood_and_fork_hurt_nothing(
+    server: ServerProcess, tmp_path: Path, measured: Measured
+) -> None:
+    port, window = free_port(), 6.0
+    env_file = tmp_path / "env"
+    secrets = {
+        "CONSUL_HTTP_TOKEN": "consul-token-visible",
+        "REGISTRY_AGENT_TOKEN": "agent-token-visible",
+        "ETCDCTL_PASSWORD": "etcd-password-visible",
+    }
+    args = [str(env_file), str(window)]
+    started = time.monotonic()
+    with subprocess.Popen(
+        [sys.executable, "-c", _COMMANDS_BESIDE_A_REGISTRATION, server.url, str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **secrets},
+    ) as proc:
+        assert proc.stdout is not None
+        try:
+            out, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("the service process never exited")
+    took = time.monotonic() - started
+    assert proc.returncode == 0, out
+    lines = out.splitlines()
+    assert "registered" in lines, out
+    seen = json.loads(lines[-1])
+    checks = seen["checks"]
+    # The flooding check passed every time while the registration held, on little memory.
+    assert seen["lapses"] == []
+    assert checks["prints 100 MB"]["ok"], checks
+    grew = (seen["rss_after_kib"] - seen["rss_before_kib"]) / 1024
+    print(f"peak RSS grew {grew:.1f} MiB over {window:g}s of 100 MB check runs")
+    assert grew < 32
+    measured("one 100 MB check run", checks["prints 100 MB"]["latency"], 30)
+    # The forking check timed out each time, its tree killed: nothing runs after stop().
+    assert checks["tree"]["detail"] == "timed out after 0.3s", checks
+    assert checks["hang"]["detail"].startswith(("timed out", "previous run still running"))
+    # Killed orphans (the background sleeps) may remain as zombies for the agent's reaper.
+    assert seen["running_after_stop"] == []
+    text = env_file.read_text()
+    for name, value in secrets.items():
+        assert name not in text
+        assert value not in text
+    assert "PATH=" in text
+    measured("service process lifetime", took, window + 30)
 
 
 async def test_http_check_password_never_reaches_the_registry(
