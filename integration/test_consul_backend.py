@@ -35,6 +35,33 @@ async def test_registers_a_ttl_check_named_after_the_instance(
     assert check["ServiceID"] == inst.id
     assert check["Status"] == "passing"
     assert check["Type"] == "ttl"
+    health = checks[f"service:{inst.id}:health"]
+    assert health["ServiceID"] == inst.id
+    assert health["Status"] == "passing"
+
+
+async def test_health_lives_on_its_own_check_and_heartbeats_leave_it_alone(
+    consul_server: ConsulServer, backend: ConsulBackend
+) -> None:
+    inst = ServiceInstance("orders", address="127.0.0.1", port=8080)
+    lease = await backend.register(inst, ttl=30)
+    await backend.set_status(lease, HealthStatus.CRITICAL, "db unreachable")
+    await backend.heartbeat(lease)
+    async with httpx.AsyncClient(base_url=consul_server.http) as http:
+        checks = (await http.get("/v1/agent/checks")).json()
+    # Liveness (the check Consul reaps by) stays passing while we heartbeat.
+    assert checks[f"service:{inst.id}"]["Status"] == "passing"
+    assert checks[f"service:{inst.id}:health"]["Status"] == "critical"
+    assert checks[f"service:{inst.id}:health"]["Output"] == "db unreachable"
+    for found in ((await backend.list("orders")).instances[inst.id], await backend.lookup(lease)):
+        assert found is not None
+        assert found.status is HealthStatus.CRITICAL
+        assert found.note == "db unreachable"
+    # Either check missing is a lost registration: register again.
+    async with httpx.AsyncClient(base_url=consul_server.http) as http:
+        reply = await http.put(f"/v1/agent/check/deregister/service:{inst.id}:health")
+        assert reply.status_code == 200
+    assert await backend.lookup(lease) is None
 
 
 async def test_a_failing_node_check_makes_every_instance_critical(
