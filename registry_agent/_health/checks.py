@@ -31,11 +31,12 @@ __all__ = [
     "as_check",
 ]
 
-_USERINFO = re.compile(r"(?<=://)[^/?#@]*@")
+# Up to the last "@": a malformed URL may hold an unescaped "/" or "@" in its password.
+_USERINFO = re.compile(r"(?<=://).*@")
 
 
 def _mask_userinfo(text: str) -> str:
-    """``text`` with any ``user:password@`` of a URL in it masked, for error messages."""
+    """``text`` with the ``user:password@`` of a URL in it masked, for error messages."""
     return _USERINFO.sub(f"{MASK}@", text)
 
 
@@ -84,8 +85,10 @@ class HttpCheck(HealthCheck):
             target, shown, self._auth, secrets = _split_credentials(url)
             httpx.URL(target)
         except (ValueError, httpx.InvalidURL) as exc:
+            # The parser's reason may quote part of a malformed password: give it only without one.
+            why = "a malformed URL (escape / @ : in credentials as %2F %40 %3A)"
             raise ConfigError(
-                f"{_mask_userinfo(str(exc))} in {_mask_userinfo(url)!r}", field="http"
+                f"{why if '@' in url else exc} in {_mask_userinfo(url)!r}", field="http"
             ) from None
         super().__init__(name or f"http {shown}", interval=interval, timeout=timeout)
         self._hide(secrets)
