@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from integration.acl import AclConsul
 from integration.agent_process import Agent, listed
 from registry_agent import HealthStatus
 from registry_agent._agent.reaper import zombie_children
@@ -459,3 +461,41 @@ def test_run_and_reload_refuse_what_the_registry_would_reject(
     assert "service[2]: meta.app.version" in agent.logs()
     assert raw_entries(consul_server) == {"orders-0", "orders-1"}  # the running config stays
     assert agent.stop() == 0
+
+
+def test_readyz_reports_a_deleted_acl_token_then_heals(
+    acl: AclConsul,
+    tmp_path: Path,
+    agents: list[Agent],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    ttl = 3.0
+    server = acl.server
+    own = server.api("/v1/acl/token/self")  # the management token's view is enough to find ours
+    tokens = server.api("/v1/acl/tokens")
+    (ours,) = [t for t in tokens if t["AccessorID"] != own["AccessorID"] and t.get("Policies")]
+    agent = Agent(tmp_path, server.url, services("orders", 1, ttl=f"{ttl:g}s"))
+    agents.append(agent.start(env={"REGISTRY_AGENT_TOKEN": acl.token}))
+    agent.until("/readyz", 200)
+    server.api(f"/v1/acl/token/{ours['AccessorID']}", method="DELETE")
+    started = time.monotonic()
+    body = agent.until("/readyz", 503, within=ttl + 10)
+    measured("token deleted: readyz 503", time.monotonic() - started, ttl + 2)
+    why = body["not_ready"]["orders/orders-0"]["why"]
+    assert "ACL not found" in why, why  # the server's words
+    assert acl.token not in json.dumps(body)
+    server.api(
+        "/v1/acl/token",
+        method="PUT",
+        body={
+            "AccessorID": ours["AccessorID"],
+            "SecretID": acl.token,
+            "Policies": [{"ID": p["ID"]} for p in ours["Policies"]],
+        },
+    )
+    started = time.monotonic()
+    agent.until("/readyz", 200, within=30)
+    # Refusals are retried at the backoff cap (10s).
+    measured("token back: readyz 200", time.monotonic() - started, 10 + ttl + 2)
+    assert agent.stop() == 0
+    assert acl.token not in agent.logs()
