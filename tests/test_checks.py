@@ -609,3 +609,45 @@ async def test_aclose_is_prompt_with_a_request_in_flight() -> None:
         assert time.monotonic() - started < 1
     finally:
         stalled.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_command_runs_leak_no_descriptors_even_when_an_escapee_holds_the_pipe() -> None:
+    # "setsid" leaves the check's group: it is not killed and keeps the pipe open.
+    escapes = CommandCheck(["sh", "-c", "setsid sleep 2 & echo hi"], timeout=5)
+    plain = CommandCheck([sys.executable, "-c", "print('x' * 100000)"], timeout=5)
+    await plain.run()
+    before = _open_fds()
+    for _ in range(5):
+        result = await escapes.run()
+        assert (result.ok, result.detail) == (True, "hi")
+        assert result.latency < 1.5  # not waiting for the escapee's end of the pipe
+        assert (await plain.run()).ok
+    assert _open_fds() == before
+
+
+async def test_no_check_kind_raises(http_url: str, tmp_path: Path) -> None:
+    def explodes(body: object) -> bool:
+        raise ValueError("predicate broke")
+
+    not_executable = tmp_path / "check.sh"
+    not_executable.write_text("#!/bin/sh\nexit 0\n")
+    checks = [
+        HttpCheck(f"{http_url}/json", body=explodes),
+        HttpCheck(f"{http_url}/ok", body=lambda body: True),  # 200 with a JSON body: fine
+        HttpCheck(f"{http_url}/redirect", body=lambda body: body["missing"]),
+        CommandCheck([str(not_executable)]),
+        CommandCheck(["sh", "-c", "exit 0", "nul\0byte"]),
+        CallableCheck(lambda: 1 / 0),
+        CallableCheck(
+            lambda: asyncio.sleep(30), timeout=0.2
+        ),  # a sync function returning a coroutine
+    ]
+    results = [await check.run() for check in checks]
+    assert [r.ok for r in results] == [False, True, False, False, False, False, False]
+    assert all(r.detail for r in results)
+    for check in checks:
+        await check.aclose()
