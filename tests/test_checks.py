@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import os
 import socket
@@ -612,6 +613,7 @@ async def test_aclose_is_prompt_with_a_request_in_flight() -> None:
 
 
 def _open_fds() -> int:
+    gc.collect()  # descriptors earlier tests left to the garbage collector go first
     return len(os.listdir("/proc/self/fd"))
 
 
@@ -626,7 +628,7 @@ async def test_command_runs_leak_no_descriptors_even_when_an_escapee_holds_the_p
         assert (result.ok, result.detail) == (True, "hi")
         assert result.latency < 1.5  # not waiting for the escapee's end of the pipe
         assert (await plain.run()).ok
-    assert _open_fds() == before
+    assert _open_fds() <= before
 
 
 async def test_no_check_kind_raises(http_url: str, tmp_path: Path) -> None:
