@@ -137,10 +137,12 @@ async def test_hung_sync_checks_leave_a_localhost_neighbour_registered(
     await observer.close()
 
 
-_STOPS_WITH_A_HUNG_CHECK = textwrap.dedent(
+_HANGS_AFTER_THE_FIRST_CALL = textwrap.dedent(
     """
     import asyncio, sys, time
-    from registry_agent import AsyncRegistrar, CallableCheck, RetryPolicy, ServiceInstance
+    from registry_agent import (
+        AsyncRegistrar, CallableCheck, Registrar, RetryPolicy, ServiceInstance,
+    )
 
     calls = 0
 
@@ -151,8 +153,8 @@ _STOPS_WITH_A_HUNG_CHECK = textwrap.dedent(
             time.sleep(3600)
         return True
 
-    async def main():
-        reg = AsyncRegistrar(
+    def make(kind):
+        return (AsyncRegistrar if kind == "async" else Registrar)(
             sys.argv[1],
             ServiceInstance("orders", address="127.0.0.1", port=int(sys.argv[2])),
             checks=[CallableCheck(hangs_after_the_first_call, interval=0.2, timeout=0.3)],
@@ -161,24 +163,47 @@ _STOPS_WITH_A_HUNG_CHECK = textwrap.dedent(
             rise=1,
             fall=2,
         )
-        await reg.start(wait_registered=20)
-        print("registered", flush=True)
-        while reg.state == "registered":  # the hung check withdraws it
-            await asyncio.sleep(0.05)
-        print("stopping", reg.status()["checks"], flush=True)
-        await reg.stop(timeout=5)
-
-    asyncio.run(main())
     """
 )
 
+_STOPS_WITH_A_HUNG_CHECK = {
+    "async": _HANGS_AFTER_THE_FIRST_CALL
+    + textwrap.dedent(
+        """
+        async def main():
+            reg = make("async")
+            await reg.start(wait_registered=20)
+            print("registered", flush=True)
+            while reg.state == "registered":  # the hung check withdraws it
+                await asyncio.sleep(0.05)
+            print("stopping", reg.status()["checks"], flush=True)
+            await reg.stop(timeout=5)
 
+        asyncio.run(main())
+        """
+    ),
+    "blocking": _HANGS_AFTER_THE_FIRST_CALL
+    + textwrap.dedent(
+        """
+        reg = make("blocking")
+        reg.start(wait_registered=20)
+        print("registered", flush=True)
+        while reg.state == "registered":  # the hung check withdraws it
+            time.sleep(0.05)
+        print("stopping", reg.status()["checks"], flush=True)
+        reg.stop(timeout=5)
+        """
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", ["async", "blocking"])
 def test_a_process_whose_check_hangs_exits_right_after_stop(
-    server: ServerProcess, measured: Measured
+    server: ServerProcess, measured: Measured, kind: str
 ) -> None:
     port = free_port()
     with subprocess.Popen(
-        [sys.executable, "-c", _STOPS_WITH_A_HUNG_CHECK, server.url, str(port)],
+        [sys.executable, "-c", _STOPS_WITH_A_HUNG_CHECK[kind], server.url, str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
