@@ -42,7 +42,7 @@ def _shorten(text: str) -> str:
     if len(text) <= DETAIL_MAX:
         return text
     half = DETAIL_MAX // 2 - 3
-    return f"{text[:half]} … {text[-half:]}"
+    return f"{text[:half]} ... {text[-half:]}"
 
 
 class HealthCheck:

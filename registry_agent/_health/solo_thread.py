@@ -25,7 +25,7 @@ class StillRunning(RuntimeError):
     """The previous call has not returned yet; no new thread was started."""
 
     def __init__(self, seconds: float) -> None:
-        super().__init__(f"previous run still running after {seconds:.0f}s")
+        super().__init__(f"previous run still running after {seconds:.1f}s")
         self.seconds = seconds
 
 
