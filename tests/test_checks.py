@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +31,13 @@ QUOTED_PASSWORD = "s3cr%40t-pw%3Ax"
 
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
+        if path == "/query":
+            given = urllib.parse.parse_qs(query).get("access_token")
+            self.send_response(200 if given == [f"tok-{PASSWORD}"] else 403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path == "/auth":
             expected = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
             ok = self.headers.get("Authorization") == f"Basic {expected}"
@@ -544,6 +552,19 @@ async def test_http_credentials_are_sent_as_basic_auth_and_never_shown(http_url:
     assert token.url == f"http://***@{host}/ok"
     _no_password(token.name, repr(token))
     for c in (check, wrong, loose, token):
+        await c.aclose()
+
+
+async def test_credentials_in_the_query_are_sent_and_never_shown(http_url: str) -> None:
+    check = HttpCheck(f"{http_url}/query?access_token=tok-{QUOTED_PASSWORD}&v=1&api_key=k")
+    assert (await check.run()).ok  # the server checks the token it was given
+    assert check.url == f"{http_url}/query?access_token=***&v=1&api_key=***"
+    _no_password(check.url, check.name, repr(check))
+    refused = HttpCheck(f"http://127.0.0.1:{free_port()}/?password={QUOTED_PASSWORD}")
+    result = await refused.run()
+    assert not result.ok
+    _no_password(result.detail, refused.url, refused.name)
+    for c in (check, refused):
         await c.aclose()
 
 

@@ -40,21 +40,40 @@ def _mask_userinfo(text: str) -> str:
     return _USERINFO.sub(f"{MASK}@", text)
 
 
+# Query parameters whose value is a credential (``?access_token=…``, ``?api_key=…``).
+_SECRET_PARAM = re.compile(r"token|passw|pwd|secret|key|auth|signature|sig$", re.IGNORECASE)
+
+
+def _mask_query(query: str) -> tuple[str, list[str]]:
+    """``query`` with credential values masked, and those values."""
+    shown, secrets = [], []
+    for part in query.split("&"):
+        name, eq, value = part.partition("=")
+        if eq and value and _SECRET_PARAM.search(urllib.parse.unquote_plus(name)):
+            # Shown masked always; masked in details when long enough not to garble them.
+            secrets += [v for v in (value, urllib.parse.unquote_plus(value)) if len(v) >= 4]
+            part = f"{name}={MASK}"
+        shown.append(part)
+    return "&".join(shown), secrets
+
+
 def _split_credentials(url: str) -> tuple[str, str, httpx.BasicAuth | None, tuple[str, ...]]:
     """(URL to request, URL to show, basic auth, secrets to mask) for ``url``."""
     parts = urllib.parse.urlsplit(url)
+    query, secrets = _mask_query(parts.query)
     userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at:
-        return url, url, None, ()
+    auth = None
+    shown_netloc = hostport
+    if at:
+        user, colon, password = userinfo.partition(":")
+        # A lone user name is often a token: mask it whole.
+        secret = password if colon else user
+        secrets += [secret, urllib.parse.unquote(secret)]
+        shown_netloc = f"{user}:{MASK}@{hostport}" if colon else f"{MASK}@{hostport}"
+        auth = httpx.BasicAuth(urllib.parse.unquote(user), urllib.parse.unquote(password))
     bare = urllib.parse.urlunsplit(parts._replace(netloc=hostport))
-    user, colon, password = userinfo.partition(":")
-    # A lone user name is often a token: mask it whole.
-    secret = password if colon else user
-    shown_info = f"{user}:{MASK}" if colon else MASK
-    shown = urllib.parse.urlunsplit(parts._replace(netloc=f"{shown_info}@{hostport}"))
-    secrets = (secret, urllib.parse.unquote(secret))
-    auth = httpx.BasicAuth(urllib.parse.unquote(user), urllib.parse.unquote(password))
-    return bare, shown, auth, secrets
+    shown = urllib.parse.urlunsplit(parts._replace(netloc=shown_netloc, query=query))
+    return bare, shown, auth, tuple(secrets)
 
 
 class HttpCheck(HealthCheck):
@@ -63,7 +82,9 @@ class HttpCheck(HealthCheck):
     ``body`` is an optional predicate on the decoded JSON body. Credentials in
     the URL (``http://user:password@host/``) are sent as basic auth and never
     shown: :attr:`url`, the default name, ``repr`` and every result detail
-    read ``http://user:***@host/``.
+    read ``http://user:***@host/``. Query parameters named like a credential
+    (``access_token``, ``api_key``, ``password``, ``secret``, ``sig``…) are sent
+    as given and shown as ``***`` too.
     """
 
     def __init__(
