@@ -11,7 +11,10 @@ SIGHUP). Then, round after round, a seeded random fault hits one backend:
 server restarted empty, stopped and started, frozen (SIGSTOP/SIGCONT), every
 proxy mode, a check flapping, our entry deleted behind our back, the agent
 reloaded with a service added or removed. After each heal the invariants are
-checked within a bound derived from the configuration:
+checked: within a bound derived from the configuration, a state must begin
+that holds for a TTL (an exact state that lapses sooner, e.g. a lease that
+expires after the heal because a heartbeat was stuck on a dead connection, is
+counted as a lapse and the wait goes on):
 
 - the registry (read directly) holds exactly the desired entries, with the
   desired status, no duplicates in the server's own listing;
@@ -92,6 +95,7 @@ REGISTRAR_BOUND = DEAD_CONNECTION + RETRY.cap + 3 * TIMEOUT + TTL / 3 + 2 * CHEC
 AGENT_BOUND = TIMEOUT + AGENT_RETRY_CAP + 3 * TIMEOUT + TTL / 3
 SETTLE_BOUND = max(REGISTRAR_BOUND, AGENT_BOUND) + 5.0  # slack for a busy machine
 RESOURCE_BOUND = 15.0
+STABLE_FOR = TTL + 0.5  # "exact" counts once it has held this long (a TTL)
 FD_SLACK, THREAD_SLACK, TASK_SLACK = 16, 1, 2
 PROXY_FAULTS = {f"proxy {f.name}": f for f in FAULTS}
 SERVER_FAULTS = ("restart empty", "stop/start", "SIGSTOP")
@@ -380,9 +384,13 @@ class Resources:
 
 @dataclass
 class Report:
-    injected: collections.Counter[str] = field(default_factory=collections.Counter)
-    survived: collections.Counter[str] = field(default_factory=collections.Counter)
-    settle: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    # Keyed by (backend, fault).
+    injected: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    survived: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    lapses: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    settle: dict[tuple[str, str], list[float]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )
     violations: list[str] = field(default_factory=list)
     peak: Resources | None = None
 
@@ -434,15 +442,33 @@ class Soak:
                 etcd.close()
                 self.pool.shutdown()
 
-    async def settle(self, within: float) -> tuple[float, list[str]]:
-        """Seconds until every side is exact, or the problems left after ``within``."""
+    async def settle(self, within: float) -> tuple[float, list[str], list[str]]:
+        """Wait for a state that is exact and stays so for :data:`STABLE_FOR`.
+
+        Returns (seconds until that stable stretch began, the problems left when
+        none began within ``within`` seconds, the problems of every time an
+        exact state lapsed before holding long enough).
+        """
         started = time.monotonic()
+        exact_since: float | None = None
+        lapses: list[str] = []
         while True:
             problems = [p for side in self.sides for p in await side.problems(self.run_blocking)]
-            if not problems:
-                return time.monotonic() - started, []
-            if time.monotonic() - started > within:
-                return time.monotonic() - started, problems
+            now = time.monotonic()
+            if problems:
+                if exact_since is not None:
+                    lapses.append(
+                        f"exact at {exact_since - started:.1f}s, lapsed at "
+                        f"{now - started:.1f}s: {problems}"
+                    )
+                exact_since = None
+                if now - started > within:
+                    return now - started, problems, lapses
+            else:
+                if exact_since is None:
+                    exact_since = now
+                if now - exact_since >= STABLE_FOR:
+                    return exact_since - started, [], lapses
             await asyncio.sleep(0.2)
 
     async def resources_back(self, base: Resources) -> Resources:
@@ -464,7 +490,7 @@ class Soak:
         loop = asyncio.get_running_loop()
         # Fill the default executor to its size now, so its threads are part of the baseline.
         await asyncio.gather(*(loop.run_in_executor(None, time.sleep, 0.2) for _ in range(32)))
-        took, problems = await self.settle(60.0)
+        took, problems, _ = await self.settle(60.0)
         if problems:
             print("never reached the desired state at start:\n  " + "\n  ".join(problems))
             for side in self.sides:
@@ -482,18 +508,22 @@ class Soak:
             kind = self.rng.choice(KINDS)
             detail = await self.inject(side, kind)
             label = f"round {n} ({time.monotonic() - started:.0f}s): {side.name} {kind} {detail}"
-            self.report.injected[kind] += 1
-            took, problems = await self.settle(SETTLE_BOUND)
+            key = (side.name, kind)
+            self.report.injected[key] += 1
+            took, problems, lapses = await self.settle(SETTLE_BOUND)
+            self.report.lapses[key] += len(lapses)
+            for lapse in lapses:
+                log(f"{label}: lapse {lapse}")
             violations = [f"{label}: not exact after {took:.1f}s: {p}" for p in problems]
             if problems:  # let it finish healing, so the next round starts clean
-                late, still = await self.settle(60.0)
+                late, still, _ = await self.settle(60.0)
                 violations.append(
                     f"{label}: exact {late:.1f}s later"
                     if not still
                     else f"{label}: still not exact 60s later: {still}"
                 )
             else:
-                self.report.settle[kind].append(took)
+                self.report.settle[key].append(took)
             current = await self.resources_back(base)
             if not current.within(base):
                 violations.append(f"{label}: resources {current}, baseline {base}")
@@ -506,7 +536,7 @@ class Soak:
                 for v in violations:
                     log("VIOLATION " + v)
             else:
-                self.report.survived[kind] += 1
+                self.report.survived[key] += 1
             log(f"{label}: settled {took:.2f}s, {current}")
             await asyncio.sleep(self.rng.uniform(0.0, 1.0))
         self.elapsed = time.monotonic() - started
@@ -577,21 +607,22 @@ class Soak:
         print(f"## Chaos soak: {seconds / 60:.1f} min, seed {self.seed}\n")
         print(
             f"faults injected: {injected}; survived: {sum(r.survived.values())}; "
-            f"invariant violations: {len(r.violations)}\n"
+            f"invariant violations: {len(r.violations)}; "
+            f"exact states that lapsed before holding {STABLE_FOR:g} s: {sum(r.lapses.values())}\n"
         )
         rows = []
         for kind in KINDS:
-            times = r.settle.get(kind, [])
-            rows.append(
-                [
-                    kind,
-                    str(r.injected[kind]),
-                    str(r.survived[kind]),
-                    f"{statistics.median(times):.2f} s" if times else "-",
-                    f"{max(times):.2f} s" if times else "-",
-                ]
-            )
-        print(table(rows, ["fault", "injected", "survived", "settle median", "settle max"]))
+            row = [kind]
+            for counter in (r.injected, r.survived, r.lapses):
+                row.append(" / ".join(str(counter[(name, kind)]) for name in ("consul", "etcd")))
+            for name in ("consul", "etcd"):
+                times = r.settle.get((name, kind), [])
+                row.append(f"{statistics.median(times):.2f} / {max(times):.2f} s" if times else "-")
+            rows.append(row)
+        header = ["fault", "injected", "survived", "lapsed after heal"]
+        header += ["consul settle (median / max)", "etcd settle (median / max)"]
+        print("counts are consul / etcd\n")
+        print(table(rows, header))
         print(
             f"\nsettle bound {SETTLE_BOUND:.1f} s (TTL {TTL:g} s, timeout {TIMEOUT:g} s, "
             f"retry cap {RETRY.cap:g} s, dead connection {DEAD_CONNECTION:.1f} s)"
