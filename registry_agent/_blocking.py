@@ -447,6 +447,7 @@ class Discovery:
             selector=selector,
         )
         self._thread = LoopThread("registry-agent discovery", "Discovery")
+        self._closed = False
         self._bound = sync_timeout + _QUICK
 
     def health(self, service: str) -> list[InstanceHealth]:
@@ -473,6 +474,9 @@ class Discovery:
         In a child process that inherited a started discovery through
         ``fork()`` it returns at once with a warning.
         """
+        if self._closed:
+            return
+        self._closed = True
         if self._thread.in_child("close()"):
             return
         try:
