@@ -45,6 +45,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +137,7 @@ class Agent:
         self.url = url
         self.service = service
         self.ids = [f"{service}-1"]
+        self.status_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.write()
 
@@ -146,7 +149,7 @@ class Agent:
         )
         self.config.write_text(
             f'[backend]\nurl = "{self.url}"\ntimeout = "{TIMEOUT:g}s"\n\n'
-            f'[status]\nlisten = "127.0.0.1:{free_port()}"\n\n'
+            f'[status]\nlisten = "127.0.0.1:{self.status_port}"\n\n'
             f'[log]\nlevel = "warning"\n\n{services}'
         )
 
@@ -170,6 +173,17 @@ class Agent:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGHUP)
         return what
+
+    def readyz(self) -> int | None:
+        """The status code of the agent's /readyz (None: no answer)."""
+        url = f"http://127.0.0.1:{self.status_port}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -350,6 +364,24 @@ class Side:
                 found.append(f"{self.name}: {kind} watcher sees agent {agent_seen}")
         if orphans:
             found.append(f"{self.name}: orphan leases {orphans}")
+        for member in self.members:
+            assert member.registrar is not None
+            view = member.registrar.status()
+            want_status = member.desired()
+            said = (view["registered"], view["registry_status"], view["ready"])
+            expected = (
+                want_status is not None,
+                None if want_status is None else str(want_status),
+                want_status is HealthStatus.PASSING,
+            )
+            if said != expected:
+                found.append(
+                    f"{self.name}: {member.instance.id} status() says registered/registry "
+                    f"status/ready {said}, want {expected}"
+                )
+        readyz = await run(self.agent.readyz)
+        if readyz != 200:
+            found.append(f"{self.name}: agent /readyz answers {readyz}, want 200")
         return found
 
 

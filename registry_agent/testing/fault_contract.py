@@ -16,7 +16,8 @@ than the TTL, then the proxy heals. Within :meth:`FaultContract.heal_bound`
 (derived from the TTL, heartbeat, retry cap, backend timeout and how soon a
 dead connection is noticed) the registry, read directly, must hold exactly
 the two entries, passing, with no duplicates and no orphan leases, the
-watcher's snapshot must equal it, and all that must then hold for
+watcher's snapshot must equal it, each registrar's ``status()`` must say
+so (ready, passing), and all that must then hold for
 :attr:`FaultContract.stable_for`. During the fault the process may not spin
 (CPU under :attr:`FaultContract.max_cpu` of wall time); every error a
 backend raised to the registrars or the watcher must be a
@@ -171,6 +172,10 @@ def recording(backend: Backend, errors: list[RecordedError]) -> Backend:
     """``backend``, with every exception its methods raise appended to ``errors``."""
     cls = type("Recorded", (_Recorder,), {"scheme": getattr(type(backend), "scheme", "?")})
     return cast(Backend, cls(backend, errors))
+
+
+def _reports_passing(status: dict[str, Any]) -> bool:
+    return bool(status.get("ready")) and status.get("registry_status") == "passing"
 
 
 def proxied_url(url: str, proxy: FaultProxy) -> str:
@@ -467,6 +472,10 @@ class FaultContract(_ContractFixtures):
                     problem = f"watcher sees {seen}, registry holds {held}"
                 elif orphans:
                     problem = f"orphan leases {orphans}"
+                elif untruthful := [
+                    r.status() for r in registrars if not _reports_passing(r.status())
+                ]:
+                    problem = f"registrars say otherwise: {untruthful}"
                 else:
                     exact = True
             now = time.monotonic()
