@@ -79,7 +79,8 @@ def test_missing_extra_gives_the_pip_hint(
             "etcd://h:1",
             {"prefx": "/a"},
             "backend",
-            "expected one of: ca_file, cert_file, key_file, password, prefix",
+            "expected one of: ca_file, cert_file, keepalive_time, keepalive_timeout, key_file,"
+            " max_request_bytes, password, prefix, timeout, tls, user",
         ),
         ("consul://h:1?scheme=ftp", {}, "backend.scheme", "expected one of http, https"),
         ("consul://h:1?timeout=soon", {}, "backend.timeout", "duration"),
