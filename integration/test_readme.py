@@ -170,3 +170,14 @@ discovery.close()
 
 def test_watch_example_compiles() -> None:
     compile(block("for event in watcher"), "README.md", "exec")
+
+
+def test_fault_proxy_example(consul_server: ConsulServer, tmp_path: Path) -> None:
+    code = block("FaultProxy(").replace(
+        'FaultProxy("127.0.0.1", 8500)', f'FaultProxy("127.0.0.1", {consul_server.http_port})'
+    )
+    assert str(consul_server.http_port) in code
+    first, second = run(code, tmp_path)
+    assert first.startswith("False"), first
+    assert "No cluster leader" in first, first
+    assert second == "True"
