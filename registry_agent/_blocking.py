@@ -164,7 +164,8 @@ def _quietly(what: str, call: Callable[[], object]) -> None:
 class Registrar:
     """Blocking facade over :class:`AsyncRegistrar` for sync apps (Flask, Django, scripts).
 
-    Takes the same arguments; registration runs on a private event-loop thread
+    Takes the same arguments (``deregister_critical_after=None`` keeps the
+    backend's own setting); registration runs on a private event-loop thread
     created by :meth:`start`. With ``install_signal_handlers=True`` (call
     :meth:`start` from the main thread), SIGTERM/SIGINT deregister before the
     signal takes its usual course, and an ``atexit`` hook stops it too.
@@ -181,7 +182,7 @@ class Registrar:
         fall: int = 3,
         rise: int = 2,
         on_unhealthy: str | OnUnhealthy = "deregister",
-        deregister_critical_after: float = 60.0,
+        deregister_critical_after: float | None = None,
         retry: RetryPolicy | None = None,
         on_event: Callable[[RegistrarEvent], None] | None = None,
         on_check: Callable[[HealthCheck, CheckResult], None] | None = None,
@@ -223,6 +224,11 @@ class Registrar:
     def registered(self) -> bool:
         """True while the registry holds our entry."""
         return self._async.registered
+
+    @property
+    def ready(self) -> bool:
+        """True while the registry holds our entry as passing (what ``/readyz`` reports)."""
+        return self._async.ready
 
     def start(self, *, wait_registered: float | None = None) -> Registrar:
         """Start in the background and return at once (or wait, see AsyncRegistrar.start)."""
