@@ -281,6 +281,9 @@ class AsyncRegistrar:
         if self._started:
             raise RuntimeError("a registrar can be started once")
         await self._validate()
+        # Created in a gunicorn master (preload) and started in a worker: the
+        # registration is the worker's, so the worker's stop() must deregister.
+        self._fork = ForkGuard(self._fork.what)
         self._started = True
         self._wake = asyncio.Event()
         self._registered = asyncio.Event()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
+import signal
 import threading
 import time
 import uuid
@@ -688,6 +690,46 @@ async def test_stop_in_a_forked_child_returns_at_once(
     assert await in_registry(registry) is None
 
 
+def test_created_before_fork_and_started_after_deregisters_on_stop(
+    registry: MemoryRegistry,
+) -> None:
+    # A gunicorn master with preload creates it; a worker starts and stops it.
+    reg = AsyncRegistrar(registry.url, INSTANCE, ttl=1.0, retry=FAST)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        os.close(read)
+        try:
+
+            async def worker() -> str:
+                await reg.start(wait_registered=2)
+                held = await in_registry(registry)
+                await reg.stop(timeout=2)
+                return f"{held} then {await in_registry(registry)}"
+
+            report = asyncio.run(worker())
+        except BaseException as exc:
+            report = f"child failed: {exc!r}"
+        os.write(write, report.encode())
+        os._exit(0)
+    os.close(write)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([read], [], [], deadline - time.monotonic())
+            chunk = os.read(read, 4096) if ready else b""
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read)
+        if os.waitpid(pid, os.WNOHANG) == (0, 0):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert b"".join(chunks).decode() == f"{HealthStatus.PASSING} then None"
+
+
 async def test_a_blocked_event_loop_is_logged(
     make: Callable[..., AsyncRegistrar],
     cleanup: list[AsyncRegistrar],
@@ -746,6 +788,25 @@ async def test_deregister_critical_after_defaults_to_the_backends_own(
     await reg.start(wait_registered=2)
     await reg.stop()
     assert faulty.register_kwargs[0]["deregister_critical_after"] == sent
+
+
+def test_blocking_facade_defaults_and_readiness(faulty: Faulty) -> None:
+    with Registrar(faulty, INSTANCE, ttl=1.0, retry=FAST) as reg:
+        assert reg.wait_registered(2)
+        assert reg.ready
+        faulty.held = (HealthStatus.CRITICAL, "Service Maintenance Mode: disk swap")
+        assert eventually_sync(lambda: not reg.ready, within=reg._async.ttl + 2)
+    # None: the backend's own deregister_critical_after (e.g. from its URL), not a fixed 60 s.
+    assert faulty.register_kwargs[0]["deregister_critical_after"] is None
+
+
+def eventually_sync(condition: Callable[[], bool], within: float) -> bool:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 async def test_registered_follows_the_clock_not_the_last_report(
