@@ -88,6 +88,21 @@ def _health_id(instance_id: str) -> str:
     return f"service:{instance_id}:health"
 
 
+def _check_note(check: Mapping[str, Any]) -> str:
+    """What a check says: its ``Output``, else ``"Name: Notes"``.
+
+    Consul's maintenance check has an empty ``Output``; the operator's reason
+    is in its ``Notes`` (``{"Name": "Service Maintenance Mode", "Notes": "disk swap"}``).
+    """
+    output = str(check.get("Output") or "")
+    if output:
+        return output
+    name, notes = str(check.get("Name") or ""), str(check.get("Notes") or "")
+    if name and notes:
+        return f"{name}: {notes}"
+    return name or notes
+
+
 def _excerpt(body: str) -> str:
     """The server's words, short and on one line."""
     text = " ".join(body.split())
@@ -338,7 +353,8 @@ class ConsulBackend:
             retry_after = _retry_after(exc.headers.get("Retry-After"))
             if not self._throttled:
                 self._throttled = True
-                log.warning(
+                # DEBUG: the registrar (or watcher) owns the user-facing line.
+                log.debug(
                     "Consul is shedding load (%s%s); backing off",
                     said,
                     f", retry after {retry_after:g}s" if retry_after is not None else "",
@@ -583,7 +599,7 @@ class ConsulBackend:
                     else len(preferred)
                 ),
             )
-            note = str((worst or [{}])[0].get("Output") or "")
+            note = _check_note((worst or [{}])[0])
         except Exception as exc:  # a malformed entry must not break listing
             key = (
                 service,
