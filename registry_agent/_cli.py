@@ -99,11 +99,15 @@ async def _list(url: str, service: str, as_json: bool, request_timeout: float | 
     if not rows:
         _print(f"no instances of {service}")
         return 0
-    _print(f"{'ID':30} {'ADDRESS':22} {'STATUS':9} TAGS")
+    # Consul ids are unique per agent only: with nodes known, the node tells same ids apart.
+    nodes = any(health.instance.node for health in rows)
+    node_header = f"{'NODE':20} " if nodes else ""
+    _print(f"{'ID':30} {node_header}{'ADDRESS':22} {'STATUS':9} TAGS")
     for health in rows:
         inst = health.instance
+        node = f"{inst.node or '-':20} " if nodes else ""
         _print(
-            f"{inst.id:30} {inst.address + ':' + str(inst.port):22} {health.status!s:9} "
+            f"{inst.id:30} {node}{inst.address + ':' + str(inst.port):22} {health.status!s:9} "
             f"{','.join(inst.tags)}"
         )
     return 0

@@ -33,6 +33,22 @@ def test_list_table(registry: MemoryRegistry, capsys: pytest.CaptureFixture[str]
     assert out[2].split() == ["orders-10.0.0.2-80", "10.0.0.2:80", "critical", "v2"]
 
 
+def test_list_table_shows_nodes_when_known(
+    registry: MemoryRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    on_b = ServiceInstance("orders", id="orders-8080", address="10.0.0.3", port=8080, node="b")
+    registry.put(InstanceHealth(on_b), ttl=60)
+    assert main(["list", "orders", "--backend", registry.url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["ID", "NODE", "ADDRESS", "STATUS", "TAGS"]
+    assert out[1].split() == ["orders-10.0.0.1-80", "-", "10.0.0.1:80", "passing"]
+    assert out[2].split() == ["orders-10.0.0.2-80", "-", "10.0.0.2:80", "critical", "v2"]
+    assert out[3].split() == ["orders-8080", "b", "10.0.0.3:8080", "passing"]
+    assert main(["list", "orders", "--backend", registry.url, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r.get("node") for r in rows] == [None, None, "b"]
+
+
 def test_list_json(registry: MemoryRegistry, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list", "orders", "--backend", registry.url, "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
