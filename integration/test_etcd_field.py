@@ -40,16 +40,10 @@ CALL_BOUND = 2 * (TIMEOUT + 1.0) + 1.0
 Measured = Callable[[str, float, float], None]
 
 
-def etcd_leases(server: EtcdServer) -> set[int]:
-    """The ids of every lease the etcd server holds now (its JSON gateway)."""
-    reply = server.api("/v3/lease/leases")
-    return {int(item["ID"]) for item in reply.get("leases") or ()}
-
-
 async def wait_for_leases(server: EtcdServer, expected: set[int], bound: float) -> float:
     """Seconds until etcd holds exactly ``expected`` leases; fails after ``bound``."""
     start = time.monotonic()
-    while (held := etcd_leases(server)) != expected:
+    while (held := server.leases()) != expected:
         assert time.monotonic() - start < bound, f"etcd holds leases {held}, expected {expected}"
         await asyncio.sleep(0.1)
     return time.monotonic() - start
@@ -155,7 +149,7 @@ async def test_every_method_raises_registry_errors_in_bounded_time_then_heals(
     fresh = await proxied.register(instance(8083), ttl=30)
     snapshot = await proxied.list("orders")
     assert set(snapshot.instances) == {instance(8081).id, instance(8083).id}
-    assert etcd_leases(etcd_server) == {int(marker.handle), int(fresh.handle)}
+    assert etcd_server.leases() == {int(marker.handle), int(fresh.handle)}
     await stream.aclose()  # type: ignore[attr-defined]
 
 
@@ -294,7 +288,7 @@ async def test_repairing_a_deleted_key_leaves_exactly_one_lease(
 ) -> None:
     inst = instance(8080)
     old = await direct.register(inst, ttl=30)
-    assert etcd_leases(etcd_server) == {old.handle}
+    assert etcd_server.leases() == {old.handle}
     delete_key(etcd_server, f"/services/orders/{inst.id}")
     assert await direct.lookup(old) is None
     # What the registrar does on a lost entry: drop the old lease, register again.
@@ -303,7 +297,7 @@ async def test_repairing_a_deleted_key_leaves_exactly_one_lease(
     with pytest.raises(LeaseLost):
         await direct.heartbeat(old)
     new = await direct.register(inst, ttl=30)
-    assert etcd_leases(etcd_server) == {new.handle}
+    assert etcd_server.leases() == {new.handle}
     found = await direct.lookup(new)
     assert found is not None
     assert found.instance == inst
@@ -328,7 +322,7 @@ async def test_validate_refuses_what_etcd_would_refuse_before_sending(
     assert info.value.instance == too_big.id
     with pytest.raises(Rejected):
         await direct.register(too_big, ttl=30)
-    assert etcd_leases(etcd_server) == set()  # refused before any grant
+    assert etcd_server.leases() == set()  # refused before any grant
     lease = await direct.register(instance(8080), ttl=30)
     with pytest.raises(Rejected):
         await direct.set_status(lease, HealthStatus.CRITICAL, "n" * (MIB * 3 // 2))

@@ -473,6 +473,11 @@ class EtcdServer(ServerProcess):
         self.api("/v3/auth/user/add", {"name": name, "password": password})
         self.api("/v3/auth/user/grant", {"user": name, "role": role})
 
+    def leases(self) -> set[int]:
+        """The ids of every lease etcd holds now (the gateway writes int64 ids as strings)."""
+        reply = self.api("/v3/lease/leases")
+        return {int(item["ID"]) for item in reply.get("leases") or ()}
+
     def command(self) -> list[str]:
         client = self.client_url
         peer = self.peer_url
