@@ -1,7 +1,8 @@
 """Testing helpers: the in-memory backend, real throwaway servers and a fault proxy.
 
-The backend contract suite lives in :mod:`registry_agent.testing.contract`
-(it needs pytest).
+The backend contract suite lives in :mod:`registry_agent.testing.contract`,
+its fault section (a :class:`FaultProxy` between client and server) in
+:mod:`registry_agent.testing.fault_contract`; both need pytest.
 """
 
 from registry_agent.testing.faultproxy import FaultProxy
