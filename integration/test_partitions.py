@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from registry_agent_etcd import EtcdBackend
 
 from integration.event_log import EventLog
 from integration.netns import Host, TestNet, netlab
@@ -162,7 +163,10 @@ async def test_etcd_watcher_cut_off_resyncs_exactly_after_heal(
         await asyncio.sleep(1.0)
         await backend.deregister(lease)  # behind the watcher's back
         await backend.register(second, ttl=60)
-        await asyncio.sleep(8.0)  # longer than keepalive detection (5 s + 2 s)
+        # The watcher (same URL, so same keepalive) must notice the dead connection
+        # while cut off: wait past its detection bound.
+        assert isinstance(backend, EtcdBackend)
+        await asyncio.sleep(backend.keepalive_time + backend.keepalive_timeout + 1.0)
         cut_events = len(json_events(watch))
         net.heal(app)
         healed = time.monotonic()
