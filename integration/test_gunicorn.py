@@ -97,6 +97,7 @@ class Gunicorn:
             f"--max-requests={MAX_REQUESTS}",
             f"--graceful-timeout={GRACEFUL_TIMEOUT}",
             f"--config={APP_DIR / conf}",
+            "--no-control-socket",  # else one shared socket under ~/.gunicorn for all tests
             f"integration.gunicorn_app.{app}:app",
         ]
         with self.log_path.open("wb") as log:
