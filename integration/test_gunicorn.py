@@ -18,10 +18,12 @@ each with a ``time.monotonic()`` stamp, one clock for all processes):
   recycled worker's entry is gone by the time the master has reaped it.
 
 etcd: gRPC is not fork-safe while its streams run; gunicorn gets
-``GRPC_ENABLE_FORK_SUPPORT=1`` and ``GRPC_POLL_STRATEGY=poll`` (measured in
-``test_fork.py``: without them about one child in four of a process running
-etcd clients crashed or hung at birth), as any gunicorn serving an app that
-uses etcd clients across a fork needs.
+``GRPC_ENABLE_FORK_SUPPORT=1`` and ``GRPC_POLL_STRATEGY=poll`` (see also
+``test_fork.py``), as any gunicorn whose master runs etcd clients needs.
+Measured with this file: without them, 7 runs of 10 of the preloaded case had a
+worker die of SIGSEGV at birth (caught here: a worker reaped without its exit
+hook); with them, none in 20. The per-worker case (no gRPC running in the
+master) passed 10 of 10 either way.
 """
 
 from __future__ import annotations
