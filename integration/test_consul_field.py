@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -179,13 +180,14 @@ async def _raised(call: Callable[[], Awaitable[object]]) -> BaseException | None
     return None
 
 
-async def test_throttling_is_logged_once_per_episode(
+async def test_throttling_is_noted_once_per_episode_at_debug(
     proxy: FaultProxy, proxied: ConsulBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # The registrar owns the user-facing WARNING; the backend only notes it for debugging.
     inst = ServiceInstance("orders", address="127.0.0.1", port=8080)
     lease = await proxied.register(inst, ttl=30)
     proxy.http(429, "slow down", {"Retry-After": "1"})
-    with caplog.at_level("WARNING", logger="registry_agent.consul"):
+    with caplog.at_level("DEBUG", logger="registry_agent.consul"):
         for _ in range(3):
             with pytest.raises(Throttled):
                 await proxied.heartbeat(lease)
@@ -195,9 +197,35 @@ async def test_throttling_is_logged_once_per_episode(
         with pytest.raises(Throttled) as info:
             await proxied.heartbeat(lease)
     assert info.value.retry_after is None  # no Retry-After header: None, not a guess
-    warnings = [r.getMessage() for r in caplog.records if "shedding load" in r.getMessage()]
-    assert len(warnings) == 2, warnings
-    assert "retry after 1s" in warnings[0]
+    noted = [r for r in caplog.records if "shedding load" in r.getMessage()]
+    assert len(noted) == 2, [r.getMessage() for r in noted]
+    assert "retry after 1s" in noted[0].getMessage()
+    assert all(r.levelno == logging.DEBUG for r in noted)
+
+
+async def test_a_throttled_registrar_warns_once_per_episode(
+    proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    inst = ServiceInstance("orders", address="127.0.0.1", port=8080)
+    url = f"consul://{proxy.host}:{proxy.port}?timeout=2s"
+    registrar = AsyncRegistrar(url, inst, ttl=3)
+    await registrar.start(wait_registered=10)
+    try:
+        with caplog.at_level("DEBUG", logger="registry_agent"):
+            proxy.http(429, "slow down", {"Retry-After": "1"})
+            await asyncio.sleep(3.5)  # several heartbeats refused, Retry-After honoured
+            proxy.heal()
+            assert await registrar.wait_registered(5)
+            await asyncio.sleep(1.5)
+        warnings = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and "shedding load" in r.getMessage()
+        ]
+        assert len(warnings) == 1, warnings  # (a lease lost past the TTL is its own line)
+        assert "slow down" in warnings[0]
+    finally:
+        await registrar.stop()
 
 
 async def test_a_blocking_query_on_a_dead_connection_ends_within_15s_by_default(
