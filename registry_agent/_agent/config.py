@@ -63,7 +63,8 @@ class BackendConfig:
     """Where to register, and the credentials (never shown by repr)."""
 
     url: str
-    timeout: float = 5.0
+    #: None: the backend's own default (5s), or the URL's ``?timeout=``.
+    timeout: float | None = None
     token: str | None = field(default=None, repr=False)
     user: str | None = None
     password: str | None = field(default=None, repr=False)
@@ -76,7 +77,9 @@ class BackendConfig:
     def options(self) -> dict[str, Any]:
         """Keyword options for ``open_backend``."""
         scheme = parse_backend_url(self.url, default_port=0).scheme
-        options: dict[str, Any] = {"timeout": self.timeout}
+        options: dict[str, Any] = {}
+        if self.timeout is not None:
+            options["timeout"] = self.timeout
         if self.token is not None:
             options["token"] = self.token
         for name in ("ca_file", "cert_file", "key_file"):
@@ -401,10 +404,10 @@ def _parse(data: dict[str, Any], source: str, env: Mapping[str, str], base: Path
 def _backend(fields: _Fields, base: Path) -> BackendConfig:
     url = fields.require("url", _str)
     try:
-        parse_backend_url(url, default_port=0)
+        query = parse_backend_url(url, default_port=0).query
     except ConfigError as exc:
         raise fields.error("url", exc.reason) from None
-    timeout = fields.get("timeout", _duration, 5.0)
+    timeout = fields.get("timeout", _duration)
     token = fields.get("token", _str)
     token_file = fields.get("token_file", _str)
     if token is not None and token_file is not None:
@@ -427,7 +430,14 @@ def _backend(fields: _Fields, base: Path) -> BackendConfig:
                 digest.update(Path(path).read_bytes())
             except OSError as exc:
                 raise fields.error(name, f"cannot read {path}: {exc.strerror}") from None
-    return BackendConfig(url, timeout, token, user, password, **tls, tls_digest=digest.hexdigest())
+    config = BackendConfig(
+        url, timeout, token, user, password, **tls, tls_digest=digest.hexdigest()
+    )
+    # open_backend refuses an option given twice too; here the error can name the key.
+    for name in sorted(set(config.options()) & set(query)):
+        given = f"{name}_file" if f"{name}_file" in fields.table else name
+        raise fields.error(given, f"also given in url (?{name}=); keep one of the two")
+    return config
 
 
 def _path_in(base: Path) -> Callable[[Any, str], str]:

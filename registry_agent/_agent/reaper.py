@@ -20,11 +20,13 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["OrphanReaper", "become_subreaper", "zombie_children"]
+__all__ = ["OrphanReaper", "become_subreaper", "children", "zombie_children"]
 
 log = logging.getLogger("registry_agent.agent")
 
 _PR_SET_CHILD_SUBREAPER = 36
+# Scans of the final pass at exit: a zombie is reaped once seen in two of them.
+_FINAL_SCAN_EVERY = 0.05
 
 
 def become_subreaper() -> bool:
@@ -54,8 +56,13 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
 
 def zombie_children(parent: int | None = None) -> set[tuple[int, int]]:
     """(pid, start time) of every zombie whose parent is ``parent`` (default: us)."""
+    return {(pid, start) for pid, (state, start) in children(parent).items() if state == "Z"}
+
+
+def children(parent: int | None = None) -> dict[int, tuple[str, int]]:
+    """pid → (state, start time) of every child of ``parent`` (default: us)."""
     parent = os.getpid() if parent is None else parent
-    found: set[tuple[int, int]] = set()
+    found: dict[int, tuple[str, int]] = {}
     try:
         # Children are listed per thread that forked (or adopted) them.
         pids = {
@@ -68,8 +75,8 @@ def zombie_children(parent: int | None = None) -> set[tuple[int, int]]:
         pids = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
     for pid in pids:
         stat = _stat(pid)
-        if stat is not None and stat[0] == "Z" and stat[1] == parent:
-            found.add((pid, stat[2]))
+        if stat is not None and stat[1] == parent:
+            found[pid] = (stat[0], stat[2])
     return found
 
 
@@ -80,8 +87,10 @@ def _have_proc() -> bool:
 class OrphanReaper:
     """Reaps adopted orphans every ``interval`` seconds, while :meth:`run` runs."""
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, interval: float = 1.0, exit_grace: float = 1.0) -> None:
         self.interval = interval
+        #: How long :meth:`final` waits for adopted orphans still running at exit.
+        self.exit_grace = exit_grace
         self.reaped = 0
         self._seen: set[tuple[int, int]] = set()
 
@@ -118,3 +127,42 @@ class OrphanReaper:
                 continue
             if count:
                 log.debug("reaped %d orphaned process(es)", count, extra={"event": "reaped"})
+
+    async def final(self) -> int:
+        """At exit: reap every adopted zombie, and the orphans that exit within the grace.
+
+        Called once the checks are stopped, so the children left are adopted
+        orphans (asyncio reaps its own at once: the seen-twice rule, with scans
+        50 ms apart here, still leaves them alone). Orphans still running after
+        the grace are left to init, alive: a zombie is never left behind.
+        """
+        if not _have_proc():
+            return 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.exit_grace
+        before = self.reaped
+        left: dict[int, tuple[str, int]] = {}
+        zombies = 0
+        while True:
+            try:
+                self.scan()
+                left = children()
+            except Exception as exc:  # never let reaping keep the agent from exiting
+                log.debug("final orphan scan failed: %s", exc)
+                break
+            zombies = sum(state == "Z" for state, _ in left.values())
+            # Past the grace only zombies keep us, two scans more at most.
+            if not left or (loop.time() >= deadline and not zombies):
+                break
+            if loop.time() >= deadline + 2 * _FINAL_SCAN_EVERY:
+                break
+            await asyncio.sleep(_FINAL_SCAN_EVERY)
+        count = self.reaped - before
+        if count or left:
+            log.debug(
+                "at exit: reaped %d orphaned process(es), %d still running left to init",
+                count,
+                len(left) - zombies,
+                extra={"event": "reaped"},
+            )
+        return count

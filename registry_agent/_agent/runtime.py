@@ -47,8 +47,16 @@ def open_configured_backend(config: AgentConfig) -> Backend:
     try:
         return open_backend(config.backend.url, **config.backend.options())
     except ConfigError as exc:
-        field = "backend" if exc.field in (None, "backend") else f"backend.{exc.field}"
-        raise ConfigError(exc.reason, field=field, source=config.source) from None
+        raise ConfigError(
+            exc.reason, field=_backend_field(exc.field), source=config.source
+        ) from None
+
+
+def _backend_field(field: str | None) -> str:
+    """``field`` as a key of the ``[backend]`` table (backends already name most that way)."""
+    if not field or field == "backend" or field.startswith("backend."):
+        return field or "backend"
+    return f"backend.{field}"
 
 
 def registrar_for(
@@ -197,6 +205,9 @@ class AgentRuntime:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.subreaper:
+            # Adopted zombies would otherwise go to an init that may never wait() for them.
+            await self.reaper.final()
         if self.backend is not None:
             with contextlib.suppress(Exception):
                 await self.backend.close()
@@ -293,13 +304,26 @@ class AgentRuntime:
                 k for k in self.registrars if k in wanted and self.registrars[k][0] != wanted[k]
             ]
             added = [k for k in wanted if k not in self.registrars]
+            unchanged = len(self.registrars) - len(removed) - len(changed)
             await asyncio.gather(*(self._stop_service(key) for key in removed + changed))
+            started = failed = 0
             for key in changed + added:
                 if self._stopping:
-                    break  # the stop that waits for us deregisters what we started
+                    # The stop that waits for us deregisters what we started.
+                    log.info(
+                        "reload interrupted by stop: %d of %d service(s) started, %d removed; "
+                        "the stop deregisters every one",
+                        started,
+                        len(changed) + len(added),
+                        len(removed) + len(changed),
+                        extra={"event": "reload_interrupted"},
+                    )
+                    return
                 try:
                     await self._start_service(wanted[key])
+                    started += 1
                 except RegistryError as exc:
+                    failed += 1
                     log.error(
                         "reload: %s not started: %s",
                         key,
@@ -309,11 +333,12 @@ class AgentRuntime:
             self.config = new
             self.reloads += 1
             log.info(
-                "reloaded: %d added, %d changed, %d removed, %d unchanged",
+                "reloaded: %d added, %d changed, %d removed, %d unchanged%s",
                 len(added),
                 len(changed),
                 len(removed),
-                len(self.registrars) - len(added) - len(changed),
+                unchanged,
+                f", {failed} failed to start" if failed else "",
                 extra={"event": "reloaded"},
             )
 
@@ -357,7 +382,12 @@ class AgentRuntime:
             )
 
     def _secrets(self) -> list[str]:
-        return sorted(set(self.config.secrets()), key=len, reverse=True)
+        found = self.config.secrets()
+        # Also the services of a reload cut short by a stop (self.config is the old file).
+        for service, _ in self.registrars.values():
+            for check in service.checks:
+                found += check.secrets()
+        return sorted(set(found), key=len, reverse=True)
 
     def _scrub(self, data: Any) -> Any:
         """``data`` with every credential masked in its strings (whatever rendered them)."""
