@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from registry_agent import ConfigError
-from registry_agent._agent.config import load_config, parse_config
+from registry_agent import ConfigError, open_backend
+from registry_agent._agent.config import AgentConfig, load_config, parse_config
+from registry_agent._agent.runtime import open_configured_backend
 from registry_agent._cli import main
 
 GOOD = """
@@ -355,3 +356,87 @@ def test_check_refuses_what_the_backend_would_reject(
     err = capsys.readouterr().err
     assert err.startswith(f"registry-agent: {path}: service[0]: meta.app.version: ")
     assert err.count("\n") == 1
+
+
+BARE = """
+[backend]
+url = "{url}"
+{extra}
+[status]
+listen = "off"
+
+[[service]]
+name = "orders"
+port = 8080
+"""
+
+
+def _timeout_of(config: AgentConfig) -> float:
+    """The call timeout of the backend ``run`` would open (opened, never connected)."""
+    timeout: float = getattr(open_configured_backend(config), "timeout")  # noqa: B009
+    return timeout
+
+
+@pytest.mark.parametrize("scheme", ["consul", "etcd"])
+def test_a_timeout_in_the_url_is_honoured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], scheme: str
+) -> None:
+    # The README: options go in the query string or as keys; only both at once is an error.
+    in_url = write(tmp_path, BARE.format(url=f"{scheme}://127.0.0.1:1?timeout=2s", extra=""))
+    config = load_config(in_url, env={})
+    assert "timeout" not in config.backend.options()  # the URL's own is the one sent
+    assert _timeout_of(config) == 2.0
+    assert main(["check", "-c", str(in_url)]) == 0
+    assert "valid; 1 service(s)" in capsys.readouterr().out
+    as_key = write(tmp_path, BARE.format(url=f"{scheme}://127.0.0.1:1", extra='timeout = "3s"'))
+    assert _timeout_of(load_config(as_key, env={})) == 3.0
+    neither = write(tmp_path, BARE.format(url=f"{scheme}://127.0.0.1:1", extra=""))
+    assert _timeout_of(load_config(neither, env={})) == 5.0  # the backend's default
+    both = write(
+        tmp_path, BARE.format(url=f"{scheme}://127.0.0.1:1?timeout=2s", extra='timeout = "3s"')
+    )
+    assert main(["check", "-c", str(both)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"registry-agent: {both}: backend.timeout: also given in url (?timeout=); "
+        "keep one of the two\n"
+    )
+
+
+def test_a_token_file_and_a_token_in_the_url_name_the_key(tmp_path: Path) -> None:
+    (tmp_path / "tok").write_text("file-token\n")
+    path = write(
+        tmp_path,
+        BARE.format(url="consul://127.0.0.1:1?token=url-token", extra='token_file = "tok"'),
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.field == "backend.token_file"
+    assert "url-token" not in str(info.value)
+    assert "file-token" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "field", "words"),
+    [
+        ("consul://127.0.0.1:1?deregister_critical_after=5s", "deregister_critical_after", "60s"),
+        ("consul://127.0.0.1:1?wait=0s", "wait", "above zero"),
+        ("consul://127.0.0.1:1?timeout=soon", "timeout", "duration"),
+        ("etcd://127.0.0.1:1?keepalive_time=0s", "keepalive_time", "above zero"),
+        ("etcd://127.0.0.1:1?max_request_bytes=-1", "max_request_bytes", "bytes"),
+    ],
+)
+def test_a_bad_backend_option_names_its_field_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, field: str, words: str
+) -> None:
+    path = write(tmp_path, BARE.format(url=url, extra=""))
+    assert main(["check", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"registry-agent: {path}: backend.{field}: "), err
+    assert words in err
+    assert "backend.backend" not in err
+    assert err.count("\n") == 1
+    # The library names the same field (no agent file around it).
+    with pytest.raises(ConfigError) as info:
+        open_backend(url)
+    assert info.value.field == f"backend.{field}"
