@@ -6,12 +6,13 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from registry_agent._agent.config import parse_config
+from registry_agent._agent.config import ServiceConfig, load_config, parse_config
 from registry_agent._agent.logs import (
     JsonFormatter,
     TextFormatter,
@@ -19,9 +20,10 @@ from registry_agent._agent.logs import (
     remember_secrets,
 )
 from registry_agent._agent.readiness import readiness
-from registry_agent._agent.reaper import OrphanReaper, zombie_children
-from registry_agent._agent.runtime import AgentRuntime
+from registry_agent._agent.reaper import OrphanReaper, children, zombie_children
+from registry_agent._agent.runtime import AgentRuntime, open_configured_backend
 from registry_agent._agent.status import StatusServer, json_body
+from registry_agent.testing.memory import MemoryRegistry
 
 
 async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -256,3 +258,121 @@ def test_secrets_added_on_reload_are_masked_too(capsys: pytest.CaptureFixture[st
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def _memory_services(path: Path, registry: str, names: list[str], ttl: str = "10s") -> None:
+    text = f'[backend]\nurl = "memory://{registry}"\n[status]\nlisten = "off"\n'
+    for name in names:
+        text += f'[[service]]\nname = "{name}"\naddress = "127.0.0.1"\nport = 80\nttl = "{ttl}"\n'
+    path.write_text(text)
+
+
+async def _running(path: Path) -> AgentRuntime:
+    """A runtime serving ``path`` on the memory backend (no signals, no subreaper)."""
+    runtime = AgentRuntime(load_config(path, env={}))
+    runtime._turn = asyncio.Lock()
+    runtime.backend = open_configured_backend(runtime.config)
+    for service in runtime.config.services:
+        await runtime._start_service(service)
+    return runtime
+
+
+async def _held(registry: str, names: list[str], expected: int) -> int:
+    """How many entries of ``names`` the registry holds, once it is ``expected`` (2s at most)."""
+    memory = MemoryRegistry.named(registry)
+    deadline = time.monotonic() + 2
+    while True:
+        held = sum(len(memory.snapshot(name).instances) for name in names)
+        if held == expected or time.monotonic() > deadline:
+            return held
+        await asyncio.sleep(0.01)
+
+
+async def test_a_reload_logs_what_it_did(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "agent.toml"
+    _memory_services(path, "reload-counts", ["a", "b", "c"])
+    runtime = await _running(path)
+    # a unchanged, b changed (ttl), c removed, d and e added.
+    text = path.read_text()
+    _memory_services(path, "reload-counts", ["a", "d", "e"])
+    path.write_text(
+        path.read_text()
+        + '[[service]]\nname = "b"\naddress = "127.0.0.1"\nport = 80\nttl = "20s"\n'
+    )
+    assert text != path.read_text()
+    with caplog.at_level(logging.INFO, "registry_agent.agent"):
+        await runtime.reload()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reloaded")]
+    assert line == "reloaded: 2 added, 1 changed, 1 removed, 1 unchanged"
+    assert runtime.reloads == 1
+    assert await _held("reload-counts", ["a", "b", "c", "d", "e"], 4) == 4
+    await runtime.shutdown()
+    assert await _held("reload-counts", ["a", "b", "c", "d", "e"], 0) == 0
+
+
+async def test_a_reload_cut_short_by_a_stop_logs_what_it_did(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "agent.toml"
+    names = [f"b{i}" for i in range(20)]
+    _memory_services(path, "reload-cut", ["a0"])
+    runtime = await _running(path)
+    old_config = runtime.config
+    _memory_services(path, "reload-cut", names)
+    start = runtime._start_service
+    started = 0
+
+    async def start_then_stop(service: ServiceConfig) -> None:
+        nonlocal started
+        await start(service)
+        started += 1
+        if started == 3:
+            runtime.request_stop()  # SIGTERM while the reload starts the new services
+
+    runtime._start_service = start_then_stop  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO, "registry_agent.agent"):
+        await runtime.reload()
+        assert await _held("reload-cut", ["a0", *names], 3) == 3  # b0-b2, a0 gone
+        await runtime.shutdown()
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any(m.startswith("reloaded") for m in messages), messages
+    assert (
+        "reload interrupted by stop: 3 of 20 service(s) started, 1 removed; "
+        "the stop deregisters every one"
+    ) in messages
+    assert "stopping: deregistering 3 service(s)" in messages
+    assert not any("-" + str(n) in m for m in messages for n in range(1, 21) if "service" in m)
+    assert runtime.reloads == 0
+    assert runtime.config is old_config  # the new file never ran whole
+    assert await _held("reload-cut", ["a0", *names], 0) == 0
+
+
+def test_the_exit_pass_reaps_adopted_zombies_and_waits_a_little_for_the_rest() -> None:
+    exited = os.fork()
+    if exited == 0:
+        os._exit(0)
+    soon = os.fork()
+    if soon == 0:
+        time.sleep(0.3)
+        os._exit(0)
+    late = os.fork()
+    if late == 0:
+        time.sleep(30)
+        os._exit(0)
+    try:
+        reaper = OrphanReaper(exit_grace=1.0)
+        started = time.monotonic()
+        assert asyncio.run(reaper.final()) == 2
+        took = time.monotonic() - started
+        print(f"final pass: {took:.2f}s (grace {reaper.exit_grace:g}s)")
+        # Waited the grace for the one still running, then left it alive.
+        assert reaper.exit_grace <= took < reaper.exit_grace + 0.5
+        assert set(children()) == {late}
+        assert children()[late][0] != "Z"
+    finally:
+        os.kill(late, signal.SIGKILL)
+        os.waitpid(late, 0)
+    reaper = OrphanReaper(exit_grace=5.0)
+    started = time.monotonic()
+    assert asyncio.run(reaper.final()) == 0
+    assert time.monotonic() - started < 0.5  # nothing left: no wait
