@@ -110,6 +110,19 @@ ttl = "3s"
 """
 
 
+def test_a_timeout_in_the_backend_url_is_honoured(
+    server: ServerProcess, tmp_path: Path, agents: list[Agent]
+) -> None:
+    # Options go in the URL or as keys of [backend]: ?timeout= with no key is no conflict.
+    agent = Agent(tmp_path, f"{server.url}?timeout=2s", ONE_SERVICE)
+    agents.append(agent.start())
+    agent.until("/readyz", 200)
+    assert listed(server.url, "orders") == {"orders-1": HealthStatus.PASSING}
+    assert agent.stop() == 0
+    assert listed(server.url, "orders") == {}
+    assert "given both" not in agent.logs()
+
+
 def test_sighup_reload_touches_only_what_changed(
     server: ServerProcess, tmp_path: Path, agents: list[Agent]
 ) -> None:
@@ -139,6 +152,7 @@ ttl = "3s"
     orders = next(s for s in status["services"] if s["service"] == "orders")
     assert orders["counters"]["registrations"] == 1  # never re-registered by the reload
     assert status["agent"]["reloads"] == 1
+    assert "reloaded: 1 added, 0 changed, 1 removed, 1 unchanged" in agent.logs()
     # A broken file on reload is refused; the running config stays.
     agent.path.write_text(agent.path.read_text().replace("port = 8082", 'port = "x"'))
     agent.proc.send_signal(signal.SIGHUP)
