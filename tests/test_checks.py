@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from registry_agent import CallableCheck, CommandCheck, ConfigError, HttpCheck, TcpCheck
+from registry_agent._health.base import INTERVAL_FLOOR, TIMEOUT_FLOOR
 from registry_agent._health.checks import as_check
 from registry_agent.testing.servers import free_port
 
@@ -206,12 +207,36 @@ async def test_callables_sync_async_raising_hanging() -> None:
         (lambda: HttpCheck("http://x", interval=0), "check http http://x: interval"),
         (lambda: TcpCheck("h", 1, timeout=-1), "check tcp h:1: timeout"),
         (lambda: CallableCheck(42), "checks"),  # type: ignore[arg-type]
+        (lambda: TcpCheck("h", 1, interval=float("nan")), "check tcp h:1: interval"),
+        (lambda: TcpCheck("h", 1, timeout=float("inf")), "check tcp h:1: timeout"),
     ],
 )
 def test_bad_checks_name_the_field(make: object, field: str) -> None:
     with pytest.raises(ConfigError) as info:
         make()  # type: ignore[operator]
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: HttpCheck("http://x", interval=0.001), "check http http://x: interval"),
+        (lambda: TcpCheck("h", 1, timeout=0.001), "check tcp h:1: timeout"),
+        (lambda: CallableCheck(bool, name="db", interval=0.009), "check db: interval"),
+        (lambda: CommandCheck(["true"], timeout=0.005), "check command true: timeout"),
+    ],
+)
+def test_check_timings_have_floors(make: Callable[[], object], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert info.value.field == field
+    assert "must be at least 0.01s" in str(info.value)
+    assert str(info.value).startswith(f"{field}: ")
+
+
+def test_check_timings_at_the_floors_are_accepted() -> None:
+    check = CallableCheck(bool, interval=INTERVAL_FLOOR, timeout=TIMEOUT_FLOOR)
+    assert (check.interval, check.timeout) == (INTERVAL_FLOOR, TIMEOUT_FLOOR)
 
 
 async def _until(predicate: Callable[[], bool], within: float) -> None:
@@ -336,6 +361,95 @@ async def test_sync_callables_that_raise_anything_are_results() -> None:
         assert not result.ok
         assert words in result.detail
         assert len(result.detail) <= 500
+
+
+@pytest.mark.parametrize("make_exc", [lambda: SystemExit(4), KeyboardInterrupt])
+@pytest.mark.parametrize("is_async", [True, False], ids=["async", "sync"])
+async def test_a_check_raising_systemexit_or_keyboardinterrupt_fails_the_run(
+    make_exc: Callable[[], BaseException], is_async: bool
+) -> None:
+    exc = make_exc()
+
+    async def async_raises() -> None:
+        raise exc
+
+    def sync_raises() -> None:
+        raise exc
+
+    check = CallableCheck(async_raises if is_async else sync_raises)
+    results = [await check.run() for _ in range(3)]  # and the loop goes on after each
+    want = "raised SystemExit: 4" if isinstance(exc, SystemExit) else "raised KeyboardInterrupt"
+    assert [(r.ok, r.detail) for r in results] == [(False, want)] * 3
+
+
+# A host application whose registrar has a check raising SystemExit/KeyboardInterrupt.
+# In a subprocess: were the exception to escape, it would end pytest itself.
+_HOST_APP = textwrap.dedent(
+    """
+    import asyncio, json, sys, time
+    from registry_agent import AsyncRegistrar, CallableCheck, Registrar, ServiceInstance
+
+    kind, flavour = sys.argv[1:]
+    exc = SystemExit(4) if kind == "SystemExit" else KeyboardInterrupt()
+    details = []
+
+    async def bad():
+        raise exc
+
+    def args():
+        return dict(
+            backend="memory://host-app",
+            instance=ServiceInstance("app", address="127.0.0.1", port=8080),
+            ttl=3,
+            checks=[CallableCheck(bad, interval=0.05)],
+            on_check=lambda check, result: details.append(result.detail),
+        )
+
+    async def app():
+        registrar = AsyncRegistrar(**args())
+        await registrar.start()
+        ticks = 0
+        while len(details) < 5 and ticks < 200:  # the app's own work goes on meanwhile
+            await asyncio.sleep(0.02)
+            ticks += 1
+        await registrar.stop(timeout=2)
+        return ticks
+
+    if flavour == "async":
+        ticks = asyncio.run(app())
+    else:
+        started = time.monotonic()
+        registrar = Registrar(**args()).start()
+        ticks = 0
+        while len(details) < 5 and time.monotonic() - started < 4:
+            time.sleep(0.02)
+            ticks += 1
+        registrar.stop(timeout=2)
+    print(json.dumps({"details": details[:5], "ticks": ticks, "survived": True}))
+    """
+)
+
+
+@pytest.mark.parametrize("flavour", ["async", "blocking"])
+@pytest.mark.parametrize("kind", ["SystemExit", "KeyboardInterrupt"])
+def test_an_async_check_raising_systemexit_does_not_end_the_host_app(
+    kind: str, flavour: str
+) -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _HOST_APP, kind, flavour],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    took = time.monotonic() - started
+    print(f"{flavour} registrar, check raising {kind}: process done in {took:.2f}s")
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout)
+    want = "raised SystemExit: 4" if kind == "SystemExit" else "raised KeyboardInterrupt"
+    assert seen["details"] == [want] * 5
+    assert seen["survived"]
 
 
 async def test_cancelling_a_run_is_still_cancellation() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -10,11 +11,15 @@ from typing import Any
 
 from registry_agent._errors import ConfigError
 
-__all__ = ["MASK", "CheckResult", "HealthCheck"]
+__all__ = ["INTERVAL_FLOOR", "MASK", "TIMEOUT_FLOOR", "CheckResult", "HealthCheck"]
 
 MASK = "***"
 # A detail lands in logs, /status and the registry's note: keep it short whatever a check says.
 DETAIL_MAX = 500
+#: The shortest ``interval`` a check accepts (at most 100 runs a second).
+INTERVAL_FLOOR = 0.01
+#: The shortest ``timeout`` a check accepts (a probe needs time to be answered).
+TIMEOUT_FLOOR = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,9 +38,28 @@ class CheckResult:
 
 def positive(value: float, field: str) -> float:
     """``value`` as seconds above zero, or a :class:`ConfigError` naming ``field``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not value > 0
+    ):
         raise ConfigError(f"expected a number of seconds above zero, got {value!r}", field=field)
     return float(value)
+
+
+def seconds_at_least(value: float, floor: float, why: str, field: str) -> float:
+    """``value`` as seconds, at least ``floor``; else a :class:`ConfigError` naming ``field``."""
+    seconds = positive(value, field)
+    if seconds < floor:
+        raise ConfigError(f"must be at least {floor:g}s ({why}), got {seconds:g}s", field=field)
+    return seconds
+
+
+def raised(exc: BaseException) -> str:
+    """What a check's SystemExit, KeyboardInterrupt or other BaseException says, as a detail."""
+    text = str(exc)
+    return f"raised {type(exc).__name__}" + (f": {text}" if text else "")
 
 
 def _shorten(text: str) -> str:
@@ -49,14 +73,19 @@ class HealthCheck:
     """Base class: subclasses implement :meth:`probe`; :meth:`run` bounds and times it.
 
     :meth:`run` never raises (cancellation of the caller excepted): a failure,
-    an exception or a timeout is a failed :class:`CheckResult` whose detail is
+    any exception (``SystemExit`` and ``KeyboardInterrupt`` from the check's
+    code included) or a timeout is a failed :class:`CheckResult` whose detail is
     at most a few hundred characters and never contains the check's secrets.
     """
 
     def __init__(self, name: str, *, interval: float = 5.0, timeout: float = 2.0) -> None:
         self.name = name
-        self.interval = positive(interval, f"check {name}: interval")
-        self.timeout = positive(timeout, f"check {name}: timeout")
+        self.interval = seconds_at_least(
+            interval, INTERVAL_FLOOR, "at most 100 runs a second", f"check {name}: interval"
+        )
+        self.timeout = seconds_at_least(
+            timeout, TIMEOUT_FLOOR, "a probe needs time to be answered", f"check {name}: timeout"
+        )
         self._secrets: tuple[str, ...] = ()
 
     def _hide(self, secrets: Iterable[str]) -> None:
@@ -91,6 +120,10 @@ class HealthCheck:
             ok, detail = False, str(exc) or "cancelled"
         except Exception as exc:
             ok, detail = False, str(exc) or type(exc).__name__
+        except BaseException as exc:
+            # SystemExit or KeyboardInterrupt from an async check's own code: raised on
+            # the loop, it would end the whole application's loop. It is the check failing.
+            ok, detail = False, raised(exc)
         return CheckResult(ok, _shorten(self._mask(detail)), time.perf_counter() - started, at)
 
     async def aclose(self) -> None:

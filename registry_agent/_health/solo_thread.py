@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from registry_agent._health.base import raised
+
 __all__ = ["SoloThread", "StillRunning"]
 
 
@@ -86,7 +88,7 @@ class SoloThread:
                 ok, value = False, exc
             except BaseException as exc:
                 # SystemExit or KeyboardInterrupt from a check must not end the loop.
-                ok, value = False, RuntimeError(f"raised {type(exc).__name__}: {exc}")
+                ok, value = False, RuntimeError(raised(exc))
             finally:
                 with self._lock:
                     self._since = None
