@@ -10,6 +10,7 @@ import base64
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -92,8 +93,57 @@ def test_sigterm_during_a_reload_leaves_nothing_registered(
     # Read at once: a leftover would still be there (ttl 10s), passing.
     left = raw_entries(server)
     assert left == set(), f"left registered after SIGTERM {delay_ms} ms after SIGHUP: {left}"
+    _reload_log_is_true(agent.logs(), removed=20)
     assert listed(server.url, "a") == {}
     assert listed(server.url, "b") == {}
+    if isinstance(server, EtcdServer):
+        assert server.leases() == set(), "a lease outlived the agent"
+
+
+def _reload_log_is_true(logs: str, removed: int) -> None:
+    """The reload line says what was done: no negative count, and what it started is what the stop
+    deregistered (the reload swapped ``removed`` services for 20 others)."""
+    assert not re.search(r"reloaded: .*-\d", logs), logs
+    stopping = re.search(r"stopping: deregistering (\d+) service", logs)
+    assert stopping is not None, logs
+    cut = re.search(
+        rf"reload interrupted by stop: (\d+) of 20 service\(s\) started, {removed} removed", logs
+    )
+    if cut is not None:
+        assert cut.group(1) == stopping.group(1), logs
+    elif "reloaded: " in logs:
+        assert f"reloaded: 20 added, 0 changed, {removed} removed, 0 unchanged" in logs, logs
+        assert stopping.group(1) == "20", logs
+    else:
+        assert "reload skipped: stopping" in logs, logs
+        assert stopping.group(1) == str(removed), logs  # the old services, untouched
+
+
+def test_sigterm_during_a_slow_reload_logs_what_it_did(
+    server: ServerProcess,
+    tmp_path: Path,
+    agents: list[Agent],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    # The registry behind 0.3s of latency: the SIGTERM lands while the reload is at work.
+    with FaultProxy("127.0.0.1", server_port(server)) as proxy:
+        url = f"{server.url.split('://')[0]}://{proxy.host}:{proxy.port}"
+        agent = Agent(tmp_path, url, services("a", 1, ttl="30s"))
+        agents.append(agent.start())
+        agent.until("/readyz", 200)
+        proxy.latency(0.3)
+        agent.write(services("b", 20, ttl="30s"))
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.15)
+        started = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(40) == 0, agent.logs()
+        # Each service's stop is bounded by the agent's stop timeout (10s), run concurrently.
+        measured("exit after SIGTERM mid-reload", time.monotonic() - started, 10 + 10)
+        proxy.heal()
+    _reload_log_is_true(agent.logs(), removed=1)
+    assert raw_entries(server) == set()
     if isinstance(server, EtcdServer):
         assert server.leases() == set(), "a lease outlived the agent"
 
@@ -149,8 +199,29 @@ def test_readyz_follows_the_registry_through_a_stalled_network(
 # -- item 3: no zombies when orphans are ours ------------------------------------------------
 
 
+# Runs the agent as its child, as a subreaper itself: when the agent exits, what it leaves
+# (zombies, orphans still running) becomes ours, and is listed in the file named first.
+_SUBREAPER_PARENT = """
+import json, signal, subprocess, sys
+from registry_agent._agent.reaper import become_subreaper, children
+assert become_subreaper()
+agent = subprocess.Popen(sys.argv[2:])
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, lambda number, frame: agent.send_signal(number))
+code = agent.wait()
+# Reparented to us as the agent exited, before its exit status reached us.
+left = {pid: state for pid, (state, _) in children().items()}
+with open(sys.argv[1], "w") as out:
+    json.dump(left, out)
+sys.exit(code)
+"""
+
+
 def test_orphans_of_command_checks_are_adopted_and_reaped(
-    consul_server: ConsulServer, tmp_path: Path, agents: list[Agent]
+    consul_server: ConsulServer,
+    tmp_path: Path,
+    agents: list[Agent],
+    measured: Callable[[str, float, float], None],
 ) -> None:
     # Each run leaves one child in the check's group (killed when the command exits)
     # and one that escaped into a session of its own: both orphans, both ours.
@@ -159,7 +230,8 @@ def test_orphans_of_command_checks_are_adopted_and_reaped(
         'interval = "200ms"\n'
     )
     agent = Agent(tmp_path, consul_server.url, services("orders", 1, extra=check))
-    agents.append(agent.start())
+    left_file = tmp_path / "left.json"
+    agents.append(agent.start(prefix=(sys.executable, "-c", _SUBREAPER_PARENT, str(left_file))))
     agent.until("/readyz", 200)
     time.sleep(3)
     first = zombie_children(agent.pid)
@@ -173,8 +245,15 @@ def test_orphans_of_command_checks_are_adopted_and_reaped(
     assert first & second == set()
     assert len(second) <= 2 * (2 * 1.0 / 0.2) + 4
     assert agent.get("/readyz")[0] == 200  # the check itself never lost its exit status
-    assert "returncode 255" not in agent.logs()
+    started = time.monotonic()
     assert agent.stop() == 0
+    # The exit pass waits up to its grace (1s) for orphans still running, beyond the stop.
+    measured("stop with the exit reap pass", time.monotonic() - started, 10.0)
+    assert "returncode 255" not in agent.logs()
+    # At exit no zombie of the agent is handed on (the last check's orphans live 0.3s,
+    # within the exit pass's grace: none is left running either).
+    left = json.loads(left_file.read_text())
+    assert left == {}, f"left by the agent at exit (pid: state): {left}"
 
 
 # -- item 12: idle clients cannot starve the agent --------------------------------------------
