@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -561,6 +563,43 @@ def test_a_timed_out_command_loses_its_grandchildren_too(tmp_path: Path) -> None
     assert seen["latency"] < 2.5
     assert seen["child_reaped"]
     assert seen["grandchild"] in ("killed by 9", "gone")  # SIGKILL from the check
+
+
+def _marked(mark: bytes) -> list[int]:
+    """Live processes (zombies excluded) whose environment holds ``mark``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{name}/environ").read_bytes()
+        except OSError:
+            continue
+        if mark in environ.split(b"\0") and _state(int(name)) not in (None, "Z"):
+            found.append(int(name))
+    return found
+
+
+async def test_a_timed_out_command_loses_its_setsid_escapees_too() -> None:
+    # "setsid" leaves the check's process group (and closes its end of the pipe):
+    # only the walk of the process tree finds it.
+    mark = f"RA_TREE_MARK={os.getpid()}-{time.monotonic_ns()}"
+    escapee = "setsid sh -c 'exec 1>&-; sleep 1000' & exec sleep 1000"
+    check = CommandCheck(["sh", "-c", escapee], env=dict([mark.split("=")]), timeout=0.5)
+    leftovers: list[int] = []
+    try:
+        for run in range(3):
+            result = await check.run()
+            assert (result.ok, result.detail) == (False, "timed out after 0.5s")
+            assert result.latency < 2.5, f"run {run}: {result.latency:.2f}s"
+            await asyncio.sleep(0.2)  # a SIGKILLed process may take a moment to go
+            leftovers = _marked(mark.encode())
+            print(f"run {run}: {result.latency:.2f}s, processes of the check left: {leftovers}")
+            assert leftovers == []
+    finally:
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def test_a_command_that_exits_leaves_nothing_running(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""A check that runs a command: bounded output, its whole process group killed, always reaped."""
+"""A check that runs a command: bounded output, its whole process tree killed, always reaped."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from registry_agent._errors import ConfigError
 from registry_agent._health.base import HealthCheck
@@ -22,6 +23,10 @@ OUTPUT_KEEP = 4096
 _AFTER_EXIT = 0.2
 #: How long to wait for a killed process to be reaped before leaving it to a background task.
 _REAP_WAIT = 1.0
+
+#: Walks of the process tree on timeout before killing what was found.
+_TREE_ROUNDS = 8
+_PROC = Path("/proc")
 
 _reaping: set[asyncio.Task[int]] = set()
 
@@ -59,18 +64,81 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
     await asyncio.wait({waiter}, timeout=_REAP_WAIT)
 
 
-def _kill_group(pgid: int) -> None:
+def _kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, sig)
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _parents() -> dict[int, int] | None:
+    """pid -> parent pid of every process, from ``/proc/*/stat``; None without a Linux /proc."""
+    if not _PROC.is_dir():
+        return None
+    parents: dict[int, int] = {}
+    for entry in os.scandir(_PROC):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"{entry.path}/stat", "rb") as stat:
+                # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+                fields = stat.read().rpartition(b")")[2].split()
+            parents[int(entry.name)] = int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return parents
+
+
+def _descendants(pid: int, parents: dict[int, int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for child, parent in parents.items():
+        children.setdefault(parent, []).append(child)
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s process group and every descendant, those that left it included.
+
+    A ``setsid`` child escapes the group but keeps its parent link: the tree
+    is frozen (SIGSTOP, so nothing forks or exits meanwhile) and walked
+    through ``/proc`` parent links until no new descendant shows up, then
+    killed. Without ``/proc`` (not Linux) only the group is killed.
+    """
+    _kill_group(pid, signal.SIGSTOP)
+    frozen: set[int] = set()
+    for _ in range(_TREE_ROUNDS):
+        parents = _parents()
+        if parents is None:
+            break
+        new = _descendants(pid, parents) - frozen
+        if not new:
+            break
+        for child in new:
+            _kill(child, signal.SIGSTOP)
+        frozen |= new
+    _kill_group(pid)
+    for child in frozen:
+        _kill(child, signal.SIGKILL)
 
 
 class CommandCheck(HealthCheck):
     """Passes when ``argv`` exits 0; its output (stdout and stderr) is the detail.
 
     The command runs in a session of its own with no stdin. On timeout, or
-    when the check is cancelled, its whole process group (children and
-    grandchildren that stayed in it) is killed with SIGKILL; when it exits,
-    whatever it left running in its group is killed too. The command is
+    when the check is cancelled, its whole process tree is killed with
+    SIGKILL: its process group, and on Linux every descendant found through
+    ``/proc``, those that left the group with ``setsid`` included; when it
+    exits, whatever it left running in its group is killed too. The command is
     always waited for, so it never stays a zombie of ours. Output is read as
     it comes and only its last 4 KiB are kept: a command printing gigabytes
     costs no memory.
@@ -140,7 +208,7 @@ class CommandCheck(HealthCheck):
                 async with asyncio.timeout(_AFTER_EXIT):
                     await asyncio.shield(tail.closed)
         except BaseException:
-            _kill_group(proc.pid)
+            _kill_tree(proc.pid)
             await _reap(proc)
             raise
         finally:
