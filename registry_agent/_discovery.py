@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection
 from types import TracebackType
 
 from registry_agent._backend import Backend
-from registry_agent._errors import BackendUnavailable, NoInstanceAvailable
+from registry_agent._errors import BackendUnavailable, NoInstanceAvailable, RegistryError
 from registry_agent._fork import ForkGuard
 from registry_agent._models import InstanceHealth, ServiceInstance
 from registry_agent._plugins import open_backend
@@ -47,6 +47,8 @@ class AsyncDiscovery:
         self.on_error = on_error
         self.selector = selector or Selector()
         self._watchers: dict[str, AsyncWatcher] = {}
+        # Per service, the watch's latest error: the server's own words for a timed-out first read.
+        self._last_error: dict[str, BaseException] = {}
         self._last_nonempty: dict[tuple[str, bool], list[ServiceInstance]] = {}
         self._lock = asyncio.Lock()
         # Armed by the first watch: what runs from then on belongs to this process.
@@ -62,18 +64,34 @@ class AsyncDiscovery:
                         self.backend,
                         service,
                         retry=self.retry,
-                        on_error=self.on_error,
+                        on_error=self._note_error,
                     )
                     if self._fork is None:
                         self._fork = ForkGuard("AsyncDiscovery")
                     await watcher.start()
                     self._watchers[service] = watcher
         if not watcher.synced(service) and not await watcher.wait_synced(self.sync_timeout):
-            raise BackendUnavailable(
-                f"no answer from the registry within {self.sync_timeout:g}s",
-                service=service,
-            )
+            raise self._unsynced(service)
         return watcher
+
+    def _note_error(self, service: str, error: BaseException) -> None:
+        self._last_error[service] = error
+        if self.on_error is not None:
+            self.on_error(service, error)
+
+    def _unsynced(self, service: str) -> BackendUnavailable:
+        """The error for a first read that did not arrive in time, with the watch's last error."""
+        message = f"no answer from the registry within {self.sync_timeout:g}s"
+        last = self._last_error.get(service)
+        if last is None:
+            return BackendUnavailable(message, service=service)
+        words = last.message if isinstance(last, RegistryError) else str(last)
+        backend = last.backend if isinstance(last, RegistryError) else None
+        error = BackendUnavailable(
+            f"{message}; last error: {words}", service=service, backend=backend
+        )
+        error.__cause__ = last
+        return error
 
     async def health(self, service: str) -> list[InstanceHealth]:
         """Every instance of ``service`` with its health, ordered by id."""
@@ -97,20 +115,28 @@ class AsyncDiscovery:
         *,
         exclude: Collection[str | ServiceInstance] = (),
     ) -> ServiceInstance:
-        """One healthy instance of ``service``, skipping those in ``exclude``.
+        """One healthy instance of ``service`` with a port, skipping those in ``exclude``.
 
         ``exclude`` holds ids (every instance with that id: on Consul, ids are
         unique per node only) or instances (exactly those).
+        Instances read without a port (``port`` 0: another tool's entry) are
+        never chosen; :meth:`instances` and :meth:`health` still list them.
         Raises :class:`NoInstanceAvailable` when there is none.
         """
         strategy = as_strategy(strategy)
-        candidates = [
+        healthy = [
             i for i in await self.instances(service) if i.id not in exclude and i not in exclude
         ]
+        # An entry without a port (registered by another tool) is no target to connect to.
+        candidates = [i for i in healthy if i.port]
         chosen = self.selector.pick(service, candidates, strategy)
         if chosen is None:
+            portless = len(healthy) - len(candidates)
             raise NoInstanceAvailable(
-                "no healthy instance" + (" left to try" if exclude else ""), service=service
+                "no healthy instance"
+                + (" left to try" if exclude else "")
+                + (f" with a port ({portless} without one)" if portless else ""),
+                service=service,
             )
         return chosen
 

@@ -4,7 +4,8 @@ A URL with an explicit port is not a service name and passes through
 unchanged. On a connect failure the request goes to another instance, at
 most ``retries`` more times (instances are told apart by address, not only
 by id: on Consul two nodes may hold the same id); the ``Host`` header keeps
-the service name.
+the service name. An instance without a port (``port`` 0, read from another
+tool's entry) is never a target: it is skipped, and that is no retry.
 """
 
 from __future__ import annotations
@@ -57,6 +58,23 @@ def _no_instance(
     return httpx.ConnectError(f"{service}: {exc.message}", request=request)
 
 
+def _portless(
+    request: httpx.Request,
+    service: str,
+    instance: ServiceInstance,
+    tried: tuple[ServiceInstance, ...],
+) -> tuple[ServiceInstance, ...]:
+    """``tried`` plus ``instance``, which has no port to connect to (another tool's entry).
+
+    Raises when the chooser offers it again despite ``exclude``: nothing else is left.
+    """
+    if instance in tried:
+        raise httpx.ConnectError(
+            f"{service}: no healthy instance with a port ({instance.id} has none)", request=request
+        )
+    return (*tried, instance)
+
+
 class DiscoveryTransport(httpx.BaseTransport):
     """For ``httpx.Client``: routes by service name through a blocking :class:`Discovery`."""
 
@@ -78,17 +96,23 @@ class DiscoveryTransport(httpx.BaseTransport):
             return self.transport.handle_request(request)
         service = request.url.host
         tried: tuple[ServiceInstance, ...] = ()
+        skipped = 0  # instances without a port in ``tried``
         while True:
             try:
                 instance = self.discovery.choose(service, self.strategy, exclude=tried)
             except NoInstanceAvailable as exc:
                 raise _no_instance(request, service, exc) from exc
+            if not instance.port:
+                # Never a target; skipping it is no retry.
+                tried = _portless(request, service, instance, tried)
+                skipped += 1
+                continue
             _route(request, instance)
             try:
                 return self.transport.handle_request(request)
             except _RETRYABLE:
                 tried += (instance,)
-                if len(tried) > self.retries:
+                if len(tried) - skipped > self.retries:
                     raise
 
     def close(self) -> None:
@@ -116,17 +140,23 @@ class AsyncDiscoveryTransport(httpx.AsyncBaseTransport):
             return await self.transport.handle_async_request(request)
         service = request.url.host
         tried: tuple[ServiceInstance, ...] = ()
+        skipped = 0  # instances without a port in ``tried``
         while True:
             try:
                 instance = await self.discovery.choose(service, self.strategy, exclude=tried)
             except NoInstanceAvailable as exc:
                 raise _no_instance(request, service, exc) from exc
+            if not instance.port:
+                # Never a target; skipping it is no retry.
+                tried = _portless(request, service, instance, tried)
+                skipped += 1
+                continue
             _route(request, instance)
             try:
                 return await self.transport.handle_async_request(request)
             except _RETRYABLE:
                 tried += (instance,)
-                if len(tried) > self.retries:
+                if len(tried) - skipped > self.retries:
                     raise
 
     async def aclose(self) -> None:

@@ -29,6 +29,7 @@ from registry_agent import (
     Watcher,
 )
 from registry_agent._select import Selector, weight_of
+from registry_agent.testing.faultproxy import FaultProxy
 from registry_agent.testing.memory import MemoryRegistry
 from registry_agent.testing.servers import free_port
 
@@ -123,9 +124,62 @@ async def test_keep_last_nonempty(registry: MemoryRegistry) -> None:
 
 async def test_discovery_without_a_registry_says_so(registry: MemoryRegistry) -> None:
     registry.stop()
-    async with AsyncDiscovery(registry.url, sync_timeout=0.3) as discovery:
-        with pytest.raises(BackendUnavailable):
+    errors: list[tuple[str, BaseException]] = []
+    async with AsyncDiscovery(
+        registry.url, sync_timeout=0.3, on_error=lambda s, e: errors.append((s, e))
+    ) as discovery:
+        with pytest.raises(BackendUnavailable) as info:
             await discovery.instances("orders")
+    # The registry's own words, not only "no answer".
+    assert info.value.message == (
+        "no answer from the registry within 0.3s; "
+        f"last error: memory registry {registry.name!r} is stopped"
+    )
+    assert (info.value.service, info.value.backend) == ("orders", "memory")
+    assert errors  # the caller's on_error still sees each one
+    assert {service for service, _ in errors} == {"orders"}
+
+
+async def test_a_first_read_that_times_out_carries_consuls_own_words() -> None:
+    # Real Consul client code against a server answering every request with a 500.
+    with FaultProxy("127.0.0.1", free_port()) as proxy:
+        proxy.http(500, "rpc error: No cluster leader")
+        url = f"consul://{proxy.host}:{proxy.port}?timeout=2s"
+        started = time.monotonic()
+        async with AsyncDiscovery(url, sync_timeout=1.0) as discovery:
+            with pytest.raises(BackendUnavailable) as info:
+                await discovery.instances("orders")
+        took = time.monotonic() - started
+    print(f"first read against a 500: raised after {took:.2f}s: {info.value}")
+    assert info.value.message.startswith("no answer from the registry within 1s; last error: ")
+    assert "500" in info.value.message
+    assert "rpc error: No cluster leader" in info.value.message
+    assert info.value.backend == "consul"
+    assert took < 1.0 + 5
+
+
+def portless(n: int) -> ServiceInstance:
+    """An entry another tool registered without a port, as read back from the registry."""
+    return ServiceInstance.from_registry(service="orders", id=f"p{n}", address="10.0.0.9", port=0)
+
+
+async def test_instances_without_a_port_are_listed_but_never_chosen(
+    registry: MemoryRegistry,
+) -> None:
+    put(registry, portless(1))
+    put(registry, inst(2))
+    put(registry, portless(3))
+    async with AsyncDiscovery(registry.url) as discovery:
+        # Ordered by id.
+        every = await discovery.instances("orders", healthy_only=False)
+        assert every == [inst(2), portless(1), portless(3)]
+        assert [h.instance.id for h in await discovery.health("orders")] == ["o2", "p1", "p3"]
+        for strategy in ("round_robin", "random", "weighted"):
+            chosen = {(await discovery.choose("orders", strategy)).id for _ in range(30)}
+            assert chosen == {"o2"}, strategy
+        with pytest.raises(NoInstanceAvailable) as info:
+            await discovery.choose("orders", exclude={"o2"})
+        assert info.value.message == "no healthy instance left to try with a port (2 without one)"
 
 
 def test_blocking_watcher_ends_promptly_on_close(registry: MemoryRegistry) -> None:
@@ -284,3 +338,46 @@ def test_transport_retries_an_instance_sharing_the_dead_ones_id(web: list[int]) 
     with httpx.Client(transport=DiscoveryTransport(chooser, retries=1)) as client:  # type: ignore[arg-type]
         assert client.get("http://orders/").text.split()[0] == str(web[0])
     assert chooser.asked == [(), (dead,)]  # the retry excluded that instance, not its id
+
+
+def test_transports_skip_instances_without_a_port(registry: MemoryRegistry, web: list[int]) -> None:
+    put(registry, portless(1))
+    live = ServiceInstance("orders", address="127.0.0.1", port=web[0], id="o2")
+    put(registry, live)
+    with (
+        Discovery(registry.url) as discovery,
+        httpx.Client(transport=DiscoveryTransport(discovery)) as client,
+    ):
+        assert {client.get("http://orders/").text.split()[0] for _ in range(6)} == {str(web[0])}
+    # A chooser that offers one anyway: skipped, and skipping is no retry.
+    chooser = _SameIdOnTwoNodes([portless(1), portless(2), live])
+    with httpx.Client(transport=DiscoveryTransport(chooser, retries=0)) as client:
+        assert client.get("http://orders/").text.split()[0] == str(web[0])
+    assert chooser.asked == [(), (portless(1),), (portless(1), portless(2))]
+
+
+class _Stubborn:
+    """A chooser that ignores ``exclude`` and always offers the same portless entry."""
+
+    def choose(self, *args: object, **kwargs: object) -> ServiceInstance:
+        return portless(1)
+
+    async def achoose(self, *args: object, **kwargs: object) -> ServiceInstance:
+        return portless(1)
+
+
+def test_transport_never_connects_to_a_portless_instance() -> None:
+    with (
+        httpx.Client(transport=DiscoveryTransport(_Stubborn())) as client,
+        pytest.raises(httpx.ConnectError, match="no healthy instance with a port"),
+    ):
+        client.get("http://orders/")
+
+
+async def test_async_transport_never_connects_to_a_portless_instance() -> None:
+    stubborn = _Stubborn()
+    stubborn.choose = stubborn.achoose  # type: ignore[method-assign,assignment]
+    transport = AsyncDiscoveryTransport(stubborn)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport) as client:
+        with pytest.raises(httpx.ConnectError, match="p1 has none"):
+            await client.get("http://orders/")
