@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from registry_agent import (
     ConfigError,
     RegistryError,
+    ServiceInstance,
     WatchEvent,
     __version__,
     available_backends,
@@ -107,10 +108,17 @@ async def _list(url: str, service: str, as_json: bool, request_timeout: float | 
         inst = health.instance
         node = f"{inst.node or '-':20} " if nodes else ""
         _print(
-            f"{inst.id:30} {node}{inst.address + ':' + str(inst.port):22} {health.status!s:9} "
-            f"{','.join(inst.tags)}"
+            f"{inst.id:30} {node}{_host_port(inst):22} {health.status!s:9} {','.join(inst.tags)}"
         )
     return 0
+
+
+def _host_port(instance: ServiceInstance) -> str:
+    """``host:port``, IPv6 in brackets (``[::1]:9000``); the address alone without a port."""
+    if not instance.port:
+        return instance.address
+    address = f"[{instance.address}]" if ":" in instance.address else instance.address
+    return f"{address}:{instance.port}"
 
 
 # -- watch ---------------------------------------------------------------------------
@@ -136,8 +144,7 @@ def _event_line(event: WatchEvent, as_json: bool) -> str:
     stamp = time.strftime("%H:%M:%S")
     health = "healthy" if event.healthy else "unhealthy"
     return (
-        f"{stamp}  {event.type!s:8} {inst.service:16} {inst.id:30} "
-        f"{inst.address}:{inst.port:<6} {health}"
+        f"{stamp}  {event.type!s:8} {inst.service:16} {inst.id:30} {_host_port(inst):22} {health}"
     )
 
 

@@ -5,8 +5,15 @@ import uuid
 
 import pytest
 
-from registry_agent import BackendUnavailable, HealthStatus, InstanceHealth, ServiceInstance
-from registry_agent._cli import main
+from registry_agent import (
+    BackendUnavailable,
+    EventType,
+    HealthStatus,
+    InstanceHealth,
+    ServiceInstance,
+    WatchEvent,
+)
+from registry_agent._cli import _event_line, main
 from registry_agent.testing.memory import MemoryRegistry
 from registry_agent.testing.servers import free_port
 
@@ -47,6 +54,29 @@ def test_list_table_shows_nodes_when_known(
     assert main(["list", "orders", "--backend", registry.url, "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r.get("node") for r in rows] == [None, None, "b"]
+
+
+def test_list_brackets_ipv6_addresses(
+    registry: MemoryRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry.put(
+        InstanceHealth(ServiceInstance("orders", id="v6", address="::1", port=9000)), ttl=60
+    )
+    foreign = ServiceInstance.from_registry(
+        service="orders", id="w-noport", address="fe80::1", port=0
+    )
+    registry.put(InstanceHealth(foreign), ttl=60)
+    assert main(["list", "orders", "--backend", registry.url]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["v6"][1] == "[::1]:9000"  # "::1:9000" would read as another address
+    assert rows["w-noport"][1] == "fe80::1"  # no port (another tool's entry): the address alone
+    assert rows["orders-10.0.0.1-80"][1] == "10.0.0.1:80"
+
+
+def test_watch_lines_bracket_ipv6_addresses() -> None:
+    instance = ServiceInstance("orders", id="v6", address="2001:db8::7", port=9000)
+    line = _event_line(WatchEvent(EventType.ADDED, instance, healthy=True), as_json=False)
+    assert line.split()[1:] == ["added", "orders", "v6", "[2001:db8::7]:9000", "healthy"]
 
 
 def test_list_json(registry: MemoryRegistry, capsys: pytest.CaptureFixture[str]) -> None:
