@@ -2,8 +2,10 @@
 
 On real Consul and etcd: hung sync checks in one process leave a healthy
 neighbour registered (its ``localhost`` URL still resolves), a process whose
-check hangs still exits at once after ``stop()``, and the password of an HTTP
-check URL never reaches the registry nor the registrar's status.
+check hangs still exits at once after ``stop()``, a timed-out command loses
+its whole tree (``setsid`` escapees included), an async check raising
+SystemExit is a failed result, and the password of an HTTP check URL never
+reaches the registry nor the registrar's status.
 """
 
 from __future__ import annotations
@@ -241,6 +243,11 @@ _COMMANDS_BESIDE_A_REGISTRATION = textwrap.dedent(
     url, port, env_file, window = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
     PRINTER = "import sys\\nfor _ in range(100): sys.stdout.buffer.write(b'y' * (1 << 20))"
     RETRY = RetryPolicy(initial=0.1, cap=1.0)
+    # A child that stays in the group, and one that leaves it (setsid) and closes the pipe.
+    ESCAPES = "sleep 100 & setsid sh -c 'exec 1>&-; sleep 100' & sleep 100"
+
+    async def exits():
+        raise SystemExit(4)  # on the loop: it must not end this process
 
     def hwm():
         with open("/proc/self/status") as f:
@@ -277,9 +284,9 @@ _COMMANDS_BESIDE_A_REGISTRATION = textwrap.dedent(
             url,
             ServiceInstance("stuck", address="127.0.0.1", port=port + 1),
             checks=[
-                CommandCheck(["sh", "-c", "sleep 100 & sleep 100"], interval=0.2, timeout=0.3,
-                             name="tree"),
+                CommandCheck(["sh", "-c", ESCAPES], interval=0.2, timeout=0.3, name="tree"),
                 CallableCheck(lambda: time.sleep(3600), interval=0.2, timeout=0.3, name="hang"),
+                CallableCheck(exits, interval=0.2, name="exits"),
             ],
             ttl=3, retry=RETRY,
         )
@@ -346,9 +353,11 @@ def test_command_checks_that_flood_and_fork_hurt_nothing(
     print(f"peak RSS grew {grew:.1f} MiB over {window:g}s of 100 MB check runs")
     assert grew < 32
     measured("one 100 MB check run", checks["prints 100 MB"]["latency"], 30)
-    # The forking check timed out each time, its tree killed: nothing runs after stop().
+    # The forking check timed out each time, its tree killed (the setsid escapee too):
+    # nothing runs after stop().
     assert checks["tree"]["detail"] == "timed out after 0.3s", checks
     assert checks["hang"]["detail"].startswith(("timed out", "previous run still running"))
+    assert checks["exits"]["detail"] == "raised SystemExit: 4", checks
     # Killed orphans (the background sleeps) may remain as zombies for the agent's reaper.
     assert seen["running_after_stop"] == []
     text = env_file.read_text()
