@@ -116,19 +116,21 @@ def _kill_tree(pid: int) -> None:
     """
     _kill_group(pid, signal.SIGSTOP)
     frozen: set[int] = set()
-    for _ in range(_TREE_ROUNDS):
-        parents = _parents()
-        if parents is None:
-            break
-        new = _descendants(pid, parents) - frozen
-        if not new:
-            break
-        for child in new:
-            _kill(child, signal.SIGSTOP)
-        frozen |= new
-    _kill_group(pid)
-    for child in frozen:
-        _kill(child, signal.SIGKILL)
+    try:
+        for _ in range(_TREE_ROUNDS):
+            parents = _parents()
+            if parents is None:
+                break
+            new = _descendants(pid, parents) - frozen
+            if not new:
+                break
+            for child in new:
+                _kill(child, signal.SIGSTOP)
+            frozen |= new
+    finally:  # whatever the walk met, nothing is left stopped
+        _kill_group(pid)
+        for child in frozen:
+            _kill(child, signal.SIGKILL)
 
 
 class CommandCheck(HealthCheck):
