@@ -829,9 +829,15 @@ class EtcdBackend:
 
     async def _close_client(self, client: aetcd.Client) -> None:
         # Closing cancels the channel's calls; bounded in case the channel is wedged.
+        channel = getattr(client, "channel", None)
         with contextlib.suppress(Exception):  # already broken
             async with asyncio.timeout(self.timeout):
                 await client.close()
+        # aetcd shuts its watcher down before the channel, which can hang on a
+        # wedged connection: the channel and its sockets are closed whatever happened.
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     async def close(self) -> None:
         """Stop the connection probe and close the channel (bounded by ``timeout``)."""
