@@ -504,14 +504,14 @@ class EtcdBackend:
         unavailable = isinstance(error, BackendUnavailable)
         # aetcd keeps a half-open client after a failed connect (auth, timeout), and
         # an expired auth token stays in its metadata: start afresh next time.
-        # A call that failed unavailable (timed out, ping timeout, reset) may sit on
-        # a dead connection (blackholed, half-open) that the channel would keep
-        # reusing until keepalive gives up on it: dial afresh. A throttle is an
-        # answer from a live server: keep the connection.
+        # A call that timed out may sit on a dead connection (blackholed, half-open)
+        # that the channel would keep until keepalive gives up: dial afresh.
+        rpc_error = _rpc_error(exc)
         broken = (
             isinstance(exc, TimeoutError | aetcd.exceptions.UnauthenticatedError)
             or "invalid auth token" in _details(exc)
-            or (unavailable and not isinstance(error, Throttled))
+            or (rpc_error is not None and rpc_error.code() is grpc.StatusCode.DEADLINE_EXCEEDED)
+            or (unavailable and rpc_error is None)  # a client-side surprise: start afresh
         )
         failover = unavailable and len(self.endpoints) > 1
         # Only the first failure of a client moves on: its other calls fail with it.
