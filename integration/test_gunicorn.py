@@ -271,7 +271,10 @@ async def test_registrar_per_worker_started_in_post_fork(
 
     # The replacements register; the registry holds exactly the live workers.
     gunicorn.wait_events("registered", WORKERS + len(gone), within=30)
-    gone = {e["worker"] for e in gunicorn.events("child_exit")}  # more may have recycled
+    # More may have recycled meanwhile: a worker is gone once its exit hook deregistered
+    # it, even before the master has reaped it.
+    gone = {e["worker"] for e in gunicorn.events("child_exit")}
+    gone |= {e["worker"] for e in gunicorn.events("deregistered")}
     want = {e["id"] for e in gunicorn.events("registered") if e["worker"] not in gone}
     assert await _health(server.url, gunicorn.service) == dict.fromkeys(want, HealthStatus.PASSING)
 
