@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 # The shared contract suites live in the package: show their failed asserts in full.
-pytest.register_assert_rewrite("registry_agent.testing.contract")
+pytest.register_assert_rewrite(
+    "registry_agent.testing.contract", "registry_agent.testing.fault_contract"
+)
 
 from integration.acl import AclConsul  # noqa: E402
 from integration.agent_process import Agent  # noqa: E402
