@@ -100,6 +100,9 @@ async def test_registry_restarted_empty(
         took = await until(observer, PASSING, 10)
         measured("re-registered", took, reg.heartbeat_interval + RETRY.cap + MARGIN)
         assert reg.counters.lease_losses >= 1
+        # Consul shows the entry as soon as the service is in; the registration call
+        # (which also sets the health check) may still be finishing: give it a moment.
+        assert await reg.wait_registered(5.0)  # the backend's request timeout
         assert reg.counters.reregistrations >= 1
 
 
