@@ -76,7 +76,9 @@ async def test_a_user_limited_to_its_prefix_registers_and_heals(auth_etcd: EtcdS
             await asyncio.sleep(0.1)
         assert listed, "the observer never read the entry again"
         assert reg.counters.heartbeats_ok >= beats + 2, "heartbeats never resumed"
-        assert reg.counters.errors >= 1
+        # It noticed: a failed call, or (the restart above blocks this test's event
+        # loop for longer than the TTL) an entry counted lost and registered again.
+        assert reg.counters.errors + reg.counters.lease_losses >= 1
     finally:
         await reg.stop(timeout=5)
         await reg.backend.close()
