@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from integration.registry_view import registry_health
 from registry_agent import (
     AsyncDiscovery,
     AsyncWatcher,
@@ -244,15 +245,6 @@ def scenarios() -> Iterator[Callable[..., Scenario]]:
         scenario.close()
 
 
-async def _health(url: str, service: str) -> dict[str, HealthStatus]:
-    backend = open_backend(url)
-    try:
-        snapshot = await backend.list(service)
-    finally:
-        await backend.close()
-    return {h.instance.id: h.status for h in snapshot.instances.values()}
-
-
 async def test_blocking_objects_crossing_fork_return_at_once_in_the_child(
     server: ServerProcess,
     scenarios: Callable[..., Scenario],
@@ -278,12 +270,12 @@ async def test_blocking_objects_crossing_fork_return_at_once_in_the_child(
     assert child["fresh"] == (["forked-parent"] if fresh else [])
     # The parent's entry is untouched by the child, and still heartbeating a TTL later.
     assert parent["registered"]
-    assert await _health(server.url, service) == {"forked-parent": HealthStatus.PASSING}
+    assert await registry_health(server.url, service) == {"forked-parent": HealthStatus.PASSING}
     await asyncio.sleep(TTL + 1)
-    assert await _health(server.url, service) == {"forked-parent": HealthStatus.PASSING}
+    assert await registry_health(server.url, service) == {"forked-parent": HealthStatus.PASSING}
     scenario.go_on()
     assert scenario.read("stopped")
-    assert await _health(server.url, service) == {}  # the parent's own stop() still works
+    assert await registry_health(server.url, service) == {}  # the parent's own stop() still works
     log = scenario.stderr()
     warnings = [line for line in log.splitlines() if "crossed fork()" in line]
     # One per object (registrar, watcher, discovery), once, and the SIGTERMed child's.

@@ -44,7 +44,8 @@ from typing import Any
 
 import pytest
 
-from registry_agent import HealthStatus, open_backend
+from integration.registry_view import registry_health
+from registry_agent import HealthStatus
 from registry_agent.testing.servers import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,16 +182,6 @@ def gunicorns(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
         gunicorn.close()
 
 
-async def _health(url: str, service: str) -> dict[str, HealthStatus]:
-    """What the registry holds for ``service``, read directly (a backend of our own)."""
-    backend = open_backend(url)
-    try:
-        snapshot = await backend.list(service)
-    finally:
-        await backend.close()
-    return {h.instance.id: h.status for h in snapshot.instances.values()}
-
-
 def _exit_times(gunicorn: Gunicorn) -> dict[int, float]:
     """Per reaped worker: seconds from its worker_exit hook to the master reaping it."""
     began = {e["worker"]: e["t"] for e in gunicorn.events("worker_exit")}
@@ -209,7 +200,7 @@ async def test_registrar_started_at_import_with_preload(
     master_id = registered[0]["id"]
     assert registered[0]["master"] == gunicorn.process.pid  # it lives in the master
     gunicorn.wait_events("post_fork", WORKERS, within=30)
-    assert await _health(server.url, gunicorn.service) == {master_id: HealthStatus.PASSING}
+    assert await registry_health(server.url, gunicorn.service) == {master_id: HealthStatus.PASSING}
 
     # Workers recycle (max_requests), one after another over more than a TTL: each
     # exit runs the inherited atexit hook; the master's entry stays passing throughout.
@@ -218,7 +209,9 @@ async def test_registrar_started_at_import_with_preload(
     sent = 0
     for exits in range(1, 2 * WORKERS + 1):
         sent += gunicorn.recycle(exits)
-        assert await _health(server.url, gunicorn.service) == {master_id: HealthStatus.PASSING}
+        assert await registry_health(server.url, gunicorn.service) == {
+            master_id: HealthStatus.PASSING
+        }
         await asyncio.sleep(TTL / 2)
     assert time.monotonic() - began > TTL  # the master heartbeated meanwhile
     recycled = _exit_times(gunicorn)
@@ -226,7 +219,7 @@ async def test_registrar_started_at_import_with_preload(
     assert first_workers <= set(recycled)
     measured(f"worker exit x{len(recycled)} (max)", max(recycled.values()), CHILD_EXIT_BOUND)
     print(f"{sent} requests recycled {len(recycled)} workers")
-    assert await _health(server.url, gunicorn.service) == {master_id: HealthStatus.PASSING}
+    assert await registry_health(server.url, gunicorn.service) == {master_id: HealthStatus.PASSING}
 
     # SIGTERM to the master: its workers exit at once, then it deregisters and exits.
     alive = {e["worker"] for e in gunicorn.events("post_fork")} - set(recycled)
@@ -236,7 +229,7 @@ async def test_registrar_started_at_import_with_preload(
     assert set(on_stop) == alive, gunicorn.log()
     measured("worker exit on SIGTERM (max)", max(on_stop.values()), CHILD_EXIT_BOUND)
     measured("gunicorn exit on SIGTERM", took, MASTER_EXIT_BOUND)
-    assert await _health(server.url, gunicorn.service) == {}  # deregistered by the master
+    assert await registry_health(server.url, gunicorn.service) == {}  # deregistered by the master
 
     log = gunicorn.log()
     assert "Traceback" not in log, log
@@ -256,12 +249,14 @@ async def test_registrar_per_worker_started_in_post_fork(
     first = gunicorn.wait_events("registered", WORKERS, within=30)
     ids = {e["id"] for e in first}
     assert len(ids) == WORKERS  # one entry per worker
-    assert await _health(server.url, gunicorn.service) == dict.fromkeys(ids, HealthStatus.PASSING)
+    assert await registry_health(server.url, gunicorn.service) == dict.fromkeys(
+        ids, HealthStatus.PASSING
+    )
 
     # Each of the first workers recycles (max_requests): its entry goes with it.
     gunicorn.recycle(exits=WORKERS)
     gone = {e["worker"] for e in gunicorn.events("child_exit")}
-    held = await _health(server.url, gunicorn.service)
+    held = await registry_health(server.url, gunicorn.service)
     assert not {f"{gunicorn.service}-{pid}" for pid in gone} & set(held), held
     stops = {e["worker"]: e["took"] for e in gunicorn.events("deregistered")}
     assert set(stops) >= gone
@@ -276,7 +271,9 @@ async def test_registrar_per_worker_started_in_post_fork(
     gone = {e["worker"] for e in gunicorn.events("child_exit")}
     gone |= {e["worker"] for e in gunicorn.events("deregistered")}
     want = {e["id"] for e in gunicorn.events("registered") if e["worker"] not in gone}
-    assert await _health(server.url, gunicorn.service) == dict.fromkeys(want, HealthStatus.PASSING)
+    assert await registry_health(server.url, gunicorn.service) == dict.fromkeys(
+        want, HealthStatus.PASSING
+    )
 
     alive = {e["worker"] for e in gunicorn.events("post_fork")} - gone
     took = gunicorn.terminate()
@@ -285,7 +282,7 @@ async def test_registrar_per_worker_started_in_post_fork(
     assert set(on_stop) == alive, gunicorn.log()
     measured("worker exit on SIGTERM (max)", max(on_stop.values()), DEREGISTER_BOUND)
     measured("gunicorn exit on SIGTERM", took, MASTER_EXIT_BOUND)
-    assert await _health(server.url, gunicorn.service) == {}  # every worker deregistered
+    assert await registry_health(server.url, gunicorn.service) == {}  # every worker deregistered
     log = gunicorn.log()
     assert "Traceback" not in log, log
     assert "crossed fork()" not in log, log

@@ -218,9 +218,8 @@ def etcd_ids(server: EtcdServer, service: str, prefix: str = "/services") -> lis
 
 def etcd_orphan_leases(server: EtcdServer) -> list[str]:
     """Leases alive on the server that no key is attached to."""
-    leases = {str(lease["ID"]) for lease in server.api("/v3/lease/leases").get("leases", [])}
-    used = {str(kv.get("lease", "0")) for kv in etcd_keys(server, b"/")}
-    return sorted(leases - used)
+    used = {int(kv.get("lease", 0)) for kv in etcd_keys(server, b"/")}
+    return sorted(str(lease) for lease in server.leases() - used)
 
 
 class FaultContract(_ContractFixtures):
