@@ -347,6 +347,26 @@ async def test_a_reload_cut_short_by_a_stop_logs_what_it_did(
     assert await _held("reload-cut", ["a0", *names], 0) == 0
 
 
+async def test_a_reload_queued_behind_the_stop_says_it_was_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGHUP then SIGTERM at once: the stop takes the turn first and cancels the waiting reload
+    when it is done (a race seen in a fresh-clone run); the log still says the reload did nothing."""
+    path = tmp_path / "agent.toml"
+    _memory_services(path, "reload-queued", ["a0"])
+    runtime = await _running(path)
+    _memory_services(path, "reload-queued", ["b0"])
+    with caplog.at_level(logging.INFO, "registry_agent.agent"):
+        stopping = asyncio.ensure_future(runtime.shutdown())
+        await asyncio.sleep(0)  # the stop holds the turn
+        runtime._spawn(runtime.reload())
+        await stopping
+    messages = [r.getMessage() for r in caplog.records]
+    assert "reload skipped: stopping" in messages, messages
+    assert not any(m.startswith("reloaded") for m in messages), messages
+    assert await _held("reload-queued", ["a0", "b0"], 0) == 0
+
+
 def test_the_exit_pass_reaps_adopted_zombies_and_waits_a_little_for_the_rest() -> None:
     exited = os.fork()
     if exited == 0:

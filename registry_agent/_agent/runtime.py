@@ -264,83 +264,92 @@ class AgentRuntime:
     async def reload(self) -> None:
         """Re-read the file: start new services, stop removed ones, restart changed ones."""
         assert self._turn is not None
-        async with self._turn:
+        try:
+            await self._turn.acquire()
+        except asyncio.CancelledError:
+            # The stop held the turn, finished, and cancelled us while we waited.
+            log.info("reload skipped: stopping", extra={"event": "reload_skipped"})
+            raise
+        try:
+            await self._reload_in_turn()
+        finally:
+            self._turn.release()
+
+    async def _reload_in_turn(self) -> None:
+        if self._stopping:
+            log.info("reload skipped: stopping", extra={"event": "reload_skipped"})
+            return
+        new_backend: Backend | None = None
+        try:
+            new = load_config(self.config.source)
+            remember_secrets(new.secrets())
+            new_backend = (
+                open_configured_backend(new) if new.backend != self.config.backend else None
+            )
+            assert self.backend is not None
+            await validate_services(new, new_backend or self.backend)
+        except ConfigError as exc:
+            if new_backend is not None:
+                with contextlib.suppress(Exception):
+                    await new_backend.close()
+            log.error(
+                "reload refused, keeping the running config: %s",
+                exc,
+                extra={"event": "reload_failed", "error": str(exc)},
+            )
+            return
+        if new_backend is not None:
+            log.info(
+                "backend changed: re-registering every service",
+                extra={"event": "reload_backend"},
+            )
+            for key in list(self.registrars):
+                await self._stop_service(key)
+            old_backend, self.backend = self.backend, new_backend
+            if old_backend is not None:
+                with contextlib.suppress(Exception):
+                    await old_backend.close()
+        wanted = {svc.key: svc for svc in new.services}
+        removed = [k for k in self.registrars if k not in wanted]
+        changed = [k for k in self.registrars if k in wanted and self.registrars[k][0] != wanted[k]]
+        added = [k for k in wanted if k not in self.registrars]
+        unchanged = len(self.registrars) - len(removed) - len(changed)
+        await asyncio.gather(*(self._stop_service(key) for key in removed + changed))
+        started = failed = 0
+        for key in changed + added:
             if self._stopping:
-                log.info("reload skipped: stopping", extra={"event": "reload_skipped"})
-                return
-            new_backend: Backend | None = None
-            try:
-                new = load_config(self.config.source)
-                remember_secrets(new.secrets())
-                new_backend = (
-                    open_configured_backend(new) if new.backend != self.config.backend else None
+                # The stop that waits for us deregisters what we started.
+                log.info(
+                    "reload interrupted by stop: %d of %d service(s) started, %d removed; "
+                    "the stop deregisters every one",
+                    started,
+                    len(changed) + len(added),
+                    len(removed) + len(changed),
+                    extra={"event": "reload_interrupted"},
                 )
-                assert self.backend is not None
-                await validate_services(new, new_backend or self.backend)
-            except ConfigError as exc:
-                if new_backend is not None:
-                    with contextlib.suppress(Exception):
-                        await new_backend.close()
+                return
+            try:
+                await self._start_service(wanted[key])
+                started += 1
+            except RegistryError as exc:
+                failed += 1
                 log.error(
-                    "reload refused, keeping the running config: %s",
+                    "reload: %s not started: %s",
+                    key,
                     exc,
                     extra={"event": "reload_failed", "error": str(exc)},
                 )
-                return
-            if new_backend is not None:
-                log.info(
-                    "backend changed: re-registering every service",
-                    extra={"event": "reload_backend"},
-                )
-                for key in list(self.registrars):
-                    await self._stop_service(key)
-                old_backend, self.backend = self.backend, new_backend
-                if old_backend is not None:
-                    with contextlib.suppress(Exception):
-                        await old_backend.close()
-            wanted = {svc.key: svc for svc in new.services}
-            removed = [k for k in self.registrars if k not in wanted]
-            changed = [
-                k for k in self.registrars if k in wanted and self.registrars[k][0] != wanted[k]
-            ]
-            added = [k for k in wanted if k not in self.registrars]
-            unchanged = len(self.registrars) - len(removed) - len(changed)
-            await asyncio.gather(*(self._stop_service(key) for key in removed + changed))
-            started = failed = 0
-            for key in changed + added:
-                if self._stopping:
-                    # The stop that waits for us deregisters what we started.
-                    log.info(
-                        "reload interrupted by stop: %d of %d service(s) started, %d removed; "
-                        "the stop deregisters every one",
-                        started,
-                        len(changed) + len(added),
-                        len(removed) + len(changed),
-                        extra={"event": "reload_interrupted"},
-                    )
-                    return
-                try:
-                    await self._start_service(wanted[key])
-                    started += 1
-                except RegistryError as exc:
-                    failed += 1
-                    log.error(
-                        "reload: %s not started: %s",
-                        key,
-                        exc,
-                        extra={"event": "reload_failed", "error": str(exc)},
-                    )
-            self.config = new
-            self.reloads += 1
-            log.info(
-                "reloaded: %d added, %d changed, %d removed, %d unchanged%s",
-                len(added),
-                len(changed),
-                len(removed),
-                unchanged,
-                f", {failed} failed to start" if failed else "",
-                extra={"event": "reloaded"},
-            )
+        self.config = new
+        self.reloads += 1
+        log.info(
+            "reloaded: %d added, %d changed, %d removed, %d unchanged%s",
+            len(added),
+            len(changed),
+            len(removed),
+            unchanged,
+            f", {failed} failed to start" if failed else "",
+            extra={"event": "reloaded"},
+        )
 
     # -- status ------------------------------------------------------------------------
 
