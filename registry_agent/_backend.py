@@ -8,13 +8,21 @@ registers its class under the entry-point group ``registry_agent.backends``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import enum
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance, ServiceSnapshot
 
-__all__ = ["Backend", "Lease", "error_context", "running_loop"]
+__all__ = [
+    "Backend",
+    "Lease",
+    "LivenessNews",
+    "SharedLiveness",
+    "error_context",
+    "running_loop",
+]
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:
@@ -47,6 +55,45 @@ class Lease:
     ttl: float
     handle: str | int
     backend: str
+    #: True when the backend keeps this registration alive with a heartbeat it
+    #: shares with the process's other registrations (same backend, same TTL),
+    #: and verifies it in one read for all of them: see :class:`SharedLiveness`.
+    shared: bool = False
+
+
+class LivenessNews(enum.Enum):
+    """What a backend that shares liveness tells a registration about its lease."""
+
+    #: The shared renewal failed, recovered, or the shared lease was lost:
+    #: call :meth:`Backend.heartbeat` now (it answers from memory, without I/O).
+    RENEWAL = "renewal"
+    #: The shared verification found this entry missing, changed, or holding
+    #: another status than the one written: call :meth:`Backend.lookup` now.
+    VERIFY = "verify"
+
+
+@runtime_checkable
+class SharedLiveness(Protocol):
+    """Optional backend capability: one heartbeat and one verification for many registrations.
+
+    For a :class:`Lease` with ``shared=True`` the backend renews the liveness
+    itself (etcd: one lease per TTL on one keepalive stream; Consul: one
+    heartbeat service per TTL whose TTL check every service aliases) and reads
+    all its registrations back once per TTL. The registrar then runs no timer
+    of its own: it calls :meth:`Backend.heartbeat` (answered from memory:
+    ``LeaseLost`` when the shared lease is gone, ``BackendUnavailable`` while
+    renewals fail) and :meth:`Backend.lookup` only when told to.
+    """
+
+    def follow(self, lease: Lease, notify: Callable[[LivenessNews], None]) -> Callable[[], None]:
+        """Call ``notify`` (on the event loop, never raising into the backend) with news
+        about ``lease`` until the returned function is called or the lease is deregistered."""
+        ...
+
+    def last_renewal(self, lease: Lease) -> float | None:
+        """Wall-clock time (``time.time()``) of the last successful shared renewal covering
+        ``lease``, or None when none has succeeded yet."""
+        ...
 
 
 @runtime_checkable
