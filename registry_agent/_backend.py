@@ -76,7 +76,7 @@ class LivenessNews(enum.Enum):
 class SharedLiveness(Protocol):
     """Optional backend capability: one heartbeat and one verification for many registrations.
 
-    For a :class:`Lease` with ``shared=True`` the backend renews the liveness
+    For a :class:`Lease` from :meth:`register_shared` the backend renews the liveness
     itself (etcd: one lease per TTL on one keepalive stream; Consul: one
     heartbeat service per TTL whose TTL check every service aliases) and reads
     all its registrations back once per TTL. The registrar then runs no timer
@@ -84,6 +84,22 @@ class SharedLiveness(Protocol):
     ``LeaseLost`` when the shared lease is gone, ``BackendUnavailable`` while
     renewals fail) and :meth:`Backend.lookup` only when told to.
     """
+
+    async def register_shared(
+        self,
+        instance: ServiceInstance,
+        *,
+        ttl: float,
+        status: HealthStatus = HealthStatus.PASSING,
+        note: str = "",
+        deregister_critical_after: float | None = None,
+    ) -> Lease:
+        """Like :meth:`Backend.register`, but the entry lives on the shared liveness of
+        ``ttl`` (granted or registered first if needed) and the returned lease has
+        ``shared=True``. The backend keeps it alive until it is deregistered, the
+        backend is closed, or the process dies; :meth:`Backend.register` keeps its
+        own lease that the caller renews."""
+        ...
 
     def follow(self, lease: Lease, notify: Callable[[LivenessNews], None]) -> Callable[[], None]:
         """Call ``notify`` (on the event loop, never raising into the backend) with news
