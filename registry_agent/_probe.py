@@ -12,8 +12,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from typing import Protocol, runtime_checkable
 
-__all__ = ["ConnectionProbe", "Hold"]
+__all__ = ["ConnectionAware", "ConnectionProbe", "Hold"]
+
+
+@runtime_checkable
+class ConnectionAware(Protocol):
+    """Optional backend capability: say at once when the registry goes away or comes back.
+
+    A registrar whose backend has it re-checks its entry the moment the
+    registry answers again, instead of at its next heartbeat. A backend usually
+    implements it with a :class:`ConnectionProbe`::
+
+        async def wait_connection_change(self) -> None:
+            await self._probe.wait_change()
+    """
+
+    async def wait_connection_change(self) -> None:
+        """Return when the registry went away, or came back after being away."""
+        ...
+
 
 #: ``hold(connected)``: open a long-lived request, call ``connected()`` once the
 #: registry answered, and keep waiting while it is up. Return True to be called

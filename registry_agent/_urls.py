@@ -1,17 +1,46 @@
-"""Parsing backend URLs and their options into checked values."""
+"""Checked values from user input: backend URLs, durations, options and config tables.
+
+One set of converters, ``as_*(value, field)``, each raising a :class:`ConfigError`
+that names ``field``; ``opt_*(name, value)`` are the same converters for a
+backend option named ``backend.<name>``; :class:`Table` reads one config table
+with them and refuses the keys nobody read.
+"""
 
 from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from registry_agent._errors import ConfigError
 
-__all__ = ["BackendURL", "Option", "parse_backend_url", "parse_duration", "take_options"]
+__all__ = [
+    "BackendURL",
+    "Option",
+    "Table",
+    "as_bool",
+    "as_choice",
+    "as_duration",
+    "as_int",
+    "as_positive_int",
+    "as_str",
+    "as_str_list",
+    "as_str_map",
+    "describe",
+    "opt_bool",
+    "opt_choice",
+    "opt_duration",
+    "opt_str",
+    "option",
+    "parse_backend_url",
+    "parse_duration",
+    "read_secret_file",
+    "take_options",
+]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -112,19 +141,127 @@ def _split_host_port(part: str, url: str, default_port: int | None) -> tuple[str
     return host, int(port_text)
 
 
+#: A converter of one value: ``convert(value, field)`` returns it checked or raises
+#: a :class:`ConfigError` naming ``field``.
+Convert = Callable[[Any, str], Any]
+#: A backend option's converter: ``convert(name, value)``, errors naming ``backend.<name>``.
 Option = Callable[[str, Any], Any]
+
+
+def describe(value: Any) -> str:
+    """What kind of value ``value`` is, for an error message that must not echo it."""
+    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def as_str(value: Any, field: str) -> str:
+    """A string."""
+    if not isinstance(value, str):
+        raise ConfigError(f"expected a string, got {describe(value)}", field=field)
+    return value
+
+
+def as_duration(value: Any, field: str) -> float:
+    """A duration above zero: seconds, or a string like ``"10s"``, ``"500ms"``, ``"1m"``."""
+    seconds = parse_duration(value, field=field)
+    if seconds <= 0:
+        raise ConfigError(f'expected a duration above zero like "2s", got {value!r}', field=field)
+    return seconds
+
+
+def as_bool(value: Any, field: str) -> bool:
+    """A boolean (``true``/``false``/``1``/``0``/``yes``/``no``/``on``/``off`` as text)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise ConfigError(f"expected true or false, got {value!r}", field=field)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def as_int(value: Any, field: str) -> int:
+    """A whole number (not a boolean, not text)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"expected a whole number, got {value!r}", field=field)
+    return value
+
+
+def as_positive_int(value: Any, field: str) -> int:
+    """A whole number of at least 1."""
+    number = as_int(value, field)
+    if number < 1:
+        raise ConfigError(f"expected a whole number >= 1, got {number}", field=field)
+    return number
+
+
+def as_str_list(value: Any, field: str) -> tuple[str, ...]:
+    """A list of strings, as a tuple."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"expected a list of strings, got {value!r}", field=field)
+    return tuple(value)
+
+
+def as_str_map(value: Any, field: str) -> dict[str, str]:
+    """A table of strings; a bad value is named ``field.key``."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"expected a table of strings, got {describe(value)}", field=field)
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise ConfigError(f"expected a string, got {describe(item)}", field=f"{field}.{key}")
+    return dict(value)
+
+
+def as_choice(*choices: str) -> Convert:
+    """A converter accepting only one of ``choices``."""
+
+    def convert(value: Any, field: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"expected one of {', '.join(choices)}, got {value!r}", field=field)
+        return str(value)
+
+    return convert
+
+
+def option(convert: Convert) -> Option:
+    """``convert`` as a backend option converter: its errors name ``backend.<name>``."""
+
+    def convert_option(name: str, value: Any) -> Any:
+        return convert(value, f"backend.{name}")
+
+    convert_option.__doc__ = convert.__doc__
+    return convert_option
+
+
+#: A backend option that must be a string.
+opt_str: Option = option(as_str)
+#: A backend option holding a duration above zero: seconds or ``"10s"``.
+opt_duration: Option = option(as_duration)
+#: A backend option holding a boolean (``true``/``false``/``1``/``0`` in a URL).
+opt_bool: Option = option(as_bool)
+
+
+def opt_choice(*choices: str) -> Option:
+    """A backend option that must be one of ``choices``."""
+    return option(as_choice(*choices))
 
 
 def take_options(
     scheme: str, given: Mapping[str, Any], spec: Mapping[str, Option]
 ) -> dict[str, Any]:
-    """Convert ``given`` options with ``spec``'s converters; unknown names are errors."""
+    """Convert ``given`` options with ``spec``'s converters; unknown names are errors.
+
+    The error for one unknown option names its field (``backend.<name>``).
+    """
     unknown = sorted(set(given) - set(spec))
     if unknown:
         raise ConfigError(
             f"unknown option(s) {', '.join(map(repr, unknown))} for {scheme}://; "
             f"expected one of: {', '.join(sorted(spec))}",
-            field="backend",
+            field=f"backend.{unknown[0]}" if len(unknown) == 1 else "backend",
         )
     return {name: spec[name](name, value) for name, value in given.items()}
 
@@ -137,47 +274,74 @@ def read_secret_file(path: str | Path, *, field: str) -> str:
         raise ConfigError(f"cannot read {path}: {exc.strerror}", field=field) from None
 
 
-def opt_str(name: str, value: Any) -> str:
-    """An option that must be a string."""
-    if not isinstance(value, str):
-        raise ConfigError(f"expected a string, got {value!r}", field=f"backend.{name}")
-    return value
+class Table:
+    """One table of a config file being read: each key converted, errors naming its path.
 
+    ``path`` is where the table sits (``service[2].check[0]``); :meth:`done`
+    refuses every key that no :meth:`get` or :meth:`require` asked for.
+    """
 
-def opt_duration(name: str, value: Any) -> float:
-    """An option holding a duration: seconds or ``"10s"``."""
-    seconds = parse_duration(value, field=f"backend.{name}")
-    if seconds <= 0:
-        raise ConfigError(f"expected a duration above zero, got {value!r}", field=f"backend.{name}")
-    return seconds
-
-
-def opt_bool(name: str, value: Any) -> bool:
-    """An option holding a boolean (``true``/``false``/``1``/``0`` in a URL)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in {
-        "1",
-        "true",
-        "yes",
-        "on",
-        "0",
-        "false",
-        "no",
-        "off",
-    }:
-        return value.lower() in {"1", "true", "yes", "on"}
-    raise ConfigError(f"expected true or false, got {value!r}", field=f"backend.{name}")
-
-
-def opt_choice(*choices: str) -> Option:
-    """An option that must be one of ``choices``."""
-
-    def convert(name: str, value: Any) -> str:
-        if value not in choices:
+    def __init__(self, table: Any, path: str = "", source: str | None = None) -> None:
+        if not isinstance(table, dict):
             raise ConfigError(
-                f"expected one of {', '.join(choices)}, got {value!r}", field=f"backend.{name}"
+                f"expected a table, got {describe(table)}", field=path or None, source=source
             )
-        return str(value)
+        self.table: dict[str, Any] = table
+        self.path = path
+        self.source = source
+        self.used: set[str] = set()
 
-    return convert
+    def __contains__(self, key: object) -> bool:
+        return key in self.table
+
+    def field(self, key: str) -> str:
+        """The full path of ``key``."""
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """An error about ``key``."""
+        return ConfigError(message, field=self.field(key), source=self.source)
+
+    def get(self, key: str, convert: Convert, default: Any = None) -> Any:
+        """``key`` converted, or ``default`` when absent."""
+        self.used.add(key)
+        if key not in self.table:
+            return default
+        return convert(self.table[key], self.field(key))
+
+    def require(self, key: str, convert: Convert) -> Any:
+        """``key`` converted; its absence is an error."""
+        if key not in self.table:
+            raise ConfigError("is required", field=self.field(key), source=self.source)
+        return self.get(key, convert)
+
+    def table_at(self, key: str) -> Table:
+        """The table under ``key`` (empty when absent), read the same way."""
+        return Table(self.get(key, lambda v, f: v, {}), self.field(key), self.source)
+
+    def done(self) -> None:
+        """Refuse the keys nobody read."""
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {', '.join(unknown)}; expected: {', '.join(sorted(self.used))}",
+                field=self.path or None,
+                source=self.source,
+            )
+
+    @contextmanager
+    def naming_fields(self) -> Iterator[None]:
+        """Errors of a constructor fed from this table name the key they are about.
+
+        A constructor names a parameter (``"http"``, or ``"check <name>: interval"``);
+        when that parameter is a key of this table the error names its path, else
+        the table's.
+        """
+        try:
+            yield
+        except ConfigError as exc:
+            if exc.field is not None and exc.field.startswith(f"{self.path}.") and self.path:
+                raise
+            key = (exc.field or "").rpartition(": ")[2]
+            field = self.field(key) if key in self.table else (self.path or None)
+            raise ConfigError(exc.reason, field=field, source=self.source) from None

@@ -74,11 +74,17 @@ def test_missing_extra_gives_the_pip_hint(
 @pytest.mark.parametrize(
     ("url", "options", "field", "expected"),
     [
-        ("consul://h:1?colour=red", {}, "backend", "unknown option(s) 'colour' for consul://"),
+        (
+            "consul://h:1?colour=red",
+            {},
+            "backend.colour",
+            "unknown option(s) 'colour' for consul://",
+        ),
+        ("consul://h:1?a=1&b=2", {}, "backend", "unknown option(s) 'a', 'b' for consul://"),
         (
             "etcd://h:1",
             {"prefx": "/a"},
-            "backend",
+            "backend.prefx",
             "expected one of: ca_file, cert_file, keepalive_time, keepalive_timeout, key_file,"
             " max_request_bytes, password, prefix, timeout, tls, user",
         ),
