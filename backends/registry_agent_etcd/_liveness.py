@@ -1,0 +1,464 @@
+"""One etcd lease shared by a process's registrations of one TTL: the lease group.
+
+The group grants its lease lazily (single-flight), renews it on one long-lived
+``LeaseKeepAlive`` stream every ttl/3, puts its members' keys on it in
+coalesced transactions, and reads them all back once per TTL. Members hear
+about the lease (renewal failing, recovered, lost) and about a differing entry
+through :class:`~registry_agent.LivenessNews`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aetcd
+import grpc
+from aetcd import rpc
+
+from registry_agent import BackendUnavailable, LeaseLost, RegistryError, ServiceInstance
+from registry_agent._backend import LivenessNews
+from registry_agent._retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from registry_agent_etcd._backend import EtcdBackend
+
+__all__ = ["MAX_TXN_OPS", "LeaseGroup"]
+
+log = logging.getLogger("registry_agent.etcd")
+
+#: etcd's --max-txn-ops default: a transaction with more operations is refused.
+MAX_TXN_OPS = 128
+#: Transactions in flight at once per group: enough to overlap round trips,
+#: few enough that a re-registration storm does not flood the server.
+MAX_TXN_IN_FLIGHT = 2
+# Bytes of a put operation inside a transaction beyond its key and value.
+_OP_OVERHEAD = 48
+# etcd's clientv3.WithRequireLeader (see _backend).
+_REQUIRE_LEADER = ("hasleader", "true")
+
+
+@dataclass(slots=True)
+class _Member:
+    instance: ServiceInstance
+    value: bytes
+    #: The group lease the entry was put on (None while the first put is in flight).
+    lease_id: int | None = None
+    #: etcd's revision of that put: a read older than it cannot show it.
+    revision: int = 0
+
+
+@dataclass(slots=True)
+class _Put:
+    key: bytes
+    value: bytes
+    lease_id: int
+    future: asyncio.Future[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.key) + len(self.value) + _OP_OVERHEAD
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One open keepalive stream and the client it runs on."""
+
+    client: Any
+    call: Any
+
+
+@dataclass(eq=False, slots=True)
+class _Follower:
+    notify: Callable[[LivenessNews], None]
+
+
+@dataclass(slots=True)
+class _Stats:
+    """Counters for tests and benches."""
+
+    renewals: int = 0
+    grants: int = 0
+    txns: int = 0
+    verifications: int = 0
+
+
+class LeaseGroup:
+    """The shared lease of one TTL (whole ``seconds``) on one :class:`EtcdBackend`."""
+
+    def __init__(
+        self, backend: EtcdBackend, seconds: int, retry: RetryPolicy | None = None
+    ) -> None:
+        self.backend = backend
+        self.seconds = seconds
+        self.retry = retry or RetryPolicy(initial=0.1, cap=max(0.1, seconds / 3))
+        self.loop = asyncio.get_running_loop()
+        #: The lease members are put on now; None before the first grant.
+        self.lease_id: int | None = None
+        #: Why the current lease counts as lost (None while it lives).
+        self.lost: LeaseLost | None = None
+        #: The renewals' error while they fail (None while they succeed).
+        self.error: RegistryError | None = None
+        self.members: dict[bytes, _Member] = {}
+        #: register_shared calls under way: the group is not retired under them.
+        self.pending = 0
+        self.stats = _Stats()
+        self._followers: dict[bytes, list[_Follower]] = {}
+        self._last_ok: float | None = None  # monotonic send time of the last renewal answered
+        self._last_ok_wall: float | None = None
+        self._granting: asyncio.Task[int] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._queue: collections.deque[_Put] = collections.deque()
+        self._in_flight = 0
+        self._kick_scheduled = False
+        self._closed = False
+
+    # -- lease ---------------------------------------------------------------
+
+    def stale(self) -> bool:
+        """No renewal answered for a whole TTL (frozen, cut off): the lease may be gone."""
+        return self._last_ok is None or time.monotonic() - self._last_ok >= self.seconds
+
+    def live_lease(self) -> int | None:
+        """The current lease when it may be trusted, else None (and it is counted lost)."""
+        if self.lease_id is None or self.lost is not None:
+            return None
+        if self.stale():
+            self.lose(self.lease_id, f"no renewal answered for {self.seconds}s (frozen or cut off)")
+            return None
+        return self.lease_id
+
+    def last_renewal(self) -> float | None:
+        return self._last_ok_wall
+
+    async def ensure_lease(self) -> int:
+        """The live lease, granting a new one first (once, whoever asks) when needed."""
+        lease_id = self.live_lease()
+        if lease_id is not None:
+            return lease_id
+        if self._granting is None or self._granting.done():
+            self._granting = self.loop.create_task(self._grant(), name="etcd shared lease grant")
+        return await asyncio.shield(self._granting)
+
+    async def _grant(self) -> int:
+        backend = self.backend
+        lease_id = secrets.randbits(62) + 1
+        sent = time.monotonic()
+        try:
+            await backend._call(lambda c: c.lease(self.seconds, lease_id))
+        except BaseException as exc:
+            if not isinstance(exc.__cause__, aetcd.exceptions.DuplicateLeaseError):
+                backend._orphan(lease_id, self.seconds)
+            raise
+        self.stats.grants += 1
+        old, self.lease_id = self.lease_id, lease_id
+        self.lost = None
+        self.error = None
+        self._last_ok, self._last_ok_wall = sent, time.time()
+        if old is not None and old != lease_id:
+            backend._orphan(old, self.seconds)  # in case it still lives: its keys are re-put
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = [
+            self.loop.create_task(self._keep(lease_id), name=f"etcd lease {lease_id:x} keepalive"),
+            self.loop.create_task(self._verify(lease_id), name=f"etcd lease {lease_id:x} verify"),
+        ]
+        log.debug(
+            "etcd shared lease %x granted (ttl %ds)",
+            lease_id,
+            self.seconds,
+            extra={"event": "lease_granted", "backend": "etcd"},
+        )
+        return lease_id
+
+    def lose(self, lease_id: int, reason: str) -> None:
+        """Count ``lease_id`` lost (if it is still ours) and tell every member."""
+        if lease_id != self.lease_id or self.lost is not None:
+            return
+        self.lost = LeaseLost(f"shared lease {lease_id:x} lost: {reason}", backend="etcd")
+        log.info(
+            "etcd shared lease %x lost (%s): %d registrations to put again",
+            lease_id,
+            reason,
+            len(self.members),
+            extra={"event": "lease_lost", "backend": "etcd"},
+        )
+        self.backend._orphan(lease_id, self.seconds)
+        self.broadcast(LivenessNews.RENEWAL)
+
+    def check(self, lease_id: int, key: bytes) -> None:
+        """What a member's heartbeat says, from memory (see ``SharedLiveness``)."""
+        live = self.live_lease()
+        if key not in self.members or live is None or live != lease_id:
+            raise self.lost or LeaseLost(
+                f"shared lease {lease_id:x} is no longer the group's lease", backend="etcd"
+            )
+        if self.error is not None:
+            raise self.error
+
+    # -- keepalive -------------------------------------------------------------
+
+    async def _open(self) -> _Stream:
+        client = await self.backend._call(_connected)
+        metadata = (*tuple(client.metadata or ()), _REQUIRE_LEADER)
+        return _Stream(client, rpc.LeaseStub(client.channel).LeaseKeepAlive(metadata=metadata))
+
+    async def _keep(self, lease_id: int) -> None:
+        """Renew ``lease_id`` every ttl/3 on one stream until it is lost or replaced."""
+        period = self.seconds / 3
+        attempt = 0
+        stream: _Stream | None = None
+        try:
+            while self.lease_id == lease_id and self.lost is None and not self._closed:
+                if self.stale():
+                    self.lose(lease_id, f"no renewal answered for {self.seconds}s")
+                    return
+                sent = time.monotonic()
+                try:
+                    if stream is None:
+                        stream = await self._open()
+                    self.stats.renewals += 1
+                    async with asyncio.timeout(self.backend.timeout):
+                        await stream.call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                        reply = await stream.call.read()
+                    if reply is grpc.aio.EOF:
+                        raise BackendUnavailable("etcd closed the keepalive stream", backend="etcd")
+                except asyncio.CancelledError:
+                    if not _closed_under_us():
+                        raise
+                    error: RegistryError = BackendUnavailable(
+                        "etcd keepalive stream closed under the call", backend="etcd"
+                    )
+                except Exception as exc:
+                    client = stream.client if stream is not None else None
+                    error = await self.backend._failed(exc, client)  # type: ignore[assignment]
+                else:
+                    if reply.TTL <= 0:
+                        self.lose(lease_id, "etcd says it expired or was revoked")
+                        return
+                    self._last_ok, self._last_ok_wall = sent, time.time()
+                    attempt = 0
+                    if self.error is not None:
+                        self.error = None
+                        log.info(
+                            "etcd shared lease %x renewed again",
+                            lease_id,
+                            extra={"event": "renewal_recovered", "backend": "etcd"},
+                        )
+                        self.broadcast(LivenessNews.RENEWAL)
+                    await asyncio.sleep(max(0.0, sent + period - time.monotonic()))
+                    continue
+                # The renewal failed: a fresh stream next time, after a jittered backoff.
+                if stream is not None:
+                    stream.call.cancel()
+                    stream = None
+                if isinstance(error, LeaseLost):
+                    self.lose(lease_id, str(error))
+                    return
+                attempt += 1
+                if self.error is None:
+                    log.info(
+                        "etcd shared lease %x: renewal failed, retrying: %s",
+                        lease_id,
+                        error,
+                        extra={"event": "renewal_failed", "backend": "etcd"},
+                    )
+                    self.error = error
+                    self.broadcast(LivenessNews.RENEWAL)
+                else:
+                    self.error = error
+                await asyncio.sleep(min(self.retry.delay(attempt), period))
+        finally:
+            if stream is not None:
+                stream.call.cancel()
+
+    # -- verification ----------------------------------------------------------
+
+    async def _verify(self, lease_id: int) -> None:
+        """Once per TTL, read every member's entry in one range read; VERIFY those that differ."""
+        while True:
+            await asyncio.sleep(self.seconds)
+            if self.lease_id != lease_id or self.lost is not None or self.error is not None:
+                continue
+            settled = {k: m for k, m in self.members.items() if m.lease_id == lease_id}
+            if not settled:
+                continue
+            prefix = _common(list(settled))
+            request = rpc.RangeRequest(key=prefix, range_end=_range_end(prefix))
+            try:
+                reply = await self.backend._call(
+                    lambda c: _range(c, request, self.backend.timeout)  # noqa: B023
+                )
+            except RegistryError as exc:
+                log.debug("etcd shared verification skipped: %s", exc)
+                continue
+            self.stats.verifications += 1
+            seen = {kv.key: kv for kv in reply.kvs}
+            for key, member in settled.items():
+                now = self.members.get(key)
+                if now is not member or member.revision > reply.header.revision:
+                    continue  # changed meanwhile
+                kv = seen.get(key)
+                if kv is None or kv.lease != lease_id or kv.value != member.value:
+                    self.tell(key, LivenessNews.VERIFY)
+
+    # -- puts ------------------------------------------------------------------
+
+    def put(self, key: bytes, value: bytes, lease_id: int) -> asyncio.Future[int]:
+        """Queue a put on ``lease_id``; the future gives its revision (or the txn's error)."""
+        future: asyncio.Future[int] = self.loop.create_future()
+        self._queue.append(_Put(key, value, lease_id, future))
+        if not self._kick_scheduled:
+            # Let every caller of this loop turn queue first: they share transactions.
+            self._kick_scheduled = True
+            self.loop.call_soon(self._kick)
+        return future
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        while self._queue and self._in_flight < MAX_TXN_IN_FLIGHT:
+            batch = [self._queue.popleft()]
+            size = batch[0].size
+            limit = self.backend.max_request_bytes - 1024
+            while (
+                self._queue
+                and len(batch) < MAX_TXN_OPS
+                and self._queue[0].lease_id == batch[0].lease_id
+                and size + self._queue[0].size <= limit
+            ):
+                size += self._queue[0].size
+                batch.append(self._queue.popleft())
+            batch = [p for p in batch if not p.future.done()]  # callers gone
+            if not batch:
+                continue
+            self._in_flight += 1
+            self.loop.create_task(self._send(batch), name="etcd shared put")
+
+    async def _send(self, batch: list[_Put]) -> None:
+        try:
+            reply = await self.backend._call(lambda c: _txn(c, batch))
+        except BaseException as exc:  # every caller gets the transaction's error
+            error = (
+                exc
+                if isinstance(exc, Exception)
+                else BackendUnavailable("etcd put cancelled", backend="etcd")
+            )
+            if isinstance(error, LeaseLost):
+                self.lose(batch[0].lease_id, str(error))
+            for put in batch:
+                if not put.future.done():
+                    put.future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self.stats.txns += 1
+            for put in batch:
+                if not put.future.done():
+                    put.future.set_result(reply.header.revision)
+        finally:
+            self._in_flight -= 1
+            if self._queue:
+                self._kick()
+
+    # -- members ---------------------------------------------------------------
+
+    def follow(self, key: bytes, notify: Callable[[LivenessNews], None]) -> Callable[[], None]:
+        follower = _Follower(notify)
+        self._followers.setdefault(key, []).append(follower)
+
+        def unfollow() -> None:
+            followers = self._followers.get(key, [])
+            if follower in followers:
+                followers.remove(follower)
+            if not followers:
+                self._followers.pop(key, None)
+
+        return unfollow
+
+    def join(self, key: bytes, instance: ServiceInstance, value: bytes) -> _Member:
+        """A member whose first put is about to be sent (verification skips it until done)."""
+        member = self.members[key] = _Member(instance, value)
+        return member
+
+    def forget(self, key: bytes) -> None:
+        """A deregistered member: no entry, no news."""
+        self.members.pop(key, None)
+        self._followers.pop(key, None)
+
+    def tell(self, key: bytes, news: LivenessNews) -> None:
+        for follower in list(self._followers.get(key, ())):
+            try:
+                follower.notify(news)
+            except Exception:  # a follower's bug must not stop the group
+                log.exception("liveness follower failed on %s", news)
+
+    def broadcast(self, news: LivenessNews) -> None:
+        for key in list(self._followers):
+            self.tell(key, news)
+
+    async def close(self, *, revoke: bool) -> None:
+        """Stop the streams; with ``revoke``, revoke the lease (bounded by the timeout)."""
+        self._closed = True
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        lease_id, self.lease_id = self.lease_id, None
+        if revoke and lease_id is not None and self.lost is None:
+            try:
+                await self.backend._call(lambda c: c.revoke_lease(lease_id))
+            except LeaseLost:
+                pass
+            except RegistryError as exc:
+                log.debug("etcd shared lease %x not revoked: %s", lease_id, exc)
+                self.backend._orphan(lease_id, self.seconds)
+
+
+async def _connected(client: Any) -> Any:
+    await client.connect()
+    return client
+
+
+async def _txn(client: Any, batch: list[_Put]) -> Any:
+    ops = [
+        rpc.RequestOp(request_put=rpc.PutRequest(key=p.key, value=p.value, lease=p.lease_id))
+        for p in batch
+    ]
+    await client.connect()
+    return await client.kvstub.Txn(
+        rpc.TxnRequest(success=ops), timeout=client._timeout, metadata=client.metadata
+    )
+
+
+async def _range(client: Any, request: Any, timeout: float) -> Any:
+    await client.connect()
+    return await client.kvstub.Range(request, timeout=timeout, metadata=client.metadata)
+
+
+def _common(keys: list[bytes]) -> bytes:
+    """The longest prefix all ``keys`` share."""
+    first, last = min(keys), max(keys)
+    n = 0
+    while n < min(len(first), len(last)) and first[n] == last[n]:
+        n += 1
+    return first[:n]
+
+
+def _range_end(prefix: bytes) -> bytes:
+    if not prefix:
+        return b"\0"
+    return aetcd.utils.prefix_range_end(prefix)  # type: ignore[no-any-return]
+
+
+def _closed_under_us() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
