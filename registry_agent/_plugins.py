@@ -1,4 +1,9 @@
-"""Finding backends: the ``registry_agent.backends`` entry-point group and ``open_backend``."""
+"""Finding plugins: backends (``registry_agent.backends``, ``open_backend``) and check kinds.
+
+A check kind is a :class:`~registry_agent.HealthCheck` subclass with a ``kind`` and a
+``from_table``: the shipped ones are in ``CHECK_KINDS``, others come from the
+``registry_agent.checks`` entry-point group (name: the kind's key in a check table).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,22 @@ from typing import Any
 
 from registry_agent._backend import Backend
 from registry_agent._errors import BackendNotFound, ConfigError
+from registry_agent._health.base import HealthCheck
+from registry_agent._health.checks import CHECK_KINDS
 from registry_agent._urls import parse_backend_url
 
-__all__ = ["ENTRY_POINT_GROUP", "available_backends", "backend_class", "open_backend"]
+__all__ = [
+    "CHECK_ENTRY_POINT_GROUP",
+    "ENTRY_POINT_GROUP",
+    "available_backends",
+    "backend_class",
+    "check_class",
+    "check_kinds",
+    "open_backend",
+]
 
 ENTRY_POINT_GROUP = "registry_agent.backends"
+CHECK_ENTRY_POINT_GROUP = "registry_agent.checks"
 
 # Backends shipped in this distribution: found even when the package metadata
 # is missing (running from a source tree), and named in install hints.
@@ -81,3 +97,26 @@ def open_backend(url: str, **options: Any) -> Backend:
             field="backend",
         )
     return cls.from_url(url, {**parsed.query, **options})
+
+
+def check_kinds() -> list[str]:
+    """The keys that name a kind of check in a config table, shipped kinds first."""
+    extra = sorted(
+        {ep.name for ep in entry_points(group=CHECK_ENTRY_POINT_GROUP)} - set(CHECK_KINDS)
+    )
+    return [*CHECK_KINDS, *extra]
+
+
+def check_class(kind: str) -> type[HealthCheck]:
+    """The check class of ``kind``; a :class:`ConfigError` when none is, or it is broken."""
+    if kind in CHECK_KINDS:
+        return CHECK_KINDS[kind]
+    for ep in entry_points(group=CHECK_ENTRY_POINT_GROUP, name=kind):
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a plugin that fails to import is a setup problem to name
+            raise ConfigError(f"the {kind} check kind ({ep.value}) failed to load: {exc}") from None
+        if not (isinstance(cls, type) and issubclass(cls, HealthCheck)):
+            raise ConfigError(f"the {kind} check kind ({ep.value}) is not a HealthCheck class")
+        return cls
+    raise ConfigError(f"no check kind {kind!r}; known kinds: {', '.join(check_kinds())}")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import textwrap
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from registry_agent import ConfigError, open_backend
+from registry_agent import ConfigError, HttpCheck, open_backend
 from registry_agent._agent.config import AgentConfig, load_config, parse_config
 from registry_agent._agent.runtime import open_configured_backend
 from registry_agent._cli import main
@@ -66,12 +71,15 @@ def test_a_full_file(tmp_path: Path) -> None:
         "critical",
     )
     http, tcp = orders.checks
-    assert (http.kind, http.interval, http.timeout, http.expect_status) == (
+    built = http.build()
+    assert isinstance(built, HttpCheck)
+    assert (http.kind, built.interval, built.timeout, built.expect_status) == (
         "http",
         2,
         0.5,
-        (200, 299),
+        range(200, 300),
     )
+    assert (tcp.kind, tcp.target) == ("tcp", "127.0.0.1:8080")
     assert http.build().name == "http http://127.0.0.1:8080/healthz"
     assert tcp.build().name == "tcp 127.0.0.1:8080"
     assert users.checks[0].build().name == "command true"
@@ -171,12 +179,13 @@ def test_secrets_from_env_or_file_never_in_repr(tmp_path: Path) -> None:
         ),
     )
     config = load_config(path, env={})
-    assert config.backend.token == "file-secret"
+    assert config.backend.options["token"] == "file-secret"
     assert "file-secret" not in repr(config)
     assert "file-secret" in config.secrets()
     env = load_config(path, env={"REGISTRY_AGENT_TOKEN": "env-secret"})
-    assert env.backend.token == "env-secret"  # the environment wins over the file
-    assert env.backend.options()["token"] == "env-secret"
+    assert env.backend.options["token"] == "env-secret"  # the environment wins over the file
+    assert env.backend.options["token"] == "env-secret"
+    assert "env-secret" not in repr(env)
     missing = write(
         tmp_path,
         GOOD.replace(
@@ -219,20 +228,51 @@ def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_tls_files_resolve_from_the_config_folder_and_rotation_changes_the_config(
     tmp_path: Path,
 ) -> None:
-    (tmp_path / "ca.pem").write_text("first CA")
+    (tmp_path / "ca.pem").write_bytes(_ca_pem("first CA"))
     text = GOOD.replace(
         'url = "consul://127.0.0.1:8500"', 'url = "consul://127.0.0.1:8500"\nca_file = "ca.pem"'
     )
     path = write(tmp_path, text)
     first = load_config(path, env={})
-    assert first.backend.ca_file == str(tmp_path / "ca.pem")
-    assert first.backend.options()["ca_file"] == str(tmp_path / "ca.pem")
+    assert first.backend.options["ca_file"] == str(tmp_path / "ca.pem")
     assert load_config(path, env={}).backend == first.backend  # same files: nothing to redo
-    (tmp_path / "ca.pem").write_text("rotated CA")
+    (tmp_path / "ca.pem").write_bytes(_ca_pem("rotated CA"))
     assert load_config(path, env={}).backend != first.backend  # a reload reconnects
-    (tmp_path / "other.pem").write_text("other CA")
+    (tmp_path / "other.pem").write_bytes(_ca_pem("other CA"))
     env = load_config(path, env={"REGISTRY_AGENT_CA_FILE": str(tmp_path / "other.pem")})
-    assert env.backend.ca_file == str(tmp_path / "other.pem")  # the environment wins
+    assert env.backend.options["ca_file"] == str(tmp_path / "other.pem")  # the environment wins
+
+
+def _ca_pem(name: str) -> bytes:
+    """A self-signed CA certificate in PEM: the backend reads it when the file is loaded."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_a_tls_file_that_is_not_pem_is_refused_when_the_file_is_loaded(tmp_path: Path) -> None:
+    # The backend checks its own options (here: its CA bundle) at load time, named by field.
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    text = GOOD.replace(
+        'url = "consul://127.0.0.1:8500"', 'url = "consul://127.0.0.1:8500"\nca_file = "ca.pem"'
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(f"{path}: backend.ca_file: ")
+    assert "not a readable PEM CA bundle" in str(info.value)
 
 
 def test_a_missing_tls_file_names_the_field(tmp_path: Path) -> None:
@@ -267,7 +307,9 @@ def test_check_refuses_what_run_refuses(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["check", "-c", str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith(f"registry-agent: {path}: backend: unknown option(s) 'token'")
+    assert captured.err.startswith(
+        f"registry-agent: {path}: backend.token: unknown option(s) 'token' for etcd://"
+    )
     assert "t0k" not in captured.err
     assert captured.err.count("\n") == 1
     assert (
@@ -319,7 +361,6 @@ def test_command_check_env(tmp_path: Path) -> None:
     )
     config = load_config(write(tmp_path, text), env={})
     check = config.services[1].checks[0]
-    assert dict(check.env) == {"PGHOST": "db", "LEVEL": "2"}
     assert check.build().env == {"PGHOST": "db", "LEVEL": "2"}  # type: ignore[attr-defined]
     bad = GOOD.replace('command = ["true"]', 'command = ["true"]\nenv = { PGPORT = 5432 }')
     with pytest.raises(
@@ -384,7 +425,7 @@ def test_a_timeout_in_the_url_is_honoured(
     # The README: options go in the query string or as keys; only both at once is an error.
     in_url = write(tmp_path, BARE.format(url=f"{scheme}://127.0.0.1:1?timeout=2s", extra=""))
     config = load_config(in_url, env={})
-    assert "timeout" not in config.backend.options()  # the URL's own is the one sent
+    assert "timeout" not in config.backend.options  # the URL's own is the one sent
     assert _timeout_of(config) == 2.0
     assert main(["check", "-c", str(in_url)]) == 0
     assert "valid; 1 service(s)" in capsys.readouterr().out
@@ -440,3 +481,117 @@ def test_a_bad_backend_option_names_its_field_once(
     with pytest.raises(ConfigError) as info:
         open_backend(url)
     assert info.value.field == f"backend.{field}"
+
+
+def test_backend_options_pass_through_and_the_backend_decides(tmp_path: Path) -> None:
+    # No option is known to the agent: each backend's own list decides, at load time.
+    etcd = load_config(
+        write(
+            tmp_path,
+            BARE.format(url="etcd://127.0.0.1:1", extra='prefix = "/reg"\nkeepalive_time = "6s"'),
+        ),
+        env={},
+    )
+    assert dict(etcd.backend.options) == {"prefix": "/reg", "keepalive_time": "6s"}
+    consul = write(tmp_path, BARE.format(url="consul://127.0.0.1:1", extra='prefix = "/reg"'))
+    with pytest.raises(ConfigError) as info:
+        load_config(consul, env={})
+    assert str(info.value).startswith(f"{consul}: backend.prefix: unknown option(s) 'prefix'")
+    # The user of an etcd backend means nothing to Consul: refused, not dropped.
+    with pytest.raises(ConfigError, match=r"backend\.user: unknown option"):
+        load_config(
+            write(tmp_path, BARE.format(url="consul://127.0.0.1:1", extra="")),
+            env={"REGISTRY_AGENT_USER": "alice"},
+        )
+    (tmp_path / "pw").write_text("etcd-secret\n")
+    with_password = load_config(
+        write(
+            tmp_path,
+            BARE.format(url="etcd://127.0.0.1:1", extra='user = "alice"\npassword_file = "pw"'),
+        ),
+        env={},
+    )
+    assert with_password.backend.options["password"] == "etcd-secret"
+    assert "etcd-secret" in with_password.secrets()
+    assert "etcd-secret" not in repr(with_password)
+
+
+def test_an_unknown_scheme_is_a_config_error_naming_the_url(tmp_path: Path) -> None:
+    path = write(tmp_path, BARE.format(url="zookeeper://127.0.0.1:1", extra=""))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(f"{path}: backend.url: no backend for scheme 'zookeeper'")
+
+
+def test_deregister_critical_after_floor_is_the_backends(tmp_path: Path) -> None:
+    # The agent restates no backend's floor: etcd has none and takes any duration.
+    text = BARE.format(url="etcd://127.0.0.1:1", extra="") + 'deregister_critical_after = "5s"\n'
+    assert load_config(write(tmp_path, text), env={}).services[0].deregister_critical_after == 5
+
+
+@pytest.mark.parametrize(
+    ("check", "expected"),
+    [
+        ('http = "ftp://x/"', "service[0].check[0].http: expected an http:// or https:// URL"),
+        ('tcp = "127.0.0.1:70000"', "service[0].check[0].tcp: expected a port 1-65535"),
+        ('tcp = "h:1"\ninterval = "1ms"', "service[0].check[0].interval: must be at least 0.01s"),
+        ('tcp = "h:1"\ntimeout = "1ms"', "service[0].check[0].timeout: must be at least 0.01s"),
+        ('command = ["true"]\nenv = { "A=B" = "x" }', "service[0].check[0].env: expected a table"),
+        ("command = []", "service[0].check[0].command: expected a list of strings like"),
+        ('http = "http://x/"\nmethod = "PUT"', "service[0].check[0].method: expected one of GET"),
+        ('http = "http://x/"\nexpect_status = "2xx"', "service[0].check[0].expect_status"),
+        ('tcp = "h:1"\nheaders = {}', "service[0].check[0]: unknown key(s) headers"),
+        ('nope = "x"', 'service[0].check[0]: expected exactly one of http = "http://…"'),
+    ],
+)
+def test_each_check_kind_reads_its_table_errors_naming_the_field(
+    tmp_path: Path, check: str, expected: str
+) -> None:
+    text = BARE.format(url="etcd://127.0.0.1:1", extra="") + f"\n[[service.check]]\n{check}\n"
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(f"{path}: {expected}"), str(info.value)
+
+
+def test_a_new_check_kind_needs_no_change_to_the_config_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from registry_agent._health import checks
+    from registry_agent._health.base import HealthCheck
+    from registry_agent._urls import Table, as_str
+
+    class DnsCheck(HealthCheck):
+        kind = "dns"
+        example = 'dns = "name"'
+
+        @classmethod
+        def from_table(cls, table: Table) -> HealthCheck:
+            host = table.require("dns", as_str)
+            return cls(f"dns {host}", **cls.common_options(table))
+
+    monkeypatch.setattr(checks, "CHECK_KINDS", {**checks.CHECK_KINDS, "dns": DnsCheck})
+    monkeypatch.setattr("registry_agent._plugins.CHECK_KINDS", checks.CHECK_KINDS)
+    text = BARE.format(url="etcd://127.0.0.1:1", extra="") + (
+        '\n[[service.check]]\ndns = "db.internal"\ninterval = "3s"\n'
+    )
+    (check,) = load_config(write(tmp_path, text), env={}).services[0].checks
+    built = check.build()
+    assert (check.kind, built.name, built.interval) == ("dns", "dns db.internal", 3.0)
+    bad = text.replace('interval = "3s"', 'colour = "red"')
+    with pytest.raises(ConfigError, match=r"service\[0\]\.check\[0\]: unknown key\(s\) colour"):
+        load_config(write(tmp_path, bad), env={})
+
+
+def test_two_checks_with_one_name_are_refused_by_run_and_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Check names are unique per registrar; the registrar says so, named by service.
+    text = BARE.format(url="memory://dup-names", extra="") + (
+        '\n[[service.check]]\ncommand = ["true"]\n\n[[service.check]]\ncommand = ["true"]\n'
+    )
+    path = write(tmp_path, text)
+    assert main(["check", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"registry-agent: {path}: service[0].checks: ")
+    assert "unique" in err

@@ -10,21 +10,34 @@ Environment overrides (they win over the file): ``REGISTRY_AGENT_BACKEND``,
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import tomllib
-import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry_agent._errors import ConfigError
-from registry_agent._health.checks import CommandCheck, HealthCheck, HttpCheck, TcpCheck
+from registry_agent._backend import Backend
+from registry_agent._errors import BackendNotFound, ConfigError
+from registry_agent._health.base import HealthCheck
 from registry_agent._health.gate import OnUnhealthy
 from registry_agent._models import ServiceInstance
+from registry_agent._plugins import check_class, check_kinds, open_backend
 from registry_agent._registrar import HEARTBEAT_FLOOR, TTL_FLOOR
-from registry_agent._urls import parse_backend_url, parse_duration, read_secret_file
+from registry_agent._urls import (
+    Table,
+    as_choice,
+    as_duration,
+    as_int,
+    as_positive_int,
+    as_str,
+    as_str_list,
+    as_str_map,
+    parse_backend_url,
+    read_secret_file,
+)
 
 __all__ = [
     "AgentConfig",
@@ -54,102 +67,85 @@ _ENV_KEYS = {
 }
 # Variables with our prefix that are not agent settings (tests, tools).
 _ENV_OTHER = {"SERVERS_BIN", "SERVERS_DIR", "CONSUL_URL", "ETCD_URL"}
-# Header values of HTTP checks that are credentials, masked like the backend's.
-_SECRET_HEADER_WORDS = ("auth", "token", "key", "secret", "cookie", "password")
+# Backend options whose value is a credential, never printed.
+_SECRET_OPTION_WORDS = ("token", "password", "secret")
+# Secrets that may also be given as a file holding them (``token_file``).
+_SECRET_FILE_OPTIONS = ("token", "password")
 
 
 @dataclass(frozen=True)
 class BackendConfig:
-    """Where to register, and the credentials (never shown by repr)."""
+    """Where to register: the URL and the backend's own options (never shown by repr).
+
+    ``options`` is the ``[backend]`` table but ``url``, passed to the backend as
+    given, except that ``token_file``/``password_file`` are read into ``token``/
+    ``password`` and every ``*_file`` path is made absolute from the config's folder.
+    """
 
     url: str
-    #: None: the backend's own default (5s), or the URL's ``?timeout=``.
-    timeout: float | None = None
-    token: str | None = field(default=None, repr=False)
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    #: Digest of the TLS files' contents: a reload with rotated certificates reconnects.
-    tls_digest: str = field(default="", repr=False)
+    options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    #: Digest of the contents of the files the options name: a reload with rotated
+    #: certificates reconnects.
+    file_digest: str = field(default="", repr=False)
 
-    def options(self) -> dict[str, Any]:
-        """Keyword options for ``open_backend``."""
-        scheme = parse_backend_url(self.url, default_port=0).scheme
-        options: dict[str, Any] = {}
-        if self.timeout is not None:
-            options["timeout"] = self.timeout
-        if self.token is not None:
-            options["token"] = self.token
-        for name in ("ca_file", "cert_file", "key_file"):
-            if getattr(self, name) is not None:
-                options[name] = getattr(self, name)
-        if scheme == "etcd":
-            if self.user is not None:
-                options["user"] = self.user
-            if self.password is not None:
-                options["password"] = self.password
-        return options
+    def open(self) -> Backend:
+        """The backend (built, not connected); its errors name ``backend.<option>``."""
+        try:
+            return open_backend(self.url, **self.options)
+        except ConfigError as exc:
+            raise ConfigError(exc.reason, field=_backend_field(exc.field)) from None
+        except BackendNotFound as exc:
+            raise ConfigError(exc.message, field="backend.url") from None
 
     def secrets(self) -> list[str]:
         """Values that must never be printed."""
-        found = [s for s in (self.token, self.password) if s]
+        found = [
+            value
+            for name, value in self.options.items()
+            if isinstance(value, str) and any(word in name for word in _SECRET_OPTION_WORDS)
+        ]
         url = parse_backend_url(self.url, default_port=0)
-        found += [s for s in (url.password, url.query.get("token"), url.query.get("password")) if s]
-        return found
+        found.append(url.password or "")
+        found += [v for k, v in url.query.items() if any(w in k for w in _SECRET_OPTION_WORDS)]
+        return [s for s in found if s]
+
+
+def _backend_field(field: str | None) -> str:
+    """``field`` as a key of the ``[backend]`` table (backends already name most that way)."""
+    if not field or field == "backend" or field.startswith("backend."):
+        return field or "backend"
+    return f"backend.{field}"
 
 
 @dataclass(frozen=True)
 class CheckConfig:
-    """One health check of a service."""
+    """One health check of a service: its kind and its table, built by that kind's class."""
 
-    kind: str  # http, tcp or command
-    target: str | tuple[str, ...]
-    interval: float = 5.0
-    timeout: float = 2.0
-    method: str = "GET"
-    expect_status: tuple[int, int] = (200, 399)
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-    name: str | None = None
-    #: Variables given to a command check (its only environment besides a safe few).
-    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    kind: str  # the key naming the kind: http, tcp, command, or a plugin's
+    table: Mapping[str, Any] = field(repr=False)
+    path: str = field(default="", compare=False)
+    name: str = field(default="", compare=False)
+    check_secrets: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def target(self) -> Any:
+        """What the check probes, as written (a URL, ``host:port``, a command list)."""
+        value = self.table[self.kind]
+        return tuple(value) if isinstance(value, list) else value
 
     def secrets(self) -> list[str]:
         """Credentials this check carries: a URL's password, secret-looking header values."""
-        found = [
-            value
-            for name, value in self.headers.items()
-            if any(word in name.lower() for word in _SECRET_HEADER_WORDS)
-        ]
-        if self.kind == "http":
-            userinfo = urllib.parse.urlsplit(str(self.target)).netloc.rpartition("@")[0]
-            if userinfo:
-                user, _, password = userinfo.partition(":")
-                secret = password or user  # a lone user name is often a token
-                found += [secret, urllib.parse.unquote(secret)]
-        return [s for s in found if s]
+        return list(self.check_secrets)
 
     def build(self) -> HealthCheck:
-        """The runnable check."""
-        common: dict[str, Any] = {"interval": self.interval, "timeout": self.timeout}
-        if self.name:
-            common["name"] = self.name
-        if self.kind == "http":
-            low, high = self.expect_status
-            return HttpCheck(
-                str(self.target),
-                method=self.method,
-                expect_status=range(low, high + 1),
-                headers=self.headers,
-                **common,
-            )
-        if self.kind == "tcp":
-            host, _, port = str(self.target).rpartition(":")
-            return TcpCheck(host.strip("[]"), int(port), **common)
-        if self.env:
-            common["env"] = dict(self.env)
-        return CommandCheck(list(self.target), **common)
+        """The runnable check (a new one each call)."""
+        return _build_check(self.kind, Table(copy.deepcopy(dict(self.table)), self.path))
+
+
+def _build_check(kind: str, table: Table) -> HealthCheck:
+    check = check_class(kind).from_table(table)
+    table.done()
+    return check
 
 
 @dataclass(frozen=True)
@@ -196,88 +192,8 @@ class AgentConfig:
         return found
 
 
-class _Fields:
-    """Reads one TOML table; remembers which keys were used so the rest are errors."""
-
-    def __init__(self, table: Any, path: str, source: str) -> None:
-        if not isinstance(table, dict):
-            raise ConfigError(
-                f"expected a table, got {_kind(table)}", field=path or None, source=source
-            )
-        self.table = table
-        self.path = path
-        self.source = source
-        self.used: set[str] = set()
-
-    def field(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(message, field=self.field(key), source=self.source)
-
-    def get(self, key: str, convert: Callable[[Any, str], Any], default: Any = None) -> Any:
-        self.used.add(key)
-        if key not in self.table:
-            return default
-        return convert(self.table[key], self.field(key))
-
-    def require(self, key: str, convert: Callable[[Any, str], Any]) -> Any:
-        if key not in self.table:
-            raise ConfigError("is required", field=self.field(key), source=self.source)
-        return self.get(key, convert)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
-        if unknown:
-            raise ConfigError(
-                f"unknown key(s) {', '.join(unknown)}; expected: {', '.join(sorted(self.used))}",
-                field=self.path or None,
-                source=self.source,
-            )
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _duration(value: Any, path: str) -> float:
-    seconds = parse_duration(value, field=path)
-    if seconds <= 0:
-        raise ConfigError(f'expected a duration above zero like "2s", got {value!r}', field=path)
-    return seconds
-
-
-def _str(value: Any, path: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"expected a string, got {_kind(value)}", field=path)
-    return value
-
-
-def _int(value: Any, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"expected a whole number, got {value!r}", field=path)
-    return value
-
-
-def _str_list(value: Any, path: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"expected a list of strings, got {value!r}", field=path)
-    return tuple(value)
-
-
-def _str_map(value: Any, path: str) -> dict[str, str]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"expected a table of strings, got {_kind(value)}", field=path)
-    for key, item in value.items():
-        if not isinstance(item, str):
-            raise ConfigError(f"expected a string, got {item!r}", field=f"{path}.{key}")
-    return dict(value)
-
-
 def _listen(value: Any, path: str) -> tuple[str, int] | None:
-    text = _str(value, path)
+    text = as_str(value, path)
     if text in ("", "off"):
         return None
     host, sep, port = text.rpartition(":")
@@ -286,27 +202,6 @@ def _listen(value: Any, path: str) -> tuple[str, int] | None:
             f'expected "host:port" like "127.0.0.1:9750" or "off", got {text!r}', field=path
         )
     return host.strip("[]"), int(port)
-
-
-def _choice(*choices: str) -> Callable[[Any, str], str]:
-    def convert(value: Any, path: str) -> str:
-        if value not in choices:
-            raise ConfigError(f"expected one of {', '.join(choices)}, got {value!r}", field=path)
-        return str(value)
-
-    return convert
-
-
-def _status_range(value: Any, path: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value, value
-    if isinstance(value, str) and "-" in value:
-        low, _, high = value.partition("-")
-        if low.strip().isdigit() and high.strip().isdigit():
-            return int(low), int(high)
-    raise ConfigError(
-        f'expected a status like 200 or a range like "200-399", got {value!r}', field=path
-    )
 
 
 def _read_secret_file(path_text: str, field: str, base: Path) -> str:
@@ -364,30 +259,26 @@ def _parse(data: dict[str, Any], source: str, env: Mapping[str, str], base: Path
             + ", ".join(ENV_PREFIX + k for k in _ENV_KEYS),
             source="environment",
         )
-    top = _Fields(data, "", source)
-    backend = _backend(_Fields(top.require("backend", lambda v, p: v), "backend", source), base)
-    status = top.get("status", lambda v, p: v, {})
-    status_fields = _Fields(status, "status", source)
+    top = Table(data, "", source)
+    if "backend" not in top:
+        raise top.error("backend", "is required")
+    backend = _backend(top.table_at("backend"), base)
+    status_fields = top.table_at("status")
     listen = status_fields.get("listen", _listen, ("127.0.0.1", 9750))
-    status_token = status_fields.get("token", _str)
-    status_token_file = status_fields.get("token_file", _str)
-    if status_token is not None and status_token_file is not None:
-        raise status_fields.error("token_file", "give token or token_file, not both")
-    if status_token_file is not None:
-        status_token = _read_secret_file(status_token_file, status_fields.field("token_file"), base)
+    status_token = _secret(status_fields, "token", base)
     if status_token is not None and not status_token.strip():
         raise status_fields.error("token", "is empty")
     status_fields.done()
-    log = _Fields(top.get("log", lambda v, p: v, {}), "log", source)
-    log_format = log.get("format", _choice("text", "json"), "text")
-    log_level = log.get("level", _choice("debug", "info", "warning", "error"), "info")
+    log = top.table_at("log")
+    log_format = log.get("format", as_choice("text", "json"), "text")
+    log_level = log.get("level", as_choice("debug", "info", "warning", "error"), "info")
     log.done()
     raw_services = top.get("service", lambda v, p: v, [])
     top.done()
     if not isinstance(raw_services, list) or not raw_services:
         raise ConfigError("expected at least one [[service]] table", field="service", source=source)
     services = tuple(
-        _service(_Fields(raw, f"service[{i}]", source)) for i, raw in enumerate(raw_services)
+        _service(Table(raw, f"service[{i}]", source)) for i, raw in enumerate(raw_services)
     )
     seen: dict[str, int] = {}
     for i, svc in enumerate(services):
@@ -401,81 +292,89 @@ def _parse(data: dict[str, Any], source: str, env: Mapping[str, str], base: Path
     return AgentConfig(source, backend, services, listen, log_format, log_level, status_token)
 
 
-def _backend(fields: _Fields, base: Path) -> BackendConfig:
-    url = fields.require("url", _str)
+def _secret(table: Table, name: str, base: Path) -> str | None:
+    """``name`` or the content of ``name_file`` (one of the two), both marked read."""
+    value: str | None = table.get(name, as_str)
+    path: str | None = table.get(f"{name}_file", as_str)
+    if value is not None and path is not None:
+        raise table.error(f"{name}_file", f"give {name} or {name}_file, not both")
+    if path is not None:
+        value = _read_secret_file(path, table.field(f"{name}_file"), base)
+    return value
+
+
+def _backend(table: Table, base: Path) -> BackendConfig:
+    """``url``, the secrets read from their files, every other key passed to the backend."""
+    url = table.require("url", as_str)
     try:
         query = parse_backend_url(url, default_port=0).query
     except ConfigError as exc:
-        raise fields.error("url", exc.reason) from None
-    timeout = fields.get("timeout", _duration)
-    token = fields.get("token", _str)
-    token_file = fields.get("token_file", _str)
-    if token is not None and token_file is not None:
-        raise fields.error("token_file", "give token or token_file, not both")
-    if token_file is not None:
-        token = _read_secret_file(token_file, fields.field("token_file"), base)
-    user = fields.get("user", _str)
-    password = fields.get("password", _str)
-    password_file = fields.get("password_file", _str)
-    if password is not None and password_file is not None:
-        raise fields.error("password_file", "give password or password_file, not both")
-    if password_file is not None:
-        password = _read_secret_file(password_file, fields.field("password_file"), base)
-    tls = {name: fields.get(name, _path_in(base)) for name in ("ca_file", "cert_file", "key_file")}
-    fields.done()
+        raise table.error("url", exc.reason) from None
+    options: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for name in _SECRET_FILE_OPTIONS:
+        value = _secret(table, name, base)
+        if value is not None:
+            options[name] = value
+            given_as[name] = f"{name}_file" if f"{name}_file" in table else name
     digest = hashlib.sha256()
-    for name, path in tls.items():
-        if path is not None:
-            try:
-                digest.update(Path(path).read_bytes())
-            except OSError as exc:
-                raise fields.error(name, f"cannot read {path}: {exc.strerror}") from None
-    config = BackendConfig(
-        url, timeout, token, user, password, **tls, tls_digest=digest.hexdigest()
-    )
+    for name in sorted(set(table.table) - table.used):
+        value = table.get(name, lambda v, f: v)
+        if name.endswith("_file"):
+            value = _path_in(base)(value, table.field(name))
+            digest.update(Path(value).read_bytes())
+        options[name] = value
+        given_as[name] = name
+    table.done()
     # open_backend refuses an option given twice too; here the error can name the key.
-    for name in sorted(set(config.options()) & set(query)):
-        given = f"{name}_file" if f"{name}_file" in fields.table else name
-        raise fields.error(given, f"also given in url (?{name}=); keep one of the two")
+    for name in sorted(set(options) & set(query)):
+        raise table.error(given_as[name], f"also given in url (?{name}=); keep one of the two")
+    config = BackendConfig(url, options, digest.hexdigest())
+    # The backend checks its options now, when the file is read, not when it is used.
+    config.open()
     return config
 
 
 def _path_in(base: Path) -> Callable[[Any, str], str]:
-    """A path to an existing file, relative to the config file's folder."""
+    """A path to an existing, readable file, relative to the config file's folder."""
 
     def convert(value: Any, path: str) -> str:
-        text = _str(value, path)
+        text = as_str(value, path)
         full = Path(text) if Path(text).is_absolute() else base / text
         if not full.is_file():
             raise ConfigError(f"no such file: {full}", field=path)
+        try:
+            full.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {full}: {exc.strerror}", field=path) from None
         return str(full)
 
     return convert
 
 
-def _service(fields: _Fields) -> ServiceConfig:
+def _service(fields: Table) -> ServiceConfig:
     path = fields.path
-    name = fields.require("name", _str)
+    name = fields.require("name", as_str)
     instance_fields: dict[str, Any] = {
         "service": name,
-        "id": fields.get("id", _str, ""),
-        "address": fields.get("address", _str, ""),
-        "port": fields.require("port", _int),
-        "tags": fields.get("tags", _str_list, ()),
-        "meta": fields.get("meta", _str_map, {}),
+        "id": fields.get("id", as_str, ""),
+        "address": fields.get("address", as_str, ""),
+        "port": fields.require("port", as_int),
+        "tags": fields.get("tags", as_str_list, ()),
+        "meta": fields.get("meta", as_str_map, {}),
     }
     try:
         instance = ServiceInstance(**instance_fields)
     except ConfigError as exc:
         inner = "name" if exc.field == "service" else exc.field
         raise ConfigError(exc.reason, field=f"{path}.{inner}" if inner else path) from None
-    ttl = fields.get("ttl", _duration, 10.0)
+    ttl = fields.get("ttl", as_duration, 10.0)
     # The registrar's own floors, named here by file and field.
     if ttl < TTL_FLOOR:
         raise fields.error(
             "ttl", f"must be at least {TTL_FLOOR:g}s (heartbeats every ttl/3), got {ttl:g}s"
         )
-    heartbeat = fields.get("heartbeat", _duration)
+    heartbeat = fields.get("heartbeat", as_duration)
     if heartbeat is not None and heartbeat < HEARTBEAT_FLOOR:
         raise fields.error(
             "heartbeat",
@@ -485,84 +384,40 @@ def _service(fields: _Fields) -> ServiceConfig:
     if heartbeat is not None and heartbeat > ttl / 3:
         raise fields.error("heartbeat", f"must be at most ttl/3 ({ttl / 3:g}s), got {heartbeat:g}s")
     on_unhealthy = OnUnhealthy(
-        fields.get("on_unhealthy", _choice("deregister", "critical"), "deregister")
+        fields.get("on_unhealthy", as_choice("deregister", "critical"), "deregister")
     )
-    deregister_after = fields.get("deregister_critical_after", _duration)
-    if deregister_after is not None and deregister_after < 60:
-        raise fields.error(
-            "deregister_critical_after", f"Consul's floor is 60s, got {deregister_after:g}s"
-        )
-    gate = _Fields(fields.get("gate", lambda v, p: v, {}), f"{path}.gate", fields.source)
-    fall = gate.get("fall", _positive_int, 3)
-    rise = gate.get("rise", _positive_int, 2)
+    # The backend decides what it accepts (Consul: at least 60s); the registrar asks it.
+    deregister_after = fields.get("deregister_critical_after", as_duration)
+    gate = fields.table_at("gate")
+    fall = gate.get("fall", as_positive_int, 3)
+    rise = gate.get("rise", as_positive_int, 2)
     gate.done()
     raw_checks = fields.get("check", lambda v, p: v, [])
     if not isinstance(raw_checks, list):
         raise fields.error("check", "expected [[service.check]] tables")
     fields.done()
     checks = tuple(
-        _check(_Fields(raw, f"{path}.check[{j}]", fields.source))
-        for j, raw in enumerate(raw_checks)
+        _check(Table(raw, f"{path}.check[{j}]", fields.source)) for j, raw in enumerate(raw_checks)
     )
-    names = [c.build().name for c in checks]
-    if len(set(names)) != len(names):
-        raise fields.error("check", "two checks probe the same target; give them distinct names")
     return ServiceConfig(
         instance, ttl, heartbeat, on_unhealthy, fall, rise, deregister_after, checks
     )
 
 
-def _positive_int(value: Any, path: str) -> int:
-    number = _int(value, path)
-    if number < 1:
-        raise ConfigError(f"expected a whole number >= 1, got {number}", field=path)
-    return number
-
-
-def _check(fields: _Fields) -> CheckConfig:
-    kinds = [k for k in ("http", "tcp", "command") if k in fields.table]
+def _check(table: Table) -> CheckConfig:
+    """A check table: exactly one key names its kind, whose class reads the rest."""
+    kinds = [kind for kind in check_kinds() if kind in table]
     if len(kinds) != 1:
+        examples = [check_class(kind).example or f"{kind} = …" for kind in check_kinds()]
         raise ConfigError(
-            'expected exactly one of http = "http://…", tcp = "host:port", command = ["…"]',
-            field=fields.path,
-            source=fields.source,
+            f"expected exactly one of {', '.join(examples)}",
+            field=table.path,
+            source=table.source,
         )
-    kind = kinds[0]
-    if kind == "command":
-        target: str | tuple[str, ...] = fields.get("command", _str_list)
-        if not target:
-            raise fields.error("command", 'expected a non-empty list like ["pg_isready", "-q"]')
-    else:
-        target = fields.get(kind, _str)
-    if kind == "tcp":
-        host, sep, port = str(target).rpartition(":")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise fields.error("tcp", f'expected "host:port" like "127.0.0.1:8080", got {target!r}')
-    if kind == "http" and not str(target).startswith(("http://", "https://")):
-        raise fields.error("http", f"expected an http:// or https:// URL, got {target!r}")
-    interval = fields.get("interval", _duration, 5.0)
-    timeout = fields.get("timeout", _duration, 2.0)
-    name = fields.get("name", _str)
-    method = "GET"
-    expect: tuple[int, int] = (200, 399)
-    headers: dict[str, str] = {}
-    env: dict[str, str] = {}
-    if kind == "http":
-        method = fields.get("method", _choice("GET", "HEAD", "POST"), "GET")
-        expect = fields.get("expect_status", _status_range, (200, 399))
-        headers = fields.get("headers", _str_map, {})
-    if kind == "command":
-        env = fields.get("env", _env_map, {})
-    fields.done()
-    return CheckConfig(kind, target, interval, timeout, method, expect, headers, name, env)
-
-
-def _env_map(value: Any, path: str) -> dict[str, str]:
-    env = _str_map(value, path)
-    for key in env:
-        if not key or "=" in key or "\0" in key:
-            raise ConfigError(f"not a valid variable name: {key!r}", field=f"{path}.{key}")
-    return env
+    (kind,) = kinds
+    saved = copy.deepcopy(table.table)
+    check = _build_check(kind, table)
+    return CheckConfig(kind, saved, table.path, check.name, check.secrets())
 
 
 def load_config(

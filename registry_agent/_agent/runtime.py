@@ -27,7 +27,6 @@ from registry_agent._agent.status import StatusServer, json_body
 from registry_agent._backend import Backend
 from registry_agent._errors import ConfigError, RegistryError, Rejected
 from registry_agent._health.checks import CheckResult, HealthCheck
-from registry_agent._plugins import open_backend
 from registry_agent._registrar import AsyncRegistrar
 from registry_agent._urls import parse_backend_url
 
@@ -45,18 +44,9 @@ def open_configured_backend(config: AgentConfig) -> Backend:
     Options the backend refuses raise :class:`ConfigError` naming the file.
     """
     try:
-        return open_backend(config.backend.url, **config.backend.options())
+        return config.backend.open()
     except ConfigError as exc:
-        raise ConfigError(
-            exc.reason, field=_backend_field(exc.field), source=config.source
-        ) from None
-
-
-def _backend_field(field: str | None) -> str:
-    """``field`` as a key of the ``[backend]`` table (backends already name most that way)."""
-    if not field or field == "backend" or field.startswith("backend."):
-        return field or "backend"
-    return f"backend.{field}"
+        raise ConfigError(exc.reason, field=exc.field, source=config.source) from None
 
 
 def registrar_for(

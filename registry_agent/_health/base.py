@@ -7,9 +7,10 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from registry_agent._errors import ConfigError
+from registry_agent._urls import Table, as_duration, as_str
 
 __all__ = ["INTERVAL_FLOOR", "MASK", "TIMEOUT_FLOOR", "CheckResult", "HealthCheck"]
 
@@ -78,6 +79,33 @@ class HealthCheck:
     at most a few hundred characters and never contains the check's secrets.
     """
 
+    #: The key that names this kind of check in a config table (``http = "…"``), and
+    #: ``example``, how that key reads in an error message; None: not configurable.
+    kind: ClassVar[str | None] = None
+    example: ClassVar[str] = ""
+
+    @classmethod
+    def from_table(cls, table: Table) -> HealthCheck:
+        """Build from a config table holding the key :attr:`kind`.
+
+        Read every key this kind takes with ``table.get``/``table.require`` (the
+        caller refuses the others); the constructor validates, inside
+        ``table.naming_fields()`` so its errors name the key.
+        """
+        raise NotImplementedError(f"{cls.__name__} has no config table")
+
+    @staticmethod
+    def common_options(table: Table) -> dict[str, Any]:
+        """``name``, ``interval`` and ``timeout`` from ``table``, as constructor keywords."""
+        options: dict[str, Any] = {
+            "interval": table.get("interval", as_duration, 5.0),
+            "timeout": table.get("timeout", as_duration, 2.0),
+        }
+        name = table.get("name", as_str)
+        if name:
+            options["name"] = name
+        return options
+
     def __init__(self, name: str, *, interval: float = 5.0, timeout: float = 2.0) -> None:
         self.name = name
         self.interval = seconds_at_least(
@@ -92,6 +120,10 @@ class HealthCheck:
         """Mask these strings in every detail this check reports."""
         # Longest first, so a secret containing another is masked whole.
         self._secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+
+    def secrets(self) -> tuple[str, ...]:
+        """The credentials this check carries (masked in every detail it reports)."""
+        return self._secrets
 
     def _mask(self, text: str) -> str:
         for secret in self._secrets:

@@ -12,7 +12,7 @@ import inspect
 import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Container, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -20,8 +20,10 @@ from registry_agent._errors import ConfigError
 from registry_agent._health.base import MASK, CheckResult, HealthCheck
 from registry_agent._health.command import CommandCheck
 from registry_agent._health.solo_thread import SoloThread
+from registry_agent._urls import Table, as_choice, as_str, as_str_map
 
 __all__ = [
+    "CHECK_KINDS",
     "CallableCheck",
     "CheckResult",
     "CommandCheck",
@@ -39,6 +41,9 @@ def _mask_userinfo(text: str) -> str:
     """``text`` with the ``user:password@`` of a URL in it masked, for error messages."""
     return _USERINFO.sub(f"{MASK}@", text)
 
+
+# Header names whose value is a credential (``Authorization``, ``X-Api-Key``…).
+_SECRET_HEADER_WORDS = ("auth", "token", "key", "secret", "cookie", "password")
 
 # Query parameters whose value is a credential (``?access_token=…``, ``?api_key=…``).
 _SECRET_PARAM = re.compile(r"token|passw|pwd|secret|key|auth|signature|sig$", re.IGNORECASE)
@@ -84,8 +89,29 @@ class HttpCheck(HealthCheck):
     shown: :attr:`url`, the default name, ``repr`` and every result detail
     read ``http://user:***@host/``. Query parameters named like a credential
     (``access_token``, ``api_key``, ``password``, ``secret``, ``sig``…) are sent
-    as given and shown as ``***`` too.
+    as given and shown as ``***`` too, and so are the values of headers named
+    like one (``Authorization``, ``X-Api-Key``, ``Cookie``…).
     """
+
+    kind: ClassVar[str | None] = "http"
+    example: ClassVar[str] = 'http = "http://…"'
+
+    @classmethod
+    def from_table(cls, table: Table) -> HttpCheck:
+        """``http = "URL"``, ``method``, ``expect_status = 200`` or ``"200-399"``, ``headers``."""
+        url = table.require("http", as_str)
+        method = table.get("method", as_choice("GET", "HEAD", "POST"), "GET")
+        low, high = table.get("expect_status", _status_range, (200, 399))
+        headers = table.get("headers", as_str_map, {})
+        options = cls.common_options(table)
+        with table.naming_fields():
+            return cls(
+                url,
+                method=method,
+                expect_status=range(low, high + 1),
+                headers=headers,
+                **options,
+            )
 
     def __init__(
         self,
@@ -112,13 +138,18 @@ class HttpCheck(HealthCheck):
                 f"{why if '@' in url else exc} in {_mask_userinfo(url)!r}", field="http"
             ) from None
         super().__init__(name or f"http {shown}", interval=interval, timeout=timeout)
-        self._hide(secrets)
+        self.headers = dict(headers or {})
+        header_secrets = [
+            value
+            for key, value in self.headers.items()
+            if any(word in key.lower() for word in _SECRET_HEADER_WORDS)
+        ]
+        self._hide([*secrets, *header_secrets])
         self._target = target
         #: The URL as it may be shown: credentials masked.
         self.url = shown
         self.method = method
         self.expect_status = expect_status
-        self.headers = dict(headers or {})
         self.body = body
         self._client: httpx.AsyncClient | None = None
 
@@ -151,8 +182,34 @@ class HttpCheck(HealthCheck):
             await client.aclose()
 
 
+def _status_range(value: Any, field: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, str) and "-" in value:
+        low, _, high = value.partition("-")
+        if low.strip().isdigit() and high.strip().isdigit():
+            return int(low), int(high)
+    raise ConfigError(
+        f'expected a status like 200 or a range like "200-399", got {value!r}', field=field
+    )
+
+
 class TcpCheck(HealthCheck):
     """Passes when a TCP connection to ``host:port`` opens."""
+
+    kind: ClassVar[str | None] = "tcp"
+    example: ClassVar[str] = 'tcp = "host:port"'
+
+    @classmethod
+    def from_table(cls, table: Table) -> TcpCheck:
+        """``tcp = "host:port"`` (an IPv6 host in brackets: ``"[::1]:5432"``)."""
+        target = table.require("tcp", as_str)
+        host, sep, port = target.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise table.error("tcp", f'expected "host:port" like "127.0.0.1:8080", got {target!r}')
+        options = cls.common_options(table)
+        with table.naming_fields():
+            return cls(host.strip("[]"), int(port), **options)
 
     def __init__(
         self,
@@ -212,6 +269,13 @@ class CallableCheck(HealthCheck):
         if result is not None and not result:
             raise RuntimeError(f"returned {result!r}")
         return "ok" if result is None or result is True else str(result)
+
+
+#: The kinds of check a config table can name, by key: the one registry the agent reads
+#: (plus the ``registry_agent.checks`` entry points, see ``_plugins.check_class``).
+CHECK_KINDS: Mapping[str, type[HealthCheck]] = {
+    cls.kind: cls for cls in (HttpCheck, TcpCheck, CommandCheck) if cls.kind
+}
 
 
 def as_check(obj: HealthCheck | Callable[[], bool | Awaitable[bool | None] | None]) -> HealthCheck:

@@ -9,9 +9,11 @@ import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 from registry_agent._errors import ConfigError
 from registry_agent._health.base import HealthCheck
+from registry_agent._urls import Table, as_str_list, as_str_map
 
 __all__ = ["SAFE_ENV", "CommandCheck", "command_env"]
 
@@ -153,6 +155,18 @@ class CommandCheck(HealthCheck):
     wins over them.
     """
 
+    kind: ClassVar[str | None] = "command"
+    example: ClassVar[str] = 'command = ["…"]'
+
+    @classmethod
+    def from_table(cls, table: Table) -> CommandCheck:
+        """``command = ["argv0", "arg"…]`` and ``env = {NAME = "value"}``."""
+        argv = table.require("command", as_str_list)
+        env = table.get("env", as_str_map, {})
+        options = cls.common_options(table)
+        with table.naming_fields():
+            return cls(argv, env=env, **options)
+
     def __init__(
         self,
         argv: Sequence[str],
@@ -171,7 +185,7 @@ class CommandCheck(HealthCheck):
         if env is not None and (
             not isinstance(env, Mapping)
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
-            or any(not k or "=" in k for k in env)
+            or any(not k or "=" in k or "\0" in k for k in env)
         ):
             raise ConfigError(
                 'expected a table of names to strings like {PGHOST = "db"}, got a '
