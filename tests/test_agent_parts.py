@@ -350,8 +350,9 @@ async def test_a_reload_cut_short_by_a_stop_logs_what_it_did(
 async def test_a_reload_queued_behind_the_stop_says_it_was_skipped(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """SIGHUP then SIGTERM at once: the stop takes the turn first and cancels the waiting reload
-    when it is done (a race seen in a fresh-clone run); the log still says the reload did nothing."""
+    """SIGHUP then SIGTERM at once: the stop takes the turn first and cancels the waiting
+    reload when it is done (a race seen in a fresh-clone run); the log still says the reload
+    did nothing."""
     path = tmp_path / "agent.toml"
     _memory_services(path, "reload-queued", ["a0"])
     runtime = await _running(path)
