@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from registry_agent._backend import Backend, Lease
+from registry_agent._backend import Backend, Lease, LivenessNews, SharedLiveness
 from registry_agent._errors import (
     BackendUnavailable,
     ConfigError,
@@ -207,6 +207,8 @@ class AsyncRegistrar:
         self._owns_backend = isinstance(backend, str)
         self.backend: Backend = open_backend(backend) if isinstance(backend, str) else backend
         self._backend_name = getattr(type(self.backend), "scheme", type(self.backend).__name__)
+        # Set while a backend that shares liveness tells us about our lease.
+        self._unfollow: Callable[[], None] | None = None
 
         self._fork = ForkGuard(f"AsyncRegistrar({instance.service}/{instance.id})")
         self._clock: Callable[[], float] = time.monotonic  # the event loop's clock too
@@ -389,7 +391,7 @@ class AsyncRegistrar:
             except Exception as exc:
                 self._log_failure("deregister", self._registry_error(exc), force=True)
             else:
-                self._lease = None
+                self._drop_lease()
                 self._set_actual(None)
                 self.counters.deregistrations += 1
                 self._emit(RegistrarEventKind.DEREGISTERED, "stopped")
@@ -432,7 +434,7 @@ class AsyncRegistrar:
             ),
             "ready": ready,
             "not_ready_reason": reason,
-            "last_heartbeat": self._last_heartbeat,
+            "last_heartbeat": self._heartbeat_time(),
             "last_error": self._last_error,
             "checks": {
                 check.name: {
@@ -443,6 +445,12 @@ class AsyncRegistrar:
             },
             "counters": {name: getattr(self.counters, name) for name in self.counters.__slots__},
         }
+
+    def _heartbeat_time(self) -> float | None:
+        lease = self._lease
+        if lease is not None and lease.shared and isinstance(self.backend, SharedLiveness):
+            self._last_heartbeat = self.backend.last_renewal(lease) or self._last_heartbeat
+        return self._last_heartbeat
 
     def _readiness(self) -> tuple[bool, str | None]:
         if self._stopping or self.state is GateState.STOPPED:
@@ -569,7 +577,8 @@ class AsyncRegistrar:
                 stale_lease=self._stale is not None,
             )
             if step is Step.IDLE:
-                await self._sleep(None if wake_at is None else max(0.0, wake_at - now))
+                forever = wake_at is None or math.isinf(wake_at)
+                await self._sleep(None if wake_at is None or forever else max(0.0, wake_at - now))
                 continue
             if step is Step.EXPIRED:
                 self._expired()
@@ -645,7 +654,10 @@ class AsyncRegistrar:
         if step is Step.REGISTER:
             assert wanted is not None
             note = "" if wanted is HealthStatus.PASSING else "unhealthy: " + self._failing_checks()
-            self._lease = await backend.register(
+            register = (
+                backend.register_shared if isinstance(backend, SharedLiveness) else backend.register
+            )
+            self._lease = await register(
                 self.instance,
                 ttl=self.ttl,
                 status=wanted,
@@ -653,14 +665,16 @@ class AsyncRegistrar:
                 deregister_critical_after=self.deregister_critical_after,
             )
             now = self._clock()
-            self._expires_at = started + self.ttl
+            self._follow(self._lease)
+            shared = self._lease.shared
+            self._expires_at = None if shared else started + self.ttl
             self._seen = None
             self._just_wrote = False
             self._set_actual(wanted)
             self._registered_at = now
-            self._heartbeat_due = now + self.heartbeat_interval
+            self._heartbeat_due = math.inf if shared else now + self.heartbeat_interval
             # Someone else held our entry critical before: see at once whether they still do.
-            self._verify_due = now + (0.0 if self._external else self.verify_interval)
+            self._verify_due = now if self._external else self._next_verify(now)
             self._last_heartbeat = time.time()
             self._lost_reason = None
             if self._lost_entry:
@@ -673,7 +687,7 @@ class AsyncRegistrar:
         elif step is Step.DEREGISTER:
             assert self._lease is not None
             await backend.deregister(self._lease)
-            self._lease = None
+            self._drop_lease()
             self._expires_at = None
             self._seen = None
             self._set_actual(None)
@@ -695,7 +709,7 @@ class AsyncRegistrar:
             assert self._lease is not None
             found = await backend.lookup(self._lease)
             self.counters.verifications += 1
-            self._verify_due = self._clock() + self.verify_interval
+            self._verify_due = self._next_verify(self._clock())
             if found is None:
                 raise LeaseLost(
                     "our entry is missing from the registry",
@@ -715,9 +729,43 @@ class AsyncRegistrar:
             assert self._lease is not None
             await backend.heartbeat(self._lease)
             self.counters.heartbeats_ok += 1
-            self._expires_at = started + self.ttl
-            self._last_heartbeat = time.time()
-            self._heartbeat_due = self._clock() + self.heartbeat_interval
+            if self._lease.shared:
+                # Answered from the backend's memory: its shared renewal is fine.
+                self._heartbeat_due = math.inf
+            else:
+                self._expires_at = started + self.ttl
+                self._last_heartbeat = time.time()
+                self._heartbeat_due = self._clock() + self.heartbeat_interval
+
+    def _next_verify(self, now: float) -> float:
+        """When to read our entry back next: never on our own for a shared lease."""
+        return (
+            math.inf
+            if self._lease is not None and self._lease.shared
+            else now + self.verify_interval
+        )
+
+    def _follow(self, lease: Lease) -> None:
+        self._unfollow_lease()
+        if lease.shared and isinstance(self.backend, SharedLiveness):
+            self._unfollow = self.backend.follow(lease, self._on_news)
+
+    def _unfollow_lease(self) -> None:
+        unfollow, self._unfollow = self._unfollow, None
+        if unfollow is not None:
+            unfollow()
+
+    def _drop_lease(self) -> None:
+        self._unfollow_lease()
+        self._lease = None
+
+    def _on_news(self, news: LivenessNews) -> None:
+        # The shared renewal or verification concerns us: act on it now.
+        if news is LivenessNews.RENEWAL:
+            self._heartbeat_due = self._clock()
+        else:
+            self._verify_due = self._clock()
+        self._wake_up()
 
     def _read_back(self, found: InstanceHealth) -> None:
         """Compare our entry's health in the registry with the status we wrote."""
@@ -797,9 +845,10 @@ class AsyncRegistrar:
     def _lost(self, why: str, *, stale: bool) -> None:
         self.counters.lease_losses += 1
         self._lost_entry = True
-        if stale and self._lease is not None:
+        # A shared lease stays the backend's to keep or revoke: only ours may be orphaned.
+        if stale and self._lease is not None and not self._lease.shared:
             self._stale = self._lease
-        self._lease = None
+        self._drop_lease()
         self._expires_at = None
         self._seen = None
         self._set_actual(None)

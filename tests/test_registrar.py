@@ -36,8 +36,9 @@ from registry_agent import (
     ServiceInstance,
     Throttled,
 )
+from registry_agent._backend import SharedLiveness
 from registry_agent.testing.contract import eventually
-from registry_agent.testing.memory import MemoryBackend, MemoryRegistry
+from registry_agent.testing.memory import MemoryBackend, MemoryRegistry, SharedMemoryBackend
 
 FAST = RetryPolicy(initial=0.05, cap=0.2)
 INSTANCE = ServiceInstance("orders", address="127.0.0.1", port=8080)
@@ -824,3 +825,160 @@ async def test_registered_follows_the_clock_not_the_last_report(
     assert reg.status()["ready"] is False
     reg._clock = time.monotonic
     assert reg.registered
+
+
+# -- shared liveness: one lease per TTL renewed by the backend, news instead of timers ----
+
+
+async def until(predicate: Callable[[], bool], *, within: float) -> float:
+    async def check() -> bool:
+        return predicate()
+
+    return await eventually(check, within=within)
+
+
+def other(n: int) -> ServiceInstance:
+    return ServiceInstance("orders", address="127.0.0.1", port=9000 + n, id=f"orders-{n}")
+
+
+class CountingShared(SharedMemoryBackend):
+    """The shared memory backend, counting the calls the registrars make."""
+
+    def __init__(self, registry: MemoryRegistry) -> None:
+        super().__init__(registry)
+        self.calls: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    async def register(self, instance: ServiceInstance, **kwargs: Any) -> Lease:
+        self._count("register")
+        return await super().register(instance, **kwargs)
+
+    async def lookup(self, lease: Lease) -> InstanceHealth | None:
+        self._count("lookup")
+        return await super().lookup(lease)
+
+    async def heartbeat(self, lease: Lease) -> None:
+        self._count("heartbeat")
+        await super().heartbeat(lease)
+
+
+@pytest.fixture
+async def shared_pair(
+    registry: MemoryRegistry,
+) -> AsyncIterator[tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]]]:
+    backend = CountingShared(registry)
+    seen: list[RegistrarEvent] = []
+    regs = [
+        AsyncRegistrar(backend, other(n), ttl=1.0, retry=FAST, on_event=seen.append)
+        for n in range(2)
+    ]
+    for reg in regs:
+        await reg.start(wait_registered=2)
+    try:
+        yield backend, regs, seen
+    finally:
+        for reg in regs:
+            await reg.stop()
+        await backend.close()
+
+
+def test_memory_url_opens_the_shared_backend() -> None:
+    backend = MemoryBackend.from_url("memory://shared-url?shared=true", {})
+    assert isinstance(backend, SharedLiveness)
+    assert not isinstance(MemoryBackend.from_url("memory://plain", {}), SharedLiveness)
+
+
+async def test_shared_registrations_run_no_timers_of_their_own(
+    registry: MemoryRegistry,
+    shared_pair: tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]],
+) -> None:
+    backend, regs, _ = shared_pair
+    assert all(reg._lease is not None and reg._lease.shared for reg in regs)
+    assert len(registry._leases) == 1  # one lease for both
+    before = time.time()
+    await asyncio.sleep(2.5)  # 2.5 TTLs: the backend renewed ~7 times and verified twice
+    assert backend.calls.get("register", 0) == 0
+    assert backend.calls.get("heartbeat", 0) == 0
+    assert backend.calls.get("lookup", 0) == 0
+    assert len(registry.snapshot("orders").healthy()) == 2
+    for reg in regs:
+        status = reg.status()
+        assert status["ready"] is True
+        assert status["last_heartbeat"] is not None
+        assert status["last_heartbeat"] > before
+        assert status["counters"]["heartbeats_ok"] == 0
+
+
+async def test_shared_withdrawing_one_keeps_the_other_and_the_last_revokes(
+    registry: MemoryRegistry,
+    shared_pair: tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]],
+) -> None:
+    _, regs, _ = shared_pair
+    (lease_id,) = registry._leases
+    await regs[0].stop()
+    assert registry.snapshot("orders").healthy() == [other(1)]
+    assert list(registry._leases) == [lease_id]
+    await regs[1].stop()
+    assert registry.snapshot("orders").instances == {}
+    assert registry._leases == {}
+
+
+async def test_shared_outage_is_announced_once_and_recovered(
+    registry: MemoryRegistry,
+    shared_pair: tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]],
+) -> None:
+    _, regs, seen = shared_pair
+    seen.clear()
+    registry.stop()
+    await until(lambda: kinds(seen).count(K.BACKEND_UNAVAILABLE) == 2, within=2)
+    assert all(reg.status()["last_error"] is not None for reg in regs)
+    registry.start()  # back within the TTL: the lease held
+    await until(lambda: kinds(seen).count(K.BACKEND_RECOVERED) == 2, within=2)
+    assert K.LEASE_LOST not in kinds(seen)
+    assert kinds(seen).count(K.BACKEND_UNAVAILABLE) == 2
+    assert len(registry.snapshot("orders").healthy()) == 2
+
+
+async def test_shared_lease_lost_after_a_ttl_down_then_all_back_on_one_new_lease(
+    registry: MemoryRegistry,
+    shared_pair: tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]],
+) -> None:
+    _, regs, seen = shared_pair
+    seen.clear()
+    registry.stop()
+    await until(lambda: kinds(seen).count(K.LEASE_LOST) == 2, within=3)
+    assert not any(reg.registered for reg in regs)
+    registry.start()
+    await until(lambda: kinds(seen).count(K.REREGISTERED) == 2, within=3)
+    assert len(registry.snapshot("orders").healthy()) == 2
+    assert len(registry._leases) == 1
+
+
+async def test_shared_wipe_brings_every_entry_back(
+    registry: MemoryRegistry,
+    shared_pair: tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]],
+) -> None:
+    _, regs, seen = shared_pair
+    seen.clear()
+    registry.wipe()
+    await until(lambda: kinds(seen).count(K.REREGISTERED) == 2, within=3)
+    assert kinds(seen).count(K.LEASE_LOST) == 2
+    assert len(registry.snapshot("orders").healthy()) == 2
+    assert len(registry._leases) == 1
+    assert all(reg.counters.lease_losses == 1 for reg in regs)
+
+
+async def test_shared_verification_repairs_only_the_entry_that_changed(
+    registry: MemoryRegistry,
+    shared_pair: tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]],
+) -> None:
+    backend, regs, seen = shared_pair
+    seen.clear()
+    registry.delete("orders", other(0).id, None)  # someone deleted one entry
+    await until(lambda: K.REREGISTERED in kinds(seen), within=3)
+    assert [e.instance for e in seen if e.kind is K.REREGISTERED] == [other(0)]
+    assert backend.calls.get("lookup", 0) == 1  # only the one that changed read its entry
+    assert len(registry.snapshot("orders").healthy()) == 2
+    assert regs[1].counters.lease_losses == 0
