@@ -17,7 +17,7 @@ from registry_agent._errors import (
     RegistryError,
     RevisionCompacted,
 )
-from registry_agent._events import Backlog, WatchEvent, diff_snapshots
+from registry_agent._events import Backlog, InstanceMap, WatchEvent, changed_ids, diff_snapshots
 from registry_agent._fork import ForkGuard
 from registry_agent._models import InstanceHealth, ServiceSnapshot, _check_name
 from registry_agent._plugins import open_backend
@@ -258,21 +258,25 @@ class AsyncWatcher:
 
     def _apply(self, service: str, snapshot: ServiceSnapshot) -> None:
         old = self._state.get(service, _EMPTY)
-        new: Mapping[str, InstanceHealth] = MappingProxyType(dict(snapshot.instances))
+        new = snapshot.instances
+        # An InstanceMap is immutable and says which ids its update changed: keep
+        # it as is and visit only those. Anything else is copied and fully diffed.
+        if not isinstance(new, InstanceMap):
+            new = MappingProxyType(dict(new))
+        changed = changed_ids(old, new)
         self._state[service] = new
         self._index[service] = snapshot.index
         self._synced[service].set()
+        if not changed:
+            return
         if self.listener is not None:
-            for event in diff_snapshots(old, new, snapshot.index):
+            for event in diff_snapshots(old, new, snapshot.index, changed):
                 try:
                     self.listener(event)
                 except Exception:
                     log.exception("watch listener failed", extra={"event": "listener_failed"})
         consumers = list(self._consumers)
         if not consumers:
-            return
-        changed = [key for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
-        if not changed:
             return
         now = time.monotonic()
         for consumer in consumers:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from registry_agent import EventType, HealthStatus, InstanceHealth, ServiceInstance, WatchEvent
-from registry_agent._events import Backlog, diff_snapshots
+from registry_agent._events import Backlog, InstanceMap, changed_ids, diff_snapshots
 
 A = ServiceInstance("orders", address="10.0.0.1", port=80, id="a")
 A2 = ServiceInstance("orders", address="10.0.0.1", port=80, id="a", meta={"v": "2"})
@@ -297,3 +299,90 @@ def test_fast_consumer_gets_exactly_the_events_of_each_diff() -> None:
         expected = [(e.type, e.instance, e.previous) for e in diff_snapshots(previous, new)]
         assert [(e.type, e.instance, e.previous) for e in feed.take(backlog)] == expected
         previous = new
+
+
+# -- InstanceMap: an immutable map whose update records which ids it changed ----------
+
+
+def health(n: int, status: HealthStatus = P, v: int = 0) -> InstanceHealth:
+    inst = ServiceInstance("orders", address="10.0.0.1", port=80, id=f"i{n}", meta={"v": str(v)})
+    return InstanceHealth(inst, status)
+
+
+def test_instance_map_reads_like_the_dict_it_holds() -> None:
+    entries = {f"i{n}": health(n) for n in range(300)}
+    m = InstanceMap(entries)
+    assert m == entries
+    assert len(m) == 300
+    assert dict(m) == entries
+    assert dict(m.items()) == entries
+    assert sorted(m) == sorted(entries)
+    assert list(m.values()).count(entries["i7"]) == 1
+    assert m["i7"] is entries["i7"]
+    assert m.get("nope") is None
+    assert "i7" in m
+    assert 7 not in m
+    with pytest.raises(KeyError):
+        m["nope"]
+    assert InstanceMap() == {}
+    assert InstanceMap.of(m) is m
+
+
+def test_evolve_leaves_the_old_map_as_it_was_and_names_what_changed() -> None:
+    old = InstanceMap({f"i{n}": health(n) for n in range(1000)})
+    new = old.evolve({"i1": None, "i2": health(2, C), "i3": health(3), "x": health(5000)})
+    assert len(old) == 1000
+    assert old["i1"] == health(1)
+    assert old["i2"].healthy
+    assert "x" not in old
+    assert len(new) == 1000
+    assert "i1" not in new
+    assert not new["i2"].healthy
+    assert "x" in new
+    assert new.changed == {"i1", "i2", "x"}  # i3 was put unchanged
+    assert new.changed_since(old) == {"i1", "i2", "x"}
+    assert changed_ids(old, new) == ["i1", "i2", "x"]
+    assert new.changed_since(InstanceMap(old)) is None  # equal content, another map
+    assert old.evolve({"i3": health(3), "gone": None}) is old  # nothing changes
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 80), st.sampled_from([None, P, C])), max_size=12),
+        max_size=40,
+    )
+)
+def test_evolve_agrees_with_a_dict_and_its_full_diff(steps: list[list[tuple[int, Any]]]) -> None:
+    plain: dict[str, InstanceHealth] = {}
+    m = InstanceMap()
+    for step in steps:
+        changes = {f"i{n}": None if s is None else health(n, s) for n, s in step}
+        before, before_plain = m, dict(plain)
+        for key, value in changes.items():
+            if value is None:
+                plain.pop(key, None)
+            else:
+                plain[key] = value
+        m = m.evolve(changes)
+        assert m == plain
+        assert len(m) == len(plain)
+        assert sorted(m) == sorted(plain)
+        full = [
+            k
+            for k in sorted(before_plain.keys() | plain.keys())
+            if before_plain.get(k) != plain.get(k)
+        ]
+        assert changed_ids(before, m) == full
+        assert diff_snapshots(before, m, 3, changed_ids(before, m)) == diff_snapshots(
+            before_plain, plain, 3
+        )
+
+
+def test_an_update_copies_a_small_part_of_a_big_map() -> None:
+    m = InstanceMap({f"i{n}": health(n) for n in range(50_000)})
+    new = m.evolve({"i9": health(9, C)})
+    shared = sum(a is b for a, b in zip(m._buckets, new._buckets, strict=True))
+    assert len(m._buckets) >= 128
+    assert shared == len(m._buckets) - 1
+    assert max(len(b) for b in m._buckets) < 50_000 // 16
