@@ -1,0 +1,321 @@
+"""One heartbeat service per (backend, TTL): the liveness many Consul registrations share.
+
+The group registers a service (``registry-agent-heartbeat``) carrying one TTL
+check and renews it with one ``check/pass`` every ttl/3; each member service
+carries an alias check to it. Once per TTL the group reads the agent's
+services and checks back in two requests and tells only the members whose
+entry differs from what was written (:attr:`LivenessNews.VERIFY`). A heartbeat
+the agent no longer knows (restarted empty), or renewals failing for a whole
+TTL, count the group's liveness lost: every member is told
+(:attr:`LivenessNews.RENEWAL`) and registers again on a new generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from registry_agent import (
+    BackendError,
+    HealthStatus,
+    Lease,
+    LeaseLost,
+    RetryPolicy,
+    ServiceInstance,
+    Throttled,
+)
+from registry_agent._backend import LivenessNews, error_context
+
+__all__ = [
+    "HEARTBEAT_NAME",
+    "HeartbeatCalls",
+    "HeartbeatGroup",
+    "Member",
+    "alias_id",
+    "entry_differs",
+    "health_id",
+]
+
+log = logging.getLogger("registry_agent.consul")
+
+#: Service name and tag of the heartbeat services: operators recognise them, listings skip them.
+HEARTBEAT_NAME = "registry-agent-heartbeat"
+
+
+def alias_id(instance_id: str) -> str:
+    """The member's liveness check: an alias of the heartbeat service."""
+    return f"service:{instance_id}"
+
+
+def health_id(instance_id: str) -> str:
+    """The member's own health check, present only while not plainly passing."""
+    return f"service:{instance_id}:health"
+
+
+@dataclass(slots=True)
+class Member:
+    """One registration on the shared heartbeat, as written."""
+
+    lease: Lease
+    generation: int
+    status: HealthStatus
+    note: str
+    written_at: float  # time.monotonic() when the entry was last written
+    listeners: list[Callable[[LivenessNews], None]] = field(default_factory=list)
+
+    @property
+    def has_health(self) -> bool:
+        """Whether a health check of its own is written (held unhealthy, or a note)."""
+        return self.status is not HealthStatus.PASSING or bool(self.note)
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatCalls:
+    """The Consul requests a group makes (given by the backend, which maps their errors)."""
+
+    #: Register (or replace) the heartbeat service, its TTL check passing.
+    register: Callable[[str], Awaitable[None]]
+    #: ``PUT /v1/agent/check/pass/<id>``: LeaseLost when the agent no longer knows it.
+    renew: Callable[[str], Awaitable[None]]
+    #: Deregister the heartbeat service (gone already is fine).
+    deregister: Callable[[str], Awaitable[None]]
+    #: The agent's services and checks, keyed by id (``/v1/agent/services``, ``/v1/agent/checks``).
+    read_back: Callable[[], Awaitable[tuple[Mapping[str, Any], Mapping[str, Any]]]]
+
+
+def entry_differs(
+    member: Member, heartbeat_id: str, services: Mapping[str, Any], checks: Mapping[str, Any]
+) -> bool:
+    """Whether the agent holds something else than what ``member`` wrote.
+
+    Compared: the service's name, address, port, tags and meta; our alias check
+    present and pointing at a passing heartbeat; our health check present (with
+    the status written) exactly when one was written. Other checks (an
+    operator's maintenance mode) are not ours to repair.
+    """
+    instance = member.lease.instance
+    svc = services.get(instance.id)
+    if not isinstance(svc, Mapping):
+        return True
+    if (
+        svc.get("Service") != instance.service
+        or (svc.get("Address") or "") != instance.address
+        or (svc.get("Port") or 0) != (instance.port or 0)
+        or tuple(svc.get("Tags") or ()) != tuple(instance.tags)
+        or dict(svc.get("Meta") or {}) != dict(instance.meta)
+    ):
+        return True
+    alias = checks.get(alias_id(instance.id))
+    if not isinstance(alias, Mapping) or alias.get("ServiceID") != instance.id:
+        return True
+    beat = checks.get(heartbeat_id)
+    if alias.get("Status") != str(HealthStatus.PASSING) and (
+        isinstance(beat, Mapping) and beat.get("Status") == str(HealthStatus.PASSING)
+    ):
+        return True  # the heartbeat passes but the alias does not: not aliasing ours
+    health = checks.get(health_id(instance.id))
+    if not member.has_health:
+        return health is not None
+    return not isinstance(health, Mapping) or health.get("Status") != str(member.status)
+
+
+class HeartbeatGroup:
+    """The shared liveness of one TTL on one backend (see the module docstring)."""
+
+    def __init__(
+        self,
+        calls: HeartbeatCalls,
+        *,
+        ttl: float,
+        service_id: str,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.calls = calls
+        self.ttl = ttl
+        self.service_id = service_id
+        self.members: dict[str, Member] = {}
+        #: Bumped each time the liveness is lost: members of an older one are lost.
+        self.generation = 0
+        self.last_renewal: float | None = None  # time.time() of the last renewal that worked
+        self._retry = retry or RetryPolicy(initial=min(0.2, ttl / 10), cap=max(0.2, ttl / 3))
+        self._registered = False
+        self._error: BackendError | None = None  # the failing renewal's error, while it fails
+        self._since_ok = 0.0  # time.monotonic() of the last renewal (or registration) that worked
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    # -- state the registrar reads (no I/O) --
+
+    def check(self, lease: Lease) -> None:
+        """Answer a member's heartbeat from memory (see ``SharedLiveness``)."""
+        member = self.members.get(lease.instance.id)
+        if member is None or member.generation != self.generation or not self._registered:
+            raise LeaseLost(
+                f"the shared heartbeat {self.service_id} of this registration was lost "
+                "(agent restarted, heartbeat removed, or renewals failed for a whole TTL)",
+                **error_context("consul", instance=lease.instance),
+            )
+        if self._error is not None:
+            raise self._error
+
+    def follow(
+        self, instance_id: str, notify: Callable[[LivenessNews], None]
+    ) -> Callable[[], None]:
+        """Send news about ``instance_id`` to ``notify`` until the returned function is called."""
+        member = self.members.get(instance_id)
+        if member is None:
+            return lambda: None
+        member.listeners.append(notify)
+
+        def unfollow() -> None:
+            with contextlib.suppress(ValueError):
+                member.listeners.remove(notify)
+
+        return unfollow
+
+    # -- membership --
+
+    async def ensure(self) -> int:
+        """Register the heartbeat service unless it is (single-flight); the generation to join."""
+        if self._registered:
+            return self.generation
+        async with self._lock:
+            if not self._registered:
+                await self.calls.register(self.service_id)
+                self._registered = True
+                self._error = None
+                self._since_ok = time.monotonic()
+                self.last_renewal = time.time()
+                self._start()
+        return self.generation
+
+    def join(self, member: Member) -> None:
+        """Record a member written on ``member.generation`` (keeping its listeners)."""
+        old = self.members.get(member.lease.instance.id)
+        if old is not None:
+            member.listeners = old.listeners
+        self.members[member.lease.instance.id] = member
+
+    def leave(self, instance: ServiceInstance) -> bool:
+        """Forget ``instance``; True when the group is now empty."""
+        self.members.pop(instance.id, None)
+        return not self.members
+
+    async def close(self, *, deregister: bool = True) -> None:
+        """Stop renewing; deregister the heartbeat service (its members turn critical)."""
+        self._closed = True
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if deregister and self._registered:
+            self._registered = False
+            await self.calls.deregister(self.service_id)
+
+    # -- the loops --
+
+    def _start(self) -> None:
+        if self._tasks or self._closed:
+            return
+        self._tasks = [
+            asyncio.create_task(self._renew_loop(), name=f"consul heartbeat {self.service_id}"),
+            asyncio.create_task(self._verify_loop(), name=f"consul verify {self.service_id}"),
+        ]
+
+    def _tell(self, news: LivenessNews, members: list[Member]) -> None:
+        for member in members:
+            for notify in list(member.listeners):
+                try:
+                    notify(news)
+                except Exception:  # a listener's bug must not stop the heartbeat
+                    log.exception("a liveness listener failed", extra={"backend": "consul"})
+
+    def _lose(self, why: str) -> None:
+        """Count the liveness lost: a new generation, every member told."""
+        self._registered = False
+        self._error = None
+        self.generation += 1
+        log.warning(
+            "Consul heartbeat %s lost (%s): re-registering %d services",
+            self.service_id,
+            why,
+            len(self.members),
+            extra={"event": "heartbeat_lost", "backend": "consul"},
+        )
+        self._tell(LivenessNews.RENEWAL, list(self.members.values()))
+
+    async def _renew_loop(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                if self._registered:
+                    await self.calls.renew(self.service_id)
+                else:
+                    await self.ensure()
+            except LeaseLost as exc:
+                self._lose(str(exc))
+                attempt += 1
+                await asyncio.sleep(self._retry.delay(attempt))
+                continue
+            except BackendError as exc:
+                attempt += 1
+                if self._registered and time.monotonic() - self._since_ok >= self.ttl:
+                    self._lose(f"no renewal for {self.ttl:g}s: {exc}")
+                elif self._registered and self._error is None:
+                    self._error = exc
+                    self._tell(LivenessNews.RENEWAL, list(self.members.values()))
+                else:
+                    self._error = exc if self._registered else None
+                if isinstance(exc, Throttled):
+                    delay = self._retry.answered(attempt, exc.retry_after)
+                else:
+                    delay = self._retry.delay(attempt)
+                # Never sleep past the TTL's end: the next try decides lost or not.
+                left = self.ttl - (time.monotonic() - self._since_ok)
+                await asyncio.sleep(max(0.05, min(delay, left)) if self._registered else delay)
+                continue
+            attempt = 0
+            self._since_ok = time.monotonic()
+            self.last_renewal = time.time()
+            if self._error is not None:
+                self._error = None
+                self._tell(LivenessNews.RENEWAL, list(self.members.values()))
+            await asyncio.sleep(self.ttl / 3)
+
+    async def _verify_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl)
+            if not self._registered or not self.members:
+                continue
+            started = time.monotonic()
+            generation = self.generation
+            try:
+                services, checks = await self.calls.read_back()
+            except BackendError as exc:  # the renewal loop owns failures; verify next time
+                log.debug("Consul verification read failed: %s", exc, extra={"backend": "consul"})
+                continue
+            if generation != self.generation:
+                continue
+            stale = [
+                m
+                for m in self.members.values()
+                if m.generation == generation
+                and m.written_at < started
+                and entry_differs(m, self.service_id, services, checks)
+            ]
+            if stale:
+                log.debug(
+                    "Consul verification: %d of %d entries differ",
+                    len(stale),
+                    len(self.members),
+                    extra={"backend": "consul"},
+                )
+                self._tell(LivenessNews.VERIFY, stale)
