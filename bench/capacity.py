@@ -220,8 +220,40 @@ def register_timeout(count: int) -> float:
     return 60.0 + count / 50
 
 
+def export_revision(rev: str, into: Path) -> Path:
+    """The agent's code (registry_agent, backends) as committed at ``rev``, unpacked in ``into``.
+
+    The checkout may hold someone's half-made edits; a measurement of a
+    revision runs exactly what was committed.
+    """
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", rev, "registry_agent", "backends"],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        raise SystemExit(f"--rev: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def agent_env(source: Path | None) -> dict[str, str] | None:
+    """The agent's environment: ``source`` (an exported revision) ahead of the checkout."""
+    if source is None:
+        return None
+    paths = [str(source), str(source / "backends"), str(ROOT)]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def measure_ours(
-    kind: str, count: int, window: float, workdir: Path, profile: Path | None = None
+    kind: str,
+    count: int,
+    window: float,
+    workdir: Path,
+    profile: Path | None = None,
+    source: Path | None = None,
 ) -> Sample:
     """The agent holding ``count`` registrations on a fresh server of ``kind``."""
     sample = Sample(kind, count, "ours", load=load_average())
@@ -237,7 +269,13 @@ def measure_ours(
     try:
         with open(log_path, "wb") as agent_log:
             started = time.monotonic()
-            agent = subprocess.Popen(command, stdout=agent_log, stderr=subprocess.STDOUT, cwd=ROOT)
+            agent = subprocess.Popen(
+                command,
+                stdout=agent_log,
+                stderr=subprocess.STDOUT,
+                cwd=source or ROOT,
+                env=agent_env(source),
+            )
             try:
 
                 def alive() -> bool:
@@ -507,10 +545,12 @@ def measure_all(
     repeats: int,
     window: float,
     profile: bool = False,
+    rev: str | None = None,
 ) -> tuple[list[Sample], list[int]]:
     samples: list[Sample] = []
     runs: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
+        source = export_revision(rev, Path(tmp) / "src") if rev else None
         for run in range(1, repeats + 1):
             for kind in kinds:
                 for count in counts:
@@ -519,7 +559,7 @@ def measure_all(
                     runs.append(run)
                     log(f"capacity run {run}/{repeats}: {kind}, {count} registrations, ours")
                     prof = Path(tmp) / f"agent-{kind}-{count}-{run}.prof" if profile else None
-                    samples.append(measure_ours(kind, count, window, Path(tmp), prof))
+                    samples.append(measure_ours(kind, count, window, Path(tmp), prof, source))
                     runs.append(run)
                     if prof is not None and prof.exists():
                         print_profile(prof)
@@ -561,6 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=float, default=30.0, help="steady window, seconds")
     parser.add_argument("--profile", action="store_true", help="cProfile the agent's window")
+    parser.add_argument(
+        "--rev", help="run the agent as committed at this git revision (default: the checkout)"
+    )
     args = parser.parse_args(argv)
     try:
         counts = [int(c) for c in args.counts.split(",")]
@@ -575,7 +618,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# capacity: one agent process, TTL {TTL} s, no checks\n")
     print(f"window {args.window:g} s after a {SETTLE:g} s settle; load before: {load_average()}")
     print(f"{os.cpu_count()} cores\n")
-    samples, runs = measure_all(kinds, counts, args.repeats, args.window, args.profile)
+    if args.rev:
+        described = subprocess.run(
+            ["git", "log", "-1", "--format=%h %s", args.rev], cwd=ROOT, capture_output=True
+        ).stdout.decode()[:120]
+        print(f"agent code as committed at {described.strip() or args.rev}\n")
+    samples, runs = measure_all(kinds, counts, args.repeats, args.window, args.profile, args.rev)
     if args.profile:
         print("\n(profiled run: the agent's CPU figures include the profiler's cost)\n")
     print(f"\n## Summary ({args.repeats} runs: median and worst)\n")
