@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -12,6 +13,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from functools import partial
+from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
 import aetcd
@@ -28,12 +30,12 @@ from registry_agent import (
     LeaseLost,
     RegistryError,
     Rejected,
+    RevisionCompacted,
     ServiceInstance,
     ServiceSnapshot,
     Throttled,
 )
-from registry_agent._backend import error_context, running_loop
-from registry_agent._events import InstanceMap
+from registry_agent._backend import LivenessNews, error_context, running_loop
 from registry_agent._probe import ConnectionProbe
 from registry_agent._tls import TLSFiles
 from registry_agent._urls import (
@@ -44,7 +46,7 @@ from registry_agent._urls import (
     parse_backend_url,
     take_options,
 )
-from registry_agent_etcd._watch import apply_watch_events, response_error
+from registry_agent_etcd._liveness import LeaseGroup
 
 __all__ = ["EtcdBackend"]
 
@@ -214,6 +216,29 @@ def _prefix_end(prefix: bytes) -> bytes:
     return aetcd.utils.prefix_range_end(prefix)  # type: ignore[no-any-return]
 
 
+def _own(error: RegistryError, instance: ServiceInstance) -> RegistryError:
+    """A shared call's error (one for many callers) as this caller's own, naming its instance."""
+    try:
+        own = copy.copy(error)
+    except Exception:  # an error that cannot be copied is raised as it is
+        return error
+    own.service, own.instance = instance.service, instance.id
+    return own
+
+
+async def _delete_if_leased(client: aetcd.Client, *, key: bytes, lease_id: int) -> Any:
+    """Delete ``key`` only while it is still on ``lease_id`` (not someone else's re-put)."""
+    compare = rpc.Compare(key=key, target=rpc.Compare.LEASE, result=rpc.Compare.EQUAL)
+    compare.lease = lease_id
+    delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+    await client.connect()
+    return await client.kvstub.Txn(
+        rpc.TxnRequest(compare=[compare], success=[delete]),
+        timeout=client._timeout,
+        metadata=client.metadata,
+    )
+
+
 class EtcdBackend:
     """``etcd://host:port[,host:port…]``: registers instances as leased keys in etcd.
 
@@ -330,7 +355,9 @@ class EtcdBackend:
         self._probe = ConnectionProbe(self._hold_connection)
         self._warned: set[bytes] = set()
         #: Leases of failed registrations, to revoke: id -> (expiry, instance).
-        self._orphans: dict[int, tuple[float, ServiceInstance]] = {}
+        self._orphans: dict[int, tuple[float, ServiceInstance | None]] = {}
+        #: The shared lease of each TTL (whole seconds): see register_shared.
+        self._groups: dict[int, LeaseGroup] = {}
         self._sweeper: asyncio.Task[None] | None = None
         #: Whether the last call got an answer from etcd.
         self._answering = False
@@ -608,6 +635,81 @@ class EtcdBackend:
             self._sweep()
         return Lease(instance, float(ttl), lease_id, "etcd")
 
+    def _orphan(self, lease_id: int, seconds: float) -> None:
+        """Revoke ``lease_id`` in the background (it expires by itself within ``seconds``)."""
+        self._orphans[lease_id] = (time.monotonic() + seconds, None)
+        self._sweep()
+
+    def _group(self, ttl: float) -> LeaseGroup:
+        seconds = max(1, math.ceil(ttl))
+        group = self._groups.get(seconds)
+        if group is None or group.loop is not running_loop():
+            group = self._groups[seconds] = LeaseGroup(self, seconds)
+        return group
+
+    def _shared(self, lease: Lease) -> tuple[LeaseGroup, bytes, int]:
+        """The group, key and lease id behind a lease from :meth:`register_shared`."""
+        instance = lease.instance
+        key = self._key(instance.service, instance.id)
+        group = self._groups.get(max(1, math.ceil(lease.ttl)))
+        if group is None or not isinstance(lease.handle, int):
+            raise LeaseLost(
+                "shared lease not held by this backend (deregistered or closed)",
+                **error_context("etcd", instance=instance),
+            )
+        return group, key, lease.handle
+
+    async def register_shared(
+        self,
+        instance: ServiceInstance,
+        *,
+        ttl: float,
+        status: HealthStatus = HealthStatus.PASSING,
+        note: str = "",
+        deregister_critical_after: float | None = None,
+    ) -> Lease:
+        """Put ``instance`` on the shared lease of ``ttl`` (granted first if needed).
+
+        The lease is renewed on one keepalive stream for all entries of that
+        TTL, and puts of concurrent calls share transactions (see SharedLiveness).
+        """
+        value = self._value(instance, status, note)
+        self._check_size(instance, value)
+        key = self._key(instance.service, instance.id)
+        group = self._group(ttl)
+        group.pending += 1
+        try:
+            lease_id = await group.ensure_lease()
+            member = group.join(key, instance, value)
+            try:
+                member.revision = await group.put(key, value, lease_id)
+            except BaseException:
+                if group.members.get(key) is member:
+                    group.members.pop(key)
+                raise
+            member.lease_id = lease_id
+            if group.live_lease() != lease_id:  # lost while the put was in flight
+                raise group.lost or LeaseLost("shared lease lost", backend="etcd")
+        except RegistryError as exc:
+            raise _own(exc, instance) from exc
+        finally:
+            group.pending -= 1
+        if self._orphans:
+            self._sweep()
+        return Lease(instance, float(ttl), lease_id, "etcd", shared=True)
+
+    def follow(self, lease: Lease, notify: Callable[[LivenessNews], None]) -> Callable[[], None]:
+        """Call ``notify`` with news of ``lease``'s shared lease and entry (SharedLiveness)."""
+        group, key, _ = self._shared(lease)
+        return group.follow(key, notify)
+
+    def last_renewal(self, lease: Lease) -> float | None:
+        """``time.time()`` of the last renewal of ``lease``'s shared lease that etcd answered."""
+        group = self._groups.get(max(1, math.ceil(lease.ttl)))
+        if group is None or group.lease_id != lease.handle:
+            return None
+        return group.last_renewal()
+
     def _sweep(self) -> None:
         """Revoke the leases of failed registrations in the background, one sweep at a time."""
         loop = asyncio.get_running_loop()
@@ -628,6 +730,13 @@ class EtcdBackend:
             self._orphans.pop(lease_id, None)
 
     async def heartbeat(self, lease: Lease) -> None:
+        if lease.shared:  # from memory: the group renews
+            group, key, lease_id = self._shared(lease)
+            try:
+                group.check(lease_id, key)
+            except RegistryError as exc:
+                raise _own(exc, lease.instance) from None
+            return
         reply = await self._call(lambda c: c.refresh_lease(lease.handle), instance=lease.instance)
         if reply is None or reply.TTL <= 0:
             raise LeaseLost(
@@ -653,6 +762,19 @@ class EtcdBackend:
         instance = lease.instance
         value = self._value(instance, status, note)
         self._check_size(instance, value)
+        if lease.shared:
+            group, key, lease_id = self._shared(lease)
+            member = group.members.get(key)
+            try:
+                group.check(lease_id, key)
+                if member is None:
+                    raise LeaseLost("deregistered", backend="etcd")
+                revision = await group.put(key, value, lease_id)
+            except RegistryError as exc:
+                raise _own(exc, instance) from exc
+            if group.members.get(key) is member:
+                member.value, member.revision = value, revision
+            return
         await self._call(
             lambda c: c.put(self._key(instance.service, instance.id), value, lease=lease.handle),
             instance=instance,
@@ -663,7 +785,12 @@ class EtcdBackend:
 
         A key someone else re-put under another lease is theirs and stays; a
         lease whose key was deleted is still revoked (no orphan for a TTL).
+        A shared lease: delete only this key (while it is on our lease); the last
+        entry of the group revokes the group's lease.
         """
+        if lease.shared:
+            await self._deregister_shared(lease)
+            return
         try:
             await self._call(lambda c: c.revoke_lease(lease.handle), instance=lease.instance)
         except LeaseLost:
@@ -677,6 +804,27 @@ class EtcdBackend:
             if self._orphans:
                 self._sweep()
 
+    async def _deregister_shared(self, lease: Lease) -> None:
+        instance = lease.instance
+        try:
+            group, key, lease_id = self._shared(lease)
+        except LeaseLost:
+            return  # the whole group is gone already (closed)
+        member = group.members.get(key)
+        if member is not None and member.lease_id in (lease_id, None):
+            group.forget(key)
+        try:
+            await self._call(
+                partial(_delete_if_leased, key=key, lease_id=lease_id), instance=instance
+            )
+        except LeaseLost:
+            pass
+        finally:
+            if not group.members and not group.pending and self._groups.get(group.seconds) is group:
+                # The last one: its lease goes too (in the background if etcd does not answer).
+                del self._groups[group.seconds]
+                await group.close(revoke=True)
+
     async def list(self, service: str) -> ServiceSnapshot:
         prefix = self._key(service)
         result = await self._call(lambda c: c.get_prefix(prefix), service=service)
@@ -686,7 +834,7 @@ class EtcdBackend:
             health = self._parse(service, kv.key, kv.value)
             if health is not None:
                 found[health.instance.id] = health
-        return ServiceSnapshot(service, result.header.revision, InstanceMap(found))
+        return ServiceSnapshot(service, result.header.revision, MappingProxyType(found))
 
     async def watch(
         self, service: str, *, since: ServiceSnapshot | None = None
@@ -694,7 +842,7 @@ class EtcdBackend:
         if since is None:
             since = await self.list(service)
             yield since
-        state = InstanceMap.of(since.instances)
+        state = dict(since.instances)
         revision = since.index
         cluster_id = self._cluster_id
         prefix = self._key(service)
@@ -715,22 +863,52 @@ class EtcdBackend:
 
         metadata = (*tuple(client.metadata or ()), _REQUIRE_LEADER)
         context: dict[str, str | None] = {"backend": "etcd", "service": service, "instance": None}
-        parse = partial(self._parse, service)
         call = rpc.WatchStub(client.channel).Watch(requests(), metadata=metadata)
         try:
             async for response in self._responses(call):
-                error = response_error(
-                    response, revision=revision, cluster_id=cluster_id, context=context
-                )
-                if error is not None:
-                    raise error
+                header = response.header
+                if cluster_id is not None and header.cluster_id and header.cluster_id != cluster_id:
+                    raise RevisionCompacted(
+                        "etcd cluster changed (restarted empty?): list again",
+                        compacted_revision=0,
+                        **context,
+                    )
+                if response.created and header.revision < revision:
+                    raise RevisionCompacted(
+                        f"etcd is at revision {header.revision}, behind {revision}: list again",
+                        compacted_revision=0,
+                        **context,
+                    )
+                if response.compact_revision:
+                    raise RevisionCompacted(
+                        f"revision {revision + 1} was compacted (now {response.compact_revision})",
+                        compacted_revision=response.compact_revision,
+                        **context,
+                    )
+                if response.canceled:
+                    raise BackendUnavailable(
+                        f"etcd cancelled the watch: {response.cancel_reason or 'no reason given'}",
+                        **context,
+                    )
                 if not response.events:
                     continue
-                revision = max(revision, response.header.revision)
-                new = apply_watch_events(state, prefix, response.events, parse)
-                if new is not state:
-                    state = new
-                    yield ServiceSnapshot(service, revision, state)
+                changed = False
+                for event in response.events:
+                    kv = event.kv
+                    instance_id = kv.key[len(prefix) :].decode(errors="replace")
+                    if event.type == rpc.Event.DELETE:
+                        changed |= state.pop(instance_id, None) is not None
+                        continue
+                    health = self._parse(service, kv.key, kv.value)
+                    if health is None:
+                        changed |= state.pop(instance_id, None) is not None
+                    elif state.get(instance_id) != health:
+                        state[instance_id] = health
+                        changed = True
+                    revision = max(revision, kv.mod_revision)
+                revision = max(revision, header.revision)
+                if changed:
+                    yield ServiceSnapshot(service, revision, MappingProxyType(dict(state)))
         except RegistryError:
             raise
         except asyncio.CancelledError:
@@ -810,8 +988,17 @@ class EtcdBackend:
                 await channel.close()
 
     async def close(self) -> None:
-        """Stop the connection probe and close the channel (bounded by ``timeout``)."""
+        """Stop the connection probe and close the channel (bounded by ``timeout``).
+
+        Shared leases are revoked (their entries go with them) while etcd answers.
+        """
         await self._probe.close()
+        groups, self._groups = list(self._groups.values()), {}
+        for group in groups:
+            if group.loop is running_loop():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.timeout):
+                        await group.close(revoke=self._answering)
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None and not sweeper.done() and sweeper.get_loop() is running_loop():
             sweeper.cancel()
