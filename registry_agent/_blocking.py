@@ -28,6 +28,7 @@ from registry_agent._models import InstanceHealth, ServiceInstance
 from registry_agent._registrar import AsyncRegistrar, RegistrarArgs, chain_signal
 from registry_agent._retry import RetryPolicy
 from registry_agent._select import Selector, Strategy
+from registry_agent._status import RegistrationStatus
 from registry_agent._watcher import AsyncWatcher, _Consumer
 
 __all__ = ["Discovery", "LoopThread", "Registrar", "Watcher"]
@@ -244,6 +245,10 @@ class Registrar:
             )
         finally:
             _quietly("stopping the loop thread", self._thread.close)
+
+    def snapshot(self) -> RegistrationStatus:
+        """The registration's state now, as one typed value (see ``AsyncRegistrar.snapshot``)."""
+        return self._async.snapshot()
 
     def status(self) -> dict[str, Any]:
         """See :meth:`AsyncRegistrar.status`."""

@@ -37,6 +37,12 @@ from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance
 from registry_agent._options import HEARTBEAT_FLOOR, TTL_FLOOR, OptionArgs, RegistrationOptions
 from registry_agent._plugins import open_backend
 from registry_agent._reconcile import Step, next_step
+from registry_agent._status import (
+    CheckStatus,
+    RegistrationCounters,
+    RegistrationStatus,
+    frozen_mapping,
+)
 
 __all__ = [
     "HEARTBEAT_FLOOR",
@@ -91,18 +97,6 @@ class RegistrarEvent:
     state: GateState
     detail: str = ""
     at: float = field(default_factory=time.time)
-
-
-@dataclass(slots=True)
-class _Counters:
-    registrations: int = 0
-    reregistrations: int = 0
-    deregistrations: int = 0
-    heartbeats_ok: int = 0
-    heartbeats_failed: int = 0
-    verifications: int = 0
-    lease_losses: int = 0
-    errors: int = 0
 
 
 class RegistrarArgs(OptionArgs, total=False):
@@ -206,7 +200,7 @@ class AsyncRegistrar:
         self._last_error: str | None = None
         self._last_heartbeat: float | None = None
         self._results: dict[str, CheckResult] = {}
-        self.counters = _Counters()
+        self.counters = RegistrationCounters()
         self._wake: asyncio.Event | None = None
         self._registered: asyncio.Event | None = None
         self._rejected: asyncio.Event | None = None
@@ -379,8 +373,8 @@ class AsyncRegistrar:
             await asyncio.wait(self._tasks, timeout=left())
         self._emit(RegistrarEventKind.STOPPED, "")
 
-    def status(self) -> dict[str, Any]:
-        """A JSON-ready view: state, registry view, checks' last results, last error, counters.
+    def snapshot(self) -> RegistrationStatus:
+        """This registration's state now, as one typed value (``status()`` is its dict).
 
         ``registered``: the registry holds our entry (False once renewals have
         failed for a TTL). ``registry_status``: our entry's health as the
@@ -392,31 +386,36 @@ class AsyncRegistrar:
         registered = self.registered
         seen = self._seen
         shown = seen.status if seen is not None else self._actual
-        return {
-            "service": self.instance.service,
-            "instance": self.instance.id,
-            "backend": self._backend_name,
-            "state": str(self.state),
-            "registered": registered,
-            "registry_status": str(shown) if registered and shown is not None else None,
-            "registry_note": (
+        return RegistrationStatus(
+            service=self.instance.service,
+            instance=self.instance.id,
+            backend=self._backend_name,
+            state=str(self.state),
+            registered=registered,
+            registry_status=str(shown) if registered and shown is not None else None,
+            registry_note=(
                 scrub_credentials(seen.note)
                 if registered and seen is not None and not seen.healthy
                 else None
             ),
-            "ready": ready,
-            "not_ready_reason": reason,
-            "last_heartbeat": self._heartbeat_time(),
-            "last_error": self._last_error,
-            "checks": {
-                check.name: {
-                    "up": self.gate.check_up(check.name),
-                    **(self._results[check.name].to_dict() if check.name in self._results else {}),
+            ready=ready,
+            not_ready_reason=reason,
+            last_heartbeat=self._heartbeat_time(),
+            last_error=self._last_error,
+            checks=frozen_mapping(
+                {
+                    check.name: CheckStatus(
+                        self.gate.check_up(check.name), self._results.get(check.name)
+                    )
+                    for check in self.checks
                 }
-                for check in self.checks
-            },
-            "counters": {name: getattr(self.counters, name) for name in self.counters.__slots__},
-        }
+            ),
+            counters=frozen_mapping(self.counters.to_dict()),
+        )
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready view: :meth:`snapshot` as a dict (what the agent's ``/status`` shows)."""
+        return self.snapshot().to_dict()
 
     def _heartbeat_time(self) -> float | None:
         lease = self._lease
