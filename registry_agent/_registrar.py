@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Unpack
+from typing import Any
 
 from registry_agent._backend import Backend, Lease, LivenessNews, SharedLiveness
 from registry_agent._errors import (
@@ -31,24 +31,18 @@ from registry_agent._health.checks import CheckResult, HealthCheck, as_check
 from registry_agent._health.gate import (
     GateState,
     HealthGate,
+    OnUnhealthy,
     desired_registration,
 )
 from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance
-from registry_agent._options import HEARTBEAT_FLOOR, TTL_FLOOR, OptionArgs, RegistrationOptions
 from registry_agent._plugins import open_backend
 from registry_agent._reconcile import Step, next_step
-from registry_agent._status import (
-    CheckStatus,
-    RegistrationCounters,
-    RegistrationStatus,
-    frozen_mapping,
-)
+from registry_agent._retry import RetryPolicy
 
 __all__ = [
     "HEARTBEAT_FLOOR",
     "TTL_FLOOR",
     "AsyncRegistrar",
-    "RegistrarArgs",
     "RegistrarEvent",
     "RegistrarEventKind",
     "RegistrationTimeout",
@@ -59,6 +53,14 @@ log = logging.getLogger("registry_agent.registrar")
 
 # A registry that cannot be reached is logged again at most this often.
 _REPEAT_LOG_EVERY = 30.0
+#: Shortest TTL accepted. etcd grants leases in whole seconds (and rounds a short
+#: one up to its own minimum, 2 s by default); Consul reaps on a coarse timer.
+#: Below a second an entry flaps on any scheduling hiccup.
+TTL_FLOOR = 1.0
+#: Shortest heartbeat accepted: at most 4 renewals a second per registrar.
+HEARTBEAT_FLOOR = 0.25
+# Consul never reaps a critical service sooner than this.
+_DEREGISTER_CRITICAL_FLOOR = 60.0
 # Releasing a lease we abandoned is best effort: never wait longer than this for it.
 _RELEASE_TIMEOUT = 2.0
 
@@ -99,15 +101,33 @@ class RegistrarEvent:
     at: float = field(default_factory=time.time)
 
 
-class RegistrarArgs(OptionArgs, total=False):
-    """Every keyword of :class:`AsyncRegistrar` and :class:`~registry_agent.Registrar`."""
+@dataclass(slots=True)
+class _Counters:
+    registrations: int = 0
+    reregistrations: int = 0
+    deregistrations: int = 0
+    heartbeats_ok: int = 0
+    heartbeats_failed: int = 0
+    verifications: int = 0
+    lease_losses: int = 0
+    errors: int = 0
 
-    checks: Iterable[HealthCheck | Callable[[], Any]]
-    on_event: Callable[[RegistrarEvent], None] | None
-    on_check: Callable[[HealthCheck, CheckResult], None] | None
-    install_signal_handlers: bool
-    #: A prebuilt options value; option keywords given beside it override its fields.
-    options: RegistrationOptions
+
+def _seconds(value: object, name: str, floor: float, why: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"expected a number of seconds, got {value!r}", field=name)
+    if value < floor:
+        raise ConfigError(f"must be at least {floor:g}s ({why}), got {value:g}s", field=name)
+    return float(value)
+
+
+def _as_on_unhealthy(value: str | OnUnhealthy) -> OnUnhealthy:
+    try:
+        return OnUnhealthy(value)
+    except ValueError:
+        raise ConfigError(
+            f'expected "deregister" or "critical", got {value!r}', field="on_unhealthy"
+        ) from None
 
 
 class AsyncRegistrar:
@@ -126,40 +146,54 @@ class AsyncRegistrar:
     (on the event loop) for every :class:`RegistrarEvent`, ``on_check`` for
     every check result.
 
-    Keywords (:class:`RegistrarArgs`): ``ttl=10.0``, ``heartbeat=None`` (``ttl / 3``),
-    ``checks=()``, ``fall=3``, ``rise=2``, ``on_unhealthy="deregister"``,
-    ``deregister_critical_after=None`` (the backend's own setting; Consul's floor
-    is 60 s), ``retry=None`` (:class:`RetryPolicy` defaults), ``on_event``,
-    ``on_check``, ``install_signal_handlers=False``, and ``options``: a
-    :class:`RegistrationOptions` holding the option keywords at once (keywords
-    given beside it override it). ``ttl`` is at least :data:`TTL_FLOOR` (1 s) and
-    ``heartbeat`` at least :data:`HEARTBEAT_FLOOR` (0.25 s), at most ``ttl / 3``.
+    ``ttl`` is at least :data:`TTL_FLOOR` (1 s) and ``heartbeat`` at least
+    :data:`HEARTBEAT_FLOOR` (0.25 s). ``deregister_critical_after`` (at least
+    60 s) defaults to the backend's own setting.
     """
 
     def __init__(
         self,
         backend: str | Backend,
         instance: ServiceInstance,
-        **kwargs: Unpack[RegistrarArgs],
+        *,
+        ttl: float = 10.0,
+        heartbeat: float | None = None,
+        checks: Iterable[HealthCheck | Callable[[], Any]] = (),
+        fall: int = 3,
+        rise: int = 2,
+        on_unhealthy: str | OnUnhealthy = "deregister",
+        deregister_critical_after: float | None = None,
+        retry: RetryPolicy | None = None,
+        on_event: Callable[[RegistrarEvent], None] | None = None,
+        on_check: Callable[[HealthCheck, CheckResult], None] | None = None,
+        install_signal_handlers: bool = False,
     ) -> None:
         if not isinstance(instance, ServiceInstance):
             raise ConfigError(f"expected a ServiceInstance, got {instance!r}", field="instance")
-        args: dict[str, Any] = dict(kwargs)
-        checks: Iterable[HealthCheck | Callable[[], Any]] = args.pop("checks", ())
-        on_event: Callable[[RegistrarEvent], None] | None = args.pop("on_event", None)
-        on_check: Callable[[HealthCheck, CheckResult], None] | None = args.pop("on_check", None)
-        install_signal_handlers: bool = args.pop("install_signal_handlers", False)
-        options = RegistrationOptions.build(args, args.pop("options", None))
+        ttl = _seconds(ttl, "ttl", TTL_FLOOR, "etcd leases are whole seconds")
+        beat = ttl / 3 if heartbeat is None else heartbeat
+        beat = _seconds(beat, "heartbeat", HEARTBEAT_FLOOR, "at most 4 renewals a second")
+        if beat > ttl / 3 + 1e-9:
+            raise ConfigError(
+                f"must be at most ttl/3 ({ttl / 3:g}s) so two heartbeats can fail "
+                f"before the TTL runs out, got {beat:g}s",
+                field="heartbeat",
+            )
+        if deregister_critical_after is not None:
+            deregister_critical_after = _seconds(
+                deregister_critical_after,
+                "deregister_critical_after",
+                _DEREGISTER_CRITICAL_FLOOR,
+                "Consul's floor",
+            )
         self.instance = instance
-        #: Every registration option, validated.
-        self.options = options
-        self.ttl = options.ttl
-        self.heartbeat_interval = options.heartbeat_interval
-        self.verify_interval = options.verify_interval
-        self.on_unhealthy = options.on_unhealthy
+        self.ttl = float(ttl)
+        self.heartbeat_interval = float(beat)
+        self.verify_interval = self.ttl
+        self.on_unhealthy = _as_on_unhealthy(on_unhealthy)
         #: None: the backend's own setting (e.g. ``consul://…?deregister_critical_after=5m``).
-        self.deregister_critical_after = options.deregister_critical_after
-        self.retry = options.retry
+        self.deregister_critical_after = deregister_critical_after
+        self.retry = retry or RetryPolicy()
         self.on_event = on_event
         self.on_check = on_check
         self.install_signal_handlers = install_signal_handlers
@@ -167,7 +201,7 @@ class AsyncRegistrar:
         names = [c.name for c in self.checks]
         if len(set(names)) != len(names):
             raise ConfigError(f"check names must be unique, got {names}", field="checks")
-        self.gate = HealthGate(names, rise=options.rise, fall=options.fall)
+        self.gate = HealthGate(names, rise=rise, fall=fall)
         # Opening a backend creates no connection: clients appear on first use,
         # inside the process that runs start() (after a fork, not before).
         self._owns_backend = isinstance(backend, str)
@@ -193,14 +227,14 @@ class AsyncRegistrar:
         self._failures = 0
         self._unreachable = 0  # failures in a row without an answer: the backoff exponent
         self._episode: str | None = None  # the kind of failure last logged
-        self._rejection: Rejected | ConfigError | None = None
+        self._rejection: Rejected | None = None
         self._losses_in_row = 0
         self._registered_at = 0.0
         self._last_failure_log = 0.0
         self._last_error: str | None = None
         self._last_heartbeat: float | None = None
         self._results: dict[str, CheckResult] = {}
-        self.counters = RegistrationCounters()
+        self.counters = _Counters()
         self._wake: asyncio.Event | None = None
         self._registered: asyncio.Event | None = None
         self._rejected: asyncio.Event | None = None
@@ -373,8 +407,8 @@ class AsyncRegistrar:
             await asyncio.wait(self._tasks, timeout=left())
         self._emit(RegistrarEventKind.STOPPED, "")
 
-    def snapshot(self) -> RegistrationStatus:
-        """This registration's state now, as one typed value (``status()`` is its dict).
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready view: state, registry view, checks' last results, last error, counters.
 
         ``registered``: the registry holds our entry (False once renewals have
         failed for a TTL). ``registry_status``: our entry's health as the
@@ -386,36 +420,31 @@ class AsyncRegistrar:
         registered = self.registered
         seen = self._seen
         shown = seen.status if seen is not None else self._actual
-        return RegistrationStatus(
-            service=self.instance.service,
-            instance=self.instance.id,
-            backend=self._backend_name,
-            state=str(self.state),
-            registered=registered,
-            registry_status=str(shown) if registered and shown is not None else None,
-            registry_note=(
+        return {
+            "service": self.instance.service,
+            "instance": self.instance.id,
+            "backend": self._backend_name,
+            "state": str(self.state),
+            "registered": registered,
+            "registry_status": str(shown) if registered and shown is not None else None,
+            "registry_note": (
                 scrub_credentials(seen.note)
                 if registered and seen is not None and not seen.healthy
                 else None
             ),
-            ready=ready,
-            not_ready_reason=reason,
-            last_heartbeat=self._heartbeat_time(),
-            last_error=self._last_error,
-            checks=frozen_mapping(
-                {
-                    check.name: CheckStatus(
-                        self.gate.check_up(check.name), self._results.get(check.name)
-                    )
-                    for check in self.checks
+            "ready": ready,
+            "not_ready_reason": reason,
+            "last_heartbeat": self._heartbeat_time(),
+            "last_error": self._last_error,
+            "checks": {
+                check.name: {
+                    "up": self.gate.check_up(check.name),
+                    **(self._results[check.name].to_dict() if check.name in self._results else {}),
                 }
-            ),
-            counters=frozen_mapping(self.counters.to_dict()),
-        )
-
-    def status(self) -> dict[str, Any]:
-        """A JSON-ready view: :meth:`snapshot` as a dict (what the agent's ``/status`` shows)."""
-        return self.snapshot().to_dict()
+                for check in self.checks
+            },
+            "counters": {name: getattr(self.counters, name) for name in self.counters.__slots__},
+        }
 
     def _heartbeat_time(self) -> float | None:
         lease = self._lease
@@ -589,8 +618,7 @@ class AsyncRegistrar:
             # A read that fails must not starve the heartbeats that keep the
             # entry alive (e.g. reads refused, keepalives still accepted).
             self._verify_due = self._clock() + self.heartbeat_interval
-        if isinstance(error, Rejected | ConfigError):
-            # e.g. a value the backend's own rules refuse (Consul's 60 s reaping floor).
+        if isinstance(error, Rejected):
             # No retry can fix it as is; an operator may (permissions): retry slowly.
             self._unreachable = 0
             self._rejection = error
@@ -894,7 +922,7 @@ class AsyncRegistrar:
         Rejected is logged at ERROR, throttling and an unreachable registry at
         WARNING; an unreachable registry is recalled every 30 s, the rest at DEBUG.
         """
-        if isinstance(error, Rejected | ConfigError):
+        if isinstance(error, Rejected):
             kind, level = "rejected", logging.ERROR
         elif isinstance(error, Throttled):
             kind, level = "throttled", logging.WARNING

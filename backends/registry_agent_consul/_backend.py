@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import re
+import secrets
+import socket
 import ssl
 import time
 import urllib.parse
@@ -29,11 +31,12 @@ from registry_agent import (
     Lease,
     LeaseLost,
     Rejected,
+    RetryPolicy,
     ServiceInstance,
     ServiceSnapshot,
     Throttled,
 )
-from registry_agent._backend import error_context, running_loop
+from registry_agent._backend import LivenessNews, error_context, running_loop
 from registry_agent._probe import ConnectionProbe
 from registry_agent._tls import TLSFiles
 from registry_agent._urls import (
@@ -44,6 +47,14 @@ from registry_agent._urls import (
     parse_backend_url,
     read_secret_file,
     take_options,
+)
+from registry_agent_consul._heartbeat import (
+    HEARTBEAT_NAME,
+    HeartbeatCalls,
+    HeartbeatGroup,
+    Member,
+    alias_id,
+    health_id,
 )
 from registry_agent_consul._http import (
     AsyncConsul,
@@ -74,6 +85,9 @@ _HEALTH_TTL = "100000h"
 _MIN_WAIT, _MAX_WAIT = 1.0, 600.0
 _MIN_TIMEOUT = 0.1
 _EXCERPT = 300
+# Shared registrations written at once per backend (a burst after a wipe, a big start).
+_SHARED_IN_FLIGHT = 32
+_UNSAFE_ID = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def _go_duration(seconds: float) -> str:
@@ -258,6 +272,10 @@ class ConsulBackend:
         self._node: str | None = None
         self._node_asked: AsyncConsul | None = None
         self._probe = ConnectionProbe(self._hold_connection)
+        # Shared liveness: one heartbeat group per TTL, and a bound on writes in flight.
+        self._groups: dict[float, HeartbeatGroup] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> ConsulBackend:
@@ -498,12 +516,28 @@ class ConsulBackend:
         )
 
     async def heartbeat(self, lease: Lease) -> None:
-        """Renew the liveness check (always passing: health lives on its own check)."""
+        """Renew the liveness check (always passing: health lives on its own check).
+
+        A shared lease is answered from memory: LeaseLost when its heartbeat was
+        lost, the renewal's own error while renewals fail.
+        """
+        if lease.shared:
+            group = self._groups.get(lease.ttl)
+            if group is None:
+                raise LeaseLost(
+                    "this registration's shared heartbeat was removed (deregistered or closed)",
+                    **error_context("consul", instance=lease.instance),
+                )
+            group.check(lease)
+            return
         await self._update_check(lease, str(lease.handle), HealthStatus.PASSING, "")
 
     async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:
         """Set the health check's status and note (liveness is left to heartbeats)."""
-        await self._update_check(lease, _health_id(lease.instance.id), status, note)
+        if lease.shared:
+            await self._set_shared_status(lease, status, note)
+        else:
+            await self._update_check(lease, _health_id(lease.instance.id), status, note)
         self._status[str(lease.handle)] = (status, note)
 
     async def lookup(self, lease: Lease) -> InstanceHealth | None:
@@ -535,20 +569,256 @@ class ConsulBackend:
             return None
         checks = [c for c in data.get("Checks") or () if isinstance(c, dict)]
         ids = {c.get("CheckID") for c in checks}
-        if lease.handle not in ids or _health_id(instance.id) not in ids:
+        if lease.handle not in ids or (
+            self._health_written(lease) and _health_id(instance.id) not in ids
+        ):
             return None  # the service is there but one of our checks is not: register again
         node = next((c.get("Node") for c in checks if c.get("CheckID") == lease.handle), None)
         entry = {"Service": data["Service"], "Checks": checks, "Node": {"Node": node or ""}}
         return self._parse_entry(instance.service, entry)
 
     async def deregister(self, lease: Lease) -> None:
+        """Remove the service; the last shared one of its TTL also removes the heartbeat."""
         self._status.pop(str(lease.handle), None)
+        group = self._groups.get(lease.ttl) if lease.shared else None
+        member = group.members.get(lease.instance.id) if group is not None else None
+        if group is not None and member is not None and member.lease == lease:
+            if group.leave(lease.instance):
+                del self._groups[lease.ttl]
+            else:
+                group = None
+        else:
+            group = None
         with contextlib.suppress(LeaseLost):  # already gone: deregistering is idempotent
             await self._call(
                 self.api.agent.service.deregister(lease.instance.id),
                 instance=lease.instance,
                 missing_is_lost=True,
             )
+        if group is not None:
+            await group.close()
+
+    # -- shared liveness (SharedLiveness) --
+
+    async def register_shared(
+        self,
+        instance: ServiceInstance,
+        *,
+        ttl: float,
+        status: HealthStatus = HealthStatus.PASSING,
+        note: str = "",
+        deregister_critical_after: float | None = None,
+    ) -> Lease:
+        """Register ``instance`` on the heartbeat service of ``ttl`` (registered first if needed).
+
+        The service carries an alias check ``service:<id>`` of the heartbeat
+        (with ``DeregisterCriticalServiceAfter``: a dead process's services are
+        reaped) and, only while it is not plainly passing, a health check
+        ``service:<id>:health`` with the status and note (never reaped).
+        """
+        self.validate(instance)
+        reap_after = deregister_critical_after or self.deregister_critical_after
+        if reap_after < _MIN_DEREGISTER_AFTER:
+            raise ConfigError(
+                f"Consul's floor is 60s, got {reap_after:g}s", field="deregister_critical_after"
+            )
+        group = self._group(float(ttl))
+        async with self._writes():
+            generation = await group.ensure()
+            check = alias_id(instance.id)
+            lease = Lease(instance, float(ttl), check, "consul", shared=True)
+            member = Member(lease, generation, status, note, time.monotonic())
+            checks: list[dict[str, Any]] = [
+                {
+                    "CheckID": check,
+                    "Name": f"registry-agent liveness of {instance.id}",
+                    "AliasService": group.service_id,
+                    "Status": str(HealthStatus.PASSING),
+                    "Notes": f"liveness: alias of {group.service_id}, renewed by registry-agent",
+                    "DeregisterCriticalServiceAfter": _go_duration(reap_after),
+                }
+            ]
+            if member.has_health:
+                # Registered at another status, so the update below that sets the
+                # note is a status change: Consul syncs an output-only change to
+                # the catalog only after check_update_interval (5 min).
+                first = HealthStatus.WARNING if status is HealthStatus.CRITICAL else None
+                checks.append(self._health_check(instance, first or HealthStatus.CRITICAL))
+            body = {
+                "Name": instance.service,
+                "ID": instance.id,
+                "Address": instance.address,
+                "Port": instance.port,
+                "Tags": list(instance.tags),
+                "Meta": dict(instance.meta),
+                "Checks": checks,
+            }
+            await self._put("/v1/agent/service/register", body, instance, replace=True)
+            if member.has_health:  # Consul takes no output at registration
+                await self._update_check(lease, health_id(instance.id), status, note)
+        if group.generation != generation or self._groups.get(float(ttl)) is not group:
+            raise BackendUnavailable(
+                "the shared heartbeat was lost while registering: registering again",
+                **error_context("consul", instance=instance),
+            )
+        group.join(member)
+        self._status[check] = (status, note)
+        return lease
+
+    def follow(self, lease: Lease, notify: Callable[[LivenessNews], None]) -> Callable[[], None]:
+        """Call ``notify`` with news about shared ``lease`` until unfollowed or deregistered."""
+        group = self._groups.get(lease.ttl) if lease.shared else None
+        if group is None:
+            return lambda: None
+        return group.follow(lease.instance.id, notify)
+
+    def last_renewal(self, lease: Lease) -> float | None:
+        """time.time() of the heartbeat's last renewal covering shared ``lease``."""
+        group = self._groups.get(lease.ttl) if lease.shared else None
+        return group.last_renewal if group is not None else None
+
+    def _group(self, ttl: float) -> HeartbeatGroup:
+        group = self._groups.get(ttl)
+        if group is None:
+            host = _UNSAFE_ID.sub("-", socket.gethostname())[:64]
+            service_id = f"{HEARTBEAT_NAME}-{host}-{os.getpid()}-{ttl:g}s-{secrets.token_hex(4)}"
+            calls = HeartbeatCalls(
+                register=lambda sid: self._register_heartbeat(sid, ttl),
+                renew=self._renew_heartbeat,
+                deregister=self._deregister_heartbeat,
+                read_back=self._read_back,
+            )
+            group = HeartbeatGroup(
+                calls, ttl=ttl, service_id=service_id, retry=RetryPolicy(initial=0.1, cap=ttl / 3)
+            )
+            self._groups[ttl] = group
+        return group
+
+    def _writes(self) -> asyncio.Semaphore:
+        """The bound on shared writes in flight (one semaphore per event loop)."""
+        loop = running_loop()
+        if self._slots is None or self._slots_loop is not loop:
+            self._slots, self._slots_loop = asyncio.Semaphore(_SHARED_IN_FLIGHT), loop
+        return self._slots
+
+    def _health_written(self, lease: Lease) -> bool:
+        """Whether ``lease``'s entry carries a health check of its own (always, unless shared)."""
+        if not lease.shared:
+            return True
+        group = self._groups.get(lease.ttl)
+        member = group.members.get(lease.instance.id) if group is not None else None
+        return member is None or member.has_health
+
+    def _health_check(self, instance: ServiceInstance, status: HealthStatus) -> dict[str, Any]:
+        return {
+            "CheckID": health_id(instance.id),
+            "Name": f"registry-agent health of {instance.id}",
+            "TTL": _HEALTH_TTL,  # never expires in practice: set by set_status only
+            "Status": str(status),
+            "Notes": "health: set by registry-agent from its checks",
+        }
+
+    async def _set_shared_status(self, lease: Lease, status: HealthStatus, note: str) -> None:
+        """Add, update or remove the health check: a passing entry carries none."""
+        group = self._groups.get(lease.ttl)
+        member = group.members.get(lease.instance.id) if group is not None else None
+        if member is None:
+            raise LeaseLost(
+                "this shared registration is no longer held (deregistered or lost)",
+                **error_context("consul", instance=lease.instance),
+            )
+        instance, check = lease.instance, health_id(lease.instance.id)
+        wanted = status is not HealthStatus.PASSING or bool(note)
+        if wanted and not member.has_health:
+            # Registered passing (what the entry shows now), so the update below is a
+            # status change and Consul syncs its note to the catalog at once.
+            first = HealthStatus.PASSING if status is not HealthStatus.PASSING else None
+            body = {
+                **self._health_check(instance, first or HealthStatus.WARNING),
+                "ServiceID": instance.id,
+            }
+            body["ID"] = body.pop("CheckID")
+            await self._put("/v1/agent/check/register", body, instance, missing_is_lost=True)
+        if wanted:
+            await self._update_check(lease, check, status, note)
+        elif member.has_health:
+            with contextlib.suppress(LeaseLost):  # gone already: what we wanted
+                await self._put(
+                    f"/v1/agent/check/deregister/{check}",  # py-consul quotes the path
+                    None,
+                    instance,
+                    missing_is_lost=True,
+                )
+        member.status, member.note, member.written_at = status, note, time.monotonic()
+
+    async def _put(
+        self,
+        path: str,
+        body: Any,
+        instance: ServiceInstance | None,
+        *,
+        replace: bool = False,
+        missing_is_lost: bool = False,
+    ) -> None:
+        params = [("replace-existing-checks", "true")] if replace else None
+        await self._call(
+            self.api.http.put(
+                lambda r: None,
+                path,
+                params=params,
+                data=json.dumps(body) if body is not None else "",
+                headers=self.api.prepare_headers(),
+            ),
+            instance=instance,
+            missing_is_lost=missing_is_lost,
+        )
+
+    async def _register_heartbeat(self, service_id: str, ttl: float) -> None:
+        host = socket.gethostname()
+        body = {
+            "Name": HEARTBEAT_NAME,
+            "ID": service_id,
+            "Tags": [HEARTBEAT_NAME],
+            "Meta": {"host": host[:_META_VALUE_MAX], "pid": str(os.getpid()), "ttl": f"{ttl:g}s"},
+            "Check": {
+                "CheckID": alias_id(service_id),
+                "Name": f"registry-agent heartbeat of pid {os.getpid()} on {host}",
+                "TTL": _go_duration(ttl),
+                "Status": str(HealthStatus.PASSING),
+                "Notes": "renewed by registry-agent while its process runs; the services "
+                "it registered alias this check",
+                "DeregisterCriticalServiceAfter": _go_duration(self.deregister_critical_after),
+            },
+        }
+        await self._put("/v1/agent/service/register", body, None, replace=True)
+
+    async def _renew_heartbeat(self, service_id: str) -> None:
+        check = alias_id(service_id)  # raw: py-consul quotes the path (keeping ':')
+        await self._put(f"/v1/agent/check/pass/{check}", None, None, missing_is_lost=True)
+
+    async def _deregister_heartbeat(self, service_id: str) -> None:
+        with contextlib.suppress(LeaseLost):
+            await self._put(
+                f"/v1/agent/service/deregister/{service_id}",
+                None,
+                None,
+                missing_is_lost=True,
+            )
+
+    async def _read_back(self) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+        """The agent's services and checks by id: one verification's two reads."""
+
+        def decode(response: Any) -> Mapping[str, Any]:
+            data = json.loads(response.body)
+            if not isinstance(data, dict):
+                raise ValueError("expected a JSON object")
+            return data
+
+        headers = self.api.prepare_headers()
+        http = self.api.http
+        services = await self._call(http.get(decode, "/v1/agent/services", headers=headers))
+        checks = await self._call(http.get(decode, "/v1/agent/checks", headers=headers))
+        return services, checks
 
     def _parse_entries(self, service: str, entries: Any) -> dict[str, InstanceHealth]:
         """Every readable entry, keyed by id; an id held by several nodes: ``node/id`` but one.
@@ -735,6 +1005,14 @@ class ConsulBackend:
         return True
 
     async def close(self) -> None:
+        """Release connections and remove the heartbeat services (shared entries turn critical)."""
+        groups, self._groups = list(self._groups.values()), {}
+        if groups and self._api_loop is running_loop():
+            with contextlib.suppress(BackendError, TimeoutError):
+                async with asyncio.timeout(self.timeout):
+                    await asyncio.gather(*(group.close() for group in groups))
+        for group in groups:
+            await group.close(deregister=False)  # cancelled above, or on another loop
         await self._probe.close()
         api, self._api = self._api, None
         if api is not None and self._api_loop is running_loop():
