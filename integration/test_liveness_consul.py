@@ -228,20 +228,20 @@ async def test_holding_one_critical_or_withdrawing_it_changes_only_it(
         for lease in leases:
             backend.follow(lease, lambda news, i=lease.instance.id: told.append((i, news)))
         watcher = AsyncWatcher(backend, "hold")
-        events: list[tuple[EventType, str, HealthStatus]] = []
+        events: list[tuple[EventType, str, HealthStatus | None]] = []
         await watcher.start()
         try:
             assert await watcher.wait_synced(10)
-            assert len(watcher.instances) == COUNT
+            assert len(watcher.snapshot("hold")) == COUNT
 
             async def collect() -> None:
                 async for event in watcher:
-                    events.append((event.type, event.instance.id, event.health.status))
+                    events.append((event.type, event.instance.id, event.status))
 
             collector = asyncio.ensure_future(collect())
             one, two = leases[3], leases[7]
             await backend.set_status(one, HealthStatus.CRITICAL, "unhealthy: disk full")
-            await _wait_for("the held one's event", lambda: len(events) >= 1, 5)
+            await _wait_for("the held one's event", lambda: len(events) >= COUNT + 1, 5)
             checks = server.api("/v1/agent/checks")
             health = checks[f"service:{one.instance.id}:health"]
             assert (health["Status"], health["Output"]) == ("critical", "unhealthy: disk full")
@@ -258,16 +258,20 @@ async def test_holding_one_critical_or_withdrawing_it_changes_only_it(
             )
             # Healthy again: the health check goes, the alias alone remains.
             await backend.set_status(one, HealthStatus.PASSING, "")
-            await _wait_for("the recovered one's event", lambda: len(events) >= 2, 5)
+            await _wait_for("the recovered one's event", lambda: len(events) >= COUNT + 2, 5)
             assert f"service:{one.instance.id}:health" not in server.api("/v1/agent/checks")
             await backend.deregister(two)
-            await _wait_for("the withdrawn one's event", lambda: len(events) >= 3, 5)
+            await _wait_for("the withdrawn one's event", lambda: len(events) >= COUNT + 3, 5)
             # A whole TTL more: the verification reads all back and finds nothing to say.
             await asyncio.sleep(TTL + 1)
-            assert events == [
-                (EventType.UPDATED, one.instance.id, HealthStatus.CRITICAL),
-                (EventType.UPDATED, one.instance.id, HealthStatus.PASSING),
-                (EventType.DELETED, two.instance.id, HealthStatus.PASSING),
+            # The replayed ADDED of all 20 first, then exactly the three changes.
+            assert sorted(events[:COUNT]) == sorted(
+                (EventType.ADDED, lease.instance.id, HealthStatus.PASSING) for lease in leases
+            )
+            assert events[COUNT:] == [
+                (EventType.OFFLINE, one.instance.id, HealthStatus.CRITICAL),
+                (EventType.ONLINE, one.instance.id, HealthStatus.PASSING),
+                (EventType.DELETED, two.instance.id, None),
             ], events
             assert told == [], told
             assert len(_heartbeats(server)) == 1
@@ -275,7 +279,7 @@ async def test_holding_one_critical_or_withdrawing_it_changes_only_it(
             with contextlib.suppress(asyncio.CancelledError):
                 await collector
         finally:
-            await watcher.stop()
+            await watcher.close()
             for lease in leases:
                 await backend.deregister(lease)
 
@@ -435,6 +439,8 @@ async def test_kill_9_turns_every_service_critical_within_the_ttl(
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
 
 
 async def test_consul_watch_shows_the_alias_checks(shared_consul: ConsulServer) -> None:
@@ -457,6 +463,8 @@ async def test_consul_watch_shows_the_alias_checks(shared_consul: ConsulServer) 
         finally:
             watch.terminate()
             watch.wait()
+            assert watch.stdout is not None
+            watch.stdout.close()
             for lease in leases:
                 await backend.deregister(lease)
         by_id = {e["Service"]["ID"]: {c["CheckID"]: c for c in e["Checks"]} for e in out}
