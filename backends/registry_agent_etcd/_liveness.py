@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import aetcd
@@ -98,7 +99,9 @@ class LeaseGroup:
     ) -> None:
         self.backend = backend
         self.seconds = seconds
-        self.retry = retry or RetryPolicy(initial=0.1, cap=max(0.1, seconds / 3))
+        # Failed renewals retry within ttl/3 and at most every 2 s: a wiped or
+        # restarted server is noticed (and everything re-put) soon after it is back.
+        self.retry = retry or RetryPolicy(initial=0.1, cap=min(2.0, max(0.1, seconds / 3)))
         self.loop = asyncio.get_running_loop()
         #: The lease members are put on now; None before the first grant.
         self.lease_id: int | None = None
@@ -343,7 +346,7 @@ class LeaseGroup:
 
     async def _send(self, batch: list[_Put]) -> None:
         try:
-            reply = await self.backend._call(lambda c: _txn(c, batch))
+            reply = await self.backend._call(partial(_txn, batch=batch))
         except BaseException as exc:  # every caller gets the transaction's error
             error = (
                 exc
@@ -428,7 +431,7 @@ async def _connected(client: Any) -> Any:
     return client
 
 
-async def _txn(client: Any, batch: list[_Put]) -> Any:
+async def _txn(client: Any, *, batch: list[_Put]) -> Any:
     ops = [
         rpc.RequestOp(request_put=rpc.PutRequest(key=p.key, value=p.value, lease=p.lease_id))
         for p in batch
