@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 from registry_agent_consul import ConsulBackend
 from registry_agent_consul._heartbeat import HEARTBEAT_NAME
 
+from integration.acl import RULES, AclConsul
 from registry_agent import (
     AsyncWatcher,
     BackendError,
@@ -486,3 +488,40 @@ def _read_json_array(stream: Any) -> Any:
         if line.rstrip() == "]":
             return json.loads(text)
     raise AssertionError(f"consul watch ended: {text!r}")
+
+
+async def test_a_token_without_the_heartbeat_service_falls_back_to_a_check_per_registration(
+    acl: AclConsul, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="registry_agent")
+    server = acl.server
+    orders = _instances("orders", 2)
+    backend = ConsulBackend("127.0.0.1", server.http_port, token=acl.token)
+    try:
+        leases = [await backend.register_shared(i, ttl=TTL) for i in orders]
+        assert [lease.shared for lease in leases] == [False, False]  # today's shape
+        checks = server.api("/v1/agent/checks")
+        assert {f"service:{i.id}" for i in orders} <= set(checks)
+        assert all(checks[f"service:{i.id}"]["Type"] == "ttl" for i in orders)
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warned) == 1, warned  # once, not per registration
+        assert f"grant service:write on '{HEARTBEAT_NAME}'" in warned[0]
+        for lease in leases:
+            await backend.heartbeat(lease)  # renewed by the caller, as register()'s
+            await backend.deregister(lease)
+    finally:
+        await backend.close()
+    # The documented policy: the service's own rule plus the heartbeat service's.
+    rules = f'{RULES}\nservice "{HEARTBEAT_NAME}" {{ policy = "write" }}'
+    policy = server.api("/v1/acl/policy", method="PUT", body={"Name": "shared", "Rules": rules})
+    token = server.api("/v1/acl/token", method="PUT", body={"Policies": [{"ID": policy["ID"]}]})
+    backend = ConsulBackend("127.0.0.1", server.http_port, token=token["SecretID"])
+    try:
+        leases = [await backend.register_shared(i, ttl=TTL) for i in orders]
+        assert [lease.shared for lease in leases] == [True, True]
+        assert len(_heartbeats(server)) == 1
+        checks = server.api("/v1/agent/checks")
+        assert all(checks[f"service:{i.id}"]["Type"] == "alias" for i in orders)
+    finally:
+        await backend.close()
+    assert _heartbeats(server) == {}  # close() removed it

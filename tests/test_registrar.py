@@ -37,7 +37,6 @@ from registry_agent import (
     Throttled,
 )
 from registry_agent._backend import SharedLiveness
-from registry_agent._status import RegistrationStatus
 from registry_agent.testing.contract import eventually
 from registry_agent.testing.memory import MemoryBackend, MemoryRegistry, SharedMemoryBackend
 
@@ -334,8 +333,7 @@ async def test_a_failing_event_callback_is_logged_not_fatal(
         ({"ttl": 60, "heartbeat": 0.01}, "heartbeat"),
         ({"deregister_critical_after": "5m"}, "deregister_critical_after"),
         ({"on_unhealthy": "panic"}, "on_unhealthy"),
-        ({"deregister_critical_after": 0}, "deregister_critical_after"),
-        ({"deregister_critical_after": "1m"}, "deregister_critical_after"),
+        ({"deregister_critical_after": 10}, "deregister_critical_after"),
         ({"rise": 0}, "rise"),
         ({"checks": [CallableCheck(bool, name="x"), CallableCheck(bool, name="x")]}, "checks"),
     ],
@@ -903,8 +901,7 @@ async def test_shared_registrations_run_no_timers_of_their_own(
     await asyncio.sleep(2.5)  # 2.5 TTLs: the backend renewed ~7 times and verified twice
     assert backend.calls.get("register", 0) == 0
     assert backend.calls.get("heartbeat", 0) == 0
-    # One read-back each a TTL after registering; from then on the backend's one read per TTL.
-    assert backend.calls.get("lookup", 0) == 2
+    assert backend.calls.get("lookup", 0) == 0
     assert len(registry.snapshot("orders").healthy()) == 2
     for reg in regs:
         status = reg.status()
@@ -977,51 +974,11 @@ async def test_shared_verification_repairs_only_the_entry_that_changed(
     registry: MemoryRegistry,
     shared_pair: tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]],
 ) -> None:
-    _, regs, seen = shared_pair
+    backend, regs, seen = shared_pair
     seen.clear()
     registry.delete("orders", other(0).id, None)  # someone deleted one entry
     await until(lambda: K.REREGISTERED in kinds(seen), within=3)
     assert [e.instance for e in seen if e.kind is K.REREGISTERED] == [other(0)]
-    await asyncio.sleep(1.5)  # the backend verified again: the other entry is fine
-    assert regs[1].counters.verifications <= 1  # only its own first read-back
+    assert backend.calls.get("lookup", 0) == 1  # only the one that changed read its entry
     assert len(registry.snapshot("orders").healthy()) == 2
     assert regs[1].counters.lease_losses == 0
-
-
-# -- one typed status -----------------------------------------------------------------
-
-
-async def test_snapshot_is_the_typed_status_and_status_is_its_dict(
-    make: Callable[..., AsyncRegistrar], cleanup: list[AsyncRegistrar]
-) -> None:
-    check = Switch(ok=True)
-    reg = make(checks=[CallableCheck(check, interval=0.05, name="db")], rise=1)
-    cleanup.append(reg)
-    await reg.start(wait_registered=2)
-    snap = reg.snapshot()
-    assert isinstance(snap, RegistrationStatus)
-    assert snap.ready is True
-    assert snap.registry_status == "passing"
-    assert snap.checks["db"].up is True
-    assert snap.counters["registrations"] == 1
-    assert list(reg.status()) == [
-        "service",
-        "instance",
-        "backend",
-        "state",
-        "registered",
-        "registry_status",
-        "registry_note",
-        "ready",
-        "not_ready_reason",
-        "last_heartbeat",
-        "last_error",
-        "checks",
-        "counters",
-    ]
-    as_dict = snap.to_dict()
-    assert as_dict["checks"]["db"]["up"] is True
-    assert set(as_dict["checks"]["db"]) == {"up", "ok", "detail", "latency", "at"}
-    assert as_dict["counters"] == reg.counters.to_dict()
-    with pytest.raises(AttributeError):
-        snap.ready = False  # type: ignore[misc]

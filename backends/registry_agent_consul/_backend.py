@@ -87,6 +87,8 @@ _MIN_TIMEOUT = 0.1
 _EXCERPT = 300
 # Shared registrations written at once per backend (a burst after a wipe, a big start).
 _SHARED_IN_FLIGHT = 32
+# A refused heartbeat service is asked again after this long (the token may change).
+_DENIED_RETRY = 60.0
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -273,7 +275,11 @@ class ConsulBackend:
         self._node_asked: AsyncConsul | None = None
         self._probe = ConnectionProbe(self._hold_connection)
         # Shared liveness: one heartbeat group per TTL, and a bound on writes in flight.
-        self._groups: dict[float, HeartbeatGroup] = {}
+        self._group_map: dict[float, HeartbeatGroup] = {}
+        self._groups_pid = os.getpid()
+        self._groups_loop: asyncio.AbstractEventLoop | None = None
+        # TTL -> time.monotonic() until which the heartbeat service is known to be denied.
+        self._refused: dict[float, float] = {}
         self._slots: asyncio.Semaphore | None = None
         self._slots_loop: asyncio.AbstractEventLoop | None = None
 
@@ -622,9 +628,37 @@ class ConsulBackend:
             raise ConfigError(
                 f"Consul's floor is 60s, got {reap_after:g}s", field="deregister_critical_after"
             )
+        if self._refused.get(float(ttl), 0.0) > time.monotonic():
+            return await self.register(
+                instance, ttl=ttl, status=status, note=note, deregister_critical_after=reap_after
+            )
         group = self._group(float(ttl))
         async with self._writes():
-            generation = await group.ensure()
+            try:
+                generation = await group.ensure()
+            except Rejected as exc:
+                # A token without service:write on the heartbeat service (written
+                # before it existed): keep working, one check per registration.
+                told = float(ttl) in self._refused
+                self._refused[float(ttl)] = time.monotonic() + _DENIED_RETRY
+                lease = await self.register(
+                    instance,
+                    ttl=ttl,
+                    status=status,
+                    note=note,
+                    deregister_critical_after=reap_after,
+                )
+                if not told:  # (a token refused everything: the registrar says so)
+                    log.warning(
+                        "Consul refused the shared heartbeat service %r (%s): registering "
+                        "with a TTL check per registration instead; grant service:write on "
+                        "%r for one heartbeat per process",
+                        HEARTBEAT_NAME,
+                        exc,
+                        HEARTBEAT_NAME,
+                        extra={"event": "heartbeat_denied", "backend": "consul"},
+                    )
+                return lease
             check = alias_id(instance.id)
             lease = Lease(instance, float(ttl), check, "consul", shared=True)
             member = Member(lease, generation, status, note, time.monotonic())
@@ -676,6 +710,17 @@ class ConsulBackend:
         """time.time() of the heartbeat's last renewal covering shared ``lease``."""
         group = self._groups.get(lease.ttl) if lease.shared else None
         return group.last_renewal if group is not None else None
+
+    @property
+    def _groups(self) -> dict[float, HeartbeatGroup]:
+        """This process's and loop's heartbeat groups by TTL."""
+        pid, loop = os.getpid(), running_loop()
+        if pid != self._groups_pid or (loop is not None and self._groups_loop not in (None, loop)):
+            # Inherited through fork() or left on another loop: not ours to renew or remove.
+            self._group_map, self._groups_pid, self._groups_loop = {}, pid, None
+        if self._groups_loop is None:
+            self._groups_loop = loop
+        return self._group_map
 
     def _group(self, ttl: float) -> HeartbeatGroup:
         group = self._groups.get(ttl)
@@ -1006,7 +1051,8 @@ class ConsulBackend:
 
     async def close(self) -> None:
         """Release connections and remove the heartbeat services (shared entries turn critical)."""
-        groups, self._groups = list(self._groups.values()), {}
+        groups = list(self._groups.values())
+        self._group_map = {}
         if groups and self._api_loop is running_loop():
             with contextlib.suppress(BackendError, TimeoutError):
                 async with asyncio.timeout(self.timeout):

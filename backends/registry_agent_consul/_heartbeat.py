@@ -22,6 +22,7 @@ from typing import Any
 
 from registry_agent import (
     BackendError,
+    BackendUnavailable,
     HealthStatus,
     Lease,
     LeaseLost,
@@ -186,6 +187,11 @@ class HeartbeatGroup:
         if self._registered:
             return self.generation
         async with self._lock:
+            if self._closed:  # removed (its last member left) while this waited
+                raise BackendUnavailable(
+                    f"the heartbeat {self.service_id} was just removed: register again",
+                    backend="consul",
+                )
             if not self._registered:
                 await self.calls.register(self.service_id)
                 self._registered = True
