@@ -271,17 +271,21 @@ def test_watch_json_for_a_scripted_sequence(server: ServerProcess, tmp_path: Pat
         ("deleted", False),
     ]
     first = lines[0]
-    assert set(first) == {
+    # WatchEvent.to_dict()'s shape (node: where the registry has one), stamped.
+    assert set(first) - {"node"} == {
         "type",
         "service",
         "id",
         "address",
         "port",
         "healthy",
+        "status",
+        "index",
         "tags",
         "meta",
         "ts",
     }
+    assert [e["status"] for e in lines] == ["passing", "critical", "passing", None]
     assert (first["service"], first["id"], first["port"], first["tags"], first["meta"]) == (
         "orders",
         "orders-1",

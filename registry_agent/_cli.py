@@ -127,20 +127,8 @@ def _host_port(instance: ServiceInstance) -> str:
 def _event_line(event: WatchEvent, as_json: bool) -> str:
     inst = event.instance
     if as_json:
-        return json.dumps(
-            {
-                "type": str(event.type),
-                "service": inst.service,
-                "id": inst.id,
-                "address": inst.address,
-                "port": inst.port,
-                "healthy": event.healthy,
-                "tags": list(inst.tags),
-                "meta": dict(inst.meta),
-                "ts": round(time.time(), 3),
-            },
-            ensure_ascii=False,
-        )
+        # The event's own JSON shape, stamped with when we printed it.
+        return json.dumps({**event.to_dict(), "ts": round(time.time(), 3)}, ensure_ascii=False)
     stamp = time.strftime("%H:%M:%S")
     health = "healthy" if event.healthy else "unhealthy"
     return (

@@ -1,6 +1,7 @@
 """The command line: output and exit codes."""
 
 import json
+import time
 import uuid
 
 import pytest
@@ -189,3 +190,13 @@ def test_a_watch_that_fails_prints_one_line_and_exits_1(
     assert main(["watch", "orders", "--backend", "consul://127.0.0.1:8500", "--json"]) == 1
     captured = capsys.readouterr()
     assert captured.err == "registry-agent: unexpected KeyError: 'no such index'\n"
+
+
+def test_watch_json_is_the_events_own_shape_stamped() -> None:
+    instance = ServiceInstance("orders", id="o1", address="10.0.0.1", port=80, tags=("v1",))
+    event = WatchEvent(EventType.ADDED, instance, healthy=True, index=7)
+    line = json.loads(_event_line(event, as_json=True))
+    stamp = line.pop("ts")
+    assert abs(stamp - time.time()) < 60
+    assert line == event.to_dict()
+    assert (line["type"], line["id"], line["tags"], line["index"]) == ("added", "o1", ["v1"], 7)
