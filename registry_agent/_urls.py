@@ -26,7 +26,6 @@ __all__ = [
     "as_choice",
     "as_duration",
     "as_int",
-    "as_positive_int",
     "as_str",
     "as_str_list",
     "as_str_map",
@@ -190,14 +189,6 @@ def as_int(value: Any, field: str) -> int:
     return value
 
 
-def as_positive_int(value: Any, field: str) -> int:
-    """A whole number of at least 1."""
-    number = as_int(value, field)
-    if number < 1:
-        raise ConfigError(f"expected a whole number >= 1, got {number}", field=field)
-    return number
-
-
 def as_str_list(value: Any, field: str) -> tuple[str, ...]:
     """A list of strings, as a tuple."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -272,6 +263,8 @@ def read_secret_file(path: str | Path, *, field: str) -> str:
         return Path(path).read_text().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}", field=field) from None
+    except (ValueError, UnicodeDecodeError):  # a NUL in the path, or not text
+        raise ConfigError(f"cannot read {path!r} as text", field=field) from None
 
 
 class Table:

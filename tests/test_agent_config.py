@@ -64,7 +64,8 @@ def test_a_full_file(tmp_path: Path) -> None:
     orders, users = config.services
     assert orders.instance.id == "orders-1"
     assert dict(orders.instance.meta) == {"version": "1.4.2"}
-    assert (orders.ttl, orders.fall, orders.rise, str(orders.on_unhealthy)) == (
+    options = orders.options
+    assert (options.ttl, options.fall, options.rise, str(options.on_unhealthy)) == (
         10,
         4,
         1,
@@ -101,7 +102,7 @@ def test_a_full_file(tmp_path: Path) -> None:
         (('listen = "127.0.0.1:9750"', 'listen = "9750"'), 'status.listen: expected "host:port"'),
         (
             ('on_unhealthy = "critical"', 'on_unhealthy = "panic"'),
-            "service[0].on_unhealthy: expected one of deregister, critical",
+            'service[0].on_unhealthy: expected "deregister" or "critical"',
         ),
         (("gate = { fall = 4, rise = 1 }", "gate = { fall = 0 }"), "service[0].gate.fall"),
         (
@@ -179,12 +180,12 @@ def test_secrets_from_env_or_file_never_in_repr(tmp_path: Path) -> None:
         ),
     )
     config = load_config(path, env={})
-    assert config.backend.options["token"] == "file-secret"
+    assert config.backend.options()["token"] == "file-secret"
     assert "file-secret" not in repr(config)
     assert "file-secret" in config.secrets()
     env = load_config(path, env={"REGISTRY_AGENT_TOKEN": "env-secret"})
-    assert env.backend.options["token"] == "env-secret"  # the environment wins over the file
-    assert env.backend.options["token"] == "env-secret"
+    assert env.backend.options()["token"] == "env-secret"  # the environment wins over the file
+    assert env.backend.options()["token"] == "env-secret"
     assert "env-secret" not in repr(env)
     missing = write(
         tmp_path,
@@ -234,13 +235,13 @@ def test_tls_files_resolve_from_the_config_folder_and_rotation_changes_the_confi
     )
     path = write(tmp_path, text)
     first = load_config(path, env={})
-    assert first.backend.options["ca_file"] == str(tmp_path / "ca.pem")
+    assert first.backend.options()["ca_file"] == str(tmp_path / "ca.pem")
     assert load_config(path, env={}).backend == first.backend  # same files: nothing to redo
     (tmp_path / "ca.pem").write_bytes(_ca_pem("rotated CA"))
     assert load_config(path, env={}).backend != first.backend  # a reload reconnects
     (tmp_path / "other.pem").write_bytes(_ca_pem("other CA"))
     env = load_config(path, env={"REGISTRY_AGENT_CA_FILE": str(tmp_path / "other.pem")})
-    assert env.backend.options["ca_file"] == str(tmp_path / "other.pem")  # the environment wins
+    assert env.backend.options()["ca_file"] == str(tmp_path / "other.pem")  # the environment wins
 
 
 def _ca_pem(name: str) -> bytes:
@@ -287,9 +288,8 @@ def test_ttl_has_a_floor_naming_the_field(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD.replace('ttl = "10s"', 'ttl = "1ms"'))
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
-    assert (
-        str(info.value)
-        == f"{path}: service[0].ttl: must be at least 1s (heartbeats every ttl/3), got 0.001s"
+    assert str(info.value) == (
+        f"{path}: service[0].ttl: must be at least 1s (etcd leases are whole seconds), got 0.001s"
     )
     assert load_config(write(tmp_path, GOOD.replace('ttl = "10s"', 'ttl = "1s"')), env={})
 
@@ -378,9 +378,12 @@ def test_heartbeat_floor_and_deregister_critical_after_left_to_the_backend(tmp_p
         load_config(write(tmp_path, fast), env={})
     config = load_config(write(tmp_path, GOOD), env={})
     # Not given: the backend's own setting applies (consul://…?deregister_critical_after=5m).
-    assert config.services[0].deregister_critical_after is None
+    assert config.services[0].options.deregister_critical_after is None
     given = GOOD.replace('ttl = "10s"', 'ttl = "10s"\nderegister_critical_after = "5m"')
-    assert load_config(write(tmp_path, given), env={}).services[0].deregister_critical_after == 300
+    assert (
+        load_config(write(tmp_path, given), env={}).services[0].options.deregister_critical_after
+        == 300
+    )
 
 
 def test_check_refuses_what_the_backend_would_reject(
@@ -425,7 +428,7 @@ def test_a_timeout_in_the_url_is_honoured(
     # The README: options go in the query string or as keys; only both at once is an error.
     in_url = write(tmp_path, BARE.format(url=f"{scheme}://127.0.0.1:1?timeout=2s", extra=""))
     config = load_config(in_url, env={})
-    assert "timeout" not in config.backend.options  # the URL's own is the one sent
+    assert "timeout" not in config.backend.options()  # the URL's own is the one sent
     assert _timeout_of(config) == 2.0
     assert main(["check", "-c", str(in_url)]) == 0
     assert "valid; 1 service(s)" in capsys.readouterr().out
@@ -492,7 +495,7 @@ def test_backend_options_pass_through_and_the_backend_decides(tmp_path: Path) ->
         ),
         env={},
     )
-    assert dict(etcd.backend.options) == {"prefix": "/reg", "keepalive_time": "6s"}
+    assert etcd.backend.options() == {"prefix": "/reg", "keepalive_time": "6s"}
     consul = write(tmp_path, BARE.format(url="consul://127.0.0.1:1", extra='prefix = "/reg"'))
     with pytest.raises(ConfigError) as info:
         load_config(consul, env={})
@@ -511,7 +514,7 @@ def test_backend_options_pass_through_and_the_backend_decides(tmp_path: Path) ->
         ),
         env={},
     )
-    assert with_password.backend.options["password"] == "etcd-secret"
+    assert with_password.backend.options()["password"] == "etcd-secret"
     assert "etcd-secret" in with_password.secrets()
     assert "etcd-secret" not in repr(with_password)
 
@@ -526,7 +529,10 @@ def test_an_unknown_scheme_is_a_config_error_naming_the_url(tmp_path: Path) -> N
 def test_deregister_critical_after_floor_is_the_backends(tmp_path: Path) -> None:
     # The agent restates no backend's floor: etcd has none and takes any duration.
     text = BARE.format(url="etcd://127.0.0.1:1", extra="") + 'deregister_critical_after = "5s"\n'
-    assert load_config(write(tmp_path, text), env={}).services[0].deregister_critical_after == 5
+    assert (
+        load_config(write(tmp_path, text), env={}).services[0].options.deregister_critical_after
+        == 5
+    )
 
 
 @pytest.mark.parametrize(
@@ -595,3 +601,25 @@ def test_two_checks_with_one_name_are_refused_by_run_and_check(
     err = capsys.readouterr().err
     assert err.startswith(f"registry-agent: {path}: service[0].checks: ")
     assert "unique" in err
+
+
+def test_registration_options_are_the_registrars_own(tmp_path: Path) -> None:
+    from registry_agent._options import RegistrationOptions
+
+    config = load_config(write(tmp_path, GOOD), env={})
+    assert config.services[1].options == RegistrationOptions()  # nothing given: its defaults
+    for change, expected in [
+        ("gate = { fall = 4, rise = 1 }", "gate = { rise = 0 }"),
+        ('ttl = "10s"', 'ttl = "3s"\nheartbeat = "2s"'),
+        ('ttl = "10s"', 'ttl = "10s"\nretry = 1'),
+    ]:
+        path = write(tmp_path, GOOD.replace(change, expected))
+        with pytest.raises(ConfigError) as info:
+            load_config(path, env={})
+        field = {
+            "gate = { rise = 0 }": "service[0].gate.rise",
+            'ttl = "3s"\nheartbeat = "2s"': "service[0].heartbeat",
+            'ttl = "10s"\nretry = 1': "service[0]",
+        }[expected]
+        assert info.value.field == field, info.value
+        assert str(info.value).startswith(f"{path}: {field}: ")

@@ -22,16 +22,13 @@ from typing import Any
 from registry_agent._backend import Backend
 from registry_agent._errors import BackendNotFound, ConfigError
 from registry_agent._health.base import HealthCheck
-from registry_agent._health.gate import OnUnhealthy
 from registry_agent._models import ServiceInstance
+from registry_agent._options import OPTION_KEYS, RegistrationOptions
 from registry_agent._plugins import check_class, check_kinds, open_backend
-from registry_agent._registrar import HEARTBEAT_FLOOR, TTL_FLOOR
 from registry_agent._urls import (
     Table,
     as_choice,
-    as_duration,
     as_int,
-    as_positive_int,
     as_str,
     as_str_list,
     as_str_map,
@@ -67,6 +64,10 @@ _ENV_KEYS = {
 }
 # Variables with our prefix that are not agent settings (tests, tools).
 _ENV_OTHER = {"SERVERS_BIN", "SERVERS_DIR", "CONSUL_URL", "ETCD_URL"}
+# Registration options a [[service]] table takes: all but the retry policy; the gate's
+# two in its own table.
+_GATE_KEYS = frozenset({"fall", "rise"})
+_OPTION_KEYS = OPTION_KEYS - {"retry"}
 # Backend options whose value is a credential, never printed.
 _SECRET_OPTION_WORDS = ("token", "password", "secret")
 # Secrets that may also be given as a file holding them (``token_file``).
@@ -77,21 +78,25 @@ _SECRET_FILE_OPTIONS = ("token", "password")
 class BackendConfig:
     """Where to register: the URL and the backend's own options (never shown by repr).
 
-    ``options`` is the ``[backend]`` table but ``url``, passed to the backend as
+    ``settings`` is the ``[backend]`` table but ``url``, passed to the backend as
     given, except that ``token_file``/``password_file`` are read into ``token``/
     ``password`` and every ``*_file`` path is made absolute from the config's folder.
     """
 
     url: str
-    options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    settings: Mapping[str, Any] = field(default_factory=dict, repr=False)
     #: Digest of the contents of the files the options name: a reload with rotated
     #: certificates reconnects.
     file_digest: str = field(default="", repr=False)
 
+    def options(self) -> dict[str, Any]:
+        """Keyword options for ``open_backend`` (a copy of :attr:`settings`)."""
+        return dict(self.settings)
+
     def open(self) -> Backend:
         """The backend (built, not connected); its errors name ``backend.<option>``."""
         try:
-            return open_backend(self.url, **self.options)
+            return open_backend(self.url, **self.settings)
         except ConfigError as exc:
             raise ConfigError(exc.reason, field=_backend_field(exc.field)) from None
         except BackendNotFound as exc:
@@ -101,7 +106,7 @@ class BackendConfig:
         """Values that must never be printed."""
         found = [
             value
-            for name, value in self.options.items()
+            for name, value in self.settings.items()
             if isinstance(value, str) and any(word in name for word in _SECRET_OPTION_WORDS)
         ]
         url = parse_backend_url(self.url, default_port=0)
@@ -150,16 +155,10 @@ def _build_check(kind: str, table: Table) -> HealthCheck:
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """One service to register, with its checks and gate."""
+    """One service to register: the instance, its registration options, its checks."""
 
     instance: ServiceInstance
-    ttl: float = 10.0
-    heartbeat: float | None = None
-    on_unhealthy: OnUnhealthy = OnUnhealthy.DEREGISTER
-    fall: int = 3
-    rise: int = 2
-    #: None: the backend's own setting (``consul://…?deregister_critical_after=5m``, else 60s).
-    deregister_critical_after: float | None = None
+    options: RegistrationOptions = field(default_factory=RegistrationOptions)
     checks: tuple[CheckConfig, ...] = ()
 
     @property
@@ -368,30 +367,7 @@ def _service(fields: Table) -> ServiceConfig:
     except ConfigError as exc:
         inner = "name" if exc.field == "service" else exc.field
         raise ConfigError(exc.reason, field=f"{path}.{inner}" if inner else path) from None
-    ttl = fields.get("ttl", as_duration, 10.0)
-    # The registrar's own floors, named here by file and field.
-    if ttl < TTL_FLOOR:
-        raise fields.error(
-            "ttl", f"must be at least {TTL_FLOOR:g}s (heartbeats every ttl/3), got {ttl:g}s"
-        )
-    heartbeat = fields.get("heartbeat", as_duration)
-    if heartbeat is not None and heartbeat < HEARTBEAT_FLOOR:
-        raise fields.error(
-            "heartbeat",
-            f"must be at least {HEARTBEAT_FLOOR:g}s (at most 4 renewals a second), "
-            f"got {heartbeat:g}s",
-        )
-    if heartbeat is not None and heartbeat > ttl / 3:
-        raise fields.error("heartbeat", f"must be at most ttl/3 ({ttl / 3:g}s), got {heartbeat:g}s")
-    on_unhealthy = OnUnhealthy(
-        fields.get("on_unhealthy", as_choice("deregister", "critical"), "deregister")
-    )
-    # The backend decides what it accepts (Consul: at least 60s); the registrar asks it.
-    deregister_after = fields.get("deregister_critical_after", as_duration)
-    gate = fields.table_at("gate")
-    fall = gate.get("fall", as_positive_int, 3)
-    rise = gate.get("rise", as_positive_int, 2)
-    gate.done()
+    options = _registration_options(fields)
     raw_checks = fields.get("check", lambda v, p: v, [])
     if not isinstance(raw_checks, list):
         raise fields.error("check", "expected [[service.check]] tables")
@@ -399,9 +375,27 @@ def _service(fields: Table) -> ServiceConfig:
     checks = tuple(
         _check(Table(raw, f"{path}.check[{j}]", fields.source)) for j, raw in enumerate(raw_checks)
     )
-    return ServiceConfig(
-        instance, ttl, heartbeat, on_unhealthy, fall, rise, deregister_after, checks
-    )
+    return ServiceConfig(instance, options, checks)
+
+
+def _registration_options(service: Table) -> RegistrationOptions:
+    """The registration options of a service table: ``fall``/``rise`` under ``gate``, the
+    rest beside ``name``; their defaults and checks are :class:`RegistrationOptions`'s."""
+    gate = service.table_at("gate")
+    given: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for table, keys in ((service, _OPTION_KEYS - _GATE_KEYS), (gate, _GATE_KEYS)):
+        for key in sorted(keys):
+            if key in table:
+                given[key] = table.get(key, lambda v, f: v)
+                where[key] = table.field(key)
+            table.used.add(key)
+    gate.done()
+    try:
+        return RegistrationOptions.from_mapping(given)
+    except ConfigError as exc:
+        field = where.get(exc.field or "", service.path)
+        raise ConfigError(exc.reason, field=field, source=service.source) from None
 
 
 def _check(table: Table) -> CheckConfig:

@@ -58,13 +58,8 @@ def registrar_for(
     return AsyncRegistrar(
         backend,
         service.instance,
-        ttl=service.ttl,
-        heartbeat=service.heartbeat,
+        options=service.options,
         checks=[check.build() for check in service.checks],
-        fall=service.fall,
-        rise=service.rise,
-        on_unhealthy=service.on_unhealthy,
-        deregister_critical_after=service.deregister_critical_after,
         on_check=on_check,
     )
 
