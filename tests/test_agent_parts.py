@@ -19,7 +19,6 @@ from registry_agent._agent.logs import (
     configure_logging,
     remember_secrets,
 )
-from registry_agent._agent.readiness import readiness
 from registry_agent._agent.reaper import OrphanReaper, children, zombie_children
 from registry_agent._agent.runtime import AgentRuntime, open_configured_backend
 from registry_agent._agent.status import StatusServer, json_body
@@ -149,31 +148,6 @@ async def test_idle_connections_are_capped_and_the_oldest_evicted() -> None:
         for _, writer in idle:
             writer.close()
         await server.close()
-
-
-def test_readiness_reads_the_registry_and_the_heartbeat_age() -> None:
-    passing = {
-        "state": "registered",
-        "registered": True,
-        "registry_status": "passing",
-        "last_heartbeat": 100.0,
-        "last_error": None,
-    }
-    assert readiness(passing, ttl=3, now=102) == (True, "")
-    ready, why = readiness({**passing, "last_error": "HTTP 500: no leader"}, ttl=3, now=104)
-    assert not ready
-    assert why.startswith("no successful heartbeat for 4.0s (ttl 3s)")
-    assert why.endswith("last error: HTTP 500: no leader")
-    withdrawn = {**passing, "state": "withdrawn", "registered": False, "registry_status": None}
-    assert readiness(withdrawn, ttl=3, now=101) == (False, "health gate is withdrawn")
-    critical = {**passing, "registry_status": "critical"}
-    assert readiness(critical, ttl=3, now=101) == (
-        False,
-        "registry holds our entry as critical",
-    )
-    # The registrar's own verdict wins when it gives one.
-    told = {**passing, "ready": False, "not_ready_reason": "maintenance mode"}
-    assert readiness(told, ttl=3, now=101) == (False, "maintenance mode")
 
 
 def test_the_reaper_reaps_only_zombies_seen_twice() -> None:
@@ -397,3 +371,56 @@ def test_the_exit_pass_reaps_adopted_zombies_and_waits_a_little_for_the_rest() -
     started = time.monotonic()
     assert asyncio.run(reaper.final()) == 0
     assert time.monotonic() - started < 0.5  # nothing left: no wait
+
+
+async def test_status_readyz_and_metrics_read_one_status(tmp_path: Path) -> None:
+    """/status, /readyz and /metrics are rendered from one typed status per service."""
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        '[backend]\nurl = "memory://one-status"\n[status]\nlisten = "off"\n'
+        '[[service]]\nname = "up"\nid = "up-1"\nport = 80\ngate = { rise = 1 }\n'
+        '[[service.check]]\ncommand = ["true"]\ninterval = "50ms"\n'
+        '[[service]]\nname = "down"\nid = "down-1"\nport = 81\ngate = { rise = 1 }\n'
+        '[[service.check]]\ncommand = ["false"]\ninterval = "50ms"\n'
+    )
+    runtime = await _running(path)
+    try:
+        deadline = time.monotonic() + 5
+        while not runtime.snapshots()["up/up-1"].ready:
+            assert time.monotonic() < deadline, runtime.status()
+            await asyncio.sleep(0.02)
+        snapshots = runtime.snapshots()
+        down = snapshots["down/down-1"]
+        assert not down.ready
+        assert down.not_ready_reason
+        status = {s["instance"]: s for s in runtime.status()["services"]}
+        assert {k: (v["ready"], v["not_ready_reason"]) for k, v in status.items()} == {
+            "up-1": (True, None),
+            "down-1": (False, down.not_ready_reason),
+        }
+        assert status["down-1"] == down.to_dict()  # nothing moves while it is down
+        code, _, body = runtime._readyz()
+        readyz = json.loads(body)
+        assert code == 503
+        assert readyz["not_ready"] == {
+            "down/down-1": {
+                "state": down.state,
+                "registered": False,
+                "registry_status": None,
+                "why": down.not_ready_reason,
+            }
+        }
+        metrics = runtime.metrics.render().decode()
+        for line in (
+            'registry_agent_ready{instance="up-1",service="up"} 1.0',
+            'registry_agent_ready{instance="down-1",service="down"} 0.0',
+            'registry_agent_registered{instance="up-1",service="up"} 1.0',
+            'registry_agent_check_up{check="command false",instance="down-1",service="down"} 0.0',
+            'registry_agent_check_up{check="command true",instance="up-1",service="up"} 1.0',
+            'registry_agent_service_state{instance="up-1",service="up",state="registered"} 1.0',
+            'registry_agent_registrations_total{instance="up-1",service="up"} 1.0',
+            'registry_agent_registrations_total{instance="down-1",service="down"} 0.0',
+        ):
+            assert line in metrics, line
+    finally:
+        await runtime.shutdown()

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the agent, read from the registrars at scrape time."""
+"""Prometheus metrics of the agent, read at scrape time from each registration's typed status
+(the same value /status and /readyz read)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from prometheus_client.registry import Collector
 
 from registry_agent._health.checks import CheckResult, HealthCheck
 from registry_agent._health.gate import GateState
-from registry_agent._registrar import AsyncRegistrar
+from registry_agent._status import RegistrationStatus
 
 __all__ = ["AgentMetrics"]
 
@@ -24,19 +25,9 @@ _COUNTERS = {
 }
 
 
-Readiness = Callable[[AsyncRegistrar], tuple[bool, str]]
-
-
-def _registered(registrar: AsyncRegistrar) -> tuple[bool, str]:
-    return registrar.registered, ""
-
-
-class _RegistrarCollector(Collector):
-    def __init__(
-        self, registrars: Callable[[], Iterable[AsyncRegistrar]], ready: Readiness
-    ) -> None:
-        self.registrars = registrars
-        self.ready = ready
+class _StatusCollector(Collector):
+    def __init__(self, snapshots: Callable[[], Iterable[RegistrationStatus]]) -> None:
+        self.snapshots = snapshots
 
     def collect(self) -> Iterator[Metric]:
         labels = ["service", "instance"]
@@ -65,34 +56,29 @@ class _RegistrarCollector(Collector):
             "1 while a check is up (after rise/fall)",
             labels=[*labels, "check"],
         )
-        for reg in self.registrars():
-            ids = [reg.instance.service, reg.instance.id]
+        for snap in self.snapshots():
+            ids = [snap.service, snap.instance]
             for name, family in counters.items():
-                family.add_metric(ids, getattr(reg.counters, name))
-            heartbeats.add_metric([*ids, "ok"], reg.counters.heartbeats_ok)
-            heartbeats.add_metric([*ids, "failed"], reg.counters.heartbeats_failed)
+                family.add_metric(ids, snap.counters[name])
+            heartbeats.add_metric([*ids, "ok"], snap.counters["heartbeats_ok"])
+            heartbeats.add_metric([*ids, "failed"], snap.counters["heartbeats_failed"])
             for value in GateState:
-                state.add_metric([*ids, value.value], 1.0 if reg.state is value else 0.0)
-            registered.add_metric(ids, 1.0 if reg.registered else 0.0)
-            ready.add_metric(ids, 1.0 if self.ready(reg)[0] else 0.0)
-            for check in reg.checks:
-                check_up.add_metric(
-                    [*ids, check.name], 1.0 if reg.gate.check_up(check.name) else 0.0
-                )
+                state.add_metric([*ids, value.value], 1.0 if snap.state == value.value else 0.0)
+            registered.add_metric(ids, 1.0 if snap.registered else 0.0)
+            ready.add_metric(ids, 1.0 if snap.ready else 0.0)
+            for name, check in snap.checks.items():
+                check_up.add_metric([*ids, name], 1.0 if check.up else 0.0)
         yield from counters.values()
         yield from (heartbeats, state, registered, ready, check_up)
 
 
 class AgentMetrics:
-    """The agent's registry of metrics; ``observe_check`` feeds the latency histogram."""
+    """The agent's metrics: ``snapshots()`` gives every registration's status at scrape time;
+    ``check_observer`` feeds the latency histogram."""
 
-    def __init__(
-        self,
-        registrars: Callable[[], Iterable[AsyncRegistrar]],
-        ready: Readiness = _registered,
-    ) -> None:
+    def __init__(self, snapshots: Callable[[], Iterable[RegistrationStatus]]) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_RegistrarCollector(registrars, ready))
+        self.registry.register(_StatusCollector(snapshots))
         self.check_latency = Histogram(
             "registry_agent_check_latency_seconds",
             "Duration of health check runs",

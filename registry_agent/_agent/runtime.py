@@ -21,13 +21,13 @@ from typing import Any
 from registry_agent._agent.config import AgentConfig, ServiceConfig, load_config
 from registry_agent._agent.logs import remember_secrets
 from registry_agent._agent.metrics import AgentMetrics
-from registry_agent._agent.readiness import readiness
 from registry_agent._agent.reaper import OrphanReaper, become_subreaper
 from registry_agent._agent.status import StatusServer, json_body
 from registry_agent._backend import Backend
 from registry_agent._errors import ConfigError, RegistryError, Rejected
 from registry_agent._health.checks import CheckResult, HealthCheck
 from registry_agent._registrar import AsyncRegistrar
+from registry_agent._status import RegistrationStatus
 from registry_agent._urls import parse_backend_url
 
 __all__ = ["AgentRuntime", "open_configured_backend", "registrar_for", "validate_services"]
@@ -105,9 +105,7 @@ class AgentRuntime:
         self.reloads = 0
         self.backend: Backend | None = None
         self.registrars: dict[str, tuple[ServiceConfig, AsyncRegistrar]] = {}
-        self.metrics = AgentMetrics(
-            lambda: [reg for _, reg in self.registrars.values()], self.ready_of
-        )
+        self.metrics = AgentMetrics(lambda: self.snapshots().values())
         self.status_server: StatusServer | None = None
         self.reaper = OrphanReaper()
         self.subreaper = False
@@ -408,28 +406,25 @@ class AgentRuntime:
                 body = body.replace(form.encode(), b"***")
         return body
 
-    def ready_of(self, registrar: AsyncRegistrar) -> tuple[bool, str]:
-        """Whether the registry holds ``registrar``'s entry as passing, and why not."""
-        return readiness(registrar.status(), registrar.ttl)
-
-    def _service_status(self, registrar: AsyncRegistrar) -> dict[str, Any]:
-        status = registrar.status()
-        ready, why = readiness(status, registrar.ttl)
-        return {**status, "ready": ready, "not_ready_reason": why or None}
+    def snapshots(self) -> dict[str, RegistrationStatus]:
+        """Every running service's status now (by service key): what /status, /readyz and
+        /metrics read, so they never disagree."""
+        return {key: reg.snapshot() for key, (_, reg) in self.registrars.items()}
 
     def _readyz(self) -> tuple[int, str, bytes]:
-        not_ready = {}
-        for key, (_, reg) in self.registrars.items():
-            status = self._service_status(reg)
-            if not status["ready"]:
-                not_ready[key] = {
-                    "state": status["state"],
-                    "registered": status["registered"],
-                    "registry_status": status["registry_status"],
-                    "why": status["not_ready_reason"],
-                }
-        if not self.registrars:
+        snapshots = self.snapshots()
+        if not snapshots:
             return json_body(503, {"ready": False, "not_ready": {}, "why": "no services running"})
+        not_ready = {
+            key: {
+                "state": snap.state,
+                "registered": snap.registered,
+                "registry_status": snap.registry_status,
+                "why": snap.not_ready_reason,
+            }
+            for key, snap in snapshots.items()
+            if not snap.ready
+        }
         if not_ready:
             return json_body(503, self._scrub({"ready": False, "not_ready": not_ready}))
         return json_body(200, {"ready": True})
@@ -447,5 +442,5 @@ class AgentRuntime:
                 "orphans_reaped": self.reaper.reaped,
                 "status_connections": self.status_server.connections if self.status_server else 0,
             },
-            "services": [self._service_status(reg) for _, reg in self.registrars.values()],
+            "services": [snap.to_dict() for snap in self.snapshots().values()],
         }
