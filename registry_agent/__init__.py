@@ -1,6 +1,7 @@
 """registry-agent: service registration in Consul or etcd that heals itself.
 
-The public API is re-exported here; every other module is private.
+The public API is re-exported here, and what a third-party backend needs is in
+:mod:`registry_agent.backend`; every other module is private.
 """
 
 from registry_agent._backend import Backend, Lease
@@ -29,6 +30,7 @@ from registry_agent._health.checks import (
 )
 from registry_agent._health.gate import GateState, OnUnhealthy
 from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance, ServiceSnapshot
+from registry_agent._options import RegistrationOptions
 from registry_agent._plugins import available_backends, open_backend
 from registry_agent._registrar import (
     AsyncRegistrar,
@@ -38,6 +40,7 @@ from registry_agent._registrar import (
 )
 from registry_agent._retry import RetryPolicy
 from registry_agent._select import Strategy
+from registry_agent._status import CheckStatus, RegistrationStatus
 from registry_agent._transport import AsyncDiscoveryTransport, DiscoveryTransport
 from registry_agent._watcher import AsyncWatcher
 
@@ -54,6 +57,7 @@ __all__ = [
     "BackendUnavailable",
     "CallableCheck",
     "CheckResult",
+    "CheckStatus",
     "CommandCheck",
     "ConfigError",
     "Discovery",
@@ -71,6 +75,8 @@ __all__ = [
     "Registrar",
     "RegistrarEvent",
     "RegistrarEventKind",
+    "RegistrationOptions",
+    "RegistrationStatus",
     "RegistrationTimeout",
     "RegistryError",
     "Rejected",
