@@ -4,45 +4,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import inspect
 import logging
-import math
 import os
-import re
 import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 from registry_agent._backend import Backend, Lease, LivenessNews, SharedLiveness
-from registry_agent._errors import (
-    BackendUnavailable,
-    ConfigError,
-    LeaseLost,
-    RegistryError,
-    Rejected,
-    Throttled,
-)
+from registry_agent._errors import BackendUnavailable, ConfigError, RegistryError
 from registry_agent._fork import ForkGuard
 from registry_agent._health.checks import CheckResult, HealthCheck, as_check
-from registry_agent._health.gate import (
-    GateState,
-    HealthGate,
-    OnUnhealthy,
-    desired_registration,
-)
+from registry_agent._health.gate import Desired, GateState, HealthGate, desired_registration
 from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance
+from registry_agent._options import HEARTBEAT_FLOOR, TTL_FLOOR, OptionArgs, RegistrationOptions
 from registry_agent._plugins import open_backend
-from registry_agent._reconcile import Step, next_step
-from registry_agent._retry import RetryPolicy
+from registry_agent._reconcile import Step
+from registry_agent._registration import (
+    Change,
+    Event,
+    Failed,
+    HeldElsewhere,
+    RegistrarEventKind,
+    Registration,
+    Renewed,
+    Sleep,
+    failure_kind,
+    scrub_credentials,
+)
+from registry_agent._status import CheckStatus, RegistrationStatus, frozen_mapping
 
 __all__ = [
     "HEARTBEAT_FLOOR",
     "TTL_FLOOR",
     "AsyncRegistrar",
+    "RegistrarArgs",
     "RegistrarEvent",
     "RegistrarEventKind",
     "RegistrationTimeout",
@@ -51,43 +50,12 @@ __all__ = [
 
 log = logging.getLogger("registry_agent.registrar")
 
-# A registry that cannot be reached is logged again at most this often.
-_REPEAT_LOG_EVERY = 30.0
-#: Shortest TTL accepted. etcd grants leases in whole seconds (and rounds a short
-#: one up to its own minimum, 2 s by default); Consul reaps on a coarse timer.
-#: Below a second an entry flaps on any scheduling hiccup.
-TTL_FLOOR = 1.0
-#: Shortest heartbeat accepted: at most 4 renewals a second per registrar.
-HEARTBEAT_FLOOR = 0.25
-# Consul never reaps a critical service sooner than this.
-_DEREGISTER_CRITICAL_FLOOR = 60.0
 # Releasing a lease we abandoned is best effort: never wait longer than this for it.
 _RELEASE_TIMEOUT = 2.0
-
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
-
-
-def scrub_credentials(text: str) -> str:
-    """``text`` with the user and password of every ``scheme://user:pass@`` URL masked."""
-    return _USERINFO.sub(r"\1***@", text)
 
 
 class RegistrationTimeout(RegistryError, TimeoutError):
     """``start(wait_registered=…)`` ran out of time before the instance was registered."""
-
-
-class RegistrarEventKind(enum.StrEnum):
-    """What happened to a registration."""
-
-    STATE_CHANGED = "state_changed"  # the health gate moved (see ``state``)
-    REGISTERED = "registered"  # entered the registry
-    REREGISTERED = "reregistered"  # entered it again after the entry was lost
-    DEREGISTERED = "deregistered"  # removed (unhealthy, or stopping)
-    STATUS_CHANGED = "status_changed"  # marked passing or critical in the registry
-    LEASE_LOST = "lease_lost"  # the registry lost our entry (restart, expiry, deletion)
-    BACKEND_UNAVAILABLE = "backend_unavailable"  # first failure of a run of failures
-    BACKEND_RECOVERED = "backend_recovered"  # the registry answers again
-    STOPPED = "stopped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,33 +69,15 @@ class RegistrarEvent:
     at: float = field(default_factory=time.time)
 
 
-@dataclass(slots=True)
-class _Counters:
-    registrations: int = 0
-    reregistrations: int = 0
-    deregistrations: int = 0
-    heartbeats_ok: int = 0
-    heartbeats_failed: int = 0
-    verifications: int = 0
-    lease_losses: int = 0
-    errors: int = 0
+class RegistrarArgs(OptionArgs, total=False):
+    """Every keyword of :class:`AsyncRegistrar` and :class:`~registry_agent.Registrar`."""
 
-
-def _seconds(value: object, name: str, floor: float, why: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"expected a number of seconds, got {value!r}", field=name)
-    if value < floor:
-        raise ConfigError(f"must be at least {floor:g}s ({why}), got {value:g}s", field=name)
-    return float(value)
-
-
-def _as_on_unhealthy(value: str | OnUnhealthy) -> OnUnhealthy:
-    try:
-        return OnUnhealthy(value)
-    except ValueError:
-        raise ConfigError(
-            f'expected "deregister" or "critical", got {value!r}', field="on_unhealthy"
-        ) from None
+    checks: Iterable[HealthCheck | Callable[[], Any]]
+    on_event: Callable[[RegistrarEvent], None] | None
+    on_check: Callable[[HealthCheck, CheckResult], None] | None
+    install_signal_handlers: bool
+    #: A prebuilt options value; option keywords given beside it override its fields.
+    options: RegistrationOptions
 
 
 class AsyncRegistrar:
@@ -146,54 +96,40 @@ class AsyncRegistrar:
     (on the event loop) for every :class:`RegistrarEvent`, ``on_check`` for
     every check result.
 
-    ``ttl`` is at least :data:`TTL_FLOOR` (1 s) and ``heartbeat`` at least
-    :data:`HEARTBEAT_FLOOR` (0.25 s). ``deregister_critical_after`` (at least
-    60 s) defaults to the backend's own setting.
+    Keywords (:class:`RegistrarArgs`): ``ttl=10.0``, ``heartbeat=None`` (``ttl / 3``),
+    ``checks=()``, ``fall=3``, ``rise=2``, ``on_unhealthy="deregister"``,
+    ``deregister_critical_after=None`` (the backend's own setting; Consul's floor
+    is 60 s), ``retry=None`` (:class:`RetryPolicy` defaults), ``on_event``,
+    ``on_check``, ``install_signal_handlers=False``, and ``options``: a
+    :class:`RegistrationOptions` holding the option keywords at once (keywords
+    given beside it override it). ``ttl`` is at least :data:`TTL_FLOOR` (1 s) and
+    ``heartbeat`` at least :data:`HEARTBEAT_FLOOR` (0.25 s), at most ``ttl / 3``.
     """
 
     def __init__(
         self,
         backend: str | Backend,
         instance: ServiceInstance,
-        *,
-        ttl: float = 10.0,
-        heartbeat: float | None = None,
-        checks: Iterable[HealthCheck | Callable[[], Any]] = (),
-        fall: int = 3,
-        rise: int = 2,
-        on_unhealthy: str | OnUnhealthy = "deregister",
-        deregister_critical_after: float | None = None,
-        retry: RetryPolicy | None = None,
-        on_event: Callable[[RegistrarEvent], None] | None = None,
-        on_check: Callable[[HealthCheck, CheckResult], None] | None = None,
-        install_signal_handlers: bool = False,
+        **kwargs: Unpack[RegistrarArgs],
     ) -> None:
         if not isinstance(instance, ServiceInstance):
             raise ConfigError(f"expected a ServiceInstance, got {instance!r}", field="instance")
-        ttl = _seconds(ttl, "ttl", TTL_FLOOR, "etcd leases are whole seconds")
-        beat = ttl / 3 if heartbeat is None else heartbeat
-        beat = _seconds(beat, "heartbeat", HEARTBEAT_FLOOR, "at most 4 renewals a second")
-        if beat > ttl / 3 + 1e-9:
-            raise ConfigError(
-                f"must be at most ttl/3 ({ttl / 3:g}s) so two heartbeats can fail "
-                f"before the TTL runs out, got {beat:g}s",
-                field="heartbeat",
-            )
-        if deregister_critical_after is not None:
-            deregister_critical_after = _seconds(
-                deregister_critical_after,
-                "deregister_critical_after",
-                _DEREGISTER_CRITICAL_FLOOR,
-                "Consul's floor",
-            )
+        args: dict[str, Any] = dict(kwargs)
+        checks: Iterable[HealthCheck | Callable[[], Any]] = args.pop("checks", ())
+        on_event: Callable[[RegistrarEvent], None] | None = args.pop("on_event", None)
+        on_check: Callable[[HealthCheck, CheckResult], None] | None = args.pop("on_check", None)
+        install_signal_handlers: bool = args.pop("install_signal_handlers", False)
+        options = RegistrationOptions.build(args, args.pop("options", None))
         self.instance = instance
-        self.ttl = float(ttl)
-        self.heartbeat_interval = float(beat)
-        self.verify_interval = self.ttl
-        self.on_unhealthy = _as_on_unhealthy(on_unhealthy)
+        #: Every registration option, validated.
+        self.options = options
+        self.ttl = options.ttl
+        self.heartbeat_interval = options.heartbeat_interval
+        self.verify_interval = options.verify_interval
+        self.on_unhealthy = options.on_unhealthy
         #: None: the backend's own setting (e.g. ``consul://…?deregister_critical_after=5m``).
-        self.deregister_critical_after = deregister_critical_after
-        self.retry = retry or RetryPolicy()
+        self.deregister_critical_after = options.deregister_critical_after
+        self.retry = options.retry
         self.on_event = on_event
         self.on_check = on_check
         self.install_signal_handlers = install_signal_handlers
@@ -201,7 +137,7 @@ class AsyncRegistrar:
         names = [c.name for c in self.checks]
         if len(set(names)) != len(names):
             raise ConfigError(f"check names must be unique, got {names}", field="checks")
-        self.gate = HealthGate(names, rise=rise, fall=fall)
+        self.gate = HealthGate(names, rise=options.rise, fall=options.fall)
         # Opening a backend creates no connection: clients appear on first use,
         # inside the process that runs start() (after a fork, not before).
         self._owns_backend = isinstance(backend, str)
@@ -209,32 +145,17 @@ class AsyncRegistrar:
         self._backend_name = getattr(type(self.backend), "scheme", type(self.backend).__name__)
         # Set while a backend that shares liveness tells us about our lease.
         self._unfollow: Callable[[], None] | None = None
+        self._followed: Lease | None = None
 
         self._fork = ForkGuard(f"AsyncRegistrar({instance.service}/{instance.id})")
-        self._clock: Callable[[], float] = time.monotonic  # the event loop's clock too
+        # The running loop's clock once started (time.monotonic for asyncio's own loops).
+        self._clock: Callable[[], float] = time.monotonic
 
-        self._lease: Lease | None = None
-        self._actual: HealthStatus | None = None  # the status we last wrote; None: no entry
-        self._expires_at: float | None = None  # our entry lapses then unless renewed
-        self._stale: Lease | None = None  # a lease we abandoned that may still be alive
-        self._seen: InstanceHealth | None = None  # our entry as the last verification read it
-        self._just_wrote = False  # a status write awaits its read-back
-        self._external: HealthStatus | None = None  # status someone else holds our entry at
-        self._lost_entry = False
-        self._lost_reason: str | None = None
-        self._heartbeat_due = 0.0
-        self._verify_due = 0.0
-        self._failures = 0
-        self._unreachable = 0  # failures in a row without an answer: the backoff exponent
-        self._episode: str | None = None  # the kind of failure last logged
-        self._rejection: Rejected | None = None
-        self._losses_in_row = 0
-        self._registered_at = 0.0
-        self._last_failure_log = 0.0
-        self._last_error: str | None = None
+        #: The healing decisions and what the registry holds (no I/O).
+        self._reg = Registration(options, instance, self._backend_name)
+        self.counters = self._reg.counters
         self._last_heartbeat: float | None = None
         self._results: dict[str, CheckResult] = {}
-        self.counters = _Counters()
         self._wake: asyncio.Event | None = None
         self._registered: asyncio.Event | None = None
         self._rejected: asyncio.Event | None = None
@@ -258,7 +179,7 @@ class AsyncRegistrar:
         False as soon as no registration or heartbeat has succeeded for a TTL:
         by then the registry has dropped the entry (etcd) or failed it (Consul).
         """
-        return self._actual is not None and not self._lapsed()
+        return self._reg.registered(self._clock())
 
     @property
     def ready(self) -> bool:
@@ -287,6 +208,7 @@ class AsyncRegistrar:
         # registration is the worker's, so the worker's stop() must deregister.
         self._fork = ForkGuard(self._fork.what)
         self._started = True
+        self._clock = asyncio.get_running_loop().time
         self._wake = asyncio.Event()
         self._registered = asyncio.Event()
         self._rejected = asyncio.Event()
@@ -322,8 +244,8 @@ class AsyncRegistrar:
                 waiting.cancel()
         if self._registered.is_set():
             return
-        rejection = self._rejection
-        why = self._last_error or f"health gate is {self.state}"
+        rejection = self._reg.rejection
+        why = self._reg.last_error or f"health gate is {self.state}"
         await self.stop()
         if rejection is not None:
             raise rejection
@@ -382,19 +304,17 @@ class AsyncRegistrar:
         changed = self.gate.stop()
         if changed is not None:
             self._emit(RegistrarEventKind.STATE_CHANGED, "stopping")
-        if self._stale is not None and self._stale != self._lease:
+        reg = self._reg
+        if reg.stale is not None and reg.stale != reg.lease:
             await self._release()
-        if self._lease is not None:
+        if reg.lease is not None:
             try:
                 async with asyncio.timeout(left()):
-                    await self.backend.deregister(self._lease)
+                    await self.backend.deregister(reg.lease)
             except Exception as exc:
                 self._log_failure("deregister", self._registry_error(exc), force=True)
             else:
-                self._drop_lease()
-                self._set_actual(None)
-                self.counters.deregistrations += 1
-                self._emit(RegistrarEventKind.DEREGISTERED, "stopped")
+                self._publish(reg.deregistered_on_stop())
         for check in self.checks:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(left()):
@@ -407,8 +327,8 @@ class AsyncRegistrar:
             await asyncio.wait(self._tasks, timeout=left())
         self._emit(RegistrarEventKind.STOPPED, "")
 
-    def status(self) -> dict[str, Any]:
-        """A JSON-ready view: state, registry view, checks' last results, last error, counters.
+    def snapshot(self) -> RegistrationStatus:
+        """This registration's state now, as one typed value (``status()`` is its dict).
 
         ``registered``: the registry holds our entry (False once renewals have
         failed for a TTL). ``registry_status``: our entry's health as the
@@ -418,70 +338,54 @@ class AsyncRegistrar:
         """
         ready, reason = self._readiness()
         registered = self.registered
-        seen = self._seen
-        shown = seen.status if seen is not None else self._actual
-        return {
-            "service": self.instance.service,
-            "instance": self.instance.id,
-            "backend": self._backend_name,
-            "state": str(self.state),
-            "registered": registered,
-            "registry_status": str(shown) if registered and shown is not None else None,
-            "registry_note": (
+        seen = self._reg.seen
+        shown = seen.status if seen is not None else self._reg.actual
+        return RegistrationStatus(
+            service=self.instance.service,
+            instance=self.instance.id,
+            backend=self._backend_name,
+            state=str(self.state),
+            registered=registered,
+            registry_status=str(shown) if registered and shown is not None else None,
+            registry_note=(
                 scrub_credentials(seen.note)
                 if registered and seen is not None and not seen.healthy
                 else None
             ),
-            "ready": ready,
-            "not_ready_reason": reason,
-            "last_heartbeat": self._heartbeat_time(),
-            "last_error": self._last_error,
-            "checks": {
-                check.name: {
-                    "up": self.gate.check_up(check.name),
-                    **(self._results[check.name].to_dict() if check.name in self._results else {}),
+            ready=ready,
+            not_ready_reason=reason,
+            last_heartbeat=self._heartbeat_time(),
+            last_error=self._reg.last_error,
+            checks=frozen_mapping(
+                {
+                    check.name: CheckStatus(
+                        self.gate.check_up(check.name), self._results.get(check.name)
+                    )
+                    for check in self.checks
                 }
-                for check in self.checks
-            },
-            "counters": {name: getattr(self.counters, name) for name in self.counters.__slots__},
-        }
+            ),
+            counters=frozen_mapping(self.counters.to_dict()),
+        )
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready view: :meth:`snapshot` as a dict (what the agent's ``/status`` shows)."""
+        return self.snapshot().to_dict()
 
     def _heartbeat_time(self) -> float | None:
-        lease = self._lease
+        lease = self._reg.lease
         if lease is not None and lease.shared and isinstance(self.backend, SharedLiveness):
             self._last_heartbeat = self.backend.last_renewal(lease) or self._last_heartbeat
         return self._last_heartbeat
 
     def _readiness(self) -> tuple[bool, str | None]:
-        if self._stopping or self.state is GateState.STOPPED:
-            return False, "stopped"
-        if not self.registered:
-            if self._rejection is not None:
-                return False, f"rejected by the registry: {self._rejection}"
-            if self.state is GateState.STARTING:
-                return False, "health checks have not passed yet"
-            if self.state is GateState.WITHDRAWN:
-                return False, "withdrawn: " + self._failing_checks()
-            if self._lost_reason is not None:
-                again = self._last_error
-                more = (
-                    f"; registering again: {again}" if again and again != self._lost_reason else ""
-                )
-                return False, f"entry lost ({self._lost_reason}){more}"
-            if self._last_error:
-                return False, f"not registered: {self._last_error}"
-            return False, "not registered yet"
-        if self.state is GateState.WITHDRAWN:
-            return False, "held critical: " + self._failing_checks()
-        seen = self._seen
-        if seen is not None and not seen.healthy:
-            note = scrub_credentials(seen.note)
-            return False, f"the registry holds our entry as {seen.status}" + (
-                f": {note}" if note else ""
-            )
-        if self._actual is not HealthStatus.PASSING:
-            return False, f"the registry holds our entry as {self._actual}"
-        return True, None
+        failing = "" if self.gate.healthy else self._failing_checks()
+        return self._reg.readiness(
+            self._clock(), self.state, stopping=self._stopping, failing=failing
+        )
+
+    @property
+    def _lease(self) -> Lease | None:
+        return self._reg.lease
 
     async def __aenter__(self) -> AsyncRegistrar:
         await self.start()
@@ -533,9 +437,6 @@ class AsyncRegistrar:
         if self._wake is not None:
             self._wake.set()
 
-    def _lapsed(self) -> bool:
-        return self._expires_at is not None and self._clock() >= self._expires_at
-
     async def _sleep(self, seconds: float | None) -> None:
         assert self._wake is not None
         if self._stopping:
@@ -564,244 +465,132 @@ class AsyncRegistrar:
             )
 
     async def _reconcile(self) -> None:
+        reg = self._reg
+        run = {
+            Step.REGISTER: self._register,
+            Step.DEREGISTER: self._deregister,
+            Step.SET_STATUS: self._set_status,
+            Step.VERIFY: self._verify,
+            Step.HEARTBEAT: self._heartbeat,
+            Step.RELEASE: self._release,
+            Step.EXPIRED: self._nothing,
+        }
         while not self._stopping:
             desired = desired_registration(self.gate.state, self.on_unhealthy)
-            now = self._clock()
-            step, wake_at = next_step(
-                desired,
-                self._actual,
-                now=now,
-                heartbeat_due=self._heartbeat_due,
-                verify_due=self._verify_due,
-                expires_at=self._expires_at,
-                stale_lease=self._stale is not None,
-            )
-            if step is Step.IDLE:
-                forever = wake_at is None or math.isinf(wake_at)
-                await self._sleep(None if wake_at is None or forever else max(0.0, wake_at - now))
-                continue
-            if step is Step.EXPIRED:
-                self._expired()
-                continue
-            if step is Step.RELEASE:
-                await self._release()
+            note = "" if desired is Desired.PASSING else "unhealthy: " + self._failing_checks()
+            action = reg.next(desired, self._clock(), note)
+            if isinstance(action, Sleep):
+                await self._sleep(action.seconds)
                 continue
             try:
-                await self._do(step, desired.status, now)
-            except LeaseLost as exc:
-                # Register again at once; only a loss that keeps coming back waits.
-                # An entry that verification found missing or changed may still
-                # hold a live lease: release it first, so no orphan stays a TTL.
-                self._unreachable = 0
-                self._lost(str(exc), stale=step is Step.VERIFY)
-                if now - self._registered_at > self.heartbeat_interval:
-                    self._losses_in_row = 0  # it held for a while: this loss is news
-                self._losses_in_row += 1
-                if self._losses_in_row > 1:
-                    await self._sleep(self.retry.delay(self._losses_in_row - 1))
+                result = await run[action]()
             except Exception as exc:  # never give up: every error is retried
-                await self._failed(step, self._registry_error(exc))
+                changes, pause = reg.failed(action, self._registry_error(exc), self._clock())
             else:
-                self._succeeded(step)
+                changes, pause = reg.succeeded(action, self._clock(), result)
+            self._publish(changes)
+            if pause is not None:
+                await self._sleep(pause)
 
-    async def _failed(self, step: Step, error: RegistryError) -> None:
-        assert self._rejected is not None
-        self._failures += 1
-        self.counters.errors += 1
-        if step is Step.HEARTBEAT:
-            self.counters.heartbeats_failed += 1
-        self._last_error = scrub_credentials(str(error))
-        if self._failures == 1:
-            self._emit(RegistrarEventKind.BACKEND_UNAVAILABLE, self._last_error)
-        self._log_failure(step.value, error)
-        if step is Step.VERIFY:
-            # A read that fails must not starve the heartbeats that keep the
-            # entry alive (e.g. reads refused, keepalives still accepted).
-            self._verify_due = self._clock() + self.heartbeat_interval
-        if isinstance(error, Rejected):
-            # No retry can fix it as is; an operator may (permissions): retry slowly.
-            self._unreachable = 0
-            self._rejection = error
-            self._rejected.set()
-            delay = self.retry.slowest()
-        elif isinstance(error, Throttled):
-            # It answered: it is up. Come back when it says, not after a growing backoff.
-            self._unreachable = 0
-            delay = self.retry.answered(self._failures, error.retry_after)
-        else:
-            self._unreachable += 1
-            delay = self.retry.delay(self._unreachable)
-        if self._actual is not None and self._expires_at is not None:
-            delay = min(delay, max(0.0, self._expires_at - self._clock()))
-        await self._sleep(delay)
+    # One coroutine per step, each one call to the backend.
 
-    def _succeeded(self, step: Step) -> None:
-        if step in (Step.HEARTBEAT, Step.VERIFY):
-            self._losses_in_row = 0  # the entry held: a later loss is news
-        if self._failures:
-            self._emit(RegistrarEventKind.BACKEND_RECOVERED, f"after {step.value}")
-            self._failures = 0
-        self._episode = None
-        self._unreachable = 0
-        self._last_error = None
-        if self._rejection is not None:
-            self._rejection = None
-            if self._rejected is not None:
-                self._rejected.clear()
-
-    async def _do(self, step: Step, wanted: HealthStatus | None, started: float) -> None:
+    async def _register(self) -> Lease:
+        desired = desired_registration(self.gate.state, self.on_unhealthy)
+        wanted = desired.status
+        assert wanted is not None
+        note = "" if wanted is HealthStatus.PASSING else "unhealthy: " + self._failing_checks()
         backend = self.backend
-        if step is Step.REGISTER:
-            assert wanted is not None
-            note = "" if wanted is HealthStatus.PASSING else "unhealthy: " + self._failing_checks()
-            register = (
-                backend.register_shared if isinstance(backend, SharedLiveness) else backend.register
-            )
-            self._lease = await register(
-                self.instance,
-                ttl=self.ttl,
-                status=wanted,
-                note=note,
-                deregister_critical_after=self.deregister_critical_after,
-            )
-            now = self._clock()
-            self._follow(self._lease)
-            shared = self._lease.shared
-            self._expires_at = None if shared else started + self.ttl
-            self._seen = None
-            self._just_wrote = False
-            self._set_actual(wanted)
-            self._registered_at = now
-            self._heartbeat_due = math.inf if shared else now + self.heartbeat_interval
-            # Someone else held our entry critical before: see at once whether they still do.
-            self._verify_due = now if self._external else self._next_verify(now)
-            self._last_heartbeat = time.time()
-            self._lost_reason = None
-            if self._lost_entry:
-                self._lost_entry = False
-                self.counters.reregistrations += 1
-                self._emit(RegistrarEventKind.REREGISTERED, str(wanted))
-            else:
-                self.counters.registrations += 1
-                self._emit(RegistrarEventKind.REGISTERED, str(wanted))
-        elif step is Step.DEREGISTER:
-            assert self._lease is not None
-            await backend.deregister(self._lease)
-            self._drop_lease()
-            self._expires_at = None
-            self._seen = None
-            self._set_actual(None)
-            self.counters.deregistrations += 1
-            self._emit(RegistrarEventKind.DEREGISTERED, "unhealthy: " + self._failing_checks())
-        elif step is Step.SET_STATUS:
-            assert self._lease is not None
-            assert wanted is not None
-            note = "" if wanted is HealthStatus.PASSING else "unhealthy: " + self._failing_checks()
-            await backend.set_status(self._lease, wanted, note)
-            self._set_actual(wanted)
-            # Read it back at once: the registry may hold it otherwise (Consul
-            # maintenance mode, a node check). A status write does not renew an
-            # etcd lease, so it does not count as a heartbeat.
-            self._just_wrote = True
-            self._verify_due = self._clock()
-            self._emit(RegistrarEventKind.STATUS_CHANGED, str(wanted))
-        elif step is Step.VERIFY:
-            assert self._lease is not None
-            found = await backend.lookup(self._lease)
-            self.counters.verifications += 1
-            self._verify_due = self._next_verify(self._clock())
-            if found is None:
-                raise LeaseLost(
-                    "our entry is missing from the registry",
-                    service=self.instance.service,
-                    instance=self.instance.id,
-                    backend=self._backend_name,
-                )
-            if found.instance != self.instance:
-                raise LeaseLost(
-                    "our entry was changed by someone else",
-                    service=self.instance.service,
-                    instance=self.instance.id,
-                    backend=self._backend_name,
-                )
-            self._read_back(found)
-        elif step is Step.HEARTBEAT:
-            assert self._lease is not None
-            await backend.heartbeat(self._lease)
-            self.counters.heartbeats_ok += 1
-            if self._lease.shared:
-                # Answered from the backend's memory: its shared renewal is fine.
-                self._heartbeat_due = math.inf
-            else:
-                self._expires_at = started + self.ttl
-                self._last_heartbeat = time.time()
-                self._heartbeat_due = self._clock() + self.heartbeat_interval
-
-    def _next_verify(self, now: float) -> float:
-        """When to read our entry back next: never on our own for a shared lease."""
-        return (
-            math.inf
-            if self._lease is not None and self._lease.shared
-            else now + self.verify_interval
+        register = (
+            backend.register_shared if isinstance(backend, SharedLiveness) else backend.register
+        )
+        return await register(
+            self.instance,
+            ttl=self.ttl,
+            status=wanted,
+            note=note,
+            deregister_critical_after=self.deregister_critical_after,
         )
 
-    def _follow(self, lease: Lease) -> None:
-        self._unfollow_lease()
-        if lease.shared and isinstance(self.backend, SharedLiveness):
-            self._unfollow = self.backend.follow(lease, self._on_news)
+    async def _deregister(self) -> None:
+        assert self._reg.lease is not None
+        await self.backend.deregister(self._reg.lease)
 
-    def _unfollow_lease(self) -> None:
+    async def _set_status(self) -> None:
+        desired = desired_registration(self.gate.state, self.on_unhealthy)
+        assert self._reg.lease is not None
+        assert desired.status is not None
+        note = "" if desired is Desired.PASSING else "unhealthy: " + self._failing_checks()
+        await self.backend.set_status(self._reg.lease, desired.status, note)
+
+    async def _verify(self) -> InstanceHealth | None:
+        assert self._reg.lease is not None
+        return await self.backend.lookup(self._reg.lease)
+
+    async def _heartbeat(self) -> None:
+        assert self._reg.lease is not None
+        await self.backend.heartbeat(self._reg.lease)
+
+    async def _nothing(self) -> None:
+        return None
+
+    def _publish(self, changes: list[Change]) -> None:
+        """Act on what the decisions changed: events, logs, and the driver's own state."""
+        for change in changes:
+            if isinstance(change, Event):
+                self._emit(change.kind, change.detail)
+            elif isinstance(change, Renewed):
+                self._last_heartbeat = time.time()
+            elif isinstance(change, Failed):
+                self._log_failure(change.step.value, change.error, loud=change.loud)
+            elif isinstance(change, HeldElsewhere):
+                log.warning(
+                    "%s: the registry holds our entry as %s although we set it %s: %s",
+                    self.instance.id,
+                    change.status,
+                    change.ours,
+                    change.note or "no note",
+                    extra=self._extra("registry_status", status=str(change.status)),
+                )
+            else:
+                log.info(
+                    "%s: the registry holds our entry as %s again",
+                    self.instance.id,
+                    change.status,
+                    extra=self._extra("registry_status", status=str(change.status)),
+                )
+        reg = self._reg
+        if self._registered is not None:
+            if reg.actual is None:
+                self._registered.clear()
+            else:
+                self._registered.set()
+        if self._rejected is not None:
+            if reg.rejection is None:
+                self._rejected.clear()
+            else:
+                self._rejected.set()
+        if reg.lease is not self._followed:
+            self._follow(reg.lease)
+
+    def _follow(self, lease: Lease | None) -> None:
         unfollow, self._unfollow = self._unfollow, None
         if unfollow is not None:
             unfollow()
-
-    def _drop_lease(self) -> None:
-        self._unfollow_lease()
-        self._lease = None
+        self._followed = lease
+        if lease is not None and lease.shared and isinstance(self.backend, SharedLiveness):
+            self._unfollow = self.backend.follow(lease, self._on_news)
 
     def _on_news(self, news: LivenessNews) -> None:
         # The shared renewal or verification concerns us: act on it now.
         if news is LivenessNews.RENEWAL:
-            self._heartbeat_due = self._clock()
+            self._reg.heartbeat_now(self._clock())
         else:
-            self._verify_due = self._clock()
+            self._reg.verify_now(self._clock())
         self._wake_up()
 
-    def _read_back(self, found: InstanceHealth) -> None:
-        """Compare our entry's health in the registry with the status we wrote."""
-        just_wrote, self._just_wrote = self._just_wrote, False
-        before, self._seen = self._seen, found
-        if found.status is self._actual:
-            if self._external is not None:
-                self._external = None
-                log.info(
-                    "%s: the registry holds our entry as %s again",
-                    self.instance.id,
-                    found.status,
-                    extra=self._extra("registry_status", status=str(found.status)),
-                )
-            return
-        if not just_wrote and (before is None or before.status is not found.status):
-            # e.g. our TTL check turned critical while we were frozen: write our
-            # status again (SET_STATUS comes next), then read it back.
-            self._set_actual(found.status)
-            return
-        # The registry says otherwise right after we wrote our status, or still
-        # says what it said last time: someone else holds it so (maintenance
-        # mode, a node check, another check). Report it; rewriting won't help.
-        if self._external is not found.status:
-            self._external = found.status
-            log.warning(
-                "%s: the registry holds our entry as %s although we set it %s: %s",
-                self.instance.id,
-                found.status,
-                self._actual,
-                scrub_credentials(found.note) or "no note",
-                extra=self._extra("registry_status", status=str(found.status)),
-            )
-
     async def _release(self) -> None:
-        lease, self._stale = self._stale, None
+        lease = self._reg.stale
+        self._reg.succeeded(Step.RELEASE, self._clock())
         if lease is None:
             return
         try:
@@ -830,38 +619,8 @@ class AsyncRegistrar:
                 )
                 await asyncio.sleep(1.0)
                 continue
-            self._verify_due = self._clock()
+            self._reg.verify_now(self._clock())
             self._wake_up()
-
-    def _expired(self) -> None:
-        why = (
-            f"no heartbeat succeeded for {self.ttl:g}s (the TTL): the registry no longer "
-            "holds our entry as alive"
-        )
-        if self._last_error:
-            why += f"; last error: {self._last_error}"
-        self._lost(why, stale=True)
-
-    def _lost(self, why: str, *, stale: bool) -> None:
-        self.counters.lease_losses += 1
-        self._lost_entry = True
-        # A shared lease stays the backend's to keep or revoke: only ours may be orphaned.
-        if stale and self._lease is not None and not self._lease.shared:
-            self._stale = self._lease
-        self._drop_lease()
-        self._expires_at = None
-        self._seen = None
-        self._set_actual(None)
-        self._last_error = self._lost_reason = scrub_credentials(why)
-        self._emit(RegistrarEventKind.LEASE_LOST, self._last_error)
-
-    def _set_actual(self, status: HealthStatus | None) -> None:
-        self._actual = status
-        if self._registered is not None:
-            if status is None:
-                self._registered.clear()
-            else:
-                self._registered.set()
 
     def _failing_checks(self) -> str:
         failing = [
@@ -916,36 +675,26 @@ class AsyncRegistrar:
             except Exception:
                 log.exception("on_event callback failed", extra=self._extra("callback_failed"))
 
-    def _log_failure(self, action: str, error: RegistryError, *, force: bool = False) -> None:
-        """Log a failure once per episode (a kind of failure in a row).
-
-        Rejected is logged at ERROR, throttling and an unreachable registry at
-        WARNING; an unreachable registry is recalled every 30 s, the rest at DEBUG.
-        """
-        if isinstance(error, Rejected):
-            kind, level = "rejected", logging.ERROR
-        elif isinstance(error, Throttled):
-            kind, level = "throttled", logging.WARNING
-        else:
-            kind, level = "unavailable", logging.WARNING
-        now = time.monotonic()
-        if not force:
-            if kind == self._episode and not (
-                kind == "unavailable" and now - self._last_failure_log >= _REPEAT_LOG_EVERY
-            ):
-                level = logging.DEBUG
-            else:
-                self._episode = kind
-                self._last_failure_log = now
+    def _log_failure(
+        self, action: str, error: RegistryError, *, loud: bool = True, force: bool = False
+    ) -> None:
+        """Log a failure: ``loud`` (the first of a run of one kind, see Registration) at
+        ERROR for Rejected, else WARNING; the rest at DEBUG. ``force``: a failure while
+        stopping, outside the healing loop, logged at once and kept as the last error."""
+        kind = failure_kind(error)
+        level = logging.ERROR if kind == "rejected" else logging.WARNING
+        if not (loud or force):
+            level = logging.DEBUG
         if force:
-            self._last_error = scrub_credentials(str(error))
+            self._reg.last_error = scrub_credentials(str(error))
         how = {
             "rejected": "no retry can fix this as is; retrying every "
             f"{self.retry.cap:g}s in case it is fixed",
             "throttled": "the registry is shedding load; retrying when it says",
             "unavailable": "retrying with backoff",
         }[kind]
-        repeat = f" (failure {self._failures}, {how})" if not force else ""
+        failures = self._reg.failures
+        repeat = f" (failure {failures}, {how})" if not force else ""
         log.log(
             level,
             "%s %s failed: %s%s",
@@ -953,7 +702,7 @@ class AsyncRegistrar:
             action,
             scrub_credentials(str(error)),
             repeat,
-            extra=self._extra(f"{action}_failed", error=str(error), failures=self._failures),
+            extra=self._extra(f"{action}_failed", error=str(error), failures=failures),
             exc_info=error.__cause__ if level == logging.DEBUG and error.__cause__ else None,
         )
 

@@ -6,6 +6,7 @@ The same scenarios run against real Consul and etcd in integration/test_healing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import select
@@ -13,7 +14,8 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -37,12 +39,64 @@ from registry_agent import (
     Throttled,
 )
 from registry_agent._backend import SharedLiveness
+from registry_agent._status import RegistrationStatus
 from registry_agent.testing.contract import eventually
 from registry_agent.testing.memory import MemoryBackend, MemoryRegistry, SharedMemoryBackend
 
 FAST = RetryPolicy(initial=0.05, cap=0.2)
 INSTANCE = ServiceInstance("orders", address="127.0.0.1", port=8080)
 K = RegistrarEventKind
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock jumps to its next timer whenever nothing is ready.
+
+    A registrar's TTLs, heartbeats and backoffs then take no real time. Only for
+    code that wakes the loop from no other thread (async checks, the memory backend).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._now = time.monotonic()
+        select = self._selector.select  # type: ignore[attr-defined]
+
+        def jump(timeout: float | None = None) -> Any:
+            ready = select(0)
+            if ready or timeout is None or timeout <= 0:
+                return ready if ready or timeout is not None else select(None)
+            self._now += timeout
+            return []
+
+        self._selector.select = jump  # type: ignore[attr-defined]
+
+    def time(self) -> float:
+        return self._now
+
+
+def virtual_time(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an async test on a :class:`VirtualTimeLoop`, stopping its registrars after it."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        async def body() -> None:
+            try:
+                await test(*args, **kwargs)
+            finally:
+                for reg in kwargs.get("cleanup", []):
+                    await reg.stop()
+
+        with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+            runner.run(body())
+
+    return run
+
+
+def loop_clock() -> float:
+    """The running loop's clock (virtual in a VirtualTimeLoop), else the monotonic clock."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
 
 
 class Switch:
@@ -56,10 +110,14 @@ class Switch:
         self.calls += 1
         return self.ok
 
+    async def probe(self) -> bool:
+        """The same, on the loop: no thread wakes a virtual-time loop."""
+        return self()
+
 
 @pytest.fixture
 def registry() -> MemoryRegistry:
-    return MemoryRegistry.named(f"reg-{uuid.uuid4().hex}")
+    return MemoryRegistry.named(f"reg-{uuid.uuid4().hex}", clock=loop_clock)
 
 
 @pytest.fixture
@@ -95,6 +153,7 @@ def kinds(events: list[RegistrarEvent]) -> list[RegistrarEventKind]:
     return [e.kind for e in events]
 
 
+@virtual_time
 async def test_without_checks_it_registers_at_once(
     make: Callable[..., AsyncRegistrar], registry: MemoryRegistry, events: list[RegistrarEvent]
 ) -> None:
@@ -107,11 +166,12 @@ async def test_without_checks_it_registers_at_once(
     assert reg.state is GateState.STOPPED
 
 
+@virtual_time
 async def test_registers_only_after_rise_passes(
     make: Callable[..., AsyncRegistrar], registry: MemoryRegistry, cleanup: list[AsyncRegistrar]
 ) -> None:
     check = Switch(ok=False)
-    reg = make(checks=[CallableCheck(check, interval=0.05)], rise=3)
+    reg = make(checks=[CallableCheck(check.probe, interval=0.05)], rise=3)
     cleanup.append(reg)
     await reg.start()
     await asyncio.sleep(0.3)
@@ -119,12 +179,15 @@ async def test_registers_only_after_rise_passes(
     assert reg.state is GateState.STARTING
     assert await in_registry(registry) is None
     check.ok = True
-    took = await eventually(lambda: in_registry(registry), within=2)
+    started = loop_clock()
+    await eventually(lambda: in_registry(registry), within=2)
+    took = loop_clock() - started
     assert check.calls >= 3
     assert took >= 0.05 * 2  # three passes in a row, at 50 ms intervals
     assert reg.state is GateState.REGISTERED
 
 
+@virtual_time
 async def test_withdrawn_after_fall_failures_and_back_after_rise(
     make: Callable[..., AsyncRegistrar],
     registry: MemoryRegistry,
@@ -132,7 +195,7 @@ async def test_withdrawn_after_fall_failures_and_back_after_rise(
     cleanup: list[AsyncRegistrar],
 ) -> None:
     check = Switch()
-    reg = make(checks=[CallableCheck(check, interval=0.05)], rise=2, fall=3)
+    reg = make(checks=[CallableCheck(check.probe, interval=0.05)], rise=2, fall=3)
     cleanup.append(reg)
     await reg.start(wait_registered=2)
     check.ok = False
@@ -151,12 +214,13 @@ async def _is(registry: MemoryRegistry, status: HealthStatus | None) -> bool:
     return await in_registry(registry) is status
 
 
+@virtual_time
 async def test_on_unhealthy_critical_keeps_the_entry(
     make: Callable[..., AsyncRegistrar], registry: MemoryRegistry, cleanup: list[AsyncRegistrar]
 ) -> None:
     check = Switch()
     reg = make(
-        checks=[CallableCheck(check, interval=0.05)], rise=1, fall=1, on_unhealthy="critical"
+        checks=[CallableCheck(check.probe, interval=0.05)], rise=1, fall=1, on_unhealthy="critical"
     )
     cleanup.append(reg)
     await reg.start(wait_registered=2)
@@ -171,12 +235,13 @@ async def test_on_unhealthy_critical_keeps_the_entry(
     assert reg.counters.deregistrations == 0
 
 
+@virtual_time
 async def test_flapping_health_does_not_storm(
     make: Callable[..., AsyncRegistrar], registry: MemoryRegistry, cleanup: list[AsyncRegistrar]
 ) -> None:
     flips = 0
 
-    def flapping() -> bool:
+    async def flapping() -> bool:
         nonlocal flips
         flips += 1
         return flips % 2 == 0  # F P F P ...
@@ -191,6 +256,7 @@ async def test_flapping_health_does_not_storm(
     assert await in_registry(registry) is HealthStatus.PASSING
 
 
+@virtual_time
 async def test_entry_deleted_behind_our_back_is_repaired(
     make: Callable[..., AsyncRegistrar],
     registry: MemoryRegistry,
@@ -209,6 +275,7 @@ async def test_entry_deleted_behind_our_back_is_repaired(
     assert reg.counters.reregistrations == 1
 
 
+@virtual_time
 async def test_registry_wiped_means_registered_again(
     make: Callable[..., AsyncRegistrar],
     registry: MemoryRegistry,
@@ -224,6 +291,7 @@ async def test_registry_wiped_means_registered_again(
     assert kinds(events)[-2:] == [K.LEASE_LOST, K.REREGISTERED]
 
 
+@virtual_time
 async def test_registry_down_at_start_then_up(
     make: Callable[..., AsyncRegistrar],
     registry: MemoryRegistry,
@@ -251,6 +319,7 @@ async def test_registry_down_at_start_then_up(
     assert reg.status()["last_error"] is None
 
 
+@virtual_time
 async def test_wait_registered_times_out_and_stops(
     make: Callable[..., AsyncRegistrar], registry: MemoryRegistry
 ) -> None:
@@ -265,6 +334,7 @@ async def test_wait_registered_times_out_and_stops(
     assert await in_registry(registry) is None
 
 
+@virtual_time
 async def test_stop_deregisters_even_with_a_hanging_check(
     make: Callable[..., AsyncRegistrar], registry: MemoryRegistry
 ) -> None:
@@ -287,10 +357,11 @@ async def test_stop_deregisters_even_with_a_hanging_check(
     assert await in_registry(registry) is None
 
 
+@virtual_time
 async def test_status_report(
     make: Callable[..., AsyncRegistrar], cleanup: list[AsyncRegistrar]
 ) -> None:
-    reg = make(checks=[CallableCheck(Switch(), interval=0.05, name="db")], rise=1)
+    reg = make(checks=[CallableCheck(Switch().probe, interval=0.05, name="db")], rise=1)
     cleanup.append(reg)
     await reg.start(wait_registered=2)
     await asyncio.sleep(reg.heartbeat_interval + 0.2)
@@ -306,6 +377,7 @@ async def test_status_report(
     assert status["last_heartbeat"] is not None
 
 
+@virtual_time
 async def test_a_failing_event_callback_is_logged_not_fatal(
     registry: MemoryRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -333,7 +405,8 @@ async def test_a_failing_event_callback_is_logged_not_fatal(
         ({"ttl": 60, "heartbeat": 0.01}, "heartbeat"),
         ({"deregister_critical_after": "5m"}, "deregister_critical_after"),
         ({"on_unhealthy": "panic"}, "on_unhealthy"),
-        ({"deregister_critical_after": 10}, "deregister_critical_after"),
+        ({"deregister_critical_after": 0}, "deregister_critical_after"),
+        ({"deregister_critical_after": "1m"}, "deregister_critical_after"),
         ({"rise": 0}, "rise"),
         ({"checks": [CallableCheck(bool, name="x"), CallableCheck(bool, name="x")]}, "checks"),
     ],
@@ -477,6 +550,7 @@ async def test_stop_never_raises_whatever_the_backend_raises(
     assert await in_registry(registry) is HealthStatus.PASSING  # left to its TTL
 
 
+@virtual_time
 async def test_unexpected_errors_reach_callbacks_as_registry_errors(
     faulty: Faulty, events: list[RegistrarEvent], cleanup: list[AsyncRegistrar]
 ) -> None:
@@ -494,6 +568,7 @@ async def _true(value: bool) -> bool:
     return value
 
 
+@virtual_time
 async def test_throttled_retries_when_told_not_at_the_backoff_cap(
     faulty: Faulty, cleanup: list[AsyncRegistrar], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -516,6 +591,7 @@ async def test_throttled_retries_when_told_not_at_the_backoff_cap(
     assert "shedding load" in lines(caplog, logging.WARNING, "register failed")[0]
 
 
+@virtual_time
 async def test_throttled_without_retry_after_comes_back_within_the_answered_cap(
     faulty: Faulty, cleanup: list[AsyncRegistrar]
 ) -> None:
@@ -533,6 +609,7 @@ async def test_throttled_without_retry_after_comes_back_within_the_answered_cap(
     assert took <= retry.answered_cap + 0.3
 
 
+@virtual_time
 async def test_rejected_fails_start_at_once(
     faulty: Faulty, registry: MemoryRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -550,6 +627,7 @@ async def test_rejected_fails_start_at_once(
     assert await in_registry(registry) is None
 
 
+@virtual_time
 async def test_rejected_is_reported_and_retried_slowly(
     faulty: Faulty, cleanup: list[AsyncRegistrar], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -594,6 +672,7 @@ async def test_backend_validate_fails_start_before_anything_runs(
     await reg.stop()
 
 
+@virtual_time
 async def test_entry_counted_lost_a_ttl_after_the_last_heartbeat(
     make: Callable[..., AsyncRegistrar],
     registry: MemoryRegistry,
@@ -605,9 +684,9 @@ async def test_entry_counted_lost_a_ttl_after_the_last_heartbeat(
     await reg.start(wait_registered=2)
     assert reg.status()["ready"] is True
     registry.stop()
-    stopped = time.monotonic()
+    stopped = loop_clock()
     await eventually(lambda: _true(not reg.registered), within=5)
-    took = time.monotonic() - stopped
+    took = loop_clock() - stopped
     print(f"registered turned False {took:.2f}s into the outage (TTL {reg.ttl:g}s)")
     # The last heartbeat came at most one interval before the outage.
     assert reg.ttl - reg.heartbeat_interval - 0.05 <= took <= reg.ttl + 0.3
@@ -627,6 +706,7 @@ async def test_entry_counted_lost_a_ttl_after_the_last_heartbeat(
     assert reg.counters.reregistrations == 1
 
 
+@virtual_time
 async def test_registry_side_health_is_read_back_and_reported(
     faulty: Faulty, cleanup: list[AsyncRegistrar], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -659,6 +739,7 @@ async def test_registry_side_health_is_read_back_and_reported(
     assert lines(caplog, logging.INFO, "as passing again")
 
 
+@virtual_time
 async def test_repairing_a_deleted_entry_releases_its_lease(
     make: Callable[..., AsyncRegistrar], registry: MemoryRegistry, cleanup: list[AsyncRegistrar]
 ) -> None:
@@ -671,6 +752,7 @@ async def test_repairing_a_deleted_entry_releases_its_lease(
     assert len(registry._leases) == 1  # the old lease was revoked, not left for a TTL
 
 
+@virtual_time
 async def test_stop_in_a_forked_child_returns_at_once(
     make: Callable[..., AsyncRegistrar],
     registry: MemoryRegistry,
@@ -747,12 +829,13 @@ async def test_a_blocked_event_loop_is_logged(
     assert await reg.wait_registered(2)  # and it heals
 
 
+@virtual_time
 async def test_the_note_in_the_registry_never_holds_credentials(
     make: Callable[..., AsyncRegistrar], registry: MemoryRegistry, cleanup: list[AsyncRegistrar]
 ) -> None:
     ok = True
 
-    def check() -> bool:
+    async def check() -> bool:
         if not ok:
             raise RuntimeError("GET http://admin:hunter2@127.0.0.1:9/health: refused")
         return True
@@ -810,6 +893,7 @@ def eventually_sync(condition: Callable[[], bool], within: float) -> bool:
     return True
 
 
+@virtual_time
 async def test_registered_follows_the_clock_not_the_last_report(
     make: Callable[..., AsyncRegistrar], cleanup: list[AsyncRegistrar]
 ) -> None:
@@ -864,24 +948,32 @@ class CountingShared(SharedMemoryBackend):
         await super().heartbeat(lease)
 
 
-@pytest.fixture
-async def shared_pair(
-    registry: MemoryRegistry,
-) -> AsyncIterator[tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]]]:
-    backend = CountingShared(registry)
-    seen: list[RegistrarEvent] = []
-    regs = [
-        AsyncRegistrar(backend, other(n), ttl=1.0, retry=FAST, on_event=seen.append)
-        for n in range(2)
-    ]
-    for reg in regs:
-        await reg.start(wait_registered=2)
-    try:
-        yield backend, regs, seen
-    finally:
-        for reg in regs:
+@dataclass
+class SharedPair:
+    """Two registrars on one shared-liveness backend (TTL 1 s), started by ``async with``."""
+
+    backend: CountingShared
+    regs: list[AsyncRegistrar]
+    seen: list[RegistrarEvent]
+
+    async def __aenter__(self) -> SharedPair:
+        for n in range(2):
+            reg = AsyncRegistrar(
+                self.backend, other(n), ttl=1.0, retry=FAST, on_event=self.seen.append
+            )
+            self.regs.append(reg)
+            await reg.start(wait_registered=2)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for reg in self.regs:
             await reg.stop()
-        await backend.close()
+        await self.backend.close()
+
+
+@pytest.fixture
+def shared_pair(registry: MemoryRegistry) -> SharedPair:
+    return SharedPair(CountingShared(registry), [], [])
 
 
 def test_memory_url_opens_the_shared_backend() -> None:
@@ -890,95 +982,154 @@ def test_memory_url_opens_the_shared_backend() -> None:
     assert not isinstance(MemoryBackend.from_url("memory://plain", {}), SharedLiveness)
 
 
+@virtual_time
 async def test_shared_registrations_run_no_timers_of_their_own(
     registry: MemoryRegistry,
-    shared_pair: tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]],
+    shared_pair: SharedPair,
 ) -> None:
-    backend, regs, _ = shared_pair
-    assert all(reg._lease is not None and reg._lease.shared for reg in regs)
-    assert len(registry._leases) == 1  # one lease for both
-    before = time.time()
-    await asyncio.sleep(2.5)  # 2.5 TTLs: the backend renewed ~7 times and verified twice
-    assert backend.calls.get("register", 0) == 0
-    assert backend.calls.get("heartbeat", 0) == 0
-    assert backend.calls.get("lookup", 0) == 0
-    assert len(registry.snapshot("orders").healthy()) == 2
-    for reg in regs:
-        status = reg.status()
-        assert status["ready"] is True
-        assert status["last_heartbeat"] is not None
-        assert status["last_heartbeat"] > before
-        assert status["counters"]["heartbeats_ok"] == 0
+    async with shared_pair as pair:
+        backend = pair.backend
+        regs = pair.regs
+        assert all(reg._lease is not None and reg._lease.shared for reg in regs)
+        assert len(registry._leases) == 1  # one lease for both
+        before = time.time()
+        await asyncio.sleep(2.5)  # 2.5 TTLs: the backend renewed ~7 times and verified twice
+        assert backend.calls.get("register", 0) == 0
+        assert backend.calls.get("heartbeat", 0) == 0
+        # One read-back each a TTL after registering; from then on the backend's one read per TTL.
+        assert backend.calls.get("lookup", 0) == 2
+        assert len(registry.snapshot("orders").healthy()) == 2
+        for reg in regs:
+            status = reg.status()
+            assert status["ready"] is True
+            assert status["last_heartbeat"] is not None
+            assert status["last_heartbeat"] > before
+            assert status["counters"]["heartbeats_ok"] == 0
 
 
+@virtual_time
 async def test_shared_withdrawing_one_keeps_the_other_and_the_last_revokes(
     registry: MemoryRegistry,
-    shared_pair: tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]],
+    shared_pair: SharedPair,
 ) -> None:
-    _, regs, _ = shared_pair
-    (lease_id,) = registry._leases
-    await regs[0].stop()
-    assert registry.snapshot("orders").healthy() == [other(1)]
-    assert list(registry._leases) == [lease_id]
-    await regs[1].stop()
-    assert registry.snapshot("orders").instances == {}
-    assert registry._leases == {}
+    async with shared_pair as pair:
+        regs = pair.regs
+        (lease_id,) = registry._leases
+        await regs[0].stop()
+        assert registry.snapshot("orders").healthy() == [other(1)]
+        assert list(registry._leases) == [lease_id]
+        await regs[1].stop()
+        assert registry.snapshot("orders").instances == {}
+        assert registry._leases == {}
 
 
+@virtual_time
 async def test_shared_outage_is_announced_once_and_recovered(
     registry: MemoryRegistry,
-    shared_pair: tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]],
+    shared_pair: SharedPair,
 ) -> None:
-    _, regs, seen = shared_pair
-    seen.clear()
-    registry.stop()
-    await until(lambda: kinds(seen).count(K.BACKEND_UNAVAILABLE) == 2, within=2)
-    assert all(reg.status()["last_error"] is not None for reg in regs)
-    registry.start()  # back within the TTL: the lease held
-    await until(lambda: kinds(seen).count(K.BACKEND_RECOVERED) == 2, within=2)
-    assert K.LEASE_LOST not in kinds(seen)
-    assert kinds(seen).count(K.BACKEND_UNAVAILABLE) == 2
-    assert len(registry.snapshot("orders").healthy()) == 2
+    async with shared_pair as pair:
+        regs = pair.regs
+        seen = pair.seen
+        seen.clear()
+        registry.stop()
+        await until(lambda: kinds(seen).count(K.BACKEND_UNAVAILABLE) == 2, within=2)
+        assert all(reg.status()["last_error"] is not None for reg in regs)
+        registry.start()  # back within the TTL: the lease held
+        await until(lambda: kinds(seen).count(K.BACKEND_RECOVERED) == 2, within=2)
+        assert K.LEASE_LOST not in kinds(seen)
+        assert kinds(seen).count(K.BACKEND_UNAVAILABLE) == 2
+        assert len(registry.snapshot("orders").healthy()) == 2
 
 
+@virtual_time
 async def test_shared_lease_lost_after_a_ttl_down_then_all_back_on_one_new_lease(
     registry: MemoryRegistry,
-    shared_pair: tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]],
+    shared_pair: SharedPair,
 ) -> None:
-    _, regs, seen = shared_pair
-    seen.clear()
-    registry.stop()
-    await until(lambda: kinds(seen).count(K.LEASE_LOST) == 2, within=3)
-    assert not any(reg.registered for reg in regs)
-    registry.start()
-    await until(lambda: kinds(seen).count(K.REREGISTERED) == 2, within=3)
-    assert len(registry.snapshot("orders").healthy()) == 2
-    assert len(registry._leases) == 1
+    async with shared_pair as pair:
+        regs = pair.regs
+        seen = pair.seen
+        seen.clear()
+        registry.stop()
+        await until(lambda: kinds(seen).count(K.LEASE_LOST) == 2, within=3)
+        assert not any(reg.registered for reg in regs)
+        registry.start()
+        await until(lambda: kinds(seen).count(K.REREGISTERED) == 2, within=3)
+        assert len(registry.snapshot("orders").healthy()) == 2
+        assert len(registry._leases) == 1
 
 
+@virtual_time
 async def test_shared_wipe_brings_every_entry_back(
     registry: MemoryRegistry,
-    shared_pair: tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]],
+    shared_pair: SharedPair,
 ) -> None:
-    _, regs, seen = shared_pair
-    seen.clear()
-    registry.wipe()
-    await until(lambda: kinds(seen).count(K.REREGISTERED) == 2, within=3)
-    assert kinds(seen).count(K.LEASE_LOST) == 2
-    assert len(registry.snapshot("orders").healthy()) == 2
-    assert len(registry._leases) == 1
-    assert all(reg.counters.lease_losses == 1 for reg in regs)
+    async with shared_pair as pair:
+        regs = pair.regs
+        seen = pair.seen
+        seen.clear()
+        registry.wipe()
+        await until(lambda: kinds(seen).count(K.REREGISTERED) == 2, within=3)
+        assert kinds(seen).count(K.LEASE_LOST) == 2
+        assert len(registry.snapshot("orders").healthy()) == 2
+        assert len(registry._leases) == 1
+        assert all(reg.counters.lease_losses == 1 for reg in regs)
 
 
+@virtual_time
 async def test_shared_verification_repairs_only_the_entry_that_changed(
     registry: MemoryRegistry,
-    shared_pair: tuple[CountingShared, list[AsyncRegistrar], list[RegistrarEvent]],
+    shared_pair: SharedPair,
 ) -> None:
-    backend, regs, seen = shared_pair
-    seen.clear()
-    registry.delete("orders", other(0).id, None)  # someone deleted one entry
-    await until(lambda: K.REREGISTERED in kinds(seen), within=3)
-    assert [e.instance for e in seen if e.kind is K.REREGISTERED] == [other(0)]
-    assert backend.calls.get("lookup", 0) == 1  # only the one that changed read its entry
-    assert len(registry.snapshot("orders").healthy()) == 2
-    assert regs[1].counters.lease_losses == 0
+    async with shared_pair as pair:
+        regs = pair.regs
+        seen = pair.seen
+        seen.clear()
+        registry.delete("orders", other(0).id, None)  # someone deleted one entry
+        await until(lambda: K.REREGISTERED in kinds(seen), within=3)
+        assert [e.instance for e in seen if e.kind is K.REREGISTERED] == [other(0)]
+        await asyncio.sleep(1.5)  # the backend verified again: the other entry is fine
+        assert regs[1].counters.verifications <= 1  # only its own first read-back
+        assert len(registry.snapshot("orders").healthy()) == 2
+        assert regs[1].counters.lease_losses == 0
+
+
+# -- one typed status -----------------------------------------------------------------
+
+
+@virtual_time
+async def test_snapshot_is_the_typed_status_and_status_is_its_dict(
+    make: Callable[..., AsyncRegistrar], cleanup: list[AsyncRegistrar]
+) -> None:
+    check = Switch(ok=True)
+    reg = make(checks=[CallableCheck(check.probe, interval=0.05, name="db")], rise=1)
+    cleanup.append(reg)
+    await reg.start(wait_registered=2)
+    snap = reg.snapshot()
+    assert isinstance(snap, RegistrationStatus)
+    assert snap.ready is True
+    assert snap.registry_status == "passing"
+    assert snap.checks["db"].up is True
+    assert snap.counters["registrations"] == 1
+    assert list(reg.status()) == [
+        "service",
+        "instance",
+        "backend",
+        "state",
+        "registered",
+        "registry_status",
+        "registry_note",
+        "ready",
+        "not_ready_reason",
+        "last_heartbeat",
+        "last_error",
+        "checks",
+        "counters",
+    ]
+    as_dict = snap.to_dict()
+    assert as_dict["checks"]["db"]["up"] is True
+    assert set(as_dict["checks"]["db"]) == {"up", "ok", "detail", "latency", "at"}
+    assert as_dict["counters"] == reg.counters.to_dict()
+    with pytest.raises(AttributeError):
+        snap.ready = False  # type: ignore[misc]

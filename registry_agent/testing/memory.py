@@ -56,12 +56,13 @@ class MemoryRegistry:
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
     @classmethod
-    def named(cls, name: str) -> MemoryRegistry:
-        """The registry shared by every ``memory://NAME`` backend of this process."""
+    def named(cls, name: str, *, clock: Callable[[], float] | None = None) -> MemoryRegistry:
+        """The registry shared by every ``memory://NAME`` backend of this process
+        (made with ``clock`` if it does not exist yet)."""
         with cls._named_lock:
             registry = cls._named.get(name)
             if registry is None:
-                registry = cls._named[name] = cls(name)
+                registry = cls._named[name] = cls(name, clock=clock or time.monotonic)
             return registry
 
     # -- server controls -------------------------------------------------
