@@ -988,31 +988,26 @@ class ConsulBackend:
     async def watch(
         self, service: str, *, since: ServiceSnapshot | None = None
     ) -> AsyncIterator[ServiceSnapshot]:
-        # An index is only meaningful to the agent incarnation that issued it: after
-        # a restart (wiped or not) it may be ahead of the new agent's, and a blocking
-        # query would then wait out the whole `wait`. So the index is re-read without
-        # blocking whenever the agent may have changed under us: when resuming,
-        # after a blocking query that returned without a change (wait expired, or
-        # the agent shut down), and after a pause on our side (frozen, slow consumer).
-        last = dict(since.instances) if since is not None else None
-        index = 0
-        received = time.monotonic()
-        while True:
-            gap = time.monotonic() - received
-            blocking = index > 0 and gap < _RESUME_GAP
-            started = time.monotonic()
-            new_index, found = await self._health(service, index if blocking else 0)
-            received = time.monotonic()
-            if last is None or found != last:
-                last = found
-                yield ServiceSnapshot(service, new_index, MappingProxyType(found))
-                index = max(new_index, 0)
-            elif blocking and new_index == index:
-                index = 0  # returned without a change: re-read once without blocking
-                if received - started < 0.01:
-                    await asyncio.sleep(0.05)  # it did not even block: never spin
-            else:
-                index = max(new_index, 0)
+        """Snapshots from three blocking queries (catalog, checks, node checks): see ``_watch``."""
+        # Imported here: the watch modules are this method's own.
+        from registry_agent_consul._decode import skip_warning
+        from registry_agent_consul._watch import watch_service
+
+        async def local_node() -> str | None:
+            await self._local_node()
+            return self._node
+
+        snapshots = watch_service(
+            self,
+            service,
+            since=since,
+            local_node=local_node,
+            preferred=lambda instance_id: (_health_id(instance_id), _check_id(instance_id)),
+            warn=skip_warning(service, self._warned),
+        )
+        async with contextlib.aclosing(snapshots):
+            async for snapshot in snapshots:
+                yield snapshot
 
     async def wait_connection_change(self) -> None:
         """Return when the agent went away, or came back after being away (see ConnectionProbe)."""

@@ -1,0 +1,238 @@
+"""A watch of one Consul service whose cost follows the changes, not the instances.
+
+Three blocking queries run side by side, each resuming from its own index:
+
+- ``/v1/catalog/service/<service>``: membership, addresses, tags, meta;
+- ``/v1/health/checks/<service>``: the status of every check of the service
+  (a sixth of ``/v1/health/service``'s body: no node and service records);
+- ``/v1/health/state/any`` filtered to node checks that are not passing
+  (``serfHealth`` of a cut-off host, node maintenance): node checks are not in
+  the service's checks. In a healthy datacenter its answer is empty.
+
+Their answers are combined by :class:`~registry_agent_consul._decode.ServiceView`;
+a snapshot is yielded whenever the combination changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from consul import base
+
+from registry_agent import BackendUnavailable, ServiceSnapshot
+from registry_agent_consul._decode import (
+    Decoded,
+    Preferred,
+    ServiceView,
+    Warn,
+    decode_catalog,
+    decode_checks,
+)
+
+if TYPE_CHECKING:
+    from registry_agent_consul._backend import ConsulBackend
+
+__all__ = ["NODE_CHECKS_FILTER", "watch_service"]
+
+# A pause longer than this between two queries may hide an agent restart.
+RESUME_GAP = 1.0
+# A blocking query that returned without a change sooner than this did not block.
+_NO_BLOCK = 0.01
+_SPIN_PAUSE = 0.05
+NODE_CHECKS_FILTER = 'ServiceID == "" and Status != "passing"'
+
+
+def _go_duration(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+@dataclass
+class _Query:
+    """One of the watch's blocking queries and where it stands."""
+
+    kind: str
+    path: str
+    params: list[tuple[str, str]]
+    decode: Callable[[str], Decoded]
+    index: int = 0  # resume from here (0: read without blocking)
+    sent: int = 0  # the index the request in flight blocks on (0: none)
+    last: int = 0  # the X-Consul-Index of the last answer
+    received: float = field(default=-1e9)  # monotonic time of the last answer
+    asked: int = -1  # sequence number when the request in flight was sent
+    pause: float = 0.0  # wait this long before the next request (never spin)
+    task: asyncio.Task[tuple[int, Decoded, float]] | None = None
+
+
+async def _fetch(
+    backend: ConsulBackend, service: str, query: _Query, index: int
+) -> tuple[int, Decoded, float]:
+    """One read; returns (X-Consul-Index, decoded answer, seconds it took)."""
+    if query.pause:
+        await asyncio.sleep(query.pause)
+    params = list(query.params)
+    if backend.dc:
+        params.append(("dc", backend.dc))
+    if index > 0:
+        params += [("index", str(index)), ("wait", _go_duration(backend.wait))]
+
+    def read(response: base.Response) -> tuple[str | None, Decoded]:
+        # (a body that is not a JSON array raises a ValueError: BackendUnavailable)
+        return response.headers.get("X-Consul-Index"), query.decode(response.body)
+
+    api = backend.api
+    started = time.monotonic()
+    raw_index, decoded = await backend._call(
+        api.http.get(read, query.path, params=params, headers=api.prepare_headers()),
+        service=service,
+    )
+    try:
+        new_index = int(raw_index or "")
+    except ValueError:
+        raise BackendUnavailable(
+            f"Consul sent an invalid X-Consul-Index {raw_index!r} for {query.path}",
+            backend="consul",
+            service=service,
+        ) from None
+    return new_index, decoded, time.monotonic() - started
+
+
+class _Watch:
+    """The state of one ``watch()``: its queries, the combined view, a sequence counter."""
+
+    def __init__(self, backend: ConsulBackend, service: str, view: ServiceView) -> None:
+        self.backend = backend
+        self.service = service
+        self.view = view
+        self.seq = 0
+        quoted = urllib.parse.quote(service, safe="")
+        self.catalog = _Query("catalog", f"/v1/catalog/service/{quoted}", [], decode_catalog)
+        self.checks = _Query("checks", f"/v1/health/checks/{quoted}", [], decode_checks)
+        self.nodes = _Query(
+            "nodes", "/v1/health/state/any", [("filter", NODE_CHECKS_FILTER)], decode_checks
+        )
+        self.queries = (self.catalog, self.checks, self.nodes)
+
+    def tick(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def start(self, query: _Query, *, blocking: bool = True) -> None:
+        """Send ``query`` (blocking on its index unless it may be stale, see below)."""
+        # An index is only meaningful to the agent incarnation that issued it: after
+        # a restart it may be ahead of the new agent's, and a blocking query would
+        # then wait out the whole `wait`. So the index is re-read without blocking
+        # whenever the agent may have changed under us: after a blocking query that
+        # returned without a change, and after a pause on our side (frozen, slow
+        # consumer).
+        gap = time.monotonic() - query.received
+        index = query.index if blocking and gap < RESUME_GAP else 0
+        query.asked, query.sent = self.tick(), index
+        query.task = asyncio.create_task(
+            _fetch(self.backend, self.service, query, index),
+            name=f"consul watch {self.service}: {query.kind}",
+        )
+
+    def restart(self, query: _Query) -> None:
+        """Read ``query`` again now, without blocking: its answer in flight may be too old."""
+        if query.task is not None:
+            query.task.cancel()
+        query.pause = 0.0
+        self.start(query, blocking=False)
+
+    def take(self, query: _Query, result: tuple[int, Decoded, float]) -> None:
+        """Apply one answer to the view and decide how the next request waits."""
+        new_index, decoded, took = result
+        query.received = time.monotonic()
+        asked, query.task = query.asked, None
+        blocked, query.last = query.sent > 0, new_index
+        if query is self.catalog:
+            self.view.set_catalog(decoded, self.tick())
+        elif query is self.checks:
+            self.view.set_checks(decoded, asked)
+        else:
+            self.view.set_node_checks(decoded, asked)
+        query.pause = 0.0
+        if new_index < query.index or new_index <= 0:
+            query.index = 0  # the index went backwards (a new agent): re-read without blocking
+        elif blocked and new_index == query.index:
+            query.index = 0  # returned without a change: re-read once without blocking
+            if took < _NO_BLOCK:
+                query.pause = _SPIN_PAUSE  # it did not even block: never spin
+        else:
+            query.index = new_index
+
+    def settle(self) -> None:
+        """Re-read checks or node checks now when an instance waits for them."""
+        checks, nodes = self.view.waiting()
+        if checks is not None and self.checks.asked < checks:
+            self.restart(self.checks)
+        if nodes is not None and self.nodes.asked < nodes:
+            self.restart(self.nodes)
+
+    async def first(self) -> None:
+        """The first picture: the catalog, then checks and node checks asked after it."""
+        self.start(self.catalog, blocking=False)
+        assert self.catalog.task is not None
+        self.take(self.catalog, await self.catalog.task)
+        for query in (self.checks, self.nodes):
+            self.start(query, blocking=False)
+        await self.next()
+        while not self.view.ready:
+            await self.next()
+
+    async def next(self) -> None:
+        """Wait for at least one answer and apply every answer that has arrived."""
+        for query in self.queries:
+            if query.task is None:
+                self.start(query)
+        tasks = {q.task: q for q in self.queries if q.task is not None}
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        # The catalog first: the checks answer then knows which entries it covers.
+        for query in sorted((tasks[t] for t in done), key=lambda q: q is not self.catalog):
+            task = query.task
+            assert task is not None
+            self.take(query, task.result())
+        self.settle()
+
+    def close(self) -> None:
+        for query in self.queries:
+            task, query.task = query.task, None
+            if task is None:
+                continue
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: an error already raised is not logged again
+            else:
+                task.cancel()
+
+
+async def watch_service(
+    backend: ConsulBackend,
+    service: str,
+    *,
+    since: ServiceSnapshot | None,
+    local_node: Callable[[], Awaitable[str | None]],
+    preferred: Preferred,
+    warn: Warn,
+) -> AsyncGenerator[ServiceSnapshot, None]:
+    """Snapshots of ``service``: the current one (unless equal to ``since``), then each change."""
+    node = await local_node()
+    view = ServiceView(service, local_node=node, preferred=preferred, warn=warn)
+    watch = _Watch(backend, service, view)
+    last: dict[str, Any] | None = dict(since.instances) if since is not None else None
+    try:
+        await watch.first()
+        while True:
+            found = view.snapshot()
+            if last is None or found != last:
+                last = found
+                index = max(q.last for q in watch.queries)
+                yield ServiceSnapshot(service, index, MappingProxyType(found))
+            await watch.next()
+    finally:
+        watch.close()
