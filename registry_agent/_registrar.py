@@ -19,7 +19,7 @@ from registry_agent._errors import BackendUnavailable, ConfigError, RegistryErro
 from registry_agent._fork import ForkGuard
 from registry_agent._health.checks import CheckResult, HealthCheck, as_check
 from registry_agent._health.gate import Desired, GateState, HealthGate, desired_registration
-from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance
+from registry_agent._models import InstanceHealth, ServiceInstance
 from registry_agent._options import HEARTBEAT_FLOOR, TTL_FLOOR, OptionArgs, RegistrationOptions
 from registry_agent._plugins import open_backend
 from registry_agent._reconcile import Step
@@ -495,19 +495,16 @@ class AsyncRegistrar:
     # One coroutine per step, each one call to the backend.
 
     async def _register(self) -> Lease:
-        desired = desired_registration(self.gate.state, self.on_unhealthy)
-        wanted = desired.status
-        assert wanted is not None
-        note = "" if wanted is HealthStatus.PASSING else "unhealthy: " + self._failing_checks()
-        backend = self.backend
+        reg, backend = self._reg, self.backend
+        assert reg.wanted is not None
         register = (
             backend.register_shared if isinstance(backend, SharedLiveness) else backend.register
         )
         return await register(
             self.instance,
             ttl=self.ttl,
-            status=wanted,
-            note=note,
+            status=reg.wanted,
+            note=reg.note,
             deregister_critical_after=self.deregister_critical_after,
         )
 
@@ -516,11 +513,10 @@ class AsyncRegistrar:
         await self.backend.deregister(self._reg.lease)
 
     async def _set_status(self) -> None:
-        desired = desired_registration(self.gate.state, self.on_unhealthy)
-        assert self._reg.lease is not None
-        assert desired.status is not None
-        note = "" if desired is Desired.PASSING else "unhealthy: " + self._failing_checks()
-        await self.backend.set_status(self._reg.lease, desired.status, note)
+        reg = self._reg
+        assert reg.lease is not None
+        assert reg.wanted is not None
+        await self.backend.set_status(reg.lease, reg.wanted, reg.note)
 
     async def _verify(self) -> InstanceHealth | None:
         assert self._reg.lease is not None
