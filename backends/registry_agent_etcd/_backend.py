@@ -13,7 +13,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
 import aetcd
@@ -30,12 +29,12 @@ from registry_agent import (
     LeaseLost,
     RegistryError,
     Rejected,
-    RevisionCompacted,
     ServiceInstance,
     ServiceSnapshot,
     Throttled,
 )
 from registry_agent._backend import LivenessNews, error_context, running_loop
+from registry_agent._events import InstanceMap
 from registry_agent._probe import ConnectionProbe
 from registry_agent._tls import TLSFiles
 from registry_agent._urls import (
@@ -47,6 +46,7 @@ from registry_agent._urls import (
     take_options,
 )
 from registry_agent_etcd._liveness import LeaseGroup
+from registry_agent_etcd._watch import apply_watch_events, response_error
 
 __all__ = ["EtcdBackend"]
 
@@ -834,7 +834,7 @@ class EtcdBackend:
             health = self._parse(service, kv.key, kv.value)
             if health is not None:
                 found[health.instance.id] = health
-        return ServiceSnapshot(service, result.header.revision, MappingProxyType(found))
+        return ServiceSnapshot(service, result.header.revision, InstanceMap(found))
 
     async def watch(
         self, service: str, *, since: ServiceSnapshot | None = None
@@ -842,7 +842,7 @@ class EtcdBackend:
         if since is None:
             since = await self.list(service)
             yield since
-        state = dict(since.instances)
+        state = InstanceMap.of(since.instances)
         revision = since.index
         cluster_id = self._cluster_id
         prefix = self._key(service)
@@ -863,52 +863,22 @@ class EtcdBackend:
 
         metadata = (*tuple(client.metadata or ()), _REQUIRE_LEADER)
         context: dict[str, str | None] = {"backend": "etcd", "service": service, "instance": None}
+        parse = partial(self._parse, service)
         call = rpc.WatchStub(client.channel).Watch(requests(), metadata=metadata)
         try:
             async for response in self._responses(call):
-                header = response.header
-                if cluster_id is not None and header.cluster_id and header.cluster_id != cluster_id:
-                    raise RevisionCompacted(
-                        "etcd cluster changed (restarted empty?): list again",
-                        compacted_revision=0,
-                        **context,
-                    )
-                if response.created and header.revision < revision:
-                    raise RevisionCompacted(
-                        f"etcd is at revision {header.revision}, behind {revision}: list again",
-                        compacted_revision=0,
-                        **context,
-                    )
-                if response.compact_revision:
-                    raise RevisionCompacted(
-                        f"revision {revision + 1} was compacted (now {response.compact_revision})",
-                        compacted_revision=response.compact_revision,
-                        **context,
-                    )
-                if response.canceled:
-                    raise BackendUnavailable(
-                        f"etcd cancelled the watch: {response.cancel_reason or 'no reason given'}",
-                        **context,
-                    )
+                error = response_error(
+                    response, revision=revision, cluster_id=cluster_id, context=context
+                )
+                if error is not None:
+                    raise error
                 if not response.events:
                     continue
-                changed = False
-                for event in response.events:
-                    kv = event.kv
-                    instance_id = kv.key[len(prefix) :].decode(errors="replace")
-                    if event.type == rpc.Event.DELETE:
-                        changed |= state.pop(instance_id, None) is not None
-                        continue
-                    health = self._parse(service, kv.key, kv.value)
-                    if health is None:
-                        changed |= state.pop(instance_id, None) is not None
-                    elif state.get(instance_id) != health:
-                        state[instance_id] = health
-                        changed = True
-                    revision = max(revision, kv.mod_revision)
-                revision = max(revision, header.revision)
-                if changed:
-                    yield ServiceSnapshot(service, revision, MappingProxyType(dict(state)))
+                revision = max(revision, response.header.revision)
+                new = apply_watch_events(state, prefix, response.events, parse)
+                if new is not state:
+                    state = new
+                    yield ServiceSnapshot(service, revision, state)
         except RegistryError:
             raise
         except asyncio.CancelledError:
