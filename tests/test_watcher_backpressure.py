@@ -12,7 +12,8 @@ import threading
 import time
 import tracemalloc
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 from test_events import Replay
@@ -32,6 +33,7 @@ from registry_agent import (
 )
 from registry_agent import _blocking as blocking
 from registry_agent._backend import Lease
+from registry_agent._events import InstanceMap
 from registry_agent._models import ServiceSnapshot
 from registry_agent._retry import RetryPolicy
 from registry_agent.testing.memory import MemoryBackend, MemoryRegistry
@@ -445,3 +447,67 @@ def test_a_stuck_watcher_close_is_bounded(
     started = time.monotonic()
     watcher.close()
     assert time.monotonic() - started < 0.3 + 5.5  # the hop, then the loop thread's join
+
+
+# -- the watcher's own cost per change -------------------------------------------------
+
+
+class CountingMap(InstanceMap):
+    """An InstanceMap that counts how often something walks all of it."""
+
+    walks = 0
+
+    def __iter__(self) -> Iterator[str]:
+        CountingMap.walks += 1
+        return super().__iter__()
+
+    def items(self) -> Any:
+        CountingMap.walks += 1
+        return super().items()
+
+
+class Scripted(MemoryBackend):
+    """A backend whose watch yields the snapshots the test puts in its queue."""
+
+    def __init__(self, registry: MemoryRegistry) -> None:
+        super().__init__(registry)
+        self.queue: asyncio.Queue[ServiceSnapshot] = asyncio.Queue()
+
+    async def watch(
+        self, service: str, *, since: ServiceSnapshot | None = None
+    ) -> AsyncIterator[ServiceSnapshot]:
+        while True:
+            yield await self.queue.get()
+
+
+async def test_snapshots_that_name_their_changes_cost_the_watcher_only_those(
+    registry: MemoryRegistry,
+) -> None:
+    count, changes = 20_000, 200
+    last = CountingMap({f"o{n}": InstanceHealth(inst(n)) for n in range(count)})
+    backend = Scripted(registry)
+    backend.queue.put_nowait(ServiceSnapshot("orders", 1, last))
+    heard: list[WatchEvent] = []
+    taken: list[WatchEvent] = []
+    async with AsyncWatcher(backend, "orders", retry=FAST, listener=heard.append) as watcher:
+        loop = aiter(watcher)
+        assert len([await anext(loop) for _ in range(count)]) == count  # "added" for each
+        CountingMap.walks = 0
+        for n in range(changes):
+            change = {f"o{n // 2}": InstanceHealth(inst(n // 2), C if n % 2 == 0 else P)}
+            if n % 50 == 0:
+                change[f"new{n}"] = InstanceHealth(inst(count + n))
+            last = last.evolve(change)
+            backend.queue.put_nowait(ServiceSnapshot("orders", n + 2, last))
+            taken.extend([await anext(loop) for _ in change])
+        walks = CountingMap.walks
+        assert len(watcher.snapshot()) == count + changes // 50
+    # Every change reached the listener and the loop, and nothing walked the whole
+    # map: a full diff per change would have walked it once per snapshot at least.
+    assert walks == 0
+    assert [(e.type, e.instance.id) for e in heard[count:]] == [
+        (e.type, e.instance.id) for e in taken
+    ]
+    assert sum(e.type is EventType.OFFLINE for e in taken) == changes // 2
+    assert sum(e.type is EventType.ONLINE for e in taken) == changes // 2
+    assert sum(e.type is EventType.ADDED for e in taken) == changes // 50
