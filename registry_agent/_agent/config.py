@@ -1,8 +1,14 @@
 """agent.toml: parsed once into frozen dataclasses; every error names the file and field.
 
+The agent knows no backend's options: ``[backend]`` is ``url`` plus whatever the
+backend of that scheme takes, checked by the backend itself when the file is read.
+Each check table is read by the class of its kind (``_plugins.check_class``), and
+the registration options by :class:`RegistrationOptions`.
+
 Environment overrides (they win over the file): ``REGISTRY_AGENT_BACKEND``,
 ``REGISTRY_AGENT_TOKEN``, ``REGISTRY_AGENT_TOKEN_FILE``, ``REGISTRY_AGENT_USER``,
 ``REGISTRY_AGENT_PASSWORD``, ``REGISTRY_AGENT_PASSWORD_FILE``,
+``REGISTRY_AGENT_CA_FILE``, ``REGISTRY_AGENT_CERT_FILE``, ``REGISTRY_AGENT_KEY_FILE``,
 ``REGISTRY_AGENT_STATUS_LISTEN``, ``REGISTRY_AGENT_STATUS_TOKEN``,
 ``REGISTRY_AGENT_STATUS_TOKEN_FILE``, ``REGISTRY_AGENT_LOG_FORMAT``,
 ``REGISTRY_AGENT_LOG_LEVEL``.
