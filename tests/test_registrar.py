@@ -302,10 +302,10 @@ async def test_registry_down_at_start_then_up(
     registry.stop()
     reg = make()
     cleanup.append(reg)
-    started = time.monotonic()
+    started = loop_clock()
     with caplog.at_level(logging.WARNING, logger="registry_agent.registrar"):
         await reg.start()
-        assert time.monotonic() - started < 0.1  # start() never blocks
+        assert loop_clock() - started < 0.1  # start() never blocks
         await asyncio.sleep(1.0)
     assert reg.counters.errors >= 5
     failures = [r for r in caplog.records if "failed" in r.getMessage()]
@@ -334,7 +334,6 @@ async def test_wait_registered_times_out_and_stops(
     assert await in_registry(registry) is None
 
 
-@virtual_time
 async def test_stop_deregisters_even_with_a_hanging_check(
     make: Callable[..., AsyncRegistrar], registry: MemoryRegistry
 ) -> None:
@@ -582,9 +581,9 @@ async def test_throttled_retries_when_told_not_at_the_backoff_cap(
         tries = faulty.calls["register"]
         assert 4 <= tries <= 7  # every ~0.5 s as told: no spin, no growing backoff
         del faulty.fail["register"]
-        ended = time.monotonic()
+        ended = loop_clock()
         assert await reg.wait_registered(5)
-    took = time.monotonic() - ended
+    took = loop_clock() - ended
     print(f"registered {took:.2f}s after the throttle ended (Retry-After 0.5s)")
     assert took <= 0.5 * 1.1 + 0.3
     assert len(lines(caplog, logging.WARNING, "register failed")) == 1  # once per episode
@@ -602,9 +601,9 @@ async def test_throttled_without_retry_after_comes_back_within_the_answered_cap(
     await reg.start()
     await asyncio.sleep(3.0)
     del faulty.fail["register"]
-    ended = time.monotonic()
+    ended = loop_clock()
     assert await reg.wait_registered(5)
-    took = time.monotonic() - ended
+    took = loop_clock() - ended
     print(f"registered {took:.2f}s after 503s ended (no Retry-After)")
     assert took <= retry.answered_cap + 0.3
 
@@ -615,15 +614,33 @@ async def test_rejected_fails_start_at_once(
 ) -> None:
     faulty.fail["register"] = Rejected("400 Meta key 'a.b' contains '.'", backend="memory")
     reg = AsyncRegistrar(faulty, INSTANCE, ttl=1.0, retry=FAST)
-    started = time.monotonic()
+    started = loop_clock()
     with (
         caplog.at_level(logging.WARNING, logger="registry_agent.registrar"),
         pytest.raises(Rejected, match="contains"),
     ):
         await reg.start(wait_registered=10)
-    assert time.monotonic() - started < 1  # not after the 10 s wait
+    assert loop_clock() - started < 1  # not after the 10 s wait
     assert reg.state is GateState.STOPPED
     assert len(lines(caplog, logging.ERROR, "register failed")) == 1
+    assert await in_registry(registry) is None
+
+
+@virtual_time
+async def test_a_value_the_backend_refuses_fails_start_naming_the_field(
+    faulty: Faulty, registry: MemoryRegistry
+) -> None:
+    # e.g. Consul's 60 s reaping floor: the backend's rule, raised when it registers.
+    faulty.fail["register"] = ConfigError(
+        "Consul's floor is 60s, got 10s", field="deregister_critical_after"
+    )
+    reg = AsyncRegistrar(faulty, INSTANCE, ttl=1.0, retry=FAST, deregister_critical_after=10)
+    started = loop_clock()
+    with pytest.raises(ConfigError) as info:
+        await reg.start(wait_registered=10)
+    assert loop_clock() - started < 1
+    assert info.value.field == "deregister_critical_after"
+    assert faulty.calls["register"] == 1  # not retried as if the registry were down
     assert await in_registry(registry) is None
 
 
@@ -763,9 +780,9 @@ async def test_stop_in_a_forked_child_returns_at_once(
     parent = reg._fork.pid
     reg._fork.pid = os.getpid() + 1  # as if it were created in our parent
     with caplog.at_level(logging.WARNING):
-        started = time.monotonic()
+        started = loop_clock()
         await reg.stop()
-        assert time.monotonic() - started < 0.05
+        assert loop_clock() - started < 0.05
     assert "crossed fork()" in caplog.text
     assert await in_registry(registry) is HealthStatus.PASSING  # the parent's entry stays
     reg._fork.pid = parent
@@ -900,14 +917,14 @@ async def test_registered_follows_the_clock_not_the_last_report(
     reg = make(ttl=30.0)  # nothing renews or expires during the test on its own
     cleanup.append(reg)
     await reg.start(wait_registered=2)
-    now = time.monotonic()
+    now = loop_clock()
     reg._clock = lambda: now + 29.9  # a frozen loop cannot report: the property must tell
     assert reg.registered
     reg._clock = lambda: now + 30.1
     assert not reg.registered
     assert reg.status()["registered"] is False
     assert reg.status()["ready"] is False
-    reg._clock = time.monotonic
+    reg._clock = loop_clock
     assert reg.registered
 
 
