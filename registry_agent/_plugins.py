@@ -118,5 +118,7 @@ def check_class(kind: str) -> type[HealthCheck]:
             raise ConfigError(f"the {kind} check kind ({ep.value}) failed to load: {exc}") from None
         if not (isinstance(cls, type) and issubclass(cls, HealthCheck)):
             raise ConfigError(f"the {kind} check kind ({ep.value}) is not a HealthCheck class")
+        if cls.kind != kind:
+            raise ConfigError(f"the {kind} check kind ({ep.value}) says its kind is {cls.kind!r}")
         return cls
     raise ConfigError(f"no check kind {kind!r}; known kinds: {', '.join(check_kinds())}")

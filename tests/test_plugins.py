@@ -124,3 +124,69 @@ def test_explicit_consul_token_beats_the_environment(monkeypatch: pytest.MonkeyP
     implicit = open_backend("consul://127.0.0.1:8500")
     assert isinstance(implicit, ConsulBackend)
     assert implicit.api.token == "from-env"
+
+
+def _fake_check_plugin(monkeypatch: pytest.MonkeyPatch, **targets: str) -> None:
+    """``registry_agent.checks`` entry points named ``targets`` (kind -> "module:attr")."""
+    import types
+    from importlib.metadata import EntryPoint
+
+    from registry_agent._health.base import HealthCheck
+    from registry_agent._urls import Table, as_str
+
+    class DnsCheck(HealthCheck):
+        """Resolves a name (a stand-in for a third-party kind)."""
+
+        kind = "dns"
+        example = 'dns = "name"'
+
+        @classmethod
+        def from_table(cls, table: Table) -> HealthCheck:
+            return cls(f"dns {table.require('dns', as_str)}", **cls.common_options(table))
+
+    module = types.ModuleType("fake_checks")
+    module.DnsCheck = DnsCheck  # type: ignore[attr-defined]
+    module.NotACheck = object  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_checks", module)
+    found = [EntryPoint(k, v, "registry_agent.checks") for k, v in targets.items()]
+
+    def fake_entry_points(*, group: str, name: str | None = None) -> list[EntryPoint]:
+        if group != "registry_agent.checks":
+            return list(entry_points(group=group))
+        return [ep for ep in found if name is None or ep.name == name]
+
+    monkeypatch.setattr("registry_agent._plugins.entry_points", fake_entry_points)
+
+
+def test_a_check_kind_from_an_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    from registry_agent._agent.config import parse_config
+    from registry_agent._plugins import check_class, check_kinds
+
+    _fake_check_plugin(monkeypatch, dns="fake_checks:DnsCheck", bad="fake_checks:NotACheck")
+    assert check_kinds() == ["http", "tcp", "command", "bad", "dns"]
+    assert check_class("dns").kind == "dns"
+    config = parse_config(
+        {
+            "backend": {"url": "memory://plugin-checks"},
+            "service": [{"name": "a", "port": 1, "check": [{"dns": "db", "interval": "2s"}]}],
+        },
+        env={},
+    )
+    (check,) = config.services[0].checks
+    assert (check.kind, check.build().name, check.build().interval) == ("dns", "dns db", 2.0)
+    with pytest.raises(ConfigError, match=r"the bad check kind .* is not a HealthCheck class"):
+        check_class("bad")
+    with pytest.raises(ConfigError, match="no check kind 'nope'; known kinds: http, tcp"):
+        check_class("nope")
+
+
+def test_a_check_kind_registered_under_another_name_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from registry_agent._plugins import check_class
+
+    _fake_check_plugin(monkeypatch, resolve="fake_checks:DnsCheck", gone="nowhere_at_all:X")
+    with pytest.raises(ConfigError, match=r"the resolve check kind .* says its kind is 'dns'"):
+        check_class("resolve")
+    with pytest.raises(ConfigError, match=r"the gone check kind .* failed to load"):
+        check_class("gone")
