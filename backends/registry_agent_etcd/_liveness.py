@@ -228,7 +228,10 @@ class LeaseGroup:
                     if stream is None:
                         stream = await self._open()
                     self.stats.renewals += 1
-                    async with asyncio.timeout(self.backend.timeout):
+                    # No longer than the lease may still live: a renewal unanswered
+                    # by then counts the lease lost (members hear at once).
+                    left = (self._last_ok or sent) + self.seconds - time.monotonic()
+                    async with asyncio.timeout(min(self.backend.timeout, max(0.1, left))):
                         await stream.call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
                         reply = await stream.call.read()
                     if reply is grpc.aio.EOF:
