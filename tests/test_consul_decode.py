@@ -110,8 +110,12 @@ def test_a_node_check_that_is_not_passing_takes_every_instance_of_its_node_offli
     assert found["orders-0"].note == "disk"  # the node check's name: it has no output
     assert found["no-checks"].status is HealthStatus.WARNING
     assert found["orders-1"].status is HealthStatus.CRITICAL  # the worst wins
-    # The node check clears: online again.
+    # The node check clears: as it was until a catalog read asked after that says the
+    # node's entries are still there (not a node being deregistered), then online.
     v.view.set_node_checks(decode_checks("[]"), v.tick())
+    assert v.view.snapshot()["orders-0"].status is HealthStatus.WARNING
+    asked = v.tick()
+    v.view.set_catalog(decode_catalog(body("catalog")), v.tick(), asked)
     assert v.view.snapshot()["orders-0"].status is HealthStatus.PASSING
 
 
@@ -166,12 +170,42 @@ def test_an_entry_is_held_back_until_checks_asked_after_it_arrive() -> None:
     mine["Status"] = "critical"
     v.view.set_checks(decode_checks(json.dumps([*checks, mine])), asked)
     assert v.view.snapshot()["orders-9"].status is HealthStatus.CRITICAL
-    # Or none: only an answer asked after the entry was seen says it has none.
-    v.view.set_checks(decode_checks(body("checks")), asked)
-    assert "orders-9" not in v.view.snapshot()
-    v.view.set_checks(decode_checks(body("checks")), v.tick())
-    assert v.view.snapshot()["orders-9"].status is HealthStatus.PASSING
     assert v.view.waiting() == (None, None)
+    # Or none: only an answer asked after the entry was seen says it has none.
+    eight = {**new, "ServiceID": "orders-8"}
+    asked = v.tick()
+    v.view.set_catalog(decode_catalog(json.dumps([*entries, new, eight])), v.tick())
+    v.view.set_checks(decode_checks(json.dumps([*checks, mine])), asked)
+    assert "orders-8" not in v.view.snapshot()
+    v.view.set_checks(decode_checks(json.dumps([*checks, mine])), v.tick())
+    assert v.view.snapshot()["orders-8"].status is HealthStatus.PASSING
+    assert v.view.waiting() == (None, None)
+
+
+def test_a_deregistration_whose_checks_vanish_first_never_shows_as_passing() -> None:
+    v = View()
+    v.load(body("catalog"), body("checks"), "[]")
+    before = v.view.snapshot()
+    # orders-1 (critical) is deregistered: the checks answer comes before the catalog's.
+    asked = v.tick()
+    checks = [c for c in json.loads(body("checks")) if c["ServiceID"] != "orders-1"]
+    v.view.set_checks(decode_checks(json.dumps(checks)), v.tick(), v.tick())
+    assert v.view.snapshot()["orders-1"] is before["orders-1"]  # as it was
+    entries = [e for e in json.loads(body("catalog")) if e["ServiceID"] != "orders-1"]
+    v.view.set_catalog(decode_catalog(json.dumps(entries)), v.tick(), asked)
+    assert "orders-1" not in v.view.snapshot()
+    # Only its checks removed (it stays listed): shown without checks once a catalog
+    # read asked after the checks vanished still lists it.
+    v = View()
+    v.load(body("catalog"), body("checks"), "[]")
+    assert v.view.snapshot()["orders-1"].status is HealthStatus.CRITICAL
+    asked = v.tick()
+    v.view.set_checks(decode_checks(json.dumps(checks)), v.tick(), v.tick())
+    v.view.set_catalog(decode_catalog(body("catalog")), v.tick(), asked)  # asked before
+    assert v.view.snapshot()["orders-1"].status is HealthStatus.CRITICAL
+    asked = v.tick()
+    v.view.set_catalog(decode_catalog(body("catalog")), v.tick(), asked)
+    assert v.view.snapshot()["orders-1"].status is HealthStatus.PASSING
 
 
 def test_an_instance_on_a_new_node_waits_for_node_checks_asked_after_it() -> None:

@@ -159,6 +159,12 @@ class ServiceView:
     checks have arrived, or a checks answer requested after the entry was
     first seen says it has none; likewise for its node's checks. Until then
     it is held back (:meth:`waiting` says which read would settle it).
+
+    The other way round, an instance whose checks (or whose node's failing
+    checks) vanish while the catalog still lists it is most likely being
+    deregistered, with the catalog answer still on its way: it keeps the
+    health it had until a catalog answer requested after that says whether
+    it is still there (so a deregistration never shows as passing first).
     """
 
     def __init__(self, service: str, *, local_node: str | None, preferred: Preferred, warn: Warn):
@@ -177,13 +183,20 @@ class ServiceView:
         self._checks_asked = -1
         self._node_checks: dict[str, list[Check]] = {}
         self._nodes_asked = -1
+        # Sequence number of the answer in which an instance's checks (a node's
+        # failing checks) vanished while the catalog still listed it.
+        self._vanished: dict[Key, int] = {}
+        self._node_vanished: dict[str, int] = {}
         # Last health per key, with what it was made from (reused while that is unchanged).
         self._made: dict[Key, tuple[ServiceInstance, list[Check], list[Check], InstanceHealth]] = {}
 
     # -- answers --------------------------------------------------------------
 
-    def set_catalog(self, answer: Decoded, received: int) -> bool:
-        """Take a catalog answer; True when membership or an instance's fields changed."""
+    def set_catalog(self, answer: Decoded, received: int, asked: int = -1) -> bool:
+        """Take a catalog answer; True when membership or an instance's fields changed.
+
+        ``received``: the sequence number now; ``asked``: when its request was sent.
+        """
         self.has_catalog = True
         old = self._entries
         new: dict[Key, tuple[CatalogEntry, ServiceInstance | None]] = {}
@@ -202,6 +215,13 @@ class ServiceView:
         self._entries = new
         for key in [k for k in self._first_seen if k not in new]:
             del self._first_seen[key]
+        for key in [k for k, seen in self._vanished.items() if k not in new or asked > seen]:
+            del self._vanished[key]
+        nodes_now = {node for node, _ in new}
+        for node in [
+            n for n, seen in self._node_vanished.items() if n not in nodes_now or asked > seen
+        ]:
+            del self._node_vanished[node]
         if changed:
             nodes = {node for node, _ in new}
             for node in [n for n in self._node_first_seen if n not in nodes]:
@@ -209,17 +229,22 @@ class ServiceView:
             self._order = self._keys()
         return changed
 
-    def set_checks(self, answer: Decoded, asked: int) -> None:
+    def set_checks(self, answer: Decoded, asked: int, received: int | None = None) -> None:
         """Take the service's checks, from a request sent at sequence number ``asked``."""
         self.has_checks = True
         grouped: dict[Key, list[Check]] = {}
         for check in answer.entries:
             grouped.setdefault((check.Node, check.ServiceID), []).append(check)
+        for key in self._checks:
+            if key not in grouped and key in self._entries:
+                self._vanished[key] = asked if received is None else received
+        for key in grouped:
+            self._vanished.pop(key, None)
         self._checks = grouped
         self._bad = {key for key in answer.bad if key[1]}
         self._checks_asked = asked
 
-    def set_node_checks(self, answer: Decoded, asked: int) -> None:
+    def set_node_checks(self, answer: Decoded, asked: int, received: int | None = None) -> None:
         """Take the node checks that are not passing, from a request sent at ``asked``."""
         self.has_nodes = True
         grouped: dict[str, list[Check]] = {}
@@ -229,6 +254,13 @@ class ServiceView:
         for node, service_id in answer.bad:
             if not service_id or service_id == "?":
                 grouped.setdefault(node, []).append(Check(Node=node, Status="?"))
+        if self._node_checks:
+            listed = {node for node, _ in self._entries}
+            for node in self._node_checks:
+                if node not in grouped and node in listed:
+                    self._node_vanished[node] = asked if received is None else received
+        for node in grouped:
+            self._node_vanished.pop(node, None)
         self._node_checks = grouped
         self._nodes_asked = asked
 
@@ -260,6 +292,12 @@ class ServiceView:
         for name, key in self._order:
             instance = self._entries[key][1]
             if instance is None:  # (never: only valid instances have a snapshot key)
+                continue
+            if key in self._vanished or key[0] in self._node_vanished:
+                kept = self._made.get(key)  # maybe being deregistered: as it was, until known
+                if kept is not None:
+                    made[key] = kept
+                    found[name] = kept[3]
                 continue
             checks = self._checks.get(key)
             if checks is None:

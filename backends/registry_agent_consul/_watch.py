@@ -152,11 +152,11 @@ class _Watch:
         asked, query.task = query.asked, None
         blocked, query.last = query.sent > 0, new_index
         if query is self.catalog:
-            self.view.set_catalog(decoded, self.tick())
+            self.view.set_catalog(decoded, self.tick(), asked)
         elif query is self.checks:
-            self.view.set_checks(decoded, asked)
+            self.view.set_checks(decoded, asked, self.tick())
         else:
-            self.view.set_node_checks(decoded, asked)
+            self.view.set_node_checks(decoded, asked, self.tick())
         query.pause = 0.0
         if new_index < query.index or new_index <= 0:
             query.index = 0  # the index went backwards (a new agent): re-read without blocking
