@@ -224,6 +224,7 @@ def _stop(proc: subprocess.Popen[bytes], sample: Sample, timeout: float = 60.0) 
 
 #: Seconds to wait for all N to be passing (at start, after the wipe); ``--register-timeout``.
 REGISTER_TIMEOUT: dict[str, float] = {}
+AGENT_LOG_LEVEL = ["warning"]
 
 
 def register_timeout(count: int) -> float:
@@ -271,11 +272,11 @@ def measure_ours(
     srv = make_server(kind)
     srv.start()
     config.write_text(_config(srv.url, count, free_port()))
-    log_path = workdir / f"cap-{kind}-{count}.log"
+    log_path = workdir / f"cap-{kind}-{count}-{int(time.time())}.log"
     command = [sys.executable, "-m", "registry_agent"]
     if profile is not None:
         command = [sys.executable, "-m", "bench.profiled_agent", str(profile)]
-    command += ["run", "-c", str(config), "--log-level", "warning"]
+    command += ["run", "-c", str(config), "--log-level", AGENT_LOG_LEVEL[0]]
     try:
         with open(log_path, "wb") as agent_log:
             started = time.monotonic()
@@ -556,10 +557,13 @@ def measure_all(
     window: float,
     profile: bool = False,
     rev: str | None = None,
+    keep: Path | None = None,
 ) -> tuple[list[Sample], list[int]]:
     samples: list[Sample] = []
     runs: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
+        logs = keep or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
         source = export_revision(rev, Path(tmp) / "src") if rev else None
         for run in range(1, repeats + 1):
             for kind in kinds:
@@ -568,8 +572,8 @@ def measure_all(
                     samples.append(measure_floor(kind, count, window))
                     runs.append(run)
                     log(f"capacity run {run}/{repeats}: {kind}, {count} registrations, ours")
-                    prof = Path(tmp) / f"agent-{kind}-{count}-{run}.prof" if profile else None
-                    samples.append(measure_ours(kind, count, window, Path(tmp), prof, source))
+                    prof = logs / f"agent-{kind}-{count}-{run}.prof" if profile else None
+                    samples.append(measure_ours(kind, count, window, logs, prof, source))
                     runs.append(run)
                     if prof is not None and prof.exists():
                         print_profile(prof)
@@ -617,6 +621,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds to wait for all N passing (default: 0.06 s per registration, >= 120)",
     )
     parser.add_argument(
+        "--keep", type=Path, help="keep the agents' configs, logs and profiles in this folder"
+    )
+    parser.add_argument(
+        "--log-level", default="warning", help="the agent's --log-level (default warning)"
+    )
+    parser.add_argument(
         "--rev", help="run the agent as committed at this git revision (default: the checkout)"
     )
     args = parser.parse_args(argv)
@@ -642,7 +652,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ["git", "log", "-1", "--format=%h %s", args.rev], cwd=ROOT, capture_output=True
         ).stdout.decode()[:120]
         print(f"agent code as committed at {described.strip() or args.rev}\n")
-    samples, runs = measure_all(kinds, counts, args.repeats, args.window, args.profile, args.rev)
+    AGENT_LOG_LEVEL[0] = args.log_level
+    samples, runs = measure_all(
+        kinds, counts, args.repeats, args.window, args.profile, args.rev, args.keep
+    )
     if args.profile:
         print("\n(profiled run: the agent's CPU figures include the profiler's cost)\n")
     print(f"\n## Summary ({args.repeats} runs: median and worst)\n")

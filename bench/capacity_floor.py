@@ -8,7 +8,7 @@ entries shaped like the agent's (service ``cap``), prints ``registered
   (etcd's default ``--max-txn-ops``), one keepalive every ttl/3 on one
   long-lived LeaseKeepAlive stream;
 - Consul (httpx): one heartbeat service with the TTL check, each service
-  registered with an alias check to it (64 PUTs in flight), one
+  registered with an alias check to it (16 PUTs in flight: more only slow the agent down), one
   ``check/pass`` every ttl/3.
 
 It does nothing else: no verification, no healing. The bench measures its CPU
@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 SERVICE = "cap"
 PREFIX = f"/services/{SERVICE}/"
 TXN_OPS = 128
-IN_FLIGHT = 64
+IN_FLIGHT = 16
 HEARTBEAT_SERVICE = "cap-floor-heartbeat"
 
 
