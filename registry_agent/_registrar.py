@@ -143,6 +143,9 @@ class AsyncRegistrar:
         self._owns_backend = isinstance(backend, str)
         self.backend: Backend = open_backend(backend) if isinstance(backend, str) else backend
         self._backend_name = getattr(type(self.backend), "scheme", type(self.backend).__name__)
+        # A backend we opened ourselves serves this one registration: nothing to share,
+        # so it keeps a lease of its own. A backend object given to us may serve many.
+        self._shares_liveness = isinstance(self.backend, SharedLiveness) and not self._owns_backend
         # Set while a backend that shares liveness tells us about our lease.
         self._unfollow: Callable[[], None] | None = None
         self._followed: Lease | None = None
@@ -497,9 +500,9 @@ class AsyncRegistrar:
     async def _register(self) -> Lease:
         reg, backend = self._reg, self.backend
         assert reg.wanted is not None
-        register = (
-            backend.register_shared if isinstance(backend, SharedLiveness) else backend.register
-        )
+        register = backend.register
+        if self._shares_liveness and isinstance(backend, SharedLiveness):
+            register = backend.register_shared
         return await register(
             self.instance,
             ttl=self.ttl,

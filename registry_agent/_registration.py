@@ -302,7 +302,12 @@ class Registration:
             # An entry that verification found missing or changed may still hold
             # a live lease: release it first, so no orphan stays a TTL.
             self._unreachable = 0
-            lost = self._lose(str(error), stale=step is Step.VERIFY)
+            why = str(error)
+            if step is Step.HEARTBEAT and self.failures and self.lease and self.lease.shared:
+                # The shared renewals failed until the lease ran out: say so as we
+                # do for our own, with the error that kept them failing.
+                why = self._expiry_reason() + f" [{why}]"
+            lost = self._lose(why, stale=step is Step.VERIFY)
             if self._started - self._registered_at > self.options.heartbeat_interval:
                 self.losses_in_row = 0  # it held for a while: this loss is news
             self.losses_in_row += 1
@@ -397,13 +402,16 @@ class Registration:
         return now + self.options.verify_interval
 
     def _expired(self) -> list[Change]:
+        return self._lose(self._expiry_reason(), stale=True)
+
+    def _expiry_reason(self) -> str:
         why = (
             f"no heartbeat succeeded for {self.options.ttl:g}s (the TTL): the registry no "
             "longer holds our entry as alive"
         )
         if self.last_error:
             why += f"; last error: {self.last_error}"
-        return self._lose(why, stale=True)
+        return why
 
     def _lose(self, why: str, *, stale: bool) -> list[Change]:
         self.counters.lease_losses += 1

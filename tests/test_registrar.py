@@ -993,6 +993,21 @@ def shared_pair(registry: MemoryRegistry) -> SharedPair:
     return SharedPair(CountingShared(registry), [], [])
 
 
+@virtual_time
+async def test_a_registrar_that_opens_its_backend_keeps_its_own_lease(
+    registry: MemoryRegistry, cleanup: list[AsyncRegistrar]
+) -> None:
+    # One backend for one registration: nothing to share, today's semantics.
+    reg = AsyncRegistrar(registry.url + "?shared=true", INSTANCE, ttl=1.0, retry=FAST)
+    cleanup.append(reg)
+    assert isinstance(reg.backend, SharedLiveness)
+    await reg.start(wait_registered=2)
+    assert reg._lease is not None
+    assert not reg._lease.shared
+    await asyncio.sleep(1.0)
+    assert reg.counters.heartbeats_ok >= 2
+
+
 def test_memory_url_opens_the_shared_backend() -> None:
     backend = MemoryBackend.from_url("memory://shared-url?shared=true", {})
     assert isinstance(backend, SharedLiveness)

@@ -419,3 +419,16 @@ def test_a_rejection_is_kept_until_a_step_succeeds() -> None:
     reg, changes, _ = drive([(REGISTER, REJECTED, 0), (REGISTER, OK, 8)])
     assert reg.rejection is None
     assert Renewed() in changes
+
+
+def test_a_shared_lease_lost_after_failing_renewals_reads_like_an_expiry() -> None:
+    _, changes, _ = drive(
+        [(REGISTER, SHARED, 0), (RENEWAL_NEWS, None, 1), (HEARTBEAT, DOWN, 1), (HEARTBEAT, LOST, 2)]
+    )
+    (lost,) = [c for c in changes if isinstance(c, Event)]
+    assert lost.kind is K.LEASE_LOST
+    assert lost.detail.startswith("no heartbeat succeeded for 3s (the TTL)")
+    assert "last error: connection refused" in lost.detail
+    assert lost.detail.endswith(
+        "[lease not found (backend=test, service=orders, instance=orders-127.0.0.1-8080)]"
+    )
