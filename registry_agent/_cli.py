@@ -24,7 +24,7 @@ from registry_agent import (
     __version__,
     available_backends,
 )
-from registry_agent._agent.config import AgentConfig, load_config
+from registry_agent._agent.config import AgentConfig, BackendConfig, load_config
 from registry_agent._agent.logs import configure_logging
 from registry_agent._agent.runtime import (
     AgentRuntime,
@@ -49,11 +49,9 @@ def _url_secrets(url: str | None) -> list[str]:
     if not url:
         return []
     try:
-        parsed = parse_backend_url(url, default_port=0)
+        return BackendConfig(url).secrets()
     except Exception:
         return []
-    values = (parsed.password, parsed.query.get("token"), parsed.query.get("password"))
-    return [v for v in values if v]
 
 
 def _fail(exc: BaseException, secrets: Sequence[str] = ()) -> None:

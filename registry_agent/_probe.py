@@ -14,6 +14,8 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
+from registry_agent._retry import RetryPolicy
+
 __all__ = ["ConnectionAware", "ConnectionProbe", "Hold"]
 
 
@@ -39,14 +41,20 @@ class ConnectionAware(Protocol):
 #: again (still connected), False or raise when the connection broke.
 Hold = Callable[[Callable[[], None]], Awaitable[bool]]
 
-_RETRY_FIRST, _RETRY_CAP = 0.1, 1.0
+#: Re-opening the request after a break: soon (the registry may be back at once), jittered.
+_RETRY = RetryPolicy(initial=0.1, cap=1.0)
 
 
 class ConnectionProbe:
-    """Runs ``hold`` in a loop; :meth:`wait_change` returns on each up/down transition."""
+    """Runs ``hold`` in a loop; :meth:`wait_change` returns on each up/down transition.
 
-    def __init__(self, hold: Hold) -> None:
+    After a break, ``hold`` is called again with ``retry``'s jittered backoff
+    (default: from 0.1 s up to 1 s), so a registry that is back is seen within a second.
+    """
+
+    def __init__(self, hold: Hold, *, retry: RetryPolicy | None = None) -> None:
         self._hold = hold
+        self._retry = retry or _RETRY
         self._up: bool | None = None
         self._task: asyncio.Task[None] | None = None
         self._change: asyncio.Future[None] | None = None
@@ -77,7 +85,7 @@ class ConnectionProbe:
                 done.set_result(None)
 
     async def _run(self) -> None:
-        delay = _RETRY_FIRST
+        failures = 0
         while True:
             try:
                 still_up = await self._hold(lambda: self._mark(True))
@@ -86,11 +94,11 @@ class ConnectionProbe:
             except Exception:
                 still_up = False
             if still_up:
-                delay = _RETRY_FIRST
+                failures = 0
                 continue
             self._mark(False)
-            await asyncio.sleep(delay)
-            delay = min(_RETRY_CAP, delay * 2)
+            failures += 1
+            await asyncio.sleep(self._retry.delay(failures))
 
     async def close(self) -> None:
         """Stop probing."""

@@ -157,7 +157,8 @@ def test_a_failure_never_echoes_the_url_token(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     secret = "s3cr3t-t0ken"
-    url = f"consul://127.0.0.1:8500?token={secret}"
+    password = "pa55w0rd-x"
+    url = f"etcd://alice:{password}@127.0.0.1:2379?token={secret}&password={password}"
     monkeypatch.setattr(
         "registry_agent._cli.open_backend",
         lambda url, **kw: _Broken(RuntimeError(f"GET {url} failed")),
@@ -165,8 +166,10 @@ def test_a_failure_never_echoes_the_url_token(
     assert main(["list", "orders", "--backend", url]) == 1
     err = capsys.readouterr().err
     assert secret not in err
+    assert password not in err
     assert err.count("\n") == 1
     assert "token=***" in err
+    assert "alice:***@" in err
 
 
 def test_a_watch_that_fails_prints_one_line_and_exits_1(
