@@ -247,6 +247,13 @@ def export_revision(rev: str, into: Path) -> Path:
     if archive.returncode != 0:
         raise SystemExit(f"--rev: {archive.stderr.decode(errors='replace').strip()}")
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    imports = "import registry_agent._cli, registry_agent_consul, registry_agent_etcd"
+    tried = subprocess.run(
+        [sys.executable, "-c", imports], cwd=into, env=agent_env(into), capture_output=True
+    )
+    if tried.returncode != 0:
+        last = tried.stderr.decode(errors="replace").strip().splitlines()[-1:]
+        raise SystemExit(f"--rev {rev}: the agent does not import: {' '.join(last)}")
     return into
 
 
