@@ -831,3 +831,20 @@ async def test_no_check_kind_raises(http_url: str, tmp_path: Path) -> None:
     assert all(r.detail for r in results)
     for check in checks:
         await check.aclose()
+
+
+def test_secret_header_values_are_secrets_of_the_check() -> None:
+    check = HttpCheck(
+        "http://127.0.0.1:1/health?api_key=k3y-v4lue",
+        headers={"Authorization": "Bearer hdr-s3cret", "Accept": "text/plain"},
+    )
+    assert {"Bearer hdr-s3cret", "k3y-v4lue"} <= set(check.secrets())
+    assert "text/plain" not in check.secrets()
+    assert check._mask("echo: Bearer hdr-s3cret") == "echo: ***"
+
+
+def test_each_shipped_kind_is_registered_under_its_key() -> None:
+    from registry_agent._health.checks import CHECK_KINDS
+
+    assert dict(CHECK_KINDS) == {"http": HttpCheck, "tcp": TcpCheck, "command": CommandCheck}
+    assert all(cls.example.startswith(f"{kind} = ") for kind, cls in CHECK_KINDS.items())
