@@ -181,6 +181,28 @@ def test_invalid_config_exits_2_and_registers_nothing(
     assert listed(server.url, "orders") == {}
 
 
+def test_the_backend_refuses_an_option_of_another_backend_before_anything_runs(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    # The agent knows no backend's options: each backend checks its own when the file loads.
+    other = {"consul": 'prefix = "/reg"', "etcd": 'dc = "dc1"'}[server.url.partition(":")[0]]
+    agent = Agent(tmp_path, server.url, ORDERS.format(check='tcp = "127.0.0.1:1"'), other)
+    result = subprocess.run(
+        [sys.executable, "-m", "registry_agent", "run", "-c", str(agent.path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    key = other.partition(" ")[0]
+    assert result.stderr.startswith(
+        f"registry-agent: {agent.path}: backend.{key}: unknown option(s) '{key}'"
+    ), result.stderr
+    assert result.stderr.count("\n") == 1
+    assert listed(server.url, "orders") == {}
+
+
 def test_secrets_never_appear_in_logs_or_status(
     consul_server: ConsulServer, tmp_path: Path, agents: list[Agent]
 ) -> None:
