@@ -76,6 +76,8 @@ class RegistrarArgs(OptionArgs, total=False):
     on_event: Callable[[RegistrarEvent], None] | None
     on_check: Callable[[HealthCheck, CheckResult], None] | None
     install_signal_handlers: bool
+    #: True: on a backend that shares liveness, ride its shared heartbeat (see AsyncRegistrar).
+    shared_liveness: bool
     #: A prebuilt options value; option keywords given beside it override its fields.
     options: RegistrationOptions
 
@@ -100,10 +102,19 @@ class AsyncRegistrar:
     ``checks=()``, ``fall=3``, ``rise=2``, ``on_unhealthy="deregister"``,
     ``deregister_critical_after=None`` (the backend's own setting; Consul's floor
     is 60 s), ``retry=None`` (:class:`RetryPolicy` defaults), ``on_event``,
-    ``on_check``, ``install_signal_handlers=False``, and ``options``: a
+    ``on_check``, ``install_signal_handlers=False``, ``shared_liveness=False``, and ``options``: a
     :class:`RegistrationOptions` holding the option keywords at once (keywords
     given beside it override it). ``ttl`` is at least :data:`TTL_FLOOR` (1 s) and
     ``heartbeat`` at least :data:`HEARTBEAT_FLOOR` (0.25 s), at most ``ttl / 3``.
+
+    With ``shared_liveness=True`` and a backend that has the
+    :class:`~registry_agent._backend.SharedLiveness` capability, the entry lives
+    on the heartbeat the backend shares among all its registrations of the same
+    TTL: one renewal every ``ttl / 3`` and one read per TTL for all of them, so
+    this registrar runs no timers (it reads its entry back once, a TTL after
+    registering, then acts on the backend's news). That is what a process with
+    many registrations on one backend object wants (the agent). By default, and
+    on other backends, it keeps a lease of its own, renewed and read back here.
     """
 
     def __init__(
@@ -119,6 +130,7 @@ class AsyncRegistrar:
         on_event: Callable[[RegistrarEvent], None] | None = args.pop("on_event", None)
         on_check: Callable[[HealthCheck, CheckResult], None] | None = args.pop("on_check", None)
         install_signal_handlers: bool = args.pop("install_signal_handlers", False)
+        shared_liveness: bool = args.pop("shared_liveness", False)
         options = RegistrationOptions.build(args, args.pop("options", None))
         self.instance = instance
         #: Every registration option, validated.
@@ -143,9 +155,7 @@ class AsyncRegistrar:
         self._owns_backend = isinstance(backend, str)
         self.backend: Backend = open_backend(backend) if isinstance(backend, str) else backend
         self._backend_name = getattr(type(self.backend), "scheme", type(self.backend).__name__)
-        # A backend we opened ourselves serves this one registration: nothing to share,
-        # so it keeps a lease of its own. A backend object given to us may serve many.
-        self._shares_liveness = isinstance(self.backend, SharedLiveness) and not self._owns_backend
+        self._shares_liveness = shared_liveness and isinstance(self.backend, SharedLiveness)
         # Set while a backend that shares liveness tells us about our lease.
         self._unfollow: Callable[[], None] | None = None
         self._followed: Lease | None = None

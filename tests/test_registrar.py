@@ -976,7 +976,12 @@ class SharedPair:
     async def __aenter__(self) -> SharedPair:
         for n in range(2):
             reg = AsyncRegistrar(
-                self.backend, other(n), ttl=1.0, retry=FAST, on_event=self.seen.append
+                self.backend,
+                other(n),
+                ttl=1.0,
+                retry=FAST,
+                on_event=self.seen.append,
+                shared_liveness=True,
             )
             self.regs.append(reg)
             await reg.start(wait_registered=2)
@@ -994,11 +999,11 @@ def shared_pair(registry: MemoryRegistry) -> SharedPair:
 
 
 @virtual_time
-async def test_a_registrar_that_opens_its_backend_keeps_its_own_lease(
+async def test_shared_liveness_is_opt_in(
     registry: MemoryRegistry, cleanup: list[AsyncRegistrar]
 ) -> None:
-    # One backend for one registration: nothing to share, today's semantics.
-    reg = AsyncRegistrar(registry.url + "?shared=true", INSTANCE, ttl=1.0, retry=FAST)
+    # By default a registrar keeps its own lease, on any backend: today's semantics.
+    reg = AsyncRegistrar(SharedMemoryBackend(registry), INSTANCE, ttl=1.0, retry=FAST)
     cleanup.append(reg)
     assert isinstance(reg.backend, SharedLiveness)
     await reg.start(wait_registered=2)
