@@ -1,12 +1,11 @@
 """Shared liveness (issue 13): many registrations of one process, one heartbeat per TTL.
 
-On real Consul and etcd: one lease / heartbeat for 20 registrations, renewals
-about once per ttl/3 whatever their number, withdrawing one touches only it,
-a lost lease or a wiped server brings all back, kill -9 takes all away within
-the TTL, a process frozen past the TTL comes back whole. Each registration is
-kept by a :class:`Keeper`: what a registrar does with a shared lease (heartbeat
-on RENEWAL, lookup on VERIFY, register again when lost), so these tests hold
-whichever registrar drives the backend.
+On real Consul and etcd, 20 AsyncRegistrars on one backend: one lease /
+heartbeat for all, renewals about once per ttl/3 whatever their number,
+withdrawing one touches only it, an entry deleted behind our back comes back
+through the shared verification (and only it is looked up), a lost lease or a
+wiped server brings all back, kill -9 takes all away within the TTL, a process
+frozen past the TTL comes back whole.
 
 Run as ``python -m integration.test_liveness URL TTL COUNT`` it is the service
 process of the kill -9 and freeze tests: it prints "registered" once all its
@@ -27,23 +26,24 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from registry_agent import (
+    AsyncRegistrar,
     Backend,
     BackendError,
     BackendUnavailable,
+    CallableCheck,
     HealthStatus,
-    Lease,
-    LeaseLost,
     RetryPolicy,
     ServiceInstance,
     ServiceSnapshot,
     open_backend,
 )
-from registry_agent._backend import LivenessNews, SharedLiveness
+from registry_agent._backend import SharedLiveness
 from registry_agent.testing.servers import ConsulServer, EtcdServer, ServerProcess
 
 TTL = 2.0
@@ -58,94 +58,29 @@ def instances(count: int = COUNT, service: str = SERVICE) -> list[ServiceInstanc
     return [ServiceInstance(service, address="127.0.0.1", port=9000 + i) for i in range(count)]
 
 
-class Keeper:
-    """Keeps one shared registration, as a registrar does: nothing runs until news comes."""
-
-    def __init__(self, backend: SharedLiveness, instance: ServiceInstance, ttl: float = TTL):
-        self.backend = backend
-        self.instance = instance
-        self.ttl = ttl
-        self.status = HealthStatus.PASSING
-        self.lease: Lease | None = None
-        self.news: list[LivenessNews] = []
-        self.registrations = 0
-        self._unfollow: Callable[[], None] | None = None
-        self._pending: set[LivenessNews] = set()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self._register()
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _register(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                lease = await self.backend.register_shared(
-                    self.instance, ttl=self.ttl, status=self.status
-                )
-                break
-            except BackendError:
-                attempt += 1
-                await asyncio.sleep(RETRY.delay(attempt))
-        if self._unfollow is not None:
-            self._unfollow()
-        self.lease = lease
-        self.registrations += 1
-        self._unfollow = self.backend.follow(lease, self._notify)
-
-    def _notify(self, news: LivenessNews) -> None:
-        self.news.append(news)
-        self._pending.add(news)
-        self._wake.set()
-
-    async def _run(self) -> None:
-        backend: Backend = self.backend  # type: ignore[assignment]
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            pending, self._pending = self._pending, set()
-            assert self.lease is not None
-            try:
-                if LivenessNews.RENEWAL in pending:
-                    await backend.heartbeat(self.lease)
-                if LivenessNews.VERIFY in pending and await backend.lookup(self.lease) is None:
-                    await self._register()
-            except LeaseLost:
-                await self._register()
-            except BackendError:
-                pass  # the backend tells again when renewals recover
-
-    async def set_status(self, status: HealthStatus) -> None:
-        assert self.lease is not None
-        self.status = status
-        await self.backend.set_status(self.lease, status)  # type: ignore[attr-defined]
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._unfollow is not None:
-            self._unfollow()
-        if self.lease is not None:
-            with contextlib.suppress(BackendError):
-                await self.backend.deregister(self.lease)  # type: ignore[attr-defined]
+def registrar(backend: Backend, instance: ServiceInstance, **kwargs: Any) -> AsyncRegistrar:
+    kwargs.setdefault("ttl", TTL)
+    kwargs.setdefault("retry", RETRY)
+    return AsyncRegistrar(backend, instance, **kwargs)
 
 
 @contextlib.asynccontextmanager
 async def keeping(
-    server: ServerProcess, wanted: Iterable[ServiceInstance], ttl: float = TTL
-) -> AsyncIterator[tuple[Backend, list[Keeper]]]:
-    backend = open_backend(server.url, timeout=1)
+    server: ServerProcess,
+    regs: Iterable[ServiceInstance | AsyncRegistrar],
+    *,
+    backend: Backend | None = None,
+) -> AsyncIterator[tuple[Backend, list[AsyncRegistrar]]]:
+    """Started registrars of ``regs`` (instances, or registrars made on ``backend``)."""
+    backend = backend or open_backend(server.url, timeout=1)
     assert isinstance(backend, SharedLiveness), f"{backend!r} does not share liveness"
-    keepers = [Keeper(backend, inst, ttl) for inst in wanted]
+    made = [r if isinstance(r, AsyncRegistrar) else registrar(backend, r) for r in regs]
     try:
-        await asyncio.gather(*(k.start() for k in keepers))
-        yield backend, keepers
+        await asyncio.gather(*(r.start(wait_registered=10) for r in made))
+        assert all(r.registered for r in made)
+        yield backend, made
     finally:
-        await asyncio.gather(*(k.stop() for k in keepers))
+        await asyncio.gather(*(r.stop(timeout=5) for r in made))
         await backend.close()
 
 
@@ -207,7 +142,7 @@ async def test_twenty_registrations_one_heartbeat(
     server: ServerProcess, observer: Backend, measured: Measured
 ) -> None:
     wanted = instances()
-    async with keeping(server, wanted) as (backend, keepers):
+    async with keeping(server, wanted) as (_, keepers):
         await until(observer, all_passing(wanted), MARGIN, "all passing")
         if isinstance(server, EtcdServer):
             assert len(server.leases()) == 1, server.leases()
@@ -228,9 +163,9 @@ async def test_twenty_registrations_one_heartbeat(
             ]
             assert len(ttl_checks) == 1, ttl_checks
             await asyncio.sleep(3 * TTL)
-        assert all(k.registrations == 1 for k in keepers), [k.registrations for k in keepers]
+        assert all(k.counters.lease_losses == 0 for k in keepers)
         assert await statuses(observer) == {i.id: HealthStatus.PASSING for i in wanted}
-        last = backend.last_renewal(keepers[0].lease)  # type: ignore[attr-defined]
+        last = keepers[0].snapshot().last_heartbeat  # the shared renewal's
         assert last is not None
         assert time.time() - last < TTL
     # Stopping the last one removes the shared liveness too.
@@ -247,7 +182,18 @@ async def _changes(observer: Backend, seen: list[ServiceSnapshot], ready: asynci
 
 async def test_withdrawing_one_changes_only_it(server: ServerProcess, observer: Backend) -> None:
     wanted = instances()
-    async with keeping(server, wanted) as (_backend, keepers):
+    healthy = True
+    backend = open_backend(server.url, timeout=1)
+    regs: list[ServiceInstance | AsyncRegistrar] = list(wanted)
+    regs[3] = registrar(
+        backend,
+        wanted[3],
+        checks=[CallableCheck(lambda: healthy, interval=0.1)],
+        fall=1,
+        rise=1,
+        on_unhealthy="critical",
+    )
+    async with keeping(server, regs, backend=backend) as (_, keepers):
         await until(observer, all_passing(wanted), MARGIN, "all passing")
         seen: list[ServiceSnapshot] = []
         ready = asyncio.Event()
@@ -257,20 +203,20 @@ async def test_withdrawing_one_changes_only_it(server: ServerProcess, observer: 
             first = dict(seen[-1].instances)
             assert len(first) == COUNT
             # Critical: its entry stays, with its status; nothing else moves.
-            await keepers[3].set_status(HealthStatus.CRITICAL)
+            healthy = False
             await asyncio.sleep(TTL + 1)  # a verification and a few renewals pass
             assert len(seen) == 2, [sorted(s.instances) for s in seen]
             changed = {k for k, v in seen[1].instances.items() if first.get(k) != v}
             assert changed == {wanted[3].id}
             assert seen[1].instances[wanted[3].id].status is HealthStatus.CRITICAL
             # Stopping one deletes only its entry.
-            gone = keepers.pop(5)
-            await gone.stop()
+            await keepers[5].stop(timeout=5)
             await asyncio.sleep(TTL + 1)
             assert len(seen) == 3, [sorted(s.instances) for s in seen]
             assert set(seen[1].instances) - set(seen[2].instances) == {wanted[5].id}
             assert all(seen[2].instances[k] == seen[1].instances[k] for k in seen[2].instances)
-            assert all(k.registrations == 1 for k in keepers)
+            assert all(k.counters.lease_losses == 0 for k in keepers)
+            assert all(k.counters.reregistrations == 0 for k in keepers)
             if isinstance(server, EtcdServer):
                 assert len(server.leases()) == 1
         finally:
@@ -301,11 +247,12 @@ async def test_entry_deleted_behind_its_back_is_verified_back(
         took = await until(observer, all_passing(wanted), 2 * TTL + MARGIN, "repaired")
         # Found by the next verification (once per TTL), then one lookup and one put.
         measured("deleted entry back", took, TTL + RETRY.cap + MARGIN)
-        assert keepers[7].registrations == 2
-        assert LivenessNews.VERIFY in keepers[7].news
+        assert keepers[7].counters.reregistrations == 1
+        assert keepers[7].counters.verifications >= 1
+        # One read verified all: nobody else looked its entry up or registered again.
         others = [k for i, k in enumerate(keepers) if i != 7]
-        assert all(k.registrations == 1 for k in others)
-        assert all(LivenessNews.VERIFY not in k.news for k in others)
+        assert all(k.counters.verifications == 0 for k in others)
+        assert all(k.counters.reregistrations == 0 for k in others)
 
 
 async def test_lease_revoked_by_someone_else_all_back(
@@ -323,7 +270,7 @@ async def test_lease_revoked_by_someone_else_all_back(
             await until(observer, all_passing(wanted), TTL + MARGIN, "all back")
             # The next renewal (ttl/3) hears it is gone; one grant, batched re-puts.
             measured("all back after revoke", time.monotonic() - revoked, TTL / 3 + MARGIN)
-            assert all(k.registrations == 2 for k in keepers)
+            assert all(k.counters.lease_losses == 1 for k in keepers)
             assert len(etcd_server.leases()) == 1
     finally:
         await observer.close()
@@ -338,7 +285,7 @@ async def test_server_wiped_all_back(
         server.restart(wipe=True)
         took = await until(observer, all_passing(wanted), 10, "all back")
         measured("all back after wipe", took, TTL + RETRY.cap + MARGIN)
-        assert all(k.registrations >= 2 for k in keepers)
+        assert all(k.counters.reregistrations >= 1 for k in keepers)
         if isinstance(server, EtcdServer):
             assert len(server.leases()) == 1
 
@@ -401,8 +348,8 @@ async def test_frozen_past_ttl_all_back(
 async def _serve(url: str, ttl: float, count: int) -> None:
     backend = open_backend(url, timeout=1)
     assert isinstance(backend, SharedLiveness)
-    keepers = [Keeper(backend, inst, ttl) for inst in instances(count)]
-    await asyncio.gather(*(k.start() for k in keepers))
+    regs = [registrar(backend, inst, ttl=ttl) for inst in instances(count)]
+    await asyncio.gather(*(r.start(wait_registered=20) for r in regs))
     print("registered", flush=True)
     await asyncio.Event().wait()
 

@@ -16,19 +16,19 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Iterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from registry_agent._backend import Backend
 from registry_agent._discovery import AsyncDiscovery
 from registry_agent._errors import RegistryError
 from registry_agent._events import WatchEvent
 from registry_agent._fork import ForkGuard
-from registry_agent._health.checks import CheckResult, HealthCheck
-from registry_agent._health.gate import GateState, OnUnhealthy
+from registry_agent._health.gate import GateState
 from registry_agent._models import InstanceHealth, ServiceInstance
-from registry_agent._registrar import AsyncRegistrar, RegistrarEvent, chain_signal
+from registry_agent._registrar import AsyncRegistrar, RegistrarArgs, chain_signal
 from registry_agent._retry import RetryPolicy
 from registry_agent._select import Selector, Strategy
+from registry_agent._status import RegistrationStatus
 from registry_agent._watcher import AsyncWatcher, _Consumer
 
 __all__ = ["Discovery", "LoopThread", "Registrar", "Watcher"]
@@ -175,34 +175,11 @@ class Registrar:
         self,
         backend: str | Backend,
         instance: ServiceInstance,
-        *,
-        ttl: float = 10.0,
-        heartbeat: float | None = None,
-        checks: Iterable[HealthCheck | Callable[[], Any]] = (),
-        fall: int = 3,
-        rise: int = 2,
-        on_unhealthy: str | OnUnhealthy = "deregister",
-        deregister_critical_after: float | None = None,
-        retry: RetryPolicy | None = None,
-        on_event: Callable[[RegistrarEvent], None] | None = None,
-        on_check: Callable[[HealthCheck, CheckResult], None] | None = None,
-        install_signal_handlers: bool = False,
+        **kwargs: Unpack[RegistrarArgs],
     ) -> None:
-        self._async = AsyncRegistrar(
-            backend,
-            instance,
-            ttl=ttl,
-            heartbeat=heartbeat,
-            checks=checks,
-            fall=fall,
-            rise=rise,
-            on_unhealthy=on_unhealthy,
-            deregister_critical_after=deregister_critical_after,
-            retry=retry,
-            on_event=on_event,
-            on_check=on_check,
-            install_signal_handlers=False,  # the loop thread cannot take signals
-        )
+        install_signal_handlers = kwargs.pop("install_signal_handlers", False)
+        # The loop thread cannot take signals: this facade installs its own.
+        self._async = AsyncRegistrar(backend, instance, **kwargs)
         self.install_signal_handlers = install_signal_handlers
         self._thread = LoopThread(
             f"registry-agent {instance.id}", f"Registrar({instance.service}/{instance.id})"
@@ -268,6 +245,10 @@ class Registrar:
             )
         finally:
             _quietly("stopping the loop thread", self._thread.close)
+
+    def snapshot(self) -> RegistrationStatus:
+        """The registration's state now, as one typed value (see ``AsyncRegistrar.snapshot``)."""
+        return self._async.snapshot()
 
     def status(self) -> dict[str, Any]:
         """See :meth:`AsyncRegistrar.status`."""
