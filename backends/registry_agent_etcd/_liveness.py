@@ -288,7 +288,12 @@ class LeaseGroup:
     # -- verification ----------------------------------------------------------
 
     async def _verify(self, lease_id: int) -> None:
-        """Once per TTL, read every member's entry in one range read; VERIFY those that differ."""
+        """Once per TTL, read every member's entry back; VERIFY only those that differ.
+
+        One read-only transaction holds a range per service, each narrowed to the
+        longest prefix our keys of that service share: other processes' entries
+        are mostly left out, and one request covers up to 128 services.
+        """
         while True:
             await asyncio.sleep(self.seconds)
             if self.lease_id != lease_id or self.lost is not None or self.error is not None:
@@ -296,21 +301,27 @@ class LeaseGroup:
             settled = {k: m for k, m in self.members.items() if m.lease_id == lease_id}
             if not settled:
                 continue
-            prefix = _common(list(settled))
-            request = rpc.RangeRequest(key=prefix, range_end=_range_end(prefix))
+            by_service: dict[str, list[bytes]] = {}
+            for key, member in settled.items():
+                by_service.setdefault(member.instance.service, []).append(key)
+            prefixes = sorted(_common(keys) for keys in by_service.values())
             try:
-                reply = await self.backend._call(
-                    lambda c: _range(c, request, self.backend.timeout)  # noqa: B023
-                )
+                seen: dict[bytes, Any] = {}
+                revision = 0
+                for start in range(0, len(prefixes), MAX_TXN_OPS):
+                    chunk = prefixes[start : start + MAX_TXN_OPS]
+                    reply = await self.backend._call(partial(_ranges, prefixes=chunk))
+                    # The oldest read decides which puts it may not show yet.
+                    revision = min(revision or reply.header.revision, reply.header.revision)
+                    for response in reply.responses:
+                        seen.update((kv.key, kv) for kv in response.response_range.kvs)
             except RegistryError as exc:
                 log.debug("etcd shared verification skipped: %s", exc)
                 continue
             self.stats.verifications += 1
-            seen = {kv.key: kv for kv in reply.kvs}
             for key, member in settled.items():
-                now = self.members.get(key)
-                if now is not member or member.revision > reply.header.revision:
-                    continue  # changed meanwhile
+                if self.members.get(key) is not member or member.revision > revision:
+                    continue  # changed meanwhile: a read this old cannot tell
                 kv = seen.get(key)
                 if kv is None or kv.lease != lease_id or kv.value != member.value:
                     self.tell(key, LivenessNews.VERIFY)
@@ -445,9 +456,15 @@ async def _txn(client: Any, *, batch: list[_Put]) -> Any:
     )
 
 
-async def _range(client: Any, request: Any, timeout: float) -> Any:
+async def _ranges(client: Any, *, prefixes: list[bytes]) -> Any:
+    ops = [
+        rpc.RequestOp(request_range=rpc.RangeRequest(key=p, range_end=_range_end(p)))
+        for p in prefixes
+    ]
     await client.connect()
-    return await client.kvstub.Range(request, timeout=timeout, metadata=client.metadata)
+    return await client.kvstub.Txn(
+        rpc.TxnRequest(success=ops), timeout=client._timeout, metadata=client.metadata
+    )
 
 
 def _common(keys: list[bytes]) -> bytes:
