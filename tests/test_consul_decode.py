@@ -132,6 +132,8 @@ def test_unchanged_entries_are_the_same_objects() -> None:
     assert (after["orders-2"].status, after["orders-2"].note) == (HealthStatus.WARNING, "slow")
     assert after["orders-2"].instance is before["orders-2"].instance
     assert after == {**before, "orders-2": after["orders-2"]}
+    assert after.changed == {"orders-2"}  # what the watcher visits: O(changes)
+    assert v.view.snapshot() is after  # nothing new: the same map
 
 
 def test_a_changed_catalog_entry_is_a_new_instance_and_the_rest_are_kept() -> None:

@@ -10,13 +10,16 @@ unchanged ones identical at once.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 
 from registry_agent import ConfigError, HealthStatus, InstanceHealth, ServiceInstance
+from registry_agent._events import InstanceMap
 
 __all__ = [
     "CatalogEntry",
@@ -152,10 +155,9 @@ def skip_warning(service: str, warned: set[tuple[str, str]]) -> Warn:
 class ServiceView:
     """The latest catalog entries, service checks and node checks of one service.
 
-    Each ``set_*`` takes one decoded answer and the sequence number of the
-    request that got it: ``set_catalog`` the number at which the answer was
-    received, ``set_checks`` / ``set_node_checks`` the number at which their
-    request was sent. An instance is shown only once its health is known: its
+    Each ``set_*`` takes one decoded answer and sequence numbers from one
+    counter: when its request was sent (``asked``) and when it arrived
+    (``received``). An instance is shown only once its health is known: its
     checks have arrived, or a checks answer requested after the entry was
     first seen says it has none; likewise for its node's checks. Until then
     it is held back (:meth:`waiting` says which read would settle it).
@@ -165,6 +167,11 @@ class ServiceView:
     deregistered, with the catalog answer still on its way: it keeps the
     health it had until a catalog answer requested after that says whether
     it is still there (so a deregistration never shows as passing first).
+
+    Updates cost O(changes) when an answer only changed some entries in place
+    (a status change: the answers list entries in a stable order): unchanged
+    entries are compared in C and keep their objects, and :meth:`snapshot`
+    evolves an :class:`~registry_agent._events.InstanceMap` by the changed ids.
     """
 
     def __init__(self, service: str, *, local_node: str | None, preferred: Preferred, warn: Warn):
@@ -173,13 +180,16 @@ class ServiceView:
         self._preferred = preferred
         self._warn = warn
         self.has_catalog = self.has_checks = self.has_nodes = False
-        # Catalog: raw entry and its instance (None: not a valid instance), per key.
+        # Catalog: the answer's entries, and per key the entry and its instance (None: invalid).
+        self._catalog: list[CatalogEntry] = []
         self._entries: dict[Key, tuple[CatalogEntry, ServiceInstance | None]] = {}
+        self._on_node: dict[str, list[Key]] = {}
         self._first_seen: dict[Key, int] = {}
         self._node_first_seen: dict[str, int] = {}
-        self._order: list[tuple[str, Key]] = []  # (snapshot key, key), in snapshot order
+        self._names: dict[Key, str] = {}  # snapshot key of each valid instance
+        self._check_list: list[Check] = []
         self._checks: dict[Key, list[Check]] = {}
-        self._bad: set[Key] = set()  # instances (or node, "") with an unreadable check
+        self._bad: set[Key] = set()  # instances with an unreadable check
         self._checks_asked = -1
         self._node_checks: dict[str, list[Check]] = {}
         self._nodes_asked = -1
@@ -187,22 +197,64 @@ class ServiceView:
         # failing checks) vanished while the catalog still listed it.
         self._vanished: dict[Key, int] = {}
         self._node_vanished: dict[str, int] = {}
-        # Last health per key, with what it was made from (reused while that is unchanged).
-        self._made: dict[Key, tuple[ServiceInstance, list[Check], list[Check], InstanceHealth]] = {}
+        self._map = InstanceMap()
+        self._shown: dict[Key, tuple[str, InstanceHealth]] = {}  # in the map, per key
+        self._dirty: set[Key] = set()  # keys to look at again
+        self._held: set[Key] = set()  # keys held back or kept as they were
+        self._renamed = True  # snapshot keys changed: look at everything
 
     # -- answers --------------------------------------------------------------
 
     def set_catalog(self, answer: Decoded, received: int, asked: int = -1) -> bool:
-        """Take a catalog answer; True when membership or an instance's fields changed.
-
-        ``received``: the sequence number now; ``asked``: when its request was sent.
-        """
+        """Take a catalog answer; True when membership or an instance's fields changed."""
         self.has_catalog = True
-        old = self._entries
-        new: dict[Key, tuple[CatalogEntry, ServiceInstance | None]] = {}
         for _node, service_id in answer.bad:
             self._warn(service_id, "an entry that is not what Consul's catalog returns")
-        for entry in answer.entries:
+        new_list: list[CatalogEntry] = answer.entries
+        changed = self._catalog_in_place(new_list)
+        if changed is None:
+            changed = self._catalog_anew(new_list, received)
+        self._catalog = new_list
+        for key in [
+            k for k, seen in self._vanished.items() if k not in self._entries or asked > seen
+        ]:
+            del self._vanished[key]
+            self._dirty.add(key)
+        for node in [
+            n for n, seen in self._node_vanished.items() if n not in self._on_node or asked > seen
+        ]:
+            del self._node_vanished[node]
+            self._dirty.update(self._on_node.get(node, ()))
+        return changed
+
+    def _catalog_in_place(self, new_list: list[CatalogEntry]) -> bool | None:
+        """Apply an answer listing the same keys in the same order; None when it does not."""
+        old_list = self._catalog
+        if len(old_list) != len(new_list):
+            return None
+        differ = list(
+            itertools.compress(range(len(new_list)), map(operator.ne, old_list, new_list))
+        )
+        for i in differ:
+            if (old_list[i].Node, old_list[i].ServiceID) != (
+                new_list[i].Node,
+                new_list[i].ServiceID,
+            ):
+                return None
+        for i in differ:
+            entry = new_list[i]
+            key = (entry.Node, entry.ServiceID)
+            instance = self._instance(entry)
+            if (instance is None) != (self._entries[key][1] is None):
+                return None  # valid <-> invalid changes the snapshot keys: start anew
+            self._entries[key] = (entry, instance)
+            self._dirty.add(key)
+        return bool(differ)
+
+    def _catalog_anew(self, new_list: list[CatalogEntry], received: int) -> bool:
+        old = self._entries
+        new: dict[Key, tuple[CatalogEntry, ServiceInstance | None]] = {}
+        for entry in new_list:
             key = (entry.Node, entry.ServiceID)
             before = old.get(key)
             if before is not None and before[0] == entry:
@@ -213,36 +265,67 @@ class ServiceView:
             self._node_first_seen.setdefault(entry.Node, received)
         changed = new.keys() != old.keys() or any(new[k] is not old[k] for k in new)
         self._entries = new
-        for key in [k for k in self._first_seen if k not in new]:
-            del self._first_seen[key]
-        for key in [k for k, seen in self._vanished.items() if k not in new or asked > seen]:
-            del self._vanished[key]
-        nodes_now = {node for node, _ in new}
-        for node in [
-            n for n, seen in self._node_vanished.items() if n not in nodes_now or asked > seen
-        ]:
-            del self._node_vanished[node]
         if changed:
-            nodes = {node for node, _ in new}
-            for node in [n for n in self._node_first_seen if n not in nodes]:
+            for key in [k for k in self._first_seen if k not in new]:
+                del self._first_seen[key]
+            on_node: dict[str, list[Key]] = {}
+            for key in new:
+                on_node.setdefault(key[0], []).append(key)
+            self._on_node = on_node
+            for node in [n for n in self._node_first_seen if n not in on_node]:
                 del self._node_first_seen[node]
-            self._order = self._keys()
+            self._names = self._keys()
+            self._renamed = True
         return changed
 
     def set_checks(self, answer: Decoded, asked: int, received: int | None = None) -> None:
         """Take the service's checks, from a request sent at sequence number ``asked``."""
         self.has_checks = True
-        grouped: dict[Key, list[Check]] = {}
-        for check in answer.entries:
-            grouped.setdefault((check.Node, check.ServiceID), []).append(check)
-        for key in self._checks:
-            if key not in grouped and key in self._entries:
-                self._vanished[key] = asked if received is None else received
-        for key in grouped:
-            self._vanished.pop(key, None)
-        self._checks = grouped
-        self._bad = {key for key in answer.bad if key[1]}
+        new_list: list[Check] = answer.entries
+        if not self._checks_in_place(new_list):
+            grouped: dict[Key, list[Check]] = {}
+            for check in new_list:
+                grouped.setdefault((check.Node, check.ServiceID), []).append(check)
+            old = self._checks
+            for key in old.keys() | grouped.keys():
+                if old.get(key) != grouped.get(key):
+                    self._dirty.add(key)
+            for key in old:
+                if key not in grouped and key in self._entries:
+                    self._vanished[key] = asked if received is None else received
+            for key in grouped:
+                if self._vanished.pop(key, None) is not None:
+                    self._dirty.add(key)
+            self._checks = grouped
+        self._check_list = new_list
+        bad = {key for key in answer.bad if key[1]}
+        self._dirty.update(bad ^ self._bad)
+        self._bad = bad
         self._checks_asked = asked
+
+    def _checks_in_place(self, new_list: list[Check]) -> bool:
+        """Apply checks that changed in place (same checks, same order); False if others did."""
+        old_list = self._check_list
+        if len(old_list) != len(new_list) or not old_list:
+            return False
+        differ = list(
+            itertools.compress(range(len(new_list)), map(operator.ne, old_list, new_list))
+        )
+        for i in differ:
+            before, after = old_list[i], new_list[i]
+            if (before.Node, before.ServiceID, before.CheckID) != (
+                after.Node,
+                after.ServiceID,
+                after.CheckID,
+            ):
+                return False
+        for i in differ:
+            key = (new_list[i].Node, new_list[i].ServiceID)
+            group = list(self._checks[key])
+            group[group.index(old_list[i])] = new_list[i]
+            self._checks[key] = group
+            self._dirty.add(key)
+        return True
 
     def set_node_checks(self, answer: Decoded, asked: int, received: int | None = None) -> None:
         """Take the node checks that are not passing, from a request sent at ``asked``."""
@@ -254,11 +337,13 @@ class ServiceView:
         for node, service_id in answer.bad:
             if not service_id or service_id == "?":
                 grouped.setdefault(node, []).append(Check(Node=node, Status="?"))
-        if self._node_checks:
-            listed = {node for node, _ in self._entries}
-            for node in self._node_checks:
-                if node not in grouped and node in listed:
-                    self._node_vanished[node] = asked if received is None else received
+        old = self._node_checks
+        for node in old.keys() | grouped.keys():
+            if old.get(node) != grouped.get(node):
+                self._dirty.update(self._on_node.get(node, ()))
+        for node in old:
+            if node not in grouped and node in self._on_node:
+                self._node_vanished[node] = asked if received is None else received
         for node in grouped:
             self._node_vanished.pop(node, None)
         self._node_checks = grouped
@@ -285,49 +370,60 @@ class ServiceView:
                 nodes = max(nodes or 0, seen)
         return checks, nodes
 
-    def snapshot(self) -> dict[str, InstanceHealth]:
-        """Every instance whose health is known, keyed as :meth:`_keys` says."""
-        found: dict[str, InstanceHealth] = {}
-        made: dict[Key, tuple[ServiceInstance, list[Check], list[Check], InstanceHealth]] = {}
-        for name, key in self._order:
-            instance = self._entries[key][1]
-            if instance is None:  # (never: only valid instances have a snapshot key)
+    def snapshot(self) -> InstanceMap:
+        """Every instance whose health is known (the same map when nothing changed)."""
+        if self._renamed:
+            look = set(self._entries) | set(self._shown)
+            self._renamed = False
+        else:
+            look = self._dirty | self._held
+        self._dirty = set()
+        removed: dict[str, None] = {}
+        added: dict[str, InstanceHealth] = {}
+        for key in look:
+            before = self._shown.get(key)
+            name = self._names.get(key)
+            health = self._health_of(key, before[1] if before is not None else None)
+            if before is not None and before == (name, health):
                 continue
-            if key in self._vanished or key[0] in self._node_vanished:
-                kept = self._made.get(key)  # maybe being deregistered: as it was, until known
-                if kept is not None:
-                    made[key] = kept
-                    found[name] = kept[3]
-                continue
-            checks = self._checks.get(key)
-            if checks is None:
-                if self._first_seen.get(key, 0) >= self._checks_asked:
-                    continue  # its checks may not have arrived yet
-                checks = []
-            if self._node_first_seen.get(key[0], 0) >= self._nodes_asked:
-                continue  # its node's health is not known yet
-            if key in self._bad:
-                self._warn(key[1], "one of its checks is not what Consul returns")
-                continue
-            node_checks = self._node_checks.get(key[0], [])
-            before = self._made.get(key)
-            if (
-                before is not None
-                and before[0] is instance
-                and before[1] == checks
-                and before[2] == node_checks
-            ):
-                health = before[3]
-            else:
-                try:
-                    health = self._health(instance, [*node_checks, *checks])
-                except ValueError as exc:  # a status Consul does not have
-                    self._warn(key[1], exc)
-                    continue
-            made[key] = (instance, checks, node_checks, health)
-            found[name] = health
-        self._made = made
-        return found
+            if before is not None:
+                removed[before[0]] = None
+                del self._shown[key]
+            if name is not None and health is not None:
+                self._shown[key] = (name, health)
+                added[name] = health
+        # (a name given up by one instance and taken by another: the latter wins)
+        self._map = self._map.evolve({**removed, **added})
+        return self._map
+
+    def _health_of(self, key: Key, shown: InstanceHealth | None) -> InstanceHealth | None:
+        """The health to show for ``key`` now (``shown``: what is shown), None: not shown."""
+        entry = self._entries.get(key)
+        instance = entry[1] if entry is not None else None
+        if instance is None:
+            self._held.discard(key)
+            return None
+        node = key[0]
+        if key in self._vanished or node in self._node_vanished:
+            self._held.add(key)  # maybe being deregistered: as it was, until known
+            return shown
+        checks = self._checks.get(key)
+        if checks is None and self._first_seen.get(key, -1) >= self._checks_asked:
+            self._held.add(key)  # its checks may not have arrived yet
+            return None
+        if self._node_first_seen.get(node, -1) >= self._nodes_asked:
+            self._held.add(key)  # its node's health is not known yet
+            return None
+        self._held.discard(key)
+        if key in self._bad:
+            self._warn(key[1], "one of its checks is not what Consul returns")
+            return None
+        try:
+            health = self._health(instance, [*self._node_checks.get(node, ()), *(checks or ())])
+        except ValueError as exc:  # a status Consul does not have
+            self._warn(key[1], exc)
+            return None
+        return shown if shown == health else health
 
     # -- helpers ----------------------------------------------------------------
 
@@ -357,18 +453,23 @@ class ServiceView:
         worst = sorted((c for c in checks if c.Status == status), key=rank)
         return InstanceHealth(instance, status, check_note(worst[0]) if worst else "")
 
-    def _keys(self) -> list[tuple[str, Key]]:
+    def _keys(self) -> dict[Key, str]:
         """Snapshot keys: the id; an id held by several nodes: ``node/id`` but for one.
 
         The one keeping the plain id is this agent's node's, else the first node by name.
         """
+        nodes_of: dict[str, list[str]] = {}
+        for (node, service_id), (_, instance) in self._entries.items():
+            if instance is not None:
+                nodes_of.setdefault(service_id, []).append(node)
         local = self.local_node
-        valid = (key for key, (_, instance) in self._entries.items() if instance is not None)
-        ordered = sorted(valid, key=lambda k: (k[0] != local, k[0], k[1]))
-        seen: set[str] = set()
-        keys: list[tuple[str, Key]] = []
-        for node, service_id in ordered:
-            name = service_id if service_id not in seen or not node else f"{node}/{service_id}"
-            seen.add(service_id)
-            keys.append((name, (node, service_id)))
-        return keys
+        names: dict[Key, str] = {}
+        for service_id, nodes in nodes_of.items():
+            if len(nodes) == 1:
+                names[(nodes[0], service_id)] = service_id
+                continue
+            for i, node in enumerate(sorted(nodes, key=lambda n: (n != local, n))):
+                names[(node, service_id)] = (
+                    service_id if i == 0 or not node else f"{node}/{service_id}"
+                )
+        return names

@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.parse
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from consul import base
@@ -224,15 +223,18 @@ async def watch_service(
     node = await local_node()
     view = ServiceView(service, local_node=node, preferred=preferred, warn=warn)
     watch = _Watch(backend, service, view)
-    last: dict[str, Any] | None = dict(since.instances) if since is not None else None
+    resumed: Mapping[str, Any] | None = since.instances if since is not None else None
+    last = None
     try:
         await watch.first()
         while True:
-            found = view.snapshot()
-            if last is None or found != last:
+            found = view.snapshot()  # the same map as before when nothing changed
+            if found is not last:
                 last = found
-                index = max(q.last for q in watch.queries)
-                yield ServiceSnapshot(service, index, MappingProxyType(found))
+                if resumed is None or found != resumed:
+                    index = max(q.last for q in watch.queries)
+                    yield ServiceSnapshot(service, index, found)
+                resumed = None
             await watch.next()
     finally:
         watch.close()
