@@ -668,7 +668,7 @@ class ConsulBackend:
                     "Name": f"registry-agent liveness of {instance.id}",
                     "AliasService": group.service_id,
                     "Status": str(HealthStatus.PASSING),
-                    "Notes": f"liveness: alias of {group.service_id}, renewed by registry-agent",
+                    # No Notes: the catalog repeats every check in each health answer.
                     "DeregisterCriticalServiceAfter": _go_duration(reap_after),
                 }
             ]
@@ -836,6 +836,9 @@ class ConsulBackend:
             },
         }
         await self._put("/v1/agent/service/register", body, None, replace=True)
+        # Registering again keeps a check's old status (critical after an outage):
+        # pass it now, so entries registered on it next are read back passing.
+        await self._renew_heartbeat(service_id)
 
     async def _renew_heartbeat(self, service_id: str) -> None:
         check = alias_id(service_id)  # raw: py-consul quotes the path (keeping ':')

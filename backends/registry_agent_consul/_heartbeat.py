@@ -150,6 +150,7 @@ class HeartbeatGroup:
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._lost_why = ""  # why the last generation was lost (the server's words)
 
     # -- state the registrar reads (no I/O) --
 
@@ -158,8 +159,8 @@ class HeartbeatGroup:
         member = self.members.get(lease.instance.id)
         if member is None or member.generation != self.generation or not self._registered:
             raise LeaseLost(
-                f"the shared heartbeat {self.service_id} of this registration was lost "
-                "(agent restarted, heartbeat removed, or renewals failed for a whole TTL)",
+                f"the shared heartbeat {self.service_id} of this registration was lost: "
+                f"{self._lost_why or 'removed'}",
                 **error_context("consul", instance=lease.instance),
             )
         if self._error is not None:
@@ -248,6 +249,7 @@ class HeartbeatGroup:
         """Count the liveness lost: a new generation, every member told."""
         self._registered = False
         self._error = None
+        self._lost_why = why
         self.generation += 1
         log.warning(
             "Consul heartbeat %s lost (%s): re-registering %d services",
