@@ -525,3 +525,34 @@ async def test_a_token_without_the_heartbeat_service_falls_back_to_a_check_per_r
     finally:
         await backend.close()
     assert _heartbeats(server) == {}  # close() removed it
+
+
+async def test_many_registrations_at_once_are_written_with_bounded_concurrency(
+    shared_consul: ConsulServer,
+) -> None:
+    server = shared_consul
+    async with _backend(server) as backend:
+        http = backend.api.http
+        send = http._request
+        in_flight = peak = 0
+
+        async def counted(callback: Any, method: str, path: str, *args: Any) -> Any:
+            nonlocal in_flight, peak
+            if path != "/v1/agent/service/register":  # the writes (not the heartbeat's own)
+                return await send(callback, method, path, *args)
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                return await send(callback, method, path, *args)
+            finally:
+                in_flight -= 1
+
+        http._request = counted
+        instances = _instances("burst", 200)
+        leases = await _register_all(backend, instances)
+        assert 1 < peak <= 32, peak  # concurrent, and never more than 32 writes at once
+        assert (
+            sum(s["Service"] == "burst" for s in server.api("/v1/agent/services").values()) == 200
+        )
+        await asyncio.gather(*(backend.deregister(lease) for lease in leases))
+        assert _heartbeats(server) == {}

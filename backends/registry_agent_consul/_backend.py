@@ -586,23 +586,35 @@ class ConsulBackend:
     async def deregister(self, lease: Lease) -> None:
         """Remove the service; the last shared one of its TTL also removes the heartbeat."""
         self._status.pop(str(lease.handle), None)
-        group = self._groups.get(lease.ttl) if lease.shared else None
+        if not lease.shared:
+            await self._deregister_service(lease)
+            return
+        group = self._groups.get(lease.ttl)
         member = group.members.get(lease.instance.id) if group is not None else None
-        if group is not None and member is not None and member.lease == lease:
-            if group.leave(lease.instance):
-                del self._groups[lease.ttl]
-            else:
-                group = None
-        else:
-            group = None
+        if group is None or member is None or member.lease != lease:
+            async with self._writes():
+                await self._deregister_service(lease)
+            return
+        group.leave(lease.instance)
+        group.leaving += 1
+        try:
+            async with self._writes():
+                await self._deregister_service(lease)
+        finally:
+            group.leaving -= 1
+        # The heartbeat goes last, once no removal is in flight: until its service
+        # is gone, an entry that aliased it would show critical for a moment.
+        if not group.members and not group.leaving and self._groups.get(lease.ttl) is group:
+            del self._groups[lease.ttl]
+            await group.close()
+
+    async def _deregister_service(self, lease: Lease) -> None:
         with contextlib.suppress(LeaseLost):  # already gone: deregistering is idempotent
             await self._call(
                 self.api.agent.service.deregister(lease.instance.id),
                 instance=lease.instance,
                 missing_is_lost=True,
             )
-        if group is not None:
-            await group.close()
 
     # -- shared liveness (SharedLiveness) --
 

@@ -140,6 +140,8 @@ class HeartbeatGroup:
         self.ttl = ttl
         self.service_id = service_id
         self.members: dict[str, Member] = {}
+        #: Deregistrations in flight: the heartbeat is removed only after the last one.
+        self.leaving = 0
         #: Bumped each time the liveness is lost: members of an older one are lost.
         self.generation = 0
         self.last_renewal: float | None = None  # time.time() of the last renewal that worked
