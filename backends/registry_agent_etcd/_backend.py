@@ -680,6 +680,8 @@ class EtcdBackend:
         group.pending += 1
         try:
             lease_id = await group.ensure_lease()
+            if group.claim(key, value, lease_id):  # put back already by the group
+                return Lease(instance, float(ttl), lease_id, "etcd", shared=True)
             member = group.join(key, instance, value)
             try:
                 member.revision = await group.put(key, value, lease_id)
@@ -811,6 +813,9 @@ class EtcdBackend:
         except LeaseLost:
             return  # the whole group is gone already (closed)
         member = group.members.get(key)
+        if member is not None and member.adopted and member.lease_id is not None:
+            # Put back by the group on its new lease, unclaimed: that entry goes.
+            lease_id = member.lease_id
         if member is not None and member.lease_id in (lease_id, None):
             group.forget(key)
         try:

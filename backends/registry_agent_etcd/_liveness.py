@@ -54,6 +54,9 @@ class _Member:
     lease_id: int | None = None
     #: etcd's revision of that put: a read older than it cannot show it.
     revision: int = 0
+    #: Put again by the group itself after a lost lease, not yet claimed by
+    #: the member's own register_shared (nor deregistered by it).
+    adopted: bool = False
 
 
 @dataclass(slots=True)
@@ -70,10 +73,20 @@ class _Put:
 
 @dataclass(slots=True)
 class _Stream:
-    """One open keepalive stream and the client it runs on."""
+    """One open keepalive stream, the client it runs on, and what it has answered.
+
+    A reader task drains the stream into ``replies``, so a stream that breaks
+    between two renewals (etcd stopped, connection reset) is noticed at once.
+    """
 
     client: Any
     call: Any
+    replies: asyncio.Queue[Any]
+    reader: asyncio.Task[None]
+
+    def close(self) -> None:
+        self.reader.cancel()
+        self.call.cancel()
 
 
 @dataclass(eq=False, slots=True)
@@ -99,9 +112,9 @@ class LeaseGroup:
     ) -> None:
         self.backend = backend
         self.seconds = seconds
-        # Failed renewals retry within ttl/3 and at most every 2 s: a wiped or
+        # Failed renewals retry within ttl/3 and at most every 1 s: a wiped or
         # restarted server is noticed (and everything re-put) soon after it is back.
-        self.retry = retry or RetryPolicy(initial=0.1, cap=min(2.0, max(0.1, seconds / 3)))
+        self.retry = retry or RetryPolicy(initial=0.1, cap=min(1.0, max(0.1, seconds / 3)))
         self.loop = asyncio.get_running_loop()
         #: The lease members are put on now; None before the first grant.
         self.lease_id: int | None = None
@@ -194,7 +207,45 @@ class LeaseGroup:
             extra={"event": "lease_lost", "backend": "etcd"},
         )
         self.backend._orphan(lease_id, self.seconds)
-        self.broadcast(LivenessNews.RENEWAL)
+        if self.members and not self._closed:
+            # Members hear once their entries are back (or the restore failed):
+            # thousands of wake-ups must not delay the grant and the puts.
+            self.loop.create_task(self._restore(), name="etcd shared lease restore")
+        else:
+            self.broadcast(LivenessNews.RENEWAL)
+
+    async def _restore(self) -> None:
+        """Grant a new lease and put every member back on it at once, in batches.
+
+        The members still hear RENEWAL and call register_shared, which then finds
+        its entry back already (claim) instead of waiting behind thousands of
+        wake-ups: a wiped etcd holds every entry again within a few round trips.
+        """
+        try:
+            lease_id = await self.ensure_lease()
+            stale = [(k, m) for k, m in self.members.items() if m.lease_id not in (None, lease_id)]
+            puts = [(k, m, self.put(k, m.value, lease_id)) for k, m in stale]
+            for key, member, future in puts:
+                try:
+                    revision = await future
+                except RegistryError:
+                    continue  # that member puts it again itself
+                if self.members.get(key) is member and member.lease_id not in (None, lease_id):
+                    member.lease_id, member.revision, member.adopted = lease_id, revision, True
+        except RegistryError:
+            pass  # the members' own register_shared calls grant it later
+        finally:
+            self.broadcast(LivenessNews.RENEWAL)
+
+    def claim(self, key: bytes, value: bytes, lease_id: int) -> bool:
+        """Whether the group already put ``value`` back on ``lease_id`` for ``key``."""
+        member = self.members.get(key)
+        if member is None or not member.adopted:
+            return False
+        if member.lease_id != lease_id or member.value != value:
+            return False
+        member.adopted = False
+        return True
 
     def check(self, lease_id: int, key: bytes) -> None:
         """What a member's heartbeat says, from memory (see ``SharedLiveness``)."""
@@ -211,7 +262,34 @@ class LeaseGroup:
     async def _open(self) -> _Stream:
         client = await self.backend._call(_connected)
         metadata = (*tuple(client.metadata or ()), _REQUIRE_LEADER)
-        return _Stream(client, rpc.LeaseStub(client.channel).LeaseKeepAlive(metadata=metadata))
+        call = rpc.LeaseStub(client.channel).LeaseKeepAlive(metadata=metadata)
+        replies: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                while True:
+                    reply = await call.read()
+                    replies.put_nowait(reply)
+                    if reply is grpc.aio.EOF:
+                        return
+            except asyncio.CancelledError:
+                replies.put_nowait(
+                    BackendUnavailable("etcd keepalive stream closed", backend="etcd")
+                )
+                raise
+            except Exception as exc:
+                replies.put_nowait(exc)
+
+        reader = self.loop.create_task(read(), name="etcd keepalive reader")
+        return _Stream(client, call, replies, reader)
+
+    @staticmethod
+    def _answer(reply: Any) -> Any:
+        if isinstance(reply, BaseException):
+            raise reply
+        if reply is grpc.aio.EOF:
+            raise BackendUnavailable("etcd closed the keepalive stream", backend="etcd")
+        return reply
 
     async def _keep(self, lease_id: int) -> None:
         """Renew ``lease_id`` every ttl/3 on one stream until it is lost or replaced."""
@@ -233,9 +311,7 @@ class LeaseGroup:
                     left = (self._last_ok or sent) + self.seconds - time.monotonic()
                     async with asyncio.timeout(min(self.backend.timeout, max(0.1, left))):
                         await stream.call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
-                        reply = await stream.call.read()
-                    if reply is grpc.aio.EOF:
-                        raise BackendUnavailable("etcd closed the keepalive stream", backend="etcd")
+                        reply = self._answer(await stream.replies.get())
                 except asyncio.CancelledError:
                     if not _closed_under_us():
                         raise
@@ -259,11 +335,17 @@ class LeaseGroup:
                             extra={"event": "renewal_recovered", "backend": "etcd"},
                         )
                         self.broadcast(LivenessNews.RENEWAL)
-                    await asyncio.sleep(max(0.0, sent + period - time.monotonic()))
-                    continue
+                    try:  # until the next renewal, unless the stream breaks first
+                        async with asyncio.timeout(max(0.0, sent + period - time.monotonic())):
+                            self._answer(await stream.replies.get())
+                        continue  # an answer nobody asked for: ignore it
+                    except TimeoutError:
+                        continue
+                    except Exception as exc:
+                        error = await self.backend._failed(exc, None)  # type: ignore[assignment]
                 # The renewal failed: a fresh stream next time, after a jittered backoff.
                 if stream is not None:
-                    stream.call.cancel()
+                    stream.close()
                     stream = None
                 if isinstance(error, LeaseLost):
                     self.lose(lease_id, str(error))
@@ -283,7 +365,7 @@ class LeaseGroup:
                 await asyncio.sleep(min(self.retry.delay(attempt), period))
         finally:
             if stream is not None:
-                stream.call.cancel()
+                stream.close()
 
     # -- verification ----------------------------------------------------------
 
