@@ -541,7 +541,8 @@ class ConsulBackend:
     async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:
         """Set the health check's status and note (liveness is left to heartbeats)."""
         if lease.shared:
-            await self._set_shared_status(lease, status, note)
+            async with self._writes():
+                await self._set_shared_status(lease, status, note)
         else:
             await self._update_check(lease, _health_id(lease.instance.id), status, note)
         self._status[str(lease.handle)] = (status, note)
@@ -565,12 +566,14 @@ class ConsulBackend:
             return data
 
         path = f"/v1/agent/health/service/id/{urllib.parse.quote(instance.id, safe='')}"
-        data = await self._call(
-            self.api.http.get(
-                parse, path, params=[("format", "json")], headers=self.api.prepare_headers()
-            ),
-            instance=instance,
-        )
+        # Shared entries are looked up in bursts (told VERIFY together): bounded too.
+        async with self._writes() if lease.shared else contextlib.nullcontext():
+            data = await self._call(
+                self.api.http.get(
+                    parse, path, params=[("format", "json")], headers=self.api.prepare_headers()
+                ),
+                instance=instance,
+            )
         if not data or not isinstance(data.get("Service"), dict):
             return None
         checks = [c for c in data.get("Checks") or () if isinstance(c, dict)]
@@ -752,7 +755,7 @@ class ConsulBackend:
         return group
 
     def _writes(self) -> asyncio.Semaphore:
-        """The bound on shared writes in flight (one semaphore per event loop)."""
+        """The bound on requests for shared entries in flight (one semaphore per event loop)."""
         loop = running_loop()
         if self._slots is None or self._slots_loop is not loop:
             self._slots, self._slots_loop = asyncio.Semaphore(_SHARED_IN_FLIGHT), loop
