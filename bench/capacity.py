@@ -19,9 +19,9 @@ For each backend and count, on a fresh real server of its own, in turn:
 ``/services/cap/`` whose value says ``"status": "passing"``; Consul services
 ``cap`` whose checks (``/v1/health/checks/cap``) are all passing.
 
-``--profile`` runs the agent under cProfile for the steady window only
-(``bench.profiled_agent``) and prints where its time goes; its CPU figures are
-inflated by the profiler.
+``--profile`` runs the agent under cProfile (``bench.profiled_agent``) and
+prints where its time goes in each phase: start -> all passing, the steady
+window, wipe -> all back; its figures are inflated by the profiler.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from pathlib import Path
 
 from bench.capacity_floor import PREFIX, SERVICE
 from bench.common import BACKENDS, Row, log, table
-from registry_agent.testing.servers import ConsulServer, EtcdServer, ServerProcess, free_port
+from registry_agent.testing.servers import ConsulServer, EtcdServer, ServerProcess
 
 TTL = 10
 SETTLE = 5.0
@@ -278,7 +278,8 @@ def measure_ours(
     config = workdir / f"cap-{kind}-{count}.toml"
     srv = make_server(kind)
     srv.start()
-    config.write_text(_config(srv.url, count, free_port()))
+    # Port 0: the kernel's choice, never one someone else grabbed meanwhile.
+    config.write_text(_config(srv.url, count, 0))
     log_path = workdir / f"cap-{kind}-{count}-{int(time.time())}.log"
     command = [sys.executable, "-m", "registry_agent"]
     if profile is not None:
@@ -299,27 +300,33 @@ def measure_ours(
                 def alive() -> bool:
                     return agent.poll() is None
 
+                def phase(sig: signal.Signals) -> None:
+                    # Profiles: start -> all passing, the window, wipe -> all back.
+                    if profile is not None and alive():
+                        agent.send_signal(sig)
+
                 done = wait_passing(srv, count, register_timeout(count), alive)
+                phase(signal.SIGUSR2)
                 if done is None:
                     sample.notes.append(f"not all passing after {register_timeout(count):g}s")
                 else:
                     sample.register = done - started
                 time.sleep(SETTLE)
-                if profile is not None:
-                    agent.send_signal(signal.SIGUSR1)
+                phase(signal.SIGUSR1)
                 if alive():
                     _window(sample, srv, agent.pid, window)
-                if profile is not None:
-                    agent.send_signal(signal.SIGUSR2)
+                phase(signal.SIGUSR2)
                 if not sample.held:
                     sample.notes.append("not all passing at the end of the window")
                 if done is not None and alive():
                     srv.stop()
+                    phase(signal.SIGUSR1)
                     srv.wipe_data()
                     srv.spawn()
                     accepting = wait_accepting(srv)
                     sample.server_ready = wait_ready(srv) - accepting
                     back = wait_passing(srv, count, register_timeout(count), alive)
+                    phase(signal.SIGUSR2)
                     if back is None:
                         sample.notes.append("not all back after the wipe")
                     else:
@@ -521,13 +528,16 @@ def details(samples: Sequence[Sample], runs: Sequence[int]) -> list[list[str]]:
     ]
 
 
-def print_profile(path: Path, top: int = 25) -> None:
+PHASES = ("agent start -> all passing", "steady window", "server wiped -> all back")
+
+
+def print_profile(path: Path, title: str, top: int = 25) -> None:
     """Where the agent's time went in the window: functions by own time, and by file."""
     stats = pstats.Stats(str(path))
     entries = stats.stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in entries.values()) or 1.0
     by_func = sorted(entries.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
-    print(f"\nprofile {path.name}: {total:.2f} s of own time in the window\n")
+    print(f"\n### Profile, {title}: {total:.2f} s of CPU in the loop thread ({path.name})\n")
     print(
         table(
             [
@@ -535,6 +545,25 @@ def print_profile(path: Path, top: int = 25) -> None:
                 for (f, line, name), v in by_func
             ],
             ["function (own time)", "share", "cumulative"],
+        )
+    )
+    ours = [
+        (key, v)
+        for key, v in entries.items()
+        if "/registry_agent" in key[0] and "/bench/" not in key[0] and not key[2].startswith("<")
+    ]
+    print()
+    print(
+        table(
+            [
+                [
+                    f"{'/'.join(Path(f).parts[-2:])}:{line}:{name}",
+                    f"{v[3] / total * 100:.1f} %",
+                    f"{v[1]}",
+                ]
+                for (f, line, name), v in sorted(ours, key=lambda kv: kv[1][3], reverse=True)[:top]
+            ],
+            ["our function (cumulative, callees included)", "share", "calls"],
         )
     )
     by_file: dict[str, float] = {}
@@ -582,8 +611,12 @@ def measure_all(
                     prof = logs / f"agent-{kind}-{count}-{run}.prof" if profile else None
                     samples.append(measure_ours(kind, count, window, logs, prof, source))
                     runs.append(run)
-                    if prof is not None and prof.exists():
-                        print_profile(prof)
+                    if prof is not None:
+                        time.sleep(0.5)  # the last phase's stats are written by now
+                        for n, what in enumerate(PHASES, 1):
+                            got = prof.with_name(f"{prof.name}.{n}")
+                            if got.exists():
+                                print_profile(got, f"{kind}, {count}: {what}")
     return samples, runs
 
 
@@ -621,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", default=",".join(BACKENDS), help="consul, etcd or both")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=float, default=30.0, help="steady window, seconds")
-    parser.add_argument("--profile", action="store_true", help="cProfile the agent's window")
+    parser.add_argument("--profile", action="store_true", help="cProfile the agent, phase by phase")
     parser.add_argument(
         "--register-timeout",
         type=float,
