@@ -424,3 +424,22 @@ async def test_status_readyz_and_metrics_read_one_status(tmp_path: Path) -> None
             assert line in metrics, line
     finally:
         await runtime.shutdown()
+
+
+async def test_the_agents_services_share_the_backends_liveness(tmp_path: Path) -> None:
+    """Every service of the agent is on one backend object: one liveness per TTL for all."""
+    path = tmp_path / "agent.toml"
+    _memory_services(path, "shared-liveness?shared=true", ["a", "b", "c"])
+    runtime = await _running(path)
+    try:
+        registrars = [reg for _, reg in runtime.registrars.values()]
+        deadline = time.monotonic() + 5
+        while not all(reg.registered for reg in registrars):
+            assert time.monotonic() < deadline, runtime.status()
+            await asyncio.sleep(0.02)
+        leases = [reg._lease for reg in registrars]
+        assert all(lease is not None and lease.shared for lease in leases), leases
+        assert len({lease.handle for lease in leases if lease is not None}) == 1
+    finally:
+        await runtime.shutdown()
+    assert await _held("shared-liveness", ["a", "b", "c"], 0) == 0

@@ -54,13 +54,18 @@ def registrar_for(
     service: ServiceConfig,
     on_check: Callable[[HealthCheck, CheckResult], None] | None = None,
 ) -> AsyncRegistrar:
-    """The registrar of one configured service (not started)."""
+    """The registrar of one configured service (not started).
+
+    Every service of the agent is on one backend object, so they share its liveness
+    where the backend can (one renewal and one read-back per TTL for all of them).
+    """
     return AsyncRegistrar(
         backend,
         service.instance,
         options=service.options,
         checks=[check.build() for check in service.checks],
         on_check=on_check,
+        shared_liveness=True,
     )
 
 
