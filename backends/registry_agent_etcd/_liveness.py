@@ -186,6 +186,10 @@ class LeaseGroup:
             self.loop.create_task(self._keep(lease_id), name=f"etcd lease {lease_id:x} keepalive"),
             self.loop.create_task(self._verify(lease_id), name=f"etcd lease {lease_id:x} verify"),
         ]
+        if any(m.lease_id not in (None, lease_id) for m in self.members.values()):
+            self._tasks.append(
+                self.loop.create_task(self._put_back(lease_id), name="etcd shared put back")
+            )
         log.debug(
             "etcd shared lease %x granted (ttl %ds)",
             lease_id,
@@ -215,16 +219,26 @@ class LeaseGroup:
             self.broadcast(LivenessNews.RENEWAL)
 
     async def _restore(self) -> None:
-        """Grant a new lease and put every member back on it at once, in batches.
+        """After a lost lease: grant a new one at once (which puts every member back).
 
-        The members still hear RENEWAL and call register_shared, which then finds
-        its entry back already (claim) instead of waiting behind thousands of
-        wake-ups: a wiped etcd holds every entry again within a few round trips.
+        When the grant fails, the members hear now and register again themselves;
+        the first grant that succeeds puts all the others back too.
         """
         try:
-            lease_id = await self.ensure_lease()
-            stale = [(k, m) for k, m in self.members.items() if m.lease_id not in (None, lease_id)]
-            puts = [(k, m, self.put(k, m.value, lease_id)) for k, m in stale]
+            await self.ensure_lease()
+        except RegistryError:
+            self.broadcast(LivenessNews.RENEWAL)
+
+    async def _put_back(self, lease_id: int) -> None:
+        """Put every member of an older lease back on ``lease_id``, in batched transactions.
+
+        The members then hear RENEWAL and call register_shared, which finds its
+        entry back already (claim) instead of waiting behind thousands of
+        wake-ups: a wiped etcd holds every entry again within a few round trips.
+        """
+        stale = [(k, m) for k, m in self.members.items() if m.lease_id not in (None, lease_id)]
+        puts = [(k, m, self.put(k, m.value, lease_id)) for k, m in stale]
+        try:
             for key, member, future in puts:
                 try:
                     revision = await future
@@ -232,8 +246,6 @@ class LeaseGroup:
                     continue  # that member puts it again itself
                 if self.members.get(key) is member and member.lease_id not in (None, lease_id):
                     member.lease_id, member.revision, member.adopted = lease_id, revision, True
-        except RegistryError:
-            pass  # the members' own register_shared calls grant it later
         finally:
             self.broadcast(LivenessNews.RENEWAL)
 
