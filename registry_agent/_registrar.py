@@ -111,8 +111,8 @@ class AsyncRegistrar:
     :class:`~registry_agent._backend.SharedLiveness` capability, the entry lives
     on the heartbeat the backend shares among all its registrations of the same
     TTL: one renewal every ``ttl / 3`` and one read per TTL for all of them, so
-    this registrar runs no timers (it reads its entry back once, a TTL after
-    registering, then acts on the backend's news). That is what a process with
+    this registrar runs no timers of its own and acts on the backend's news
+    (a heartbeat answered from memory, or a read of its entry). That is what a process with
     many registrations on one backend object wants (the agent). By default, and
     on other backends, it keeps a lease of its own, renewed and read back here.
     """
@@ -628,7 +628,9 @@ class AsyncRegistrar:
                 )
                 await asyncio.sleep(1.0)
                 continue
-            self._reg.verify_now(self._clock())
+            lease = self._reg.lease
+            if lease is None or not lease.shared:  # a shared lease: the backend reads back
+                self._reg.verify_now(self._clock())
             self._wake_up()
 
     def _failing_checks(self) -> str:

@@ -361,9 +361,7 @@ class Registration:
         self._registered_at = now
         self.heartbeat_due = math.inf if shared else now + self.options.heartbeat_interval
         # Someone else held our entry critical before: see at once whether they still do.
-        # Else read it back a TTL from now, shared or not: once for a shared lease,
-        # whose backend reads back all its entries from then on.
-        self.verify_due = now if self.external else now + self.options.verify_interval
+        self.verify_due = now if self.external else self._next_verify(now)
         self.lost_reason = None
         wanted = str(self._wanted)
         if self._lost_entry:
