@@ -197,6 +197,15 @@ class ConsulBackend:
     the agent we talk to, else the first node by name) and the others are
     keyed ``node/id``. (The agent's node name needs ``agent:read``; without
     it, the first node by name keeps the plain id.)
+
+    Shared liveness (:meth:`register_shared`): one heartbeat service per TTL
+    and backend object, ``registry-agent-heartbeat`` (ID
+    ``registry-agent-heartbeat-<host>-<pid>-<ttl>s-<random>``, tag and meta
+    ``host``/``pid``/``ttl``), whose TTL check one ``check/pass`` renews every
+    ttl/3; each service carries an alias check ``service:<id>`` of it (with
+    ``DeregisterCriticalServiceAfter``) and a health check only while not
+    plainly passing. It needs ``service:write`` on ``registry-agent-heartbeat``;
+    a token without it falls back to a TTL check per registration (warned once).
     """
 
     scheme: ClassVar[str] = "consul"
