@@ -307,6 +307,7 @@ class LeaseGroup:
         """Renew ``lease_id`` every ttl/3 on one stream until it is lost or replaced."""
         period = self.seconds / 3
         attempt = 0
+        told = False  # members were told renewals fail
         stream: _Stream | None = None
         try:
             while self.lease_id == lease_id and self.lost is None and not self._closed:
@@ -346,6 +347,8 @@ class LeaseGroup:
                             lease_id,
                             extra={"event": "renewal_recovered", "backend": "etcd"},
                         )
+                    if told:
+                        told = False
                         self.broadcast(LivenessNews.RENEWAL)
                     try:  # until the next renewal, unless the stream breaks first
                         async with asyncio.timeout(max(0.0, sent + period - time.monotonic())):
@@ -370,10 +373,12 @@ class LeaseGroup:
                         error,
                         extra={"event": "renewal_failed", "backend": "etcd"},
                     )
-                    self.error = error
+                self.error = error
+                if attempt == 2:
+                    # News only when the retry failed too: one failed call (a member
+                    # failing over, a reset stream) must not wake every member.
+                    told = True
                     self.broadcast(LivenessNews.RENEWAL)
-                else:
-                    self.error = error
                 await asyncio.sleep(min(self.retry.delay(attempt), period))
         finally:
             if stream is not None:
