@@ -276,6 +276,22 @@ async def test_lease_revoked_by_someone_else_all_back(
         await observer.close()
 
 
+async def test_close_revokes_the_shared_lease_only(etcd_server: EtcdServer) -> None:
+    backend = open_backend(etcd_server.url, timeout=1)
+    assert isinstance(backend, SharedLiveness)
+    shared = [await backend.register_shared(i, ttl=TTL) for i in instances(3)]
+    own = await backend.register(instances(4)[3], ttl=30)  # today's per-registration lease
+    assert etcd_server.leases() == {shared[0].handle, own.handle}
+    await backend.close()
+    # The shared entries go with their lease; a registration of its own stays (until its TTL).
+    assert etcd_server.leases() == {own.handle}
+    observer = open_backend(etcd_server.url, timeout=1)
+    try:
+        assert set(await statuses(observer)) == {own.instance.id}
+    finally:
+        await observer.close()
+
+
 async def test_server_wiped_all_back(
     server: ServerProcess, observer: Backend, measured: Measured
 ) -> None:

@@ -973,7 +973,8 @@ class EtcdBackend:
             if group.loop is running_loop():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.timeout):
-                        await group.close(revoke=self._answering)
+                        # (Its renewals tell whether etcd answers, whatever other calls met.)
+                        await group.close(revoke=self._answering or group.error is None)
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None and not sweeper.done() and sweeper.get_loop() is running_loop():
             sweeper.cancel()
