@@ -282,3 +282,49 @@ def test_an_id_on_several_nodes_keeps_the_plain_id_on_the_local_node() -> None:
         other = "a-first" if plain == NODE else NODE
         assert found[sid].instance.node == plain
         assert found[f"{other}/{sid}"].instance.node == other
+
+
+def test_a_probe_shows_a_new_instance_before_the_full_catalog_answer() -> None:
+    v = View()
+    v.load(body("catalog"), body("checks"), "[]")
+    entries, checks = json.loads(body("catalog")), json.loads(body("checks"))
+    new = {**entries[2], "ServiceID": "orders-9", "ServicePort": 8009}
+    mine = {**checks[0], "ServiceID": "orders-9", "CheckID": "service:orders-9"}
+    stale = v.tick()  # a full catalog read in flight, asked before orders-9 came
+    v.view.set_checks(decode_checks(json.dumps([*checks, mine])), v.tick(), v.tick())
+    assert "orders-9" not in v.view.snapshot()
+    keys = v.view.probe_keys(16)
+    assert keys == [(NODE, "orders-9")]
+    assert v.view.probe_keys(16) == []  # asked once
+    asked = v.tick()
+    v.view.set_probe(decode_catalog(json.dumps([new])), keys, asked, v.tick())
+    shown = v.view.snapshot()["orders-9"]
+    assert (shown.instance.port, shown.status) == (8009, HealthStatus.PASSING)
+    # The full answer asked before the probe's came does not undo it; a later one agrees.
+    v.view.set_catalog(decode_catalog(body("catalog")), v.tick(), stale)
+    assert v.view.snapshot()["orders-9"] is shown
+    asked = v.tick()
+    v.view.set_catalog(decode_catalog(json.dumps([*entries, new])), v.tick(), asked)
+    assert v.view.snapshot()["orders-9"] is shown
+
+
+def test_a_probe_shows_a_deregistration_before_the_full_catalog_answer() -> None:
+    v = View()
+    v.load(body("catalog"), body("checks"), "[]")
+    v.view.snapshot()
+    stale = v.tick()
+    checks = [c for c in json.loads(body("checks")) if c["ServiceID"] != "orders-1"]
+    v.view.set_checks(decode_checks(json.dumps(checks)), v.tick(), v.tick())
+    assert "orders-1" in v.view.snapshot()  # as it was: maybe only its checks went
+    keys = v.view.probe_keys(16)
+    assert keys == [(NODE, "orders-1")]
+    v.view.set_probe(decode_catalog("[]"), keys, v.tick(), v.tick())
+    assert "orders-1" not in v.view.snapshot()
+    v.view.set_catalog(decode_catalog(body("catalog")), v.tick(), stale)  # still lists it
+    assert "orders-1" not in v.view.snapshot()
+    # Too many to probe: left to the full catalog answer.
+    v = View()
+    v.load(body("catalog"), body("checks"), "[]")
+    v.view.set_checks(decode_checks("[]"), v.tick(), v.tick())
+    assert v.view.probe_keys(2) == []
+    assert len(v.view.probe_keys(16)) == 3

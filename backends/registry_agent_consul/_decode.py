@@ -202,6 +202,14 @@ class ServiceView:
         self._dirty: set[Key] = set()  # keys to look at again
         self._held: set[Key] = set()  # keys held back or kept as they were
         self._renamed = True  # snapshot keys changed: look at everything
+        # Probes (small catalog reads of a few keys, see probe_keys): keys whose checks
+        # came before the catalog listed them; keys being probed; and keys a probe
+        # found there / gone, with the sequence number its answer arrived at (a full
+        # catalog answer requested before that is older and must not undo it).
+        self._unlisted: set[Key] = set()
+        self._probing: set[Key] = set()
+        self._probed_in: dict[Key, int] = {}
+        self._probed_out: dict[Key, int] = {}
 
     # -- answers --------------------------------------------------------------
 
@@ -211,9 +219,11 @@ class ServiceView:
         for _node, service_id in answer.bad:
             self._warn(service_id, "an entry that is not what Consul's catalog returns")
         new_list: list[CatalogEntry] = answer.entries
-        changed = self._catalog_in_place(new_list)
+        changed = None
+        if not self._probed_in and not self._probed_out:
+            changed = self._catalog_in_place(new_list)
         if changed is None:
-            changed = self._catalog_anew(new_list, received)
+            changed = self._catalog_anew(new_list, received, asked)
         self._catalog = new_list
         for key in [
             k for k, seen in self._vanished.items() if k not in self._entries or asked > seen
@@ -241,21 +251,26 @@ class ServiceView:
                 new_list[i].ServiceID,
             ):
                 return None
+        made = []
         for i in differ:
             entry = new_list[i]
             key = (entry.Node, entry.ServiceID)
             instance = self._instance(entry)
             if (instance is None) != (self._entries[key][1] is None):
                 return None  # valid <-> invalid changes the snapshot keys: start anew
+            made.append((key, entry, instance))
+        for key, entry, instance in made:
             self._entries[key] = (entry, instance)
             self._dirty.add(key)
         return bool(differ)
 
-    def _catalog_anew(self, new_list: list[CatalogEntry], received: int) -> bool:
+    def _catalog_anew(self, new_list: list[CatalogEntry], received: int, asked: int) -> bool:
         old = self._entries
         new: dict[Key, tuple[CatalogEntry, ServiceInstance | None]] = {}
         for entry in new_list:
             key = (entry.Node, entry.ServiceID)
+            if key in self._probed_out and asked <= self._probed_out[key]:
+                continue  # a probe found it gone after this answer was asked for
             before = old.get(key)
             if before is not None and before[0] == entry:
                 new[key] = before
@@ -263,8 +278,15 @@ class ServiceView:
             new[key] = (entry, self._instance(entry))
             self._first_seen.setdefault(key, received)
             self._node_first_seen.setdefault(entry.Node, received)
+        for key, seen in self._probed_in.items():
+            if key not in new and key in old and asked <= seen:
+                new[key] = old[key]  # a probe found it after this answer was asked for
+        self._probed_in = {k: seen for k, seen in self._probed_in.items() if asked <= seen}
+        self._probed_out = {k: seen for k, seen in self._probed_out.items() if asked <= seen}
         changed = new.keys() != old.keys() or any(new[k] is not old[k] for k in new)
         self._entries = new
+        self._unlisted = {key for key in self._checks if key not in new}
+        self._probing &= self._unlisted | self._vanished.keys()
         if changed:
             for key in [k for k in self._first_seen if k not in new]:
                 del self._first_seen[key]
@@ -274,8 +296,8 @@ class ServiceView:
             self._on_node = on_node
             for node in [n for n in self._node_first_seen if n not in on_node]:
                 del self._node_first_seen[node]
-            self._names = self._keys()
-            self._renamed = True
+            self._dirty.update(k for k in old.keys() | new.keys() if old.get(k) is not new.get(k))
+            self._rename()
         return changed
 
     def set_checks(self, answer: Decoded, asked: int, received: int | None = None) -> None:
@@ -293,6 +315,7 @@ class ServiceView:
             for key in old:
                 if key not in grouped and key in self._entries:
                     self._vanished[key] = asked if received is None else received
+            self._unlisted = {key for key in grouped if key not in self._entries}
             for key in grouped:
                 if self._vanished.pop(key, None) is not None:
                     self._dirty.add(key)
@@ -348,6 +371,54 @@ class ServiceView:
             self._node_vanished.pop(node, None)
         self._node_checks = grouped
         self._nodes_asked = asked
+
+    def probe_keys(self, limit: int) -> list[Key]:
+        """Keys a small catalog read could settle now (at most ``limit``, else none).
+
+        An instance whose checks arrived before the catalog listed it (just
+        registered), or whose checks vanished while it is listed (being
+        deregistered): the full catalog answer would settle it too, but it is
+        the largest and slowest to come.
+        """
+        keys = [
+            key
+            for key in self._unlisted | self._vanished.keys()
+            if key not in self._probing and not any('"' in p or "\\" in p for p in key)
+        ]
+        if not keys or len(keys) > limit:
+            return []
+        self._probing.update(keys)
+        return keys
+
+    def set_probe(self, answer: Decoded, keys: Iterable[Key], asked: int, received: int) -> None:
+        """Take a catalog read of ``keys`` only, sent at ``asked``, arrived at ``received``."""
+        found = {(entry.Node, entry.ServiceID): entry for entry in answer.entries}
+        renamed = False
+        for key in keys:
+            entry = found.get(key)
+            settles = asked > self._vanished.get(key, asked)
+            if settles:
+                del self._vanished[key]
+                self._dirty.add(key)
+            if entry is not None and key not in self._entries:
+                self._entries[key] = (entry, self._instance(entry))
+                self._first_seen.setdefault(key, received)
+                self._node_first_seen.setdefault(key[0], received)
+                self._on_node.setdefault(key[0], []).append(key)
+                self._probed_in[key] = received
+                self._unlisted.discard(key)
+                renamed = True
+            elif entry is None and settles and key in self._entries:
+                del self._entries[key]  # deregistered
+                self._first_seen.pop(key, None)
+                on_node = self._on_node.get(key[0], [])
+                if key in on_node:
+                    on_node.remove(key)
+                self._probed_out[key] = received
+                renamed = True
+            self._dirty.add(key)
+        if renamed:
+            self._rename()
 
     # -- what is known ----------------------------------------------------------
 
@@ -452,6 +523,12 @@ class ServiceView:
 
         worst = sorted((c for c in checks if c.Status == status), key=rank)
         return InstanceHealth(instance, status, check_note(worst[0]) if worst else "")
+
+    def _rename(self) -> None:
+        """New snapshot keys after a membership change; look again at those that moved."""
+        old, new = self._names, self._keys()
+        self._dirty.update(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        self._names = new
 
     def _keys(self) -> dict[Key, str]:
         """Snapshot keys: the id; an id held by several nodes: ``node/id`` but for one.

@@ -45,6 +45,8 @@ RESUME_GAP = 1.0
 _NO_BLOCK = 0.01
 _SPIN_PAUSE = 0.05
 NODE_CHECKS_FILTER = 'ServiceID == "" and Status != "passing"'
+# Most instances one probe (a filtered catalog read) asks about; more: the full catalog.
+PROBE_MAX = 16
 
 
 def _go_duration(seconds: float) -> str:
@@ -116,6 +118,9 @@ class _Watch:
             "nodes", "/v1/health/state/any", [("filter", NODE_CHECKS_FILTER)], decode_checks
         )
         self.queries = (self.catalog, self.checks, self.nodes)
+        # A catalog read of a few instances only, when the checks show one came or went.
+        self.probe = _Query("probe", self.catalog.path, [], decode_catalog)
+        self.probing: list[tuple[str, str]] = []
 
     def tick(self) -> int:
         self.seq += 1
@@ -147,8 +152,11 @@ class _Watch:
     def take(self, query: _Query, result: tuple[int, Decoded, float]) -> None:
         """Apply one answer to the view and decide how the next request waits."""
         new_index, decoded, took = result
-        query.received = time.monotonic()
         asked, query.task = query.asked, None
+        if query is self.probe:
+            self.view.set_probe(decoded, self.probing, asked, self.tick())
+            return
+        query.received = time.monotonic()
         blocked, query.last = query.sent > 0, new_index
         if query is self.catalog:
             self.view.set_catalog(decoded, self.tick(), asked)
@@ -167,12 +175,19 @@ class _Watch:
             query.index = new_index
 
     def settle(self) -> None:
-        """Re-read checks or node checks now when an instance waits for them."""
+        """Re-read checks or node checks now when an instance waits for them; probe."""
         checks, nodes = self.view.waiting()
         if checks is not None and self.checks.asked < checks:
             self.restart(self.checks)
         if nodes is not None and self.nodes.asked < nodes:
             self.restart(self.nodes)
+        if self.probe.task is None:
+            keys = self.view.probe_keys(PROBE_MAX)
+            if keys:
+                self.probing = keys
+                either = " or ".join(f'(Node == "{n}" and ServiceID == "{i}")' for n, i in keys)
+                self.probe.params = [("filter", either)]
+                self.start(self.probe, blocking=False)
 
     async def first(self) -> None:
         """The first picture: the catalog, then checks and node checks asked after it."""
@@ -190,7 +205,7 @@ class _Watch:
         for query in self.queries:
             if query.task is None:
                 self.start(query)
-        tasks = {q.task: q for q in self.queries if q.task is not None}
+        tasks = {q.task: q for q in (*self.queries, self.probe) if q.task is not None}
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         # The catalog first: the checks answer then knows which entries it covers.
         for query in sorted((tasks[t] for t in done), key=lambda q: q is not self.catalog):
@@ -200,7 +215,7 @@ class _Watch:
         self.settle()
 
     def close(self) -> None:
-        for query in self.queries:
+        for query in (*self.queries, self.probe):
             task, query.task = query.task, None
             if task is None:
                 continue
