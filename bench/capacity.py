@@ -31,6 +31,7 @@ import base64
 import json
 import os
 import pstats
+import select
 import signal
 import socket
 import statistics
@@ -308,7 +309,9 @@ def measure_ours(
                 done = wait_passing(srv, count, register_timeout(count), alive)
                 phase(signal.SIGUSR2)
                 if done is None:
-                    sample.notes.append(f"not all passing after {register_timeout(count):g}s")
+                    sample.notes.append(
+                        f"{passing(srv)} of {count} passing after {register_timeout(count):g}s"
+                    )
                 else:
                     sample.register = done - started
                 time.sleep(SETTLE)
@@ -328,7 +331,10 @@ def measure_ours(
                     back = wait_passing(srv, count, register_timeout(count), alive)
                     phase(signal.SIGUSR2)
                     if back is None:
-                        sample.notes.append("not all back after the wipe")
+                        sample.notes.append(
+                            f"{passing(srv)} of {count} back {register_timeout(count):g}s "
+                            "after the wipe"
+                        )
                     else:
                         sample.wipe = back - accepting
             finally:
@@ -357,6 +363,12 @@ def measure_floor(kind: str, count: int, window: float) -> Sample:
         )
         try:
             assert floor.stdout is not None
+            readable, _, _ = select.select([floor.stdout], [], [], register_timeout(count))
+            if not readable:
+                sample.notes.append(
+                    f"floor: {passing(srv)} of {count} passing after {register_timeout(count):g}s"
+                )
+                return sample
             line = floor.stdout.readline().decode().split()
             if line[:1] != ["registered"]:
                 _stop(floor, sample)
@@ -368,6 +380,8 @@ def measure_floor(kind: str, count: int, window: float) -> Sample:
             done = wait_passing(srv, count, register_timeout(count), lambda: floor.poll() is None)
             if done is not None:
                 sample.register = done - started
+            else:
+                sample.notes.append(f"{passing(srv)} of {count} passing")
             time.sleep(SETTLE)
             _window(sample, srv, floor.pid, window)
         finally:

@@ -80,7 +80,12 @@ async def consul_floor(host: str, port: int, count: int, ttl: int, stop: asyncio
     import httpx
 
     limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
-    async with httpx.AsyncClient(base_url=f"http://{host}:{port}", limits=limits) as http:
+    # No read timeout: Consul answers every registration in the end, and a retry
+    # of one it is still working on only adds work.
+    timeout = httpx.Timeout(5.0, read=None)
+    async with httpx.AsyncClient(
+        base_url=f"http://{host}:{port}", limits=limits, timeout=timeout
+    ) as http:
         check_id = f"{HEARTBEAT_SERVICE}:ttl"
         heartbeat = {
             "Name": HEARTBEAT_SERVICE,
