@@ -556,3 +556,30 @@ async def test_many_registrations_at_once_are_written_with_bounded_concurrency(
         )
         await asyncio.gather(*(backend.deregister(lease) for lease in leases))
         assert _heartbeats(server) == {}
+
+
+async def test_maintenance_mode_is_told_once_when_it_starts_and_once_when_it_ends(
+    shared_consul: ConsulServer,
+) -> None:
+    server = shared_consul
+    async with _backend(server) as backend:
+        stand = _Stand(backend, _instances("maint", 5))
+        await stand.start()
+        try:
+            target = stand.instances[1]
+            path = f"/v1/agent/service/maintenance/{target.id}"
+            server.api(f"{path}?enable=true&reason=disk%20swap", method="PUT")
+            await _wait_for("told VERIFY", lambda: len(stand.news) >= 1, TTL + 2)
+            found = await backend.lookup(stand.leases[target.id])
+            assert found is not None
+            assert found.status is HealthStatus.CRITICAL
+            assert "disk swap" in found.note
+            await asyncio.sleep(TTL + 0.5)  # a verification later: nothing new to tell
+            assert stand.news == [(target.id, LivenessNews.VERIFY)]
+            server.api(f"{path}?enable=false", method="PUT")
+            await _wait_for("told again", lambda: len(stand.news) >= 2, TTL + 2)
+            assert stand.news == [(target.id, LivenessNews.VERIFY)] * 2
+        finally:
+            await stand.close()
+            for lease in stand.leases.values():
+                await backend.deregister(lease)

@@ -1039,6 +1039,8 @@ class ConsulBackend:
     async def wait_connection_change(self) -> None:
         """Return when the agent went away, or came back after being away (see ConnectionProbe)."""
         await self._probe.wait_change()
+        for group in list(self._groups.values()):
+            group.renew_now()  # a restarted agent restores TTL checks critical
 
     async def _hold_connection(self, connected: Callable[[], None]) -> bool:
         # A hash-based blocking query on one of our own services (only needs read

@@ -37,8 +37,10 @@ __all__ = [
     "HeartbeatCalls",
     "HeartbeatGroup",
     "Member",
+    "ReadBack",
     "alias_id",
     "entry_differs",
+    "foreign_status",
     "health_id",
 ]
 
@@ -67,6 +69,8 @@ class Member:
     status: HealthStatus
     note: str
     written_at: float  # time.monotonic() when the entry was last written
+    #: Worst status of the entry's checks that are not ours (maintenance mode…), as last seen.
+    foreign: str = "passing"
     listeners: list[Callable[[LivenessNews], None]] = field(default_factory=list)
 
     @property
@@ -89,18 +93,54 @@ class HeartbeatCalls:
     read_back: Callable[[], Awaitable[tuple[Mapping[str, Any], Mapping[str, Any]]]]
 
 
-def entry_differs(
-    member: Member, heartbeat_id: str, services: Mapping[str, Any], checks: Mapping[str, Any]
-) -> bool:
+@dataclass(frozen=True, slots=True)
+class ReadBack:
+    """One verification's read: the agent's services and checks by id, checks by service."""
+
+    services: Mapping[str, Any]
+    checks: Mapping[str, Any]
+    #: Checks per ServiceID ("" for the node's own checks).
+    by_service: Mapping[str, list[Mapping[str, Any]]]
+
+    @classmethod
+    def of(cls, services: Mapping[str, Any], checks: Mapping[str, Any]) -> ReadBack:
+        """Index ``checks`` by service once (not once per member)."""
+        by_service: dict[str, list[Mapping[str, Any]]] = {}
+        for check in checks.values():
+            if isinstance(check, Mapping):
+                by_service.setdefault(str(check.get("ServiceID") or ""), []).append(check)
+        return cls(services, checks, by_service)
+
+
+def foreign_status(instance_id: str, read: ReadBack) -> str:
+    """Worst status of the checks on ``instance_id`` (or its node) that are not ours.
+
+    An operator's maintenance mode (``_service_maintenance:<id>``, ``_node_maintenance``)
+    or checks someone added: the registrar reads them back once when they change.
+    """
+    ours = (alias_id(instance_id), health_id(instance_id), "serfHealth")
+    statuses = {
+        str(c.get("Status"))
+        for c in (*read.by_service.get(instance_id, ()), *read.by_service.get("", ()))
+        if c.get("CheckID") not in ours
+    }
+    for status in ("critical", "warning"):
+        if status in statuses:
+            return status
+    return "passing"
+
+
+def entry_differs(member: Member, heartbeat_check: str, read: ReadBack, foreign: str) -> bool:
     """Whether the agent holds something else than what ``member`` wrote.
 
     Compared: the service's name, address, port, tags and meta; our alias check
-    present and pointing at a passing heartbeat; our health check present (with
+    present (and passing while the heartbeat and the checks that are not ours
+    pass: an alias also follows node checks); our health check present (with
     the status written) exactly when one was written. Other checks (an
     operator's maintenance mode) are not ours to repair.
     """
     instance = member.lease.instance
-    svc = services.get(instance.id)
+    svc = read.services.get(instance.id)
     if not isinstance(svc, Mapping):
         return True
     if (
@@ -111,15 +151,19 @@ def entry_differs(
         or dict(svc.get("Meta") or {}) != dict(instance.meta)
     ):
         return True
-    alias = checks.get(alias_id(instance.id))
+    alias = read.checks.get(alias_id(instance.id))
     if not isinstance(alias, Mapping) or alias.get("ServiceID") != instance.id:
         return True
-    beat = checks.get(heartbeat_id)
-    if alias.get("Status") != str(HealthStatus.PASSING) and (
-        isinstance(beat, Mapping) and beat.get("Status") == str(HealthStatus.PASSING)
+    beat = read.checks.get(heartbeat_check)
+    passing = str(HealthStatus.PASSING)
+    if (
+        alias.get("Status") != passing
+        and foreign == passing
+        and isinstance(beat, Mapping)
+        and beat.get("Status") == passing
     ):
         return True  # the heartbeat passes but the alias does not: not aliasing ours
-    health = checks.get(health_id(instance.id))
+    health = read.checks.get(health_id(instance.id))
     if not member.has_health:
         return health is not None
     return not isinstance(health, Mapping) or health.get("Status") != str(member.status)
@@ -139,6 +183,7 @@ class HeartbeatGroup:
         self.calls = calls
         self.ttl = ttl
         self.service_id = service_id
+        self.check_id = alias_id(service_id)  # the heartbeat's TTL check
         self.members: dict[str, Member] = {}
         #: Deregistrations in flight: the heartbeat is removed only after the last one.
         self.leaving = 0
@@ -150,6 +195,7 @@ class HeartbeatGroup:
         self._error: BackendError | None = None  # the failing renewal's error, while it fails
         self._since_ok = 0.0  # time.monotonic() of the last renewal (or registration) that worked
         self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._lost_why = ""  # why the last generation was lost (the server's words)
@@ -231,6 +277,15 @@ class HeartbeatGroup:
 
     # -- the loops --
 
+    def renew_now(self) -> None:
+        """Renew at once (the agent came back: a restored TTL check is critical until then)."""
+        self._wake.set()
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
     def _start(self) -> None:
         if self._tasks or self._closed:
             return
@@ -273,7 +328,7 @@ class HeartbeatGroup:
             except LeaseLost as exc:
                 self._lose(str(exc))
                 attempt += 1
-                await asyncio.sleep(self._retry.delay(attempt))
+                await self._pause(self._retry.delay(attempt))
                 continue
             except BackendError as exc:
                 attempt += 1
@@ -290,7 +345,7 @@ class HeartbeatGroup:
                     delay = self._retry.delay(attempt)
                 # Never sleep past the TTL's end: the next try decides lost or not.
                 left = self.ttl - (time.monotonic() - self._since_ok)
-                await asyncio.sleep(max(0.05, min(delay, left)) if self._registered else delay)
+                await self._pause(max(0.05, min(delay, left)) if self._registered else delay)
                 continue
             attempt = 0
             self._since_ok = time.monotonic()
@@ -298,7 +353,7 @@ class HeartbeatGroup:
             if self._error is not None:
                 self._error = None
                 self._tell(LivenessNews.RENEWAL, list(self.members.values()))
-            await asyncio.sleep(self.ttl / 3)
+            await self._pause(self.ttl / 3)
 
     async def _verify_loop(self) -> None:
         while True:
@@ -314,13 +369,15 @@ class HeartbeatGroup:
                 continue
             if generation != self.generation:
                 continue
-            stale = [
-                m
-                for m in self.members.values()
-                if m.generation == generation
-                and m.written_at < started
-                and entry_differs(m, self.service_id, services, checks)
-            ]
+            read = ReadBack.of(services, checks)
+            stale = []
+            for m in list(self.members.values()):
+                if m.generation != generation or m.written_at >= started:
+                    continue
+                foreign = foreign_status(m.lease.instance.id, read)
+                moved, m.foreign = foreign != m.foreign, foreign
+                if moved or entry_differs(m, self.check_id, read, foreign):
+                    stale.append(m)
             if stale:
                 log.debug(
                     "Consul verification: %d of %d entries differ",
