@@ -114,7 +114,10 @@ def test_a_node_check_that_is_not_passing_takes_every_instance_of_its_node_offli
     # node's entries are still there (not a node being deregistered), then online.
     v.view.set_node_checks(decode_checks("[]"), v.tick())
     assert v.view.snapshot()["orders-0"].status is HealthStatus.WARNING
+    catalog_after = v.view.waiting()[0]
+    assert catalog_after is not None  # the watch re-reads the catalog at once
     asked = v.tick()
+    assert asked > catalog_after
     v.view.set_catalog(decode_catalog(body("catalog")), v.tick(), asked)
     assert v.view.snapshot()["orders-0"].status is HealthStatus.PASSING
 
@@ -162,7 +165,7 @@ def test_an_entry_is_held_back_until_checks_asked_after_it_arrive() -> None:
     v.view.set_catalog(decode_catalog(json.dumps([*entries, new])), v.tick())
     v.view.set_checks(decode_checks(body("checks")), asked)
     assert "orders-9" not in v.view.snapshot()
-    checks_after, nodes_after = v.view.waiting()
+    _, checks_after, nodes_after = v.view.waiting()
     assert checks_after is not None
     assert checks_after > asked
     assert nodes_after is None  # its node is known
@@ -172,7 +175,7 @@ def test_an_entry_is_held_back_until_checks_asked_after_it_arrive() -> None:
     mine["Status"] = "critical"
     v.view.set_checks(decode_checks(json.dumps([*checks, mine])), asked)
     assert v.view.snapshot()["orders-9"].status is HealthStatus.CRITICAL
-    assert v.view.waiting() == (None, None)
+    assert v.view.waiting() == (None, None, None)
     # Or none: only an answer asked after the entry was seen says it has none.
     eight = {**new, "ServiceID": "orders-8"}
     asked = v.tick()
@@ -181,7 +184,7 @@ def test_an_entry_is_held_back_until_checks_asked_after_it_arrive() -> None:
     assert "orders-8" not in v.view.snapshot()
     v.view.set_checks(decode_checks(json.dumps([*checks, mine])), v.tick())
     assert v.view.snapshot()["orders-8"].status is HealthStatus.PASSING
-    assert v.view.waiting() == (None, None)
+    assert v.view.waiting() == (None, None, None)
 
 
 def test_a_deregistration_whose_checks_vanish_first_never_shows_as_passing() -> None:
@@ -193,6 +196,7 @@ def test_a_deregistration_whose_checks_vanish_first_never_shows_as_passing() -> 
     checks = [c for c in json.loads(body("checks")) if c["ServiceID"] != "orders-1"]
     v.view.set_checks(decode_checks(json.dumps(checks)), v.tick(), v.tick())
     assert v.view.snapshot()["orders-1"] is before["orders-1"]  # as it was
+    assert v.view.waiting()[0] is not None  # until a catalog read (or a probe) settles it
     entries = [e for e in json.loads(body("catalog")) if e["ServiceID"] != "orders-1"]
     v.view.set_catalog(decode_catalog(json.dumps(entries)), v.tick(), asked)
     assert "orders-1" not in v.view.snapshot()
@@ -219,7 +223,7 @@ def test_an_instance_on_a_new_node_waits_for_node_checks_asked_after_it() -> Non
     v.view.set_catalog(decode_catalog(json.dumps([*entries, other])), v.tick())
     v.view.set_checks(decode_checks(body("checks")), v.tick())
     assert "orders-7" not in v.view.snapshot()
-    assert v.view.waiting()[1] is not None
+    assert v.view.waiting()[2] is not None
     v.view.set_node_checks(decode_checks("[]"), asked)  # too old
     assert "orders-7" not in v.view.snapshot()
     serf = {"Node": "far", "CheckID": "serfHealth", "Name": "Serf Health Status"}

@@ -427,19 +427,23 @@ class ServiceView:
         """Every kind of answer has arrived once."""
         return self.has_catalog and self.has_checks and self.has_nodes
 
-    def waiting(self) -> tuple[int | None, int | None]:
-        """Sequence numbers after which a checks / node checks read would settle what is held back.
-
-        ``None`` for a kind whose answers are enough for every instance shown.
+    def waiting(self) -> tuple[int | None, int | None, int | None]:
+        """Sequence numbers after which a catalog / checks / node checks read would settle
+        what is held back (``None`` for a kind whose answers are enough).
         """
-        checks = nodes = None
+        catalog = checks = nodes = None
+        for key, seen in self._vanished.items():
+            if key not in self._probing:
+                catalog = max(catalog or 0, seen)
+        for seen in self._node_vanished.values():
+            catalog = max(catalog or 0, seen)
         for key, seen in self._first_seen.items():
             if seen >= self._checks_asked and key not in self._checks:
                 checks = max(checks or 0, seen)
         for seen in self._node_first_seen.values():
             if seen >= self._nodes_asked:
                 nodes = max(nodes or 0, seen)
-        return checks, nodes
+        return catalog, checks, nodes
 
     def snapshot(self) -> InstanceMap:
         """Every instance whose health is known (the same map when nothing changed)."""

@@ -175,12 +175,7 @@ class _Watch:
             query.index = new_index
 
     def settle(self) -> None:
-        """Re-read checks or node checks now when an instance waits for them; probe."""
-        checks, nodes = self.view.waiting()
-        if checks is not None and self.checks.asked < checks:
-            self.restart(self.checks)
-        if nodes is not None and self.nodes.asked < nodes:
-            self.restart(self.nodes)
+        """Probe, or re-read now, what an instance held back waits for."""
         if self.probe.task is None:
             keys = self.view.probe_keys(PROBE_MAX)
             if keys:
@@ -188,6 +183,9 @@ class _Watch:
                 either = " or ".join(f'(Node == "{n}" and ServiceID == "{i}")' for n, i in keys)
                 self.probe.params = [("filter", either)]
                 self.start(self.probe, blocking=False)
+        for query, after in zip(self.queries, self.view.waiting(), strict=True):
+            if after is not None and query.asked < after:
+                self.restart(query)
 
     async def first(self) -> None:
         """The first picture: the catalog, then checks and node checks asked after it."""
