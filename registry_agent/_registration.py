@@ -285,6 +285,7 @@ class Registration:
                 )
                 return self.failed(step, self._lease_lost(why), now)
             changes += self._read_back(result)
+            self.verify_due = self._next_verify(now)  # held elsewhere: keep reading it back
         elif step is Step.HEARTBEAT:
             self.counters.heartbeats_ok += 1
             if self.lease is not None and self.lease.shared:
@@ -394,8 +395,10 @@ class Registration:
         return True
 
     def _next_verify(self, now: float) -> float:
-        # A shared lease is read back by the backend, which tells us when to look.
-        if self.lease is not None and self.lease.shared:
+        # A shared lease is read back by the backend, which tells us when to look; but
+        # the backend compares with what we wrote, so it cannot tell us when someone
+        # else (Consul maintenance mode) lets go of our entry: we read that back ourselves.
+        if self.lease is not None and self.lease.shared and self.external is None:
             return math.inf
         return now + self.options.verify_interval
 

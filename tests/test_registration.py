@@ -410,6 +410,27 @@ def test_held_elsewhere_is_reported_once_and_its_end_once() -> None:
     assert [type(c).__name__ for c in changes] == ["HeldAgain"]
 
 
+def test_a_shared_lease_held_elsewhere_keeps_reading_back_until_released() -> None:
+    """The backend's shared read compares with what we wrote, so it cannot tell us when
+    someone else (Consul maintenance mode) lets go of our entry: we read that back ourselves."""
+    held = found(HealthStatus.CRITICAL)
+    reg, changes, _ = drive(
+        [
+            (REGISTER, SHARED, 0),
+            (VERIFY_NEWS, None, 1),
+            (VERIFY, held, 1),
+            (SET_STATUS, OK, 1),
+            (VERIFY, held, 1),
+        ]
+    )
+    assert [type(c).__name__ for c in changes] == ["HeldElsewhere"]
+    assert slept(reg.next(Desired.PASSING, 2)) == pytest.approx(reg.options.verify_interval - 1)
+    assert reg.next(Desired.PASSING, 1 + reg.options.verify_interval) is VERIFY
+    changes, _ = outcome_of(reg, VERIFY, OK, 1 + reg.options.verify_interval)
+    assert [type(c).__name__ for c in changes] == ["HeldAgain"]
+    assert reg.next(Desired.PASSING, 1000) == Sleep(None)  # released: the backend's read again
+
+
 def test_a_rejection_is_kept_until_a_step_succeeds() -> None:
     reg, _, _ = drive([(REGISTER, REJECTED, 0)])
     assert reg.rejection is not None
