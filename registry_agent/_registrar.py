@@ -22,6 +22,7 @@ from registry_agent._health.gate import Desired, GateState, HealthGate, desired_
 from registry_agent._models import InstanceHealth, ServiceInstance
 from registry_agent._options import HEARTBEAT_FLOOR, TTL_FLOOR, OptionArgs, RegistrationOptions
 from registry_agent._plugins import open_backend
+from registry_agent._probe import ConnectionAware
 from registry_agent._reconcile import Step
 from registry_agent._registration import (
     Change,
@@ -228,7 +229,7 @@ class AsyncRegistrar:
         for check in self.checks:
             self._tasks.append(asyncio.create_task(self._run_check(check), name=check.name))
         self._reconciler = asyncio.create_task(self._reconcile(), name="registrar")
-        if hasattr(self.backend, "wait_connection_change"):
+        if isinstance(self.backend, ConnectionAware):
             self._tasks.append(asyncio.create_task(self._watch_connection(), name="probe"))
         if self.install_signal_handlers:
             self._install_signal_handlers()
@@ -616,7 +617,8 @@ class AsyncRegistrar:
     async def _watch_connection(self) -> None:
         # The registry went away or came back: check our entry now, not at the
         # next heartbeat, and cut short any backoff sleep.
-        wait = self.backend.wait_connection_change  # type: ignore[attr-defined]
+        assert isinstance(self.backend, ConnectionAware)
+        wait = self.backend.wait_connection_change
         while not self._stopping:
             try:
                 await wait()
