@@ -3,7 +3,12 @@
 import pytest
 
 from registry_agent import EventType
-from registry_agent.testing.contract import BackendContract, ServerControl, WatcherContract
+from registry_agent.testing.contract import (
+    BackendContract,
+    ConnectionAwareContract,
+    ServerControl,
+    WatcherContract,
+)
 from registry_agent.testing.servers import ConsulServer, EtcdServer
 
 
@@ -29,6 +34,18 @@ class TestConsulWatcher(WatcherContract):
 
 
 class TestEtcdWatcher(WatcherContract):
+    @pytest.fixture
+    def server(self, etcd_server: EtcdServer) -> ServerControl:
+        return etcd_server
+
+
+class TestConsulConnectionAware(ConnectionAwareContract):
+    @pytest.fixture
+    def server(self, consul_server: ConsulServer) -> ServerControl:
+        return consul_server
+
+
+class TestEtcdConnectionAware(ConnectionAwareContract):
     @pytest.fixture
     def server(self, etcd_server: EtcdServer) -> ServerControl:
         return etcd_server

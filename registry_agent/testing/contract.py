@@ -39,8 +39,15 @@ from registry_agent import (
     WatchEvent,
     open_backend,
 )
+from registry_agent._probe import ConnectionAware
 
-__all__ = ["BackendContract", "ServerControl", "WatcherContract", "eventually"]
+__all__ = [
+    "BackendContract",
+    "ConnectionAwareContract",
+    "ServerControl",
+    "WatcherContract",
+    "eventually",
+]
 
 
 class ServerControl(Protocol):
@@ -113,6 +120,39 @@ class _ContractFixtures:
         fields.setdefault("address", "127.0.0.1")
         fields.setdefault("port", 9000 + n)
         return ServiceInstance(service, id=f"{service}-{n}", **fields)
+
+
+class ConnectionAwareContract(_ContractFixtures):
+    """For backends with the optional :class:`~registry_agent.backend.ConnectionAware`
+    capability: ``wait_connection_change`` returns soon after the registry goes away,
+    and again soon after it is back (registrars then re-check at once)."""
+
+    async def test_it_declares_the_capability(self, backend: Backend) -> None:
+        assert isinstance(backend, ConnectionAware)
+
+    async def test_it_notices_the_registry_going_and_coming_back(
+        self, backend: Backend, server: ServerControl
+    ) -> None:
+        assert isinstance(backend, ConnectionAware)
+        bound = self.timeout + 5.0
+        change = asyncio.ensure_future(backend.wait_connection_change())
+        await asyncio.sleep(0.5)  # the probe holds its request open
+        assert not change.done(), "a change reported while nothing changed"
+        started = time.monotonic()
+        server.stop()
+        try:
+            async with asyncio.timeout(bound):
+                await change
+            went = time.monotonic() - started
+            change = asyncio.ensure_future(backend.wait_connection_change())
+            started = time.monotonic()
+        finally:
+            server.start()
+        async with asyncio.timeout(bound):
+            await change
+        back = time.monotonic() - started
+        assert went < bound, f"the registry's stop noticed after {went:.1f}s"
+        assert back < bound, f"the registry's return noticed after {back:.1f}s"
 
 
 class BackendContract(_ContractFixtures):
