@@ -19,7 +19,10 @@ Optional capabilities, each a runtime-checkable protocol: :class:`SharedLiveness
 (one heartbeat and one verification for many registrations) and
 :class:`ConnectionAware` (say at once when the registry goes away or comes back;
 :class:`ConnectionProbe` implements it from one long-lived request). A backend may
-also have ``validate(instance)`` (see :class:`Backend`).
+also have ``validate(instance)`` (see :class:`Backend`). A ``watch`` that yields
+snapshots whose ``instances`` is an :class:`InstanceMap` evolved from the previous
+one (``previous.instances.evolve({id: health_or_None})``) costs watchers only the
+ids that changed; any other mapping is diffed in full.
 
 ``registry_agent.testing.contract`` holds the contract suites a backend must pass.
 """
@@ -41,6 +44,7 @@ from registry_agent._errors import (
     RevisionCompacted,
     Throttled,
 )
+from registry_agent._events import InstanceMap
 from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance, ServiceSnapshot
 from registry_agent._plugins import ENTRY_POINT_GROUP
 from registry_agent._probe import ConnectionAware, ConnectionProbe, Hold
@@ -75,6 +79,7 @@ __all__ = [
     "HealthStatus",
     "Hold",
     "InstanceHealth",
+    "InstanceMap",
     "Lease",
     "LeaseLost",
     "LivenessNews",
