@@ -10,7 +10,10 @@ Three blocking queries run side by side, each resuming from its own index:
   the service's checks. In a healthy datacenter its answer is empty.
 
 Their answers are combined by :class:`~registry_agent_consul._decode.ServiceView`;
-a snapshot is yielded whenever the combination changed.
+a snapshot is yielded whenever the combination changed. When the checks show an
+instance come or go before the (larger, slower) catalog answer does, a catalog
+read filtered to those few instances (a probe) settles it first. Needs Consul
+1.5 or later (``filter``).
 """
 
 from __future__ import annotations
