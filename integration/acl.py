@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from registry_agent.testing.servers import ConsulServer
 
-RULES = 'service_prefix "orders" { policy = "write" }\nnode_prefix "" { policy = "read" }'
+RULES = (
+    'service_prefix "orders" { policy = "write" }\n'
+    'service "registry-agent-heartbeat" { policy = "write" }\n'
+    'node_prefix "" { policy = "read" }'
+)
 
 
 class AclConsul:
