@@ -387,18 +387,23 @@ async def test_deregister_critical_after_from_the_url_reaches_consul_through_a_r
 _HELD_CRITICAL = textwrap.dedent(
     """
     import asyncio, sys
-    from registry_agent import AsyncRegistrar, CallableCheck, RetryPolicy, ServiceInstance
+    from registry_agent import (
+        AsyncRegistrar, CallableCheck, RetryPolicy, ServiceInstance, open_backend,
+    )
 
     healthy = True
 
     async def main() -> None:
         global healthy
         instance = ServiceInstance("orders", address="127.0.0.1", port=int(sys.argv[2]))
+        shared = sys.argv[3] == "shared"  # the heartbeat service + alias check shape
         registrar = AsyncRegistrar(
-            sys.argv[1], instance, ttl=3, fall=1, rise=1,
-            checks=[CallableCheck(lambda: healthy, interval=0.5)],
+            # the heartbeat service is reaped after the backend's own setting
+            open_backend(sys.argv[1], deregister_critical_after=60) if shared else sys.argv[1],
+            instance, ttl=3,
+            fall=1, rise=1, checks=[CallableCheck(lambda: healthy, interval=0.5)],
             on_unhealthy="critical", deregister_critical_after=60,
-            retry=RetryPolicy(initial=0.1, cap=1.0),
+            retry=RetryPolicy(initial=0.1, cap=1.0), shared_liveness=shared,
         )
         await registrar.start(wait_registered=20)
         healthy = False
@@ -410,10 +415,10 @@ _HELD_CRITICAL = textwrap.dedent(
 )
 
 
-def _spawn_held_critical(url: str, port: int) -> subprocess.Popen[str]:
+def _spawn_held_critical(url: str, port: int, shape: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen(
-        [sys.executable, "-c", _HELD_CRITICAL, url, str(port)],
+        [sys.executable, "-c", _HELD_CRITICAL, url, str(port), shape],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -423,18 +428,31 @@ def _spawn_held_critical(url: str, port: int) -> subprocess.Popen[str]:
     return process
 
 
+def _heartbeats_of(server: ConsulServer, pid: int) -> list[str]:
+    """The heartbeat services the agent holds for process ``pid``."""
+    services = server.api("/v1/agent/services")
+    return [
+        sid
+        for sid, svc in services.items()
+        if svc["Service"] == "registry-agent-heartbeat" and svc["Meta"].get("pid") == str(pid)
+    ]
+
+
 async def test_held_critical_stays_while_running_and_a_crashed_one_is_reaped(
     consul_server: ConsulServer, measured: Measured
 ) -> None:
-    # Two processes hold their instance critical; one is killed -9 at once.
+    # Three processes hold their instance critical; two are killed -9 at once.
     # Consul reaps a service whose check with DeregisterCriticalServiceAfter (60s)
-    # has been critical that long, its reaper running every 30s: the crashed one
-    # goes within ttl + 60 + 30 s; the running one must stay, critical, all along.
-    reap_bound = 3 + 60 + 30 + 10
+    # has been critical that long, its reaper running every 30s: the crashed ones
+    # go within ttl + 60 + 30 s; the running one must stay, critical, all along.
+    # 8081 and 8082 use the shared shape (heartbeat service, alias check, a health
+    # check while held critical), 8083 a TTL check of its own.
+    reap_bound = 3 + 60 + 30 + 25  # slack: one run under load took longer
     watcher = AsyncWatcher(consul_server.url, "orders")
     events: list[tuple[EventType, int]] = []
-    kept = _spawn_held_critical(consul_server.url, 8081)
-    crashed = _spawn_held_critical(consul_server.url, 8082)
+    kept = _spawn_held_critical(consul_server.url, 8081, "shared")
+    crashed = _spawn_held_critical(consul_server.url, 8082, "shared")
+    crashed_alone = _spawn_held_critical(consul_server.url, 8083, "own")
     try:
         await watcher.start()
         assert await watcher.wait_synced(10)
@@ -448,26 +466,33 @@ async def test_held_critical_stays_while_running_and_a_crashed_one_is_reaped(
         while time.monotonic() < deadline:  # both marked critical by their registrars
             snapshot = await watcher.backend.list("orders")
             statuses = [h.status for h in snapshot.instances.values()]
-            if statuses == [HealthStatus.CRITICAL] * 2:
+            if statuses == [HealthStatus.CRITICAL] * 3:
                 break
             await asyncio.sleep(0.2)
         else:
-            pytest.fail(f"not both critical: {statuses}")
-        crashed.send_signal(signal.SIGKILL)
-        crashed.wait()
+            pytest.fail(f"not all three critical: {statuses}")
+        for process in (crashed, crashed_alone):
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        assert _heartbeats_of(consul_server, crashed.pid), "no heartbeat service to reap"
         started = time.monotonic()
-        reaped_after = None
+        reaped_after = heartbeat_reaped_after = None
         while time.monotonic() - started < reap_bound:
             snapshot = await watcher.backend.list("orders")
             ports = {h.instance.port: h for h in snapshot.instances.values()}
             assert 8081 in ports, f"held critical yet reaped after {time.monotonic() - started}"
             assert ports[8081].status is HealthStatus.CRITICAL
-            if 8082 not in ports and reaped_after is None:
+            if 8082 not in ports and 8083 not in ports and reaped_after is None:
                 reaped_after = time.monotonic() - started
+            if heartbeat_reaped_after is None and not _heartbeats_of(consul_server, crashed.pid):
+                heartbeat_reaped_after = time.monotonic() - started
             if reaped_after is not None and time.monotonic() - started > 95:
                 break  # the running one outlived a whole reap period after its TTL
             await asyncio.sleep(1.0)
         assert reaped_after is not None, "the crashed process's entry was never reaped"
+        assert heartbeat_reaped_after is not None, "the crashed process's heartbeat stayed"
+        assert _heartbeats_of(consul_server, kept.pid), "the running process's heartbeat went"
+        measured("crashed heartbeat service reaped", heartbeat_reaped_after, reap_bound)
         measured("crashed critical reaped", reaped_after, reap_bound)
         measured("held critical, not reaped", time.monotonic() - started, reap_bound)
         collector.cancel()
@@ -478,8 +503,9 @@ async def test_held_critical_stays_while_running_and_a_crashed_one_is_reaped(
             (EventType.ADDED, 8081)
         ], events
         assert (EventType.DELETED, 8082) in events
+        assert (EventType.DELETED, 8083) in events
     finally:
-        for process in (kept, crashed):
+        for process in (kept, crashed, crashed_alone):
             if process.poll() is None:
                 process.terminate()
                 process.wait(10)
