@@ -130,6 +130,9 @@ class Backend(Protocol):
     it in ``start()`` when the backend has it, so a value the registry would
     refuse fails at once instead of being retried. It is not a member of this
     protocol, so backends without it still satisfy ``isinstance(x, Backend)``.
+    Likewise optional: ``validate_options(*, ttl, deregister_critical_after)`` for
+    registration options the registry refuses (Consul: reaping below 60 s), called
+    by ``start()`` and by the agent when it loads its file.
     """
 
     #: The URL scheme this backend serves, e.g. ``"consul"``.

@@ -217,7 +217,7 @@ class AsyncRegistrar:
         """
         if self._started:
             raise RuntimeError("a registrar can be started once")
-        await self._validate()
+        await self.validate()
         # Created in a gunicorn master (preload) and started in a worker: the
         # registration is the worker's, so the worker's stop() must deregister.
         self._fork = ForkGuard(self._fork.what)
@@ -236,13 +236,25 @@ class AsyncRegistrar:
         if wait_registered is not None:
             await self._wait_started(wait_registered)
 
-    async def _validate(self) -> None:
+    async def validate(self) -> None:
+        """Check the instance and the options against what the backend documents it
+        accepts, without I/O: the backend's optional ``validate(instance)`` and
+        ``validate_options(ttl=…, deregister_critical_after=…)`` (Consul's 60 s floor).
+        Raises :class:`~registry_agent.Rejected` or :class:`~registry_agent.ConfigError`
+        naming the field; :meth:`start` runs it first."""
         validate = getattr(self.backend, "validate", None)
-        if validate is None:
-            return
-        result = validate(self.instance)
-        if inspect.isawaitable(result):
-            await result
+        if validate is not None:
+            result = validate(self.instance)
+            if inspect.isawaitable(result):
+                await result
+        validate_options = getattr(self.backend, "validate_options", None)
+        if validate_options is not None:
+            result = validate_options(
+                ttl=self.options.ttl,
+                deregister_critical_after=self.options.deregister_critical_after,
+            )
+            if inspect.isawaitable(result):
+                await result
 
     async def _wait_started(self, timeout: float) -> None:
         assert self._registered is not None

@@ -535,6 +535,18 @@ def test_deregister_critical_after_floor_is_the_backends(tmp_path: Path) -> None
     )
 
 
+def test_consuls_reaping_floor_is_checked_when_the_file_is_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The Consul backend's own rule (validate_options), refused by `check` before anything runs.
+    text = BARE.format(url="consul://127.0.0.1:1", extra="") + 'deregister_critical_after = "30s"\n'
+    path = write(tmp_path, text)
+    assert main(["check", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"registry-agent: {path}: service[0].deregister_critical_after: "), err
+    assert "Consul's floor is 60s, got 30s" in err
+
+
 @pytest.mark.parametrize(
     ("check", "expected"),
     [

@@ -422,6 +422,19 @@ class ConsulBackend:
             why = "the ACL token's policy does not allow it"
         return f"{what}: {why} [Consul: {text.strip() or '403'}]"
 
+    def validate_options(self, *, ttl: float, deregister_critical_after: float | None) -> None:
+        """Raise :class:`ConfigError` for registration options Consul would refuse:
+        ``deregister_critical_after`` (or this backend's own) below Consul's 60 s floor."""
+        self._reap_after(deregister_critical_after)
+
+    def _reap_after(self, deregister_critical_after: float | None) -> float:
+        reap_after = deregister_critical_after or self.deregister_critical_after
+        if reap_after < _MIN_DEREGISTER_AFTER:
+            raise ConfigError(
+                f"Consul's floor is 60s, got {reap_after:g}s", field="deregister_critical_after"
+            )
+        return reap_after
+
     def validate(self, instance: ServiceInstance) -> None:
         """Raise :class:`Rejected` for what Consul would refuse to register.
 
@@ -478,11 +491,7 @@ class ConsulBackend:
         critical stays registered (and critical) while we run.
         """
         self.validate(instance)
-        reap_after = deregister_critical_after or self.deregister_critical_after
-        if reap_after < _MIN_DEREGISTER_AFTER:
-            raise ConfigError(
-                f"Consul's floor is 60s, got {reap_after:g}s", field="deregister_critical_after"
-            )
+        reap_after = self._reap_after(deregister_critical_after)
         check_id = _check_id(instance.id)
         liveness = {
             "CheckID": check_id,
@@ -650,11 +659,7 @@ class ConsulBackend:
         ``service:<id>:health`` with the status and note (never reaped).
         """
         self.validate(instance)
-        reap_after = deregister_critical_after or self.deregister_critical_after
-        if reap_after < _MIN_DEREGISTER_AFTER:
-            raise ConfigError(
-                f"Consul's floor is 60s, got {reap_after:g}s", field="deregister_critical_after"
-            )
+        reap_after = self._reap_after(deregister_critical_after)
         if self._refused.get(float(ttl), 0.0) > time.monotonic():
             return await self.register(
                 instance, ttl=ttl, status=status, note=note, deregister_critical_after=reap_after

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import ipaddress
 import logging
 import os
@@ -78,12 +77,7 @@ async def validate_services(config: AgentConfig, backend: Backend) -> None:
     for i, service in enumerate(config.services):
         where = f"service[{i}]"
         try:
-            registrar_for(backend, service)
-            validate = getattr(backend, "validate", None)
-            if validate is not None:
-                result = validate(service.instance)
-                if inspect.isawaitable(result):
-                    await result
+            await registrar_for(backend, service).validate()
         except ConfigError as exc:
             field = f"{where}.{exc.field}" if exc.field else where
             raise ConfigError(exc.reason, field=field, source=config.source) from None
