@@ -168,6 +168,20 @@ discovery.close()
     assert run(setup + code + after, tmp_path) == [str(port), "200"]
 
 
+@pytest.mark.parametrize("kind", ["consul", "etcd"])
+def test_shared_liveness_example(
+    kind: str, consul_server: ConsulServer, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    url = url_of(kind, consul_server, etcd_server)
+    code = block("asyncio.run(serve())").replace('"etcd://127.0.0.1:2379"', repr(url))
+    assert repr(url) in code
+    assert run(code, tmp_path) == ["10 registered on one lease"]
+    if kind == "etcd":
+        assert etcd_server.leases() == set()  # the last stop revoked the shared lease
+    else:
+        assert consul_server.api("/v1/agent/services") == {}  # heartbeat service included
+
+
 def test_watch_example_compiles() -> None:
     compile(block("for event in watcher"), "README.md", "exec")
 
