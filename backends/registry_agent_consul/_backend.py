@@ -36,16 +36,18 @@ from registry_agent import (
     ServiceSnapshot,
     Throttled,
 )
-from registry_agent._backend import LivenessNews, error_context, running_loop
-from registry_agent._probe import ConnectionProbe
-from registry_agent._tls import TLSFiles
-from registry_agent._urls import (
+from registry_agent.backend import (
+    ConnectionProbe,
+    LivenessNews,
     Option,
+    TLSFiles,
+    error_context,
     opt_choice,
     opt_duration,
     opt_str,
     parse_backend_url,
     read_secret_file,
+    running_loop,
     take_options,
 )
 from registry_agent_consul._heartbeat import (
@@ -69,7 +71,6 @@ T = TypeVar("T")
 
 _LOST_MARKERS = ("does not have associated TTL", "Unknown check", "Unknown service")
 # A pause longer than this between two queries may hide an agent restart.
-_RESUME_GAP = 1.0
 # Consul never reaps a critical service sooner than this.
 _MIN_DEREGISTER_AFTER = 60.0
 # Consul's own limits on service meta (structs.validateMetaPair, Consul 1.8).

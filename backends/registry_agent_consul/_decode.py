@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from registry_agent import ConfigError, HealthStatus, InstanceHealth, ServiceInstance
-from registry_agent._events import InstanceMap
+from registry_agent.backend import InstanceMap
 
 __all__ = [
     "CatalogEntry",

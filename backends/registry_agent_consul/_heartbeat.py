@@ -30,7 +30,7 @@ from registry_agent import (
     ServiceInstance,
     Throttled,
 )
-from registry_agent._backend import LivenessNews, error_context
+from registry_agent.backend import LivenessNews, error_context
 
 __all__ = [
     "HEARTBEAT_NAME",

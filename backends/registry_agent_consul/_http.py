@@ -16,7 +16,7 @@ import httpx
 from consul import base
 from consul.exceptions import ConsulException
 
-from registry_agent._urls import parse_duration
+from registry_agent.backend import parse_duration
 
 _WAIT_PARAM = re.compile(r"^\d+(?:\.\d+)?(?:ms|s|m|h)?$")
 # Slack on top of a blocking query's wait (+ Consul's wait/16 jitter) for the answer

@@ -33,16 +33,18 @@ from registry_agent import (
     ServiceSnapshot,
     Throttled,
 )
-from registry_agent._backend import LivenessNews, error_context, running_loop
-from registry_agent._events import InstanceMap
-from registry_agent._probe import ConnectionProbe
-from registry_agent._tls import TLSFiles
-from registry_agent._urls import (
+from registry_agent.backend import (
+    ConnectionProbe,
+    InstanceMap,
+    LivenessNews,
     Option,
+    TLSFiles,
+    error_context,
     opt_bool,
     opt_duration,
     opt_str,
     parse_backend_url,
+    running_loop,
     take_options,
 )
 from registry_agent_etcd._liveness import LeaseGroup

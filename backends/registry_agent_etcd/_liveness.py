@@ -24,9 +24,14 @@ import aetcd
 import grpc
 from aetcd import rpc
 
-from registry_agent import BackendUnavailable, LeaseLost, RegistryError, ServiceInstance
-from registry_agent._backend import LivenessNews
-from registry_agent._retry import RetryPolicy
+from registry_agent import (
+    BackendUnavailable,
+    LeaseLost,
+    RegistryError,
+    RetryPolicy,
+    ServiceInstance,
+)
+from registry_agent.backend import LivenessNews
 
 if TYPE_CHECKING:
     from registry_agent_etcd._backend import EtcdBackend

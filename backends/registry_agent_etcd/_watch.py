@@ -13,7 +13,7 @@ from typing import Any
 from aetcd import rpc
 
 from registry_agent import BackendUnavailable, InstanceHealth, RegistryError, RevisionCompacted
-from registry_agent._events import InstanceMap
+from registry_agent.backend import InstanceMap
 
 __all__ = ["apply_watch_events", "response_error"]
 
