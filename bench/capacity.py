@@ -86,8 +86,8 @@ def _fetch(url: str, body: object | None = None) -> object:
         return json.loads(response.read() or b"null")
 
 
-def passing(srv: ServerProcess) -> int:
-    """How many ``cap`` entries the registry holds as passing now (0 while it is down)."""
+def passing(srv: ServerProcess) -> int | None:
+    """How many ``cap`` entries the registry holds as passing now (None: the read failed)."""
     try:
         if isinstance(srv, EtcdServer):
             key = PREFIX.encode()
@@ -101,7 +101,7 @@ def passing(srv: ServerProcess) -> int:
             )
             assert isinstance(reply, dict)
             return sum(
-                json.loads(base64.b64decode(kv["value"])).get("status") == "passing"
+                bool(json.loads(base64.b64decode(kv["value"])).get("status") == "passing")
                 for kv in reply.get("kvs") or ()
             )
         assert isinstance(srv, ConsulServer)
@@ -113,7 +113,12 @@ def passing(srv: ServerProcess) -> int:
             ok[sid] = ok.get(sid, True) and check["Status"] == "passing"
         return sum(ok.values())
     except (OSError, ValueError, urllib.error.URLError):
-        return 0
+        return None
+
+
+def _counted(srv: ServerProcess) -> str:
+    got = passing(srv)
+    return "unknown (the read failed)" if got is None else str(got)
 
 
 def wait_passing(
@@ -128,7 +133,7 @@ def wait_passing(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and alive():
         before = time.monotonic()
-        if passing(srv) >= count:
+        if (passing(srv) or 0) >= count:
             return time.monotonic()
         time.sleep(max(0.1, 2 * (time.monotonic() - before)))
     return None
@@ -207,7 +212,7 @@ def _window(sample: Sample, srv: ServerProcess, pid: int, window: float) -> None
     sample.server_cpu = (server1 - server0) / (t1 - t0)
     sample.rss = memory_mb(pid)
     sample.peak_rss = memory_mb(pid, "VmHWM")
-    sample.held = passing(srv) >= sample.count
+    sample.held = (passing(srv) or 0) >= sample.count
 
 
 def _stop(proc: subprocess.Popen[bytes], sample: Sample, timeout: float = 60.0) -> None:
@@ -310,7 +315,7 @@ def measure_ours(
                 phase(signal.SIGUSR2)
                 if done is None:
                     sample.notes.append(
-                        f"{passing(srv)} of {count} passing after {register_timeout(count):g}s"
+                        f"{_counted(srv)} of {count} passing after {register_timeout(count):g}s"
                     )
                 else:
                     sample.register = done - started
@@ -332,7 +337,7 @@ def measure_ours(
                     phase(signal.SIGUSR2)
                     if back is None:
                         sample.notes.append(
-                            f"{passing(srv)} of {count} back {register_timeout(count):g}s "
+                            f"{_counted(srv)} of {count} back {register_timeout(count):g}s "
                             "after the wipe"
                         )
                     else:
@@ -366,7 +371,7 @@ def measure_floor(kind: str, count: int, window: float) -> Sample:
             readable, _, _ = select.select([floor.stdout], [], [], register_timeout(count))
             if not readable:
                 sample.notes.append(
-                    f"floor: {passing(srv)} of {count} passing after {register_timeout(count):g}s"
+                    f"floor: {_counted(srv)} of {count} passing after {register_timeout(count):g}s"
                 )
                 return sample
             line = floor.stdout.readline().decode().split()
@@ -381,7 +386,7 @@ def measure_floor(kind: str, count: int, window: float) -> Sample:
             if done is not None:
                 sample.register = done - started
             else:
-                sample.notes.append(f"{passing(srv)} of {count} passing")
+                sample.notes.append(f"{_counted(srv)} of {count} passing")
             time.sleep(SETTLE)
             _window(sample, srv, floor.pid, window)
         finally:
