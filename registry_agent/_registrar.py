@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, Unpack
 
 from registry_agent._backend import Backend, Lease, LivenessNews, SharedLiveness
+from registry_agent._connection import follow_connection
 from registry_agent._errors import BackendUnavailable, ConfigError, RegistryError
 from registry_agent._fork import ForkGuard
 from registry_agent._health.checks import CheckResult, HealthCheck, as_check
@@ -175,6 +176,7 @@ class AsyncRegistrar:
         self._rejected: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reconciler: asyncio.Task[None] | None = None
+        self._unfollow_connection: Callable[[], None] = lambda: None
         self._stopping = False
         self._started = False
         self._signals: list[tuple[int, Any]] = []
@@ -230,7 +232,7 @@ class AsyncRegistrar:
             self._tasks.append(asyncio.create_task(self._run_check(check), name=check.name))
         self._reconciler = asyncio.create_task(self._reconcile(), name="registrar")
         if isinstance(self.backend, ConnectionAware):
-            self._tasks.append(asyncio.create_task(self._watch_connection(), name="probe"))
+            self._unfollow_connection = follow_connection(self.backend, self._connection_changed)
         if self.install_signal_handlers:
             self._install_signal_handlers()
         if wait_registered is not None:
@@ -318,6 +320,7 @@ class AsyncRegistrar:
             return max(0.1, deadline - self._clock())
 
         self._remove_signal_handlers()
+        self._unfollow_connection()
         for task in self._tasks:
             task.cancel()
         if self._reconciler is not None:
@@ -626,26 +629,15 @@ class AsyncRegistrar:
                 extra=self._extra("release_failed"),
             )
 
-    async def _watch_connection(self) -> None:
+    def _connection_changed(self) -> None:
         # The registry went away or came back: check our entry now, not at the
         # next heartbeat, and cut short any backoff sleep.
-        assert isinstance(self.backend, ConnectionAware)
-        wait = self.backend.wait_connection_change
-        while not self._stopping:
-            try:
-                await wait()
-            except Exception as exc:
-                log.debug(
-                    "connection probe failed: %s",
-                    self._registry_error(exc),
-                    extra=self._extra("probe_failed"),
-                )
-                await asyncio.sleep(1.0)
-                continue
-            lease = self._reg.lease
-            if lease is None or not lease.shared:  # a shared lease: the backend reads back
-                self._reg.verify_now(self._clock())
-            self._wake_up()
+        if self._stopping:
+            return
+        lease = self._reg.lease
+        if lease is None or not lease.shared:  # a shared lease: the backend reads back
+            self._reg.verify_now(self._clock())
+        self._wake_up()
 
     def _failing_checks(self) -> str:
         failing = [
