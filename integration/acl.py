@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from registry_agent.testing.servers import ConsulServer
 
-RULES = (
-    'service_prefix "orders" { policy = "write" }\n'
-    'service "registry-agent-heartbeat" { policy = "write" }\n'
-    'node_prefix "" { policy = "read" }'
+#: Only the orders services: a process sharing liveness falls back to a check per registration.
+ORDERS_ONLY_RULES = (
+    'service_prefix "orders" { policy = "write" }\nnode_prefix "" { policy = "read" }'
 )
+#: The documented policy (SECURITY.md): the services plus the shared heartbeat service.
+RULES = ORDERS_ONLY_RULES + '\nservice "registry-agent-heartbeat" { policy = "write" }'
 
 
 class AclConsul:

@@ -26,7 +26,7 @@ import pytest
 from registry_agent_consul import ConsulBackend
 from registry_agent_consul._heartbeat import HEARTBEAT_NAME
 
-from integration.acl import RULES, AclConsul
+from integration.acl import ORDERS_ONLY_RULES, RULES, AclConsul
 from registry_agent import (
     AsyncWatcher,
     BackendError,
@@ -496,7 +496,14 @@ async def test_a_token_without_the_heartbeat_service_falls_back_to_a_check_per_r
     caplog.set_level(logging.WARNING, logger="registry_agent")
     server = acl.server
     orders = _instances("orders", 2)
-    backend = ConsulBackend("127.0.0.1", server.http_port, token=acl.token)
+
+    def token_of(rules: str, name: str) -> str:
+        policy = server.api("/v1/acl/policy", method="PUT", body={"Name": name, "Rules": rules})
+        body = {"Policies": [{"ID": policy["ID"]}]}
+        return str(server.api("/v1/acl/token", method="PUT", body=body)["SecretID"])
+
+    orders_only = token_of(ORDERS_ONLY_RULES, "orders-only-services")
+    backend = ConsulBackend("127.0.0.1", server.http_port, token=orders_only)
     try:
         leases = [await backend.register_shared(i, ttl=TTL) for i in orders]
         assert [lease.shared for lease in leases] == [False, False]  # today's shape
@@ -512,10 +519,8 @@ async def test_a_token_without_the_heartbeat_service_falls_back_to_a_check_per_r
     finally:
         await backend.close()
     # The documented policy: the service's own rule plus the heartbeat service's.
-    rules = f'{RULES}\nservice "{HEARTBEAT_NAME}" {{ policy = "write" }}'
-    policy = server.api("/v1/acl/policy", method="PUT", body={"Name": "shared", "Rules": rules})
-    token = server.api("/v1/acl/token", method="PUT", body={"Policies": [{"ID": policy["ID"]}]})
-    backend = ConsulBackend("127.0.0.1", server.http_port, token=token["SecretID"])
+    assert f'service "{HEARTBEAT_NAME}" {{ policy = "write" }}' in RULES
+    backend = ConsulBackend("127.0.0.1", server.http_port, token=acl.token)
     try:
         leases = [await backend.register_shared(i, ttl=TTL) for i in orders]
         assert [lease.shared for lease in leases] == [True, True]
