@@ -28,12 +28,14 @@ from registry_agent_consul._heartbeat import HEARTBEAT_NAME
 
 from integration.acl import ORDERS_ONLY_RULES, RULES, AclConsul
 from registry_agent import (
+    AsyncRegistrar,
     AsyncWatcher,
     BackendError,
     EventType,
     HealthStatus,
     Lease,
     LeaseLost,
+    RetryPolicy,
     ServiceInstance,
 )
 from registry_agent._backend import LivenessNews, SharedLiveness
@@ -588,3 +590,41 @@ async def test_maintenance_mode_is_told_once_when_it_starts_and_once_when_it_end
             await stand.close()
             for lease in stand.leases.values():
                 await backend.deregister(lease)
+
+
+async def test_an_agent_restarted_with_its_data_has_every_alias_passing_again(
+    persistent_consul_server: ConsulServer, measured: Measured
+) -> None:
+    """Consul 1.8 restored some alias checks critical after a restart that kept its data
+    and left them so for about a minute (1 to 11 of 100 each time): the heartbeat renews
+    at once, reads every entry back, and registers again the ones whose alias is stuck."""
+    server = persistent_consul_server
+    instances = _instances("orders", 100)
+    backend = ConsulBackend("127.0.0.1", server.http_port, deregister_critical_after=60)
+    registrars = [
+        AsyncRegistrar(backend, i, ttl=TTL, shared_liveness=True, retry=RetryPolicy(cap=1.0))
+        for i in instances
+    ]
+
+    def not_passing() -> list[str]:
+        checks = server.api("/v1/health/state/any")
+        return [
+            c["CheckID"]
+            for c in checks
+            if c["ServiceName"] == "orders" and c["Status"] != "passing"
+        ]
+
+    try:
+        await asyncio.gather(*(r.start(wait_registered=30) for r in registrars))
+        await _wait_for("all passing", lambda: not not_passing(), 10)
+        for _ in range(2):
+            server.stop()
+            server.start()
+            took = await _wait_for("every alias passing again", lambda: not not_passing(), TTL + 2)
+            measured("restarted with data: all passing", took, TTL + 2)
+            await _wait_for(
+                "every registrar ready", lambda: all(r.ready for r in registrars), TTL + 2
+            )
+    finally:
+        await asyncio.gather(*(r.stop() for r in registrars))
+        await backend.close()

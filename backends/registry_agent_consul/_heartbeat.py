@@ -196,6 +196,7 @@ class HeartbeatGroup:
         self._since_ok = 0.0  # time.monotonic() of the last renewal (or registration) that worked
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._verify_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._lost_why = ""  # why the last generation was lost (the server's words)
@@ -278,8 +279,10 @@ class HeartbeatGroup:
     # -- the loops --
 
     def renew_now(self) -> None:
-        """Renew at once (the agent came back: a restored TTL check is critical until then)."""
+        """Renew at once (the agent came back: a restored TTL check is critical until then),
+        then read every entry back: Consul 1.8 may leave some alias checks critical."""
         self._wake.set()
+        self._verify_wake.set()
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -357,7 +360,11 @@ class HeartbeatGroup:
 
     async def _verify_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.ttl)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._verify_wake.wait(), self.ttl)
+            if self._verify_wake.is_set():
+                self._verify_wake.clear()
+                await asyncio.sleep(min(1.0, self.ttl / 3))  # once the renewal asked for is done
             if not self._registered or not self.members:
                 continue
             started = time.monotonic()
