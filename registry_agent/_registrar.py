@@ -321,6 +321,9 @@ class AsyncRegistrar:
 
         self._remove_signal_handlers()
         self._unfollow_connection()
+        if self._unfollow is not None:
+            self._unfollow()
+            self._unfollow = None
         for task in self._tasks:
             task.cancel()
         if self._reconciler is not None:
@@ -598,10 +601,14 @@ class AsyncRegistrar:
             self._follow(reg.lease)
 
     def _follow(self, lease: Lease | None) -> None:
+        self._followed = lease
+        if lease is None and not self._stopping:
+            # Lost: keep hearing the old lease's news until registered again, so the
+            # shared liveness coming back cuts our backoff short.
+            return
         unfollow, self._unfollow = self._unfollow, None
         if unfollow is not None:
             unfollow()
-        self._followed = lease
         if lease is not None and lease.shared and isinstance(self.backend, SharedLiveness):
             self._unfollow = self.backend.follow(lease, self._on_news)
 

@@ -46,6 +46,8 @@ __all__ = [
 
 log = logging.getLogger("registry_agent.consul")
 
+_RETRY_CAP = 1.0  # seconds between renewal attempts while they fail, at most
+
 #: Service name and tag of the heartbeat services: operators recognise them, listings skip them.
 HEARTBEAT_NAME = "registry-agent-heartbeat"
 
@@ -323,10 +325,12 @@ class HeartbeatGroup:
     async def _renew_loop(self) -> None:
         attempt = 0
         while True:
+            back = False
             try:
                 if self._registered:
                     await self.calls.renew(self.service_id)
                 else:
+                    back = bool(self._lost_why)  # a new heartbeat after a loss
                     await self.ensure()
             except LeaseLost as exc:
                 self._lose(str(exc))
@@ -344,8 +348,8 @@ class HeartbeatGroup:
                     self._error = exc if self._registered else None
                 if isinstance(exc, Throttled):
                     delay = self._retry.answered(attempt, exc.retry_after)
-                else:
-                    delay = self._retry.delay(attempt)
+                else:  # one request a second at most: back soon after the registry is
+                    delay = min(self._retry.delay(attempt), _RETRY_CAP)
                 # Never sleep past the TTL's end: the next try decides lost or not.
                 left = self.ttl - (time.monotonic() - self._since_ok)
                 await self._pause(max(0.05, min(delay, left)) if self._registered else delay)
@@ -353,7 +357,9 @@ class HeartbeatGroup:
             attempt = 0
             self._since_ok = time.monotonic()
             self.last_renewal = time.time()
-            if self._error is not None:
+            if self._error is not None or back:
+                # Renewing again, or a new heartbeat after a loss: members in a backoff
+                # (registering again on the new one) go now, not after their own delay.
                 self._error = None
                 self._tell(LivenessNews.RENEWAL, list(self.members.values()))
             await self._pause(self.ttl / 3)
