@@ -39,7 +39,7 @@ from registry_agent import (
     WatchEvent,
     open_backend,
 )
-from registry_agent._probe import ConnectionAware
+from registry_agent.backend import ConnectionAware
 
 __all__ = [
     "BackendContract",
