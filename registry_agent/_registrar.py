@@ -683,7 +683,10 @@ class AsyncRegistrar:
         detail = scrub_credentials(detail)
         event = RegistrarEvent(kind, self.instance, self.state, detail)
         if kind is not RegistrarEventKind.BACKEND_UNAVAILABLE:
-            level = logging.WARNING if kind is RegistrarEventKind.LEASE_LOST else logging.INFO
+            # A shared lease's loss is logged once by the backend (with the count), not
+            # once per registration (10,000 lines after one etcd wipe).
+            loud = kind is RegistrarEventKind.LEASE_LOST and not self._shares_liveness
+            level = logging.WARNING if loud else logging.INFO
             log.log(
                 level,
                 "%s %s: %s%s",
