@@ -352,6 +352,13 @@ async def test_a_changed_etcd_password_is_reported_then_healed(measured: Measure
             server.api("/v3/auth/user/changepw", {"name": user, "password": "rotated-pw"})
             took = await until(lambda: not reg.ready, TTL + MARGIN + 5, "not ready")
             measured("password changed: not ready", took, TTL + reg.heartbeat_interval + MARGIN)
+            # The first failure may be "auth token expired, logging in again"; the login
+            # that follows says what is wrong.
+            await until(
+                lambda: "authentication failed" in (reg.status()["last_error"] or "").lower(),
+                RETRY.cap + MARGIN,
+                "the server's words in last_error",
+            )
             status = reg.status()
             assert status["registered"] is False
             assert "authentication failed" in (status["last_error"] or "").lower()
