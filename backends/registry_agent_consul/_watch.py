@@ -148,6 +148,11 @@ class _Watch:
     def restart(self, query: _Query) -> None:
         """Read ``query`` again now, without blocking: its answer in flight may be too old."""
         if query.task is not None:
+            if query.sent == 0:
+                # A short read is in flight: let it end (settle() asks again if it is
+                # too old). Cancelled short reads wore out the 8-connection pool of
+                # short calls under a burst of catalog changes: the watch stalled 5 s.
+                return
             query.task.cancel()
         query.pause = 0.0
         self.start(query, blocking=False)
