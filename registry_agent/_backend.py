@@ -132,7 +132,12 @@ class Backend(Protocol):
     protocol, so backends without it still satisfy ``isinstance(x, Backend)``.
     Likewise optional: ``validate_options(*, ttl, deregister_critical_after)`` for
     registration options the registry refuses (Consul: reaping below 60 s), called
-    by ``start()`` and by the agent when it loads its file.
+    by ``start()`` and by the agent when it loads its file; a hook that also takes
+    ``on_unhealthy`` gets it (``"deregister"`` or ``"critical"``).
+
+    :meth:`lookup` returns the registered instance itself (``lease.instance``)
+    when the entry holds what was written for it, even where the registry's
+    format keeps less of it than the instance says (a peer's format).
     """
 
     #: The URL scheme this backend serves, e.g. ``"consul"``.

@@ -16,6 +16,9 @@ __all__ = ["HealthStatus", "InstanceHealth", "ServiceInstance", "ServiceSnapshot
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _MAX_NAME = 256
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]{0,31}$")
+#: The schemes every format knows; others (``ws``, ``tcp``…) pass where a format can carry them.
+SCHEMES = ("http", "https", "grpc", "grpcs")
 
 
 class HealthStatus(enum.StrEnum):
@@ -36,6 +39,28 @@ class HealthStatus(enum.StrEnum):
         return cls.PASSING
 
 
+def _check_scheme(value: object) -> None:
+    if not isinstance(value, str) or (value and not _SCHEME.match(value)):
+        raise ConfigError(
+            f"expected a lower-case URL scheme such as {', '.join(SCHEMES)} (or empty), "
+            f"got {value!r}",
+            field="scheme",
+        )
+
+
+def _check_version(value: object) -> None:
+    if (
+        not isinstance(value, str)
+        or len(value) > _MAX_NAME
+        or not value.isprintable()
+        or any(c.isspace() for c in value)
+    ):
+        raise ConfigError(
+            f"expected a version without spaces (at most {_MAX_NAME} characters), got {value!r}",
+            field="version",
+        )
+
+
 def _check_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"expected a non-empty string, got {value!r}", field=what)
@@ -54,6 +79,11 @@ class ServiceInstance:
     ``id`` defaults to ``"{service}-{address}-{port}"``, stable across restarts.
     ``address`` defaults to this host's name.
 
+    ``scheme`` says what the instance serves (``http``, ``https``, ``grpc``,
+    ``grpcs``; empty: not said, read as ``http`` by most peers) and ``version``
+    its release (empty: none). Both are carried by every format that can; the
+    README's "Mixed fleets" table says what each format keeps.
+
     ``node`` is where the registry holds the instance, set on instances read from
     a registry whose ids are unique per node only (Consul: per agent); empty
     otherwise. It is not part of equality or the hash: it says where an entry
@@ -67,9 +97,13 @@ class ServiceInstance:
     tags: tuple[str, ...] = ()
     meta: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     node: str = ""
+    scheme: str = ""
+    version: str = ""
 
     def __post_init__(self) -> None:
         _check_name(self.service, "service")
+        _check_scheme(self.scheme)
+        _check_version(self.version)
         if not isinstance(self.node, str) or not self.node.isprintable():
             raise ConfigError(f"expected a node name, got {self.node!r}", field="node")
         if isinstance(self.port, bool) or not isinstance(self.port, int):
@@ -120,6 +154,8 @@ class ServiceInstance:
             and self.address == other.address
             and self.port == other.port
             and self.tags == other.tags
+            and self.scheme == other.scheme
+            and self.version == other.version
             and dict(self.meta) == dict(other.meta)
         )
 
@@ -137,6 +173,8 @@ class ServiceInstance:
         tags: Iterable[str] = (),
         meta: Mapping[str, str] | None = None,
         node: str = "",
+        scheme: str = "",
+        version: str = "",
     ) -> ServiceInstance:
         """An instance as a registry holds it, checked only for its types.
 
@@ -157,6 +195,10 @@ class ServiceInstance:
             raise ConfigError(f"expected an integer 0-65535, got {port!r}", field="port")
         if isinstance(tags, str) or not all(isinstance(tag, str) for tag in tags):
             raise ConfigError(f"expected a list of strings, got {tags!r}", field="tags")
+        if not isinstance(scheme, str) or not isinstance(version, str):
+            raise ConfigError(
+                f"expected strings, got scheme={scheme!r} version={version!r}", field="scheme"
+            )
         meta = {} if meta is None else meta
         if not isinstance(meta, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
@@ -171,13 +213,16 @@ class ServiceInstance:
             ("tags", tuple(tags)),
             ("meta", MappingProxyType(dict(meta))),
             ("node", node),
+            ("scheme", scheme.lower()),
+            ("version", version),
         )
         for attribute, content in fields:
             object.__setattr__(instance, attribute, content)
         return instance
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the instance fields (``node`` only when set)."""
+        """A JSON-ready dict of the instance fields (``node``, ``scheme``, ``version`` only
+        when set)."""
         data: dict[str, Any] = {
             "service": self.service,
             "id": self.id,
@@ -188,6 +233,10 @@ class ServiceInstance:
         }
         if self.node:
             data["node"] = self.node
+        if self.scheme:
+            data["scheme"] = self.scheme
+        if self.version:
+            data["version"] = self.version
         return data
 
     @classmethod
@@ -195,7 +244,7 @@ class ServiceInstance:
         """Build an instance from :meth:`to_dict` output; raises :class:`ConfigError`."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected an object, got {type(data).__name__}")
-        known = {"service", "id", "address", "port", "tags", "meta", "node"}
+        known = {"service", "id", "address", "port", "tags", "meta", "node", "scheme", "version"}
         return cls(**{key: data[key] for key in known if key in data})
 
 

@@ -56,6 +56,15 @@ log = logging.getLogger("registry_agent.registrar")
 _RELEASE_TIMEOUT = 2.0
 
 
+def _accepts(function: Callable[..., Any], keyword: str) -> bool:
+    """Whether ``function`` takes ``keyword`` (older backends' hooks may not)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 class RegistrationTimeout(RegistryError, TimeoutError):
     """``start(wait_registered=…)`` ran out of time before the instance was registered."""
 
@@ -241,7 +250,8 @@ class AsyncRegistrar:
     async def validate(self) -> None:
         """Check the instance and the options against what the backend documents it
         accepts, without I/O: the backend's optional ``validate(instance)`` and
-        ``validate_options(ttl=…, deregister_critical_after=…)`` (Consul's 60 s floor).
+        ``validate_options(ttl=…, deregister_critical_after=…[, on_unhealthy=…])``
+        (Consul's 60 s floor; an etcd format that carries no health refuses "critical").
         Raises :class:`~registry_agent.Rejected` or :class:`~registry_agent.ConfigError`
         naming the field; :meth:`start` runs it first."""
         validate = getattr(self.backend, "validate", None)
@@ -251,10 +261,13 @@ class AsyncRegistrar:
                 await result
         validate_options = getattr(self.backend, "validate_options", None)
         if validate_options is not None:
-            result = validate_options(
-                ttl=self.options.ttl,
-                deregister_critical_after=self.options.deregister_critical_after,
-            )
+            given: dict[str, Any] = {
+                "ttl": self.options.ttl,
+                "deregister_critical_after": self.options.deregister_critical_after,
+            }
+            if _accepts(validate_options, "on_unhealthy"):
+                given["on_unhealthy"] = str(self.options.on_unhealthy)
+            result = validate_options(**given)
             if inspect.isawaitable(result):
                 await result
 

@@ -1,11 +1,10 @@
-"""etcd backend: a JSON value under ``<prefix>/<service>/<id>`` attached to a lease."""
+"""etcd backend: a value under ``[<prefix>/]<service>/<id>`` attached to a lease, in a format."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import copy
-import json
 import logging
 import math
 import re
@@ -47,6 +46,7 @@ from registry_agent.backend import (
     running_loop,
     take_options,
 )
+from registry_agent_etcd._formats import EtcdFormat, health_error, load_format
 from registry_agent_etcd._liveness import LeaseGroup
 from registry_agent_etcd._watch import apply_watch_events, response_error
 
@@ -252,8 +252,17 @@ class EtcdBackend:
 
     Options (URL query or keywords):
 
+    ``format``
+        The key layout and value encoding, written and read: ``registry-agent``
+        (default: JSON with health), ``go-zero``, ``kratos`` or ``go-micro`` (the
+        peers' own layouts, presence only: see the README's "Mixed fleets").
     ``prefix``
-        Key prefix, default ``/services``: keys are ``<prefix>/<service>/<id>``.
+        Key prefix: keys are ``<prefix>/<service>/<id>``. Default per format:
+        ``/services``, go-zero none (keys ``<service>/<id>``), kratos
+        ``/microservices``, go-micro ``/micro/registry``.
+    ``scheme``
+        format=kratos only: of an instance's endpoints, read the first with this
+        scheme (``grpc``); default the first endpoint.
     ``user``, ``password``
         etcd authentication (also accepted as ``etcd://user:password@host:port``).
     ``ca_file``, ``cert_file``, ``key_file``
@@ -278,6 +287,8 @@ class EtcdBackend:
 
     scheme: ClassVar[str] = "etcd"
     _OPTIONS: ClassVar[Mapping[str, Option]] = {
+        "format": opt_str,
+        "scheme": opt_str,
         "prefix": opt_str,
         "user": opt_str,
         "password": opt_str,
@@ -296,7 +307,9 @@ class EtcdBackend:
         host: str = "127.0.0.1",
         port: int = 2379,
         *,
-        prefix: str = "/services",
+        format: str = "registry-agent",
+        scheme: str | None = None,
+        prefix: str | None = None,
         user: str | None = None,
         password: str | None = None,
         timeout: float = 5.0,
@@ -325,10 +338,22 @@ class EtcdBackend:
                 f"expected at least 1024 bytes, got {max_request_bytes}",
                 field="backend.max_request_bytes",
             )
-        if not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/"):
+        if scheme is not None and format != "kratos":
+            raise ConfigError(
+                f"scheme chooses among a kratos instance's endpoints: it needs format=kratos, "
+                f"not format={format}",
+                field="backend.scheme",
+            )
+        #: How entries are laid out and encoded (option ``format``).
+        self.format: EtcdFormat = (
+            load_format(format, scheme=scheme) if scheme is not None else load_format(format)
+        )
+        if prefix is None:
+            prefix = self.format.default_prefix
+        if prefix and (not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/")):
             raise ConfigError(
                 "expected a key prefix like /services (leading '/', no trailing '/'), "
-                f"got {prefix!r}",
+                f"or empty, got {prefix!r}",
                 field="backend.prefix",
             )
         if (user is None) != (password is None):
@@ -344,6 +369,8 @@ class EtcdBackend:
             ca, key, cert = tls_files.pem()
             self._credentials = grpc.ssl_channel_credentials(ca, key, cert)
         self.prefix = prefix.rstrip("/")
+        # "" gives go-zero's keys "<service>/<id>"; "/" keeps "/<service>/<id>".
+        self._root = f"{self.prefix}/" if prefix else ""
         self.timeout = timeout
         self.keepalive_time = keepalive_time
         self.keepalive_timeout = keepalive_timeout
@@ -387,7 +414,8 @@ class EtcdBackend:
 
     def __repr__(self) -> str:
         hosts = ",".join(_hostport(h, p) for h, p in self.endpoints)
-        return f"EtcdBackend(etcd://{hosts}, prefix={self.prefix!r})"
+        fmt = "" if self.format.name == "registry-agent" else f", format={self.format.name!r}"
+        return f"EtcdBackend(etcd://{hosts}, prefix={self.prefix!r}{fmt})"
 
     @property
     def host(self) -> str:
@@ -419,8 +447,11 @@ class EtcdBackend:
             )
         return self._client
 
-    def _key(self, service: str, instance_id: str = "") -> bytes:
-        return f"{self.prefix}/{service}/{instance_id}".encode()
+    def _key(self, service: str, entry_id: str = "") -> bytes:
+        return f"{self._root}{service}/{entry_id}".encode()
+
+    def _key_of(self, instance: ServiceInstance) -> bytes:
+        return self._key(instance.service, self.format.entry_id(instance))
 
     def _error(self, exc: BaseException, context: dict[str, str | None]) -> Exception:
         """Our error for whatever the client raised, with the server's words in it."""
@@ -559,34 +590,39 @@ class EtcdBackend:
         return error
 
     def _value(self, instance: ServiceInstance, status: HealthStatus, note: str) -> bytes:
-        data: dict[str, Any] = {**instance.to_dict(), "status": str(status)}
-        if note:
-            data["note"] = note
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+        if status is not HealthStatus.PASSING and not self.format.carries_health:
+            raise Rejected(health_error(self.format), **error_context("etcd", instance=instance))
+        return self.format.encode(instance, status, note)
 
     def _parse(self, service: str, key: bytes, value: bytes) -> InstanceHealth | None:
+        prefix = self._key(service)
         try:
-            data = json.loads(value)
-            if not isinstance(data, dict):
-                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-            instance = ServiceInstance.from_dict(data)
-            if instance.service != service:
-                raise ValueError(f"service {instance.service!r} under {service!r}")
-            if key != self._key(service, instance.id):
-                raise ValueError(f"id {instance.id!r} does not match the key")
-            status = HealthStatus(data.get("status", "passing"))
-            note = data.get("note", "")
-            return InstanceHealth(instance, status, note if isinstance(note, str) else "")
+            if not key.startswith(prefix) or b"/" in key[len(prefix) :]:
+                raise ValueError("not a key of this service")
+            return self.format.decode(service, key[len(prefix) :].decode(), value)
         except Exception as exc:  # a foreign or malformed value must not break listing
             if key not in self._warned:
                 self._warned.add(key)
                 log.warning(
-                    "skipping %r: not a registry-agent instance: %s",
+                    "skipping %r: not a %s instance: %s",
                     key.decode(errors="replace"),
+                    self.format.name,
                     exc,
                     extra={"event": "skip_foreign", "backend": "etcd", "service": service},
                 )
             return None
+
+    def validate_options(
+        self,
+        *,
+        ttl: float,
+        deregister_critical_after: float | None,
+        on_unhealthy: str = "deregister",
+    ) -> None:
+        """Refuse ``on_unhealthy="critical"`` with a format that carries no health."""
+        del ttl, deregister_critical_after
+        if str(on_unhealthy) == "critical" and not self.format.carries_health:
+            raise ConfigError(health_error(self.format), field="on_unhealthy")
 
     def validate(self, instance: ServiceInstance) -> None:
         """Raise :class:`Rejected` when etcd would refuse to store ``instance``.
@@ -597,7 +633,7 @@ class EtcdBackend:
         self._check_size(instance, self._value(instance, HealthStatus.CRITICAL, ""))
 
     def _check_size(self, instance: ServiceInstance, value: bytes) -> None:
-        key = self._key(instance.service, instance.id)
+        key = self._key_of(instance)
         size = len(key) + len(value) + _PUT_OVERHEAD
         if size > self.max_request_bytes:
             raise Rejected(
@@ -619,7 +655,7 @@ class EtcdBackend:
     ) -> Lease:
         value = self._value(instance, status, note)
         self._check_size(instance, value)
-        key = self._key(instance.service, instance.id)
+        key = self._key_of(instance)
         seconds = max(1, math.ceil(ttl))
         # We choose the lease id: when a grant's answer is lost (it may have
         # landed all the same) or the put fails, we know which lease to revoke.
@@ -652,7 +688,7 @@ class EtcdBackend:
     def _shared(self, lease: Lease) -> tuple[LeaseGroup, bytes, int]:
         """The group, key and lease id behind a lease from :meth:`register_shared`."""
         instance = lease.instance
-        key = self._key(instance.service, instance.id)
+        key = self._key_of(instance)
         group = self._groups.get(max(1, math.ceil(lease.ttl)))
         if group is None or not isinstance(lease.handle, int):
             raise LeaseLost(
@@ -677,7 +713,7 @@ class EtcdBackend:
         """
         value = self._value(instance, status, note)
         self._check_size(instance, value)
-        key = self._key(instance.service, instance.id)
+        key = self._key_of(instance)
         group = self._group(ttl)
         group.pending += 1
         try:
@@ -756,11 +792,15 @@ class EtcdBackend:
 
     async def lookup(self, lease: Lease) -> InstanceHealth | None:
         instance = lease.instance
-        key = self._key(instance.service, instance.id)
+        key = self._key_of(instance)
         kv = await self._call(lambda c: c.get(key), instance=instance)
         if kv is None or kv.lease != lease.handle:
             return None
-        return self._parse(instance.service, key, kv.value)
+        found = self._parse(instance.service, key, kv.value)
+        if found is not None and kv.value == self.format.encode(instance, found.status, found.note):
+            # What we wrote, whatever the format keeps of it (go-zero: host:port only).
+            return InstanceHealth(instance, found.status, found.note)
+        return found
 
     async def set_status(self, lease: Lease, status: HealthStatus, note: str = "") -> None:
         instance = lease.instance
@@ -780,7 +820,7 @@ class EtcdBackend:
                 member.value, member.revision = value, revision
             return
         await self._call(
-            lambda c: c.put(self._key(instance.service, instance.id), value, lease=lease.handle),
+            lambda c: c.put(self._key_of(instance), value, lease=lease.handle),
             instance=instance,
         )
 
