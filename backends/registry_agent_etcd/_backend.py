@@ -879,8 +879,8 @@ class EtcdBackend:
         found: dict[str, InstanceHealth] = {}
         for kv in result:
             health = self._parse(service, kv.key, kv.value)
-            if health is not None:
-                found[health.instance.id] = health
+            if health is not None:  # keyed like watch(): by the key's last segment
+                found[kv.key[len(prefix) :].decode(errors="replace")] = health
         return ServiceSnapshot(service, result.header.revision, InstanceMap(found))
 
     async def watch(
