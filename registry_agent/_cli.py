@@ -101,22 +101,28 @@ async def _list(url: str, service: str, as_json: bool, request_timeout: float | 
     # Consul ids are unique per agent only: with nodes known, the node tells same ids apart.
     nodes = any(health.instance.node for health in rows)
     node_header = f"{'NODE':20} " if nodes else ""
-    _print(f"{'ID':30} {node_header}{'ADDRESS':22} {'STATUS':9} TAGS")
+    versions = any(health.instance.version for health in rows)
+    version_header = f"{'VERSION':12} " if versions else ""
+    _print(f"{'ID':30} {node_header}{'ADDRESS':22} {version_header}{'STATUS':9} TAGS")
     for health in rows:
         inst = health.instance
         node = f"{inst.node or '-':20} " if nodes else ""
+        version = f"{inst.version or '-':12} " if versions else ""
         _print(
-            f"{inst.id:30} {node}{_host_port(inst):22} {health.status!s:9} {','.join(inst.tags)}"
+            f"{inst.id:30} {node}{_host_port(inst):22} {version}{health.status!s:9} "
+            f"{','.join(inst.tags)}"
         )
     return 0
 
 
 def _host_port(instance: ServiceInstance) -> str:
-    """``host:port``, IPv6 in brackets (``[::1]:9000``); the address alone without a port."""
+    """``host:port``, IPv6 in brackets (``[::1]:9000``), after ``scheme://`` when the
+    instance says what it serves; the address alone without a port."""
     if not instance.port:
         return instance.address
     address = f"[{instance.address}]" if ":" in instance.address else instance.address
-    return f"{address}:{instance.port}"
+    scheme = f"{instance.scheme}://" if instance.scheme else ""
+    return f"{scheme}{address}:{instance.port}"
 
 
 # -- watch ---------------------------------------------------------------------------

@@ -57,6 +57,22 @@ def test_list_table_shows_nodes_when_known(
     assert [r.get("node") for r in rows] == [None, None, "b"]
 
 
+def test_list_shows_scheme_and_version_when_known(
+    registry: MemoryRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grpc = ServiceInstance("orders", address="10.0.0.4", port=9000, scheme="grpc", version="v2")
+    registry.put(InstanceHealth(grpc), ttl=60)
+    assert main(["list", "orders", "--backend", registry.url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["ID", "ADDRESS", "VERSION", "STATUS", "TAGS"]
+    assert out[1].split() == ["orders-10.0.0.1-80", "10.0.0.1:80", "-", "passing"]
+    assert out[3].split() == ["orders-10.0.0.4-9000", "grpc://10.0.0.4:9000", "v2", "passing"]
+    assert main(["list", "orders", "--backend", registry.url, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (rows[2]["scheme"], rows[2]["version"]) == ("grpc", "v2")
+    assert "scheme" not in rows[0]
+
+
 def test_list_brackets_ipv6_addresses(
     registry: MemoryRegistry, capsys: pytest.CaptureFixture[str]
 ) -> None:
