@@ -160,3 +160,36 @@ def test_from_registry_still_checks_types(fields: dict[str, object], field: str)
     with pytest.raises(ConfigError) as info:
         ServiceInstance.from_registry(**{**args, **fields})  # type: ignore[arg-type]
     assert info.value.field == field
+
+
+def test_scheme_and_version_are_fields_of_the_instance() -> None:
+    plain = ServiceInstance("orders", address="10.0.0.1", port=9000)
+    grpc = ServiceInstance("orders", address="10.0.0.1", port=9000, scheme="grpc", version="v2")
+    assert (plain.scheme, plain.version) == ("", "")
+    assert grpc != plain
+    assert grpc != ServiceInstance("orders", address="10.0.0.1", port=9000, scheme="grpc")
+    assert grpc.to_dict()["scheme"] == "grpc"
+    assert "scheme" not in plain.to_dict()
+    assert "version" not in plain.to_dict()
+    assert ServiceInstance.from_dict(grpc.to_dict()) == grpc
+    read = ServiceInstance.from_registry(
+        service="orders", id="x", address="h", port=1, scheme="GRPCS", version="1.0"
+    )
+    assert (read.scheme, read.version) == ("grpcs", "1.0")
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"scheme": "GRPC"}, "scheme"),
+        ({"scheme": "grpc://"}, "scheme"),
+        ({"scheme": 1}, "scheme"),
+        ({"version": "v 1"}, "version"),
+        ({"version": "x" * 300}, "version"),
+        ({"version": None}, "version"),
+    ],
+)
+def test_bad_scheme_or_version_names_the_field(fields: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ServiceInstance("orders", address="h", port=1, **fields)  # type: ignore[arg-type]
+    assert info.value.field == field
