@@ -33,6 +33,8 @@ __all__ = ["GoZeroFormat", "entry_number", "split_hostport"]
 
 # What a go-zero value may hold as its host outside brackets: a DNS name or an IPv4 address.
 _HOST = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Every character of host:port or [ipv6%zone]:port; anything else (JSON, a URL) is not one.
+_HOSTPORT = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
 _INT63 = (1 << 63) - 1
 
 
@@ -63,6 +65,8 @@ def _check_host(host: str) -> bool:
 def split_hostport(value: str) -> tuple[str, int]:
     """``(host, port)`` of ``host:port`` or ``[ipv6]:port``, as Go's ``net.SplitHostPort``
     reads them; raises :class:`ValueError` saying what is wrong."""
+    if not _HOSTPORT.match(value):
+        raise ValueError(f"expected host:port (a host name or IP address, a port), got {value!r}")
     if value.startswith("["):
         host, sep, port = value[1:].partition("]:")
         if not sep or not host or ":" not in host:
@@ -72,7 +76,9 @@ def split_hostport(value: str) -> tuple[str, int]:
         if not sep or not host:
             raise ValueError(f"expected host:port, got {value!r}")
         if ":" in host:
-            raise ValueError(f"an IPv6 address needs brackets ([ipv6]:port), got {value!r}")
+            raise ValueError(
+                f"expected [ipv6]:port (an IPv6 address needs brackets), got {value!r}"
+            )
     if not _check_host(host):
         raise ValueError(f"expected a host name or IP address before the port, got {value!r}")
     if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
