@@ -143,7 +143,7 @@ def test_the_backend_validates_a_registrable_instance() -> None:
     backend.validate(ServiceInstance("orders.rpc", address="10.0.0.5", port=8080))
     backend.validate_options(ttl=10, deregister_critical_after=None, on_unhealthy="deregister")
     with pytest.raises(ConfigError) as info:
-        backend.validate(ServiceInstance("orders.rpc", address="a/b", port=8080))
+        backend.validate(ServiceInstance("orders.rpc", address="a/b", port=8080, id="x"))
     assert info.value.field == "address"
 
 
