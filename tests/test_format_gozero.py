@@ -155,7 +155,7 @@ def test_the_backend_validates_a_registrable_instance() -> None:
     [
         # NewPublisher(hosts, "orders.rpc", "10.0.0.5:8080") with lease 0x694d8d4a1c2e7a04
         (go_key("orders.rpc", 0x694D8D4A1C2E7A04), b"10.0.0.5:8080", "10.0.0.5", 8080),
-        # zrpc ListenOn "0.0.0.0:8080", POD_IP=10.1.2.3, Etcd.ID 42 (v1.6.0+)
+        # zrpc ListenOn "0.0.0.0:8080", POD_IP=10.1.2.3, Etcd.ID 42 (v1.5.1+)
         (go_key("orders.rpc", 42), b"10.1.2.3:8080", "10.1.2.3", 8080),
         # ListenOn "[::1]:8080": kept verbatim by figureOutListenOn
         (go_key("orders.rpc", 7), b"[::1]:8080", "::1", 8080),

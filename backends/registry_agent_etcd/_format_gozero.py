@@ -6,9 +6,10 @@ Read from zeromicro/go-zero (v1.0.0 to v1.10.3; the layout has not changed):
   lease and puts ``makeEtcdKey(key, id)`` = ``<key>/<id as %d>`` with its value,
   attached to that lease. ``id`` is the lease id, or the publisher's ``WithId``
   option when above 0 (``WithId`` exists since v1.0.0; zrpc's ``Etcd.ID``
-  setting passes it since v1.6.0). Since v1.9.0 a publisher also puts its key
+  setting passes it since v1.5.1). Since v1.9.0 a publisher also puts its key
   back when it sees it deleted.
-- ``zrpc/internal/rpcpubserver.go`` (``NewRpcPubServer``): the value is the
+- ``zrpc/internal/rpcpubserver.go`` (``NewRpcPubServer``; ``rpcx/server.go`` in
+  v1.0.0, ``zrpc/server.go`` in v1.1.0, same rule): the value is the
   server's ``ListenOn`` (``0.0.0.0`` or an empty host replaced by ``POD_IP`` or
   the host's internal IP), and the key its ``Etcd.Key``, e.g. ``orders.rpc``.
 - ``core/discov/internal/registry.go`` (``cluster.load``/``watch``) and
