@@ -11,10 +11,9 @@ from registry_agent._backend import Backend
 from registry_agent._errors import BackendUnavailable, NoInstanceAvailable, RegistryError
 from registry_agent._fork import ForkGuard
 from registry_agent._models import InstanceHealth, ServiceInstance
-from registry_agent._plugins import open_backend
 from registry_agent._retry import RetryPolicy
 from registry_agent._select import Selector, Strategy, as_strategy
-from registry_agent._watcher import AsyncWatcher
+from registry_agent._watcher import AsyncWatcher, Backends, open_backends
 
 __all__ = ["AsyncDiscovery"]
 
@@ -27,11 +26,18 @@ class AsyncDiscovery:
     memory and stay fresh. With ``keep_last_nonempty=True`` a service that
     suddenly reads empty keeps being served its last non-empty set (protection
     against a registry wiped or cut off; off by default: an empty list is a fact).
+
+    ``backend`` is a URL or a :class:`Backend`, or a list of them: one view
+    merged over several registries, as :class:`AsyncWatcher` gives it (an
+    instance held by several counts once, healthy when any says passing; a
+    registry that is down keeps its last view). The first call for a service
+    then waits until one registry has answered and each other has answered or
+    failed once.
     """
 
     def __init__(
         self,
-        backend: str | Backend,
+        backend: Backends,
         *,
         keep_last_nonempty: bool = False,
         sync_timeout: float = 5.0,
@@ -39,8 +45,11 @@ class AsyncDiscovery:
         on_error: Callable[[str, BaseException], None] | None = None,
         selector: Selector | None = None,
     ) -> None:
-        self._owns_backend = isinstance(backend, str)
-        self.backend: Backend = open_backend(backend) if isinstance(backend, str) else backend
+        self._members = open_backends(backend)
+        #: Every backend watched, in the order given.
+        self.backends: tuple[Backend, ...] = tuple(m.backend for m in self._members)
+        #: The first backend (the only one, unless several were given).
+        self.backend: Backend = self.backends[0]
         self.keep_last_nonempty = keep_last_nonempty
         self.sync_timeout = sync_timeout
         self.retry = retry
@@ -61,7 +70,7 @@ class AsyncDiscovery:
                 watcher = self._watchers.get(service)
                 if watcher is None:
                     watcher = AsyncWatcher(
-                        self.backend,
+                        list(self.backends),
                         service,
                         retry=self.retry,
                         on_error=self._note_error,
@@ -152,9 +161,10 @@ class AsyncDiscovery:
             return
         for watcher in watchers:
             await watcher.close()
-        if self._owns_backend:
-            with contextlib.suppress(Exception):
-                await self.backend.close()
+        for member in self._members:
+            if member.owned:
+                with contextlib.suppress(Exception):
+                    await member.backend.close()
 
     async def __aenter__(self) -> AsyncDiscovery:
         return self

@@ -30,6 +30,9 @@ response's own events) yields snapshots whose ``instances`` is an
 :class:`InstanceMap`: an immutable mapping whose update copies only a small
 part of it and records the ids it changed, so the watcher's work per change
 follows the size of the change, not of the service (:func:`changed_ids`).
+
+A watch over several registries shows one merged view (:class:`MergedView`):
+one entry per endpoint, however many registries hold it.
 """
 
 from __future__ import annotations
@@ -56,9 +59,11 @@ __all__ = [
     "Backlog",
     "EventType",
     "InstanceMap",
+    "MergedView",
     "WatchEvent",
     "changed_ids",
     "diff_snapshots",
+    "endpoint_key",
 ]
 
 
@@ -363,3 +368,102 @@ def changed_ids(old: Mapping[str, InstanceHealth], new: Mapping[str, InstanceHea
         if hint is not None:
             return sorted(hint)
     return [key for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+
+
+def endpoint_key(instance: ServiceInstance) -> str | None:
+    """What identifies ``instance`` across registries: ``address:port`` (the address in
+    lower case, without brackets); None without a port (nothing to connect to, so
+    nothing to recognise it by)."""
+    if not instance.port:
+        return None
+    return f"{instance.address.strip('[]').lower()}:{instance.port}"
+
+
+class MergedView:
+    """The instances of one service over several registries, merged by endpoint. I/O-free.
+
+    Each registry (a *member*, numbered in the order the caller lists them)
+    reports its snapshots with :meth:`apply`; :attr:`state` is the merged view,
+    an :class:`InstanceMap` keyed by endpoint (:func:`endpoint_key`), evolved
+    from the previous one so the watcher's diff costs only what changed.
+
+    - **Identity**: one entry per ``address:port``, whatever its id in each
+      registry (go-zero keeps none, kratos and Consul ids need not agree). An
+      entry without a port is never merged: it is keyed by its member and its
+      key in that member's snapshots.
+    - **Which instance is shown**: the one from the first member (in list order)
+      that holds the endpoint; within one member, the smallest snapshot key.
+      When that member drops it, the next one's instance is shown (an
+      ``updated`` event when it differs, nothing when it is the same).
+    - **Health**: passing when any member holding it reports it passing;
+      otherwise the shown entry's status.
+    - **Members that cannot be read** keep their last snapshot: only a snapshot
+      from a member changes what it holds.
+
+    Memory: each member's last snapshot (shared, not copied) and one index entry
+    per held entry.
+    """
+
+    __slots__ = ("_holders", "_members", "state")
+
+    def __init__(self, members: int) -> None:
+        if members < 1:
+            raise ValueError("a merged view needs at least one member")
+        empty: Mapping[str, InstanceHealth] = {}
+        self._members: list[Mapping[str, InstanceHealth]] = [empty] * members
+        # merged key -> member -> that member's snapshot keys holding it.
+        self._holders: dict[str, dict[int, set[str]]] = {}
+        self.state: InstanceMap = InstanceMap()
+
+    def member(self, member: int) -> Mapping[str, InstanceHealth]:
+        """The last snapshot ``member`` reported (empty before its first)."""
+        return self._members[member]
+
+    def apply(self, member: int, instances: Mapping[str, InstanceHealth]) -> InstanceMap:
+        """Take ``member``'s new snapshot; returns the new :attr:`state` (the same object
+        when the merged view does not change)."""
+        old = self._members[member]
+        self._members[member] = instances
+        touched: set[str] = set()
+        for key in changed_ids(old, instances):
+            before, after = old.get(key), instances.get(key)
+            if before is not None:
+                merged = self._key(member, key, before.instance)
+                holders = self._holders[merged]
+                held = holders[member]
+                held.discard(key)
+                if not held:
+                    del holders[member]
+                if not holders:
+                    del self._holders[merged]
+                touched.add(merged)
+            if after is not None:
+                merged = self._key(member, key, after.instance)
+                self._holders.setdefault(merged, {}).setdefault(member, set()).add(key)
+                touched.add(merged)
+        if touched:
+            self.state = self.state.evolve({key: self._merged(key) for key in touched})
+        return self.state
+
+    @staticmethod
+    def _key(member: int, key: str, instance: ServiceInstance) -> str:
+        endpoint = endpoint_key(instance)
+        # A space is in no address: these keys never meet an endpoint's.
+        return endpoint if endpoint is not None else f"{instance.address} #{member} {key}"
+
+    def _merged(self, merged: str) -> InstanceHealth | None:
+        holders = self._holders.get(merged)
+        if not holders:
+            return None
+        shown: InstanceHealth | None = None
+        for member in sorted(holders):
+            snapshot = self._members[member]
+            for key in sorted(holders[member]):
+                health = snapshot[key]
+                if shown is None:
+                    shown = health
+                    if health.healthy:
+                        return health
+                elif health.healthy:
+                    return InstanceHealth(shown.instance, health.status, health.note)
+        return shown

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
+from typing import TypeAlias
 
 from registry_agent._backend import Backend
 from registry_agent._errors import (
@@ -17,24 +20,87 @@ from registry_agent._errors import (
     RegistryError,
     RevisionCompacted,
 )
-from registry_agent._events import Backlog, InstanceMap, WatchEvent, changed_ids, diff_snapshots
+from registry_agent._events import (
+    Backlog,
+    InstanceMap,
+    MergedView,
+    WatchEvent,
+    changed_ids,
+    diff_snapshots,
+)
 from registry_agent._fork import ForkGuard
 from registry_agent._models import InstanceHealth, ServiceSnapshot, _check_name
 from registry_agent._plugins import open_backend
 from registry_agent._retry import RetryPolicy
+from registry_agent._urls import parse_backend_url
 
-__all__ = ["AsyncWatcher"]
+__all__ = ["AsyncWatcher", "Backends", "open_backends"]
 
 log = logging.getLogger("registry_agent.watcher")
 
 _REPEAT_LOG_EVERY = 30.0
 _EMPTY: Mapping[str, InstanceHealth] = MappingProxyType({})
 
+#: What a watcher or a discovery watches: one backend (a URL or a :class:`Backend`),
+#: or a list of them for one merged view.
+Backends: TypeAlias = str | Backend | Sequence[str | Backend]
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    """One backend of a watch: opened here from a URL (``owned``: closed here) or given."""
+
+    backend: Backend
+    owned: bool
+    label: str
+
+
+def open_backends(backend: Backends) -> tuple[_Member, ...]:
+    """The backends named by ``backend``, each opened from its URL or taken as given.
+
+    Raises :class:`ConfigError` (field ``backend``) for an empty list or one listing
+    the same URL or backend twice.
+    """
+    given: list[str | Backend] = (
+        [backend] if isinstance(backend, str) or not isinstance(backend, Sequence) else [*backend]
+    )
+    if not given:
+        raise ConfigError(
+            "expected a backend URL or a list of them, got an empty list", field="backend"
+        )
+    members: list[_Member] = []
+    for i, item in enumerate(given):
+        if any(item is other or (isinstance(item, str) and item == other) for other in given[:i]):
+            shown = (
+                parse_backend_url(item, default_port=0).redacted()
+                if isinstance(item, str)
+                else repr(item)
+            )
+            raise ConfigError(f"{shown} is listed twice", field=f"backend[{i}]")
+        if isinstance(item, str):
+            members.append(
+                _Member(
+                    open_backend(item), True, parse_backend_url(item, default_port=0).redacted()
+                )
+            )
+        else:
+            members.append(_Member(item, False, repr(item)))
+    return tuple(members)
+
+
+class _Heard(enum.Enum):
+    """What one member of a watch over several backends has done for a service yet."""
+
+    NOTHING = 0
+    FAILED = 1
+    READ = 2
+
 
 class AsyncWatcher:
     """Watches services and yields a :class:`WatchEvent` for every change.
 
-    ``backend`` is a URL or a :class:`Backend`; ``services`` a name or a list of
+    ``backend`` is a URL or a :class:`Backend`, or a list of them: several
+    registries watched as one (see below); ``services`` a name or a list of
     names. After a disconnect or a server restart the watcher resumes (etcd:
     from the next revision; Consul: from the last index) or, when it cannot,
     lists again and diffs against what it knew: every change missed meanwhile
@@ -55,11 +121,25 @@ class AsyncWatcher:
 
     ``listener``, when given, is called for each event as it happens (on the
     event loop), in addition to any ``async for``.
+
+    **Several backends** (a list of URLs or backends) give one merged view
+    (:class:`~registry_agent._events.MergedView`): an instance held by several
+    registries, in whatever format, is one entry, recognised by its
+    ``address:port``; the instance shown is the one from the first backend in
+    the list that holds it; it is healthy when any backend reports it passing.
+    ``added`` comes when the first registry has it, ``deleted`` when the last one
+    drops it, ``updated`` when the shown instance changes (moving from one
+    registry to another gives no event when both hold the same fields).
+    Snapshots are keyed and ordered by ``address:port`` instead of the
+    registry's key. Each backend is watched on its own: a registry that cannot
+    be read keeps its last view (its instances stay) until it answers again,
+    and a service counts as synced once one backend has read it and each other
+    one has read it or failed once.
     """
 
     def __init__(
         self,
-        backend: str | Backend,
+        backend: Backends,
         services: str | Iterable[str],
         *,
         retry: RetryPolicy | None = None,
@@ -75,8 +155,12 @@ class AsyncWatcher:
         if not lag_warning > 0:
             raise ConfigError(f"expected seconds > 0, got {lag_warning!r}", field="lag_warning")
         self.services = tuple(dict.fromkeys(names))
-        self._owns_backend = isinstance(backend, str)
-        self.backend: Backend = open_backend(backend) if isinstance(backend, str) else backend
+        members = open_backends(backend)
+        #: Every backend watched, in the order given (the first one's instance is shown).
+        self.backends: tuple[Backend, ...] = tuple(m.backend for m in members)
+        #: The first backend (the only one, unless several were given).
+        self.backend: Backend = self.backends[0]
+        self._members = members
         self.retry = retry or RetryPolicy(initial=0.1, cap=2.0)
         self.on_error = on_error
         self.listener = listener
@@ -84,6 +168,9 @@ class AsyncWatcher:
         self._state: dict[str, Mapping[str, InstanceHealth]] = {}
         self._index: dict[str, int] = {}
         self._synced: dict[str, asyncio.Event] = {}
+        # Several backends: per service, the merged view and what each member has done yet.
+        self._views: dict[str, MergedView] = {}
+        self._heard: dict[str, list[_Heard]] = {}
         self._consumers: weakref.WeakSet[_Consumer] = weakref.WeakSet()
         self._tasks: list[asyncio.Task[None]] = []
         self._fork: ForkGuard | None = None
@@ -100,7 +187,15 @@ class AsyncWatcher:
         self._fork = ForkGuard("AsyncWatcher")
         for service in self.services:
             self._synced[service] = asyncio.Event()
-            self._tasks.append(asyncio.create_task(self._watch(service), name=f"watch {service}"))
+            if len(self._members) > 1:
+                self._views[service] = MergedView(len(self._members))
+                self._heard[service] = [_Heard.NOTHING] * len(self._members)
+            for number in range(len(self._members)):
+                self._tasks.append(
+                    asyncio.create_task(
+                        self._watch(service, number), name=f"watch {self._where(service, number)}"
+                    )
+                )
         return self
 
     async def close(self) -> None:
@@ -119,9 +214,10 @@ class AsyncWatcher:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._owns_backend:
-            with contextlib.suppress(Exception):
-                await self.backend.close()
+        for member in self._members:
+            if member.owned:
+                with contextlib.suppress(Exception):
+                    await member.backend.close()
 
     async def __aenter__(self) -> AsyncWatcher:
         return await self.start()
@@ -183,21 +279,29 @@ class AsyncWatcher:
 
     # -- the watch loop -------------------------------------------------------------
 
-    async def _watch(self, service: str) -> None:
+    def _where(self, service: str, member: int) -> str:
+        """``service``, and which backend when there are several (for logs)."""
+        if len(self._members) == 1:
+            return service
+        return f"{service} on {self._members[member].label}"
+
+    async def _watch(self, service: str, member: int) -> None:
+        backend = self._members[member].backend
+        where = self._where(service, member)
         last: ServiceSnapshot | None = None
         failures = 0
         relists = 0
         last_log = 0.0
         while True:
             try:
-                async for snapshot in self.backend.watch(service, since=last):
-                    self._apply(service, snapshot)
+                async for snapshot in backend.watch(service, since=last):
+                    self._apply(service, member, snapshot)
                     last = snapshot
                     relists = 0
                     if failures:
                         log.info(
                             "watch of %s resumed after %d failure(s)",
-                            service,
+                            where,
                             failures,
                             extra={"event": "watch_resumed", "service": service},
                         )
@@ -207,7 +311,7 @@ class AsyncWatcher:
                 # (backing off only if that keeps happening without a snapshot).
                 log.info(
                     "watch of %s re-lists: %s",
-                    service,
+                    where,
                     exc,
                     extra={"event": "watch_relist", "service": service},
                 )
@@ -219,13 +323,14 @@ class AsyncWatcher:
             except Exception as exc:  # never die: report, back off, go on
                 failures += 1
                 self.errors += 1
-                error = self._as_registry_error(service, exc)
+                self._failed(service, member)
+                error = self._as_registry_error(service, member, exc)
                 now = time.monotonic()
                 if failures == 1 or now - last_log >= _REPEAT_LOG_EVERY:
                     last_log = now
                     log.warning(
                         "watch of %s failed (failure %d, retrying): %s",
-                        service,
+                        where,
                         failures,
                         error,
                         extra={"event": "watch_failed", "service": service, "error": str(error)},
@@ -243,11 +348,11 @@ class AsyncWatcher:
             failures += 1
             await asyncio.sleep(self.retry.delay(failures))
 
-    def _as_registry_error(self, service: str, exc: Exception) -> RegistryError:
+    def _as_registry_error(self, service: str, member: int, exc: Exception) -> RegistryError:
         """``exc`` itself when it is a RegistryError, else a BackendUnavailable naming it."""
         if isinstance(exc, RegistryError):
             return exc
-        scheme = getattr(self.backend, "scheme", None)
+        scheme = getattr(self._members[member].backend, "scheme", None)
         error = BackendUnavailable(
             f"watch failed: {type(exc).__name__}: {exc}",
             service=service,
@@ -256,17 +361,39 @@ class AsyncWatcher:
         error.__cause__ = exc
         return error
 
-    def _apply(self, service: str, snapshot: ServiceSnapshot) -> None:
+    def _failed(self, service: str, member: int) -> None:
+        """A member failed to read ``service``: the others need not wait for it to sync."""
+        heard = self._heard.get(service)
+        if heard is not None and heard[member] is _Heard.NOTHING:
+            heard[member] = _Heard.FAILED
+            self._check_synced(service, heard)
+
+    def _check_synced(self, service: str, heard: list[_Heard]) -> None:
+        # Synced once one member has read it and each other has read it or failed:
+        # a registry that is down does not hold the view back.
+        if _Heard.READ in heard and _Heard.NOTHING not in heard:
+            self._synced[service].set()
+
+    def _apply(self, service: str, member: int, snapshot: ServiceSnapshot) -> None:
         old = self._state.get(service, _EMPTY)
-        new = snapshot.instances
-        # An InstanceMap is immutable and says which ids its update changed: keep
-        # it as is and visit only those. Anything else is copied and fully diffed.
-        if not isinstance(new, InstanceMap):
-            new = MappingProxyType(dict(new))
+        view = self._views.get(service)
+        if view is not None:
+            new: Mapping[str, InstanceHealth] = view.apply(member, snapshot.instances)
+            heard = self._heard[service]
+            heard[member] = _Heard.READ
+            self._check_synced(service, heard)
+        else:
+            new = snapshot.instances
+            # An InstanceMap is immutable and says which ids its update changed: keep
+            # it as is and visit only those. Anything else is copied and fully diffed.
+            if not isinstance(new, InstanceMap):
+                new = MappingProxyType(dict(new))
+            self._synced[service].set()
+        if new is old:  # a member's change the merged view does not show
+            return
         changed = changed_ids(old, new)
         self._state[service] = new
         self._index[service] = snapshot.index
-        self._synced[service].set()
         if not changed:
             return
         if self.listener is not None:

@@ -1,0 +1,395 @@
+"""One view over several registries: the pure merge (MergedView) and the watcher and
+discovery built on it, on in-memory registries (real servers: integration/test_merged_view.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from registry_agent import (
+    AsyncDiscovery,
+    AsyncWatcher,
+    ConfigError,
+    EventType,
+    HealthStatus,
+    InstanceHealth,
+    ServiceInstance,
+    WatchEvent,
+)
+from registry_agent._events import InstanceMap, MergedView, diff_snapshots, endpoint_key
+from registry_agent._retry import RetryPolicy
+from registry_agent.testing.memory import MemoryRegistry
+
+P, W, C = HealthStatus.PASSING, HealthStatus.WARNING, HealthStatus.CRITICAL
+FAST = RetryPolicy(initial=0.01, cap=0.05)
+
+
+def inst(
+    port: int, id: str = "", address: str = "10.0.0.1", status: HealthStatus = P, **fields: Any
+) -> InstanceHealth:
+    instance = ServiceInstance.from_registry(
+        service="orders", id=id or f"orders-{port}", address=address, port=port, **fields
+    )
+    return InstanceHealth(instance, status)
+
+
+def snap(*healths: InstanceHealth) -> dict[str, InstanceHealth]:
+    return {h.instance.id: h for h in healths}
+
+
+# -- the pure merge -----------------------------------------------------------------
+
+
+def reference(members: Sequence[Mapping[str, InstanceHealth]]) -> dict[str, InstanceHealth]:
+    """The merge computed from scratch, the way MergedView documents it."""
+    merged: dict[str, list[InstanceHealth]] = {}
+    for number, members_snapshot in enumerate(members):
+        for key in sorted(members_snapshot):
+            health = members_snapshot[key]
+            where = endpoint_key(health.instance) or f"{health.instance.address} #{number} {key}"
+            merged.setdefault(where, []).append(health)
+    out = {}
+    for where, holders in merged.items():
+        shown = holders[0]
+        passing = next((h for h in holders if h.healthy), None)
+        out[where] = (
+            shown if passing is None or shown.healthy else InstanceHealth(shown.instance, P)
+        )
+    return out
+
+
+def test_one_instance_in_two_registries_with_different_ids_is_one_entry() -> None:
+    view = MergedView(2)
+    view.apply(0, snap(inst(80, "consul-id")))
+    state = view.apply(1, snap(inst(80, "12345")))  # go-zero: the lease id
+    assert list(state) == ["10.0.0.1:80"]
+    assert state["10.0.0.1:80"].instance.id == "consul-id"  # the first backend's
+
+
+def test_moving_between_registries_is_silent_when_fields_agree_and_an_update_otherwise() -> None:
+    view = MergedView(2)
+    view.apply(0, snap(inst(80)))
+    both = view.apply(1, snap(inst(80)))
+    assert diff_snapshots({}, both) == [
+        WatchEvent(EventType.ADDED, inst(80).instance, True, P, None, 0)
+    ]
+    # Same fields in both: dropping it from the first changes nothing at all.
+    assert view.apply(0, {}) is both
+    # Back in the first, then the second drops it: still nothing.
+    assert view.apply(0, snap(inst(80))) is both
+    assert view.apply(1, {}) is both
+    # The second holds it under another id: the shown instance changes when the first drops it.
+    view.apply(1, snap(inst(80, "kratos-id", version="v2")))
+    before = view.state
+    after = view.apply(0, {})
+    events = diff_snapshots(before, after)
+    assert [e.type for e in events] == [EventType.UPDATED]
+    assert events[0].previous == inst(80).instance
+    assert events[0].instance.id == "kratos-id"
+    # The last one drops it: deleted.
+    assert [e.type for e in diff_snapshots(after, view.apply(1, {}))] == [EventType.DELETED]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "status"),
+    [
+        (P, P, P),
+        (C, P, P),  # online when any says passing
+        (P, C, P),
+        (C, C, C),  # offline when all that hold it say not passing: the shown one's status
+        (W, C, W),
+        (C, None, C),
+        (None, W, W),
+    ],
+)
+def test_health_is_passing_when_any_registry_says_passing(
+    first: HealthStatus | None, second: HealthStatus | None, status: HealthStatus
+) -> None:
+    view = MergedView(2)
+    if first is not None:
+        view.apply(0, snap(inst(80, "a", status=first)))
+    if second is not None:
+        view.apply(1, snap(inst(80, "b", status=second)))
+    (health,) = view.state.values()
+    assert health.status is status
+    assert health.instance.id == ("a" if first is not None else "b")
+
+
+def test_endpoints_compare_without_case_or_brackets_and_portless_entries_never_merge() -> None:
+    view = MergedView(2)
+    view.apply(0, snap(inst(80, "x", address="Host.Example"), inst(0, "p", address="h")))
+    state = view.apply(1, snap(inst(80, "y", address="host.example"), inst(0, "p", address="h")))
+    assert sorted(state) == ["h #0 p", "h #1 p", "host.example:80"]
+    view6 = MergedView(2)
+    view6.apply(0, snap(inst(80, "x", address="[::1]")))
+    assert list(view6.apply(1, snap(inst(80, "y", address="::1")))) == ["::1:80"]
+
+
+def test_a_changed_port_moves_the_entry() -> None:
+    view = MergedView(2)
+    view.apply(0, snap(inst(80, "a")))
+    before = view.state
+    after = view.apply(0, snap(inst(81, "a")))
+    assert [(e.type, e.instance.port) for e in diff_snapshots(before, after)] == [
+        (EventType.DELETED, 80),
+        (EventType.ADDED, 81),
+    ]
+
+
+def test_two_entries_of_one_registry_at_one_endpoint_show_the_smallest_key() -> None:
+    view = MergedView(1)
+    view.apply(0, snap(inst(80, "b"), inst(80, "a", status=C)))
+    assert view.state["10.0.0.1:80"] == InstanceHealth(inst(80, "a").instance, P)
+    view.apply(0, snap(inst(80, "b", status=C), inst(80, "a", status=C)))
+    assert view.state["10.0.0.1:80"].status is C
+
+
+def test_random_sequences_match_the_merge_from_scratch_and_diffs_touch_only_changes() -> None:
+    rng = random.Random(14)
+    members = 3
+    view = MergedView(members)
+    current: list[dict[str, InstanceHealth]] = [{} for _ in range(members)]
+    for _ in range(3000):
+        member = rng.randrange(members)
+        new = dict(current[member])
+        for _ in range(rng.randint(1, 3)):
+            key = f"k{rng.randrange(8)}"
+            if rng.random() < 0.3:
+                new.pop(key, None)
+            else:
+                new[key] = inst(
+                    rng.choice([0, 80, 81, 82]),
+                    key,
+                    address=rng.choice(["a", "A", "b"]),
+                    status=rng.choice([P, P, C]),
+                    tags=rng.choice([(), ("x",)]),
+                )
+        current[member] = new
+        # Members give plain mappings or InstanceMaps evolved from their last one.
+        given: Mapping[str, InstanceHealth] = InstanceMap(new) if rng.random() < 0.5 else dict(new)
+        before = view.state
+        after = view.apply(member, given)
+        assert dict(after) == reference(current)
+        if after is not before:
+            assert after.changed_since(before) is not None  # the watcher's diff is O(changes)
+
+
+def test_a_merged_view_needs_a_member() -> None:
+    with pytest.raises(ValueError, match="at least one member"):
+        MergedView(0)
+
+
+# -- the watcher and discovery over several in-memory registries ----------------------
+
+
+@pytest.fixture
+def registries() -> tuple[MemoryRegistry, MemoryRegistry]:
+    tag = uuid.uuid4().hex
+    return MemoryRegistry.named(f"a-{tag}"), MemoryRegistry.named(f"b-{tag}")
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def collect(events: list[WatchEvent], watcher: AsyncWatcher) -> None:
+    async for event in watcher:
+        events.append(event)
+
+
+async def quiet(events: list[WatchEvent], seconds: float = 0.2) -> list[WatchEvent]:
+    """The events that arrive in the next ``seconds`` (watch loops here react in ms)."""
+    count = len(events)
+    await asyncio.sleep(seconds)
+    return events[count:]
+
+
+async def test_watcher_over_two_registries_adds_once_and_deletes_when_the_last_drops_it(
+    registries: tuple[MemoryRegistry, MemoryRegistry],
+) -> None:
+    a, b = registries
+    lease_a = a.put(inst(8080, "orders-1"), ttl=600)
+    lease_b = b.put(inst(8080, "7587869934572"), ttl=600)  # another format's id
+    events: list[WatchEvent] = []
+    async with AsyncWatcher([a.url, b.url], "orders", retry=FAST) as watcher:
+        assert watcher.backends[0] is watcher.backend
+        assert len(watcher.backends) == 2
+        assert await watcher.wait_synced(5)
+        consumer = asyncio.create_task(collect(events, watcher))
+        await wait_until(lambda: len(events) == 1)
+        assert await quiet(events) == []
+        assert events[0].type is EventType.ADDED
+        assert events[0].instance.id == "orders-1"
+        a.delete("orders", "orders-1", lease_a)
+        # Shown from the second now, under its id: one update, never deleted + added.
+        await wait_until(lambda: len(events) == 2)
+        assert events[1].type is EventType.UPDATED
+        assert events[1].instance.id == "7587869934572"
+        assert [h.instance.id for h in watcher.snapshot()] == ["7587869934572"]
+        b.delete("orders", "7587869934572", lease_b)
+        await wait_until(lambda: len(events) == 3)
+        assert events[2].type is EventType.DELETED
+        assert await quiet(events) == []
+        consumer.cancel()
+
+
+async def test_a_registry_that_is_down_keeps_its_instances_and_health_merges(
+    registries: tuple[MemoryRegistry, MemoryRegistry],
+) -> None:
+    a, b = registries
+    a.put(inst(8080, "one", status=C), ttl=600)
+    b.put(inst(8080, "one"), ttl=600)
+    b.put(inst(9090, "two"), ttl=600)
+    errors: list[BaseException] = []
+    events: list[WatchEvent] = []
+    watcher = AsyncWatcher(
+        [a.url, b.url], "orders", retry=FAST, on_error=lambda _, e: errors.append(e)
+    )
+    async with watcher:
+        consumer = asyncio.create_task(collect(events, watcher))
+        await wait_until(lambda: len(events) == 2)
+        assert await quiet(events) == []
+        assert {(e.type, e.instance.id, e.healthy) for e in events} == {
+            (EventType.ADDED, "one", True),  # critical in a, passing in b: passing
+            (EventType.ADDED, "two", True),
+        }
+        b.stop()
+        await wait_until(lambda: bool(errors))
+        # b is down: what it held stays, with the health it last reported.
+        assert await quiet(events) == []
+        assert [(h.instance.id, h.healthy) for h in watcher.snapshot()] == [
+            ("one", True),
+            ("two", True),
+        ]
+        b.start()
+        b.delete("orders", "one", None)
+        # Now only a holds "one", and a says critical.
+        await wait_until(lambda: len(events) == 3)
+        assert (events[2].type, events[2].instance.id) == (EventType.OFFLINE, "one")
+        consumer.cancel()
+
+
+async def test_synced_when_one_registry_answers_and_the_other_has_failed(
+    registries: tuple[MemoryRegistry, MemoryRegistry],
+) -> None:
+    a, b = registries
+    a.stop()
+    b.put(inst(8080), ttl=600)
+    async with AsyncWatcher([a.url, b.url], "orders", retry=FAST) as watcher:
+        assert await watcher.wait_synced(5)
+        assert [h.instance.port for h in watcher.snapshot()] == [8080]
+    # Neither answers: never synced.
+    b.stop()
+    async with AsyncWatcher([a.url, b.url], "orders", retry=FAST) as watcher:
+        assert not await watcher.wait_synced(0.3)
+
+
+async def test_slow_consumer_over_two_registries_ends_at_the_merged_state(
+    registries: tuple[MemoryRegistry, MemoryRegistry],
+) -> None:
+    a, b = registries
+    leases = {(r, n): r.put(inst(9000 + n, f"o{n}"), ttl=600) for r in (a, b) for n in range(20)}
+    watcher = AsyncWatcher([a.url, b.url], "orders", retry=FAST)
+    known: dict[str, tuple[ServiceInstance, bool]] = {}
+
+    def key(event: WatchEvent) -> str:
+        return f"{event.instance.address}:{event.instance.port}"
+
+    async def consume() -> None:
+        async for event in watcher:
+            k = key(event)
+            if event.type is EventType.ADDED:
+                assert k not in known, f"added twice: {event}"
+                known[k] = (event.instance, True)  # offline follows when it is not passing
+            elif event.type is EventType.DELETED:
+                del known[k]
+            elif event.type is EventType.UPDATED:
+                assert known[k][0] == event.previous
+                known[k] = (event.instance, known[k][1])
+            else:
+                assert known[k][1] is (event.type is EventType.OFFLINE), event
+                known[k] = (known[k][0], event.healthy)
+            await asyncio.sleep(0.002)
+
+    def merged() -> dict[str, tuple[ServiceInstance, bool]]:
+        return {
+            f"{h.instance.address}:{h.instance.port}": (h.instance, h.healthy)
+            for h in watcher.snapshot()
+        }
+
+    rng = random.Random(5)
+    async with watcher:
+        consumer = asyncio.create_task(consume())
+        for i in range(600):
+            registry = rng.choice((a, b))
+            n = rng.randrange(20)
+            if rng.random() < 0.2:
+                registry.delete("orders", f"o{n}", None)
+            else:
+                health = inst(9000 + n, f"o{n}", meta={"v": str(i)}, status=rng.choice([P, C]))
+                leases[(registry, n)] = registry.put(health, ttl=600)
+            if i % 50 == 0:
+                await asyncio.sleep(0)
+        await wait_until(lambda: known == merged() and merged() == _reference_of(a, b), 10)
+        assert not consumer.done()
+        consumer.cancel()
+
+
+def _reference_of(*registries: MemoryRegistry) -> dict[str, tuple[ServiceInstance, bool]]:
+    merged = reference([dict(r.snapshot("orders").instances) for r in registries])
+    return {k: (h.instance, h.healthy) for k, h in merged.items()}
+
+
+async def test_discovery_over_two_registries_chooses_from_the_merged_view(
+    registries: tuple[MemoryRegistry, MemoryRegistry],
+) -> None:
+    a, b = registries
+    a.put(inst(8080, "one", status=C), ttl=600)
+    b.put(inst(8080, "one-b"), ttl=600)
+    b.put(inst(8081, "two", status=C), ttl=600)
+    async with AsyncDiscovery([a.url, b.url], retry=FAST) as discovery:
+        assert [i.id for i in await discovery.instances("orders")] == ["one"]
+        assert [i.id for i in await discovery.instances("orders", healthy_only=False)] == [
+            "one",
+            "two",
+        ]
+        assert {(await discovery.choose("orders")).id for _ in range(4)} == {"one"}
+
+
+async def test_a_list_of_one_backend_is_that_backend(
+    registries: tuple[MemoryRegistry, MemoryRegistry],
+) -> None:
+    a, _ = registries
+    a.put(inst(8080, "one"), ttl=600)
+    a.put(inst(8080, "two"), ttl=600)  # not merged: one backend keeps the registry's keys
+    async with AsyncWatcher([a.url], "orders", retry=FAST) as watcher:
+        assert await watcher.wait_synced(5)
+        assert [h.instance.id for h in watcher.snapshot()] == ["one", "two"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "field", "words"),
+    [
+        ([], "backend", "empty list"),
+        (["memory://x", "memory://x"], "backend[1]", "listed twice"),
+    ],
+)
+def test_bad_backend_lists_are_refused_naming_the_entry(
+    backend: list[str], field: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        AsyncWatcher(backend, "orders")
+    assert caught.value.field == field
+    assert words in str(caught.value)
+    with pytest.raises(ConfigError):
+        AsyncDiscovery(backend)
