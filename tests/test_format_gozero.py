@@ -162,6 +162,8 @@ def test_the_backend_validates_a_registrable_instance() -> None:
         (go_key("orders.rpc", 8), b"[2001:db8::5]:50051", "2001:db8::5", 50051),
         # ListenOn "user-rpc:9000" (a compose service name)
         (go_key("orders.rpc", 9), b"user-rpc:9000", "user-rpc", 9000),
+        # ListenOn "[10.0.0.5]:8080": kept verbatim, and Go's net.SplitHostPort reads it
+        (go_key("orders.rpc", 10), b"[10.0.0.5]:8080", "10.0.0.5", 8080),
     ],
 )
 def test_go_zero_values_decode_to_the_endpoint(
@@ -208,7 +210,6 @@ FOREIGN = [
     b"[::1]",
     b"[::1]8080",
     b"[]:8080",
-    b"[10.0.0.5]:8080",
     b"[zz::1]:8080",
     b"http://10.0.0.5:8080",
     b"10.0.0.5:8080\n",

@@ -69,8 +69,9 @@ def split_hostport(value: str) -> tuple[str, int]:
     if not _HOSTPORT.match(value):
         raise ValueError(f"expected host:port (a host name or IP address, a port), got {value!r}")
     if value.startswith("["):
+        # Go's net.SplitHostPort takes any host in brackets ("[10.0.0.5]:80" too).
         host, sep, port = value[1:].partition("]:")
-        if not sep or not host or ":" not in host:
+        if not sep or not host:
             raise ValueError(f"expected [ipv6]:port, got {value!r}")
     else:
         host, sep, port = value.rpartition(":")
