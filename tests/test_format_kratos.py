@@ -1,8 +1,9 @@
 """format=kratos golden bytes, both ways, no server.
 
-The expected values are what go-kratos/kratos writes (v2.7.0 to v3.0.0, commit
-668db92c): ``contrib/registry/etcd/service.go`` ``marshal`` is ``json.Marshal``
-of ``registry/registry.go`` ``ServiceInstance`` (id, name, version, metadata,
+The expected values are what go-kratos/kratos writes (read at v3.0.0, commit
+668db92c; the same since v2.1.0 but for TLS endpoints, see the module):
+``contrib/registry/etcd/service.go`` ``marshal`` is ``json.Marshal`` of
+``registry/registry.go`` ``ServiceInstance`` (id, name, version, metadata,
 endpoints; no omitempty), endpoints from ``internal/endpoint/endpoint.go``
 ``NewEndpoint`` (``url.URL{Scheme, Host}.String()``, host from
 ``net.JoinHostPort``). They were checked against Go 1.19.8's encoding/json and

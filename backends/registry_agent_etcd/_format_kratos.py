@@ -1,6 +1,8 @@
 """format=kratos: go-kratos's etcd registry layout, written and read.
 
-Derived from go-kratos/kratos (v2.7.0 to v3.0.0, commit 668db92c):
+Derived from go-kratos/kratos, read at v3.0.0 (commit 668db92c); the key layout
+and the marshalled struct are the same in every release since
+``contrib/registry/etcd`` appeared (v2.1.0), only the endpoints' TLS marking changed:
 
 - ``contrib/registry/etcd/registry.go`` ``Register``/``registerKey``: the key
   is ``<namespace>/<name>/<id>``, namespace ``/microservices`` by default; the
@@ -23,6 +25,8 @@ Derived from go-kratos/kratos (v2.7.0 to v3.0.0, commit 668db92c):
 
 What a kratos entry cannot hold: tags (lost), health (presence only: the
 backend refuses a non-passing status), an empty scheme (written as ``http``).
+kratos's ``GetService`` fails whole on one value it cannot unmarshal; we skip
+that entry alone (the backend logs it once).
 """
 
 from __future__ import annotations
