@@ -216,7 +216,7 @@ def test_a_bad_endpoint_after_the_chosen_one_is_never_read() -> None:
         KratosFormat(scheme="http").decode("orders", "a", value)
 
 
-@pytest.mark.parametrize("scheme", ["", "1grpc", "grpc://", "g rpc", 5])
+@pytest.mark.parametrize("scheme", ["", "1grpc", "grpc://", "g rpc", "grpc\n", 5])
 def test_a_bad_scheme_option_names_the_field(scheme: object) -> None:
     with pytest.raises(ConfigError) as caught:
         KratosFormat(scheme=scheme)  # type: ignore[arg-type]

@@ -40,7 +40,7 @@ from registry_agent import ConfigError, HealthStatus, InstanceHealth, ServiceIns
 
 __all__ = ["KratosFormat"]
 
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
 # Go's encoding/json (json.Marshal, HTML escaping on) writes these as \u escapes.
 _HTML_ESCAPES = {
@@ -124,7 +124,7 @@ def parse_endpoint(url: str) -> tuple[str, str, int]:
     if any(ord(c) < 0x20 or c == "\x7f" for c in url):
         raise ValueError(f"control character in endpoint {url!r}")
     scheme, colon, rest = url.partition(":")
-    if not colon or not _SCHEME.match(scheme):
+    if not colon or not _SCHEME.fullmatch(scheme):
         raise ValueError(f"endpoint {url!r} has no scheme")
     scheme = scheme.lower()
     rest = rest.partition("#")[0]
@@ -192,7 +192,7 @@ class KratosFormat:
     carries_health: ClassVar[bool] = False
 
     def __init__(self, *, scheme: str | None = None) -> None:
-        if scheme is not None and (not isinstance(scheme, str) or not _SCHEME.match(scheme)):
+        if scheme is not None and (not isinstance(scheme, str) or not _SCHEME.fullmatch(scheme)):
             raise ConfigError(
                 f"expected a URL scheme such as grpc, grpcs, http or https, got {scheme!r}",
                 field="backend.scheme",
