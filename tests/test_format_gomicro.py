@@ -362,6 +362,7 @@ BAD = [
     (b'{"name":"orders","nodes":[{"id":"o1"}]}', r"nodes\[0\].address: expected host:port"),
     (b'{"name":"orders","nodes":[{"id":"o1","address":7}]}', r"nodes\[0\].address: expected a"),
     (b'{"name":5,"nodes":[]}', "service.name: expected a string, got 5"),
+    (b'{"service":"orders","id":"o1"}', "service.name: expected the service's name, got none"),
     (
         b'{"name":"orders","nodes":[{"id":"o1","address":"h:99999"}]}',
         "expected a port 0-65535",

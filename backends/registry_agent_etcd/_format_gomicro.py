@@ -214,6 +214,8 @@ class GoMicroFormat:
         if not isinstance(data, _Object):
             raise ValueError(f"expected go-micro's service JSON object, got {_show(data)}")
         name = _string(data, "name", "service")
+        if not name:
+            raise ValueError("service.name: expected the service's name, got none")
         if _node_path_segment(name) != service:
             raise ValueError(f"service.name {name!r} under {service!r}")
         nodes = data.field("nodes")
