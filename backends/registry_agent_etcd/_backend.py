@@ -630,7 +630,9 @@ class EtcdBackend:
         etcd refuses a request above its ``--max-request-bytes`` (option
         ``max_request_bytes``, 1.5 MiB by default), whatever the retries.
         """
-        self._check_size(instance, self._value(instance, HealthStatus.CRITICAL, ""))
+        # The largest value we may write (a presence-only format writes no status).
+        status = HealthStatus.CRITICAL if self.format.carries_health else HealthStatus.PASSING
+        self._check_size(instance, self._value(instance, status, ""))
 
     def _check_size(self, instance: ServiceInstance, value: bytes) -> None:
         key = self._key_of(instance)
