@@ -225,6 +225,11 @@ def test_an_instance_without_tags_round_trips_exactly() -> None:
             assert back == seen(instance)
 
 
+def test_an_address_already_in_brackets_is_not_bracketed_twice() -> None:
+    instance = ServiceInstance("orders", address="[::1]", port=80, id="b")
+    assert b'"address":"[::1]:80"' in FMT.encode(instance, PASSING, "")
+
+
 def test_go_json_replaces_a_lone_surrogate_as_go_does_invalid_utf8() -> None:
     assert go_json({"a": "x\ud800y"}) == b'{"a":"x\\ufffdy"}'
     # Go 1.22+ writes \b and \f short, like Python.
@@ -368,6 +373,10 @@ BAD = [
         "expected a port 0-65535",
     ),
     (b'{"name":"orders","nodes":[{"id":"o1","address":"h:x"}]}', "expected a port 0-65535"),
+    (
+        b'{"name":"orders","nodes":[{"id":"o1","address":"http://h:80"}]}',
+        "expected host:port as the node address",
+    ),
     (
         b'{"name":"orders","nodes":[{"id":"o1","address":"[::1:80"}]}',
         r"expected \[ipv6\]:port",

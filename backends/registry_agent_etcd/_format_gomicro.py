@@ -72,7 +72,10 @@ def go_json(value: Any) -> bytes:
 
 
 def _join_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # go-micro's HostPort (internal/util/net): an address with ':' goes in brackets.
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 def _split_address(address: str, legacy_port: object) -> tuple[str, int]:
@@ -88,7 +91,7 @@ def _split_address(address: str, legacy_port: object) -> tuple[str, int]:
         host, _, port = address.partition(":")
     else:  # a bare host, or a bare IPv6 address
         host, port = address, ""
-    if not host:
+    if not host or "/" in host:  # not a URL either: go-micro dials host:port
         raise ValueError(f"expected host:port as the node address, got {address!r}")
     if not port:
         if isinstance(legacy_port, int) and not isinstance(legacy_port, bool):
