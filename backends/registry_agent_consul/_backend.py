@@ -50,6 +50,13 @@ from registry_agent.backend import (
     running_loop,
     take_options,
 )
+from registry_agent_consul._flavors import (
+    FLAVORS,
+    read_instance,
+    read_written,
+    validate_flavor,
+    write_entry,
+)
 from registry_agent_consul._heartbeat import (
     HEARTBEAT_NAME,
     HeartbeatCalls,
@@ -182,6 +189,13 @@ class ConsulBackend:
         connection (silent, no FIN/RST) can hold a watch: a blocking query with
         no answer after ``wait * 17/16 + min(timeout, 3s)`` (Consul adds up to
         wait/16 of jitter) is given up and retried, 13.6 s with the defaults.
+    ``flavor``
+        How instances are written, for the fleet that reads them: ``registry-agent``
+        (default: ``version`` and ``scheme`` as meta keys), ``kratos`` (tag
+        ``version=<v>``, a tagged address ``<scheme>`` holding the URL),
+        ``go-micro`` (its encoded metadata and version tags first) or ``spring``
+        (meta ``secure``, a DNS-safe service name). Reading understands every
+        flavor, whatever this option (see ``_flavors``).
     ``deregister_critical_after``
         Consul removes a service whose liveness check is critical this long
         (the process stopped heartbeating), default ``90s``; Consul's floor is
@@ -221,6 +235,7 @@ class ConsulBackend:
         "timeout": opt_duration,
         "wait": opt_duration,
         "deregister_critical_after": opt_duration,
+        "flavor": opt_choice(*FLAVORS),
         "ca_file": opt_str,
         "cert_file": opt_str,
         "key_file": opt_str,
@@ -238,6 +253,7 @@ class ConsulBackend:
         timeout: float = 5.0,
         wait: float = 10.0,
         deregister_critical_after: float = 90.0,
+        flavor: str = "registry-agent",
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
@@ -255,8 +271,13 @@ class ConsulBackend:
             raise ConfigError(
                 f"expected at least {_MIN_TIMEOUT:g}s, got {timeout:g}s", field="backend.timeout"
             )
+        if flavor not in FLAVORS:
+            raise ConfigError(
+                f"expected one of {', '.join(FLAVORS)}, got {flavor!r}", field="backend.flavor"
+            )
         self.host = host
         self.port = port
+        self.flavor = flavor
         self.dc = dc
         self.timeout = timeout
         self.wait = wait
@@ -441,10 +462,13 @@ class ConsulBackend:
 
         Consul's rules for service meta: at most 64 keys; keys of letters, digits,
         ``-`` and ``_``, at most 128 characters, not starting with ``consul-``;
-        values at most 512 characters (counted in UTF-8 bytes, as Consul does).
+        values at most 512 characters (counted in UTF-8 bytes, as Consul does);
+        and what the backend's ``flavor`` cannot carry (``_flavors.validate_flavor``).
+        The meta checked is the one written (with the flavor's own keys).
         """
         context = error_context("consul", instance=instance)
-        meta = instance.meta
+        validate_flavor(instance, self.flavor)
+        meta = write_entry(instance, self.flavor)["Meta"]
         if len(meta) > _META_MAX_KEYS:
             raise Rejected(
                 f"meta: Consul takes at most {_META_MAX_KEYS} keys, got {len(meta)}", **context
@@ -509,20 +533,8 @@ class ConsulBackend:
             "Status": str(status),
             "Notes": "health: set by registry-agent from its checks",
         }
-        await self._call(
-            self.api.agent.service.register(
-                instance.service,
-                service_id=instance.id,
-                address=instance.address,
-                port=instance.port,
-                tags=list(instance.tags),
-                meta=dict(instance.meta),
-                check=liveness,
-                extra_checks=[health],
-                replace_existing_checks=True,
-            ),
-            instance=instance,
-        )
+        body = {**write_entry(instance, self.flavor), "Checks": [liveness, health]}
+        await self._put("/v1/agent/service/register", body, instance, replace=True)
         lease = Lease(instance, float(ttl), check_id, "consul")
         self._status[check_id] = (status, note)
         # Consul takes no output at registration, and restores a TTL check after a
@@ -608,7 +620,26 @@ class ConsulBackend:
             return None  # registering the service again restarts its alias check
         node = next((c.get("Node") for c in checks if c.get("CheckID") == lease.handle), None)
         entry = {"Service": data["Service"], "Checks": checks, "Node": {"Node": node or ""}}
-        return self._parse_entry(instance.service, entry)
+        found = self._parse_entry(instance.service, entry)
+        if found is None:
+            return None
+        # What we wrote reads back as itself only in its normalised form (a flavor's
+        # version tag, a meta key lifted into a field): when the entry holds what we
+        # wrote, it is our instance, or the registrar would register again forever.
+        if found.instance == read_written(write_entry(instance, self.flavor)):
+            ours = ServiceInstance.from_registry(
+                service=instance.service,
+                id=instance.id,
+                address=instance.address,
+                port=instance.port,
+                tags=instance.tags,
+                meta=instance.meta,
+                node=found.instance.node,
+                scheme=instance.scheme,
+                version=instance.version,
+            )
+            return InstanceHealth(ours, found.status, found.note)
+        return found
 
     async def deregister(self, lease: Lease) -> None:
         """Remove the service; the last shared one of its TTL also removes the heartbeat."""
@@ -713,15 +744,9 @@ class ConsulBackend:
                 # the catalog only after check_update_interval (5 min).
                 first = HealthStatus.WARNING if status is HealthStatus.CRITICAL else None
                 checks.append(self._health_check(instance, first or HealthStatus.CRITICAL))
-            body = {
-                "Name": instance.service,
-                "ID": instance.id,
-                "Address": instance.address,
-                "Port": instance.port,
-                "Tags": list(instance.tags),
-                "Meta": dict(instance.meta),
-                "Checks": checks,
-            }
+            payload = write_entry(instance, self.flavor)
+            member.payload = payload
+            body = {**payload, "Checks": checks}
             await self._put("/v1/agent/service/register", body, instance, replace=True)
             if member.has_health:  # Consul takes no output at registration
                 await self._update_check(lease, health_id(instance.id), status, note)
@@ -941,13 +966,14 @@ class ConsulBackend:
             svc = entry["Service"]
             node = entry.get("Node") or {}
             port = svc.get("Port") or 0
-            instance = ServiceInstance.from_registry(
+            instance = read_instance(
                 service=svc["Service"],
                 id=svc["ID"],
                 address=svc.get("Address") or node.get("Address") or "",
                 port=port,
                 tags=svc.get("Tags") or (),
                 meta=svc.get("Meta") or {},
+                tagged_addresses=svc.get("TaggedAddresses") or {},
                 node=node.get("Node") or "",
             )
             checks = [

@@ -20,12 +20,14 @@ import msgspec
 
 from registry_agent import ConfigError, HealthStatus, InstanceHealth, ServiceInstance
 from registry_agent.backend import InstanceMap
+from registry_agent_consul._flavors import read_instance
 
 __all__ = [
     "CatalogEntry",
     "Check",
     "Decoded",
     "ServiceView",
+    "TaggedAddress",
     "decode_catalog",
     "decode_checks",
     "skip_warning",
@@ -33,6 +35,13 @@ __all__ = [
 
 Key = tuple[str, str]  # (node, service id): Consul's identity of an instance
 S = TypeVar("S", bound=msgspec.Struct)
+
+
+class TaggedAddress(msgspec.Struct, frozen=True, gc=False):
+    """One of a service's ``TaggedAddresses`` (kratos keeps an endpoint URL in ``Address``)."""
+
+    Address: str = ""
+    Port: int = 0
 
 
 class CatalogEntry(msgspec.Struct, frozen=True, gc=False):
@@ -46,6 +55,7 @@ class CatalogEntry(msgspec.Struct, frozen=True, gc=False):
     ServicePort: int = 0
     ServiceTags: tuple[str, ...] | None = None
     ServiceMeta: dict[str, str] | None = None
+    ServiceTaggedAddresses: dict[str, TaggedAddress] | None = None
 
 
 class Check(msgspec.Struct, frozen=True, gc=False):
@@ -504,13 +514,14 @@ class ServiceView:
 
     def _instance(self, entry: CatalogEntry) -> ServiceInstance | None:
         try:
-            return ServiceInstance.from_registry(
+            return read_instance(
                 service=entry.ServiceName,
                 id=entry.ServiceID,
                 address=entry.ServiceAddress or entry.Address,
                 port=entry.ServicePort,
                 tags=entry.ServiceTags or (),
                 meta=entry.ServiceMeta or {},
+                tagged_addresses=entry.ServiceTaggedAddresses or {},
                 node=entry.Node,
             )
         except ConfigError as exc:

@@ -20,7 +20,8 @@ Writing follows one flavor, chosen per backend (:func:`write_entry`):
     go-micro/plugins v4/registry/consul/consul.go (also v2, v3, v5; commit
     6026888), ``consulRegistry.Register``: metadata, endpoints and version as
     encoded tags (see ``_gomicro``) placed first, then the instance's tags;
-    Meta the node metadata (v4 and v5 write it; v2 and v3 wrote tags only).
+    Meta the node metadata (v4 and v5 write it; v2 and v3 wrote tags only). The
+    scheme travels as go-micro's ``protocol`` (+ ``secure``) metadata.
 ``spring``
     spring-cloud/spring-cloud-consul ConsulAutoRegistration.java (v3.1.0 to
     v5.0.2, commit f008a118): meta ``secure`` = ``"true"`` for https, else
@@ -124,8 +125,9 @@ def read_instance(
     Read in this order, each filling ``version``/``scheme`` only while still empty,
     and taking out of tags and meta what it understood:
 
-    1. go-micro's encoded tags (``_gomicro.decode_tags``): their metadata over the
-       entry's meta, their version and scheme; the tags left are the plain ones.
+    1. go-micro's encoded tags (``_gomicro.decode_tags``): their metadata is the
+       meta (Consul's ``Meta`` is not read, as go-micro's ``GetService``), with
+       their version and scheme; the tags left are the plain ones.
     2. Ours: meta ``version`` and ``scheme`` (a meta ``version`` written without
        the field set reads back as the version field).
     3. kratos: the last ``version=<v>`` tag (every one is taken out; kratos's
@@ -145,8 +147,10 @@ def read_instance(
     version = scheme = ""
     micro = _gomicro.decode_tags(tags) if tags else None
     if micro is not None:
+        # go-micro's GetService reads the node metadata from its tags only; the
+        # Meta that plugins v4+ also write is the same map (protocol included).
         left_tags = micro.tags
-        fields.update(micro.meta)
+        fields = dict(micro.meta)
         version, scheme = micro.version, micro.scheme.lower()
     version = version or _lift(fields, "version", _version_ok)
     scheme = scheme or _lift(fields, "scheme", _SCHEME.match).lower()
@@ -211,6 +215,7 @@ def write_entry(instance: ServiceInstance, flavor: str = "registry-agent") -> di
             tagged[instance.scheme] = {"Address": url, "Port": instance.port}
     elif flavor == "go-micro":
         tags[:0] = _gomicro.encode_tags(instance)
+        meta = _gomicro.encode_meta(instance)  # plugins v4+ Register: Meta = node.Metadata
     else:
         if instance.version:
             meta["version"] = instance.version
@@ -268,10 +273,9 @@ def validate_flavor(instance: ServiceInstance, flavor: str = "registry-agent") -
                     **context,
                 )
     elif flavor == "go-micro":
-        for tag in instance.tags:
-            why = _gomicro.check_tags([tag])
-            if why is not None:
-                raise Rejected(f"tags: go-micro cannot take the tag {tag!r}: {why}", **context)
+        why = _gomicro.check_instance(instance)  # its tags (check_tags) and meta
+        if why is not None:
+            raise Rejected(f"{why} (flavor go-micro)", **context)
     elif flavor == "spring":
         if not _DNS_NAME.match(instance.service):
             raise Rejected(

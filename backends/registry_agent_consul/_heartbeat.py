@@ -73,6 +73,8 @@ class Member:
     written_at: float  # time.monotonic() when the entry was last written
     #: Worst status of the entry's checks that are not ours (maintenance mode…), as last seen.
     foreign: str = "passing"
+    #: The service fields written (``_flavors.write_entry``); None: the instance's own.
+    payload: Mapping[str, Any] | None = None
     listeners: list[Callable[[LivenessNews], None]] = field(default_factory=list)
 
     @property
@@ -135,7 +137,8 @@ def foreign_status(instance_id: str, read: ReadBack) -> str:
 def entry_differs(member: Member, heartbeat_check: str, read: ReadBack, foreign: str) -> bool:
     """Whether the agent holds something else than what ``member`` wrote.
 
-    Compared: the service's name, address, port, tags and meta; our alias check
+    Compared: the service's name, address, port, tags, meta and tagged addresses
+    as written (the flavor's, :attr:`Member.payload`); our alias check
     present (and passing while the heartbeat and the checks that are not ours
     pass: an alias also follows node checks); our health check present (with
     the status written) exactly when one was written. Other checks (an
@@ -145,14 +148,23 @@ def entry_differs(member: Member, heartbeat_check: str, read: ReadBack, foreign:
     svc = read.services.get(instance.id)
     if not isinstance(svc, Mapping):
         return True
+    written = member.payload
+    tags = written["Tags"] if written is not None else instance.tags
+    meta = written["Meta"] if written is not None else instance.meta
     if (
         svc.get("Service") != instance.service
         or (svc.get("Address") or "") != instance.address
         or (svc.get("Port") or 0) != (instance.port or 0)
-        or tuple(svc.get("Tags") or ()) != tuple(instance.tags)
-        or dict(svc.get("Meta") or {}) != dict(instance.meta)
+        or tuple(svc.get("Tags") or ()) != tuple(tags)
+        or dict(svc.get("Meta") or {}) != dict(meta)
     ):
         return True
+    tagged = written.get("TaggedAddresses") if written is not None else None
+    if tagged:
+        held = svc.get("TaggedAddresses")
+        # Consul adds its own (lan_ipv4, wan_ipv4): only ours are compared.
+        if not isinstance(held, Mapping) or any(held.get(k) != v for k, v in tagged.items()):
+            return True
     alias = read.checks.get(alias_id(instance.id))
     if not isinstance(alias, Mapping) or alias.get("ServiceID") != instance.id:
         return True

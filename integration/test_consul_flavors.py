@@ -1,0 +1,319 @@
+"""Consul flavors on a real Consul: peers' entries read by list(), AsyncWatcher and
+Discovery; what each flavor writes read back by the peer's own rules; registrars of
+every flavor (own check and shared liveness) stay registered without a re-register
+loop, and heal after a deregistration.
+
+Peers' shapes, from their source:
+
+- go-kratos/kratos contrib/registry/consul/client.go v2.9.2/v3.0.0 (668db92c2):
+  ``Client.Register`` (tag ``version=<v>``, a tagged address per URL scheme holding
+  the URL, Address/Port of the first endpoint) and ``defaultResolver``.
+- go-micro/plugins v4/registry/consul/consul.go and encoding.go (6026888):
+  ``Register`` (tags: ``t-`` metadata pairs, ``e-`` endpoints, ``v-`` version, each
+  zlib+hex; Meta the node metadata) and ``GetService`` (``decodeVersion``,
+  ``decodeMetadata``: the first tag format found).
+- spring-cloud-consul v5.0.2 (f008a118) ``ConsulAutoRegistration`` (meta ``secure``)
+  and ``ConsulServiceInstance.getSecure``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from registry_agent_consul import ConsulBackend
+
+from registry_agent import (
+    AsyncDiscovery,
+    AsyncRegistrar,
+    AsyncWatcher,
+    RetryPolicy,
+    ServiceInstance,
+)
+from registry_agent.testing.servers import ConsulServer
+
+Measured = Callable[[str, float, float], None]
+TTL = 2.0
+RETRY = RetryPolicy(initial=0.1, cap=1.0)
+
+# Golden go-micro v4 tags, made by Go 1.19's compress/zlib + encoding/hex as
+# go-micro's encode() does: {"region":"eu"}, {"protocol":"grpc"} and version 1.0.1.
+MICRO_REGION = "t-789caa562a4a4dcfcccf53b2524a2d55aa05040000ffff2a2c0519"
+MICRO_PROTOCOL = "t-789caa562a28ca2fc94fcecf51b2524a2f2a4856aa05040000ffff468306d9"
+MICRO_VERSION = "v-789c32d433d03304040000ffff02cf00ef"
+
+# As each peer's own code registers (checks left out: health passing).
+KRATOS = {  # endpoints grpc://127.0.0.1:9000 then http://127.0.0.1:8000, version v1.0.0
+    "ID": "kratos-7f3a",
+    "Name": "hello-kratos",
+    "Tags": ["version=v1.0.0"],
+    "Address": "127.0.0.1",
+    "Port": 9000,
+    "TaggedAddresses": {
+        "grpc": {"Address": "grpc://127.0.0.1:9000", "Port": 9000},
+        "http": {"Address": "http://127.0.0.1:8000", "Port": 8000},
+    },
+    "Meta": {"region": "eu"},
+}
+MICRO = {  # node greeter-5f1e at 127.0.0.1:50051, metadata region/protocol, version 1.0.1
+    "ID": "greeter-5f1e",
+    "Name": "greeter",
+    "Tags": [MICRO_REGION, MICRO_PROTOCOL, MICRO_VERSION],
+    "Address": "127.0.0.1",
+    "Port": 50051,
+    "Meta": {"region": "eu", "protocol": "grpc"},
+}
+SPRING = {  # spring.application.name=orders-api, server.port=8443, scheme https
+    "ID": "orders-api-8443",
+    "Name": "orders-api",
+    "Tags": [],
+    "Address": "127.0.0.1",
+    "Port": 8443,
+    "Meta": {"zone": "a", "secure": "true"},
+}
+
+
+@pytest.fixture(scope="module")
+def consul() -> Iterator[ConsulServer]:
+    """One `consul agent -dev` for the module (no test restarts or wipes it)."""
+    server = ConsulServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@contextlib.asynccontextmanager
+async def http(server: ConsulServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.http, timeout=5) as client:
+        yield client
+
+
+async def wait_for(what: str, predicate: Callable[[], Any], bound: float) -> float:
+    started = time.monotonic()
+    while not await predicate():
+        if time.monotonic() - started > bound:
+            pytest.fail(f"{what}: not within {bound:g}s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+def expected_peers() -> dict[str, ServiceInstance]:
+    """What each peer's entry stands for."""
+    return {
+        "hello-kratos": ServiceInstance.from_registry(
+            service="hello-kratos",
+            id="kratos-7f3a",
+            address="127.0.0.1",
+            port=9000,
+            meta={"region": "eu"},
+            scheme="grpc",
+            version="v1.0.0",
+        ),
+        "orders-api": ServiceInstance.from_registry(
+            service="orders-api",
+            id="orders-api-8443",
+            address="127.0.0.1",
+            port=8443,
+            meta={"zone": "a"},
+            scheme="https",
+        ),
+    }
+
+
+async def test_peer_entries_read_by_list_watcher_and_discovery(consul: ConsulServer) -> None:
+    async with http(consul) as client:
+        for payload in (KRATOS, MICRO, SPRING):
+            answer = await client.put("/v1/agent/service/register", json=payload)
+            assert answer.status_code == 200, answer.text
+    backend = ConsulBackend("127.0.0.1", consul.http_port, timeout=2)
+    services = ("hello-kratos", "greeter", "orders-api")
+    try:
+        listed = {s: list((await backend.list(s)).instances.values()) for s in services}
+        async with AsyncWatcher(backend, services) as watcher:
+            assert await watcher.wait_synced(10)
+            watched = {s: watcher.snapshot(s) for s in services}
+        discovery = AsyncDiscovery(backend)
+        try:
+            found = {s: await discovery.instances(s) for s in services}
+        finally:
+            await discovery.close()
+    finally:
+        await backend.close()
+    for name, instance in expected_peers().items():
+        assert [h.instance for h in listed[name]] == [instance], name
+        assert [h.instance for h in watched[name]] == [instance], name
+        assert found[name] == [instance], name
+        for seen in (listed[name][0].instance, watched[name][0].instance, found[name][0]):
+            assert (seen.scheme, seen.version, seen.node) == (
+                instance.scheme,
+                instance.version,
+                consul.node,
+            )
+    # go-micro: its encoded tags decoded into version and meta, and taken out of the tags.
+    for micro in (listed["greeter"][0].instance, watched["greeter"][0].instance):
+        assert micro.version == "1.0.1"
+        assert micro.meta.get("region") == "eu"
+        assert micro.tags == ()
+        assert (micro.address, micro.port) == ("127.0.0.1", 50051)
+    assert found["greeter"] == [listed["greeter"][0].instance]
+
+
+# -- the peers' readers, from their source ---------------------------------------------
+
+
+def kratos_view(service: dict[str, Any]) -> dict[str, Any]:
+    """kratos ``defaultResolver``: the last ``version=`` tag, endpoints from tagged
+    addresses but Consul's lan/wan ipv4/ipv6, else ``http://Address:Port``."""
+    version = ""
+    for tag in service.get("Tags") or ():
+        key, sep, value = tag.partition("=")
+        if sep and key == "version":
+            version = value
+    skip = {"lan_ipv4", "wan_ipv4", "lan_ipv6", "wan_ipv6"}
+    tagged = service.get("TaggedAddresses") or {}
+    endpoints = sorted(a["Address"] for k, a in tagged.items() if k not in skip)
+    if not endpoints and service.get("Address") and service.get("Port"):
+        endpoints = [f"http://{service['Address']}:{service['Port']}"]
+    return {"version": version, "metadata": service.get("Meta") or {}, "endpoints": endpoints}
+
+
+def _micro_decode(hexed: str) -> bytes:
+    return zlib.decompress(bytes.fromhex(hexed))
+
+
+def micro_view(service: dict[str, Any]) -> dict[str, Any]:
+    """go-micro v4 ``GetService``: ``decodeVersion`` (first ``v-``/``v=`` tag) and
+    ``decodeMetadata`` (``t-``/``t=`` tags of the first format seen); node address
+    Address:Port."""
+    version = None
+    metadata: dict[str, str] = {}
+    form = ""
+    for tag in service.get("Tags") or ():
+        if version is None and len(tag) >= 2 and tag[0] == "v" and tag[1] in "-=":
+            version = tag[2:] if tag[1] == "=" else _micro_decode(tag[2:]).decode()
+        if tag[:1] == "t" and len(tag) >= 2 and (not form or tag[1] == form):
+            raw = tag[2:].encode() if tag[1] == "=" else _micro_decode(tag[2:])
+            with contextlib.suppress(ValueError):
+                metadata.update(json.loads(raw))
+            form = tag[1]
+    return {
+        "version": version or "",
+        "metadata": metadata,
+        "address": f"{service['Address']}:{service['Port']}",
+    }
+
+
+def spring_view(service: dict[str, Any]) -> dict[str, Any]:
+    """``ConsulServiceInstance``: secure from meta ``secure`` (Boolean.parseBoolean)."""
+    meta = service.get("Meta") or {}
+    secure = str(meta.get("secure", "")).lower() == "true"
+    return {"uri": f"{'https' if secure else 'http'}://{service['Address']}:{service['Port']}"}
+
+
+def flavored(flavor: str, shared: bool) -> ServiceInstance:
+    name = f"fl-{flavor}-{'shared' if shared else 'own'}"
+    scheme = {"kratos": "grpc", "go-micro": "grpc", "spring": "https"}.get(flavor, "http")
+    port = 7000 + 10 * list(FLAVOR_PORTS).index(flavor) + int(shared)
+    return ServiceInstance(
+        name, address="127.0.0.1", port=port, scheme=scheme, version="2.1.0", meta={"team": "a"}
+    )
+
+
+FLAVOR_PORTS = ("registry-agent", "kratos", "go-micro", "spring")
+
+
+def check_peer_view(flavor: str, instance: ServiceInstance, service: dict[str, Any]) -> None:
+    """What the peer of ``flavor`` makes of our entry is the instance we meant."""
+    if flavor == "kratos":
+        assert kratos_view(service) == {
+            "version": "2.1.0",
+            "metadata": {"team": "a"},
+            "endpoints": [f"grpc://127.0.0.1:{instance.port}"],
+        }
+    elif flavor == "go-micro":
+        view = micro_view(service)
+        assert view["version"] == "2.1.0"
+        assert view["metadata"].get("team") == "a"
+        assert view["address"] == f"127.0.0.1:{instance.port}"
+    elif flavor == "spring":
+        assert spring_view(service) == {"uri": f"https://127.0.0.1:{instance.port}"}
+    else:
+        assert service["Meta"] == {"team": "a", "version": "2.1.0", "scheme": "http"}
+
+
+async def test_every_flavor_registers_reads_back_stays_and_heals(
+    consul: ConsulServer, measured: Measured
+) -> None:
+    regs: dict[tuple[str, bool], AsyncRegistrar] = {}
+    for flavor in FLAVOR_PORTS:
+        for shared in (False, True):
+            backend = ConsulBackend(
+                "127.0.0.1",
+                consul.http_port,
+                timeout=2,
+                flavor=flavor,
+                deregister_critical_after=60,
+            )
+            regs[flavor, shared] = AsyncRegistrar(
+                backend, flavored(flavor, shared), ttl=TTL, retry=RETRY, shared_liveness=shared
+            )
+    try:
+        await asyncio.gather(*(reg.start(wait_registered=10) for reg in regs.values()))
+        observer = ConsulBackend("127.0.0.1", consul.http_port, timeout=2)
+        async with http(consul) as client:
+            for (flavor, _shared), reg in regs.items():
+                instance = reg.instance
+                answer = await client.get(f"/v1/health/service/{instance.service}")
+                (entry,) = answer.json()
+                check_peer_view(flavor, instance, entry["Service"])
+                (ours,) = (await observer.list(instance.service)).instances.values()
+                assert ours.instance == instance, flavor
+            # Three verifications later, nothing was registered twice (no loop).
+            await asyncio.sleep(3 * TTL + 0.5)
+            for key, reg in regs.items():
+                assert reg.ready, key
+                assert reg.counters.registrations == 1, (key, reg.counters)
+                assert reg.counters.reregistrations == 0, (key, reg.counters)
+                assert reg.counters.errors == 0, (key, reg.counters)
+                if not key[1]:
+                    assert reg.counters.verifications >= 2, (key, reg.counters)
+            # Someone deregisters every entry: each registrar puts its own back.
+            started = time.monotonic()
+            for reg in regs.values():
+                answer = await client.put(f"/v1/agent/service/deregister/{reg.instance.id}")
+                assert answer.status_code == 200
+
+            async def all_back() -> bool:
+                for reg in regs.values():
+                    found = (await observer.list(reg.instance.service)).instances.values()
+                    if [h.instance for h in found] != [reg.instance]:
+                        return False
+                return all(r.counters.reregistrations >= 1 for r in regs.values())
+
+            # Verification every TTL (shared: the heartbeat group's read-back), then
+            # a retry backoff of at most RETRY.cap: 3 TTLs is generous.
+            bound = 3 * TTL + 5
+            await wait_for("every flavor registered again", all_back, bound)
+            measured("flavors healed", time.monotonic() - started, bound)
+            for (flavor, _shared), reg in regs.items():
+                answer = await client.get(f"/v1/health/service/{reg.instance.service}")
+                (entry,) = answer.json()
+                check_peer_view(flavor, reg.instance, entry["Service"])
+            await observer.close()
+            # And once healed, no loop either.
+            counts = {key: reg.counters.registrations for key, reg in regs.items()}
+            await asyncio.sleep(2 * TTL)
+            assert {key: reg.counters.registrations for key, reg in regs.items()} == counts
+    finally:
+        for reg in regs.values():
+            await reg.stop(timeout=5)
+            await reg.backend.close()
