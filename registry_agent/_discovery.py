@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Collection
+from dataclasses import replace
 from types import TracebackType
 
 from registry_agent._backend import Backend
@@ -46,6 +47,7 @@ class AsyncDiscovery:
         selector: Selector | None = None,
     ) -> None:
         self._members = open_backends(backend)
+        self._borrowed = tuple(replace(member, owned=False) for member in self._members)
         #: Every backend watched, in the order given.
         self.backends: tuple[Backend, ...] = tuple(m.backend for m in self._members)
         #: The first backend (the only one, unless several were given).
@@ -75,6 +77,8 @@ class AsyncDiscovery:
                         retry=self.retry,
                         on_error=self._note_error,
                     )
+                    # Our backends, named in logs as we name them (the watcher never owns them).
+                    watcher._members = self._borrowed
                     if self._fork is None:
                         self._fork = ForkGuard("AsyncDiscovery")
                     await watcher.start()

@@ -68,7 +68,7 @@ def open_backends(backend: Backends) -> tuple[_Member, ...]:
         raise ConfigError(
             "expected a backend URL or a list of them, got an empty list", field="backend"
         )
-    members: list[_Member] = []
+    opened: list[tuple[Backend, bool, str]] = []
     for i, item in enumerate(given):
         if any(item is other or (isinstance(item, str) and item == other) for other in given[:i]):
             shown = (
@@ -78,13 +78,16 @@ def open_backends(backend: Backends) -> tuple[_Member, ...]:
             )
             raise ConfigError(f"{shown} is listed twice", field=f"backend[{i}]")
         if isinstance(item, str):
-            members.append(
-                _Member(
-                    open_backend(item), True, parse_backend_url(item, default_port=0).redacted()
-                )
-            )
+            backend = open_backend(item)
+            opened.append((backend, True, parse_backend_url(item, default_port=0).redacted()))
         else:
-            members.append(_Member(item, False, repr(item)))
+            opened.append((item, False, repr(item)))
+    labels = [label for _, _, label in opened]
+    members = [
+        # URLs that differ only in their options (an etcd format) get their place added.
+        _Member(backend, owned, label if labels.count(label) == 1 else f"{label} (backend[{i}])")
+        for i, (backend, owned, label) in enumerate(opened)
+    ]
     return tuple(members)
 
 
