@@ -25,7 +25,7 @@ from registry_agent._events import WatchEvent
 from registry_agent._fork import ForkGuard
 from registry_agent._health.gate import GateState
 from registry_agent._models import InstanceHealth, ServiceInstance
-from registry_agent._registrar import AsyncRegistrar, RegistrarArgs, chain_signal
+from registry_agent._registrar import AsyncRegistrar, BackendArg, RegistrarArgs, chain_signal
 from registry_agent._retry import RetryPolicy
 from registry_agent._select import Selector, Strategy
 from registry_agent._status import RegistrationStatus
@@ -165,15 +165,17 @@ class Registrar:
     """Blocking facade over :class:`AsyncRegistrar` for sync apps (Flask, Django, scripts).
 
     Takes the same arguments (``deregister_critical_after=None`` keeps the
-    backend's own setting); registration runs on a private event-loop thread
-    created by :meth:`start`. With ``install_signal_handlers=True`` (call
-    :meth:`start` from the main thread), SIGTERM/SIGINT deregister before the
-    signal takes its usual course, and an ``atexit`` hook stops it too.
+    backend's own setting; ``backend`` may be a list of URLs and Backends: one
+    entry kept in each, see :class:`AsyncRegistrar`); registration runs on a
+    private event-loop thread created by :meth:`start`. With
+    ``install_signal_handlers=True`` (call :meth:`start` from the main thread),
+    SIGTERM/SIGINT deregister before the signal takes its usual course, and an
+    ``atexit`` hook stops it too.
     """
 
     def __init__(
         self,
-        backend: str | Backend,
+        backend: BackendArg,
         instance: ServiceInstance,
         **kwargs: Unpack[RegistrarArgs],
     ) -> None:

@@ -1,4 +1,9 @@
-"""AsyncRegistrar: keeps one instance registered while it is healthy, whatever happens."""
+"""AsyncRegistrar: keeps one instance registered while it is healthy, whatever happens.
+
+One registrar runs one set of checks and one health gate, and one lane per backend
+(:class:`_BackendLane`): its own healing machine, reconcile loop, lease, follows,
+retries and backoff. A registry that is down, throttling or refusing slows only its lane.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,20 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Unpack
 
 from registry_agent._backend import Backend, Lease, LivenessNews, SharedLiveness
 from registry_agent._connection import follow_connection
-from registry_agent._errors import BackendUnavailable, ConfigError, RegistryError
+from registry_agent._errors import (
+    BackendNotFound,
+    BackendUnavailable,
+    ConfigError,
+    RegistryError,
+    Rejected,
+)
 from registry_agent._fork import ForkGuard
 from registry_agent._health.checks import CheckResult, HealthCheck, as_check
 from registry_agent._health.gate import Desired, GateState, HealthGate, desired_registration
@@ -37,12 +48,20 @@ from registry_agent._registration import (
     failure_kind,
     scrub_credentials,
 )
-from registry_agent._status import CheckStatus, RegistrationStatus, frozen_mapping
+from registry_agent._status import (
+    BackendStatus,
+    CheckStatus,
+    RegistrationCounters,
+    RegistrationStatus,
+    frozen_mapping,
+)
+from registry_agent._urls import parse_backend_url
 
 __all__ = [
     "HEARTBEAT_FLOOR",
     "TTL_FLOOR",
     "AsyncRegistrar",
+    "BackendArg",
     "RegistrarArgs",
     "RegistrarEvent",
     "RegistrarEventKind",
@@ -55,6 +74,9 @@ log = logging.getLogger("registry_agent.registrar")
 # Releasing a lease we abandoned is best effort: never wait longer than this for it.
 _RELEASE_TIMEOUT = 2.0
 
+#: What ``backend`` may be: a URL, a Backend, or a non-empty sequence of them.
+BackendArg = str | Backend | Sequence[str | Backend]
+
 
 def _accepts(function: Callable[..., Any], keyword: str) -> bool:
     """Whether ``function`` takes ``keyword`` (older backends' hooks may not)."""
@@ -63,6 +85,76 @@ def _accepts(function: Callable[..., Any], keyword: str) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _one_or_many(backend: BackendArg) -> list[str | Backend]:
+    """``backend`` as a list: one URL or Backend, or the items of a sequence of them."""
+    if isinstance(backend, str) or not isinstance(backend, Sequence):
+        return [backend]
+    given = list(backend)
+    if not given:
+        raise ConfigError(
+            "expected a backend URL or object, or a non-empty list of them", field="backend"
+        )
+    return given
+
+
+def _open(given: str | Backend, where: str | None) -> Backend:
+    """Open a URL (not connecting); ``where`` (``backend[1]``) names it in errors."""
+    if not isinstance(given, str):
+        return given
+    try:
+        return open_backend(given)
+    except ConfigError as exc:
+        if where is None:
+            raise
+        raise ConfigError(exc.reason, field=where) from None
+    except BackendNotFound as exc:
+        if where is None:
+            raise
+        raise BackendNotFound(f"{where}: {exc.message}", backend=exc.backend) from None
+
+
+def _registry_key(given: str | Backend) -> object:
+    """What makes two items one registry: the same URL (credentials aside; options
+    such as an etcd prefix make another registry), or the same object."""
+    if isinstance(given, str):
+        url = parse_backend_url(given, default_port=0)
+        hosts = tuple((host.lower(), port) for host, port in url.endpoints)
+        return (url.scheme, hosts, url.path.rstrip("/"), tuple(sorted(url.query.items())))
+    return id(given)
+
+
+def _url_name(text: str) -> str:
+    """A URL as events and logs name it: no credentials, no options (they may hold a token)."""
+    url = parse_backend_url(text, default_port=0)
+    hosts = ",".join(
+        (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
+        for host, port in url.endpoints
+    )
+    return f"{url.scheme}://{hosts}{url.path}"
+
+
+def _lane_names(given: list[str | Backend], backends: list[Backend]) -> list[str]:
+    """A name per backend, safe to log: the URL without credentials or options, or the
+    scheme of an object; ``(backend[i])`` is added to a name that repeats."""
+    bases = [
+        _url_name(item)
+        if isinstance(item, str)
+        else str(getattr(type(backend), "scheme", type(backend).__name__))
+        for item, backend in zip(given, backends, strict=True)
+    ]
+    return [
+        base if bases.count(base) == 1 else f"{base} (backend[{i}])" for i, base in enumerate(bases)
+    ]
+
+
+def _per_lane(pairs: Iterable[tuple[str, str]]) -> str:
+    """One text for several backends: the text once when they all say the same."""
+    listed = list(pairs)
+    if len({text for _, text in listed}) == 1:
+        return listed[0][1]
+    return "; ".join(f"{name}: {text}" for name, text in listed)
 
 
 class RegistrationTimeout(RegistryError, TimeoutError):
@@ -78,6 +170,9 @@ class RegistrarEvent:
     state: GateState
     detail: str = ""
     at: float = field(default_factory=time.time)
+    #: The backend the event is about (its name in ``status()["backends"]``); "" for the
+    #: health gate's own events (``state_changed``, ``stopped``).
+    backend: str = ""
 
 
 class RegistrarArgs(OptionArgs, total=False):
@@ -109,6 +204,18 @@ class AsyncRegistrar:
     (on the event loop) for every :class:`RegistrarEvent`, ``on_check`` for
     every check result.
 
+    Several registries at once: ``backend`` may be a non-empty sequence of URLs
+    and Backends (``["consul://127.0.0.1:8500", "etcd://127.0.0.1:2379"]``). The
+    checks and the health gate are shared; each backend keeps its own entry,
+    lease, heartbeats, read-backs, retries and backoff, so one registry down,
+    throttling or refusing never delays the others. :attr:`registered` and
+    :attr:`ready` are true while ANY backend holds the entry (passing, for
+    ``ready``): a secondary registry going down does not make the instance
+    unready. ``status()["backends"]`` says what each backend holds; events name
+    their backend (:attr:`RegistrarEvent.backend`). A sequence of one is the same
+    as that one backend; the same URL (credentials aside) or object twice is a
+    :class:`~registry_agent.ConfigError`.
+
     Keywords (:class:`RegistrarArgs`): ``ttl=10.0``, ``heartbeat=None`` (``ttl / 3``),
     ``checks=()``, ``fall=3``, ``rise=2``, ``on_unhealthy="deregister"``,
     ``deregister_critical_after=None`` (the backend's own setting; Consul's floor
@@ -130,7 +237,7 @@ class AsyncRegistrar:
 
     def __init__(
         self,
-        backend: str | Backend,
+        backend: BackendArg,
         instance: ServiceInstance,
         **kwargs: Unpack[RegistrarArgs],
     ) -> None:
@@ -161,34 +268,50 @@ class AsyncRegistrar:
         if len(set(names)) != len(names):
             raise ConfigError(f"check names must be unique, got {names}", field="checks")
         self.gate = HealthGate(names, rise=options.rise, fall=options.fall)
-        # Opening a backend creates no connection: clients appear on first use,
-        # inside the process that runs start() (after a fork, not before).
-        self._owns_backend = isinstance(backend, str)
-        self.backend: Backend = open_backend(backend) if isinstance(backend, str) else backend
-        self._backend_name = getattr(type(self.backend), "scheme", type(self.backend).__name__)
-        self._shares_liveness = shared_liveness and isinstance(self.backend, SharedLiveness)
-        # Set while a backend that shares liveness tells us about our lease.
-        self._unfollow: Callable[[], None] | None = None
-        self._followed: Lease | None = None
+        self._lanes = self._make_lanes(_one_or_many(backend), shared_liveness)
+        #: Every backend, in the order given.
+        self.backends: tuple[Backend, ...] = tuple(lane.backend for lane in self._lanes)
+        #: The first backend (the only one, unless a sequence was given).
+        self.backend: Backend = self.backends[0]
+        self._backend_name = self._lanes[0].scheme
 
         self._fork = ForkGuard(f"AsyncRegistrar({instance.service}/{instance.id})")
         # The running loop's clock once started (time.monotonic for asyncio's own loops).
         self._clock: Callable[[], float] = time.monotonic
-
-        #: The healing decisions and what the registry holds (no I/O).
-        self._reg = Registration(options, instance, self._backend_name)
-        self.counters = self._reg.counters
-        self._last_heartbeat: float | None = None
         self._results: dict[str, CheckResult] = {}
-        self._wake: asyncio.Event | None = None
-        self._registered: asyncio.Event | None = None
-        self._rejected: asyncio.Event | None = None
+        self._registered: asyncio.Event | None = None  # set while every backend holds the entry
+        self._rejected: asyncio.Event | None = None  # set while a backend refuses it
         self._tasks: list[asyncio.Task[None]] = []
-        self._reconciler: asyncio.Task[None] | None = None
-        self._unfollow_connection: Callable[[], None] = lambda: None
         self._stopping = False
         self._started = False
         self._signals: list[tuple[int, Any]] = []
+
+    def _make_lanes(self, given: list[str | Backend], shared_liveness: bool) -> list[_BackendLane]:
+        many = len(given) > 1
+        # Opening a backend creates no connection: clients appear on first use,
+        # inside the process that runs start() (after a fork, not before).
+        backends = [_open(item, f"backend[{i}]" if many else None) for i, item in enumerate(given)]
+        seen: dict[object, int] = {}
+        for i, item in enumerate(given):
+            first = seen.setdefault(_registry_key(item), i)
+            if first != i:
+                raise ConfigError(
+                    f"the same registry as backend[{first}]: list each backend once",
+                    field=f"backend[{i}]",
+                )
+        names = _lane_names(given, backends)
+        return [
+            _BackendLane(
+                self,
+                i,
+                names[i],
+                backend,
+                owned=isinstance(item, str),
+                shared_liveness=shared_liveness,
+                many=many,
+            )
+            for i, (item, backend) in enumerate(zip(given, backends, strict=True))
+        ]
 
     # -- public API -------------------------------------------------------------------
 
@@ -199,17 +322,28 @@ class AsyncRegistrar:
 
     @property
     def registered(self) -> bool:
-        """True while the registry holds our entry (passing or critical).
+        """True while a registry holds our entry (passing or critical): any of them,
+        with several backends.
 
         False as soon as no registration or heartbeat has succeeded for a TTL:
         by then the registry has dropped the entry (etcd) or failed it (Consul).
         """
-        return self._reg.registered(self._clock())
+        now = self._clock()
+        return any(lane.reg.registered(now) for lane in self._lanes)
 
     @property
     def ready(self) -> bool:
-        """True while the registry holds our entry as passing (what ``/readyz`` reports)."""
+        """True while a registry holds our entry as passing (what ``/readyz`` reports):
+        any of them, with several backends."""
         return self._readiness()[0]
+
+    @property
+    def counters(self) -> RegistrationCounters:
+        """What this registrar has done: with several backends, their sums (each one's
+        counts are in ``status()["backends"]``)."""
+        if len(self._lanes) == 1:
+            return self._lanes[0].reg.counters
+        return RegistrationCounters.total(lane.reg.counters for lane in self._lanes)
 
     async def start(self, *, wait_registered: float | None = None) -> None:
         """Start checks and registration in the background and return at once.
@@ -219,12 +353,13 @@ class AsyncRegistrar:
         :class:`~registry_agent.ConfigError` is raised here, before anything runs.
 
         With ``wait_registered``, wait up to that many seconds for the entry to
-        be in the registry; on timeout, stop and raise :class:`RegistrationTimeout`.
-        If the registry refuses the registration (:class:`~registry_agent.Rejected`:
+        be in the registry (in every backend, with several); on timeout, stop and
+        raise :class:`RegistrationTimeout` (naming the backends still missing it).
+        If a registry refuses the registration (:class:`~registry_agent.Rejected`:
         a permission or a value no retry can fix), stop and raise that at once.
         Without it, a refused registration is reported by :meth:`status` and
         the log, and retried slowly (at the backoff cap) in case an operator
-        fixes the permission.
+        fixes the permission; the other backends go on meanwhile.
         """
         if self._started:
             raise RuntimeError("a registrar can be started once")
@@ -234,42 +369,49 @@ class AsyncRegistrar:
         self._fork = ForkGuard(self._fork.what)
         self._started = True
         self._clock = asyncio.get_running_loop().time
-        self._wake = asyncio.Event()
         self._registered = asyncio.Event()
         self._rejected = asyncio.Event()
         for check in self.checks:
             self._tasks.append(asyncio.create_task(self._run_check(check), name=check.name))
-        self._reconciler = asyncio.create_task(self._reconcile(), name="registrar")
-        if isinstance(self.backend, ConnectionAware):
-            self._unfollow_connection = follow_connection(self.backend, self._connection_changed)
+        for lane in self._lanes:
+            lane.start()
         if self.install_signal_handlers:
             self._install_signal_handlers()
         if wait_registered is not None:
             await self._wait_started(wait_registered)
 
     async def validate(self) -> None:
-        """Check the instance and the options against what the backend documents it
+        """Check the instance and the options against what each backend documents it
         accepts, without I/O: the backend's optional ``validate(instance)`` and
         ``validate_options(ttl=…, deregister_critical_after=…[, on_unhealthy=…])``
         (Consul's 60 s floor; an etcd format that carries no health refuses "critical").
         Raises :class:`~registry_agent.Rejected` or :class:`~registry_agent.ConfigError`
-        naming the field; :meth:`start` runs it first."""
-        validate = getattr(self.backend, "validate", None)
-        if validate is not None:
-            result = validate(self.instance)
-            if inspect.isawaitable(result):
-                await result
-        validate_options = getattr(self.backend, "validate_options", None)
-        if validate_options is not None:
-            given: dict[str, Any] = {
-                "ttl": self.options.ttl,
-                "deregister_critical_after": self.options.deregister_critical_after,
-            }
-            if _accepts(validate_options, "on_unhealthy"):
-                given["on_unhealthy"] = str(self.options.on_unhealthy)
-            result = validate_options(**given)
-            if inspect.isawaitable(result):
-                await result
+        naming the field (and ``backend[i]``, with several backends); :meth:`start`
+        runs it first."""
+        for lane in self._lanes:
+            try:
+                await lane.validate()
+            except (Rejected, ConfigError) as exc:
+                raise self._naming(lane, exc) from None
+
+    def _naming(self, lane: _BackendLane, error: Rejected | ConfigError) -> Rejected | ConfigError:
+        """``error`` naming its backend as ``backend[i]``, when there are several."""
+        if len(self._lanes) == 1:
+            return error
+        where = f"backend[{lane.index}]"
+        if isinstance(error, ConfigError):
+            named: Rejected | ConfigError = ConfigError(
+                f"{error} ({lane.name})", field=where, source=error.source
+            )
+        else:
+            named = Rejected(
+                f"{where} ({lane.name}): {error.message}",
+                service=error.service,
+                instance=error.instance,
+                backend=error.backend,
+            )
+        named.__cause__ = error
+        return named
 
     async def _wait_started(self, timeout: float) -> None:
         assert self._registered is not None
@@ -285,20 +427,26 @@ class AsyncRegistrar:
                 waiting.cancel()
         if self._registered.is_set():
             return
-        rejection = self._reg.rejection
-        why = self._reg.last_error or f"health gate is {self.state}"
+        refused = [(lane, lane.reg.rejection) for lane in self._lanes if lane.reg.rejection]
+        missing = [lane for lane in self._lanes if lane.reg.actual is None]
+        why = _per_lane(
+            (lane.name, lane.reg.last_error or f"health gate is {self.state}") for lane in missing
+        )
         await self.stop()
-        if rejection is not None:
-            raise rejection
+        for lane, rejection in refused:
+            assert rejection is not None
+            raise self._naming(lane, rejection)
+        where = f" in {', '.join(lane.name for lane in missing)}" if len(self._lanes) > 1 else ""
         raise RegistrationTimeout(
-            f"not registered within {timeout:g}s: {why}",
+            f"not registered within {timeout:g}s{where}: {why}",
             service=self.instance.service,
             instance=self.instance.id,
             backend=self._backend_name,
         )
 
     async def wait_registered(self, timeout: float | None = None) -> bool:
-        """Wait until the entry is in the registry; False on timeout."""
+        """Wait until the entry is in the registry (every one of them, with several
+        backends); False on timeout."""
         if self._registered is None:
             raise RuntimeError("start() the registrar first")
         try:
@@ -311,6 +459,8 @@ class AsyncRegistrar:
     async def stop(self, timeout: float = 10.0) -> None:
         """Deregister (etcd: revoke the lease) and stop, within ``timeout`` seconds.
 
+        With several backends, each is deregistered at the same time, each within
+        ``timeout``: one that does not answer never holds up the others.
         Never raises: hanging checks are abandoned, and a registry that fails
         or does not answer in time is logged (and kept in ``status()``'s
         ``last_error``), leaving the entry to expire with its TTL. In a process
@@ -324,7 +474,8 @@ class AsyncRegistrar:
         try:
             await self._shutdown(timeout)
         except Exception as exc:  # stop() never raises: whatever broke is logged and kept
-            self._log_failure("stop", self._registry_error(exc), force=True)
+            lane = self._lanes[0]
+            lane.log_failure("stop", lane.registry_error(exc), force=True)
 
     async def _shutdown(self, timeout: float) -> None:
         deadline = self._clock() + timeout
@@ -333,44 +484,27 @@ class AsyncRegistrar:
             return max(0.1, deadline - self._clock())
 
         self._remove_signal_handlers()
-        self._unfollow_connection()
-        if self._unfollow is not None:
-            self._unfollow()
-            self._unfollow = None
         for task in self._tasks:
             task.cancel()
-        if self._reconciler is not None:
-            self._wake_up()
-            # Let an operation in flight finish, so we know what the registry holds.
-            done, _ = await asyncio.wait({self._reconciler}, timeout=timeout / 2)
-            if not done:
-                self._reconciler.cancel()
-                await asyncio.wait({self._reconciler}, timeout=left())
-        changed = self.gate.stop()
-        if changed is not None:
-            self._emit(RegistrarEventKind.STATE_CHANGED, "stopping")
-        reg = self._reg
-        if reg.stale is not None and reg.stale != reg.lease:
-            await self._release()
-        if reg.lease is not None:
-            try:
-                async with asyncio.timeout(left()):
-                    await self.backend.deregister(reg.lease)
-            except Exception as exc:
-                self._log_failure("deregister", self._registry_error(exc), force=True)
-            else:
-                self._publish(reg.deregistered_on_stop())
+        stopped = await asyncio.gather(
+            *(lane.shut_down(timeout, deadline) for lane in self._lanes), return_exceptions=True
+        )
+        for lane, result in zip(self._lanes, stopped, strict=True):
+            if isinstance(result, Exception):
+                lane.log_failure("stop", lane.registry_error(result), force=True)
+        self.gate_stopped()
         for check in self.checks:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(left()):
                     await check.aclose()
-        if self._owns_backend:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(left()):
-                    await self.backend.close()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=left())
         self._emit(RegistrarEventKind.STOPPED, "")
+
+    def gate_stopped(self) -> None:
+        """Stop the health gate (once; a lane calls it when its loop has ended)."""
+        if self.gate.stop() is not None:
+            self._emit(RegistrarEventKind.STATE_CHANGED, "stopping")
 
     def snapshot(self) -> RegistrationStatus:
         """This registration's state now, as one typed value (``status()`` is its dict).
@@ -380,27 +514,38 @@ class AsyncRegistrar:
         registry reports it (None when not registered), ``registry_note`` its
         note when not passing. ``ready``: the registry holds our entry as
         passing; ``not_ready_reason`` says why not (None when ready).
+
+        With several backends, ``backends`` holds each one's own state and the
+        top-level fields sum them up: ``registered``/``ready`` when any backend
+        holds the entry (as passing), ``registry_status``/``registry_note`` from
+        the first backend that is ready (else the first that holds the entry),
+        ``last_heartbeat`` the latest, ``last_error`` and ``not_ready_reason``
+        each backend's prefixed with its name, ``counters`` the sums, and
+        ``backend`` the first backend's scheme. With one backend they are its own.
         """
-        ready, reason = self._readiness()
-        registered = self.registered
-        seen = self._reg.seen
-        shown = seen.status if seen is not None else self._reg.actual
+        lanes = tuple(lane.status() for lane in self._lanes)
+        best = next(
+            (lane for lane in lanes if lane.ready),
+            next((lane for lane in lanes if lane.registered), lanes[0]),
+        )
+        ready = any(lane.ready for lane in lanes)
+        beats = [lane.last_heartbeat for lane in lanes if lane.last_heartbeat is not None]
+        errors = [(lane.name, lane.last_error) for lane in lanes if lane.last_error]
+        last_error = errors[0][1] if len(lanes) == 1 and errors else None
+        if len(lanes) > 1 and errors:
+            last_error = "; ".join(f"{name}: {error}" for name, error in errors)
         return RegistrationStatus(
             service=self.instance.service,
             instance=self.instance.id,
             backend=self._backend_name,
             state=str(self.state),
-            registered=registered,
-            registry_status=str(shown) if registered and shown is not None else None,
-            registry_note=(
-                scrub_credentials(seen.note)
-                if registered and seen is not None and not seen.healthy
-                else None
-            ),
+            registered=any(lane.registered for lane in lanes),
+            registry_status=best.registry_status,
+            registry_note=best.registry_note,
             ready=ready,
-            not_ready_reason=reason,
-            last_heartbeat=self._heartbeat_time(),
-            last_error=self._reg.last_error,
+            not_ready_reason=None if ready else self._readiness()[1],
+            last_heartbeat=max(beats) if beats else None,
+            last_error=last_error,
             checks=frozen_mapping(
                 {
                     check.name: CheckStatus(
@@ -410,27 +555,44 @@ class AsyncRegistrar:
                 }
             ),
             counters=frozen_mapping(self.counters.to_dict()),
+            backends=lanes,
         )
 
     def status(self) -> dict[str, Any]:
         """A JSON-ready view: :meth:`snapshot` as a dict (what the agent's ``/status`` shows)."""
         return self.snapshot().to_dict()
 
-    def _heartbeat_time(self) -> float | None:
-        lease = self._reg.lease
-        if lease is not None and lease.shared and isinstance(self.backend, SharedLiveness):
-            self._last_heartbeat = self.backend.last_renewal(lease) or self._last_heartbeat
-        return self._last_heartbeat
-
-    def _readiness(self) -> tuple[bool, str | None]:
-        failing = "" if self.gate.healthy else self._failing_checks()
-        return self._reg.readiness(
+    def readiness(self, lane: _BackendLane) -> tuple[bool, str | None]:
+        """``(ready, why not)`` of one backend's entry."""
+        failing = "" if self.gate.healthy else self.failing_checks()
+        return lane.reg.readiness(
             self._clock(), self.state, stopping=self._stopping, failing=failing
         )
 
+    def _readiness(self) -> tuple[bool, str | None]:
+        answers = [(lane, *self.readiness(lane)) for lane in self._lanes]
+        if len(answers) == 1:
+            return answers[0][1], answers[0][2]
+        if any(ok for _, ok, _ in answers):
+            return True, None
+        return False, _per_lane((lane.name, why or "") for lane, _, why in answers)
+
     @property
     def _lease(self) -> Lease | None:
-        return self._reg.lease
+        return self._lanes[0].reg.lease
+
+    def lanes_changed(self) -> None:
+        """A lane's entry came or went, or was refused: update what start() waits for."""
+        if self._registered is not None:
+            if all(lane.reg.actual is not None for lane in self._lanes):
+                self._registered.set()
+            else:
+                self._registered.clear()
+        if self._rejected is not None:
+            if any(lane.reg.rejection is not None for lane in self._lanes):
+                self._rejected.set()
+            else:
+                self._rejected.clear()
 
     async def __aenter__(self) -> AsyncRegistrar:
         await self.start()
@@ -473,193 +635,12 @@ class AsyncRegistrar:
             if changed is not None:
                 why = f"check {check.name}: {result.detail}"
                 self._emit(RegistrarEventKind.STATE_CHANGED, why)
-                self._wake_up()
+                for lane in self._lanes:
+                    lane.wake_up()
             await asyncio.sleep(max(0.0, check.interval - (loop.time() - started)))
 
-    # -- reconciliation ----------------------------------------------------------------
-
-    def _wake_up(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    async def _sleep(self, seconds: float | None) -> None:
-        assert self._wake is not None
-        if self._stopping:
-            return
-        started = self._clock()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._wake.wait()
-        self._wake.clear()
-        if seconds is not None:
-            self._notice_blocked_loop(self._clock() - started - seconds)
-
-    def _notice_blocked_loop(self, late: float) -> None:
-        # Woken this late, the loop (or the whole process) was stalled at least
-        # that long; add the up-to-one heartbeat since the last renewal and the
-        # TTL may have run out in the registry.
-        if late >= self.ttl - self.heartbeat_interval:
-            log.warning(
-                "%s: the event loop was blocked (or the process frozen) for at least %.1fs "
-                "(TTL %gs): the registry may have dropped our entry; something is "
-                "blocking the event loop",
-                self.instance.id,
-                late,
-                self.ttl,
-                extra=self._extra("loop_blocked", blocked=round(late, 3)),
-            )
-
-    async def _reconcile(self) -> None:
-        reg = self._reg
-        run = {
-            Step.REGISTER: self._register,
-            Step.DEREGISTER: self._deregister,
-            Step.SET_STATUS: self._set_status,
-            Step.VERIFY: self._verify,
-            Step.HEARTBEAT: self._heartbeat,
-            Step.RELEASE: self._release,
-            Step.EXPIRED: self._nothing,
-        }
-        while not self._stopping:
-            desired = desired_registration(self.gate.state, self.on_unhealthy)
-            note = "" if desired is Desired.PASSING else "unhealthy: " + self._failing_checks()
-            action = reg.next(desired, self._clock(), note)
-            if isinstance(action, Sleep):
-                await self._sleep(action.seconds)
-                continue
-            try:
-                result = await run[action]()
-            except Exception as exc:  # never give up: every error is retried
-                changes, pause = reg.failed(action, self._registry_error(exc), self._clock())
-            else:
-                changes, pause = reg.succeeded(action, self._clock(), result)
-            self._publish(changes)
-            if pause is not None:
-                await self._sleep(pause)
-
-    # One coroutine per step, each one call to the backend.
-
-    async def _register(self) -> Lease:
-        reg, backend = self._reg, self.backend
-        assert reg.wanted is not None
-        register = backend.register
-        if self._shares_liveness and isinstance(backend, SharedLiveness):
-            register = backend.register_shared
-        return await register(
-            self.instance,
-            ttl=self.ttl,
-            status=reg.wanted,
-            note=reg.note,
-            deregister_critical_after=self.deregister_critical_after,
-        )
-
-    async def _deregister(self) -> None:
-        assert self._reg.lease is not None
-        await self.backend.deregister(self._reg.lease)
-
-    async def _set_status(self) -> None:
-        reg = self._reg
-        assert reg.lease is not None
-        assert reg.wanted is not None
-        await self.backend.set_status(reg.lease, reg.wanted, reg.note)
-
-    async def _verify(self) -> InstanceHealth | None:
-        assert self._reg.lease is not None
-        return await self.backend.lookup(self._reg.lease)
-
-    async def _heartbeat(self) -> None:
-        assert self._reg.lease is not None
-        await self.backend.heartbeat(self._reg.lease)
-
-    async def _nothing(self) -> None:
-        return None
-
-    def _publish(self, changes: list[Change]) -> None:
-        """Act on what the decisions changed: events, logs, and the driver's own state."""
-        for change in changes:
-            if isinstance(change, Event):
-                self._emit(change.kind, change.detail)
-            elif isinstance(change, Renewed):
-                self._last_heartbeat = time.time()
-            elif isinstance(change, Failed):
-                self._log_failure(change.step.value, change.error, loud=change.loud)
-            elif isinstance(change, HeldElsewhere):
-                log.warning(
-                    "%s: the registry holds our entry as %s although we set it %s: %s",
-                    self.instance.id,
-                    change.status,
-                    change.ours,
-                    change.note or "no note",
-                    extra=self._extra("registry_status", status=str(change.status)),
-                )
-            else:
-                log.info(
-                    "%s: the registry holds our entry as %s again",
-                    self.instance.id,
-                    change.status,
-                    extra=self._extra("registry_status", status=str(change.status)),
-                )
-        reg = self._reg
-        if self._registered is not None:
-            if reg.actual is None:
-                self._registered.clear()
-            else:
-                self._registered.set()
-        if self._rejected is not None:
-            if reg.rejection is None:
-                self._rejected.clear()
-            else:
-                self._rejected.set()
-        if reg.lease is not self._followed:
-            self._follow(reg.lease)
-
-    def _follow(self, lease: Lease | None) -> None:
-        self._followed = lease
-        if lease is None and not self._stopping:
-            # Lost: keep hearing the old lease's news until registered again, so the
-            # shared liveness coming back cuts our backoff short.
-            return
-        unfollow, self._unfollow = self._unfollow, None
-        if unfollow is not None:
-            unfollow()
-        if lease is not None and lease.shared and isinstance(self.backend, SharedLiveness):
-            self._unfollow = self.backend.follow(lease, self._on_news)
-
-    def _on_news(self, news: LivenessNews) -> None:
-        # The shared renewal or verification concerns us: act on it now.
-        if news is LivenessNews.RENEWAL:
-            self._reg.heartbeat_now(self._clock())
-        else:
-            self._reg.verify_now(self._clock())
-        self._wake_up()
-
-    async def _release(self) -> None:
-        lease = self._reg.stale
-        self._reg.succeeded(Step.RELEASE, self._clock())
-        if lease is None:
-            return
-        try:
-            async with asyncio.timeout(min(_RELEASE_TIMEOUT, max(0.5, self.heartbeat_interval))):
-                await self.backend.deregister(lease)
-        except Exception as exc:  # best effort: an unreleased lease expires with its TTL
-            log.debug(
-                "%s: releasing the abandoned lease failed: %s",
-                self.instance.id,
-                self._registry_error(exc),
-                extra=self._extra("release_failed"),
-            )
-
-    def _connection_changed(self) -> None:
-        # The registry went away or came back: check our entry now, not at the
-        # next heartbeat, and cut short any backoff sleep.
-        if self._stopping:
-            return
-        lease = self._reg.lease
-        if lease is None or not lease.shared:  # a shared lease: the backend reads back
-            self._reg.verify_now(self._clock())
-        self._wake_up()
-
-    def _failing_checks(self) -> str:
+    def failing_checks(self) -> str:
+        """What the failing checks say, scrubbed (it is written into the registry)."""
         failing = [
             f"{name}: {result.detail}"
             for name, result in self._results.items()
@@ -668,19 +649,6 @@ class AsyncRegistrar:
         # This note is written into the registry, readable by anyone who can read it.
         return scrub_credentials("; ".join(failing)) or "checks not passing"
 
-    def _registry_error(self, exc: BaseException) -> RegistryError:
-        """``exc`` itself when it is a RegistryError, else wrapped as BackendUnavailable."""
-        if isinstance(exc, RegistryError):
-            return exc
-        wrapped = BackendUnavailable(
-            f"unexpected {type(exc).__name__}: {exc}",
-            service=self.instance.service,
-            instance=self.instance.id,
-            backend=self._backend_name,
-        )
-        wrapped.__cause__ = exc
-        return wrapped
-
     # -- events and logs -----------------------------------------------------------------
 
     def _extra(self, event: str, **more: Any) -> dict[str, Any]:
@@ -688,63 +656,39 @@ class AsyncRegistrar:
             "event": event,
             "service": self.instance.service,
             "instance": self.instance.id,
-            "backend": self._backend_name,
+            "backend": ",".join(lane.log_name for lane in self._lanes),
             **more,
         }
 
-    def _emit(self, kind: RegistrarEventKind, detail: str) -> None:
+    def _emit(
+        self, kind: RegistrarEventKind, detail: str, lane: _BackendLane | None = None
+    ) -> None:
+        """Log ``kind`` and give it to ``on_event``; ``lane``: the backend it is about."""
         detail = scrub_credentials(detail)
-        event = RegistrarEvent(kind, self.instance, self.state, detail)
+        event = RegistrarEvent(
+            kind, self.instance, self.state, detail, backend=lane.name if lane else ""
+        )
         if kind is not RegistrarEventKind.BACKEND_UNAVAILABLE:
             # A shared lease's loss is logged once by the backend (with the count), not
             # once per registration (10,000 lines after one etcd wipe).
-            loud = kind is RegistrarEventKind.LEASE_LOST and not self._shares_liveness
+            shared = lane is not None and lane.shares_liveness
+            loud = kind is RegistrarEventKind.LEASE_LOST and not shared
             level = logging.WARNING if loud else logging.INFO
+            extra = (lane.extra if lane else self._extra)(kind.value, state=str(self.state))
             log.log(
                 level,
                 "%s %s: %s%s",
-                self.instance.id,
+                lane.who if lane is not None else self.instance.id,
                 kind.value,
                 self.state,
                 f" ({detail})" if detail else "",
-                extra=self._extra(kind.value, state=str(self.state)),
+                extra=extra,
             )
         if self.on_event is not None:
             try:
                 self.on_event(event)
             except Exception:
                 log.exception("on_event callback failed", extra=self._extra("callback_failed"))
-
-    def _log_failure(
-        self, action: str, error: RegistryError, *, loud: bool = True, force: bool = False
-    ) -> None:
-        """Log a failure: ``loud`` (the first of a run of one kind, see Registration) at
-        ERROR for Rejected, else WARNING; the rest at DEBUG. ``force``: a failure while
-        stopping, outside the healing loop, logged at once and kept as the last error."""
-        kind = failure_kind(error)
-        level = logging.ERROR if kind == "rejected" else logging.WARNING
-        if not (loud or force):
-            level = logging.DEBUG
-        if force:
-            self._reg.last_error = scrub_credentials(str(error))
-        how = {
-            "rejected": "no retry can fix this as is; retrying every "
-            f"{self.retry.cap:g}s in case it is fixed",
-            "throttled": "the registry is shedding load; retrying when it says",
-            "unavailable": "retrying with backoff",
-        }[kind]
-        failures = self._reg.failures
-        repeat = f" (failure {failures}, {how})" if not force else ""
-        log.log(
-            level,
-            "%s %s failed: %s%s",
-            self.instance.id,
-            action,
-            scrub_credentials(str(error)),
-            repeat,
-            extra=self._extra(f"{action}_failed", error=str(error), failures=failures),
-            exc_info=error.__cause__ if level == logging.DEBUG and error.__cause__ else None,
-        )
 
     # -- signals -----------------------------------------------------------------------
 
@@ -771,6 +715,378 @@ class AsyncRegistrar:
             chain_signal(sig, previous)
 
         asyncio.get_running_loop().create_task(stop_then_chain())
+
+
+class _BackendLane:
+    """One backend of a registrar: its healing machine (:class:`Registration`), reconcile
+    loop, lease, shared-liveness and connection follows, retries and backoff.
+
+    Lanes share their registrar's checks, health gate and events, nothing else: what
+    one backend does (down, throttling, refusing) never delays another.
+    """
+
+    def __init__(
+        self,
+        owner: AsyncRegistrar,
+        index: int,
+        name: str,
+        backend: Backend,
+        *,
+        owned: bool,
+        shared_liveness: bool,
+        many: bool,
+    ) -> None:
+        self.owner = owner
+        self.index = index
+        #: How events, logs and status name this backend.
+        self.name = name
+        self.backend = backend
+        self.owned = owned
+        self.scheme: str = getattr(type(backend), "scheme", type(backend).__name__)
+        self.shares_liveness = shared_liveness and isinstance(backend, SharedLiveness)
+        # Log lines name the backend only when there are several.
+        self.who = f"{owner.instance.id} [{name}]" if many else owner.instance.id
+        self.log_name = name if many else self.scheme
+        #: The healing decisions and what the registry holds (no I/O).
+        self.reg = Registration(owner.options, owner.instance, self.scheme)
+        self.last_heartbeat: float | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        # Set while a backend that shares liveness tells us about our lease.
+        self._unfollow: Callable[[], None] | None = None
+        self._followed: Lease | None = None
+        self._unfollow_connection: Callable[[], None] = lambda: None
+
+    async def validate(self) -> None:
+        """The backend's own checks of the instance and the options (see AsyncRegistrar)."""
+        backend, options = self.backend, self.owner.options
+        validate = getattr(backend, "validate", None)
+        if validate is not None:
+            result = validate(self.owner.instance)
+            if inspect.isawaitable(result):
+                await result
+        validate_options = getattr(backend, "validate_options", None)
+        if validate_options is not None:
+            given: dict[str, Any] = {
+                "ttl": options.ttl,
+                "deregister_critical_after": options.deregister_critical_after,
+            }
+            if _accepts(validate_options, "on_unhealthy"):
+                given["on_unhealthy"] = str(options.on_unhealthy)
+            result = validate_options(**given)
+            if inspect.isawaitable(result):
+                await result
+
+    def start(self) -> None:
+        """Run the reconcile loop and follow the connection (on the running loop)."""
+        self._wake = asyncio.Event()
+        self.task = asyncio.create_task(self._reconcile(), name="registrar")
+        if isinstance(self.backend, ConnectionAware):
+            self._unfollow_connection = follow_connection(self.backend, self._connection_changed)
+
+    async def shut_down(self, timeout: float, deadline: float) -> None:
+        """Let the step in flight finish (half of ``timeout`` at most), deregister by
+        ``deadline``, and close the backend if the registrar opened it."""
+        clock = self.owner._clock
+
+        def left() -> float:
+            return max(0.1, deadline - clock())
+
+        self._unfollow_connection()
+        self._stop_following()
+        if self.task is not None:
+            self.wake_up()
+            # Let an operation in flight finish, so we know what the registry holds.
+            done, _ = await asyncio.wait({self.task}, timeout=timeout / 2)
+            if not done:
+                self.task.cancel()
+                await asyncio.wait({self.task}, timeout=left())
+        self.owner.gate_stopped()
+        reg = self.reg
+        if reg.stale is not None and reg.stale != reg.lease:
+            await self._release()
+        if reg.lease is not None:
+            try:
+                async with asyncio.timeout(left()):
+                    await self.backend.deregister(reg.lease)
+            except Exception as exc:
+                self.log_failure("deregister", self.registry_error(exc), force=True)
+            else:
+                self._publish(reg.deregistered_on_stop())
+        self._stop_following()  # a registration that finished while stopping
+        if self.owned:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(left()):
+                    await self.backend.close()
+
+    def _stop_following(self) -> None:
+        unfollow, self._unfollow = self._unfollow, None
+        if unfollow is not None:
+            unfollow()
+
+    def status(self) -> BackendStatus:
+        """This backend's part of ``status()``."""
+        reg = self.reg
+        ready, reason = self.owner.readiness(self)
+        registered = reg.registered(self.owner._clock())
+        seen = reg.seen
+        shown = seen.status if seen is not None else reg.actual
+        return BackendStatus(
+            index=self.index,
+            name=self.name,
+            backend=self.scheme,
+            registered=registered,
+            registry_status=str(shown) if registered and shown is not None else None,
+            registry_note=(
+                scrub_credentials(seen.note)
+                if registered and seen is not None and not seen.healthy
+                else None
+            ),
+            ready=ready,
+            not_ready_reason=reason,
+            last_heartbeat=self._heartbeat_time(),
+            last_error=reg.last_error,
+            counters=frozen_mapping(reg.counters.to_dict()),
+        )
+
+    def _heartbeat_time(self) -> float | None:
+        lease = self.reg.lease
+        if lease is not None and lease.shared and isinstance(self.backend, SharedLiveness):
+            self.last_heartbeat = self.backend.last_renewal(lease) or self.last_heartbeat
+        return self.last_heartbeat
+
+    # -- reconciliation ----------------------------------------------------------------
+
+    def wake_up(self) -> None:
+        """Cut a sleep short: something changed (the gate, the connection, news)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _sleep(self, seconds: float | None) -> None:
+        assert self._wake is not None
+        if self.owner._stopping:
+            return
+        clock = self.owner._clock
+        started = clock()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        self._wake.clear()
+        if seconds is not None:
+            self._notice_blocked_loop(clock() - started - seconds)
+
+    def _notice_blocked_loop(self, late: float) -> None:
+        # Woken this late, the loop (or the whole process) was stalled at least
+        # that long; add the up-to-one heartbeat since the last renewal and the
+        # TTL may have run out in the registry.
+        owner = self.owner
+        if late >= owner.ttl - owner.heartbeat_interval:
+            log.warning(
+                "%s: the event loop was blocked (or the process frozen) for at least %.1fs "
+                "(TTL %gs): the registry may have dropped our entry; something is "
+                "blocking the event loop",
+                self.who,
+                late,
+                owner.ttl,
+                extra=self.extra("loop_blocked", blocked=round(late, 3)),
+            )
+
+    async def _reconcile(self) -> None:
+        owner, reg = self.owner, self.reg
+        run = {
+            Step.REGISTER: self._register,
+            Step.DEREGISTER: self._deregister,
+            Step.SET_STATUS: self._set_status,
+            Step.VERIFY: self._verify,
+            Step.HEARTBEAT: self._heartbeat,
+            Step.RELEASE: self._release,
+            Step.EXPIRED: self._nothing,
+        }
+        while not owner._stopping:
+            desired = desired_registration(owner.gate.state, owner.on_unhealthy)
+            note = "" if desired is Desired.PASSING else "unhealthy: " + owner.failing_checks()
+            action = reg.next(desired, owner._clock(), note)
+            if isinstance(action, Sleep):
+                await self._sleep(action.seconds)
+                continue
+            try:
+                result = await run[action]()
+            except Exception as exc:  # never give up: every error is retried
+                changes, pause = reg.failed(action, self.registry_error(exc), owner._clock())
+            else:
+                changes, pause = reg.succeeded(action, owner._clock(), result)
+            self._publish(changes)
+            if pause is not None:
+                await self._sleep(pause)
+
+    # One coroutine per step, each one call to the backend.
+
+    async def _register(self) -> Lease:
+        reg, backend, owner = self.reg, self.backend, self.owner
+        assert reg.wanted is not None
+        register = backend.register
+        if self.shares_liveness and isinstance(backend, SharedLiveness):
+            register = backend.register_shared
+        return await register(
+            owner.instance,
+            ttl=owner.ttl,
+            status=reg.wanted,
+            note=reg.note,
+            deregister_critical_after=owner.deregister_critical_after,
+        )
+
+    async def _deregister(self) -> None:
+        assert self.reg.lease is not None
+        await self.backend.deregister(self.reg.lease)
+
+    async def _set_status(self) -> None:
+        reg = self.reg
+        assert reg.lease is not None
+        assert reg.wanted is not None
+        await self.backend.set_status(reg.lease, reg.wanted, reg.note)
+
+    async def _verify(self) -> InstanceHealth | None:
+        assert self.reg.lease is not None
+        return await self.backend.lookup(self.reg.lease)
+
+    async def _heartbeat(self) -> None:
+        assert self.reg.lease is not None
+        await self.backend.heartbeat(self.reg.lease)
+
+    async def _nothing(self) -> None:
+        return None
+
+    def _publish(self, changes: list[Change]) -> None:
+        """Act on what the decisions changed: events, logs, and the driver's own state."""
+        for change in changes:
+            if isinstance(change, Event):
+                self.owner._emit(change.kind, change.detail, self)
+            elif isinstance(change, Renewed):
+                self.last_heartbeat = time.time()
+            elif isinstance(change, Failed):
+                self.log_failure(change.step.value, change.error, loud=change.loud)
+            elif isinstance(change, HeldElsewhere):
+                log.warning(
+                    "%s: the registry holds our entry as %s although we set it %s: %s",
+                    self.who,
+                    change.status,
+                    change.ours,
+                    change.note or "no note",
+                    extra=self.extra("registry_status", status=str(change.status)),
+                )
+            else:
+                log.info(
+                    "%s: the registry holds our entry as %s again",
+                    self.who,
+                    change.status,
+                    extra=self.extra("registry_status", status=str(change.status)),
+                )
+        self.owner.lanes_changed()
+        if self.reg.lease is not self._followed:
+            self._follow(self.reg.lease)
+
+    def _follow(self, lease: Lease | None) -> None:
+        self._followed = lease
+        if lease is None and not self.owner._stopping:
+            # Lost: keep hearing the old lease's news until registered again, so the
+            # shared liveness coming back cuts our backoff short.
+            return
+        self._stop_following()
+        if lease is not None and lease.shared and isinstance(self.backend, SharedLiveness):
+            self._unfollow = self.backend.follow(lease, self._on_news)
+
+    def _on_news(self, news: LivenessNews) -> None:
+        # The shared renewal or verification concerns us: act on it now.
+        clock = self.owner._clock
+        if news is LivenessNews.RENEWAL:
+            self.reg.heartbeat_now(clock())
+        else:
+            self.reg.verify_now(clock())
+        self.wake_up()
+
+    async def _release(self) -> None:
+        lease = self.reg.stale
+        self.reg.succeeded(Step.RELEASE, self.owner._clock())
+        if lease is None:
+            return
+        try:
+            wait = min(_RELEASE_TIMEOUT, max(0.5, self.owner.heartbeat_interval))
+            async with asyncio.timeout(wait):
+                await self.backend.deregister(lease)
+        except Exception as exc:  # best effort: an unreleased lease expires with its TTL
+            log.debug(
+                "%s: releasing the abandoned lease failed: %s",
+                self.who,
+                self.registry_error(exc),
+                extra=self.extra("release_failed"),
+            )
+
+    def _connection_changed(self) -> None:
+        # The registry went away or came back: check our entry now, not at the
+        # next heartbeat, and cut short any backoff sleep.
+        if self.owner._stopping:
+            return
+        lease = self.reg.lease
+        if lease is None or not lease.shared:  # a shared lease: the backend reads back
+            self.reg.verify_now(self.owner._clock())
+        self.wake_up()
+
+    def registry_error(self, exc: BaseException) -> RegistryError:
+        """``exc`` itself when it is a RegistryError, else wrapped as BackendUnavailable."""
+        if isinstance(exc, RegistryError):
+            return exc
+        wrapped = BackendUnavailable(
+            f"unexpected {type(exc).__name__}: {exc}",
+            service=self.owner.instance.service,
+            instance=self.owner.instance.id,
+            backend=self.scheme,
+        )
+        wrapped.__cause__ = exc
+        return wrapped
+
+    # -- logs ------------------------------------------------------------------------------
+
+    def extra(self, event: str, **more: Any) -> dict[str, Any]:
+        """The structured fields of a log line about this backend."""
+        instance = self.owner.instance
+        return {
+            "event": event,
+            "service": instance.service,
+            "instance": instance.id,
+            "backend": self.log_name,
+            **more,
+        }
+
+    def log_failure(
+        self, action: str, error: RegistryError, *, loud: bool = True, force: bool = False
+    ) -> None:
+        """Log a failure: ``loud`` (the first of a run of one kind, see Registration) at
+        ERROR for Rejected, else WARNING; the rest at DEBUG. ``force``: a failure while
+        stopping, outside the healing loop, logged at once and kept as the last error."""
+        kind = failure_kind(error)
+        level = logging.ERROR if kind == "rejected" else logging.WARNING
+        if not (loud or force):
+            level = logging.DEBUG
+        if force:
+            self.reg.last_error = scrub_credentials(str(error))
+        how = {
+            "rejected": "no retry can fix this as is; retrying every "
+            f"{self.owner.retry.cap:g}s in case it is fixed",
+            "throttled": "the registry is shedding load; retrying when it says",
+            "unavailable": "retrying with backoff",
+        }[kind]
+        failures = self.reg.failures
+        repeat = f" (failure {failures}, {how})" if not force else ""
+        log.log(
+            level,
+            "%s %s failed: %s%s",
+            self.who,
+            action,
+            scrub_credentials(str(error)),
+            repeat,
+            extra=self.extra(f"{action}_failed", error=str(error), failures=failures),
+            exc_info=error.__cause__ if level == logging.DEBUG and error.__cause__ else None,
+        )
 
 
 def chain_signal(sig: int, previous: Any) -> None:

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any
 
 from registry_agent._health.base import CheckResult
 
-__all__ = ["CheckStatus", "RegistrationCounters", "RegistrationStatus"]
+__all__ = ["BackendStatus", "CheckStatus", "RegistrationCounters", "RegistrationStatus"]
 
 
 @dataclass(slots=True)
@@ -30,6 +30,15 @@ class RegistrationCounters:
         """Every counter by name."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    @classmethod
+    def total(cls, many: Iterable[RegistrationCounters]) -> RegistrationCounters:
+        """The sums of several registrations' counters (one per backend)."""
+        summed = cls()
+        for counters in many:
+            for f in fields(cls):
+                setattr(summed, f.name, getattr(summed, f.name) + getattr(counters, f.name))
+        return summed
+
 
 @dataclass(frozen=True, slots=True)
 class CheckStatus:
@@ -41,6 +50,43 @@ class CheckStatus:
     def to_dict(self) -> dict[str, Any]:
         """``{"up": …}`` plus the last result's fields."""
         return {"up": self.up, **(self.last.to_dict() if self.last is not None else {})}
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStatus:
+    """One backend of a registrar: what it holds of our entry (``status()["backends"]``)."""
+
+    #: Its place in the registrar's list of backends.
+    index: int
+    #: Its name in events and logs: the URL without credentials or options, or the
+    #: scheme of a Backend object (``(backend[i])`` added when a name repeats).
+    name: str
+    #: Its URL scheme, e.g. ``consul``.
+    backend: str
+    registered: bool
+    registry_status: str | None
+    registry_note: str | None
+    ready: bool
+    not_ready_reason: str | None
+    last_heartbeat: float | None
+    last_error: str | None
+    counters: Mapping[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready."""
+        return {
+            "index": self.index,
+            "name": self.name,
+            "backend": self.backend,
+            "registered": self.registered,
+            "registry_status": self.registry_status,
+            "registry_note": self.registry_note,
+            "ready": self.ready,
+            "not_ready_reason": self.not_ready_reason,
+            "last_heartbeat": self.last_heartbeat,
+            "last_error": self.last_error,
+            "counters": dict(self.counters),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +113,13 @@ class RegistrationStatus:
     last_error: str | None
     checks: Mapping[str, CheckStatus]
     counters: Mapping[str, int]
+    #: Each backend's own state, in the registrar's order (one for a single backend).
+    backends: tuple[BackendStatus, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready dict ``status()`` returns (and ``/status`` serves)."""
-        return {
+        """The JSON-ready dict ``status()`` returns (and ``/status`` serves); a
+        ``backends`` list only when there are several (one backend: as it always was)."""
+        shown = {
             "service": self.service,
             "instance": self.instance,
             "backend": self.backend,
@@ -85,6 +134,9 @@ class RegistrationStatus:
             "checks": {name: check.to_dict() for name, check in self.checks.items()},
             "counters": dict(self.counters),
         }
+        if len(self.backends) > 1:
+            shown["backends"] = [backend.to_dict() for backend in self.backends]
+        return shown
 
 
 def frozen_mapping(values: Mapping[str, Any]) -> Mapping[str, Any]:

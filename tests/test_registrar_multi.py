@@ -1,0 +1,383 @@
+"""One instance in several registries at once, on in-memory backends: the pure parts.
+
+One set of checks and one health gate, one healing lane per backend. The same
+promises are checked on real Consul and etcd together in
+integration/test_multi_registry.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from test_registrar import FAST, INSTANCE, Switch, loop_clock, virtual_time
+
+from registry_agent import (
+    AsyncRegistrar,
+    CallableCheck,
+    ConfigError,
+    GateState,
+    HealthStatus,
+    Lease,
+    Registrar,
+    RegistrarEvent,
+    RegistrarEventKind,
+    RegistrationTimeout,
+    Rejected,
+    ServiceInstance,
+)
+from registry_agent._status import RegistrationStatus
+from registry_agent.testing.memory import MemoryBackend, MemoryRegistry
+
+K = RegistrarEventKind
+TTL = 1.0
+
+
+def fresh() -> MemoryRegistry:
+    return MemoryRegistry.named(f"multi-{uuid.uuid4().hex}", clock=loop_clock)
+
+
+def held(registry: MemoryRegistry) -> HealthStatus | None:
+    health = registry.snapshot(INSTANCE.service).instances.get(INSTANCE.id)
+    return None if health is None else health.status
+
+
+def peek(registry: MemoryRegistry) -> HealthStatus | None:
+    """What ``registry`` holds, even while it is stopped (as seen from outside)."""
+    was = registry.running
+    registry.start()
+    try:
+        return held(registry)
+    finally:
+        if not was:
+            registry.stop()
+
+
+async def within(seconds: float, predicate: Callable[[], bool]) -> float:
+    """Wait (in loop time, virtual here) until ``predicate``; the time it took."""
+    started = loop_clock()
+    while not predicate():
+        if loop_clock() - started > seconds:
+            pytest.fail(f"condition not met within {seconds:g}s")
+        await asyncio.sleep(0.01)
+    return loop_clock() - started
+
+
+def make(
+    backends: list[Any], events: list[RegistrarEvent] | None = None, **kwargs: Any
+) -> AsyncRegistrar:
+    kwargs.setdefault("ttl", TTL)
+    kwargs.setdefault("retry", FAST)
+    if events is not None:
+        kwargs["on_event"] = events.append
+    return AsyncRegistrar(backends, INSTANCE, **kwargs)
+
+
+class RefusingBackend(MemoryBackend):
+    """Refuses every registration, as a registry without the permission."""
+
+    async def register(self, instance: ServiceInstance, **kwargs: Any) -> Lease:
+        raise Rejected("permission denied", backend="memory", instance=instance.id)
+
+
+class HangingDeregister(MemoryBackend):
+    """Never answers a deregistration, as a registry cut off mid-shutdown."""
+
+    async def deregister(self, lease: Lease) -> None:
+        await asyncio.Event().wait()
+
+
+class RefusesCritical(MemoryBackend):
+    """A backend that documents it cannot hold a critical entry."""
+
+    def validate_options(
+        self, *, ttl: float, deregister_critical_after: float | None, on_unhealthy: str
+    ) -> None:
+        if on_unhealthy == "critical":
+            raise ConfigError("this registry carries no health", field="on_unhealthy")
+
+
+# -- the list itself -------------------------------------------------------------------
+
+
+def test_an_empty_list_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="non-empty") as info:
+        AsyncRegistrar([], INSTANCE)
+    assert info.value.field == "backend"
+
+
+def test_the_same_url_twice_names_the_second() -> None:
+    a = fresh()
+    with pytest.raises(ConfigError, match=r"backend\[2\].*same registry as backend\[0\]") as info:
+        AsyncRegistrar([a.url, fresh().url, a.url + "/"], INSTANCE)
+    assert info.value.field == "backend[2]"
+
+
+def test_the_same_object_twice_names_the_second() -> None:
+    backend = MemoryBackend(fresh())
+    with pytest.raises(ConfigError, match=r"backend\[1\]") as info:
+        AsyncRegistrar([backend, backend], INSTANCE)
+    assert info.value.field == "backend[1]"
+
+
+def test_a_bad_url_in_the_list_is_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        AsyncRegistrar([fresh().url, "nonsense"], INSTANCE)
+    assert info.value.field == "backend[1]"
+    assert str(info.value).startswith("backend[1]: expected a URL")
+
+
+def test_names_and_attributes() -> None:
+    a, b = fresh(), fresh()
+    own = MemoryBackend(b)
+    reg = AsyncRegistrar([a.url, own], INSTANCE)
+    assert reg.backends[1] is own
+    assert reg.backend is reg.backends[0]
+    names = [lane.name for lane in reg.snapshot().backends]
+    assert names == [a.url, "memory"]
+    # Two objects of one scheme: told apart by their place.
+    twins = AsyncRegistrar([MemoryBackend(a), MemoryBackend(b)], INSTANCE)
+    assert [s.name for s in twins.snapshot().backends] == [
+        "memory (backend[0])",
+        "memory (backend[1])",
+    ]
+
+
+@virtual_time
+async def test_a_list_of_one_is_the_single_backend() -> None:
+    registry = fresh()
+    events: list[RegistrarEvent] = []
+    single = make([registry.url], events)
+    await single.start(wait_registered=2)
+    status = single.status()
+    assert "backends" not in status  # the status of one backend is what it always was
+    assert status["backend"] == "memory"
+    assert single.snapshot().backends[0].registered
+    assert single.counters.registrations == 1
+    await single.stop()
+    assert [e.kind for e in events] == [K.REGISTERED, K.STATE_CHANGED, K.DEREGISTERED, K.STOPPED]
+    assert [e.backend for e in events] == [registry.url, "", registry.url, ""]
+
+
+# -- healing, each on its own ---------------------------------------------------------------
+
+
+@virtual_time
+async def test_registered_in_both_events_name_their_backend() -> None:
+    a, b = fresh(), fresh()
+    events: list[RegistrarEvent] = []
+    reg = make([a.url, b.url], events)
+    await reg.start(wait_registered=2)
+    assert held(a) is held(b) is HealthStatus.PASSING
+    registered = {e.backend for e in events if e.kind is K.REGISTERED}
+    assert registered == {a.url, b.url}
+    assert reg.counters.registrations == 2
+    status = reg.status()
+    assert [s["name"] for s in status["backends"]] == [a.url, b.url]
+    assert all(s["ready"] and s["registry_status"] == "passing" for s in status["backends"])
+    await reg.stop()
+    assert held(a) is None
+    assert held(b) is None
+    gone = {e.backend for e in events if e.kind is K.DEREGISTERED}
+    assert gone == {a.url, b.url}
+    assert [e.backend for e in events if e.kind in (K.STATE_CHANGED, K.STOPPED)] == ["", ""]
+
+
+@virtual_time
+async def test_one_registry_down_at_start_the_other_registers_and_is_ready() -> None:
+    a, b = fresh(), fresh()
+    b.stop()
+    reg = make([a.url, b.url])
+    await reg.start()
+    took = await within(TTL, lambda: held(a) is HealthStatus.PASSING)
+    assert took < TTL
+    assert reg.ready
+    assert reg.registered
+    assert not await reg.wait_registered(1.0)  # every backend: b is down
+    snap = reg.snapshot()
+    assert snap.ready
+    assert snap.not_ready_reason is None
+    assert snap.registry_status == "passing"
+    first, second = snap.backends
+    assert first.ready
+    assert not second.registered
+    assert second.last_error is not None
+    assert "stopped" in second.last_error
+    assert snap.last_error is not None
+    assert snap.last_error.startswith(f"{b.url}: ")
+    # The healthy one keeps heartbeating while the other is down.
+    beats = first.counters["heartbeats_ok"]
+    await asyncio.sleep(3 * TTL)
+    assert reg.snapshot().backends[0].counters["heartbeats_ok"] >= beats + 5
+    assert reg.ready
+    b.start()
+    await within(TTL + 2 * FAST.cap, lambda: held(b) is HealthStatus.PASSING)
+    assert await reg.wait_registered(0.1)
+    assert reg.snapshot().last_error is None
+    await reg.stop()
+    assert held(a) is None
+    assert held(b) is None
+
+
+@virtual_time
+async def test_wait_registered_times_out_naming_the_missing_backend() -> None:
+    a, b = fresh(), fresh()
+    b.stop()
+    reg = make([a.url, b.url])
+    with pytest.raises(RegistrationTimeout) as info:
+        await reg.start(wait_registered=1.0)
+    text = str(info.value)
+    assert f"in {b.url}:" in text
+    assert "stopped" in text
+    assert a.url not in text
+    assert reg.state is GateState.STOPPED
+    assert held(a) is None  # stopped: removed from the one that had it
+
+
+@virtual_time
+async def test_a_refusing_backend_fails_start_naming_it_without_delaying_the_other() -> None:
+    a = fresh()
+    refusing = RefusingBackend(fresh())
+    reg = make([a.url, refusing])
+    with pytest.raises(Rejected, match=r"backend\[1\] \(memory\): permission denied"):
+        await reg.start(wait_registered=5.0)
+    # Without waiting: the other is registered at once and stays, the refusal is reported.
+    reg = make([a.url, refusing])
+    await reg.start()
+    await within(0.5, lambda: held(a) is HealthStatus.PASSING)
+    assert reg.ready
+    second = reg.snapshot().backends[1]
+    assert second.last_error is not None
+    assert "permission denied" in second.last_error
+    assert second.not_ready_reason is not None
+    assert "rejected" in second.not_ready_reason
+    await reg.stop()
+
+
+@virtual_time
+async def test_validation_names_the_backend() -> None:
+    reg = make([fresh().url, RefusesCritical(fresh())], on_unhealthy="critical")
+    with pytest.raises(ConfigError) as info:
+        await reg.start()
+    assert info.value.field == "backend[1]"
+    assert "on_unhealthy: this registry carries no health" in str(info.value)
+    alone = make([RefusesCritical(fresh())], on_unhealthy="critical")
+    with pytest.raises(ConfigError) as single:
+        await alone.validate()
+    assert single.value.field == "on_unhealthy"  # one backend: the error as it always was
+
+
+@virtual_time
+async def test_a_wiped_registry_is_healed_while_the_other_is_untouched() -> None:
+    a, b = fresh(), fresh()
+    events: list[RegistrarEvent] = []
+    reg = make([a.url, b.url], events)
+    await reg.start(wait_registered=2)
+    a.wipe()
+    await within(2 * TTL, lambda: held(a) is HealthStatus.PASSING)
+    again = [e.backend for e in events if e.kind in (K.LEASE_LOST, K.REREGISTERED)]
+    assert again == [a.url, a.url]
+    counts = [s.counters for s in reg.snapshot().backends]
+    assert counts[0]["reregistrations"] == 1
+    assert counts[1]["reregistrations"] == counts[1]["lease_losses"] == 0
+    await reg.stop()
+
+
+@virtual_time
+async def test_one_gate_withdraws_and_restores_both() -> None:
+    a, b = fresh(), fresh()
+    check = Switch()
+    reg = make([a.url, b.url], checks=[CallableCheck(check.probe, interval=0.05)], rise=2, fall=2)
+    await reg.start(wait_registered=2)
+    check.ok = False
+    await within(1.0, lambda: held(a) is None and held(b) is None)
+    assert reg.state is GateState.WITHDRAWN
+    reason = reg.snapshot().not_ready_reason
+    assert reason is not None
+    assert reason.startswith("withdrawn")
+    check.ok = True
+    await within(1.0, lambda: held(a) is HealthStatus.PASSING and held(b) is HealthStatus.PASSING)
+    assert check.calls < 20  # one set of checks, not one per backend
+    await reg.stop()
+
+
+@virtual_time
+async def test_critical_with_two_backends_is_held_critical_in_both() -> None:
+    a, b = fresh(), fresh()
+    check = Switch()
+    reg = make(
+        [a.url, b.url],
+        checks=[CallableCheck(check.probe, interval=0.05)],
+        rise=1,
+        fall=1,
+        on_unhealthy="critical",
+    )
+    await reg.start(wait_registered=2)
+    check.ok = False
+    await within(1.0, lambda: held(a) is held(b) is HealthStatus.CRITICAL)
+    assert reg.registered
+    assert not reg.ready
+    assert reg.snapshot().registry_status == "critical"
+    await reg.stop()
+
+
+@virtual_time
+async def test_stop_removes_the_healthy_entry_promptly_and_gives_up_on_the_hung_one() -> None:
+    a, b = fresh(), fresh()
+    reg = make([a.url, HangingDeregister(b)])
+    await reg.start(wait_registered=2)
+    removed_at: list[float] = []
+
+    async def watch_a() -> None:
+        await within(5.0, lambda: held(a) is None)
+        removed_at.append(loop_clock())
+
+    watching = asyncio.create_task(watch_a())
+    started = loop_clock()
+    await reg.stop(timeout=4.0)
+    took = loop_clock() - started
+    await watching
+    assert removed_at[0] - started < 0.5  # not held up by the other
+    assert took <= 4.0 + 0.5
+    assert reg.state is GateState.STOPPED
+    hung = reg.snapshot().backends[1]
+    assert hung.last_error is not None  # kept: the entry expires with its TTL there
+    assert held(a) is None
+
+
+@virtual_time
+async def test_counters_and_status_sum_up_the_backends() -> None:
+    a, b = fresh(), fresh()
+    reg = make([a.url, b.url])
+    await reg.start(wait_registered=2)
+    await asyncio.sleep(TTL)
+    snap = reg.snapshot()
+    assert isinstance(snap, RegistrationStatus)
+    per = [s.counters for s in snap.backends]
+    assert snap.counters == {k: per[0][k] + per[1][k] for k in per[0]}
+    assert snap.last_heartbeat == max(s.last_heartbeat or 0 for s in snap.backends)
+    a.stop()
+    b.stop()
+    await within(2 * TTL, lambda: not reg.registered)
+    why = reg.snapshot().not_ready_reason
+    assert why is not None
+    assert a.url in why
+    assert b.url in why
+    await reg.stop(timeout=1.0)
+
+
+def test_the_blocking_facade_takes_a_list() -> None:
+    a, b = (
+        MemoryRegistry.named(f"multi-{uuid.uuid4().hex}"),
+        MemoryRegistry.named(f"multi-{uuid.uuid4().hex}"),
+    )
+    with Registrar([a.url, b.url], INSTANCE, ttl=TTL, retry=FAST) as reg:
+        assert reg.wait_registered(5)
+        assert reg.ready
+        assert held(a) is held(b) is HealthStatus.PASSING
+        assert len(reg.snapshot().backends) == 2
+    assert held(a) is None
+    assert held(b) is None
