@@ -64,7 +64,7 @@ __all__ = [
     "encode_tags",
 ]
 
-#: A decoded tag larger than this is refused: no metadata value comes near it.
+#: A decoded tag larger than this is refused (go-micro has no limit; no real value comes near).
 MAX_PAYLOAD = 64 * 1024
 _LEVEL = 6  # Go's zlib.DefaultCompression
 _HEX = re.compile(r"[0-9a-fA-F]*")
@@ -240,13 +240,13 @@ def _take_scheme(meta: dict[str, str]) -> str:
     return protocol
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _version_of(tag: str) -> str:
     """The version a ``v-``/``v=`` tag holds (cached: watch answers repeat tags)."""
     return _payload(tag)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _meta_of(tag: str) -> dict[str, str]:
     """The metadata a ``t-``/``t=`` tag holds, as Go fills a map[string]string."""
     parsed = _json(_payload(tag))
@@ -264,7 +264,7 @@ def _meta_of(tag: str) -> dict[str, str]:
     return out
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _check_endpoint(tag: str) -> None:
     """Raise :class:`_Bad` unless an ``e-``/``e=`` tag holds a JSON object."""
     if not isinstance(_json(_payload(tag)), dict):
