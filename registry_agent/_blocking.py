@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iter
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
-from registry_agent._backend import Backend
 from registry_agent._discovery import AsyncDiscovery
 from registry_agent._errors import RegistryError
 from registry_agent._events import WatchEvent
@@ -29,7 +28,7 @@ from registry_agent._registrar import AsyncRegistrar, BackendArg, RegistrarArgs,
 from registry_agent._retry import RetryPolicy
 from registry_agent._select import Selector, Strategy
 from registry_agent._status import RegistrationStatus
-from registry_agent._watcher import AsyncWatcher, _Consumer
+from registry_agent._watcher import AsyncWatcher, Backends, _Consumer
 
 __all__ = ["Discovery", "LoopThread", "Registrar", "Watcher"]
 
@@ -306,11 +305,13 @@ class Watcher:
     :class:`AsyncWatcher`: it first gets ``added`` for what exists, then every
     change; a slow one gets coalesced events, never an unbounded queue.
     :meth:`close` (from any thread) ends every pending iteration promptly.
+    ``backend`` may be a list of URLs and Backends: one merged view of them all
+    (see :class:`AsyncWatcher`).
     """
 
     def __init__(
         self,
-        backend: str | Backend,
+        backend: Backends,
         services: str | Iterable[str],
         *,
         retry: RetryPolicy | None = None,
@@ -415,11 +416,15 @@ class Watcher:
 
 
 class Discovery:
-    """Blocking facade over :class:`AsyncDiscovery` (same arguments and methods)."""
+    """Blocking facade over :class:`AsyncDiscovery` (same arguments and methods).
+
+    ``backend`` may be a list of URLs and Backends: instances come from one view
+    merged over them all (see :class:`AsyncDiscovery`).
+    """
 
     def __init__(
         self,
-        backend: str | Backend,
+        backend: Backends,
         *,
         keep_last_nonempty: bool = False,
         sync_timeout: float = 5.0,

@@ -19,6 +19,7 @@ from registry_agent import (
     AsyncRegistrar,
     CallableCheck,
     ConfigError,
+    Discovery,
     GateState,
     HealthStatus,
     Lease,
@@ -28,6 +29,7 @@ from registry_agent import (
     RegistrationTimeout,
     Rejected,
     ServiceInstance,
+    Watcher,
 )
 from registry_agent._status import RegistrationStatus
 from registry_agent.testing.memory import MemoryBackend, MemoryRegistry
@@ -381,3 +383,15 @@ def test_the_blocking_facade_takes_a_list() -> None:
         assert len(reg.snapshot().backends) == 2
     assert held(a) is None
     assert held(b) is None
+
+
+def test_the_blocking_watcher_and_discovery_take_a_list() -> None:
+    a = MemoryRegistry.named(f"multi-{uuid.uuid4().hex}")
+    b = MemoryRegistry.named(f"multi-{uuid.uuid4().hex}")
+    with Registrar([a.url, b.url], INSTANCE, ttl=TTL, retry=FAST) as reg:
+        assert reg.wait_registered(5)
+        with Watcher([a.url, b.url], INSTANCE.service) as watcher:
+            assert watcher.wait_synced(5)
+            assert [h.instance for h in watcher.snapshot(INSTANCE.service)] == [INSTANCE]
+        with Discovery([a.url, b.url]) as discovery:
+            assert discovery.instances(INSTANCE.service) == [INSTANCE]
