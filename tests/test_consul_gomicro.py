@@ -64,7 +64,7 @@ def go_unmarshal_map(buf: bytes | None) -> dict[str, str] | None:
         return None  # json.Unmarshal(nil): unexpected end of JSON input
     try:
         parsed = json.loads(buf.decode("utf-8", "replace"))
-    except ValueError:
+    except (ValueError, RecursionError):  # Go: an error past 10000 levels of nesting
         return None
     if parsed is None:
         return {}
@@ -436,6 +436,8 @@ GARBAGE = [
     ("t-" + z(b'{"a":"' + b"a" * MAX_PAYLOAD + b'"}'), f"more than {MAX_PAYLOAD} bytes"),
     ("t={not json", "not JSON"),
     ("t=[]", "not a JSON object of strings"),
+    ("t=" + "[" * 100_000, "not JSON (nested too deep)"),
+    ("t-" + z(b'{"a":' * 10_000), "not JSON (nested too deep)"),
     ("e=null", "a null endpoint crashes go-micro clients"),
     (GO_NULL_ENDPOINT, "a null endpoint crashes go-micro clients"),
     ("e-zz", "not hex"),

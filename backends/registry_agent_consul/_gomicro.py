@@ -286,6 +286,8 @@ def _json(text: str) -> object:
         return json.loads(text)
     except ValueError as exc:
         raise _Bad(f"not JSON ({exc})") from None
+    except RecursionError:
+        raise _Bad("not JSON (nested too deep)") from None
 
 
 def _inflate(text: str) -> bytes:
