@@ -299,6 +299,7 @@ INSTANCES = [
     ServiceInstance("orders", "10.0.0.1", 8443, scheme="https", version="2024.11-rc.1+b5"),
     ServiceInstance("orders", "10.0.0.1", 8080, scheme="http", tags=("team", "edge", "v")),
     ServiceInstance("orders", "10.0.0.1", 8080, scheme="ws", meta={"secure": "true"}),
+    ServiceInstance("orders", "10.0.0.1", 8080, scheme="grpc", meta={"secure": "false"}),
     ServiceInstance(
         "orders",
         "10.0.0.1",
@@ -557,6 +558,8 @@ def test_other_plain_tags_pass_and_go_micro_reads_past_them(tags: tuple[str, ...
         (ServiceInstance("s", "h", 1, meta={"protocol": "grpc"}), "meta.protocol: "),
         (ServiceInstance("s", "h", 1, scheme="http", meta={"secure": "true"}), "meta.secure: "),
         (ServiceInstance("s", "h", 1, scheme="grpcs", meta={"secure": "true"}), "meta.secure: "),
+        (ServiceInstance("s", "h", 1, scheme="https", meta={"secure": "false"}), "meta.secure: "),
+        (ServiceInstance("s", "h", 1, scheme="grpc", meta={"protocol": "MUCP"}), "meta.protocol: "),
     ],
 )
 def test_instances_that_would_not_read_back_are_refused(

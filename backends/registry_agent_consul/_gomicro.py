@@ -157,14 +157,20 @@ def check_instance(instance: ServiceInstance) -> str | None:
         return problem
     if "protocol" in instance.meta:
         return (
-            "meta.protocol: go-micro's 'protocol' carries the instance's scheme; "
-            f"set scheme={instance.meta['protocol']!r} instead of meta 'protocol'"
+            "meta.protocol: go-micro's 'protocol' metadata is written from the instance's "
+            "scheme; set scheme (http, https, grpc, grpcs…) instead of meta 'protocol'"
         )
-    base = _SECURE.get(instance.scheme, instance.scheme)
-    if base in ("http", "grpc") and instance.meta.get("secure") == "true":
+    secure = instance.meta.get("secure")
+    if secure is not None and instance.scheme in _SECURE:
+        return (
+            f"meta.secure: go-micro's 'secure' metadata is written from scheme "
+            f"{instance.scheme!r}; remove meta 'secure'"
+        )
+    if secure == "true" and instance.scheme in ("http", "grpc"):
+        better = instance.scheme + "s"
         return (
             f"meta.secure: 'secure=true' with scheme {instance.scheme!r} reads back as "
-            f"scheme {base + 's'!r}; set scheme={base + 's'!r} and remove meta 'secure'"
+            f"scheme {better!r}; set scheme={better!r} and remove meta 'secure'"
         )
     return None
 
