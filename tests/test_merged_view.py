@@ -1,14 +1,18 @@
-"""One view over several registries: the pure merge (MergedView) and the watcher and
-discovery built on it, on in-memory registries (real servers: integration/test_merged_view.py).
+"""Several registries at once: the pure merge (MergedView), the watcher and discovery
+built on it, and the agent's ``[[backend]]`` tables, on in-memory registries (real
+servers: integration/test_merged_view.py, integration/test_agent_multi_backend.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import textwrap
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +27,8 @@ from registry_agent import (
     ServiceInstance,
     WatchEvent,
 )
+from registry_agent._agent.config import load_config, parse_config
+from registry_agent._agent.runtime import AgentRuntime, open_configured_backends
 from registry_agent._events import InstanceMap, MergedView, diff_snapshots, endpoint_key
 from registry_agent._retry import RetryPolicy
 from registry_agent.testing.memory import MemoryRegistry
@@ -393,3 +399,169 @@ def test_bad_backend_lists_are_refused_naming_the_entry(
     assert words in str(caught.value)
     with pytest.raises(ConfigError):
         AsyncDiscovery(backend)
+
+
+# -- the agent's [[backend]] tables ----------------------------------------------------
+
+SERVICE = """
+[status]
+listen = "off"
+
+[[service]]
+name = "orders"
+id = "orders-1"
+address = "127.0.0.1"
+port = 8080
+ttl = "2s"
+"""
+
+
+def agent_file(tmp_path: Path, backends: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(textwrap.dedent(backends) + SERVICE)
+    return path
+
+
+def test_several_backend_tables_each_with_its_own_options(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("s3cret\n")
+    path = agent_file(
+        tmp_path,
+        """
+        [[backend]]
+        url = "consul://127.0.0.1:8500"
+        token_file = "token"
+
+        [[backend]]
+        url = "etcd://127.0.0.1:2379"
+        format = "go-zero"
+        """,
+    )
+    config = load_config(path, env={})
+    assert [b.url for b in config.backends] == ["consul://127.0.0.1:8500", "etcd://127.0.0.1:2379"]
+    assert config.backend is config.backends[0]
+    assert config.backends[0].options() == {"token": "s3cret"}
+    assert config.backends[1].options() == {"format": "go-zero"}
+    assert "s3cret" in config.secrets()
+    consul, etcd = open_configured_backends(config)
+    assert (consul.scheme, etcd.scheme) == ("consul", "etcd")
+    assert "go-zero" in repr(etcd)
+    # The single table is one backend, as always.
+    single = parse_config({"backend": {"url": "etcd://h:1"}, "service": [{"name": "a", "port": 1}]})
+    assert [b.url for b in single.backends] == ["etcd://h:1"]
+
+
+@pytest.mark.parametrize(
+    ("backends", "message"),
+    [
+        (
+            '[backend]\nurl = "consul://h:1"\n[[backend]]\nurl = "etcd://h:2"\n',
+            "agent.toml:3: backend: give one [backend] table or several [[backend]] tables",
+        ),
+        (
+            '[[backend]]\nurl = "etcd://h:2"\n[backend]\nurl = "consul://h:1"\n',
+            "agent.toml:3: backend: give one [backend] table or several [[backend]] tables",
+        ),
+        (
+            'backend = { url = "consul://h:1" }\n[[backend]]\nurl = "etcd://h:2"\n',
+            "agent.toml:2: backend: give one [backend] table or several [[backend]] tables",
+        ),
+        (
+            '[[backend]]\nurl = "consul://h:1"\n[[backend]]\nurl = "etcd://h:2"\nnope = 1\n',
+            "agent.toml: backend[1].nope: unknown option(s) 'nope'",
+        ),
+        (
+            '[[backend]]\nurl = "consul://h:1"\n[[backend]]\nurl = "consul://h:1"\n',
+            "agent.toml: backend[1].url: the same registry as backend[0]",
+        ),
+        (
+            '[[backend]]\nurl = "consul://h:1"\n[[backend]]\nurl = "zk://h:2"\n',
+            "agent.toml: backend[1].url: no backend for scheme 'zk'",
+        ),
+        (
+            '[[backend]]\nurl = "consul://h:1"\n[[backend]]\nformat = "kratos"\n',
+            "agent.toml: backend[1].url: is required",
+        ),
+        ("backend = []\n", "agent.toml: backend: expected at least one [[backend]] table"),
+    ],
+)
+def test_backend_table_errors_name_the_file_and_the_key(
+    tmp_path: Path, backends: str, message: str
+) -> None:
+    path = agent_file(tmp_path, backends)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert str(caught.value).startswith(f"{tmp_path}/{message}"), str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "variable", ["REGISTRY_AGENT_BACKEND", "REGISTRY_AGENT_TOKEN", "REGISTRY_AGENT_CA_FILE"]
+)
+def test_backend_environment_overrides_are_refused_beside_backend_tables(
+    tmp_path: Path, variable: str
+) -> None:
+    path = agent_file(
+        tmp_path, '[[backend]]\nurl = "consul://h:1"\n[[backend]]\nurl = "etcd://h:2"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={variable: "x"})
+    assert f"{variable} sets a key of the single [backend] table" in str(caught.value)
+    assert "[[backend]]" in str(caught.value)
+    # Settings that are not the backend's still apply.
+    config = load_config(path, env={"REGISTRY_AGENT_LOG_LEVEL": "debug"})
+    assert config.log_level == "debug"
+
+
+async def test_the_agent_registers_in_every_backend_and_stays_ready_while_one_is_down(
+    tmp_path: Path,
+) -> None:
+    tag = uuid.uuid4().hex
+    first, second = MemoryRegistry.named(f"agent-a-{tag}"), MemoryRegistry.named(f"agent-b-{tag}")
+    path = agent_file(
+        tmp_path, f'[[backend]]\nurl = "{first.url}"\n[[backend]]\nurl = "{second.url}"\n'
+    )
+    runtime = AgentRuntime(load_config(path, env={}))
+    runtime._turn = asyncio.Lock()
+    runtime.backends = open_configured_backends(runtime.config)
+    try:
+        for service in runtime.config.services:
+            await runtime._start_service(service)
+        await wait_until(
+            lambda: all(r.snapshot("orders").instances for r in (first, second)), within=5
+        )
+        await wait_until(lambda: runtime._readyz()[0] == 200)
+        status = runtime.status()
+        assert status["agent"]["backends"] == [first.url + ":0", second.url + ":0"]
+        (service,) = status["services"]
+        assert [(b["name"], b["registered"]) for b in service["backends"]] == [
+            (f"{first.url}:0", True),
+            (f"{second.url}:0", True),
+        ]
+        metrics = runtime.metrics.render().decode()
+        for registry in (first, second):
+            labels = f'backend="{registry.url}:0",instance="orders-1",service="orders"'
+            assert f"registry_agent_backend_ready{{{labels}}} 1.0" in metrics
+        assert 'registry_agent_ready{instance="orders-1",service="orders"} 1.0' in metrics
+
+        # The second registry down for longer than the TTL: still ready on the first.
+        second.stop()
+        await wait_until(lambda: not runtime.snapshots()["orders/orders-1"].backends[1].registered)
+        code, _, body = runtime._readyz()
+        assert code == 200, body
+        metrics = runtime.metrics.render().decode()
+        labels = f'backend="{second.url}:0",instance="orders-1",service="orders"'
+        assert f"registry_agent_backend_registered{{{labels}}} 0.0" in metrics
+        assert 'registry_agent_ready{instance="orders-1",service="orders"} 1.0' in metrics
+
+        # Both down: not ready, and /readyz says why for each.
+        first.stop()
+        await wait_until(lambda: runtime._readyz()[0] == 503)
+        reasons = json.loads(runtime._readyz()[2])["not_ready"]["orders/orders-1"]["backends"]
+        assert list(reasons) == [f"{first.url}:0", f"{second.url}:0"]
+        assert all(reasons.values())
+        first.start()
+        second.start()
+        await wait_until(lambda: runtime._readyz()[0] == 200)
+    finally:
+        await runtime.shutdown()
+    assert not first.snapshot("orders").instances
+    assert not second.snapshot("orders").instances

@@ -2,6 +2,9 @@
 
 The agent knows no backend's options: ``[backend]`` is ``url`` plus whatever the
 backend of that scheme takes, checked by the backend itself when the file is read.
+Several ``[[backend]]`` tables instead (each the same: ``url`` and that backend's
+options) register every service in each registry, each healed on its own; one
+file holds either form, not both.
 Each check table is read by the class of its kind (``_plugins.check_class``), and
 the registration options by :class:`RegistrationOptions`.
 
@@ -11,7 +14,10 @@ Environment overrides (they win over the file): ``REGISTRY_AGENT_BACKEND``,
 ``REGISTRY_AGENT_CA_FILE``, ``REGISTRY_AGENT_CERT_FILE``, ``REGISTRY_AGENT_KEY_FILE``,
 ``REGISTRY_AGENT_STATUS_LISTEN``, ``REGISTRY_AGENT_STATUS_TOKEN``,
 ``REGISTRY_AGENT_STATUS_TOKEN_FILE``, ``REGISTRY_AGENT_LOG_FORMAT``,
-``REGISTRY_AGENT_LOG_LEVEL``.
+``REGISTRY_AGENT_LOG_LEVEL``. The backend ones (``BACKEND``, ``TOKEN*``, ``USER``,
+``PASSWORD*``, ``*_FILE``) set keys of the single ``[backend]`` table; with
+``[[backend]]`` tables they are refused (which table would they change?): put the
+options in the tables, secrets as ``token_file``/``password_file``.
 """
 
 from __future__ import annotations
@@ -94,19 +100,26 @@ class BackendConfig:
     #: Digest of the contents of the files the options name: a reload with rotated
     #: certificates reconnects.
     file_digest: str = field(default="", repr=False)
+    #: Where the table is in the file: ``backend``, or ``backend[i]`` for ``[[backend]]``.
+    path: str = field(default="backend", compare=False)
 
     def options(self) -> dict[str, Any]:
         """Keyword options for ``open_backend`` (a copy of :attr:`settings`)."""
         return dict(self.settings)
 
     def open(self) -> Backend:
-        """The backend (built, not connected); its errors name ``backend.<option>``."""
+        """The backend (built, not connected); its errors name ``backend.<option>``
+        (``backend[i].<option>`` for one of several)."""
         try:
             return open_backend(self.url, **self.settings)
         except ConfigError as exc:
-            raise ConfigError(exc.reason, field=_backend_field(exc.field)) from None
+            raise ConfigError(exc.reason, field=_backend_field(exc.field, self.path)) from None
         except BackendNotFound as exc:
-            raise ConfigError(exc.message, field="backend.url") from None
+            raise ConfigError(exc.message, field=f"{self.path}.url") from None
+
+    def redacted(self) -> str:
+        """The URL without credentials or options, safe to show."""
+        return parse_backend_url(self.url, default_port=0).redacted()
 
     def secrets(self) -> list[str]:
         """Values that must never be printed."""
@@ -121,11 +134,12 @@ class BackendConfig:
         return [s for s in found if s]
 
 
-def _backend_field(field: str | None) -> str:
-    """``field`` as a key of the ``[backend]`` table (backends already name most that way)."""
-    if not field or field == "backend" or field.startswith("backend."):
-        return field or "backend"
-    return f"backend.{field}"
+def _backend_field(field: str | None, path: str = "backend") -> str:
+    """``field`` as a key of the backend table at ``path`` (backends name most of their
+    options ``backend.<option>``)."""
+    if not field or field == "backend":
+        return path
+    return f"{path}.{field.removeprefix('backend.')}"
 
 
 @dataclass(frozen=True)
@@ -178,7 +192,8 @@ class AgentConfig:
     """The whole agent.toml, checked."""
 
     source: str
-    backend: BackendConfig
+    #: Every registry, in the file's order (one for a ``[backend]`` table).
+    backends: tuple[BackendConfig, ...]
     services: tuple[ServiceConfig, ...]
     status_listen: tuple[str, int] | None = ("127.0.0.1", 9750)
     log_format: str = "text"
@@ -186,9 +201,14 @@ class AgentConfig:
     #: Bearer token the status server requires (all but /healthz), if any.
     status_token: str | None = field(default=None, repr=False)
 
+    @property
+    def backend(self) -> BackendConfig:
+        """The first (or only) backend."""
+        return self.backends[0]
+
     def secrets(self) -> list[str]:
         """Values that must never be printed."""
-        found = self.backend.secrets()
+        found = [secret for backend in self.backends for secret in backend.secrets()]
         if self.status_token:
             found.append(self.status_token)
         for service in self.services:
@@ -242,6 +262,13 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
         key = name[len(ENV_PREFIX) :]
         if key in _ENV_KEYS:
             table, item = _ENV_KEYS[key]
+            if table == "backend" and isinstance(data.get("backend"), list):
+                raise ConfigError(
+                    f"{name} sets a key of the single [backend] table, and this file has "
+                    "[[backend]] tables; give that option in each [[backend]] table "
+                    "(a secret as token_file or password_file)",
+                    field="backend",
+                )
             section = data.setdefault(table, {})
             if isinstance(section, dict):
                 section[item] = value
@@ -267,7 +294,7 @@ def _parse(data: dict[str, Any], source: str, env: Mapping[str, str], base: Path
     top = Table(data, "", source)
     if "backend" not in top:
         raise top.error("backend", "is required")
-    backend = _backend(top.table_at("backend"), base)
+    backends = _backends(top.get("backend", lambda v, p: v), source, base)
     status_fields = top.table_at("status")
     listen = status_fields.get("listen", _listen, ("127.0.0.1", 9750))
     status_token = _secret(status_fields, "token", base)
@@ -294,7 +321,7 @@ def _parse(data: dict[str, Any], source: str, env: Mapping[str, str], base: Path
                 source=source,
             )
         seen[svc.key] = i
-    return AgentConfig(source, backend, services, listen, log_format, log_level, status_token)
+    return AgentConfig(source, backends, services, listen, log_format, log_level, status_token)
 
 
 def _secret(table: Table, name: str, base: Path) -> str | None:
@@ -306,6 +333,27 @@ def _secret(table: Table, name: str, base: Path) -> str | None:
     if path is not None:
         value = _read_secret_file(path, table.field(f"{name}_file"), base)
     return value
+
+
+def _backends(raw: Any, source: str, base: Path) -> tuple[BackendConfig, ...]:
+    """One ``[backend]`` table, or several ``[[backend]]`` tables (at least one, each a
+    different registry)."""
+    if not isinstance(raw, list):
+        return (_backend(Table(raw, "backend", source), base),)
+    if not raw:
+        raise ConfigError("expected at least one [[backend]] table", field="backend", source=source)
+    backends: list[BackendConfig] = []
+    for i, item in enumerate(raw):
+        config = _backend(Table(item, f"backend[{i}]", source), base)
+        for j, other in enumerate(backends):
+            if (config.url, config.settings) == (other.url, other.settings):
+                raise ConfigError(
+                    f"the same registry as backend[{j}]: each [[backend]] table names another",
+                    field=f"backend[{i}].url",
+                    source=source,
+                )
+        backends.append(config)
+    return tuple(backends)
 
 
 def _backend(table: Table, base: Path) -> BackendConfig:
@@ -334,7 +382,7 @@ def _backend(table: Table, base: Path) -> BackendConfig:
     # open_backend refuses an option given twice too; here the error can name the key.
     for name in sorted(set(options) & set(query)):
         raise table.error(given_as[name], f"also given in url (?{name}=); keep one of the two")
-    config = BackendConfig(url, options, digest.hexdigest())
+    config = BackendConfig(url, options, digest.hexdigest(), table.path)
     # The backend checks its options now, when the file is read, not when it is used.
     config.open()
     return config
@@ -420,6 +468,17 @@ def _check(table: Table) -> CheckConfig:
     return CheckConfig(kind, saved, table.path, check.name, check.secrets())
 
 
+def _both_backend_forms(text: str, line: int) -> bool:
+    """Whether TOML's complaint at ``line`` is a ``[backend]`` table beside ``[[backend]]``
+    ones (TOML refuses a key declared as both a table and an array of tables)."""
+    lines = [raw.split("#", 1)[0].replace(" ", "").replace("\t", "") for raw in text.splitlines()]
+    if not 1 <= line <= len(lines) or lines[line - 1] not in ("[backend]", "[[backend]]"):
+        return False
+    # The table form may also be written inline or dotted at the top: backend = {…}, backend.url.
+    table = any(text == "[backend]" or text.startswith(("backend=", "backend.")) for text in lines)
+    return table and "[[backend]]" in lines
+
+
 def load_config(
     path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
 ) -> AgentConfig:
@@ -441,6 +500,12 @@ def load_config(
             message, _, rest = message.partition(" (at line ")
             line = rest.split(",")[0]
             where = f":{line}"
+            if _both_backend_forms(text, int(line)):
+                raise ConfigError(
+                    "give one [backend] table or several [[backend]] tables, not both",
+                    field="backend",
+                    source=f"{source}{where}",
+                ) from None
         raise ConfigError(f"invalid TOML: {message}", source=f"{source}{where}") from None
     except RecursionError:
         raise ConfigError("invalid TOML: nested too deeply", source=source) from None

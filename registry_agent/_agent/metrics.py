@@ -1,9 +1,15 @@
 """Prometheus metrics of the agent, read at scrape time from each registration's typed status
-(the same value /status and /readyz read)."""
+(the same value /status and /readyz read).
+
+The ``registry_agent_<name>`` families are per service instance, summed over its
+backends (``registered``/``ready``: in any backend); the ``registry_agent_backend_<name>``
+families say the same per backend, labelled ``backend`` (its URL without credentials
+or options).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -26,8 +32,13 @@ _COUNTERS = {
 
 
 class _StatusCollector(Collector):
-    def __init__(self, snapshots: Callable[[], Iterable[RegistrationStatus]]) -> None:
+    def __init__(
+        self,
+        snapshots: Callable[[], Iterable[RegistrationStatus]],
+        backend_names: Callable[[], Sequence[str]],
+    ) -> None:
         self.snapshots = snapshots
+        self.backend_names = backend_names
 
     def collect(self) -> Iterator[Metric]:
         labels = ["service", "instance"]
@@ -56,7 +67,9 @@ class _StatusCollector(Collector):
             "1 while a check is up (after rise/fall)",
             labels=[*labels, "check"],
         )
+        per_backend = _BackendFamilies([*labels, "backend"], self.backend_names())
         for snap in self.snapshots():
+            per_backend.add(snap)
             ids = [snap.service, snap.instance]
             for name, family in counters.items():
                 family.add_metric(ids, snap.counters[name])
@@ -70,15 +83,64 @@ class _StatusCollector(Collector):
                 check_up.add_metric([*ids, name], 1.0 if check.up else 0.0)
         yield from counters.values()
         yield from (heartbeats, state, registered, ready, check_up)
+        yield from per_backend.families()
+
+
+class _BackendFamilies:
+    """The per-backend families: each backend of each registration, labelled ``backend``."""
+
+    def __init__(self, labels: list[str], names: Sequence[str]) -> None:
+        self.names = names
+        self.counters = {
+            name: CounterMetricFamily(
+                f"registry_agent_backend_{name}", f"{help_text}, per backend", labels=labels
+            )
+            for name, help_text in _COUNTERS.items()
+        }
+        self.heartbeats = CounterMetricFamily(
+            "registry_agent_backend_heartbeats",
+            "Heartbeats sent, per backend",
+            labels=[*labels, "result"],
+        )
+        self.registered = GaugeMetricFamily(
+            "registry_agent_backend_registered",
+            "1 while this backend holds the entry",
+            labels=labels,
+        )
+        self.ready = GaugeMetricFamily(
+            "registry_agent_backend_ready",
+            "1 while this backend holds the entry as passing",
+            labels=labels,
+        )
+
+    def add(self, snap: RegistrationStatus) -> None:
+        for backend in snap.backends:
+            name = self.names[backend.index] if backend.index < len(self.names) else backend.name
+            ids = [snap.service, snap.instance, name]
+            for name, family in self.counters.items():
+                family.add_metric(ids, backend.counters[name])
+            self.heartbeats.add_metric([*ids, "ok"], backend.counters["heartbeats_ok"])
+            self.heartbeats.add_metric([*ids, "failed"], backend.counters["heartbeats_failed"])
+            self.registered.add_metric(ids, 1.0 if backend.registered else 0.0)
+            self.ready.add_metric(ids, 1.0 if backend.ready else 0.0)
+
+    def families(self) -> Iterator[Metric]:
+        yield from self.counters.values()
+        yield from (self.heartbeats, self.registered, self.ready)
 
 
 class AgentMetrics:
-    """The agent's metrics: ``snapshots()`` gives every registration's status at scrape time;
-    ``check_observer`` feeds the latency histogram."""
+    """The agent's metrics: ``snapshots()`` gives every registration's status at scrape time,
+    ``backend_names()`` the ``backend`` label of each backend by its place (the registrar's
+    own name where it has none); ``check_observer`` feeds the latency histogram."""
 
-    def __init__(self, snapshots: Callable[[], Iterable[RegistrationStatus]]) -> None:
+    def __init__(
+        self,
+        snapshots: Callable[[], Iterable[RegistrationStatus]],
+        backend_names: Callable[[], Sequence[str]] = list,
+    ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_StatusCollector(snapshots))
+        self.registry.register(_StatusCollector(snapshots, backend_names))
         self.check_latency = Histogram(
             "registry_agent_check_latency_seconds",
             "Duration of health check runs",

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from registry_agent._agent.config import AgentConfig, ServiceConfig, load_config
@@ -27,9 +27,14 @@ from registry_agent._errors import ConfigError, RegistryError, Rejected
 from registry_agent._health.checks import CheckResult, HealthCheck
 from registry_agent._registrar import AsyncRegistrar
 from registry_agent._status import RegistrationStatus
-from registry_agent._urls import parse_backend_url
 
-__all__ = ["AgentRuntime", "open_configured_backend", "registrar_for", "validate_services"]
+__all__ = [
+    "AgentRuntime",
+    "open_configured_backend",
+    "open_configured_backends",
+    "registrar_for",
+    "validate_services",
+]
 
 log = logging.getLogger("registry_agent.agent")
 
@@ -38,28 +43,46 @@ _LOOP_ERRORS_EVERY = 60.0
 
 
 def open_configured_backend(config: AgentConfig) -> Backend:
-    """The backend of ``config``, opened (not connected) exactly as ``run`` does.
+    """The (first) backend of ``config``, opened (not connected) exactly as ``run`` does.
 
     Options the backend refuses raise :class:`ConfigError` naming the file.
     """
+    return open_configured_backends(config)[0]
+
+
+def open_configured_backends(config: AgentConfig) -> list[Backend]:
+    """Every backend of ``config`` in the file's order, opened (not connected) as ``run``
+    does. Options a backend refuses raise :class:`ConfigError` naming the file and table."""
     try:
-        return config.backend.open()
+        return [backend.open() for backend in config.backends]
     except ConfigError as exc:
         raise ConfigError(exc.reason, field=exc.field, source=config.source) from None
 
 
+async def close_backends(backends: Sequence[Backend]) -> None:
+    """Close each of ``backends``, whatever the others do."""
+    for backend in backends:
+        with contextlib.suppress(Exception):
+            await backend.close()
+
+
 def registrar_for(
-    backend: Backend,
+    backend: Backend | Sequence[Backend],
     service: ServiceConfig,
     on_check: Callable[[HealthCheck, CheckResult], None] | None = None,
 ) -> AsyncRegistrar:
-    """The registrar of one configured service (not started).
+    """The registrar of one configured service (not started), on each of the backends.
 
-    Every service of the agent is on one backend object, so they share its liveness
-    where the backend can (one renewal and one read-back per TTL for all of them).
+    Every service of the agent is on the same backend objects, so they share each
+    one's liveness where the backend can (one renewal and one read-back per TTL for
+    all of them). With several backends the service is registered in each, each
+    entry healed on its own.
     """
+    given: Backend | list[Backend] = backend if isinstance(backend, Backend) else list(backend)
+    if isinstance(given, list) and len(given) == 1:
+        given = given[0]
     return AsyncRegistrar(
-        backend,
+        given,
         service.instance,
         options=service.options,
         checks=[check.build() for check in service.checks],
@@ -68,11 +91,12 @@ def registrar_for(
     )
 
 
-async def validate_services(config: AgentConfig, backend: Backend) -> None:
-    """Refuse, naming the file and the service, what the registrar or the backend would.
+async def validate_services(config: AgentConfig, backend: Backend | Sequence[Backend]) -> None:
+    """Refuse, naming the file and the service, what the registrar or a backend would.
 
     ``run`` and ``check`` both call it before anything starts, and a reload
     before it touches the running services: the same errors, up front.
+    ``backend``: the backends of ``config`` (:func:`open_configured_backends`).
     """
     for i, service in enumerate(config.services):
         where = f"service[{i}]"
@@ -102,9 +126,10 @@ class AgentRuntime:
         self.stop_timeout = stop_timeout
         self.started_at = time.time()
         self.reloads = 0
-        self.backend: Backend | None = None
+        #: The open backends, in the config's order (empty until ``run``).
+        self.backends: list[Backend] = []
         self.registrars: dict[str, tuple[ServiceConfig, AsyncRegistrar]] = {}
-        self.metrics = AgentMetrics(lambda: self.snapshots().values())
+        self.metrics = AgentMetrics(lambda: self.snapshots().values(), self.backend_names)
         self.status_server: StatusServer | None = None
         self.reaper = OrphanReaper()
         self.subreaper = False
@@ -114,6 +139,15 @@ class AgentRuntime:
         self._turn: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_errors: dict[str, float] = {}
+
+    @property
+    def backend(self) -> Backend | None:
+        """The first (or only) backend, None before ``run``."""
+        return self.backends[0] if self.backends else None
+
+    @backend.setter
+    def backend(self, backend: Backend) -> None:
+        self.backends = [backend]
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -126,12 +160,11 @@ class AgentRuntime:
         self.subreaper = become_subreaper() or os.getpid() == 1
         if self.subreaper:
             self._spawn(self.reaper.run())
-        self.backend = open_configured_backend(self.config)
+        self.backends = open_configured_backends(self.config)
         try:
-            await validate_services(self.config, self.backend)
+            await validate_services(self.config, self.backends)
         except BaseException:
-            with contextlib.suppress(Exception):
-                await self.backend.close()
+            await close_backends(self.backends)
             raise
         try:
             await self._start_status_server()
@@ -143,7 +176,7 @@ class AgentRuntime:
             log.info(
                 "agent running: %d service(s) on %s",
                 len(self.registrars),
-                parse_backend_url(self.config.backend.url, default_port=0).redacted(),
+                ", ".join(backend.redacted() for backend in self.config.backends),
                 extra={"event": "agent_started"},
             )
             await self._stop.wait()
@@ -190,9 +223,7 @@ class AgentRuntime:
         if self.subreaper:
             # Adopted zombies would otherwise go to an init that may never wait() for them.
             await self.reaper.final()
-        if self.backend is not None:
-            with contextlib.suppress(Exception):
-                await self.backend.close()
+        await close_backends(self.backends)
         if self.status_server is not None:
             await self.status_server.close()
         log.info("stopped", extra={"event": "agent_stopped"})
@@ -228,10 +259,10 @@ class AgentRuntime:
     # -- services --------------------------------------------------------------------
 
     async def _start_service(self, service: ServiceConfig) -> None:
-        assert self.backend is not None
+        assert self.backends
         instance = service.instance
         registrar = registrar_for(
-            self.backend,
+            self.backends,
             service,
             self.metrics.check_observer((instance.service, instance.id)),
         )
@@ -261,36 +292,31 @@ class AgentRuntime:
         if self._stopping:
             log.info("reload skipped: stopping", extra={"event": "reload_skipped"})
             return
-        new_backend: Backend | None = None
+        new_backends: list[Backend] = []
         try:
             new = load_config(self.config.source)
             remember_secrets(new.secrets())
-            new_backend = (
-                open_configured_backend(new) if new.backend != self.config.backend else None
-            )
-            assert self.backend is not None
-            await validate_services(new, new_backend or self.backend)
+            if new.backends != self.config.backends:
+                new_backends = open_configured_backends(new)
+            await validate_services(new, new_backends or self.backends)
         except ConfigError as exc:
-            if new_backend is not None:
-                with contextlib.suppress(Exception):
-                    await new_backend.close()
+            await close_backends(new_backends)
             log.error(
                 "reload refused, keeping the running config: %s",
                 exc,
                 extra={"event": "reload_failed", "error": str(exc)},
             )
             return
-        if new_backend is not None:
+        if new_backends:
+            # A registrar keeps its backends for life: new ones mean new registrars.
             log.info(
                 "backend changed: re-registering every service",
                 extra={"event": "reload_backend"},
             )
             for key in list(self.registrars):
                 await self._stop_service(key)
-            old_backend, self.backend = self.backend, new_backend
-            if old_backend is not None:
-                with contextlib.suppress(Exception):
-                    await old_backend.close()
+            old_backends, self.backends = self.backends, new_backends
+            await close_backends(old_backends)
         wanted = {svc.key: svc for svc in new.services}
         removed = [k for k in self.registrars if k not in wanted]
         changed = [k for k in self.registrars if k in wanted and self.registrars[k][0] != wanted[k]]
@@ -405,6 +431,12 @@ class AgentRuntime:
                 body = body.replace(form.encode(), b"***")
         return body
 
+    def backend_names(self) -> list[str]:
+        """How /status and /metrics name each backend, in the config's order: its URL
+        without credentials or options (``(backend[i])`` added where two would read alike)."""
+        urls = [backend.redacted() for backend in self.config.backends]
+        return [u if urls.count(u) == 1 else f"{u} (backend[{i}])" for i, u in enumerate(urls)]
+
     def snapshots(self) -> dict[str, RegistrationStatus]:
         """Every running service's status now (by service key): what /status, /readyz and
         /metrics read, so they never disagree."""
@@ -414,12 +446,19 @@ class AgentRuntime:
         snapshots = self.snapshots()
         if not snapshots:
             return json_body(503, {"ready": False, "not_ready": {}, "why": "no services running"})
+        names = self.backend_names()
         not_ready = {
             key: {
                 "state": snap.state,
                 "registered": snap.registered,
                 "registry_status": snap.registry_status,
                 "why": snap.not_ready_reason,
+                # Several backends: ready while any one holds it passing; each one's reason.
+                **(
+                    {"backends": {names[b.index]: b.not_ready_reason for b in snap.backends}}
+                    if len(snap.backends) > 1 and len(names) == len(snap.backends)
+                    else {}
+                ),
             }
             for key, snap in snapshots.items()
             if not snap.ready
@@ -436,10 +475,19 @@ class AgentRuntime:
                 "started_at": self.started_at,
                 "config": self.config.source,
                 "reloads": self.reloads,
-                "backend": parse_backend_url(self.config.backend.url, default_port=0).redacted(),
+                "backend": self.config.backend.redacted(),
+                "backends": [backend.redacted() for backend in self.config.backends],
                 "subreaper": self.subreaper,
                 "orphans_reaped": self.reaper.reaped,
                 "status_connections": self.status_server.connections if self.status_server else 0,
             },
-            "services": [snap.to_dict() for snap in self.snapshots().values()],
+            "services": [self._service_status(snap) for snap in self.snapshots().values()],
         }
+
+    def _service_status(self, snap: RegistrationStatus) -> dict[str, Any]:
+        shown = snap.to_dict()
+        names = self.backend_names()
+        for backend in shown.get("backends", ()):
+            if backend["index"] < len(names):
+                backend["name"] = names[backend["index"]]
+        return shown
