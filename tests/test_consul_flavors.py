@@ -19,6 +19,7 @@ import json
 import urllib.parse
 import zlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +34,9 @@ from registry_agent_consul._flavors import (
 )
 
 from registry_agent import ConfigError, Rejected, ServiceInstance, open_backend
+from registry_agent._agent.config import load_config
+from registry_agent._agent.runtime import open_configured_backend
+from registry_agent._cli import main
 
 # What Consul's agent adds to a service registered with an IPv4 address (agent.go
 # addServiceInternal, Consul 1.5+): a reader must skip them.
@@ -508,3 +512,37 @@ def test_watch_decoding_reads_kratos_tagged_addresses() -> None:
     assert instance == read(payload)
     assert instance is not None
     assert (instance.scheme, instance.version) == ("grpc", "v3")
+
+
+AGENT = """
+[backend]
+url = "consul://127.0.0.1:1"
+{extra}
+[status]
+listen = "off"
+
+[[service]]
+name = "{name}"
+port = 8080
+"""
+
+
+@pytest.mark.parametrize("where", ["key", "url"])
+def test_agent_backend_flavor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    def config(flavor: str, name: str = "orders") -> Path:
+        text = AGENT.format(extra=f'flavor = "{flavor}"', name=name)
+        if where == "url":
+            text = AGENT.format(extra="", name=name).replace(":1", f":1?flavor={flavor}")
+        path = tmp_path / "agent.toml"
+        path.write_text(text)
+        return path
+
+    backend = open_configured_backend(load_config(config("kratos"), env={}))
+    assert isinstance(backend, ConsulBackend)
+    assert backend.flavor == "kratos"
+    assert main(["check", "-c", str(config("dubbo"))]) == 2
+    assert "flavor" in capsys.readouterr().err
+    assert main(["check", "-c", str(config("spring", name="orders_api"))]) != 0
+    assert "service: Spring Cloud Consul takes service names" in capsys.readouterr().err
