@@ -546,3 +546,10 @@ def test_agent_backend_flavor(
     assert "flavor" in capsys.readouterr().err
     assert main(["check", "-c", str(config("spring", name="orders_api"))]) != 0
     assert "service: Spring Cloud Consul takes service names" in capsys.readouterr().err
+
+
+def test_kratos_endpoint_host_keeps_its_case() -> None:
+    instance = ServiceInstance("s", address="Orders-1.Example", port=9000, scheme="grpc")
+    payload = write_entry(instance, "kratos")
+    assert payload["TaggedAddresses"]["grpc"]["Address"] == "grpc://Orders-1.Example:9000"
+    assert read_written(payload) == instance

@@ -83,9 +83,15 @@ def _endpoint(url: str) -> tuple[str, str, int | None] | None:
         return None
     try:
         parts = urllib.parse.urlsplit(url)
-        host, port = parts.hostname, parts.port
+        port = parts.port
     except ValueError:
         return None
+    # The host as written (urlsplit's hostname is lower-cased), without brackets.
+    host = parts.netloc.rpartition("@")[2]
+    if host.startswith("["):
+        host = host[1 : host.find("]")]
+    elif port is not None or host.endswith(":"):
+        host = host.rpartition(":")[0]
     if not host or not _SCHEME.match(parts.scheme):
         return None
     return parts.scheme.lower(), host, port
@@ -166,7 +172,7 @@ def read_instance(
     if kratos_version is not None:
         left_tags = plain
         version = version or kratos_version
-    if tagged_addresses:
+    if tagged_addresses and not tagged_addresses.keys() <= _CONSUL_TAGGED:
         picked = _pick_endpoint(tagged_addresses, address, port)
         if picked is not None:
             picked_scheme, address, port = picked
