@@ -300,6 +300,7 @@ INSTANCES = [
     ServiceInstance("orders", "10.0.0.1", 8080, scheme="http", tags=("team", "edge", "v")),
     ServiceInstance("orders", "10.0.0.1", 8080, scheme="ws", meta={"secure": "true"}),
     ServiceInstance("orders", "10.0.0.1", 8080, scheme="grpc", meta={"secure": "false"}),
+    ServiceInstance("orders", "10.0.0.1", 8443, scheme="https", meta={"secure": "true"}),
     ServiceInstance(
         "orders",
         "10.0.0.1",
@@ -352,17 +353,40 @@ def test_our_tags_read_back_as_the_instance(instance: ServiceInstance) -> None:
     [
         ("", {}),
         ("http", {"protocol": "http"}),
-        ("https", {"protocol": "http", "secure": "true"}),
+        ("https", {"protocol": "https"}),
         ("grpc", {"protocol": "grpc"}),
-        ("grpcs", {"protocol": "grpc", "secure": "true"}),
+        ("grpcs", {"protocol": "grpcs"}),
         ("mucp", {"protocol": "mucp"}),
     ],
 )
 def test_the_scheme_travels_as_go_micro_protocol(scheme: str, added: dict[str, str]) -> None:
-    # go-micro's HTTP client picks nodes with protocol=http, its gRPC server writes
-    # protocol=grpc, its HTTP broker posts to https when secure=true.
+    # go-micro's HTTP client picks nodes with protocol=http (and speaks plain http only:
+    # an https node is rightly not picked); its gRPC server writes protocol=grpc.
     instance = ServiceInstance("orders", "10.0.0.1", 9000, scheme=scheme, meta={"a": "b"})
     assert encode_meta(instance) == {"a": "b", **added}
+    decoded = decode_tags(encode_tags(instance))
+    assert decoded is not None
+    assert (decoded.scheme, decoded.meta) == (scheme, {"a": "b"})
+
+
+@pytest.mark.parametrize(
+    ("protocol", "secure", "scheme", "meta"),
+    [
+        ("http", "true", "https", {}),  # go-micro's HTTP broker: secure=true -> https
+        ("grpc", "true", "grpcs", {}),
+        ("http", "false", "http", {"secure": "false"}),
+        ("mucp", "true", "mucp", {"secure": "true"}),
+        ("MUCP", "", "", {"protocol": "MUCP", "secure": ""}),  # not a scheme name: meta
+    ],
+)
+def test_go_micro_protocol_and_secure_read_as_the_scheme(
+    protocol: str, secure: str, scheme: str, meta: dict[str, str]
+) -> None:
+    tags = ["t-" + z(json.dumps({"protocol": protocol}).encode())]
+    tags.append("t-" + z(json.dumps({"secure": secure}).encode()))
+    decoded = decode_tags(tags)
+    assert decoded is not None
+    assert (decoded.scheme, decoded.meta) == (scheme, meta)
 
 
 @pytest.mark.parametrize(("key", "value", "tag"), GO_META)
@@ -380,8 +404,8 @@ def test_our_json_is_go_json_byte_for_byte(key: str, value: str, tag: str) -> No
 
 
 def test_scheme_tags_inflate_to_go_micros_own_json() -> None:
-    ours = encode_tags(ServiceInstance("s", "h", 1, scheme="https", version="1.0.0"))
-    go_tags = [GO["protocol=http"], GO["secure=true"], GO_V["1.0.0"]]
+    ours = encode_tags(ServiceInstance("s", "h", 1, scheme="http", meta={"region": "eu-west-1"}))
+    go_tags = [GO["protocol=http"], GO["region=eu-west-1"], GO_V[""]]
     assert [inflate(t) for t in ours] == [inflate(t) for t in go_tags]
     assert [t[:2] for t in ours] == ["t-", "t-", "v-"]
 
@@ -557,8 +581,7 @@ def test_other_plain_tags_pass_and_go_micro_reads_past_them(tags: tuple[str, ...
         (ServiceInstance("s", "h", 1, tags=("a", "t")), "tags[1]: 't' crashes"),
         (ServiceInstance("s", "h", 1, meta={"protocol": "grpc"}), "meta.protocol: "),
         (ServiceInstance("s", "h", 1, scheme="http", meta={"secure": "true"}), "meta.secure: "),
-        (ServiceInstance("s", "h", 1, scheme="grpcs", meta={"secure": "true"}), "meta.secure: "),
-        (ServiceInstance("s", "h", 1, scheme="https", meta={"secure": "false"}), "meta.secure: "),
+        (ServiceInstance("s", "h", 1, scheme="grpc", meta={"secure": "true"}), "meta.secure: "),
         (ServiceInstance("s", "h", 1, scheme="grpc", meta={"protocol": "MUCP"}), "meta.protocol: "),
     ],
 )

@@ -31,10 +31,13 @@ and back in micro/go-micro since v5.7.0 (checked up to v6.10.0, 77fc793d5).
   ``protocol=http``). go-micro's HTTP client picks nodes labelled
   ``protocol=http``; its HTTP broker posts to ``https`` when ``secure=true``.
 
-Scheme: go-micro has none, so the scheme travels as ``protocol`` (``http``,
-``grpc`` or any other scheme name as is) plus ``secure=true`` for ``https`` and
-``grpcs``; reading turns them back into the scheme and removes them from the
-metadata. Endpoints are not carried (we have none to write; read ones are dropped).
+Scheme: go-micro has none; the scheme is written as the node's ``protocol``
+as is (``grpc``, ``http``; ``https``/``grpcs`` too, which go-micro's HTTP client,
+plain http only, then rightly does not pick), as our etcd go-micro format does.
+Reading takes a ``protocol`` that is a scheme name as the scheme (``mucp`` for
+go-micro's own RPC), upgraded to ``https``/``grpcs`` by ``secure=true`` (the
+HTTP broker's way), and removes the keys it used from the metadata. Endpoints
+are not carried (we have none to write; read ones are dropped).
 
 zlib: Go's ``zlib.NewWriter`` compresses at level 6 (header ``78 9c``) like
 ``zlib.compress``, but its deflate differs from zlib's (a 4-byte minimum match
@@ -69,7 +72,6 @@ MAX_PAYLOAD = 64 * 1024
 _LEVEL = 6  # Go's zlib.DefaultCompression
 _HEX = re.compile(r"[0-9a-fA-F]*")
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
-_SECURE = {"https": "http", "grpcs": "grpc"}  # scheme -> go-micro protocol, with secure=true
 _GO_ESCAPES = str.maketrans(
     {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 )
@@ -97,16 +99,14 @@ class _Bad(ValueError):
 
 
 def encode_meta(instance: ServiceInstance) -> dict[str, str]:
-    """The node metadata go-micro would hold for ``instance``: its meta with the scheme added.
+    """The node metadata go-micro would hold for ``instance``: its meta, ``protocol`` its scheme.
 
     go-micro's Consul registry (plugins v4+, go-micro v5+) also writes this as
     the service's Consul ``Meta``.
     """
     meta = dict(instance.meta)
     if instance.scheme:
-        meta["protocol"] = _SECURE.get(instance.scheme, instance.scheme)
-        if instance.scheme in _SECURE:
-            meta["secure"] = "true"
+        meta["protocol"] = instance.scheme
     return meta
 
 
@@ -160,13 +160,7 @@ def check_instance(instance: ServiceInstance) -> str | None:
             "meta.protocol: go-micro's 'protocol' metadata is written from the instance's "
             "scheme; set scheme (http, https, grpc, grpcs…) instead of meta 'protocol'"
         )
-    secure = instance.meta.get("secure")
-    if secure is not None and instance.scheme in _SECURE:
-        return (
-            f"meta.secure: go-micro's 'secure' metadata is written from scheme "
-            f"{instance.scheme!r}; remove meta 'secure'"
-        )
-    if secure == "true" and instance.scheme in ("http", "grpc"):
+    if instance.meta.get("secure") == "true" and instance.scheme in ("http", "grpc"):
         better = instance.scheme + "s"
         return (
             f"meta.secure: 'secure=true' with scheme {instance.scheme!r} reads back as "
