@@ -1,10 +1,11 @@
 """go-micro's Consul tags: node metadata and version as zlib+hex encoded tags.
 
 Read from go-micro's Consul registry, ``registry/consul/{encoding,consul,watcher}.go``
-in micro/go-micro v0.1.0-v1.13 (removed in v1.14.0, 2019), go-micro/plugins
-``v2``-``v5/registry/consul`` (asim/go-micro v3.7.1 ``plugins/registry/consul``),
-and back in micro/go-micro since v5.7.0 (checked up to v6.10.0, 77fc793d5).
-``encoding.go`` is the same in all of them since 2016-05-22 (06ee80fd0):
+in micro/go-micro v0.x-v1.13 (``registry/encoding.go`` in v0.1.0; removed in
+v1.14.0, 2019), go-micro/plugins ``v2``-``v5/registry/consul`` (6026888; asim/go-micro
+v3.7.1 ``plugins/registry/consul``), and back in micro/go-micro since v5.7.0
+(checked up to v6.10.0, 77fc793d5). The encoding is the same in all of them
+since 2016-05-22 (06ee80fd0):
 
 - ``Register`` writes the tags ``encodeMetadata(node.Metadata)`` (one
   ``t-<hex(zlib(json {k: v}))>`` per key, in Go's random map order), then
@@ -43,8 +44,9 @@ zlib: Go's ``zlib.NewWriter`` compresses at level 6 (header ``78 9c``) like
 ``zlib.compress``, but its deflate differs from zlib's (a 4-byte minimum match
 where zlib takes 3, and the data closed by an empty final stored block), so the
 bytes can differ for the same input while inflating to the same JSON, which is
-byte for byte what Go's ``json.Marshal`` writes. go-micro compares services only
-after decoding every tag, never tag bytes.
+byte for byte what Go's ``json.Marshal`` writes (Go 1.22+: ``\\b``/``\\f`` as such;
+older Go wrote ``\\u0008``/``\\u000c``). Nothing compares tag bytes: go-micro's
+``Register`` hashes the service before encoding, its readers decode every tag.
 """
 
 from __future__ import annotations
