@@ -565,3 +565,45 @@ async def test_the_agent_registers_in_every_backend_and_stays_ready_while_one_is
         await runtime.shutdown()
     assert not first.snapshot("orders").instances
     assert not second.snapshot("orders").instances
+
+
+async def test_a_reload_adds_and_drops_backends_keeping_the_unchanged_ones(
+    tmp_path: Path,
+) -> None:
+    tag = uuid.uuid4().hex
+    first, second = MemoryRegistry.named(f"reload-a-{tag}"), MemoryRegistry.named(f"reload-b-{tag}")
+    one = f'[[backend]]\nurl = "{first.url}"\n'
+    two = f'[[backend]]\nurl = "{second.url}"\n'
+    path = agent_file(tmp_path, one)
+    runtime = AgentRuntime(load_config(path, env={}))
+    runtime._turn = asyncio.Lock()
+    runtime.backends = open_configured_backends(runtime.config)
+    kept = runtime.backends[0]
+
+    def holds(registry: MemoryRegistry) -> bool:
+        return bool(registry.snapshot("orders").instances)
+
+    try:
+        for service in runtime.config.services:
+            await runtime._start_service(service)
+        await wait_until(lambda: holds(first))
+        # A second registry added: registered there too, the first backend object kept.
+        path.write_text(one + two + SERVICE)
+        await runtime.reload()
+        assert runtime.backends[0] is kept
+        assert len(runtime.backends) == 2
+        await wait_until(lambda: holds(first) and holds(second))
+        # The first dropped: its entry removed, the second keeps the service.
+        path.write_text(two + SERVICE)
+        await runtime.reload()
+        assert runtime.backends[0] is not kept
+        await wait_until(lambda: not holds(first) and holds(second))
+        assert runtime.reloads == 2
+        # A file the reload refuses changes nothing.
+        path.write_text(two + two + SERVICE)
+        await runtime.reload()
+        assert runtime.reloads == 2
+        assert holds(second)
+    finally:
+        await runtime.shutdown()
+    assert not holds(second)

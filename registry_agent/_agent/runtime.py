@@ -274,6 +274,26 @@ class AgentRuntime:
         _, registrar = self.registrars.pop(key)
         await registrar.stop(timeout=self.stop_timeout)
 
+    async def _backends_for(self, new: AgentConfig) -> tuple[list[Backend], list[Backend]]:
+        """The backends of ``new``, and those of them opened here: a running backend whose
+        table did not change is kept (its connections and shared liveness go on)."""
+        running = list(zip(self.config.backends, self.backends, strict=False))
+        backends: list[Backend] = []
+        opened: list[Backend] = []
+        for config in new.backends:
+            found = next((i for i, (old, _) in enumerate(running) if old == config), None)
+            if found is not None:
+                backends.append(running.pop(found)[1])
+                continue
+            try:
+                backend = config.open()
+            except ConfigError as exc:
+                await close_backends(opened)
+                raise ConfigError(exc.reason, field=exc.field, source=new.source) from None
+            opened.append(backend)
+            backends.append(backend)
+        return backends, opened
+
     async def reload(self) -> None:
         """Re-read the file: start new services, stop removed ones, restart changed ones."""
         assert self._turn is not None
@@ -293,14 +313,15 @@ class AgentRuntime:
             log.info("reload skipped: stopping", extra={"event": "reload_skipped"})
             return
         new_backends: list[Backend] = []
+        opened: list[Backend] = []
         try:
             new = load_config(self.config.source)
             remember_secrets(new.secrets())
             if new.backends != self.config.backends:
-                new_backends = open_configured_backends(new)
+                new_backends, opened = await self._backends_for(new)
             await validate_services(new, new_backends or self.backends)
         except ConfigError as exc:
-            await close_backends(new_backends)
+            await close_backends(opened)
             log.error(
                 "reload refused, keeping the running config: %s",
                 exc,
@@ -313,10 +334,9 @@ class AgentRuntime:
                 "backend changed: re-registering every service",
                 extra={"event": "reload_backend"},
             )
-            for key in list(self.registrars):
-                await self._stop_service(key)
+            await asyncio.gather(*(self._stop_service(key) for key in list(self.registrars)))
             old_backends, self.backends = self.backends, new_backends
-            await close_backends(old_backends)
+            await close_backends([b for b in old_backends if not any(b is n for n in new_backends)])
         wanted = {svc.key: svc for svc in new.services}
         removed = [k for k in self.registrars if k not in wanted]
         changed = [k for k in self.registrars if k in wanted and self.registrars[k][0] != wanted[k]]
