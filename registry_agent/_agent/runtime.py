@@ -30,6 +30,7 @@ from registry_agent._status import RegistrationStatus
 
 __all__ = [
     "AgentRuntime",
+    "close_backends",
     "open_configured_backend",
     "open_configured_backends",
     "registrar_for",
