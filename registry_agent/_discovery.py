@@ -94,7 +94,8 @@ class AsyncDiscovery:
 
     def _unsynced(self, service: str) -> BackendUnavailable:
         """The error for a first read that did not arrive in time, with the watch's last error."""
-        message = f"no answer from the registry within {self.sync_timeout:g}s"
+        registries = "the registry" if len(self.backends) == 1 else "any of the registries"
+        message = f"no answer from {registries} within {self.sync_timeout:g}s"
         last = self._last_error.get(service)
         if last is None:
             return BackendUnavailable(message, service=service)

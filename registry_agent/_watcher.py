@@ -134,10 +134,12 @@ class AsyncWatcher:
     drops it, ``updated`` when the shown instance changes (moving from one
     registry to another gives no event when both hold the same fields).
     Snapshots are keyed and ordered by ``address:port`` instead of the
-    registry's key. Each backend is watched on its own: a registry that cannot
-    be read keeps its last view (its instances stay) until it answers again,
-    and a service counts as synced once one backend has read it and each other
-    one has read it or failed once.
+    registry's key, and an event's ``index`` is that of the registry whose
+    change caused it (indexes of different registries do not compare). Each
+    backend is watched on its own: a registry that cannot be read keeps its
+    last view (its instances stay) until it answers again, and a service
+    counts as synced once one backend has read it and each other one has read
+    it or failed once.
     """
 
     def __init__(
@@ -267,7 +269,8 @@ class AsyncWatcher:
         return event is not None and event.is_set()
 
     def snapshot(self, service: str | None = None) -> list[InstanceHealth]:
-        """The instances of ``service`` as last seen, with their health, ordered by id.
+        """The instances of ``service`` as last seen, with their health, ordered by id
+        (by the registry's key for them; over several backends, by ``address:port``).
 
         ``service`` may be omitted when the watcher watches exactly one.
         """
