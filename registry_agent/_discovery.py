@@ -33,7 +33,8 @@ class AsyncDiscovery:
     instance held by several counts once, healthy when any says passing; a
     registry that is down keeps its last view). The first call for a service
     then waits until one registry has answered and each other has answered or
-    failed once.
+    failed once, or, when one keeps silent, ``sync_timeout`` (then it serves what
+    the others said).
     """
 
     def __init__(
@@ -58,6 +59,8 @@ class AsyncDiscovery:
         self.on_error = on_error
         self.selector = selector or Selector()
         self._watchers: dict[str, AsyncWatcher] = {}
+        # Services served once: never waited for again.
+        self._served: set[str] = set()
         # Per service, the watch's latest error: the server's own words for a timed-out first read.
         self._last_error: dict[str, BaseException] = {}
         self._last_nonempty: dict[tuple[str, bool], list[ServiceInstance]] = {}
@@ -83,8 +86,13 @@ class AsyncDiscovery:
                         self._fork = ForkGuard("AsyncDiscovery")
                     await watcher.start()
                     self._watchers[service] = watcher
-        if not watcher.synced(service) and not await watcher.wait_synced(self.sync_timeout):
+        if service in self._served or watcher.synced(service):
+            return watcher
+        if not await watcher.wait_synced(self.sync_timeout) and not watcher._read_by_any(service):
             raise self._unsynced(service)
+        # Over several backends, one that neither answers nor fails (a black hole) does
+        # not hold the others' view back longer than sync_timeout, once.
+        self._served.add(service)
         return watcher
 
     def _note_error(self, service: str, error: BaseException) -> None:
@@ -162,6 +170,7 @@ class AsyncDiscovery:
         the parent.
         """
         watchers, self._watchers = list(self._watchers.values()), {}
+        self._served.clear()
         if self._fork is not None and self._fork.in_child("close()"):
             return
         for watcher in watchers:

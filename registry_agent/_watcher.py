@@ -264,9 +264,15 @@ class AsyncWatcher:
         return True
 
     def synced(self, service: str) -> bool:
-        """True once ``service`` has been read at least once."""
+        """True once ``service`` has been read at least once (see the class docstring
+        for several backends)."""
         event = self._synced.get(service)
         return event is not None and event.is_set()
+
+    def _read_by_any(self, service: str) -> bool:
+        """Whether at least one backend has read ``service`` (a partial view exists)."""
+        heard = self._heard.get(service)
+        return self.synced(service) or (heard is not None and _Heard.READ in heard)
 
     def snapshot(self, service: str | None = None) -> list[InstanceHealth]:
         """The instances of ``service`` as last seen, with their health, ordered by id

@@ -11,7 +11,7 @@ import random
 import textwrap
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import pytest
 from registry_agent import (
     AsyncDiscovery,
     AsyncWatcher,
+    BackendUnavailable,
     ConfigError,
     EventType,
     HealthStatus,
@@ -30,8 +31,9 @@ from registry_agent import (
 from registry_agent._agent.config import load_config, parse_config
 from registry_agent._agent.runtime import AgentRuntime, open_configured_backends
 from registry_agent._events import InstanceMap, MergedView, diff_snapshots, endpoint_key
+from registry_agent._models import ServiceSnapshot
 from registry_agent._retry import RetryPolicy
-from registry_agent.testing.memory import MemoryRegistry
+from registry_agent.testing.memory import MemoryBackend, MemoryRegistry
 
 P, W, C = HealthStatus.PASSING, HealthStatus.WARNING, HealthStatus.CRITICAL
 FAST = RetryPolicy(initial=0.01, cap=0.05)
@@ -370,6 +372,34 @@ async def test_discovery_over_two_registries_chooses_from_the_merged_view(
             "two",
         ]
         assert {(await discovery.choose("orders")).id for _ in range(4)} == {"one"}
+
+
+class SilentBackend(MemoryBackend):
+    """A registry behind a black hole: its watch neither answers nor fails."""
+
+    async def watch(
+        self, service: str, *, since: ServiceSnapshot | None = None
+    ) -> AsyncIterator[ServiceSnapshot]:
+        await asyncio.Event().wait()
+        yield ServiceSnapshot(service, 0)  # pragma: no cover - never reached
+
+
+async def test_discovery_waits_for_a_silent_registry_once_then_serves_the_others(
+    registries: tuple[MemoryRegistry, MemoryRegistry],
+) -> None:
+    a, b = registries
+    a.put(inst(8080, "one"), ttl=600)
+    async with AsyncDiscovery([a.url, SilentBackend(b)], sync_timeout=0.3) as discovery:
+        started = time.monotonic()
+        assert [i.id for i in await discovery.instances("orders")] == ["one"]
+        assert 0.3 <= time.monotonic() - started < 3
+        started = time.monotonic()
+        assert (await discovery.choose("orders")).id == "one"
+        assert time.monotonic() - started < 0.2  # waited for once, not on every call
+    # Nobody answers: the first call still fails, naming the timeout.
+    with pytest.raises(BackendUnavailable, match=r"any of the registries within 0\.3s"):
+        async with AsyncDiscovery([SilentBackend(a), SilentBackend(b)], sync_timeout=0.3) as d:
+            await d.instances("orders")
 
 
 async def test_a_list_of_one_backend_is_that_backend(
