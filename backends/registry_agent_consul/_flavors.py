@@ -9,10 +9,12 @@ Writing follows one flavor, chosen per backend (:func:`write_entry`):
     The instance as is; ``version`` and ``scheme`` (when set) as meta keys
     ``version`` and ``scheme``.
 ``kratos``
-    go-kratos/kratos contrib/registry/consul/client.go (v2.4 to v3.0.0, commit
-    668db92c2), ``Client.Register``: tag ``version=<v>`` first (written even
-    when the version is empty), then the instance's tags (kratos v2.9.0 added
-    custom tags after it; v2.4 to v2.8 wrote the version tag alone);
+    go-kratos/kratos contrib/registry/consul/client.go (the same shape from
+    v2.1.0 to v3.0.0, commit 668db92c2), ``Client.Register``: tag
+    ``version=<v>`` first (written even when the version is empty), then the
+    instance's tags (v2.9.2 added the client's custom tags after it; before,
+    the version tag came alone; since v2.9.0 the reader's http:// fallback
+    brackets an IPv6 host);
     ``TaggedAddresses`` keyed by URL scheme, each holding the whole endpoint URL
     (``{"grpc": {"Address": "grpc://10.0.0.5:9000", "Port": 9000}}``); Address
     and Port from the (first) endpoint; Meta the instance's metadata.
