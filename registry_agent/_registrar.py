@@ -135,13 +135,19 @@ def _url_name(text: str) -> str:
     return f"{url.scheme}://{hosts}{url.path}"
 
 
+def _object_name(backend: Backend) -> str:
+    """A Backend object's own repr (credentials masked), or its scheme if it has none."""
+    if type(backend).__repr__ is object.__repr__:
+        return str(getattr(type(backend), "scheme", type(backend).__name__))
+    return scrub_credentials(repr(backend))
+
+
 def _lane_names(given: list[str | Backend], backends: list[Backend]) -> list[str]:
-    """A name per backend, safe to log: the URL without credentials or options, or the
-    scheme of an object; ``(backend[i])`` is added to a name that repeats."""
+    """A name per backend, safe to log: the URL without credentials or options, or an
+    object's repr (``ConsulBackend(consul://…)``); ``(backend[i])`` is added to a name
+    that repeats."""
     bases = [
-        _url_name(item)
-        if isinstance(item, str)
-        else str(getattr(type(backend), "scheme", type(backend).__name__))
+        _url_name(item) if isinstance(item, str) else _object_name(backend)
         for item, backend in zip(given, backends, strict=True)
     ]
     return [
@@ -400,8 +406,9 @@ class AsyncRegistrar:
             return error
         where = f"backend[{lane.index}]"
         if isinstance(error, ConfigError):
+            what = f"{error.field}: {error.reason}" if error.field else error.reason
             named: Rejected | ConfigError = ConfigError(
-                f"{error} ({lane.name})", field=where, source=error.source
+                f"{what} ({lane.name})", field=where, source=error.source
             )
         else:
             named = Rejected(

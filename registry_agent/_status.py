@@ -58,8 +58,8 @@ class BackendStatus:
 
     #: Its place in the registrar's list of backends.
     index: int
-    #: Its name in events and logs: the URL without credentials or options, or the
-    #: scheme of a Backend object (``(backend[i])`` added when a name repeats).
+    #: Its name in events and logs: the URL without credentials or options, or a
+    #: Backend object's repr (``(backend[i])`` added when a name repeats).
     name: str
     #: Its URL scheme, e.g. ``consul``.
     backend: str

@@ -140,6 +140,14 @@ def test_names_and_attributes() -> None:
     assert reg.backend is reg.backends[0]
     names = [lane.name for lane in reg.snapshot().backends]
     assert names == [a.url, "memory"]
+
+    # An object with a repr of its own is named by it, credentials masked.
+    class Named(MemoryBackend):
+        def __repr__(self) -> str:
+            return "Named(memory://user:secret@somewhere)"
+
+    named = AsyncRegistrar([a.url, Named(b)], INSTANCE)
+    assert named.snapshot().backends[1].name == "Named(memory://***@somewhere)"
     # Two objects of one scheme: told apart by their place.
     twins = AsyncRegistrar([MemoryBackend(a), MemoryBackend(b)], INSTANCE)
     assert [s.name for s in twins.snapshot().backends] == [
