@@ -22,6 +22,7 @@ from registry_agent import (
     Discovery,
     GateState,
     HealthStatus,
+    InstanceHealth,
     Lease,
     Registrar,
     RegistrarEvent,
@@ -29,10 +30,11 @@ from registry_agent import (
     RegistrationTimeout,
     Rejected,
     ServiceInstance,
+    Throttled,
     Watcher,
 )
 from registry_agent._status import RegistrationStatus
-from registry_agent.testing.memory import MemoryBackend, MemoryRegistry
+from registry_agent.testing.memory import MemoryBackend, MemoryRegistry, SharedMemoryBackend
 
 K = RegistrarEventKind
 TTL = 1.0
@@ -403,3 +405,80 @@ def test_the_blocking_watcher_and_discovery_take_a_list() -> None:
             assert [h.instance for h in watcher.snapshot(INSTANCE.service)] == [INSTANCE]
         with Discovery([a.url, b.url]) as discovery:
             assert discovery.instances(INSTANCE.service) == [INSTANCE]
+
+
+class ThrottlingBackend(MemoryBackend):
+    """Registers, then sheds every heartbeat with a long Retry-After."""
+
+    async def heartbeat(self, lease: Lease) -> None:
+        raise Throttled("slow down", retry_after=30.0, backend="memory")
+
+
+class HangingBackend(MemoryBackend):
+    """Registers, then never answers again, as a registry that froze."""
+
+    async def heartbeat(self, lease: Lease) -> None:
+        await asyncio.Event().wait()
+
+    async def lookup(self, lease: Lease) -> InstanceHealth | None:
+        await asyncio.Event().wait()
+        return None
+
+    async def deregister(self, lease: Lease) -> None:
+        await asyncio.Event().wait()
+
+
+@virtual_time
+async def test_a_throttling_registry_never_slows_the_other() -> None:
+    a, b = fresh(), fresh()
+    reg = make([a.url, ThrottlingBackend(b)])
+    await reg.start(wait_registered=2)
+    await asyncio.sleep(3 * TTL)
+    first, second = reg.snapshot().backends
+    # ttl / 3 between heartbeats: about nine in 3 TTLs, whatever the other does.
+    assert first.counters["heartbeats_ok"] >= 3 * TTL / reg.heartbeat_interval - 2
+    assert first.ready
+    assert second.counters["heartbeats_failed"] >= 1
+    assert second.last_error is not None
+    assert "slow down" in second.last_error
+    assert reg.ready
+    await reg.stop()
+    assert held(a) is None
+
+
+@virtual_time
+async def test_a_frozen_registry_never_holds_up_the_other_nor_stop() -> None:
+    a, b = fresh(), fresh()
+    reg = make([HangingBackend(b), a.url])  # the frozen one listed first
+    await reg.start(wait_registered=2)
+    await asyncio.sleep(3 * TTL)
+    frozen, healthy = reg.snapshot().backends
+    assert healthy.counters["heartbeats_ok"] >= 3 * TTL / reg.heartbeat_interval - 2
+    assert healthy.ready
+    assert not frozen.registered  # its heartbeat never came back: a TTL, then counted lost
+    assert reg.ready
+    snap = reg.snapshot()
+    assert snap.registry_status == "passing"  # from the backend that is ready
+    started = loop_clock()
+    await reg.stop(timeout=2.0)
+    assert loop_clock() - started <= 2.0 + 0.1
+    assert held(a) is None
+
+
+@virtual_time
+async def test_shared_liveness_on_two_backends_each_follows_its_own() -> None:
+    a, b = fresh(), fresh()
+    events: list[RegistrarEvent] = []
+    reg = make([SharedMemoryBackend(a), SharedMemoryBackend(b)], events, shared_liveness=True)
+    await reg.start(wait_registered=2)
+    leases = [lane.reg.lease for lane in reg._lanes]
+    assert all(lease is not None and lease.shared for lease in leases)
+    b.wipe()
+    await within(3 * TTL, lambda: held(b) is HealthStatus.PASSING)
+    lost = [e.backend for e in events if e.kind in (K.LEASE_LOST, K.REREGISTERED)]
+    assert lost == ["memory (backend[1])", "memory (backend[1])"]
+    assert reg.snapshot().backends[0].counters["lease_losses"] == 0
+    assert held(a) is HealthStatus.PASSING
+    await reg.stop()
+    assert held(a) is None
+    assert held(b) is None
