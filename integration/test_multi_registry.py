@@ -21,6 +21,7 @@ from registry_agent import (
     BackendUnavailable,
     ConfigError,
     HealthStatus,
+    RegistrationTimeout,
     Rejected,
     RetryPolicy,
     ServiceInstance,
@@ -104,7 +105,10 @@ async def test_one_instance_in_consul_and_etcd_each_healed_on_its_own(
         measured(
             "back in etcd", time.monotonic() - back, RETRY.cap + reg.heartbeat_interval + MARGIN
         )
-        assert reg.snapshot().backends[1].counters["lease_losses"] >= 1
+        etcd_lane = reg.snapshot().backends[1]
+        assert etcd_lane.counters["lease_losses"] >= 1
+        assert etcd_lane.counters["reregistrations"] >= 1
+        assert etcd_lane.last_error is None
         assert await held(etcd) is HealthStatus.PASSING
         assert await held(consul) is HealthStatus.PASSING
 
@@ -150,6 +154,30 @@ async def test_stop_removes_the_healthy_entry_promptly_while_the_other_is_frozen
         etcd_server.resume()
     took = await until(etcd, None, TTL + MARGIN)
     measured("gone from etcd after resume", took, TTL + MARGIN)
+
+    # Frozen before start: Consul is registered as fast as alone; waiting for both
+    # times out naming etcd only, and stop() is not held up by the register in flight.
+    etcd_server.pause()
+    try:
+        late = both(consul_server, etcd_server)
+        started = time.monotonic()
+        with pytest.raises(RegistrationTimeout, match=r" in etcd://[^:]+:\d+: ") as info:
+            await late.start(wait_registered=3.0)
+        # 3 s waiting, then its stop() (10 s at most, by default).
+        measured("start() timed out, etcd frozen", time.monotonic() - started, 3.0 + 10 + 0.5)
+        assert consul not in str(info.value)
+        assert await held(consul) is None  # that start() stopped it
+        alone = both(consul_server, etcd_server)
+        await alone.start()
+        took = await until(consul, HealthStatus.PASSING, 5)
+        measured("registered in consul, etcd frozen", took, 1.0 + MARGIN)
+        assert alone.ready
+        started = time.monotonic()
+        await alone.stop(timeout=4)
+        measured("stop(), etcd frozen, no lease", time.monotonic() - started, 4 + 0.5)
+        assert await held(consul) is None
+    finally:
+        etcd_server.resume()
 
 
 async def test_a_refusing_registry_never_delays_the_other(
