@@ -31,6 +31,7 @@ from registry_agent._events import (
 from registry_agent._fork import ForkGuard
 from registry_agent._models import InstanceHealth, ServiceSnapshot, _check_name
 from registry_agent._plugins import open_backend
+from registry_agent._registration import scrub_credentials
 from registry_agent._retry import RetryPolicy
 from registry_agent._urls import parse_backend_url
 
@@ -58,8 +59,11 @@ class _Member:
 def open_backends(backend: Backends) -> tuple[_Member, ...]:
     """The backends named by ``backend``, each opened from its URL or taken as given.
 
-    Raises :class:`ConfigError` (field ``backend``) for an empty list or one listing
-    the same URL or backend twice.
+    Each is named for logs as the registrar names its backends: a URL without
+    credentials or options, an object by its repr (credentials masked), and
+    ``(backend[i])`` added to a name that repeats. Raises :class:`ConfigError` for
+    an empty list (field ``backend``) or the same URL or object listed twice
+    (``backend[i]``).
     """
     given: list[str | Backend] = (
         [backend] if isinstance(backend, str) or not isinstance(backend, Sequence) else [*backend]
@@ -71,17 +75,11 @@ def open_backends(backend: Backends) -> tuple[_Member, ...]:
     opened: list[tuple[Backend, bool, str]] = []
     for i, item in enumerate(given):
         if any(item is other or (isinstance(item, str) and item == other) for other in given[:i]):
-            shown = (
-                parse_backend_url(item, default_port=0).redacted()
-                if isinstance(item, str)
-                else repr(item)
-            )
-            raise ConfigError(f"{shown} is listed twice", field=f"backend[{i}]")
+            raise ConfigError(f"{_name(item)} is listed twice", field=f"backend[{i}]")
         if isinstance(item, str):
-            backend = open_backend(item)
-            opened.append((backend, True, parse_backend_url(item, default_port=0).redacted()))
+            opened.append((open_backend(item), True, _name(item)))
         else:
-            opened.append((item, False, repr(item)))
+            opened.append((item, False, _name(item)))
     labels = [label for _, _, label in opened]
     members = [
         # URLs that differ only in their options (an etcd format) get their place added.
@@ -89,6 +87,14 @@ def open_backends(backend: Backends) -> tuple[_Member, ...]:
         for i, (backend, owned, label) in enumerate(opened)
     ]
     return tuple(members)
+
+
+def _name(item: str | Backend) -> str:
+    if isinstance(item, str):
+        return parse_backend_url(item, default_port=0).redacted()
+    if type(item).__repr__ is object.__repr__:
+        return str(getattr(type(item), "scheme", type(item).__name__))
+    return scrub_credentials(repr(item))
 
 
 class _Heard(enum.Enum):

@@ -637,3 +637,25 @@ async def test_a_reload_adds_and_drops_backends_keeping_the_unchanged_ones(
     finally:
         await runtime.shutdown()
     assert not holds(second)
+
+
+def test_members_are_named_without_credentials(
+    registries: tuple[MemoryRegistry, MemoryRegistry],
+) -> None:
+    a, b = registries
+
+    class Named(MemoryBackend):
+        def __repr__(self) -> str:
+            return "Named(memory://user:secret@somewhere)"
+
+    watcher = AsyncWatcher(
+        ["etcd://alice:pw@127.0.0.1:1?format=kratos", "etcd://127.0.0.1:1", Named(a), b.url],
+        "orders",
+    )
+    assert [m.label for m in watcher._members] == [
+        "etcd://127.0.0.1:1 (backend[0])",
+        "etcd://127.0.0.1:1 (backend[1])",
+        "Named(memory://***@somewhere)",
+        f"{b.url}:0",
+    ]
+    assert "pw" not in watcher._where("orders", 0)
