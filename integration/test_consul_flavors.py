@@ -158,13 +158,20 @@ async def test_peer_entries_read_by_list_watcher_and_discovery(consul: ConsulSer
                 instance.version,
                 consul.node,
             )
-    # go-micro: its encoded tags decoded into version and meta, and taken out of the tags.
-    for micro in (listed["greeter"][0].instance, watched["greeter"][0].instance):
-        assert micro.version == "1.0.1"
-        assert micro.meta.get("region") == "eu"
-        assert micro.tags == ()
-        assert (micro.address, micro.port) == ("127.0.0.1", 50051)
-    assert found["greeter"] == [listed["greeter"][0].instance]
+    # go-micro: its encoded tags decoded into version, scheme and meta, and taken out of
+    # the tags (Consul's Meta, the same map in plugins v4+, is not read).
+    micro = ServiceInstance.from_registry(
+        service="greeter",
+        id="greeter-5f1e",
+        address="127.0.0.1",
+        port=50051,
+        meta={"region": "eu"},  # protocol=grpc is the scheme
+        scheme="grpc",
+        version="1.0.1",
+    )
+    assert [h.instance for h in listed["greeter"]] == [micro]
+    assert [h.instance for h in watched["greeter"]] == [micro]
+    assert found["greeter"] == [micro]
 
 
 # -- the peers' readers, from their source ---------------------------------------------
