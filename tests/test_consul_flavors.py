@@ -32,8 +32,16 @@ from registry_agent_consul._flavors import (
     validate_flavor,
     write_entry,
 )
+from registry_agent_consul._heartbeat import Member, ReadBack, alias_id, entry_differs
 
-from registry_agent import ConfigError, Rejected, ServiceInstance, open_backend
+from registry_agent import (
+    ConfigError,
+    HealthStatus,
+    Lease,
+    Rejected,
+    ServiceInstance,
+    open_backend,
+)
 from registry_agent._agent.config import load_config
 from registry_agent._agent.runtime import open_configured_backend
 from registry_agent._cli import main
@@ -553,3 +561,26 @@ def test_kratos_endpoint_host_keeps_its_case() -> None:
     payload = write_entry(instance, "kratos")
     assert payload["TaggedAddresses"]["grpc"]["Address"] == "grpc://Orders-1.Example:9000"
     assert read_written(payload) == instance
+
+
+def test_shared_verification_compares_the_written_payload() -> None:
+    instance = ServiceInstance("s", address="10.0.0.5", port=9000, scheme="grpc", version="1")
+    payload = write_entry(instance, "kratos")
+    lease = Lease(instance, 3.0, alias_id(instance.id), "consul", shared=True)
+    member = Member(lease, 1, HealthStatus.PASSING, "", 0.0, payload=payload)
+    alias = {"CheckID": alias_id(instance.id), "ServiceID": instance.id, "Status": "passing"}
+    beat = {"CheckID": "beat", "ServiceID": "hb", "Status": "passing"}
+    checks = {alias_id(instance.id): alias, "beat": beat}
+
+    def differs(service: Mapping[str, Any]) -> bool:
+        read = ReadBack.of({instance.id: service}, checks)
+        return entry_differs(member, "beat", read, "passing")
+
+    held = {**as_held(payload), "Meta": payload["Meta"] or None}
+    assert not differs(held)  # Consul's own lan_ipv4/wan_ipv4 beside ours
+    assert differs({**held, "Tags": ["version=2"]})
+    assert differs({**held, "TaggedAddresses": CONSUL_OWN})  # ours gone
+    moved = {"grpc": {"Address": "grpc://10.0.0.6:9000", "Port": 9000}}
+    assert differs({**held, "TaggedAddresses": {**CONSUL_OWN, **moved}})
+    # The instance's own tags (no kratos version tag) are not what was written.
+    assert differs({**held, "Tags": list(instance.tags)})
