@@ -163,6 +163,15 @@ def _per_lane(pairs: Iterable[tuple[str, str]]) -> str:
     return "; ".join(f"{name}: {text}" for name, text in listed)
 
 
+def _any_ready(answers: list[tuple[str, bool, str | None]]) -> tuple[bool, str | None]:
+    """``(ready, why not)`` over the backends' ``(name, ready, why not)``: ready when any is."""
+    if len(answers) == 1:
+        return answers[0][1], answers[0][2]
+    if any(ok for _, ok, _ in answers):
+        return True, None
+    return False, _per_lane((name, why or "") for name, _, why in answers)
+
+
 class RegistrationTimeout(RegistryError, TimeoutError):
     """``start(wait_registered=…)`` ran out of time before the instance was registered."""
 
@@ -550,7 +559,9 @@ class AsyncRegistrar:
             registry_status=best.registry_status,
             registry_note=best.registry_note,
             ready=ready,
-            not_ready_reason=None if ready else self._readiness()[1],
+            not_ready_reason=_any_ready(
+                [(lane.name, lane.ready, lane.not_ready_reason) for lane in lanes]
+            )[1],
             last_heartbeat=max(beats) if beats else None,
             last_error=last_error,
             checks=frozen_mapping(
@@ -577,12 +588,7 @@ class AsyncRegistrar:
         )
 
     def _readiness(self) -> tuple[bool, str | None]:
-        answers = [(lane, *self.readiness(lane)) for lane in self._lanes]
-        if len(answers) == 1:
-            return answers[0][1], answers[0][2]
-        if any(ok for _, ok, _ in answers):
-            return True, None
-        return False, _per_lane((lane.name, why or "") for lane, _, why in answers)
+        return _any_ready([(lane.name, *self.readiness(lane)) for lane in self._lanes])
 
     @property
     def _lease(self) -> Lease | None:
