@@ -536,7 +536,8 @@ class AsyncRegistrar:
         holds the entry (as passing), ``registry_status``/``registry_note`` from
         the first backend that is ready (else the first that holds the entry),
         ``last_heartbeat`` the latest, ``last_error`` and ``not_ready_reason``
-        each backend's prefixed with its name, ``counters`` the sums, and
+        each backend's prefixed with its name (a reason they all give, once),
+        ``counters`` the sums, and
         ``backend`` the first backend's scheme. With one backend they are its own.
         """
         lanes = tuple(lane.status() for lane in self._lanes)
