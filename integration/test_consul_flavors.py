@@ -243,22 +243,26 @@ def meant(flavor: str) -> ServiceInstance:
 
 
 def lossy(flavor: str, shared: bool) -> ServiceInstance:
-    """An instance that reads back otherwise than it was given (a meta key read as a
-    field, Spring's ``secure`` taken out): only lookup()'s normalised comparison keeps
-    its registrar from registering it again and again."""
+    """An instance that reads back otherwise than it was given (a kratos version tag
+    read as the field, Spring's ``secure`` taken out, whoever wrote it): only
+    lookup()'s normalised comparison keeps its registrar from registering it again
+    and again."""
     meta = {
-        "registry-agent": {"team": "a", "version": "2.1.0"},  # read back as the version
-        "kratos": {"team": "a", "scheme": "grpc"},  # read back as the scheme only
-        "go-micro": {"team": "a", "version": "2.1.0"},  # read back as the version
+        "registry-agent": {"team": "a"},
+        "kratos": {"team": "a", "secure": "false"},  # Spring's: taken out when read
+        "go-micro": {"team": "a", "secure": "false"},  # likewise
         "spring": {"team": "a", "secure": "true"},  # taken out (the scheme says it)
     }[flavor]
+    # Read as kratos's version tag whoever wrote it: the tag is lifted into the field.
+    tags = ("version=2.1.0",) if flavor == "registry-agent" else ()
     scheme = SCHEMES[flavor]
     return ServiceInstance(
         f"fl-{flavor}-{'shared' if shared else 'own'}",
         address="127.0.0.1",
         port=7100 + 10 * FLAVORS.index(flavor) + int(shared),
         scheme=scheme,
-        version="" if "version" in meta else "2.1.0",
+        version="2.1.0",
+        tags=tags,
         meta=meta,
     )
 
@@ -280,7 +284,11 @@ def check_peer_view(flavor: str, instance: ServiceInstance, service: dict[str, A
     elif flavor == "spring":
         assert spring_view(service) == {"uri": f"https://127.0.0.1:{instance.port}"}
     else:
-        assert service["Meta"] == {**instance.meta, "version": version, "scheme": "http"}
+        assert service["Meta"] == {
+            **instance.meta,
+            "registry-agent-version": version,
+            "registry-agent-scheme": "http",
+        }
 
 
 async def test_what_each_flavor_writes_reads_back_as_meant(consul: ConsulServer) -> None:

@@ -40,7 +40,7 @@ from registry_agent._registrar import (
 )
 from registry_agent._retry import RetryPolicy
 from registry_agent._select import Strategy
-from registry_agent._status import CheckStatus, RegistrationStatus
+from registry_agent._status import BackendStatus, CheckStatus, RegistrationStatus
 from registry_agent._transport import AsyncDiscoveryTransport, DiscoveryTransport
 from registry_agent._watcher import AsyncWatcher
 
@@ -54,6 +54,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendNotFound",
+    "BackendStatus",
     "BackendUnavailable",
     "CallableCheck",
     "CheckResult",

@@ -28,7 +28,8 @@ from registry_agent._agent.config import AgentConfig, BackendConfig, load_config
 from registry_agent._agent.logs import configure_logging
 from registry_agent._agent.runtime import (
     AgentRuntime,
-    open_configured_backend,
+    close_backends,
+    open_configured_backends,
     validate_services,
 )
 from registry_agent._backend import Backend
@@ -185,11 +186,11 @@ async def _watch(
 
 async def _check(config: AgentConfig) -> int:
     # Opened (never connected) and checked exactly as `run` does: the same errors come out.
-    backend = open_configured_backend(config)
+    backends = open_configured_backends(config)
     try:
-        await validate_services(config, backend)
+        await validate_services(config, backends)
     finally:
-        await backend.close()
+        await close_backends(backends)
     failed = 0
     for service in config.services:
         for check_config in service.checks:

@@ -20,6 +20,7 @@ from registry_agent_consul._decode import (
     Check,
     Decoded,
     ServiceView,
+    TaggedAddress,
     decode_catalog,
     decode_checks,
 )
@@ -76,6 +77,10 @@ def test_typed_decode_reads_only_our_fields() -> None:
         ServicePort=8000,
         ServiceTags=("v1",),
         ServiceMeta={"zone": "a"},
+        ServiceTaggedAddresses={
+            "lan_ipv4": TaggedAddress("127.0.0.1", 8000),
+            "wan_ipv4": TaggedAddress("127.0.0.1", 8000),
+        },
     )
     checks = decode_checks(body("checks"))
     assert len(checks.entries) == 6

@@ -85,8 +85,8 @@ def test_missing_extra_gives_the_pip_hint(
             "etcd://h:1",
             {"prefx": "/a"},
             "backend.prefx",
-            "expected one of: ca_file, cert_file, keepalive_time, keepalive_timeout, key_file,"
-            " max_request_bytes, password, prefix, timeout, tls, user",
+            "expected one of: ca_file, cert_file, format, keepalive_time, keepalive_timeout,"
+            " key_file, max_request_bytes, password, prefix, scheme, timeout, tls, user",
         ),
         ("consul://h:1?scheme=ftp", {}, "backend.scheme", "expected one of http, https"),
         ("consul://h:1?timeout=soon", {}, "backend.timeout", "duration"),

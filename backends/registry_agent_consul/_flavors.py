@@ -7,7 +7,8 @@ Writing follows one flavor, chosen per backend (:func:`write_entry`):
 
 ``registry-agent`` (the default)
     The instance as is; ``version`` and ``scheme`` (when set) as meta keys
-    ``version`` and ``scheme``.
+    ``registry-agent-version`` and ``registry-agent-scheme``: a meta ``version``
+    of the caller's own stays the caller's (it round-trips as meta).
 ``kratos``
     go-kratos/kratos contrib/registry/consul/client.go (the same shape from
     v2.1.0 to v3.0.0, commit 668db92c2), ``Client.Register``: tag
@@ -29,7 +30,7 @@ Writing follows one flavor, chosen per backend (:func:`write_entry`):
     v5.0.2, commit f008a118): meta ``secure`` = ``"true"`` for https, else
     ``"false"`` (2.x wrote a ``secure=<bool>`` tag instead: not written, not
     read), and a service name Spring's ``normalizeForDns`` keeps as it is.
-    The meta keys ``version`` and ``scheme`` are written as by default.
+    The version and scheme are also written as by default.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ _CONSUL_TAGGED = frozenset(
 )
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,31}$")
 _KRATOS_VERSION = "version="
+#: Where the default flavor keeps the fields Consul has no place for.
+META_VERSION = "registry-agent-version"
+META_SCHEME = "registry-agent-scheme"
 # Spring's normalizeForDns (ConsulAutoRegistration.java) leaves such a name as it is:
 # a letter first, a letter or digit last, letters, digits and single '-' between.
 _DNS_NAME = re.compile(r"^[A-Za-z](?:[A-Za-z0-9]|-(?=[A-Za-z0-9]))*$")
@@ -136,8 +140,7 @@ def read_instance(
     1. go-micro's encoded tags (``_gomicro.decode_tags``): their metadata is the
        meta (Consul's ``Meta`` is not read, as go-micro's ``GetService``), with
        their version and scheme; the tags left are the plain ones.
-    2. Ours: meta ``version`` and ``scheme`` (a meta ``version`` written without
-       the field set reads back as the version field).
+    2. Ours: meta ``registry-agent-version`` and ``registry-agent-scheme``.
     3. kratos: the last ``version=<v>`` tag (every one is taken out; kratos's
        ``defaultResolver`` keeps the last). Its ``TaggedAddresses`` holding URLs
        (Consul's own ``lan``/``wan``/``*_ipv4``/``*_ipv6`` skipped): one endpoint
@@ -160,8 +163,8 @@ def read_instance(
         left_tags = micro.tags
         fields = dict(micro.meta)
         version, scheme = micro.version, micro.scheme.lower()
-    version = version or _lift(fields, "version", _version_ok)
-    scheme = scheme or _lift(fields, "scheme", _SCHEME.match).lower()
+    version = version or _lift(fields, META_VERSION, _version_ok)
+    scheme = scheme or _lift(fields, META_SCHEME, _SCHEME.match).lower()
     kratos_version: str | None = None
     plain: list[str] = []
     for tag in left_tags:
@@ -226,9 +229,9 @@ def write_entry(instance: ServiceInstance, flavor: str = "registry-agent") -> di
         meta = _gomicro.encode_meta(instance)  # plugins v4+ Register: Meta = node.Metadata
     else:
         if instance.version:
-            meta["version"] = instance.version
+            meta[META_VERSION] = instance.version
         if instance.scheme:
-            meta["scheme"] = instance.scheme
+            meta[META_SCHEME] = instance.scheme
         if flavor == "spring":
             meta["secure"] = "true" if instance.scheme == "https" else "false"
     payload: dict[str, Any] = {
@@ -262,14 +265,11 @@ def validate_flavor(instance: ServiceInstance, flavor: str = "registry-agent") -
     """Raise :class:`Rejected` naming the field when ``instance`` cannot be written in
     ``flavor`` so that it reads back as itself (or its peers would misread it)."""
     context = error_context("consul", instance=instance)
-    for key in ("version", "scheme"):
-        field_value = getattr(instance, key)
-        meta_value = instance.meta.get(key)
-        if field_value and meta_value is not None and meta_value != field_value:
+    for key in (META_VERSION, META_SCHEME):
+        if key in instance.meta:
             raise Rejected(
-                f"meta.{key}: {meta_value!r} contradicts the instance's {key} "
-                f"{field_value!r} (Consul carries the {key} in this meta key): drop it or "
-                "make them equal",
+                f"meta.{key}: this key holds the instance's {key.rpartition('-')[2]} "
+                f"field in Consul: set the field instead",
                 **context,
             )
     if flavor == "kratos":
