@@ -47,6 +47,8 @@ tcp = "127.0.0.1:8080"
 [[service]]
 name = "users"
 port = 8081
+scheme = "grpc"
+version = "v2.0.1"
 
 [[service.check]]
 command = ["true"]
@@ -64,6 +66,8 @@ def test_a_full_file(tmp_path: Path) -> None:
     orders, users = config.services
     assert orders.instance.id == "orders-1"
     assert dict(orders.instance.meta) == {"version": "1.4.2"}
+    assert (users.instance.scheme, users.instance.version) == ("grpc", "v2.0.1")
+    assert (orders.instance.scheme, orders.instance.version) == ("", "")
     options = orders.options
     assert (options.ttl, options.fall, options.rise, str(options.on_unhealthy)) == (
         10,
@@ -635,3 +639,25 @@ def test_registration_options_are_the_registrars_own(tmp_path: Path) -> None:
         }[expected]
         assert info.value.field == field, info.value
         assert str(info.value).startswith(f"{path}: {field}: ")
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [('scheme = "gRPC://"', "service[0].scheme"), ('version = "1 2"', "service[0].version")],
+)
+def test_a_bad_scheme_or_version_names_the_service_field(
+    tmp_path: Path, line: str, field: str
+) -> None:
+    text = f"""
+    [backend]
+    url = "consul://127.0.0.1:8500"
+
+    [[service]]
+    name = "orders"
+    port = 8080
+    {line}
+    """
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), env={})
+    assert caught.value.field is not None
+    assert caught.value.field.endswith(field)

@@ -415,6 +415,8 @@ def _service(fields: Table) -> ServiceConfig:
         "port": fields.require("port", as_int),
         "tags": fields.get("tags", as_str_list, ()),
         "meta": fields.get("meta", as_str_map, {}),
+        "scheme": fields.get("scheme", as_str, ""),
+        "version": fields.get("version", as_str, ""),
     }
     try:
         instance = ServiceInstance(**instance_fields)
