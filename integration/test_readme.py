@@ -93,7 +93,9 @@ def test_sync_registrar_example(
     tmp_path: Path,
 ) -> None:
     url = url_of(kind, consul_server, etcd_server)
-    code = block("Registrar(\n").replace('"consul://127.0.0.1:8500"', repr(url))
+    code = block("install_signal_handlers=True,  # SIGTERM").replace(
+        '"consul://127.0.0.1:8500"', repr(url)
+    )
     code = code.replace('"http://127.0.0.1:8080/healthz"', repr(health_url))
     assert repr(url) in code
     assert repr(health_url) in code
@@ -195,3 +197,36 @@ def test_fault_proxy_example(consul_server: ConsulServer, tmp_path: Path) -> Non
     assert first.startswith("False"), first
     assert "No cluster leader" in first, first
     assert second == "True"
+
+
+def both_urls(code: str, consul: ConsulServer, etcd: EtcdServer) -> str:
+    """``code`` with the README's Consul and etcd addresses pointing at the test servers."""
+    code = code.replace("consul://127.0.0.1:8500", consul.url.rstrip("/"))
+    code = code.replace("etcd://127.0.0.1:2379", etcd.url.rstrip("/"))
+    assert consul.url.rstrip("/") in code
+    assert etcd.url.rstrip("/") in code
+    return code
+
+
+def test_mixed_fleets_example(
+    consul_server: ConsulServer, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    code = both_urls(block('zero.instances("users.rpc")'), consul_server, etcd_server)
+    assert run(code, tmp_path) == ["[]", "grpc 10.0.0.5 9000 v1.4.0"]
+    # stop() removed it from both, in the formats kratos reads
+    assert etcd_server.leases() == set()
+    assert consul_server.api("/v1/agent/services") == {}
+
+
+def test_several_registries_example(
+    consul_server: ConsulServer, etcd_server: EtcdServer, health_url: str, tmp_path: Path
+) -> None:
+    code = both_urls(block('"etcd://127.0.0.1:2379?format=kratos"],\n'), consul_server, etcd_server)
+    code = code.replace("http://127.0.0.1:8080/healthz", health_url)
+    after = """
+assert registrar.wait_registered(10)
+print([b["ready"] for b in registrar.status()["backends"]])
+registrar.stop()
+"""
+    assert run(code + after, tmp_path) == ["[True, True]"]
+    assert consul_server.api("/v1/agent/services") == {}
