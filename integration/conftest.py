@@ -118,6 +118,15 @@ def etcd_server() -> Iterator[EtcdServer]:
 
 
 @pytest.fixture
+async def raw(etcd_server: EtcdServer) -> Any:
+    """A plain aetcd client on ``etcd_server``, to read and write keys as anyone would."""
+    import aetcd
+
+    async with aetcd.Client(host="127.0.0.1", port=etcd_server.client_port) as client:
+        yield client
+
+
+@pytest.fixture
 def agents() -> Iterator[list[Agent]]:
     """Agent processes a test starts; killed at its end if still running."""
     made: list[Agent] = []

@@ -23,12 +23,6 @@ async def backend(etcd_server: EtcdServer) -> AsyncIterator[EtcdBackend]:
     await backend.close()
 
 
-@pytest.fixture
-async def raw(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    async with aetcd.Client(port=etcd_server.client_port, host="127.0.0.1") as client:
-        yield client
-
-
 async def test_key_layout_and_value(backend: EtcdBackend, raw: aetcd.Client) -> None:
     inst = ServiceInstance("orders", address="127.0.0.1", port=8080, meta={"zone": "zürich"})
     lease = await backend.register(inst, ttl=5)

@@ -18,13 +18,9 @@ same in v5.30.0, go-micro/plugins v4 ``v4/registry/etcd``, v3.7.0 and v2.9.1):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import subprocess
 import textwrap
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +29,7 @@ import pytest
 from registry_agent_etcd import EtcdBackend
 
 from integration.event_log import EventLog
+from integration.peer_kit import MARGIN, RETRY, TTL, dial, etcdctl, listening, until
 from registry_agent import (
     AsyncDiscovery,
     AsyncRegistrar,
@@ -41,18 +38,14 @@ from registry_agent import (
     Discovery,
     EventType,
     HealthStatus,
-    RetryPolicy,
     ServiceInstance,
     Watcher,
     open_backend,
 )
 from registry_agent._agent.config import load_config
 from registry_agent._agent.runtime import open_configured_backend, registrar_for
-from registry_agent.testing.servers import EtcdServer, find_binary
+from registry_agent.testing.servers import EtcdServer
 
-TTL = 3.0
-RETRY = RetryPolicy(initial=0.1, cap=1.0)
-MARGIN = 2.0  # scheduling slack on a busy 2-core machine
 SERVICE = "helloworld"
 GO_MICRO_TTL = 90  # server/server.go: DefaultRegisterTTL
 Measured = Callable[[str, float, float], None]
@@ -65,18 +58,6 @@ def url(server: EtcdServer) -> str:
 def node_path(name: str, node_id: str) -> bytes:
     """go-micro's nodePath(name, id)."""
     return f"/micro/registry/{name.replace('/', '-')}/{node_id.replace('/', '-')}".encode()
-
-
-def etcdctl(server: EtcdServer, *args: str) -> str:
-    """The real etcdctl (API v3) against ``server``; its stdout."""
-    done = subprocess.run(
-        [find_binary("etcdctl"), f"--endpoints=127.0.0.1:{server.client_port}", *args],
-        env={**os.environ, "ETCDCTL_API": "3"},
-        capture_output=True,
-        timeout=10,
-        check=True,
-    )
-    return done.stdout.decode()
 
 
 async def go_micro_get_service(raw: aetcd.Client, name: str) -> list[dict[str, Any]]:
@@ -97,56 +78,11 @@ async def go_micro_get_service(raw: aetcd.Client, name: str) -> list[dict[str, A
     return list(by_version.values())
 
 
-async def dial(address: str) -> bytes:
-    """Connect to a node address as go-micro's transport does (host:port, [ipv6]:port)."""
-    host, _, port = address.rpartition(":")
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 5)
-    try:
-        return await asyncio.wait_for(reader.read(16), 5)
-    finally:
-        writer.close()
-
-
-async def until(condition: Callable[[], object], within: float) -> float:
-    """Seconds until the awaited ``condition()`` is true (fails after ``within`` + 10 s)."""
-    started = time.monotonic()
-    while time.monotonic() - started < within + 10:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic() - started
-        await asyncio.sleep(0.05)
-    pytest.fail(f"not true within {within + 10:.1f}s")
-
-
-@pytest.fixture
-async def raw(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    async with aetcd.Client(host="127.0.0.1", port=etcd_server.client_port) as client:
-        yield client
-
-
-@contextlib.asynccontextmanager
-async def serving() -> AsyncIterator[int]:
-    """A TCP server on a free loopback port answering ``hello``: the instance we register."""
-
-    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"hello")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-
-
 # (a) what we write is what a go-micro server writes, and go-micro's reader finds it
 async def test_registrar_writes_what_go_micro_reads(
     etcd_server: EtcdServer, raw: aetcd.Client, measured: Measured
 ) -> None:
-    async with serving() as port:
+    async with listening() as port:
         inst = ServiceInstance(
             SERVICE,
             address="127.0.0.1",

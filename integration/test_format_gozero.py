@@ -17,12 +17,8 @@ Peer writes go through the real ``etcdctl`` (a Go clientv3 program, like go-zero
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import subprocess
 import textwrap
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aetcd
@@ -30,6 +26,7 @@ import pytest
 from registry_agent_etcd import EtcdBackend
 
 from integration.event_log import EventLog
+from integration.peer_kit import MARGIN, RETRY, TTL, dial, etcdctl, listening, until
 from registry_agent import (
     AsyncDiscovery,
     AsyncRegistrar,
@@ -37,17 +34,13 @@ from registry_agent import (
     ConfigError,
     Discovery,
     EventType,
-    RetryPolicy,
     ServiceInstance,
     open_backend,
 )
 from registry_agent._agent.config import load_config
 from registry_agent._agent.runtime import open_configured_backend, registrar_for
-from registry_agent.testing.servers import EtcdServer, find_binary
+from registry_agent.testing.servers import EtcdServer
 
-TTL = 3.0
-RETRY = RetryPolicy(initial=0.1, cap=1.0)
-MARGIN = 2.0  # scheduling slack on a busy 2-core machine
 SERVICE = "orders.rpc"
 GO_ZERO_TTL = 10  # core/discov/clients.go: timeToLive
 Measured = Callable[[str, float, float], None]
@@ -55,19 +48,6 @@ Measured = Callable[[str, float, float], None]
 
 def url(server: EtcdServer) -> str:
     return f"{server.url}?format=go-zero&timeout=2"
-
-
-def etcdctl(server: EtcdServer, *args: str) -> str:
-    """Run the real etcdctl against ``server``; its stdout."""
-    done = subprocess.run(
-        [find_binary("etcdctl"), f"--endpoints=127.0.0.1:{server.client_port}", *args],
-        env={**os.environ, "ETCDCTL_API": "3"},
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    )
-    return done.stdout
 
 
 def go_zero_publish(server: EtcdServer, key: str, value: str) -> int:
@@ -81,51 +61,6 @@ def go_zero_publish(server: EtcdServer, key: str, value: str) -> int:
 async def go_zero_endpoints(raw: aetcd.Client, key: str) -> set[str]:
     """A go-zero subscriber's view of ``key``: the distinct values under ``<key>/``."""
     return {kv.value.decode() for kv in await raw.get_prefix(f"{key}/".encode())}
-
-
-async def go_zero_dial(endpoint: str) -> bytes:
-    """Connect to an endpoint as a gRPC client would (host:port, [ipv6]:port) and read."""
-    host, _, port = endpoint.rpartition(":")
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 5)
-    try:
-        return await asyncio.wait_for(reader.read(16), 5)
-    finally:
-        writer.close()
-
-
-async def until(condition: Callable[[], object], within: float) -> float:
-    """Seconds until the awaited ``condition()`` is true (fails after ``within`` + 10 s)."""
-    started = time.monotonic()
-    while time.monotonic() - started < within + 10:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic() - started
-        await asyncio.sleep(0.05)
-    pytest.fail(f"not true within {within + 10:.1f}s")
-
-
-@pytest.fixture
-async def raw(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    async with aetcd.Client(host="127.0.0.1", port=etcd_server.client_port) as client:
-        yield client
-
-
-@contextlib.asynccontextmanager
-async def listening() -> AsyncIterator[int]:
-    """A TCP server on a free loopback port answering ``hello``: the instance we register."""
-
-    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"hello")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
 
 
 # (a) what we write is what a go-zero publisher writes, and go-zero's reader finds it
@@ -150,7 +85,7 @@ async def test_registrar_writes_what_go_zero_reads(
             assert 0 < info.TTL <= TTL
             assert key in list(info.keys)
             assert await go_zero_endpoints(raw, SERVICE) == {f"127.0.0.1:{port}"}
-            assert await go_zero_dial(f"127.0.0.1:{port}") == b"hello"
+            assert await dial(f"127.0.0.1:{port}") == b"hello"
             # Our own reader, on the same format, sees the endpoint under its entry id.
             snapshot = await backend.list(SERVICE)
             assert set(snapshot.instances) == {entry_id}

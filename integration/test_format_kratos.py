@@ -21,13 +21,9 @@ Peer writes go through the real ``etcdctl`` (a Go clientv3 program, like kratos'
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import subprocess
 import textwrap
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,6 +33,7 @@ import pytest
 from registry_agent_etcd import EtcdBackend
 
 from integration.event_log import EventLog
+from integration.peer_kit import MARGIN, RETRY, TTL, dial, etcdctl, listening, until
 from registry_agent import (
     AsyncDiscovery,
     AsyncRegistrar,
@@ -44,17 +41,13 @@ from registry_agent import (
     ConfigError,
     Discovery,
     EventType,
-    RetryPolicy,
     ServiceInstance,
     open_backend,
 )
 from registry_agent._agent.config import load_config
 from registry_agent._agent.runtime import open_configured_backend, registrar_for
-from registry_agent.testing.servers import EtcdServer, find_binary
+from registry_agent.testing.servers import EtcdServer
 
-TTL = 3.0
-RETRY = RetryPolicy(initial=0.1, cap=1.0)
-MARGIN = 2.0  # scheduling slack on a busy 2-core machine
 SERVICE = "orders"
 NAMESPACE = "/microservices"  # registry.go New: the default namespace
 KRATOS_TTL = 15  # registry.go New: the default ttl
@@ -63,19 +56,6 @@ Measured = Callable[[str, float, float], None]
 
 def url(server: EtcdServer, extra: str = "") -> str:
     return f"{server.url}?format=kratos&timeout=2{extra}"
-
-
-def etcdctl(server: EtcdServer, *args: str) -> str:
-    """Run the real etcdctl against ``server``; its stdout."""
-    done = subprocess.run(
-        [find_binary("etcdctl"), f"--endpoints=127.0.0.1:{server.client_port}", *args],
-        env={**os.environ, "ETCDCTL_API": "3"},
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    )
-    return done.stdout
 
 
 def kratos_register(server: EtcdServer, name: str, instance_id: str, value: bytes) -> int:
@@ -106,51 +86,6 @@ def kratos_endpoint(instance: dict[str, Any], scheme: str) -> str:
         if parts.scheme == scheme:
             return parts.netloc
     return ""
-
-
-async def dial(hostport: str) -> bytes:
-    """Connect to ``host:port`` (``[ipv6]:port``) as a gRPC client would, and read."""
-    host, _, port = hostport.rpartition(":")
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 5)
-    try:
-        return await asyncio.wait_for(reader.read(16), 5)
-    finally:
-        writer.close()
-
-
-async def until(condition: Callable[[], object], within: float) -> float:
-    """Seconds until the awaited ``condition()`` is true (fails after ``within`` + 10 s)."""
-    started = time.monotonic()
-    while time.monotonic() - started < within + 10:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic() - started
-        await asyncio.sleep(0.05)
-    pytest.fail(f"not true within {within + 10:.1f}s")
-
-
-@pytest.fixture
-async def raw(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    async with aetcd.Client(host="127.0.0.1", port=etcd_server.client_port) as client:
-        yield client
-
-
-@contextlib.asynccontextmanager
-async def listening() -> AsyncIterator[int]:
-    """A TCP server on a free loopback port answering ``hello``: the instance we register."""
-
-    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"hello")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
 
 
 # (a) what we write is what kratos's Register writes, and kratos's reader finds it
