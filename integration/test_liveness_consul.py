@@ -429,7 +429,7 @@ async def test_kill_9_turns_every_service_critical_within_the_ttl(
         assert len(entries) == COUNT
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-        bound = TTL + 1
+        bound = TTL + 3  # the TTL, then Consul (a busy Go process here) turns each alias
 
         def all_critical() -> bool:
             entries = server.api("/v1/health/service/killed")

@@ -268,9 +268,14 @@ def test_garbage_answers_random_bytes_then_closes(
     sock = connect()
     echo.garbage(1024)
     sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
-    got = recv_exactly(sock, 4096)
+    got = recv_exactly(sock, 4096)  # the garbage, then EOF
     assert len(got) == 1024
     assert got != b"GET / HTTP/1.1\r\n\r\n"[: len(got)]
+    # What the client still sends is dropped, never answered with a reset.
+    sock.sendall(b"the rest of a request body")
+    assert sock.recv(16) == b""
+    assert echo.connections == 1
+    sock.close()
     until(lambda: echo.connections == 0)
 
 

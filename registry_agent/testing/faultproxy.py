@@ -36,7 +36,8 @@ Modes (:attr:`FaultProxy.mode`):
     Every HTTP/1.1 request (head and ``Content-Length`` or chunked body) is
     answered with a fixed response; keep-alive is kept.
 ``garbage``
-    Every request is answered with random bytes, then the connection closes.
+    Every request is answered with random bytes, then our side of the connection
+    shuts (FIN; what the client still sends is read and dropped).
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ class _Conn:
         self.sent = 0  # bytes sent to the client since ``reset`` was armed
         self.requests = _HttpRequests()
         self.closed = False
+        self.garbled = False  # garbage sent and our side shut: the rest is discarded
 
 
 class FaultProxy:
@@ -395,7 +397,7 @@ class FaultProxy:
     async def _from_client(self, conn: _Conn, data: bytes) -> None:
         while not conn.closed:
             mode = self._mode
-            if conn.dead:
+            if conn.dead or conn.garbled:
                 return
             if mode in _HOLDING:
                 await self._wait_change()
@@ -409,9 +411,13 @@ class FaultProxy:
                 await conn.client_w.drain()
                 return
             if mode == "garbage":
-                conn.client_w.write(os.urandom(self._garbage))
-                await conn.client_w.drain()
-                self._end(conn, rst=False)
+                if not conn.garbled:
+                    conn.garbled = True
+                    conn.client_w.write(os.urandom(self._garbage))
+                    await conn.client_w.drain()
+                    # Half-close, reading on: closing with the client's request body
+                    # unread would make the kernel reset, hiding the garbage.
+                    conn.client_w.write_eof()
                 return
             if conn.up_w is None and not await self._connect(conn):
                 return
