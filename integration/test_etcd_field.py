@@ -415,3 +415,20 @@ def test_keepalive_and_size_options_have_floors(query: str, field: str) -> None:
     with pytest.raises(ConfigError) as info:
         open_backend(f"etcd://127.0.0.1:2379?{query}")
     assert info.value.field == field
+
+
+async def test_a_slow_link_connects(etcd_server: EtcdServer) -> None:
+    """300 ms each way: gRPC takes min_reconnect_backoff as the least time a connection
+    attempt gets; at 100 ms no attempt over such a link ever connected."""
+    with FaultProxy("127.0.0.1", etcd_server.client_port) as proxy:
+        proxy.latency(0.3)
+        backend = EtcdBackend("127.0.0.1", proxy.port, timeout=5)
+        try:
+            started = time.monotonic()
+            inst = ServiceInstance("slow", address="127.0.0.1", port=8080)
+            lease = await backend.register(inst, ttl=10)
+            assert [h.instance for h in (await backend.list("slow")).instances.values()] == [inst]
+            await backend.deregister(lease)
+            assert time.monotonic() - started < 15
+        finally:
+            await backend.close()

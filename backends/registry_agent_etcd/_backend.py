@@ -57,12 +57,14 @@ T = TypeVar("T")
 
 # gRPC waits up to 120 s (1 s at first, x1.6) between reconnects to a server that
 # went away, failing every call meanwhile: a restarted etcd would be ignored for
-# seconds. Our own retries already back off, so reconnect promptly. No pings
+# seconds. Our own retries already back off, so reconnect promptly (but gRPC
+# also takes min_reconnect_backoff as the least time a connection attempt gets:
+# set per backend to its timeout, or any link slower than 100 ms never connects).
+# No pings
 # without a call: etcd (PermitWithoutStream=false) answers them with GOAWAY.
 # Like etcd's own client, accept replies of any size (a big list is not an error).
 _CHANNEL_OPTIONS: dict[str, int] = {
     "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 1000,
     "grpc.keepalive_permit_without_calls": 0,
     "grpc.http2.max_pings_without_data": 0,
@@ -375,7 +377,11 @@ class EtcdBackend:
         self.keepalive_time = keepalive_time
         self.keepalive_timeout = keepalive_timeout
         self.max_request_bytes = max_request_bytes
-        self._options = _CHANNEL_OPTIONS | _keepalive_options(keepalive_time, keepalive_timeout)
+        self._options = (
+            _CHANNEL_OPTIONS
+            | {"grpc.min_reconnect_backoff_ms": max(1000, int(timeout * 1000))}
+            | _keepalive_options(keepalive_time, keepalive_timeout)
+        )
         self._user = user
         self._password = password
         self._client: aetcd.Client | None = None
