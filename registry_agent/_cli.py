@@ -17,7 +17,9 @@ import time
 from collections.abc import Sequence
 
 from registry_agent import (
+    BackendUnavailable,
     ConfigError,
+    InstanceHealth,
     RegistryError,
     ServiceInstance,
     WatchEvent,
@@ -45,14 +47,32 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def _url_secrets(url: str | None) -> list[str]:
-    """Credentials a backend URL carries, to mask in any message we print."""
-    if not url:
-        return []
-    try:
-        return BackendConfig(url).secrets()
-    except Exception:
-        return []
+def _url_secrets(urls: str | Sequence[str] | None) -> list[str]:
+    """Credentials backend URLs carry, to mask in any message we print."""
+    found: list[str] = []
+    for url in [urls] if isinstance(urls, str) else urls or ():
+        try:
+            found += BackendConfig(url).secrets()
+        except Exception:
+            continue
+    return found
+
+
+class _SkippedEntries(logging.Handler):
+    """Says on stderr which registry entries ``list``/``watch`` skipped as unreadable
+    (a peer's value in another format, garbage): otherwise they would just be missing."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.secrets = secrets
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "event", None) != "skip_foreign":
+            return
+        text = " ".join(record.getMessage().split())
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        print(f"registry-agent: {text}", file=sys.stderr, flush=True)
 
 
 def _fail(exc: BaseException, secrets: Sequence[str] = ()) -> None:
@@ -76,13 +96,19 @@ def _open(url: str, request_timeout: float | None) -> Backend:
     return open_backend(url, timeout=5.0 if request_timeout is None else request_timeout)
 
 
-async def _list(url: str, service: str, as_json: bool, request_timeout: float | None) -> int:
-    backend = _open(url, request_timeout)
+async def _list(urls: list[str], service: str, as_json: bool, request_timeout: float | None) -> int:
+    backends = [_open(url, request_timeout) for url in urls]
     try:
-        snapshot = await backend.list(service)
+        if len(backends) == 1:
+            snapshot = await backends[0].list(service)
+            rows = [snapshot.instances[key] for key in sorted(snapshot.instances)]
+        else:
+            # One merged view, as a Watcher/Discovery over these registries shows it.
+            rows = await _merged_list(backends, service, request_timeout or 5.0)
     finally:
-        await backend.close()
-    rows = [snapshot.instances[key] for key in sorted(snapshot.instances)]
+        for backend in backends:
+            with contextlib.suppress(Exception):
+                await backend.close()
     if as_json:
         for health in rows:
             _print(
@@ -116,6 +142,29 @@ async def _list(url: str, service: str, as_json: bool, request_timeout: float | 
     return 0
 
 
+async def _merged_list(
+    backends: list[Backend], service: str, timeout: float
+) -> list[InstanceHealth]:
+    failures: list[str] = []
+
+    def on_error(_: str, exc: BaseException) -> None:
+        failures.append(" ".join(str(exc).split()) or type(exc).__name__)
+
+    watcher = AsyncWatcher(backends, [service], on_error=on_error)
+    try:
+        if not await watcher.wait_synced(timeout) and not watcher._read_by_any(service):
+            raise BackendUnavailable(
+                f"no registry answered within {timeout:g}s"
+                + (f": {failures[-1]}" if failures else ""),
+                service=service,
+            )
+        for failure in dict.fromkeys(failures):
+            print(f"registry-agent: {failure} (listed without it)", file=sys.stderr, flush=True)
+        return watcher.snapshot(service)
+    finally:
+        await watcher.close()
+
+
 def _host_port(instance: ServiceInstance) -> str:
     """``host:port``, IPv6 in brackets (``[::1]:9000``), after ``scheme://`` when the
     instance says what it serves; the address alone without a port."""
@@ -142,9 +191,9 @@ def _event_line(event: WatchEvent, as_json: bool) -> str:
 
 
 async def _watch(
-    url: str, services: list[str], as_json: bool, request_timeout: float | None
+    urls: list[str], services: list[str], as_json: bool, request_timeout: float | None
 ) -> int:
-    secrets = _url_secrets(url)
+    secrets = _url_secrets(urls)
 
     def on_error(service: str, exc: BaseException) -> None:
         text = " ".join(str(exc).split()) or type(exc).__name__
@@ -152,8 +201,8 @@ async def _watch(
             text = text.replace(secret, "***")
         print(f"registry-agent: watch {service}: {text} (retrying)", file=sys.stderr, flush=True)
 
-    backend = _open(url, request_timeout)
-    watcher = AsyncWatcher(backend, services, on_error=on_error)
+    backends = [_open(url, request_timeout) for url in urls]
+    watcher = AsyncWatcher(backends, services, on_error=on_error)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -174,8 +223,9 @@ async def _watch(
     (outcome,) = await asyncio.gather(task, return_exceptions=True)
     with contextlib.suppress(Exception):
         await watcher.close()
-    with contextlib.suppress(Exception):
-        await backend.close()
+    for backend in backends:
+        with contextlib.suppress(Exception):
+            await backend.close()
     if isinstance(outcome, Exception):
         raise outcome
     return 0
@@ -242,7 +292,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd = commands.add_parser(name, help=help_text)
         cmd.add_argument("service", nargs="+" if name == "watch" else None)
         cmd.add_argument(
-            "--backend", required=True, metavar="URL", help="consul://host:port or etcd://host:port"
+            "--backend",
+            required=True,
+            action="append",
+            metavar="URL",
+            help="consul://host:port or etcd://host:port; several: one merged view",
         )
         cmd.add_argument("--json", action="store_true", help="one JSON object per line")
         cmd.add_argument(
@@ -260,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "run":
         # What goes wrong is said once, by the command itself: no library log lines around it.
         logging.getLogger().addHandler(logging.NullHandler())
+    skipped = _SkippedEntries(secrets)
+    if args.command in ("list", "watch"):
+        logging.getLogger("registry_agent").addHandler(skipped)
     try:
         if args.command == "backends":
             _print("\n".join(available_backends()))
@@ -282,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(exc, secrets)
         return EXIT_ERROR
     finally:
+        logging.getLogger("registry_agent").removeHandler(skipped)
         logging.shutdown()
 
 

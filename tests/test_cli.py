@@ -219,3 +219,18 @@ def test_watch_json_is_the_events_own_shape_stamped() -> None:
     assert abs(stamp - time.time()) < 60
     assert line == event.to_dict()
     assert (line["type"], line["id"], line["tags"], line["index"]) == ("added", "o1", ["v1"], 7)
+
+
+def test_list_over_several_backends_is_one_merged_view(
+    registry: MemoryRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = MemoryRegistry.named(f"cli-{uuid.uuid4().hex}")
+    # The same endpoint under another id (as a peer's format would hold it), and a new one.
+    other.put(InstanceHealth(ServiceInstance("orders", id="o-1", address="10.0.0.1", port=80)), 60)
+    other.put(InstanceHealth(ServiceInstance("orders", address="10.0.0.9", port=80)), ttl=60)
+    args = ["list", "orders", "--backend", registry.url, "--backend", other.url]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["ID", "ADDRESS", "STATUS", "TAGS"]
+    assert [line.split()[1] for line in out[1:]] == ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.9:80"]
+    assert out[1].split()[0] == "orders-10.0.0.1-80"  # shown from the first backend listed
