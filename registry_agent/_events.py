@@ -388,31 +388,41 @@ class MergedView:
     from the previous one so the watcher's diff costs only what changed.
 
     - **Identity**: one entry per ``address:port``, whatever its id in each
-      registry (go-zero keeps none, kratos and Consul ids need not agree). An
-      entry without a port is never merged: it is keyed by its member and its
-      key in that member's snapshots.
+      registry (go-zero keeps none, kratos and Consul ids need not agree). The
+      entries of *one* registry stay distinct: when a member holds several
+      entries at one endpoint (two Consul services on one ``address:port``),
+      the first takes the endpoint's key and each further one its own key
+      (``"<address:port> #2"``, ``#3``…), each merging with at most one entry
+      of every other member. A key, once given to an entry, stays its key
+      until that entry leaves its member's snapshot, so removing one of them
+      reads as ``deleted``, and adding an empty registry never changes what
+      another one shows. An entry without a port is never merged: it is keyed
+      by its member and its key in that member's snapshots.
     - **Which instance is shown**: the one from the first member (in list order)
-      that holds the endpoint; within one member, the smallest snapshot key.
-      When that member drops it, the next one's instance is shown (an
-      ``updated`` event when it differs, nothing when it is the same).
+      that holds the merged key. When that member drops it, the next one's
+      instance is shown (an ``updated`` event when it differs, nothing when it
+      is the same): an ``updated`` event can therefore change ``instance.id``
+      (the shown registry's id), so consumers key by the event's key.
     - **Health**: passing when any member holding it reports it passing;
       otherwise the shown entry's status.
     - **Members that cannot be read** keep their last snapshot: only a snapshot
       from a member changes what it holds.
 
-    Memory: each member's last snapshot (shared, not copied) and one index entry
-    per held entry.
+    Memory: each member's last snapshot (shared, not copied) and two index
+    entries per held entry.
     """
 
-    __slots__ = ("_holders", "_members", "state")
+    __slots__ = ("_assigned", "_holders", "_members", "state")
 
     def __init__(self, members: int) -> None:
         if members < 1:
             raise ValueError("a merged view needs at least one member")
         empty: Mapping[str, InstanceHealth] = {}
         self._members: list[Mapping[str, InstanceHealth]] = [empty] * members
-        # merged key -> member -> that member's snapshot keys holding it.
-        self._holders: dict[str, dict[int, set[str]]] = {}
+        # merged key -> member -> the one snapshot key of that member holding it.
+        self._holders: dict[str, dict[int, str]] = {}
+        # member -> snapshot key -> its merged key (kept while the entry lives).
+        self._assigned: list[dict[str, str]] = [{} for _ in range(members)]
         self.state: InstanceMap = InstanceMap()
 
     def member(self, member: int) -> Mapping[str, InstanceHealth]:
@@ -424,32 +434,46 @@ class MergedView:
         when the merged view does not change)."""
         old = self._members[member]
         self._members[member] = instances
+        assigned = self._assigned[member]
         touched: set[str] = set()
+        arrived: list[str] = []
+        # Releases first, so a key freed here can go to an entry arriving in the same snapshot.
         for key in changed_ids(old, instances):
             before, after = old.get(key), instances.get(key)
             if before is not None:
-                merged = self._key(member, key, before.instance)
+                merged = assigned[key]
+                touched.add(merged)
+                if after is not None and _same_endpoint(before.instance, after.instance):
+                    continue  # the same entry, changed in place: it keeps its key
+                del assigned[key]
                 holders = self._holders[merged]
-                held = holders[member]
-                held.discard(key)
-                if not held:
-                    del holders[member]
+                del holders[member]
                 if not holders:
                     del self._holders[merged]
-                touched.add(merged)
             if after is not None:
-                merged = self._key(member, key, after.instance)
-                self._holders.setdefault(merged, {}).setdefault(member, set()).add(key)
-                touched.add(merged)
+                arrived.append(key)
+        for key in arrived:
+            merged = self._place(member, key, instances[key].instance)
+            assigned[key] = merged
+            touched.add(merged)
         if touched:
             self.state = self.state.evolve({key: self._merged(key) for key in touched})
         return self.state
 
-    @staticmethod
-    def _key(member: int, key: str, instance: ServiceInstance) -> str:
+    def _place(self, member: int, key: str, instance: ServiceInstance) -> str:
+        """Give ``member``'s entry ``key`` a merged key: the endpoint's first key this
+        member does not hold yet."""
         endpoint = endpoint_key(instance)
-        # A space is in no address: these keys never meet an endpoint's.
-        return endpoint if endpoint is not None else f"{instance.address} #{member} {key}"
+        if endpoint is None:
+            # A space is in no address: these keys never meet an endpoint's.
+            merged = f"{instance.address} #{member} {key}"
+        else:
+            merged, n = endpoint, 1
+            while member in self._holders.get(merged, ()):
+                n += 1
+                merged = f"{endpoint} #{n}"
+        self._holders.setdefault(merged, {})[member] = key
+        return merged
 
     def _merged(self, merged: str) -> InstanceHealth | None:
         holders = self._holders.get(merged)
@@ -457,13 +481,18 @@ class MergedView:
             return None
         shown: InstanceHealth | None = None
         for member in sorted(holders):
-            snapshot = self._members[member]
-            for key in sorted(holders[member]):
-                health = snapshot[key]
-                if shown is None:
-                    shown = health
-                    if health.healthy:
-                        return health
-                elif health.healthy:
-                    return InstanceHealth(shown.instance, health.status, health.note)
+            health = self._members[member][holders[member]]
+            if shown is None:
+                shown = health
+                if health.healthy:
+                    return health
+            elif health.healthy:
+                return InstanceHealth(shown.instance, health.status, health.note)
         return shown
+
+
+def _same_endpoint(a: ServiceInstance, b: ServiceInstance) -> bool:
+    """Whether two versions of one entry stay at one merged key: the same endpoint
+    (an entry without a port is keyed by its address)."""
+    ea, eb = endpoint_key(a), endpoint_key(b)
+    return ea == eb if ea is not None or eb is not None else a.address == b.address

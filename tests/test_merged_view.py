@@ -55,13 +55,20 @@ def snap(*healths: InstanceHealth) -> dict[str, InstanceHealth]:
 # -- the pure merge -----------------------------------------------------------------
 
 
-def reference(members: Sequence[Mapping[str, InstanceHealth]]) -> dict[str, InstanceHealth]:
-    """The merge computed from scratch, the way MergedView documents it."""
+def reference(
+    members: Sequence[Mapping[str, InstanceHealth]],
+    slots: Mapping[tuple[int, str], str] | None = None,
+) -> dict[str, InstanceHealth]:
+    """The merge computed from scratch, the way MergedView documents it; ``slots`` gives
+    each (member, key) its merged key when a member holds several entries at one
+    endpoint (see :class:`Slots`)."""
     merged: dict[str, list[InstanceHealth]] = {}
     for number, members_snapshot in enumerate(members):
         for key in sorted(members_snapshot):
             health = members_snapshot[key]
-            where = endpoint_key(health.instance) or f"{health.instance.address} #{number} {key}"
+            where = (slots or {}).get((number, key)) or (
+                endpoint_key(health.instance) or f"{health.instance.address} #{number} {key}"
+            )
             merged.setdefault(where, []).append(health)
     out = {}
     for where, holders in merged.items():
@@ -151,18 +158,81 @@ def test_a_changed_port_moves_the_entry() -> None:
     ]
 
 
-def test_two_entries_of_one_registry_at_one_endpoint_show_the_smallest_key() -> None:
-    view = MergedView(1)
-    view.apply(0, snap(inst(80, "b"), inst(80, "a", status=C)))
-    assert view.state["10.0.0.1:80"] == InstanceHealth(inst(80, "a").instance, P)
-    view.apply(0, snap(inst(80, "b", status=C), inst(80, "a", status=C)))
-    assert view.state["10.0.0.1:80"].status is C
+def test_two_entries_of_one_registry_at_one_endpoint_stay_two_entries() -> None:
+    # Consul: d1 (weight 1) and d2 (weight 5) both on one address:port; an empty
+    # second registry must not hide d2 (tester script /tmp/break14b/s5_dups.py).
+    d1 = inst(80, "d1", meta={"weight": "1"})
+    d2 = inst(80, "d2", status=C, meta={"weight": "5"})
+    view = MergedView(2)
+    view.apply(1, {})
+    state = view.apply(0, snap(d2, d1))
+    assert dict(state) == {"10.0.0.1:80": d1, "10.0.0.1:80 #2": d2}
+    # The other registry's entry at that endpoint merges with the first key only.
+    state = view.apply(1, snap(inst(80, "x")))
+    assert dict(state) == {"10.0.0.1:80": d1, "10.0.0.1:80 #2": d2}
+    # Deregistering d1 deletes its entry (the other registry's copy now shows)...
+    before = state
+    state = view.apply(0, snap(d2))
+    assert [(e.type, e.instance.id) for e in diff_snapshots(before, state)] == [
+        (EventType.UPDATED, "x")
+    ]
+    view.apply(1, {})
+    assert dict(view.state) == {"10.0.0.1:80 #2": d2}
+    # ...and with a single member it reads as deleted, d2 keeping its key and meta.
+    alone = MergedView(1)
+    alone.apply(0, snap(d1, d2))
+    before = alone.state
+    after = alone.apply(0, snap(d2))
+    assert [(e.type, e.instance.id) for e in diff_snapshots(before, after)] == [
+        (EventType.DELETED, "d1")
+    ]
+    assert after["10.0.0.1:80 #2"].instance.meta == {"weight": "5"}
+    # An entry changed in place keeps its key; a freed key goes to the next arrival.
+    after = alone.apply(0, snap(inst(80, "d2", meta={"weight": "6"})))
+    assert after["10.0.0.1:80 #2"].instance.meta == {"weight": "6"}
+    after = alone.apply(0, snap(inst(80, "d2", meta={"weight": "6"}), inst(80, "d3")))
+    assert sorted(after) == ["10.0.0.1:80", "10.0.0.1:80 #2"]
+    assert after["10.0.0.1:80"].instance.id == "d3"
+
+
+class Slots:
+    """A naive replay of MergedView's key assignment: an arriving entry takes its
+    endpoint's first key (``E``, ``E #2``…) its member does not hold; it keeps it
+    while it stays at that endpoint."""
+
+    def __init__(self) -> None:
+        self.of: dict[tuple[int, str], str] = {}
+
+    def apply(
+        self, member: int, old: Mapping[str, InstanceHealth], new: Mapping[str, InstanceHealth]
+    ) -> None:
+        for key in sorted(old.keys() | new.keys()):
+            before, after = old.get(key), new.get(key)
+            if before is not None and (
+                after is None
+                or endpoint_key(before.instance) != endpoint_key(after.instance)
+                or (
+                    endpoint_key(after.instance) is None
+                    and before.instance.address != after.instance.address
+                )
+            ):
+                self.of.pop((member, key), None)
+        for key in sorted(new):
+            endpoint = endpoint_key(new[key].instance)
+            if (member, key) in self.of or endpoint is None:
+                continue
+            taken = {slot for (m, _), slot in self.of.items() if m == member}
+            n = 1
+            while (slot := endpoint if n == 1 else f"{endpoint} #{n}") in taken:
+                n += 1
+            self.of[(member, key)] = slot
 
 
 def test_random_sequences_match_the_merge_from_scratch_and_diffs_touch_only_changes() -> None:
     rng = random.Random(14)
     members = 3
     view = MergedView(members)
+    slots = Slots()
     current: list[dict[str, InstanceHealth]] = [{} for _ in range(members)]
     for _ in range(3000):
         member = rng.randrange(members)
@@ -179,12 +249,13 @@ def test_random_sequences_match_the_merge_from_scratch_and_diffs_touch_only_chan
                     status=rng.choice([P, P, C]),
                     tags=rng.choice([(), ("x",)]),
                 )
+        slots.apply(member, current[member], new)
         current[member] = new
         # Members give plain mappings or InstanceMaps evolved from their last one.
         given: Mapping[str, InstanceHealth] = InstanceMap(new) if rng.random() < 0.5 else dict(new)
         before = view.state
         after = view.apply(member, given)
-        assert dict(after) == reference(current)
+        assert dict(after) == reference(current, slots.of)
         if after is not before:
             assert after.changed_since(before) is not None  # the watcher's diff is O(changes)
 
