@@ -283,7 +283,10 @@ class AsyncRegistrar:
         if len(set(names)) != len(names):
             raise ConfigError(f"check names must be unique, got {names}", field="checks")
         self.gate = HealthGate(names, rise=options.rise, fall=options.fall)
-        self._lanes = self._make_lanes(_one_or_many(backend), shared_liveness)
+        self._shared_liveness = shared_liveness
+        #: What was given for each lane (a URL or a Backend), in the lanes' order.
+        self._given = _one_or_many(backend)
+        self._lanes = self._make_lanes(self._given, shared_liveness)
         #: Every backend, in the order given.
         self.backends: tuple[Backend, ...] = tuple(lane.backend for lane in self._lanes)
         #: The first backend (the only one, unless a sequence was given).
@@ -409,9 +412,12 @@ class AsyncRegistrar:
             except (Rejected, ConfigError) as exc:
                 raise self._naming(lane, exc) from None
 
-    def _naming(self, lane: _BackendLane, error: Rejected | ConfigError) -> Rejected | ConfigError:
-        """``error`` naming its backend as ``backend[i]``, when there are several."""
-        if len(self._lanes) == 1:
+    def _naming(
+        self, lane: _BackendLane, error: Rejected | ConfigError, *, many: bool | None = None
+    ) -> Rejected | ConfigError:
+        """``error`` naming its backend as ``backend[i]``, when there are several
+        (``many``: in the list being set, not the running one)."""
+        if not (len(self._lanes) > 1 if many is None else many):
             return error
         where = f"backend[{lane.index}]"
         if isinstance(error, ConfigError):
@@ -459,6 +465,92 @@ class AsyncRegistrar:
             instance=self.instance.id,
             backend=self._backend_name,
         )
+
+    async def set_backends(self, backends: BackendArg, *, timeout: float = 10.0) -> None:
+        """Change the registries the instance is kept in, without a gap in the others.
+
+        ``backends`` is what the constructor takes. A backend already in use (the same
+        object, or the same URL credentials aside) keeps its lane as it is: its entry,
+        lease, follows and counters are untouched (no deregistration, no new
+        registration). A backend no longer listed is stopped and its entry removed,
+        each within ``timeout`` and all at once. A new backend starts registering at
+        once under the current health gate: an instance already healthy is
+        registered there without waiting for ``rise`` passes. The lanes take the
+        new list's order (``status()["backends"]`` indexes and names follow it).
+
+        Raises :class:`~registry_agent.ConfigError` (an empty list, the same
+        registry twice, a bad URL) or :class:`~registry_agent.Rejected` (a new
+        backend refuses the instance or the options, see :meth:`validate`) before
+        anything changes; :class:`RuntimeError` once stopping.
+        """
+        if self._stopping:
+            raise RuntimeError("the registrar is stopping: its backends cannot change")
+        given = _one_or_many(backends)
+        # Opens (no I/O) and checks the whole list as the constructor does; lanes of
+        # backends already in use then replace their fresh stand-ins.
+        fresh = self._make_lanes(given, self._shared_liveness)
+        lanes: list[_BackendLane] = []
+        unused: list[_BackendLane] = []
+        for item, lane in zip(given, fresh, strict=True):
+            kept = self._lane_of(item)
+            if kept is None:
+                lanes.append(lane)
+                continue
+            if any(kept is other for other in lanes):  # its URL and its object
+                await _close_owned(fresh)
+                raise ConfigError(
+                    f"the same registry as backend[{lanes.index(kept)}]: list each backend once",
+                    field=f"backend[{lane.index}]",
+                )
+            kept.take_place_of(lane)
+            lanes.append(kept)
+            unused.append(lane)
+        added = [lane for lane in lanes if any(lane is f for f in fresh)]
+        for lane in added:
+            try:
+                await lane.validate()
+            except (Rejected, ConfigError) as exc:
+                await _close_owned(added + unused)
+                raise self._naming(lane, exc, many=len(lanes) > 1) from None
+        await _close_owned(unused)
+        if self._stopping:  # stopped while a backend validated
+            await _close_owned(added)
+            raise RuntimeError("the registrar is stopping: its backends cannot change")
+        removed = [lane for lane in self._lanes if not any(lane is n for n in lanes)]
+        self._given, self._lanes = given, lanes
+        self.backends = tuple(lane.backend for lane in lanes)
+        self.backend = self.backends[0]
+        self._backend_name = lanes[0].scheme
+        if self._started:
+            for lane in added:
+                lane.start()
+        self.lanes_changed()
+        await self._drop_lanes(removed, timeout)
+
+    def _lane_of(self, item: str | Backend) -> _BackendLane | None:
+        """The running lane of ``item`` (the same object, or the same registry URL)."""
+        key = _registry_key(item)
+        for was, lane in zip(self._given, self._lanes, strict=True):
+            if item is lane.backend or _registry_key(was) == key:
+                return lane
+        return None
+
+    async def _drop_lanes(self, lanes: list[_BackendLane], timeout: float) -> None:
+        """Stop ``lanes`` (no longer ours) and remove their entries, each within ``timeout``."""
+        if not lanes:
+            return
+        for lane in lanes:
+            lane.dropped = True
+        if not self._started:
+            await _close_owned(lanes)
+            return
+        deadline = self._clock() + timeout
+        results = await asyncio.gather(
+            *(lane.shut_down(timeout, deadline) for lane in lanes), return_exceptions=True
+        )
+        for lane, result in zip(lanes, results, strict=True):
+            if isinstance(result, Exception):
+                lane.log_failure("stop", lane.registry_error(result), force=True)
 
     async def wait_registered(self, timeout: float | None = None) -> bool:
         """Wait until the entry is in the registry (every one of them, with several
@@ -770,6 +862,18 @@ class _BackendLane:
         self._unfollow: Callable[[], None] | None = None
         self._followed: Lease | None = None
         self._unfollow_connection: Callable[[], None] = lambda: None
+        #: Set when the registrar let this backend go (``set_backends``): it stops alone.
+        self.dropped = False
+
+    @property
+    def halted(self) -> bool:
+        """The registrar is stopping, or has let this backend go."""
+        return self.owner._stopping or self.dropped
+
+    def take_place_of(self, other: _BackendLane) -> None:
+        """Take ``other``'s place in a new list of backends (its index and names)."""
+        self.index, self.name = other.index, other.name
+        self.who, self.log_name = other.who, other.log_name
 
     async def validate(self) -> None:
         """The backend's own checks of the instance and the options (see AsyncRegistrar)."""
@@ -815,7 +919,8 @@ class _BackendLane:
             if not done:
                 self.task.cancel()
                 await asyncio.wait({self.task}, timeout=left())
-        self.owner.gate_stopped()
+        if self.owner._stopping:  # not when only this backend was let go
+            self.owner.gate_stopped()
         reg = self.reg
         if reg.stale is not None and reg.stale != reg.lease:
             await self._release()
@@ -878,7 +983,7 @@ class _BackendLane:
 
     async def _sleep(self, seconds: float | None) -> None:
         assert self._wake is not None
-        if self.owner._stopping:
+        if self.halted:
             return
         clock = self.owner._clock
         started = clock()
@@ -916,7 +1021,7 @@ class _BackendLane:
             Step.RELEASE: self._release,
             Step.EXPIRED: self._nothing,
         }
-        while not owner._stopping:
+        while not self.halted:
             desired = desired_registration(owner.gate.state, owner.on_unhealthy)
             note = "" if desired is Desired.PASSING else "unhealthy: " + owner.failing_checks()
             action = reg.next(desired, owner._clock(), note)
@@ -1001,7 +1106,7 @@ class _BackendLane:
 
     def _follow(self, lease: Lease | None) -> None:
         self._followed = lease
-        if lease is None and not self.owner._stopping:
+        if lease is None and not self.halted:
             # Lost: keep hearing the old lease's news until registered again, so the
             # shared liveness coming back cuts our backoff short.
             return
@@ -1038,7 +1143,7 @@ class _BackendLane:
     def _connection_changed(self) -> None:
         # The registry went away or came back: check our entry now, not at the
         # next heartbeat, and cut short any backoff sleep.
-        if self.owner._stopping:
+        if self.halted:
             return
         lease = self.reg.lease
         if lease is None or not lease.shared:  # a shared lease: the backend reads back
@@ -1101,6 +1206,14 @@ class _BackendLane:
             extra=self.extra(f"{action}_failed", error=str(error), failures=failures),
             exc_info=error.__cause__ if level == logging.DEBUG and error.__cause__ else None,
         )
+
+
+async def _close_owned(lanes: Iterable[_BackendLane]) -> None:
+    """Close the backends the registrar opened itself (from a URL) in ``lanes``."""
+    for lane in lanes:
+        if lane.owned:
+            with contextlib.suppress(Exception):
+                await lane.backend.close()
 
 
 def chain_signal(sig: int, previous: Any) -> None:

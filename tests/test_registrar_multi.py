@@ -482,3 +482,165 @@ async def test_shared_liveness_on_two_backends_each_follows_its_own() -> None:
     await reg.stop()
     assert held(a) is None
     assert held(b) is None
+
+
+# -- changing the list while running (set_backends) ---------------------------------------
+
+
+class Counting(MemoryBackend):
+    """Counts the registrations and deregistrations asked of it."""
+
+    def __init__(self, registry: MemoryRegistry) -> None:
+        super().__init__(registry)
+        self.registers = 0
+        self.deregisters = 0
+
+    async def register(self, instance: ServiceInstance, **kwargs: Any) -> Lease:
+        self.registers += 1
+        return await super().register(instance, **kwargs)
+
+    async def deregister(self, lease: Lease) -> None:
+        self.deregisters += 1
+        await super().deregister(lease)
+
+
+@virtual_time
+async def test_set_backends_keeps_removes_and_adds_without_touching_the_kept() -> None:
+    a, b, c = fresh(), fresh(), fresh()
+    ka, kb, kc = Counting(a), Counting(b), Counting(c)
+    events: list[RegistrarEvent] = []
+    # rise=3 at 0.5 s: waiting for the gate again would take 1.5 s.
+    check = Switch()
+    reg = make([ka, kb], events, checks=[CallableCheck(check.probe, interval=0.5)], rise=3)
+    await reg.start(wait_registered=5)
+    await asyncio.sleep(TTL)  # a few heartbeats
+    a_before, b_before = reg.snapshot().backends
+    before = len(events)
+
+    started = loop_clock()
+    await reg.set_backends([kc, ka])
+    assert loop_clock() - started < 0.5
+    assert held(b) is None  # removed at once
+    assert kb.deregisters == 1
+    took = await within(1.0, lambda: held(c) is HealthStatus.PASSING)
+    assert took < 0.5  # healthy already: no new rise
+    assert kc.registers == 1
+    # The kept lane: no deregistration, no registration, its counters go on.
+    assert ka.registers == 1
+    assert ka.deregisters == 0
+    assert held(a) is HealthStatus.PASSING
+    assert reg.backends == (kc, ka)
+    assert reg.backend is kc
+    snap = reg.snapshot()
+    assert [s.index for s in snap.backends] == [0, 1]
+    assert snap.backends[1].counters["registrations"] == a_before.counters["registrations"] == 1
+    assert a_before.counters["heartbeats_ok"] > 0
+    assert snap.backends[1].counters["heartbeats_ok"] >= a_before.counters["heartbeats_ok"]
+    assert reg.ready
+    assert await reg.wait_registered(1.0)
+    news = [(e.kind, e.backend) for e in events[before:]]
+    assert (K.DEREGISTERED, b_before.name) in news
+    assert sorted(kind for kind, _ in news) == sorted([K.DEREGISTERED, K.REGISTERED])
+    await asyncio.sleep(2 * TTL)  # and it stays so
+    assert ka.registers == 1
+    assert held(a) is held(c) is HealthStatus.PASSING
+    assert held(b) is None
+    await reg.stop()
+    assert held(a) is held(c) is None
+
+
+@virtual_time
+async def test_a_backend_added_while_withdrawn_waits_for_the_gate() -> None:
+    a, c = fresh(), fresh()
+    check = Switch()
+    reg = make([a.url], checks=[CallableCheck(check.probe, interval=0.05)], rise=2, fall=2)
+    await reg.start(wait_registered=2)
+    check.ok = False
+    await within(1.0, lambda: held(a) is None)
+    await reg.set_backends([a.url, c.url])
+    await asyncio.sleep(1.0)
+    assert held(c) is None  # not while withdrawn
+    assert reg.state is GateState.WITHDRAWN
+    check.ok = True
+    await within(1.0, lambda: held(a) is held(c) is HealthStatus.PASSING)
+    await reg.stop()
+
+
+@virtual_time
+async def test_set_backends_by_url_keeps_the_lane_and_renames_it() -> None:
+    a, b = fresh(), fresh()
+    events: list[RegistrarEvent] = []
+    reg = make([a.url], events)
+    await reg.start(wait_registered=2)
+    kept = reg.backend
+    before = len(events)
+    await reg.set_backends([a.url, b.url])
+    assert reg.backend is kept  # the URL names the running lane: not opened again
+    await within(1.0, lambda: held(b) is HealthStatus.PASSING)
+    assert [s.name for s in reg.snapshot().backends] == [a.url, b.url]
+    assert [(e.kind, e.backend) for e in events[before:]] == [(K.REGISTERED, b.url)]
+    await reg.set_backends([b.url])
+    assert held(a) is None
+    assert held(b) is HealthStatus.PASSING
+    assert reg.counters.registrations == 1  # b's own: one lane left
+    assert [s.name for s in reg.snapshot().backends] == [b.url]
+    await reg.stop()
+    assert held(b) is None
+
+
+@virtual_time
+async def test_set_backends_refuses_a_bad_list_and_changes_nothing() -> None:
+    a, b = fresh(), fresh()
+    reg = make([a.url])
+    await reg.start(wait_registered=2)
+    with pytest.raises(ConfigError, match="non-empty") as info:
+        await reg.set_backends([])
+    assert info.value.field == "backend"
+    other = MemoryBackend(b)
+    with pytest.raises(ConfigError, match=r"same registry as backend\[0\]") as info:
+        await reg.set_backends([other, a.url, other])
+    assert info.value.field == "backend[2]"
+    assert len(reg.backends) == 1
+    assert held(a) is HealthStatus.PASSING
+    assert held(b) is None
+    await reg.stop()
+    with pytest.raises(RuntimeError, match="stopping"):
+        await reg.set_backends([b.url])
+
+
+@virtual_time
+async def test_set_backends_refuses_a_backend_that_refuses_the_options() -> None:
+    a, b = fresh(), fresh()
+    reg = make([a.url], on_unhealthy="critical")
+    await reg.start(wait_registered=2)
+    with pytest.raises(ConfigError, match=r"carries no health") as info:
+        await reg.set_backends([a.url, RefusesCritical(b)])
+    assert info.value.field == "backend[1]"
+    assert len(reg.backends) == 1
+    assert held(b) is None
+    await reg.stop()
+
+
+@virtual_time
+async def test_set_backends_before_start_takes_the_new_list() -> None:
+    a, b = fresh(), fresh()
+    reg = make([a.url])
+    await reg.set_backends([b.url])
+    await reg.start(wait_registered=2)
+    assert held(b) is HealthStatus.PASSING
+    assert held(a) is None
+    await reg.stop()
+
+
+@virtual_time
+async def test_set_backends_keeps_a_shared_lease_followed() -> None:
+    a, b = fresh(), fresh()
+    shared = SharedMemoryBackend(a)
+    reg = make([shared], shared_liveness=True)
+    await reg.start(wait_registered=2)
+    await reg.set_backends([shared, b.url])
+    await within(1.0, lambda: held(b) is HealthStatus.PASSING)
+    a.wipe()  # the shared heartbeat's news still reaches the kept lane: healed
+    await within(3 * TTL, lambda: held(a) is HealthStatus.PASSING)
+    assert reg.snapshot().backends[0].counters["reregistrations"] == 1
+    await reg.stop()
