@@ -585,3 +585,34 @@ def test_shared_verification_compares_the_written_payload() -> None:
     assert differs({**held, "TaggedAddresses": {**CONSUL_OWN, **moved}})
     # The instance's own tags (no kratos version tag) are not what was written.
     assert differs({**held, "Tags": list(instance.tags)})
+
+
+# -- go-micro mode needs go-micro data (issue 14: a lone 'v=2' lost Meta) --------------
+
+
+@pytest.mark.parametrize("tags", [["v=2"], ["t=blue"], ["e=prod"], ["e-1"], ["v=2", "t=null"]])
+def test_default_flavor_with_go_micro_like_plain_tags_round_trips(tags: list[str]) -> None:
+    instance = ServiceInstance(
+        "tricky2", address="10.0.1.1", port=80, scheme="grpc", version="1.0",
+        meta={"zone": "a"}, tags=tuple(tags),
+    )  # fmt: skip
+    assert read_written(write_entry(instance)) == instance
+
+
+def test_go_micro_mode_reads_consul_meta_with_the_tags_winning() -> None:
+    tag = "t-" + zlib.compress(b'{"region":"eu"}').hex()
+    instance = read(
+        {
+            "ID": "g1",
+            "Name": "greeter",
+            "Tags": [tag, "v=3", "blue"],
+            "Address": "10.0.0.9",
+            "Port": 1,
+            "Meta": {"region": "us", "registry-agent-scheme": "grpc", "owner": "x"},
+        }
+    )
+    assert (instance.scheme, instance.version, instance.tags) == ("grpc", "3", ("blue",))
+    assert instance.meta == {"region": "eu", "owner": "x"}
+    # The 2015 form: a 't={json object}' tag is go-micro data, its 'v=' the version.
+    old = read({"ID": "o", "Name": "s", "Tags": ['t={"a":"b"}', "v=7"], "Address": "h"})
+    assert (old.version, old.meta, old.tags) == ("7", {"a": "b"}, ())

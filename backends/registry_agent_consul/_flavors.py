@@ -137,9 +137,12 @@ def read_instance(
     Read in this order, each filling ``version``/``scheme`` only while still empty,
     and taking out of tags and meta what it understood:
 
-    1. go-micro's encoded tags (``_gomicro.decode_tags``): their metadata is the
-       meta (Consul's ``Meta`` is not read, as go-micro's ``GetService``), with
-       their version and scheme; the tags left are the plain ones.
+    1. go-micro's encoded tags (``_gomicro.decode_tags``), only when the entry
+       carries go-micro data (a decodable ``t-``/``v-``/``e-`` tag or an old
+       ``t={json object}``; never a lone plain ``v=…``): the meta is Consul's
+       ``Meta`` joined with the tags' metadata (the tags win; go-micro plugins
+       v4+ write the same map in both), with their version and scheme; the tags
+       left are the plain ones.
     2. Ours: meta ``registry-agent-version`` and ``registry-agent-scheme``.
     3. kratos: the last ``version=<v>`` tag (every one is taken out; kratos's
        ``defaultResolver`` keeps the last). Its ``TaggedAddresses`` holding URLs
@@ -156,10 +159,8 @@ def read_instance(
     left_tags: Sequence[str] = tags
     fields = dict(meta)
     version = scheme = ""
-    micro = _gomicro.decode_tags(tags) if tags else None
+    micro = _gomicro.decode_tags(tags, meta) if tags else None
     if micro is not None:
-        # go-micro's GetService reads the node metadata from its tags only; the
-        # Meta that plugins v4+ also write is the same map (protocol included).
         left_tags = micro.tags
         fields = dict(micro.meta)
         version, scheme = micro.version, micro.scheme.lower()

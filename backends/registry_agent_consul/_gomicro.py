@@ -55,7 +55,7 @@ import functools
 import json
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from registry_agent import ServiceInstance
@@ -171,14 +171,26 @@ def check_instance(instance: ServiceInstance) -> str | None:
     return None
 
 
-def decode_tags(tags: Sequence[str]) -> GoMicroTags | None:
-    """Read go-micro's metadata and version tags out of ``tags``; None when there are none.
+def decode_tags(tags: Sequence[str], consul_meta: Mapping[str, str] = {}) -> GoMicroTags | None:
+    """Read go-micro's metadata and version tags out of ``tags``; None when the entry
+    carries no go-micro data.
+
+    go-micro data is a new-form ``t-``/``v-``/``e-`` tag that decodes, or an
+    old-form ``t={json object}``: a lone plain ``v=2``, ``t=blue`` or ``e=prod``
+    is an ordinary tag of some other writer (the older go-micro writers always
+    put a ``t=`` tag per metadata key beside their ``v=``), and reading it as
+    go-micro's would lose the entry's Consul ``Meta``.
 
     Follows go-micro's ``decodeMetadata``/``decodeVersion`` (see the module
     docstring), without their crashes. Every tag of go-micro's forms that
     decodes is removed from the plain tags, used or not (the 2016 writers put
     both forms); one that does not decode stays a plain tag, and ``skipped``
     says why it gave nothing. Endpoints are dropped.
+
+    ``consul_meta`` is the entry's Consul ``Meta``: go-micro/plugins v4+ and
+    micro/go-micro v5+ write the node metadata there too, so the metadata read
+    is its union with the tags' (the tags win on a key both hold); the scheme is
+    taken from that union, so other keys in ``Meta`` (ours among them) are kept.
     """
     if not any(len(tag) > 1 and tag[0] in "tve" and tag[1] in "-=" for tag in tags):
         return None
@@ -218,9 +230,10 @@ def decode_tags(tags: Sequence[str]) -> GoMicroTags | None:
             plain.append(tag)
             version = "" if version is None and tag[0] == "v" else version
             continue
-        found = True
+        found = found or tag[1] == "-" or (tag[0] == "t" and tag[2:].lstrip().startswith("{"))
     if not found:
         return None
+    meta = {**consul_meta, **meta}
     return GoMicroTags(
         version=version or "",
         meta=meta,
