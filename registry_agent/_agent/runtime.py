@@ -275,6 +275,23 @@ class AgentRuntime:
         _, registrar = self.registrars.pop(key)
         await registrar.stop(timeout=self.stop_timeout)
 
+    async def _move_service(self, key: str, backends: list[Backend]) -> tuple[str, bool]:
+        """Keep ``key`` registered in ``backends`` (see AsyncRegistrar.set_backends);
+        ``(key, False)`` when that failed and it was stopped, to be started again."""
+        _, registrar = self.registrars[key]
+        try:
+            await registrar.set_backends(backends, timeout=self.stop_timeout)
+        except (RegistryError, RuntimeError) as exc:
+            log.warning(
+                "reload: %s could not change backends (%s): restarting it",
+                key,
+                exc,
+                extra={"event": "reload_failed", "error": str(exc)},
+            )
+            await self._stop_service(key)
+            return key, False
+        return key, True
+
     async def _backends_for(self, new: AgentConfig) -> tuple[list[Backend], list[Backend]]:
         """The backends of ``new``, and those of them opened here: a running backend whose
         table did not change is kept (its connections and shared liveness go on)."""
@@ -296,7 +313,12 @@ class AgentRuntime:
         return backends, opened
 
     async def reload(self) -> None:
-        """Re-read the file: start new services, stop removed ones, restart changed ones."""
+        """Re-read the file: start new services, stop removed ones, restart changed ones.
+
+        A new ``[[backend]]`` list moves every unchanged service to it: kept in the
+        backends that stay (no deregistration, no gap), registered in the new ones,
+        removed from the dropped ones.
+        """
         assert self._turn is not None
         try:
             await self._turn.acquire()
@@ -329,21 +351,26 @@ class AgentRuntime:
                 extra={"event": "reload_failed", "error": str(exc)},
             )
             return
-        if new_backends:
-            # A registrar keeps its backends for life: new ones mean new registrars.
-            log.info(
-                "backend changed: re-registering every service",
-                extra={"event": "reload_backend"},
-            )
-            await asyncio.gather(*(self._stop_service(key) for key in list(self.registrars)))
-            old_backends, self.backends = self.backends, new_backends
-            await close_backends([b for b in old_backends if not any(b is n for n in new_backends)])
         wanted = {svc.key: svc for svc in new.services}
         removed = [k for k in self.registrars if k not in wanted]
         changed = [k for k in self.registrars if k in wanted and self.registrars[k][0] != wanted[k]]
         added = [k for k in wanted if k not in self.registrars]
         unchanged = len(self.registrars) - len(removed) - len(changed)
         await asyncio.gather(*(self._stop_service(key) for key in removed + changed))
+        if new_backends:
+            # Kept backends are the same objects: an unchanged service stays registered
+            # there (no gap for a watcher), is added to the new ones, removed from the rest.
+            log.info(
+                "backends changed: %d unchanged service(s) moved to the new list",
+                len(self.registrars),
+                extra={"event": "reload_backend"},
+            )
+            moved = await asyncio.gather(
+                *(self._move_service(key, new_backends) for key in list(self.registrars))
+            )
+            changed += [key for key, ok in moved if not ok]
+            old_backends, self.backends = self.backends, new_backends
+            await close_backends([b for b in old_backends if not any(b is n for n in new_backends)])
         started = failed = 0
         for key in changed + added:
             if self._stopping:
