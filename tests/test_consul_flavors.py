@@ -417,7 +417,7 @@ def test_spring_write_reads_back_through_spring_and_us(scheme: str) -> None:
 )
 def test_spring_refuses_a_name_normalize_for_dns_would_change(name: str) -> None:
     instance = ServiceInstance(name, address="h", port=1)
-    with pytest.raises(Rejected, match=r"^service: Spring Cloud Consul takes service names"):
+    with pytest.raises(Rejected, match=r"^service name '[^']*': Spring Cloud Consul takes "):
         validate_flavor(instance, "spring")
     validate_flavor(instance, "registry-agent")
 
@@ -493,7 +493,7 @@ def test_backend_option_flavor() -> None:
     assert "flavor" in str(caught.value)
     assert "kratos" in str(caught.value)
     backend = ConsulBackend(flavor="spring")
-    with pytest.raises(Rejected, match=r"^service: "):
+    with pytest.raises(Rejected, match=r"^service name 'orders_api': "):
         backend.validate(ServiceInstance("orders_api", address="h", port=1))
 
 
@@ -554,7 +554,9 @@ def test_agent_backend_flavor(
     assert main(["check", "-c", str(config("dubbo"))]) == 2
     assert "flavor" in capsys.readouterr().err
     assert main(["check", "-c", str(config("spring", name="orders_api"))]) != 0
-    assert "service: Spring Cloud Consul takes service names" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "service[0]: service name 'orders_api': Spring Cloud Consul takes" in err
+    assert err.count("service:") == 0  # the field is named once
 
 
 def test_kratos_endpoint_host_keeps_its_case() -> None:
@@ -616,3 +618,82 @@ def test_go_micro_mode_reads_consul_meta_with_the_tags_winning() -> None:
     # The 2015 form: a 't={json object}' tag is go-micro data, its 'v=' the version.
     old = read({"ID": "o", "Name": "s", "Tags": ['t={"a":"b"}', "v=7"], "Address": "h"})
     assert (old.version, old.meta, old.tags) == ("7", {"a": "b"}, ())
+
+
+# -- endpoint_scheme: which of a kratos entry's endpoints to read ----------------------
+
+
+def read_with(payload: Mapping[str, Any], endpoint_scheme: str) -> ServiceInstance:
+    held = as_held(payload)
+    return read_instance(
+        service=held["Name"],
+        id=held["ID"],
+        address=held["Address"],
+        port=held["Port"],
+        tags=held["Tags"],
+        meta=held["Meta"],
+        tagged_addresses=held["TaggedAddresses"],
+        endpoint_scheme=endpoint_scheme,
+    )
+
+
+def test_endpoint_scheme_reads_the_kratos_endpoint_of_that_scheme() -> None:
+    payload = kratos_register(
+        id="k2", name="hello", version="v1", metadata={},
+        endpoints=["http://10.5.0.1:8000", "grpc://10.5.0.1:9000"],
+    )  # fmt: skip
+    grpc = read_with(payload, "grpc")
+    assert (grpc.scheme, grpc.address, grpc.port) == ("grpc", "10.5.0.1", 9000)
+    http = read_with(payload, "http")
+    assert (http.scheme, http.address, http.port) == ("http", "10.5.0.1", 8000)
+    # No endpoint of that scheme: the one on Address/Port, as without the option.
+    assert read_with(payload, "grpcs") == read_with(payload, "") == http
+    # The watch's decoding reads with the backend's option too.
+    body = json.dumps(
+        [
+            {
+                "Node": "n1", "Address": "10.0.0.1", "ServiceID": "k2", "ServiceName": "hello",
+                "ServiceAddress": "10.5.0.1", "ServicePort": 8000,
+                "ServiceTags": ["version=v1"], "ServiceMeta": {},
+                "ServiceTaggedAddresses": payload["TaggedAddresses"],
+            }
+        ]
+    ).encode()  # fmt: skip
+    (entry,) = decode_catalog(body).entries
+    assert isinstance(entry, CatalogEntry)
+    view = ServiceView(
+        "hello", local_node=None, preferred=lambda _: (), warn=lambda *_: None,
+        endpoint_scheme="grpc",
+    )  # fmt: skip
+    watched = view._instance(entry)
+    assert watched is not None
+    assert (watched.scheme, watched.port) == ("grpc", 9000)
+
+
+def test_backend_option_endpoint_scheme() -> None:
+    backend = open_backend("consul://127.0.0.1:8500?endpoint_scheme=grpc")
+    assert isinstance(backend, ConsulBackend)
+    assert backend.endpoint_scheme == "grpc"
+    assert ConsulBackend().endpoint_scheme == ""
+    for bad in ("GRPC", "grpc://", "1x"):
+        with pytest.raises(ConfigError) as caught:
+            ConsulBackend(endpoint_scheme=bad)
+        assert caught.value.field == "backend.endpoint_scheme"
+    with pytest.raises(ConfigError, match="scheme"):  # Consul's scheme is the agent's
+        open_backend("consul://127.0.0.1:8500?scheme=grpc")
+
+
+def test_legacy_kratos_is_secure_reads_as_the_tls_scheme() -> None:
+    # go-kratos/kratos v2.1.0-v2.3.0 wrote TLS endpoints as grpc://…?isSecure=true;
+    # the etcd kratos format reads them as grpcs (parse_endpoint): Consul the same.
+    payload = kratos_register(
+        id="k3", name="hello", version="v1", metadata={},
+        endpoints=["grpc://10.5.0.1:9000?isSecure=true"],
+    )  # fmt: skip
+    assert read_with(payload, "").scheme == "grpcs"
+    assert read_with(payload, "grpcs").port == 9000
+    plain = kratos_register(
+        id="k4", name="hello", version="v1", metadata={},
+        endpoints=["grpc://10.5.0.1:9000?isSecure=false"],
+    )  # fmt: skip
+    assert read_with(plain, "").scheme == "grpc"

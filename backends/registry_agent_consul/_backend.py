@@ -73,6 +73,8 @@ from registry_agent_consul._http import (
 
 __all__ = ["ConsulBackend"]
 
+_ENDPOINT_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
+
 log = logging.getLogger("registry_agent.consul")
 T = TypeVar("T")
 
@@ -196,6 +198,14 @@ class ConsulBackend:
         ``go-micro`` (its encoded metadata and version tags first) or ``spring``
         (meta ``secure``, a DNS-safe service name). Reading understands every
         flavor, whatever this option (see ``_flavors``).
+    ``endpoint_scheme``
+        Of a kratos entry's endpoints (its ``TaggedAddresses`` holding URLs,
+        e.g. ``http://10.5.0.1:8000`` and ``grpc://10.5.0.1:9000``), read the
+        one with this scheme (``grpc``, ``grpcs``, ``http``, ``https``…) as the
+        instance's address, port and scheme; an entry with none of that scheme
+        reads as without the option (the endpoint on its Address/Port). Reading
+        only (list, lookup, watch); not Consul's own ``scheme``, which is the
+        agent's ``http``/``https``.
     ``deregister_critical_after``
         Consul removes a service whose liveness check is critical this long
         (the process stopped heartbeating), default ``90s``; Consul's floor is
@@ -236,6 +246,7 @@ class ConsulBackend:
         "wait": opt_duration,
         "deregister_critical_after": opt_duration,
         "flavor": opt_choice(*FLAVORS),
+        "endpoint_scheme": opt_str,
         "ca_file": opt_str,
         "cert_file": opt_str,
         "key_file": opt_str,
@@ -254,6 +265,7 @@ class ConsulBackend:
         wait: float = 10.0,
         deregister_critical_after: float = 90.0,
         flavor: str = "registry-agent",
+        endpoint_scheme: str = "",
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
@@ -277,7 +289,14 @@ class ConsulBackend:
             )
         self.host = host
         self.port = port
+        if endpoint_scheme and not _ENDPOINT_SCHEME.fullmatch(endpoint_scheme):
+            raise ConfigError(
+                f"expected a URL scheme in lower case (grpc, grpcs, http, https…), "
+                f"got {endpoint_scheme!r}",
+                field="backend.endpoint_scheme",
+            )
         self.flavor = flavor
+        self.endpoint_scheme = endpoint_scheme
         self.dc = dc
         self.timeout = timeout
         self.wait = wait
@@ -975,6 +994,7 @@ class ConsulBackend:
                 meta=svc.get("Meta") or {},
                 tagged_addresses=svc.get("TaggedAddresses") or {},
                 node=node.get("Node") or "",
+                endpoint_scheme=self.endpoint_scheme,
             )
             checks = [
                 c

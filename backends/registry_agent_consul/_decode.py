@@ -184,8 +184,17 @@ class ServiceView:
     evolves an :class:`~registry_agent._events.InstanceMap` by the changed ids.
     """
 
-    def __init__(self, service: str, *, local_node: str | None, preferred: Preferred, warn: Warn):
+    def __init__(
+        self,
+        service: str,
+        *,
+        local_node: str | None,
+        preferred: Preferred,
+        warn: Warn,
+        endpoint_scheme: str = "",
+    ):
         self.service = service
+        self.endpoint_scheme = endpoint_scheme  # read_instance's: which kratos endpoint
         self.local_node = local_node
         self._preferred = preferred
         self._warn = warn
@@ -523,6 +532,7 @@ class ServiceView:
                 meta=entry.ServiceMeta or {},
                 tagged_addresses=entry.ServiceTaggedAddresses or {},
                 node=entry.Node,
+                endpoint_scheme=self.endpoint_scheme,
             )
         except ConfigError as exc:
             self._warn(entry.ServiceID or "?", exc)

@@ -55,6 +55,8 @@ _CONSUL_TAGGED = frozenset(
     {"lan", "lan_ipv4", "lan_ipv6", "wan", "wan_ipv4", "wan_ipv6", "virtual"}
 )
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,31}$")
+# Go's strconv.ParseBool: the spellings of true (kratos's legacy isSecure=…).
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _KRATOS_VERSION = "version="
 #: Where the default flavor keeps the fields Consul has no place for.
 META_VERSION = "registry-agent-version"
@@ -84,7 +86,12 @@ def _tagged_url(value: Any) -> str:
 
 
 def _endpoint(url: str) -> tuple[str, str, int | None] | None:
-    """``(scheme, host, port)`` of an endpoint URL; None when it is not one."""
+    """``(scheme, host, port)`` of an endpoint URL; None when it is not one.
+
+    A legacy ``?isSecure=true`` (go-kratos/kratos v2.1.0 to v2.3.0 wrote
+    ``grpc://…?isSecure=true`` for TLS; ``internal/endpoint`` read it up to
+    v2.4.x) adds the ``s`` (``grpcs``, ``https``), as the etcd kratos format reads it.
+    """
     if "://" not in url:
         return None
     try:
@@ -92,6 +99,11 @@ def _endpoint(url: str) -> tuple[str, str, int | None] | None:
         port = parts.port
     except ValueError:
         return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("https", "grpcs"):
+        secure = [v for k, v in urllib.parse.parse_qsl(parts.query) if k == "isSecure"]
+        if secure and secure[0] in _GO_TRUE:
+            scheme += "s"
     # The host as written (urlsplit's hostname is lower-cased), without brackets.
     host = parts.netloc.rpartition("@")[2]
     if host.startswith("["):
@@ -100,11 +112,11 @@ def _endpoint(url: str) -> tuple[str, str, int | None] | None:
         host = host.rpartition(":")[0]
     if not host or not _SCHEME.match(parts.scheme):
         return None
-    return parts.scheme.lower(), host, port
+    return scheme, host, port
 
 
 def _pick_endpoint(
-    tagged_addresses: Mapping[str, Any], address: str, port: int
+    tagged_addresses: Mapping[str, Any], address: str, port: int, want: str = ""
 ) -> tuple[str, str, int] | None:
     """The kratos endpoint that stands for the instance (see :func:`read_instance`)."""
     found = []
@@ -114,6 +126,8 @@ def _pick_endpoint(
         parsed = _endpoint(_tagged_url(tagged_addresses[key]))
         if parsed is not None:
             found.append(parsed)
+    if want:
+        found = [e for e in found if e[0] == want] or found
     if not found:
         return None
     own = [e for e in found if (e[1], e[2] if e[2] is not None else port) == (address, port)]
@@ -131,6 +145,7 @@ def read_instance(
     meta: Mapping[str, str],
     tagged_addresses: Mapping[str, Any],
     node: str = "",
+    endpoint_scheme: str = "",
 ) -> ServiceInstance:
     """The instance a Consul entry stands for, whoever wrote it.
 
@@ -150,7 +165,10 @@ def read_instance(
        stands for the instance, giving its scheme, host and port: the one on the
        entry's own Address and Port (kratos sets them from its first endpoint),
        else the first by scheme name; several on that address: the first by
-       scheme name. The other endpoints are not carried.
+       scheme name. With ``endpoint_scheme`` (the backend option, e.g. ``grpc``)
+       only the endpoints of that scheme compete, by the same rules (none of
+       that scheme: all of them, as without it). The other endpoints are not
+       carried. A legacy ``grpc://…?isSecure=true`` reads as ``grpcs``.
     4. Spring: meta ``secure`` (``"true"``/``"false"``, any case, as Java's
        ``Boolean.parseBoolean``) is taken out; true gives scheme ``https``.
 
@@ -179,7 +197,7 @@ def read_instance(
         left_tags = plain
         version = version or kratos_version
     if tagged_addresses and not tagged_addresses.keys() <= _CONSUL_TAGGED:
-        picked = _pick_endpoint(tagged_addresses, address, port)
+        picked = _pick_endpoint(tagged_addresses, address, port, endpoint_scheme)
         if picked is not None:
             picked_scheme, address, port = picked
             scheme = scheme or picked_scheme
@@ -287,10 +305,11 @@ def validate_flavor(instance: ServiceInstance, flavor: str = "registry-agent") -
             raise Rejected(f"{why} (flavor go-micro)", **context)
     elif flavor == "spring":
         if not _DNS_NAME.match(instance.service):
+            # The field is named once: the agent already says which service[i] it is.
             raise Rejected(
-                f"service: Spring Cloud Consul takes service names of letters, digits and "
-                f"single '-', starting with a letter and ending with a letter or digit "
-                f"(its normalizeForDns; Consul DNS too), got {instance.service!r}",
+                f"service name {instance.service!r}: Spring Cloud Consul takes letters, "
+                f"digits and single '-', starting with a letter and ending with a letter "
+                f"or digit (its normalizeForDns; Consul DNS too)",
                 **context,
             )
         secure = instance.meta.get("secure")
