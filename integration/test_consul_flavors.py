@@ -159,7 +159,7 @@ async def test_peer_entries_read_by_list_watcher_and_discovery(consul: ConsulSer
                 consul.node,
             )
     # go-micro: its encoded tags decoded into version, scheme and meta, and taken out of
-    # the tags (Consul's Meta, the same map in plugins v4+, is not read).
+    # the tags (Consul's Meta, the same map in plugins v4+, joined under them).
     micro = ServiceInstance.from_registry(
         service="greeter",
         id="greeter-5f1e",
@@ -393,3 +393,68 @@ async def test_registrars_of_every_flavor_stay_registered_and_heal(
         for reg in regs.values():
             await reg.stop(timeout=5)
             await reg.backend.close()
+
+
+# -- issue 14 fixes, on a real Consul ---------------------------------------------------
+
+KRATOS_TWO = {  # kratos with endpoints http://10.5.0.1:8000 (first) and grpc://10.5.0.1:9000
+    "ID": "kratos-two",
+    "Name": "hello-two",
+    "Tags": ["version=v2.0.0"],
+    "Address": "10.5.0.1",
+    "Port": 8000,
+    "TaggedAddresses": {
+        "http": {"Address": "http://10.5.0.1:8000", "Port": 8000},
+        "grpc": {"Address": "grpc://10.5.0.1:9000", "Port": 9000},
+    },
+    "Meta": {},
+}
+KRATOS_LEGACY = {  # kratos v2.1.0-v2.3.0: a TLS gRPC server wrote grpc://…?isSecure=true
+    "ID": "kratos-legacy",
+    "Name": "hello-legacy",
+    "Tags": ["version=v2.2.0"],
+    "Address": "10.5.0.2",
+    "Port": 9000,
+    "TaggedAddresses": {"grpc": {"Address": "grpc://10.5.0.2:9000?isSecure=true", "Port": 9000}},
+    "Meta": {},
+}
+
+
+async def test_endpoint_scheme_legacy_tls_and_plain_go_micro_like_tags(
+    consul: ConsulServer,
+) -> None:
+    async with http(consul) as client:
+        for payload in (KRATOS_TWO, KRATOS_LEGACY):
+            answer = await client.put("/v1/agent/service/register", json=payload)
+            assert answer.status_code == 200, answer.text
+    default = ConsulBackend("127.0.0.1", consul.http_port, timeout=2)
+    grpc = ConsulBackend.from_url(
+        f"consul://127.0.0.1:{consul.http_port}", {"endpoint_scheme": "grpc", "timeout": "2s"}
+    )
+    # A default-flavor instance whose plain tag looks like go-micro's old version tag.
+    tricky = ServiceInstance(
+        "tricky", address="10.0.1.3", port=80, scheme="grpc", version="1.0",
+        meta={"zone": "a"}, tags=("v=2",),
+    )  # fmt: skip
+    lease = await default.register(tricky, ttl=30)
+    try:
+        (two,) = (await default.list("hello-two")).instances.values()
+        assert (two.instance.scheme, two.instance.port) == ("http", 8000)
+        (two,) = (await grpc.list("hello-two")).instances.values()
+        assert (two.instance.scheme, two.instance.address, two.instance.port) == (
+            "grpc",
+            "10.5.0.1",
+            9000,
+        )
+        assert two.instance.version == "v2.0.0"
+        (legacy,) = (await default.list("hello-legacy")).instances.values()
+        assert (legacy.instance.scheme, legacy.instance.port) == ("grpcs", 9000)
+        (found,) = (await default.list("tricky")).instances.values()
+        assert found.instance == tricky
+        looked = await default.lookup(lease)  # the registrar's check: no re-register loop
+        assert looked is not None
+        assert looked.instance == tricky
+    finally:
+        await default.deregister(lease)
+        await grpc.close()
+        await default.close()
