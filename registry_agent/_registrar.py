@@ -12,9 +12,10 @@ import contextlib
 import inspect
 import logging
 import os
+import re
 import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Unpack
@@ -22,7 +23,6 @@ from typing import Any, Unpack
 from registry_agent._backend import Backend, Lease, LivenessNews, SharedLiveness
 from registry_agent._connection import follow_connection
 from registry_agent._errors import (
-    BackendNotFound,
     BackendUnavailable,
     ConfigError,
     RegistryError,
@@ -31,9 +31,14 @@ from registry_agent._errors import (
 from registry_agent._fork import ForkGuard
 from registry_agent._health.checks import CheckResult, HealthCheck, as_check
 from registry_agent._health.gate import Desired, GateState, HealthGate, desired_registration
+from registry_agent._identity import (
+    describe_identity,
+    identity_of,
+    listed_backends,
+    open_listed,
+)
 from registry_agent._models import InstanceHealth, ServiceInstance
 from registry_agent._options import HEARTBEAT_FLOOR, TTL_FLOOR, OptionArgs, RegistrationOptions
-from registry_agent._plugins import open_backend
 from registry_agent._probe import ConnectionAware
 from registry_agent._reconcile import Step
 from registry_agent._registration import (
@@ -71,6 +76,9 @@ __all__ = [
 
 log = logging.getLogger("registry_agent.registrar")
 
+# The "(backend=…, service=…, instance=…)" a RegistryError's text ends with.
+_CONTEXT = re.compile(r" \(backend=[^()]*\)$")
+
 # Releasing a lease we abandoned is best effort: never wait longer than this for it.
 _RELEASE_TIMEOUT = 2.0
 
@@ -88,31 +96,16 @@ def _accepts(function: Callable[..., Any], keyword: str) -> bool:
 
 
 def _one_or_many(backend: BackendArg) -> list[str | Backend]:
-    """``backend`` as a list: one URL or Backend, or the items of a sequence of them."""
-    if isinstance(backend, str) or not isinstance(backend, Sequence):
-        return [backend]
-    given = list(backend)
-    if not given:
-        raise ConfigError(
-            "expected a backend URL or object, or a non-empty list of them", field="backend"
-        )
-    return given
+    """``backend`` as a list: one URL or Backend, or the items of a list or tuple of them
+    (anything else is a ConfigError naming ``backend`` or ``backend[i]``)."""
+    return listed_backends(backend)
 
 
 def _open(given: str | Backend, where: str | None) -> Backend:
     """Open a URL (not connecting); ``where`` (``backend[1]``) names it in errors."""
     if not isinstance(given, str):
         return given
-    try:
-        return open_backend(given)
-    except ConfigError as exc:
-        if where is None:
-            raise
-        raise ConfigError(exc.reason, field=where) from None
-    except BackendNotFound as exc:
-        if where is None:
-            raise
-        raise BackendNotFound(f"{where}: {exc.message}", backend=exc.backend) from None
+    return open_listed(given, where)
 
 
 def _registry_key(given: str | Backend) -> object:
@@ -123,6 +116,28 @@ def _registry_key(given: str | Backend) -> object:
         hosts = tuple((host.lower(), port) for host, port in url.endpoints)
         return (url.scheme, hosts, url.path.rstrip("/"), tuple(sorted(url.query.items())))
     return id(given)
+
+
+def _refuse_same_registry(given: list[str | Backend], backends: list[Backend]) -> None:
+    """Two lanes writing one entry would take it from each other forever: refuse the
+    same registry twice, by the backends' ``registry_identity`` where they have one
+    (else the URL, credentials aside, or the object)."""
+    seen: dict[Hashable, int] = {}
+    for i, (item, backend) in enumerate(zip(given, backends, strict=True)):
+        identity, said = identity_of(backend, _registry_key(item))
+        first = seen.setdefault(identity, i)
+        if first == i:
+            continue
+        if said:
+            why = f"both write to {describe_identity(identity)}"
+        elif isinstance(item, str):
+            why = "the same URL, credentials aside"
+        else:
+            why = "the same object"
+        raise ConfigError(
+            f"the same registry as backend[{first}] ({why}): list each registry once",
+            field=f"backend[{i}]",
+        )
 
 
 def _url_name(text: str) -> str:
@@ -309,14 +324,7 @@ class AsyncRegistrar:
         # Opening a backend creates no connection: clients appear on first use,
         # inside the process that runs start() (after a fork, not before).
         backends = [_open(item, f"backend[{i}]" if many else None) for i, item in enumerate(given)]
-        seen: dict[object, int] = {}
-        for i, item in enumerate(given):
-            first = seen.setdefault(_registry_key(item), i)
-            if first != i:
-                raise ConfigError(
-                    f"the same registry as backend[{first}]: list each backend once",
-                    field=f"backend[{i}]",
-                )
+        _refuse_same_registry(given, backends)
         names = _lane_names(given, backends)
         return [
             _BackendLane(
@@ -452,18 +460,21 @@ class AsyncRegistrar:
         refused = [(lane, lane.reg.rejection) for lane in self._lanes if lane.reg.rejection]
         missing = [lane for lane in self._lanes if lane.reg.actual is None]
         why = _per_lane(
-            (lane.name, lane.reg.last_error or f"health gate is {self.state}") for lane in missing
+            (lane.name, _CONTEXT.sub("", lane.reg.last_error or f"health gate is {self.state}"))
+            for lane in missing
         )
         await self.stop()
         for lane, rejection in refused:
             assert rejection is not None
             raise self._naming(lane, rejection)
         where = f" in {', '.join(lane.name for lane in missing)}" if len(self._lanes) > 1 else ""
+        # One context, of the backends it is about (each error's own is dropped above).
+        about = ",".join(dict.fromkeys(lane.scheme for lane in missing)) or self._backend_name
         raise RegistrationTimeout(
             f"not registered within {timeout:g}s{where}: {why}",
             service=self.instance.service,
             instance=self.instance.id,
-            backend=self._backend_name,
+            backend=about,
         )
 
     async def set_backends(self, backends: BackendArg, *, timeout: float = 10.0) -> None:

@@ -29,8 +29,8 @@ from registry_agent._events import (
     diff_snapshots,
 )
 from registry_agent._fork import ForkGuard
+from registry_agent._identity import listed_backends, open_listed
 from registry_agent._models import InstanceHealth, ServiceSnapshot, _check_name
-from registry_agent._plugins import open_backend
 from registry_agent._registration import scrub_credentials
 from registry_agent._retry import RetryPolicy
 from registry_agent._urls import parse_backend_url
@@ -62,22 +62,19 @@ def open_backends(backend: Backends) -> tuple[_Member, ...]:
     Each is named for logs as the registrar names its backends: a URL without
     credentials or options, an object by its repr (credentials masked), and
     ``(backend[i])`` added to a name that repeats. Raises :class:`ConfigError` for
-    an empty list (field ``backend``) or the same URL or object listed twice
-    (``backend[i]``).
+    an empty list or anything but URLs and Backends (field ``backend`` or
+    ``backend[i]``), the same URL or object listed twice (``backend[i]``), and an
+    option a backend refuses (``backend[i]`` with several, as the registrar says it).
+    The same registry spelled twice is watched twice, harmlessly: the view merges it.
     """
-    given: list[str | Backend] = (
-        [backend] if isinstance(backend, str) or not isinstance(backend, Sequence) else [*backend]
-    )
-    if not given:
-        raise ConfigError(
-            "expected a backend URL or a list of them, got an empty list", field="backend"
-        )
+    given: list[str | Backend] = listed_backends(backend)
+    many = len(given) > 1
     opened: list[tuple[Backend, bool, str]] = []
     for i, item in enumerate(given):
         if any(item is other or (isinstance(item, str) and item == other) for other in given[:i]):
             raise ConfigError(f"{_name(item)} is listed twice", field=f"backend[{i}]")
         if isinstance(item, str):
-            opened.append((open_backend(item), True, _name(item)))
+            opened.append((open_listed(item, f"backend[{i}]" if many else None), True, _name(item)))
         else:
             opened.append((item, False, _name(item)))
     labels = [label for _, _, label in opened]

@@ -36,6 +36,7 @@ from registry_agent import (
     ServiceSnapshot,
     Throttled,
 )
+from registry_agent._identity import registry_address
 from registry_agent.backend import (
     ConnectionProbe,
     LivenessNews,
@@ -350,6 +351,14 @@ class ConsulBackend:
 
     def __repr__(self) -> str:
         return f"ConsulBackend({self._scheme}://{self.host}:{self.port})"
+
+    @property
+    def registry_identity(self) -> tuple[str, str]:
+        """Which entries this backend writes, for refusing the same registry twice: the
+        agent's ``host:port`` (as :func:`registry_address` spells it, no DNS). Service
+        IDs are unique per agent, so the flavor, ``dc`` (registration goes to the local
+        agent whatever it is), token and TLS settings are not part of it."""
+        return ("consul", registry_address(self.host, self.port))
 
     @property
     def api(self) -> AsyncConsul:

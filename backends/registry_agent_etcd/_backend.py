@@ -32,6 +32,7 @@ from registry_agent import (
     ServiceSnapshot,
     Throttled,
 )
+from registry_agent._identity import registry_address
 from registry_agent.backend import (
     ConnectionProbe,
     InstanceMap,
@@ -432,6 +433,16 @@ class EtcdBackend:
     def port(self) -> int:
         """Port of the member in use."""
         return self.endpoints[self._current][1]
+
+    @property
+    def registry_identity(self) -> tuple[str, tuple[str, ...], str]:
+        """Which entries this backend writes, for refusing the same registry twice: the
+        cluster (its endpoints in any order, hosts as :func:`registry_address` spells
+        them, no DNS) and the key root (the prefix, a format's default included). Two
+        formats under one prefix write the same keys, so the format is not part of it;
+        credentials, TLS and timeouts do not change where entries go."""
+        hosts = sorted({registry_address(host, port) for host, port in self.endpoints})
+        return ("etcd", tuple(hosts), self._root)
 
     @property
     def client(self) -> aetcd.Client:

@@ -26,7 +26,7 @@ import copy
 import hashlib
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from typing import Any
 from registry_agent._backend import Backend
 from registry_agent._errors import BackendNotFound, ConfigError
 from registry_agent._health.base import HealthCheck
+from registry_agent._identity import describe_identity, identity_of
 from registry_agent._models import ServiceInstance
 from registry_agent._options import OPTION_KEYS, RegistrationOptions
 from registry_agent._plugins import check_class, check_kinds, open_backend
@@ -343,15 +344,22 @@ def _backends(raw: Any, source: str, base: Path) -> tuple[BackendConfig, ...]:
     if not raw:
         raise ConfigError("expected at least one [[backend]] table", field="backend", source=source)
     backends: list[BackendConfig] = []
+    seen: dict[Hashable, int] = {}
     for i, item in enumerate(raw):
         config = _backend(Table(item, f"backend[{i}]", source), base)
-        for j, other in enumerate(backends):
-            if (config.url, config.settings) == (other.url, other.settings):
-                raise ConfigError(
-                    f"the same registry as backend[{j}]: each [[backend]] table names another",
-                    field=f"backend[{i}].url",
-                    source=source,
-                )
+        # Two tables writing one registry would take the entries from each other
+        # forever: compared by what the backend writes to (registry_identity), else
+        # by the URL and options as given.
+        as_given = (config.url, repr(sorted(config.settings.items())))
+        identity, said = identity_of(config.open(), as_given)
+        j = seen.setdefault(identity, i)
+        if j != i:
+            why = f" (both write to {describe_identity(identity)})" if said else ""
+            raise ConfigError(
+                f"the same registry as backend[{j}]{why}: each [[backend]] table names another",
+                field=f"backend[{i}].url",
+                source=source,
+            )
         backends.append(config)
     return tuple(backends)
 

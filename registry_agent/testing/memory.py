@@ -277,6 +277,15 @@ class MemoryBackend(Backend):
     def __init__(self, registry: MemoryRegistry | None = None) -> None:
         self.registry = registry if registry is not None else MemoryRegistry()
 
+    @property
+    def registry_identity(self) -> tuple[str, str]:
+        """Which entries this backend writes: its registry's name (``memory://NAME``),
+        or that registry object's own identity for one not made by :meth:`MemoryRegistry.named`."""
+        registry = self.registry
+        if MemoryRegistry._named.get(registry.name) is registry:
+            return ("memory", registry.name)
+        return ("memory", f"{registry.name or 'unnamed'}@{id(registry):#x}")
+
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> MemoryBackend:
         parsed = parse_backend_url(url, default_port=0)
