@@ -177,7 +177,7 @@ class AgentRuntime:
             log.info(
                 "agent running: %d service(s) on %s",
                 len(self.registrars),
-                ", ".join(backend.redacted() for backend in self.config.backends),
+                ", ".join(self.backend_names()),
                 extra={"event": "agent_started"},
             )
             await self._stop.wait()
@@ -524,7 +524,7 @@ class AgentRuntime:
                 "config": self.config.source,
                 "reloads": self.reloads,
                 "backend": self.config.backend.redacted(),
-                "backends": [backend.redacted() for backend in self.config.backends],
+                "backends": self.backend_names(),
                 "subreaper": self.subreaper,
                 "orphans_reaped": self.reaper.reaped,
                 "status_connections": self.status_server.connections if self.status_server else 0,
