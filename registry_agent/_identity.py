@@ -106,6 +106,8 @@ def _shown(item: object) -> str:
     """What was given, for an error: its type and a short repr (credentials masked)."""
     if item is None:
         return "None"
+    if isinstance(item, type):
+        return f"the class {item.__name__} (give an instance)"
     text = scrub_credentials(repr(item))
     if len(text) > 60:
         text = text[:57] + "..."
