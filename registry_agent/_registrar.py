@@ -299,6 +299,7 @@ class AsyncRegistrar:
             raise ConfigError(f"check names must be unique, got {names}", field="checks")
         self.gate = HealthGate(names, rise=options.rise, fall=options.fall)
         self._shared_liveness = shared_liveness
+        self._changing: asyncio.Lock | None = None  # held by set_backends
         #: What was given for each lane (a URL or a Backend), in the lanes' order.
         self._given = _one_or_many(backend)
         self._lanes = self._make_lanes(self._given, shared_liveness)
@@ -494,6 +495,12 @@ class AsyncRegistrar:
         backend refuses the instance or the options, see :meth:`validate`) before
         anything changes; :class:`RuntimeError` once stopping.
         """
+        if self._changing is None:
+            self._changing = asyncio.Lock()
+        async with self._changing:  # one change at a time: each starts from the last
+            await self._set_backends(backends, timeout)
+
+    async def _set_backends(self, backends: BackendArg, timeout: float) -> None:
         if self._stopping:
             raise RuntimeError("the registrar is stopping: its backends cannot change")
         given = _one_or_many(backends)

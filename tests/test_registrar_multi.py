@@ -644,3 +644,27 @@ async def test_set_backends_keeps_a_shared_lease_followed() -> None:
     await within(3 * TTL, lambda: held(a) is HealthStatus.PASSING)
     assert reg.snapshot().backends[0].counters["reregistrations"] == 1
     await reg.stop()
+
+
+@virtual_time
+async def test_concurrent_set_backends_take_turns() -> None:
+    class SlowToValidate(Counting):
+        validations = 0
+
+        async def validate(self, instance: ServiceInstance) -> None:
+            self.validations += 1
+            if self.validations == 1:
+                await asyncio.sleep(0.1)  # the second change comes in meanwhile
+
+    a, b, c = fresh(), fresh(), fresh()
+    kb = SlowToValidate(b)
+    reg = make([a.url])
+    await reg.start(wait_registered=2)
+    await asyncio.gather(reg.set_backends([a.url, kb]), reg.set_backends([a.url, kb, c.url]))
+    assert len(reg.backends) == 3
+    await within(1.0, lambda: held(b) is held(c) is HealthStatus.PASSING)
+    await asyncio.sleep(TTL)
+    # The second change started from the first: b's lane was kept, not made twice.
+    assert kb.registers == 1
+    assert kb.deregisters == 0
+    await reg.stop()
