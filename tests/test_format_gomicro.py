@@ -165,14 +165,13 @@ GOLDEN = [
         id="go-escaping",
     ),
     pytest.param(
-        # Tags are lost; the scheme wins over a meta key "protocol".
+        # Tags are lost (a meta key "protocol" is refused: test_meta_protocol_is_refused).
         ServiceInstance(
             "orders",
             address="10.0.0.5",
             port=8080,
             id="t",
             tags=("blue", "canary"),
-            meta={"protocol": "mucp"},
             scheme="grpcs",
         ),
         b"/micro/registry/orders/t",
@@ -414,3 +413,27 @@ def test_the_backend_skips_a_foreign_value() -> None:
     parsed = backend._parse("orders", key, good)
     assert parsed is not None
     assert parsed.instance.address == "h"
+
+
+def test_meta_protocol_is_refused() -> None:
+    # Written, the scheme overwrote it ('mucp' read back as grpc, meta {}): the Consul
+    # go-micro flavor refuses it with these words, and so does the etcd format, through
+    # the backend's validate() as well.
+    instance = ServiceInstance(
+        "orders", address="10.0.0.5", port=8080, scheme="grpc", meta={"protocol": "mucp"}
+    )
+    for call in (
+        lambda: FMT.encode(instance, PASSING, ""),
+        lambda: EtcdBackend(format="go-micro").validate(instance),
+    ):
+        with pytest.raises(Rejected, match=r"^meta\.protocol: go-micro's 'protocol' metadata"):
+            call()
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "0:0:0:0:0:0:0:0", "[::]"])
+def test_unspecified_address_is_refused(address: str) -> None:
+    instance = ServiceInstance("orders", address=address, port=8080, id="a")
+    with pytest.raises(ConfigError) as caught:
+        EtcdBackend(format="go-micro").validate(instance)
+    assert caught.value.field == "address"
+    assert "every interface" in str(caught.value)

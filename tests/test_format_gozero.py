@@ -239,3 +239,26 @@ def test_split_hostport_reads_like_go() -> None:
     assert split_hostport("[::ffff:10.0.0.5]:443") == ("::ffff:10.0.0.5", 443)
     with pytest.raises(ValueError, match="brackets"):
         split_hostport("fe80::1:80")
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "::%eth0"])
+def test_unspecified_address_is_refused(address: str) -> None:
+    # zeromicro/go-zero zrpc/internal/rpcpubserver.go figureOutListenOn (since 0452dba):
+    # go-zero publishes POD_IP or the internal IP in place of 0.0.0.0.
+    instance = ServiceInstance("orders.rpc", address=address, port=8080, id="1")
+    with pytest.raises(ConfigError) as caught:
+        EtcdBackend(format="go-zero").validate(instance)
+    assert caught.value.field == "address"
+    assert "replaces 0.0.0.0 by POD_IP" in str(caught.value)
+    # Any other address, even one ending like it, is written.
+    other = ServiceInstance("orders.rpc", address="10.0.0.0", port=8080, id="1")
+    assert FMT.encode(other, HealthStatus.PASSING, "") == b"10.0.0.0:8080"
+
+
+def test_two_keys_holding_one_value_stay_two_entries() -> None:
+    # go-zero's container lists the value once; we keep each key (its own publisher and
+    # lease): removing one must not remove the endpoint the other still publishes.
+    one = FMT.decode("orders.rpc", "1", b"10.0.0.5:8080")
+    two = FMT.decode("orders.rpc", "2", b"10.0.0.5:8080")
+    assert one.instance.id != two.instance.id
+    assert (one.instance.address, one.instance.port) == (two.instance.address, 8080)

@@ -246,7 +246,10 @@ _label = st.text(string.ascii_lowercase + string.digits, min_size=1, max_size=8)
 
 
 @given(
-    address=st.one_of(st.ip_addresses().map(str), _label.map(lambda s: s + ".example")),
+    address=st.one_of(
+        st.ip_addresses().filter(lambda ip: not ip.is_unspecified).map(str),
+        _label.map(lambda s: s + ".example"),
+    ),
     port=st.integers(1, 65535),
     scheme=st.sampled_from(["http", "https", "grpc", "grpcs", "ws"]),
     version=st.text(string.ascii_letters + string.digits + ".-+<>&", max_size=10),
@@ -269,3 +272,12 @@ def test_round_trip_and_plain_json(
     assert b"<" not in value
     assert b">" not in value
     assert b"&" not in value
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::"])
+def test_unspecified_address_is_refused(address: str) -> None:
+    instance = ServiceInstance("orders", address=address, port=9000, id="a", scheme="grpc")
+    with pytest.raises(ConfigError) as caught:
+        EtcdBackend(format="kratos").validate(instance)
+    assert caught.value.field == "address"
+    assert "kratos servers publish their own IP" in str(caught.value)

@@ -36,7 +36,9 @@ import json
 import re
 from typing import Any, ClassVar
 
-from registry_agent import HealthStatus, InstanceHealth, ServiceInstance
+from registry_agent import HealthStatus, InstanceHealth, Rejected, ServiceInstance
+from registry_agent.backend import error_context
+from registry_agent_etcd._format_gozero import refuse_unspecified
 
 __all__ = ["GoMicroFormat", "go_json"]
 
@@ -180,8 +182,21 @@ class GoMicroFormat:
         Node metadata: the meta, and ``protocol`` = the scheme when one is set
         (go-micro servers write ``mucp``, ``grpc`` or ``http``). Version: the
         instance's, ``latest`` when none. Tags, ``status`` and ``note`` are lost.
+        Raises :class:`Rejected` for a meta ``protocol`` (the scheme's place: it
+        would be overwritten or read back as the scheme) and :class:`ConfigError`
+        naming ``address`` for ``0.0.0.0``/``::`` (go-micro servers publish their
+        own IP, ``util/addr.Extract``).
         """
         del status, note  # presence only: the backend refuses a non-passing status
+        refuse_unspecified(instance.address, self.name)
+        if PROTOCOL in instance.meta:
+            # The words of the Consul go-micro flavor (registry_agent_consul._gomicro).
+            raise Rejected(
+                "meta.protocol: go-micro's 'protocol' metadata is written from the instance's "
+                "scheme; set scheme (http, https, grpc, grpcs…) instead of meta 'protocol' "
+                "(format go-micro)",
+                **error_context("etcd", instance=instance),
+            )
         metadata = dict(instance.meta)
         if instance.scheme:
             metadata[PROTOCOL] = instance.scheme

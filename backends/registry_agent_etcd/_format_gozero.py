@@ -18,7 +18,19 @@ Read from zeromicro/go-zero (v1.0.0 to v1.10.3; the layout has not changed):
   hands each one to gRPC as an address. The key's last segment is never read.
 
 So an entry holds presence and an address: no tags, meta, version, scheme or
-health. A value we cannot use as an address (no port, JSON, a URL) is refused.
+health. A value we cannot use as an address (no port, JSON, a URL) is refused,
+and so is the unspecified address ``0.0.0.0``/``::`` (:func:`refuse_unspecified`):
+go-zero itself never publishes it (since 0452dba, ``figureOutListenOn`` puts
+``POD_IP`` or the internal IP in its place; the first releases published
+``ListenOn`` as is), and no client can dial it.
+
+Two keys holding one value (two publishers of one ``host:port``) are kept as
+two entries, though go-zero's ``container`` lists the value once (its
+``values`` map: value -> keys; the value leaves when its last key does): the
+keys are distinct publishers with their own leases, and one of them going
+must read as ``deleted`` while the other stays. A consequence: our
+``Discovery.choose()`` weights such an endpoint twice where go-zero's
+round-robin weights it once.
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from typing import Any, ClassVar
 
 from registry_agent import ConfigError, HealthStatus, InstanceHealth, ServiceInstance
 
-__all__ = ["GoZeroFormat", "entry_number", "split_hostport"]
+__all__ = ["GoZeroFormat", "entry_number", "refuse_unspecified", "split_hostport"]
 
 # What a go-zero value may hold as its host outside brackets: a DNS name or an IPv4 address.
 _HOST = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -61,6 +73,27 @@ def _check_host(host: str) -> bool:
             return False
         return True
     return bool(_HOST.match(host))
+
+
+def refuse_unspecified(address: str, format_name: str) -> None:
+    """Raise :class:`ConfigError` naming ``address`` when it is ``0.0.0.0``, ``::`` (any
+    spelling): a listening socket's wildcard, which a peer's client cannot dial."""
+    try:
+        unspecified = ipaddress.ip_address(address.strip("[]").partition("%")[0]).is_unspecified
+    except ValueError:
+        return
+    if unspecified:
+        own = (  # what the peer's own servers publish instead
+            "go-zero itself replaces 0.0.0.0 by POD_IP or the host's internal IP"
+            if format_name == "go-zero"
+            else f"{format_name} servers publish their own IP"
+        )
+        raise ConfigError(
+            f"format={format_name} publishes the address clients dial, and {address!r} "
+            f"(every interface) is not one: register the instance's own IP or host name "
+            f"({own})",
+            field="address",
+        )
 
 
 def split_hostport(value: str) -> tuple[str, int]:
@@ -103,9 +136,11 @@ class GoZeroFormat:
 
     def encode(self, instance: ServiceInstance, status: HealthStatus, note: str) -> bytes:
         """``host:port`` (``[ipv6]:port``, like Go's ``net.JoinHostPort``); everything else
-        is lost. Raises :class:`ConfigError` for an address go-zero clients cannot dial."""
+        is lost. Raises :class:`ConfigError` for an address go-zero clients cannot dial
+        (``0.0.0.0``/``::`` among them)."""
         del status, note  # presence only: the backend refuses a non-passing status
         address = instance.address
+        refuse_unspecified(address, self.name)
         if not _check_host(address):
             raise ConfigError(
                 "format=go-zero stores host:port, which go-zero clients dial: expected a "

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
 from registry_agent import ConfigError, HealthStatus, InstanceHealth, ServiceInstance
+from registry_agent_etcd._format_gozero import refuse_unspecified
 
 __all__ = ["KratosFormat"]
 
@@ -204,7 +205,10 @@ class KratosFormat:
         return instance.id
 
     def encode(self, instance: ServiceInstance, status: HealthStatus, note: str) -> bytes:
+        """kratos's JSON instance; :class:`ConfigError` naming ``address`` for ``0.0.0.0``/``::``
+        (kratos servers publish their own IP, ``internal/host.Extract``)."""
         del status, note  # presence only: the backend refuses a non-passing status first
+        refuse_unspecified(instance.address, self.name)
         meta = instance.meta
         metadata = (
             "{" + ",".join(f"{_go_string(k)}:{_go_string(meta[k])}" for k in sorted(meta)) + "}"
