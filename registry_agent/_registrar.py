@@ -242,9 +242,11 @@ class AsyncRegistrar:
     :attr:`ready` are true while ANY backend holds the entry (passing, for
     ``ready``): a secondary registry going down does not make the instance
     unready. ``status()["backends"]`` says what each backend holds; events name
-    their backend (:attr:`RegistrarEvent.backend`). A sequence of one is the same
-    as that one backend; the same URL (credentials aside) or object twice is a
-    :class:`~registry_agent.ConfigError`.
+    their backend (:attr:`RegistrarEvent.backend`). A list or tuple of one is the
+    same as that one backend. The same registry twice is a
+    :class:`~registry_agent.ConfigError`, however it is spelled: backends that say
+    which entries they write (``registry_identity``: an etcd cluster and key prefix,
+    a Consul agent) are compared by that, others by URL (credentials aside) or object.
 
     Keywords (:class:`RegistrarArgs`): ``ttl=10.0``, ``heartbeat=None`` (``ttl / 3``),
     ``checks=()``, ``fall=3``, ``rise=2``, ``on_unhealthy="deregister"``,
