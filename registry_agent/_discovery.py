@@ -34,7 +34,11 @@ class AsyncDiscovery:
     registry that is down keeps its last view). The first call for a service
     then waits until one registry has answered and each other has answered or
     failed once, or, when one keeps silent, ``sync_timeout`` (then it serves what
-    the others said).
+    the others said). That hold is paid once per service: a registry that stays
+    silent delays the first call for each service it is asked about by up to
+    ``sync_timeout``, later calls not at all. An instance's ``id`` can change
+    between calls while its ``address:port`` stays (the registry shown for it
+    changed): key by the endpoint.
     """
 
     def __init__(

@@ -133,9 +133,16 @@ class AsyncWatcher:
     registries, in whatever format, is one entry, recognised by its
     ``address:port``; the instance shown is the one from the first backend in
     the list that holds it; it is healthy when any backend reports it passing.
+    Entries of *one* registry stay distinct: two Consul services on one
+    ``address:port`` are two entries (keys ``address:port`` and
+    ``address:port #2``), so adding a registry never hides what another shows.
     ``added`` comes when the first registry has it, ``deleted`` when the last one
     drops it, ``updated`` when the shown instance changes (moving from one
-    registry to another gives no event when both hold the same fields).
+    registry to another gives no event when both hold the same fields). Such
+    an ``updated`` can change ``instance.id`` (each registry has its own id
+    for the instance: a Consul id, a go-zero lease number): a consumer of a
+    merged view keys what it keeps by ``address:port`` (the event's
+    endpoint), not by ``instance.id``.
     Snapshots are keyed and ordered by ``address:port`` instead of the
     registry's key, and an event's ``index`` is that of the registry whose
     change caused it (indexes of different registries do not compare). Each
