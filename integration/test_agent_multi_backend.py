@@ -207,6 +207,7 @@ def test_sighup_adding_and_removing_a_backend_leaves_the_kept_ones_untouched(
             "/metrics", 200
         )
         assert backends_of(agent) == {consul: (True, True), etcd: (True, True)}
+        assert agent.logs().count("0 added, 0 changed, 0 removed, 1 unchanged") == 2
     finally:
         for watcher in watchers:
             watcher.close()
