@@ -592,7 +592,9 @@ def test_shared_verification_compares_the_written_payload() -> None:
 # -- go-micro mode needs go-micro data (issue 14: a lone 'v=2' lost Meta) --------------
 
 
-@pytest.mark.parametrize("tags", [["v=2"], ["t=blue"], ["e=prod"], ["e-1"], ["v=2", "t=null"]])
+@pytest.mark.parametrize(
+    "tags", [["v=2"], ["t=blue"], ["e=prod"], ["e-1"], ["v=2", "t=null"], ["version=2024.1"]]
+)
 def test_default_flavor_with_go_micro_like_plain_tags_round_trips(tags: list[str]) -> None:
     instance = ServiceInstance(
         "tricky2", address="10.0.1.1", port=80, scheme="grpc", version="1.0",

@@ -160,7 +160,8 @@ def read_instance(
        left are the plain ones.
     2. Ours: meta ``registry-agent-version`` and ``registry-agent-scheme``.
     3. kratos: the last ``version=<v>`` tag (every one is taken out; kratos's
-       ``defaultResolver`` keeps the last). Its ``TaggedAddresses`` holding URLs
+       ``defaultResolver`` keeps the last), unless the entry carries our meta
+       keys (then it is ours, and such a tag is a plain tag). Its ``TaggedAddresses`` holding URLs
        (Consul's own ``lan``/``wan``/``*_ipv4``/``*_ipv6`` skipped): one endpoint
        stands for the instance, giving its scheme, host and port: the one on the
        entry's own Address and Port (kratos sets them from its first endpoint),
@@ -182,12 +183,14 @@ def read_instance(
         left_tags = micro.tags
         fields = dict(micro.meta)
         version, scheme = micro.version, micro.scheme.lower()
-    version = version or _lift(fields, META_VERSION, _version_ok)
-    scheme = scheme or _lift(fields, META_SCHEME, _SCHEME.match).lower()
+    ours = _lift(fields, META_VERSION, _version_ok)
+    ours_scheme = _lift(fields, META_SCHEME, _SCHEME.match).lower()
+    version, scheme = version or ours, scheme or ours_scheme
     kratos_version: str | None = None
     plain: list[str] = []
     for tag in left_tags:
-        if isinstance(tag, str) and tag.startswith(_KRATOS_VERSION):
+        # An entry of ours (our meta keys) is no kratos entry: its 'version=…' tags are tags.
+        if isinstance(tag, str) and tag.startswith(_KRATOS_VERSION) and not (ours or ours_scheme):
             value = tag[len(_KRATOS_VERSION) :]
             if value == "" or _version_ok(value):
                 kratos_version = value  # the last one wins, as in kratos's resolver
