@@ -243,17 +243,16 @@ def meant(flavor: str) -> ServiceInstance:
 
 
 def lossy(flavor: str, shared: bool) -> ServiceInstance:
-    """An instance that reads back otherwise than it was given (a kratos version tag
-    read as the field, Spring's ``secure`` taken out, whoever wrote it): only
-    lookup()'s normalised comparison keeps its registrar from registering it again
-    and again."""
+    """An instance that reads back otherwise than it was given (Spring's ``secure``
+    taken out, whoever wrote it): only lookup()'s normalised comparison keeps its
+    registrar from registering it again and again."""
     meta = {
-        "registry-agent": {"team": "a"},
-        "kratos": {"team": "a", "secure": "false"},  # Spring's: taken out when read
+        "registry-agent": {"team": "a", "secure": "false"},  # Spring's: taken out when read
+        "kratos": {"team": "a", "secure": "false"},  # likewise
         "go-micro": {"team": "a", "secure": "false"},  # likewise
         "spring": {"team": "a", "secure": "true"},  # taken out (the scheme says it)
     }[flavor]
-    # Read as kratos's version tag whoever wrote it: the tag is lifted into the field.
+    # An entry of ours keeps a 'version=' tag as a tag (it carries our meta keys).
     tags = ("version=2.1.0",) if flavor == "registry-agent" else ()
     scheme = SCHEMES[flavor]
     return ServiceInstance(
