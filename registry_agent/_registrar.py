@@ -484,12 +484,15 @@ class AsyncRegistrar:
         """Change the registries the instance is kept in, without a gap in the others.
 
         ``backends`` is what the constructor takes. A backend already in use (the same
-        object, or the same URL credentials aside) keeps its lane as it is: its entry,
-        lease, follows and counters are untouched (no deregistration, no new
+        object, or the same URL string) keeps its lane as it is: its entry, lease,
+        follows and counters are untouched (no deregistration, no new
         registration). A backend no longer listed is stopped and its entry removed,
         each within ``timeout`` and all at once. A new backend starts registering at
         once under the current health gate: an instance already healthy is
-        registered there without waiting for ``rise`` passes. The lanes take the
+        registered there without waiting for ``rise`` passes. A new backend for a
+        registry being left (the same ``registry_identity``: other options or
+        credentials) writes the same entry, so it registers once the old lane has
+        removed it: a gap of one deregistration and one registration, there only. The lanes take the
         new list's order (``status()["backends"]`` indexes and names follow it).
 
         Raises :class:`~registry_agent.ConfigError` (an empty list, the same
@@ -537,21 +540,40 @@ class AsyncRegistrar:
             await _close_owned(added)
             raise RuntimeError("the registrar is stopping: its backends cannot change")
         removed = [lane for lane in self._lanes if not any(lane is n for n in lanes)]
+        # A new backend object for a registry we leave (new options or credentials)
+        # writes the same entry: it registers once the old lane has removed it, or
+        # that removal would take the new entry away until the next read-back.
+        leaving = {
+            identity_of(lane.backend, _registry_key(was))[0]
+            for was, lane in zip(self._given, self._lanes, strict=True)
+            if any(lane is r for r in removed)
+        }
+        after = [
+            lane
+            for item, lane in zip(given, lanes, strict=True)
+            if any(lane is a for a in added)
+            and identity_of(lane.backend, _registry_key(item))[0] in leaving
+        ]
         self._given, self._lanes = given, lanes
         self.backends = tuple(lane.backend for lane in lanes)
         self.backend = self.backends[0]
         self._backend_name = lanes[0].scheme
+        self._start_lanes([lane for lane in added if not any(lane is a for a in after)])
+        await self._drop_lanes(removed, timeout)
+        if not self._stopping:
+            self._start_lanes(after)
+
+    def _start_lanes(self, lanes: list[_BackendLane]) -> None:
         if self._started:
-            for lane in added:
+            for lane in lanes:
                 lane.start()
         self.lanes_changed()
-        await self._drop_lanes(removed, timeout)
 
     def _lane_of(self, item: str | Backend) -> _BackendLane | None:
-        """The running lane of ``item`` (the same object, or the same registry URL)."""
-        key = _registry_key(item)
+        """The running lane of ``item``: the same object, or the same URL (credentials
+        and options too: other ones make a new backend)."""
         for was, lane in zip(self._given, self._lanes, strict=True):
-            if item is lane.backend or _registry_key(was) == key:
+            if item is lane.backend or item is was or (isinstance(item, str) and item == was):
                 return lane
         return None
 

@@ -668,3 +668,26 @@ async def test_concurrent_set_backends_take_turns() -> None:
     assert kb.registers == 1
     assert kb.deregisters == 0
     await reg.stop()
+
+
+@virtual_time
+async def test_a_new_object_for_the_same_registry_replaces_the_lane_in_order() -> None:
+    a = fresh()
+    old = Counting(a)
+    events: list[RegistrarEvent] = []
+    reg = make([old], events)
+    await reg.start(wait_registered=2)
+    new = Counting(a)  # the same registry, another object (new options, say)
+    before = len(events)
+    await reg.set_backends([new])
+    assert reg.backend is new
+    # The old entry is removed first, then the new one written: never the other way.
+    kinds = [e.kind for e in events[before:]]
+    assert kinds[:1] == [K.DEREGISTERED]
+    await within(1.0, lambda: held(a) is HealthStatus.PASSING)
+    await asyncio.sleep(2 * TTL)
+    assert held(a) is HealthStatus.PASSING
+    assert (old.deregisters, new.registers) == (1, 1)
+    assert reg.counters.reregistrations == 0  # the new entry was never taken away
+    await reg.stop()
+    assert held(a) is None
