@@ -225,6 +225,11 @@ class Registrar:
         bound = None if timeout is None else timeout + 5.0
         return self._thread.run(self._async.wait_registered(timeout), bound)
 
+    def set_backends(self, backends: BackendArg, *, timeout: float = 10.0) -> None:
+        """Change the registries while running (see ``AsyncRegistrar.set_backends``): the
+        ones kept are not touched, those dropped are deregistered within ``timeout``."""
+        self._thread.run(self._async.set_backends(backends, timeout=timeout), timeout + 5.0)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Deregister and stop within about ``timeout`` seconds; then the loop thread ends.
 
