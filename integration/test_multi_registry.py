@@ -127,7 +127,7 @@ async def test_one_instance_in_consul_and_etcd_each_healed_on_its_own(
         async with httpx.AsyncClient(base_url=consul_server.http) as http:
             response = await http.put(f"/v1/agent/service/deregister/{INSTANCE.id}")
             assert response.status_code == 200
-        assert await held(consul) is None
+        # (It may be back before an observer reads it: the re-registration count proves it went.)
         took = await until(consul, HealthStatus.PASSING, 10)
         measured("healed in consul", took, reg.verify_interval + RETRY.cap + MARGIN)
         # Consul lists the service before the registration call (which sets its check) returns.
