@@ -730,3 +730,31 @@ def test_members_are_named_without_credentials(
         f"{b.url}:0",
     ]
     assert "pw" not in watcher._where("orders", 0)
+
+
+async def test_two_instances_of_one_registry_on_one_endpoint_survive_an_empty_second(
+    registries: tuple[MemoryRegistry, MemoryRegistry],
+) -> None:
+    # /tmp/break14b/s5_dups.py: Consul d1 (weight 1) and d2 (weight 5) on 10.0.0.7:7000;
+    # adding an empty etcd hid d2, and deregistering d1 read as updated (shown as d2).
+    a, b = registries
+    lease_1 = a.put(inst(7000, "d1", address="10.0.0.7", meta={"weight": "1"}), ttl=600)
+    a.put(inst(7000, "d2", address="10.0.0.7", meta={"weight": "5"}), ttl=600)
+    events: list[WatchEvent] = []
+    async with AsyncWatcher([a.url, b.url], "orders", retry=FAST) as watcher:
+        assert await watcher.wait_synced(5)
+        consumer = asyncio.create_task(collect(events, watcher))
+        await wait_until(lambda: len(events) == 2)
+        assert [h.instance.meta["weight"] for h in watcher.snapshot()] == ["1", "5"]
+        a.delete("orders", "d1", lease_1)
+        await wait_until(lambda: len(events) == 3)
+        assert (events[2].type, events[2].instance.id) == (EventType.DELETED, "d1")
+        assert await quiet(events) == []
+        assert [h.instance.id for h in watcher.snapshot()] == ["d2"]
+        consumer.cancel()
+    discovery = AsyncDiscovery([a.url, b.url], retry=FAST)
+    try:
+        a.put(inst(7000, "d3", address="10.0.0.7"), ttl=600)
+        assert sorted(i.id for i in await discovery.instances("orders")) == ["d2", "d3"]
+    finally:
+        await discovery.close()
