@@ -681,8 +681,14 @@ def test_backend_option_endpoint_scheme() -> None:
         with pytest.raises(ConfigError) as caught:
             ConsulBackend(endpoint_scheme=bad)
         assert caught.value.field == "backend.endpoint_scheme"
-    with pytest.raises(ConfigError, match="scheme"):  # Consul's scheme is the agent's
-        open_backend("consul://127.0.0.1:8500?scheme=grpc")
+    for make in (
+        lambda: open_backend("consul://127.0.0.1:8500?scheme=grpc"),
+        lambda: ConsulBackend(scheme="grpc"),
+    ):
+        with pytest.raises(ConfigError) as refused:  # Consul's scheme is the agent's
+            make()
+        assert refused.value.field == "backend.scheme"
+        assert "use endpoint_scheme=grpc" in str(refused.value)
 
 
 def test_legacy_kratos_is_secure_reads_as_the_tls_scheme() -> None:

@@ -76,6 +76,23 @@ __all__ = ["ConsulBackend"]
 
 _ENDPOINT_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
 
+
+def _check_agent_scheme(scheme: object) -> None:
+    """Refuse a ``scheme`` that is not how we talk to the agent, pointing a service's
+    scheme (``grpc``…) to ``endpoint_scheme``."""
+    if scheme is None or scheme in ("http", "https"):
+        return
+    hint = (
+        f"; to read a kratos entry's endpoint of that scheme, use endpoint_scheme={scheme}"
+        if isinstance(scheme, str) and _ENDPOINT_SCHEME.fullmatch(scheme)
+        else ""
+    )
+    raise ConfigError(
+        f"expected http or https (how we talk to the Consul agent), got {scheme!r}{hint}",
+        field="backend.scheme",
+    )
+
+
 log = logging.getLogger("registry_agent.consul")
 T = TypeVar("T")
 
@@ -309,6 +326,7 @@ class ConsulBackend:
             cert_file or env.get("CONSUL_CLIENT_CERT") or None,
             key_file or env.get("CONSUL_CLIENT_KEY") or None,
         )
+        _check_agent_scheme(scheme)
         self._scheme = scheme or ("https" if self._tls.enabled else "http")
         if self._scheme == "http" and self._tls.enabled:
             raise ConfigError(
@@ -347,6 +365,7 @@ class ConsulBackend:
                 field="backend",
             )
         ((host, port),) = parsed.endpoints
+        _check_agent_scheme(options.get("scheme"))
         return cls(host, port, **take_options("consul", options, cls._OPTIONS))
 
     def __repr__(self) -> str:
