@@ -88,7 +88,7 @@ def _check_agent_scheme(scheme: object) -> None:
         else ""
     )
     raise ConfigError(
-        f"expected http or https (how we talk to the Consul agent), got {scheme!r}{hint}",
+        f"expected one of http, https (how we talk to the Consul agent), got {scheme!r}{hint}",
         field="backend.scheme",
     )
 
