@@ -135,6 +135,12 @@ class Backend(Protocol):
     by ``start()`` and by the agent when it loads its file; a hook that also takes
     ``on_unhealthy`` gets it (``"deregister"`` or ``"critical"``).
 
+    Likewise optional: a read-only ``registry_identity`` property, a hashable tuple
+    saying which entries the backend writes (e.g. ``("etcd", ("127.0.0.1:2379",),
+    "/services/")``): a registrar and the agent refuse two backends with equal
+    identities (two lanes writing one entry would take it from each other forever).
+    Without it, backends are compared by URL (credentials aside) or by object.
+
     :meth:`lookup` returns the registered instance itself (``lease.instance``)
     when the entry holds what was written for it, even where the registry's
     format keeps less of it than the instance says (a peer's format).

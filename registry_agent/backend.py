@@ -45,6 +45,7 @@ from registry_agent._errors import (
     Throttled,
 )
 from registry_agent._events import InstanceMap
+from registry_agent._identity import registry_address
 from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance, ServiceSnapshot
 from registry_agent._plugins import ENTRY_POINT_GROUP
 from registry_agent._probe import ConnectionAware, ConnectionProbe, Hold
@@ -104,6 +105,7 @@ __all__ = [
     "parse_backend_url",
     "parse_duration",
     "read_secret_file",
+    "registry_address",
     "running_loop",
     "take_options",
 ]

@@ -36,7 +36,6 @@ from registry_agent import (
     ServiceSnapshot,
     Throttled,
 )
-from registry_agent._identity import registry_address
 from registry_agent.backend import (
     ConnectionProbe,
     LivenessNews,
@@ -48,6 +47,7 @@ from registry_agent.backend import (
     opt_str,
     parse_backend_url,
     read_secret_file,
+    registry_address,
     running_loop,
     take_options,
 )

@@ -32,7 +32,6 @@ from registry_agent import (
     ServiceSnapshot,
     Throttled,
 )
-from registry_agent._identity import registry_address
 from registry_agent.backend import (
     ConnectionProbe,
     InstanceMap,
@@ -44,6 +43,7 @@ from registry_agent.backend import (
     opt_duration,
     opt_str,
     parse_backend_url,
+    registry_address,
     running_loop,
     take_options,
 )
