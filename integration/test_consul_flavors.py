@@ -446,6 +446,11 @@ async def test_endpoint_scheme_legacy_tls_and_plain_go_micro_like_tags(
             9000,
         )
         assert two.instance.version == "v2.0.0"
+        # The watch (Watcher, Discovery) reads with the same option.
+        async with AsyncWatcher(grpc, ["hello-two"]) as watcher:
+            assert await watcher.wait_synced(10)
+            (watched,) = watcher.snapshot("hello-two")
+            assert (watched.instance.scheme, watched.instance.port) == ("grpc", 9000)
         (legacy,) = (await default.list("hello-legacy")).instances.values()
         assert (legacy.instance.scheme, legacy.instance.port) == ("grpcs", 9000)
         (found,) = (await default.list("tricky")).instances.values()

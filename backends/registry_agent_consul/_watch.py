@@ -242,7 +242,13 @@ async def watch_service(
 ) -> AsyncGenerator[ServiceSnapshot, None]:
     """Snapshots of ``service``: the current one (unless equal to ``since``), then each change."""
     node = await local_node()
-    view = ServiceView(service, local_node=node, preferred=preferred, warn=warn)
+    view = ServiceView(
+        service,
+        local_node=node,
+        preferred=preferred,
+        warn=warn,
+        endpoint_scheme=backend.endpoint_scheme,
+    )
     watch = _Watch(backend, service, view)
     resumed: Mapping[str, Any] | None = since.instances if since is not None else None
     last = None
