@@ -125,3 +125,29 @@ async def test_one_instance_in_consul_and_etcd_is_one_entry_and_survives_a_stopp
     finally:
         for backend in (consul, etcd, gozero):
             await backend.close()
+
+
+async def test_a_frozen_registry_is_waited_for_within_sync_timeout_before_none(
+    consul_server: ConsulServer, etcd_server: EtcdServer, measured: Measured
+) -> None:
+    """The service is only in etcd; etcd freezes for 7 s, longer than its 5 s request
+    timeout: the merged first read must not answer 'no instance' from Consul's empty
+    view while sync_timeout (15 s) still runs."""
+    backend = open_backend(etcd_server.url, timeout=5)
+    instance = ServiceInstance("frozen", address="127.0.0.1", port=free_port())
+    await backend.register(instance, ttl=TTL)
+    await backend.close()
+    etcd_server.pause()
+    thaw = asyncio.get_running_loop().call_later(7, etcd_server.resume)
+    try:
+        async with AsyncDiscovery(
+            [consul_server.url, f"{etcd_server.url}?timeout=5"], sync_timeout=15
+        ) as discovery:
+            started = time.monotonic()
+            chosen = await discovery.choose("frozen")
+            took = time.monotonic() - started
+        assert chosen == instance
+        measured("found after etcd thawed", took, 15)
+    finally:
+        thaw.cancel()
+        etcd_server.resume()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from types import TracebackType
@@ -90,12 +91,25 @@ class AsyncDiscovery:
                         self._fork = ForkGuard("AsyncDiscovery")
                     await watcher.start()
                     self._watchers[service] = watcher
-        if service in self._served or watcher.synced(service):
+        if service in self._served:
             return watcher
-        if not await watcher.wait_synced(self.sync_timeout) and not watcher._read_by_any(service):
-            raise self._unsynced(service)
+        started = time.monotonic()
+        if not watcher.synced(service):
+            synced = await watcher.wait_synced(self.sync_timeout)
+            if not synced and not watcher._read_by_any(service):
+                raise self._unsynced(service)
         # Over several backends, one that neither answers nor fails (a black hole) does
-        # not hold the others' view back longer than sync_timeout, once.
+        # not hold the others' view back longer than sync_timeout, once per service. One
+        # that failed (a timeout: it may only be slow) is waited for within sync_timeout
+        # when the others hold no healthy instance: "none" is not an answer yet.
+        deadline = started + self.sync_timeout
+        while (  # noqa: ASYNC110 - the watcher's state has no event of its own for this
+            len(self.backends) > 1
+            and not watcher._read_by_all(service)
+            and not any(h.healthy for h in watcher.snapshot(service))
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.05)
         self._served.add(service)
         return watcher
 

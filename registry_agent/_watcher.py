@@ -279,6 +279,13 @@ class AsyncWatcher:
         event = self._synced.get(service)
         return event is not None and event.is_set()
 
+    def _read_by_all(self, service: str) -> bool:
+        """Whether every backend has read ``service`` at least once."""
+        heard = self._heard.get(service)
+        if heard is None:
+            return self.synced(service)
+        return all(h is _Heard.READ for h in heard)
+
     def _read_by_any(self, service: str) -> bool:
         """Whether at least one backend has read ``service`` (a partial view exists)."""
         heard = self._heard.get(service)
