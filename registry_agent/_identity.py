@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
+import socket
 from collections.abc import Hashable
 from typing import Any
 
@@ -30,6 +32,9 @@ __all__ = [
 ]
 
 
+_IPV4_SHORTHAND = re.compile(r"^(?:0x[0-9a-f]+|[0-9]+)(?:\.(?:0x[0-9a-f]+|[0-9]+)){0,3}$")
+
+
 def registry_address(host: str, port: int) -> str:
     """``host:port`` as a registry identity holds it, without DNS: the host lower-cased
     (no trailing dot), an IP address in its canonical form, and ``localhost`` as
@@ -38,7 +43,14 @@ def registry_address(host: str, port: int) -> str:
     if name == "localhost":
         name = "127.0.0.1"
     with contextlib.suppress(ValueError):  # a name, not an address
-        name = ipaddress.ip_address(name).compressed
+        address = ipaddress.ip_address(name)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+        name = address.compressed
+    if _IPV4_SHORTHAND.match(name):
+        # The shorthands a resolver takes for IPv4 (127.1, 0x7f000001, 2130706433).
+        with contextlib.suppress(OSError):
+            name = socket.inet_ntoa(socket.inet_aton(name))
     return f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
 
 

@@ -30,6 +30,7 @@ from registry_agent import (
 )
 from registry_agent._agent.config import load_config
 from registry_agent._agent.runtime import AgentRuntime
+from registry_agent.backend import registry_address
 from registry_agent.testing.memory import MemoryBackend, MemoryRegistry
 
 C = "consul://127.0.0.1:8500"
@@ -328,3 +329,15 @@ def test_agent_status_names_two_registries_on_one_etcd_apart(tmp_path: Path) -> 
         "etcd://127.0.0.1:2379 (backend[0])",
         "etcd://127.0.0.1:2379 (backend[1])",
     ]
+
+
+@pytest.mark.parametrize("host", ["127.1", "0x7f000001", "2130706433", "[::ffff:127.0.0.1]"])
+def test_ipv4_shorthands_and_mapped_addresses_are_the_loopback(host: str) -> None:
+    assert registry_address(host.strip("[]"), 8500) == "127.0.0.1:8500"
+    with pytest.raises(ConfigError, match=r"backend\[1\].*the same registry as backend\[0\]"):
+        AsyncRegistrar(["consul://127.0.0.1:8500", f"consul://{host}:8500"], INSTANCE)
+
+
+def test_names_that_only_look_numeric_are_not_rewritten() -> None:
+    assert registry_address("example.com", 80) == "example.com:80"
+    assert registry_address("1.2.3.4.5", 80) == "1.2.3.4.5:80"
