@@ -152,3 +152,18 @@ async def test_an_idle_blocking_query_does_not_spin(
     # three blocking queries (catalog, checks, node checks), each per 2 s wait: one
     # blocking query and one re-read without blocking; a spin would be hundreds
     assert 1 <= requests <= 18
+
+
+async def test_an_ipv6_agent_address_is_reached(consul_server: ConsulServer) -> None:
+    """consul://[::1]:port: py-consul writes its base URL without brackets by itself."""
+    from registry_agent.testing.faultproxy import FaultProxy
+
+    with FaultProxy("127.0.0.1", consul_server.http_port, host="::1") as proxy:
+        backend = open_backend(f"consul://[::1]:{proxy.port}", timeout=3)
+        try:
+            inst = ServiceInstance("v6", address="::1", port=8080)
+            lease = await backend.register(inst, ttl=10)
+            assert [h.instance for h in (await backend.list("v6")).instances.values()] == [inst]
+            await backend.deregister(lease)
+        finally:
+            await backend.close()

@@ -187,4 +187,7 @@ class AsyncConsul(base.Consul):  # type: ignore[misc]
     def http_connect(
         self, host: str, port: int, scheme: str, verify: bool | str = True, cert: Any = None
     ) -> HttpxConsulClient:
+        # py-consul writes its base URL as scheme://host:port: an IPv6 literal needs brackets.
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
         return HttpxConsulClient(host, port, scheme, verify, cert, timeout=self._timeout)
