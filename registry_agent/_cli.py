@@ -96,8 +96,23 @@ def _open(url: str, request_timeout: float | None) -> Backend:
     return open_backend(url, timeout=5.0 if request_timeout is None else request_timeout)
 
 
+def _open_all(urls: list[str], request_timeout: float | None) -> list[Backend]:
+    """The backends of ``--backend`` (repeated): errors name ``backend[i]`` when several."""
+    opened: list[Backend] = []
+    for i, url in enumerate(urls):
+        try:
+            opened.append(_open(url, request_timeout))
+        except ConfigError as exc:
+            if len(urls) == 1:
+                raise
+            field = exc.field or "backend"
+            where = f"backend[{i}]" + field.removeprefix("backend")
+            raise ConfigError(exc.reason, field=where) from None
+    return opened
+
+
 async def _list(urls: list[str], service: str, as_json: bool, request_timeout: float | None) -> int:
-    backends = [_open(url, request_timeout) for url in urls]
+    backends = _open_all(urls, request_timeout)
     try:
         if len(backends) == 1:
             snapshot = await backends[0].list(service)
@@ -201,7 +216,7 @@ async def _watch(
             text = text.replace(secret, "***")
         print(f"registry-agent: watch {service}: {text} (retrying)", file=sys.stderr, flush=True)
 
-    backends = [_open(url, request_timeout) for url in urls]
+    backends = _open_all(urls, request_timeout)
     watcher = AsyncWatcher(backends, services, on_error=on_error)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

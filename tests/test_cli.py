@@ -234,3 +234,11 @@ def test_list_over_several_backends_is_one_merged_view(
     assert out[0].split() == ["ID", "ADDRESS", "STATUS", "TAGS"]
     assert [line.split()[1] for line in out[1:]] == ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.9:80"]
     assert out[1].split()[0] == "orders-10.0.0.1-80"  # shown from the first backend listed
+
+
+def test_a_bad_backend_among_several_is_named_by_its_place(
+    registry: MemoryRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["list", "orders", "--backend", registry.url, "--backend", "etcd://h:1?format=nope"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith("registry-agent: backend[1].format: expected one of")
