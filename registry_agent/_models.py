@@ -245,6 +245,8 @@ class ServiceInstance:
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected an object, got {type(data).__name__}")
         known = {"service", "id", "address", "port", "tags", "meta", "node", "scheme", "version"}
+        if "service" not in data:
+            raise ConfigError("missing: every instance names its service", field="service")
         return cls(**{key: data[key] for key in known if key in data})
 
 

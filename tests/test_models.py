@@ -193,3 +193,9 @@ def test_bad_scheme_or_version_names_the_field(fields: dict[str, object], field:
     with pytest.raises(ConfigError) as info:
         ServiceInstance("orders", address="h", port=1, **fields)  # type: ignore[arg-type]
     assert info.value.field == field
+
+
+def test_from_dict_without_a_service_names_the_field() -> None:
+    with pytest.raises(ConfigError) as info:
+        ServiceInstance.from_dict({"id": "x", "address": "h", "port": 1})
+    assert info.value.field == "service"
