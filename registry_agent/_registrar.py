@@ -1196,8 +1196,9 @@ class _BackendLane:
         """``exc`` itself when it is a RegistryError, else wrapped as BackendUnavailable."""
         if isinstance(exc, RegistryError):
             return exc
+        said = str(exc) or ("no answer in time" if isinstance(exc, TimeoutError) else "no message")
         wrapped = BackendUnavailable(
-            f"unexpected {type(exc).__name__}: {exc}",
+            f"unexpected {type(exc).__name__}: {said}",
             service=self.owner.instance.service,
             instance=self.owner.instance.id,
             backend=self.scheme,
