@@ -98,6 +98,7 @@ def test_missing_extra_gives_the_pip_hint(
             "floor is 60s",
         ),
         ("etcd://h:1?prefix=services", {}, "backend.prefix", "leading '/'"),
+        ("etcd://h:1?prefix=//services", {}, "backend.prefix", "got '//services'"),
         ("etcd://h:1?user=alice", {}, "backend.user", "user and password go together"),
         ("consul://a:1,b:2", {}, "backend", "exactly one host:port"),
         ("etcd://a:1,b:2,a:1", {}, "backend", "an endpoint is listed twice"),

@@ -353,7 +353,9 @@ class EtcdBackend:
         )
         if prefix is None:
             prefix = self.format.default_prefix
-        if prefix and (not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/")):
+        if prefix and (
+            not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/") or "//" in prefix
+        ):
             raise ConfigError(
                 "expected a key prefix like /services (leading '/', no trailing '/'), "
                 f"or empty, got {prefix!r}",
