@@ -214,10 +214,21 @@ def test_kratos_last_version_tag_wins_and_odd_ones_stay_tags() -> None:
         "Address": "h",
         "Port": 1,
         "Tags": ["version=1", "x", "version=2", "version=with space"],
+        "TaggedAddresses": {"grpc": {"Address": "grpc://h:1", "Port": 1}},
     }
     instance = read(payload)
     assert instance.version == "2"
     assert instance.tags == ("x", "version=with space")
+
+
+def test_version_tags_of_an_entry_kratos_did_not_write_stay_tags() -> None:
+    """kratos always writes its endpoints as URLs in TaggedAddresses: without one, a
+    'version=' tag is someone's plain tag (ours, with no scheme or version set)."""
+    payload = {"ID": "a", "Name": "s", "Address": "h", "Port": 1, "Tags": ["version=2024.1"]}
+    instance = read(payload)
+    assert (instance.version, instance.tags) == ("", ("version=2024.1",))
+    ours = ServiceInstance("s", address="h", port=1, tags=("version=2024.1", "team"))
+    assert read_written(write_entry(ours)) == ours
 
 
 def test_kratos_write_is_what_kratos_register_sends() -> None:
@@ -255,11 +266,12 @@ def test_kratos_write_without_scheme_or_version() -> None:
     instance = ServiceInstance("s", address="fd00::1", port=80)
     payload = write_entry(instance, "kratos")
     assert payload["Tags"] == ["version="]  # kratos writes it even when empty
-    assert "TaggedAddresses" not in payload  # kratos then reads http://[host]:port
-    assert kratos_resolve(as_held(payload))["endpoints"] == ["http://fd00::1:80"]
+    # A kratos server always has an endpoint URL: no scheme said is http, as kratos reads it.
+    assert payload["TaggedAddresses"] == {"http": {"Address": "http://[fd00::1]:80", "Port": 80}}
+    assert kratos_resolve(as_held(payload))["endpoints"] == ["http://[fd00::1]:80"]
     grpc = write_entry(dataclasses.replace(instance, scheme="grpc"), "kratos")
     assert grpc["TaggedAddresses"] == {"grpc": {"Address": "grpc://[fd00::1]:80", "Port": 80}}
-    assert read_written(payload) == instance
+    assert read_written(payload) == dataclasses.replace(instance, scheme="http")
 
 
 def test_kratos_refuses_a_version_tag() -> None:

@@ -160,8 +160,9 @@ def read_instance(
        left are the plain ones.
     2. Ours: meta ``registry-agent-version`` and ``registry-agent-scheme``.
     3. kratos: the last ``version=<v>`` tag (every one is taken out; kratos's
-       ``defaultResolver`` keeps the last), unless the entry carries our meta
-       keys (then it is ours, and such a tag is a plain tag). Its ``TaggedAddresses`` holding URLs
+       ``defaultResolver`` keeps the last), on an entry kratos wrote: one with
+       an endpoint URL among its ``TaggedAddresses`` and none of our meta keys
+       (elsewhere such a tag is a plain tag). Its ``TaggedAddresses`` holding URLs
        (Consul's own ``lan``/``wan``/``*_ipv4``/``*_ipv6`` skipped): one endpoint
        stands for the instance, giving its scheme, host and port: the one on the
        entry's own Address and Port (kratos sets them from its first endpoint),
@@ -188,9 +189,16 @@ def read_instance(
     version, scheme = version or ours, scheme or ours_scheme
     kratos_version: str | None = None
     plain: list[str] = []
+    # kratos's Register always writes its endpoints as URLs in TaggedAddresses: an
+    # entry without one (or carrying our meta keys) is no kratos entry, and its
+    # 'version=…' tags are plain tags.
+    kratos = not (ours or ours_scheme) and any(
+        "://" in _tagged_url(value)
+        for key, value in (tagged_addresses or {}).items()
+        if key not in _CONSUL_TAGGED
+    )
     for tag in left_tags:
-        # An entry of ours (our meta keys) is no kratos entry: its 'version=…' tags are tags.
-        if isinstance(tag, str) and tag.startswith(_KRATOS_VERSION) and not (ours or ours_scheme):
+        if kratos and isinstance(tag, str) and tag.startswith(_KRATOS_VERSION):
             value = tag[len(_KRATOS_VERSION) :]
             if value == "" or _version_ok(value):
                 kratos_version = value  # the last one wins, as in kratos's resolver
@@ -243,9 +251,11 @@ def write_entry(instance: ServiceInstance, flavor: str = "registry-agent") -> di
         # kratos Register: the version tag always, even "version=" (a kratos reader
         # takes the empty version); one tagged address per endpoint scheme.
         tags.insert(0, f"{_KRATOS_VERSION}{instance.version}")
-        if instance.scheme:
-            url = f"{instance.scheme}://{_host_port(instance)}"
-            tagged[instance.scheme] = {"Address": url, "Port": instance.port}
+        # A kratos server always has an endpoint URL; no scheme said: http, as
+        # kratos's resolver reads an entry without one.
+        scheme = instance.scheme or "http"
+        url = f"{scheme}://{_host_port(instance)}"
+        tagged[scheme] = {"Address": url, "Port": instance.port}
     elif flavor == "go-micro":
         tags[:0] = _gomicro.encode_tags(instance)
         meta = _gomicro.encode_meta(instance)  # plugins v4+ Register: Meta = node.Metadata
