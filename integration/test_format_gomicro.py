@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import textwrap
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import aetcd
-import pytest
-from registry_agent_etcd import EtcdBackend
 
 from integration.event_log import EventLog
 from integration.peer_kit import MARGIN, RETRY, TTL, dial, etcdctl, listening, until
@@ -34,7 +30,6 @@ from registry_agent import (
     AsyncDiscovery,
     AsyncRegistrar,
     AsyncWatcher,
-    ConfigError,
     Discovery,
     EventType,
     HealthStatus,
@@ -42,8 +37,6 @@ from registry_agent import (
     Watcher,
     open_backend,
 )
-from registry_agent._agent.config import load_config
-from registry_agent._agent.runtime import open_configured_backend, registrar_for
 from registry_agent.testing.servers import EtcdServer
 
 SERVICE = "helloworld"
@@ -250,45 +243,3 @@ async def test_go_micro_entries_are_listed_watched_and_discovered(
 
 async def _ids(discovery: AsyncDiscovery, ids: set[str]) -> bool:
     return {i.id for i in await discovery.instances(SERVICE)} == ids
-
-
-# (c) presence only: "critical" cannot be said, so it is refused up front
-async def test_on_unhealthy_critical_is_refused_at_start(etcd_server: EtcdServer) -> None:
-    inst = ServiceInstance(SERVICE, address="127.0.0.1", port=8080)
-    reg = AsyncRegistrar(url(etcd_server), inst, ttl=TTL, on_unhealthy="critical")
-    with pytest.raises(ConfigError) as info:
-        await reg.start()
-    assert info.value.field == "on_unhealthy"
-    assert "format=go-micro carries presence, not health" in str(info.value)
-    assert 'on_unhealthy="deregister"' in str(info.value)
-    await reg.backend.close()
-
-
-# (d) the agent takes the format in [backend]
-async def test_agent_config_takes_format_go_micro(etcd_server: EtcdServer, tmp_path: Path) -> None:
-    path = tmp_path / "agent.toml"
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            [backend]
-            url = "{etcd_server.url}"
-            format = "go-micro"
-
-            [[service]]
-            name = "{SERVICE}"
-            address = "127.0.0.1"
-            port = 8080
-            ttl = "3s"
-            meta = {{ zone = "eu" }}
-            """
-        )
-    )
-    config = load_config(path, env={})
-    backend = open_configured_backend(config)
-    try:
-        assert isinstance(backend, EtcdBackend)
-        assert (backend.format.name, backend.prefix) == ("go-micro", "/micro/registry")
-        reg = registrar_for(backend, config.services[0])
-        await reg.validate()
-    finally:
-        await backend.close()

@@ -17,12 +17,9 @@ Peer writes go through the real ``etcdctl`` (a Go clientv3 program, like go-zero
 from __future__ import annotations
 
 import asyncio
-import textwrap
 from collections.abc import Callable
-from pathlib import Path
 
 import aetcd
-import pytest
 from registry_agent_etcd import EtcdBackend
 
 from integration.event_log import EventLog
@@ -31,14 +28,11 @@ from registry_agent import (
     AsyncDiscovery,
     AsyncRegistrar,
     AsyncWatcher,
-    ConfigError,
     Discovery,
     EventType,
     ServiceInstance,
     open_backend,
 )
-from registry_agent._agent.config import load_config
-from registry_agent._agent.runtime import open_configured_backend, registrar_for
 from registry_agent.testing.servers import EtcdServer
 
 SERVICE = "orders.rpc"
@@ -200,50 +194,3 @@ async def test_go_zero_entries_are_listed_watched_and_discovered(
 
 async def _only(discovery: AsyncDiscovery, ids: set[str]) -> bool:
     return {i.id for i in await discovery.instances(SERVICE)} == ids
-
-
-# (c) presence only: "critical" cannot be said, so it is refused up front
-async def test_on_unhealthy_critical_is_refused_at_start(etcd_server: EtcdServer) -> None:
-    inst = ServiceInstance(SERVICE, address="127.0.0.1", port=8080)
-    reg = AsyncRegistrar(url(etcd_server), inst, ttl=TTL, on_unhealthy="critical")
-    with pytest.raises(ConfigError) as info:
-        await reg.start()
-    assert info.value.field == "on_unhealthy"
-    assert "go-zero" in str(info.value)
-    assert "on_unhealthy" in str(info.value)
-    await reg.backend.close()
-
-
-# (d) the agent takes the format in [backend]
-async def test_agent_config_takes_format_go_zero(etcd_server: EtcdServer, tmp_path: Path) -> None:
-    path = tmp_path / "agent.toml"
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            [backend]
-            url = "{etcd_server.url}"
-            format = "go-zero"
-
-            [[service]]
-            name = "{SERVICE}"
-            address = "127.0.0.1"
-            port = 8080
-            ttl = "3s"
-            """
-        )
-    )
-    config = load_config(path, env={})
-    backend = open_configured_backend(config)
-    try:
-        assert isinstance(backend, EtcdBackend)
-        assert (backend.format.name, backend.prefix) == ("go-zero", "")
-        reg = registrar_for(backend, config.services[0])
-        await reg.validate()
-    finally:
-        await backend.close()
-
-    bad = path.read_text().replace('format = "go-zero"', 'format = "go-zeroo"')
-    path.write_text(bad)
-    with pytest.raises(ConfigError) as info:
-        open_configured_backend(load_config(path, env={}))
-    assert info.value.field == "backend.format"
