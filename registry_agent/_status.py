@@ -74,19 +74,9 @@ class BackendStatus:
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-ready."""
-        return {
-            "index": self.index,
-            "name": self.name,
-            "backend": self.backend,
-            "registered": self.registered,
-            "registry_status": self.registry_status,
-            "registry_note": self.registry_note,
-            "ready": self.ready,
-            "not_ready_reason": self.not_ready_reason,
-            "last_heartbeat": self.last_heartbeat,
-            "last_error": self.last_error,
-            "counters": dict(self.counters),
-        }
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["counters"] = dict(self.counters)
+        return data
 
 
 @dataclass(frozen=True, slots=True)
