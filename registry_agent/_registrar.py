@@ -64,6 +64,15 @@ __all__ = [
 
 log = logging.getLogger("registry_agent.registrar")
 
+# What a withdrawn registrar logs at WARNING: leaving discovery because unhealthy.
+_WITHDRAWALS = frozenset(
+    {
+        RegistrarEventKind.STATE_CHANGED,
+        RegistrarEventKind.DEREGISTERED,
+        RegistrarEventKind.STATUS_CHANGED,
+    }
+)
+
 # The "(backend=…, service=…, instance=…)" a RegistryError's text ends with.
 _CONTEXT = re.compile(r" \(backend=[^()]*\)$")
 
@@ -795,6 +804,8 @@ class AsyncRegistrar:
             # once per registration (10,000 lines after one etcd wipe).
             shared = lane is not None and lane.shares_liveness
             loud = kind is RegistrarEventKind.LEASE_LOST and not shared
+            # Taken out of discovery (or marked critical) because unhealthy: WARNING too.
+            loud = loud or (self.state is GateState.WITHDRAWN and kind in _WITHDRAWALS)
             level = logging.WARNING if loud else logging.INFO
             extra = (lane.extra if lane else self._extra)(kind.value, state=str(self.state))
             log.log(

@@ -208,7 +208,7 @@ class LeaseGroup:
         if lease_id != self.lease_id or self.lost is not None:
             return
         self.lost = LeaseLost(f"shared lease {lease_id:x} lost: {reason}", backend="etcd")
-        log.info(
+        log.warning(
             "etcd shared lease %x lost (%s): %d registrations to put again",
             lease_id,
             reason,
