@@ -1,0 +1,1 @@
+"""Integrations with the frameworks and servers an app lives in (Starlette/FastAPI, gunicorn, Flask, Django)."""
