@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import ast
 import subprocess
 import sys
 import threading
@@ -12,16 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from integration.readme_kit import readme_block, readme_blocks
 from registry_agent.testing.servers import ConsulServer, EtcdServer
-
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def block(marker: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    found = [b for b in blocks if marker in b]
-    assert len(found) == 1, marker
-    return found[0]
+    return readme_block(marker)
 
 
 def run(code: str, tmp_path: Path) -> list[str]:
@@ -230,3 +226,87 @@ registrar.stop()
 """
     assert run(code + after, tmp_path) == ["[True, True]"]
     assert consul_server.api("/v1/agent/services") == {}
+
+
+def _markers_tests_use() -> set[str]:
+    """The first argument of every ``block(...)``/``readme_block(...)`` call in the tests."""
+    root = Path(__file__).resolve().parents[1]
+    markers: set[str] = set()
+    for path in [*root.glob("tests/*.py"), *root.glob("integration/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and node.args):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            first = node.args[0]
+            if name in {"block", "readme_block"} and isinstance(first, ast.Constant):
+                markers.add(str(first.value))
+    return markers
+
+
+def test_every_block_runs_or_is_a_fragment() -> None:
+    markers = _markers_tests_use()
+    untested = [
+        f"README.md line {b.line}: {b.lang or 'plain'} block {b.body.splitlines()[0]!r}"
+        for b in readme_blocks()
+        if not b.fragment and not any(m in b.body for m in markers)
+    ]
+    assert not untested, "run these in a test or mark them <!-- fragment -->: " + "; ".join(
+        untested
+    )
+
+
+def agent(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "registry_agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_agent_toml_example(consul_server: ConsulServer, health_url: str, tmp_path: Path) -> None:
+    text = readme_block('format = "text"                   # or "json"', "toml")
+    (tmp_path / "consul-token").write_text("anonymous\n")
+    for old, new in [
+        ("consul://127.0.0.1:8500", consul_server.url.rstrip("/")),
+        ("/run/secrets/consul-token", str(tmp_path / "consul-token")),
+        ("http://127.0.0.1:8080/healthz", health_url),
+    ]:
+        assert old in text
+        text = text.replace(old, new)
+    (tmp_path / "agent.toml").write_text(text)
+    result = agent(["check", "-c", "agent.toml"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "orders-1" in result.stdout
+    # The error shown under it, for the same file with a bad interval, word for word.
+    shown = readme_block("$ registry-agent run -c agent.toml", "console").splitlines()
+    (tmp_path / "agent.toml").write_text(text.replace('interval = "2s"', 'interval = "2x"'))
+    result = agent(["run", "-c", "agent.toml"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == shown[1]
+
+
+FLEET_TOML = {
+    "kratos": lambda: readme_block('format = "kratos"                 # go-kratos', "toml"),
+    "go-zero": lambda: readme_block("# go-zero: zrpc clients", "toml"),
+}
+
+
+@pytest.mark.parametrize("example", sorted(FLEET_TOML))
+def test_agent_toml_fleet_examples(
+    example: str, consul_server: ConsulServer, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    text = FLEET_TOML[example]()
+    text = text.replace("etcd://10.0.0.5:2379,10.0.0.6:2379", "etcd://127.0.0.1:2379")
+    text = text.replace('token_file = "/run/secrets/consul-token"\n', "")
+    (tmp_path / "agent.toml").write_text(
+        both_urls(text, consul_server, etcd_server)
+        if "consul://" in text
+        else text.replace("etcd://127.0.0.1:2379", etcd_server.url.rstrip("/"))
+    )
+    result = agent(["check", "-c", "agent.toml"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "valid; 1 service(s)" in result.stdout
