@@ -1110,6 +1110,18 @@ class ConsulBackend:
         index, found = await self._health(service, 0)
         return ServiceSnapshot(service, index, MappingProxyType(found))
 
+    async def services(self) -> list[str]:
+        """The names in the catalog (one request), sorted, without our heartbeat services."""
+        kwargs: dict[str, Any] = {"dc": self.dc} if self.dc else {}
+        _, names = await self._call(self.api.catalog.services(**kwargs))
+        if not isinstance(names, dict):
+            raise BackendUnavailable(
+                "Consul answered the catalog's services with something that is not an "
+                f"object: {_excerpt(repr(names))}",
+                backend="consul",
+            )
+        return sorted(str(name) for name in names if name != HEARTBEAT_NAME)
+
     async def watch(
         self, service: str, *, since: ServiceSnapshot | None = None
     ) -> AsyncIterator[ServiceSnapshot]:

@@ -904,6 +904,29 @@ class EtcdBackend:
                 found[kv.key[len(prefix) :].decode(errors="replace")] = health
         return ServiceSnapshot(service, result.header.revision, InstanceMap(found))
 
+    async def services(self) -> list[str]:
+        """The services with at least one entry this backend's format reads, sorted.
+
+        One read of every key under the prefix (a format without a prefix: the whole
+        keyspace); keys ``<service>/<id>`` whose value does not decode are left out
+        without a warning (they are not instances in this format).
+        """
+        root = self._root.encode()
+        # An empty root is the whole keyspace: from "\0" to the end ("\0" as range end).
+        start, end = (root, _prefix_end(root)) if root else (b"\0", b"\0")
+        result = await self._call(lambda c: c.get_range(start, end))
+        names: set[str] = set()
+        for kv in result:
+            service, slash, entry_id = kv.key[len(root) :].decode(errors="replace").rpartition("/")
+            if not slash or not service or not entry_id or service in names:
+                continue
+            try:
+                self.format.decode(service, entry_id, kv.value)
+            except Exception:  # a foreign or malformed value: not an instance here
+                continue
+            names.add(service)
+        return sorted(names)
+
     async def watch(
         self, service: str, *, since: ServiceSnapshot | None = None
     ) -> AsyncIterator[ServiceSnapshot]:

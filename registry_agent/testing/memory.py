@@ -239,6 +239,13 @@ class MemoryRegistry:
             }
             return ServiceSnapshot(service, self._revision, MappingProxyType(found))
 
+    def services(self) -> list[str]:
+        """The services with at least one live entry, sorted."""
+        with self._lock:
+            self._check_running()
+            self._expire()
+            return sorted({svc for svc, _ in self._entries})
+
     def next_expiry(self) -> float | None:
         """Seconds until the next lease expires, if any."""
         with self._lock:
@@ -330,6 +337,10 @@ class MemoryBackend(Backend):
 
     async def list(self, service: str) -> ServiceSnapshot:
         return self.registry.snapshot(service)
+
+    async def services(self) -> list[str]:
+        """The services with at least one live entry, sorted."""
+        return self.registry.services()
 
     async def watch(
         self, service: str, *, since: ServiceSnapshot | None = None
