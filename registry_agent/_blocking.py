@@ -28,7 +28,7 @@ from registry_agent._registrar import AsyncRegistrar, BackendArg, RegistrarArgs,
 from registry_agent._retry import RetryPolicy
 from registry_agent._select import Selector, Strategy
 from registry_agent._status import RegistrationStatus
-from registry_agent._watcher import AsyncWatcher, Backends, _Consumer
+from registry_agent._watcher import AsyncWatcher, Backends, WatcherStats, _Consumer
 
 __all__ = ["Discovery", "LoopThread", "Registrar", "Watcher"]
 
@@ -386,6 +386,10 @@ class Watcher:
     def snapshot(self, service: str | None = None) -> list[InstanceHealth]:
         """See :meth:`AsyncWatcher.snapshot`."""
         return self._async.snapshot(service)
+
+    def stats(self) -> WatcherStats:
+        """See :meth:`AsyncWatcher.stats` (any thread; never waits for the watch)."""
+        return self._async.stats()
 
     def close(self) -> None:
         """Stop watching; every blocked ``for`` loop ends. Never raises.

@@ -288,12 +288,17 @@ class Backlog(Generic[K]):
         self._ready: deque[WatchEvent] = deque()
         self._lagging = False
 
-    def changed(self, key: K, current: InstanceHealth | None, now: float) -> None:
-        """Note that instance ``key`` is now ``current`` (None: gone) as of ``now``."""
+    def changed(self, key: K, current: InstanceHealth | None, now: float) -> bool:
+        """Note that instance ``key`` is now ``current`` (None: gone) as of ``now``.
+
+        True when the change coalesced: it merged with (or undid) a change of
+        that instance the consumer had not taken yet."""
+        pending = key in self._dirty
         if self._seen.get(key) == current:
             self._dirty.pop(key, None)
         else:
             self._dirty.setdefault(key, now)
+        return pending
 
     def pop(self, current: Callable[[K], tuple[InstanceHealth | None, int]]) -> WatchEvent | None:
         """The consumer's next event, or None when it is up to date.

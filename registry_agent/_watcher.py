@@ -11,7 +11,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 from registry_agent._backend import Backend
 from registry_agent._errors import (
@@ -22,6 +22,7 @@ from registry_agent._errors import (
 )
 from registry_agent._events import (
     Backlog,
+    EventType,
     InstanceMap,
     MergedView,
     WatchEvent,
@@ -35,7 +36,7 @@ from registry_agent._registration import scrub_credentials
 from registry_agent._retry import RetryPolicy
 from registry_agent._urls import parse_backend_url
 
-__all__ = ["AsyncWatcher", "Backends", "open_backends"]
+__all__ = ["AsyncWatcher", "Backends", "WatchedBackend", "WatcherStats", "open_backends"]
 
 log = logging.getLogger("registry_agent.watcher")
 
@@ -54,6 +55,44 @@ class _Member:
     backend: Backend
     owned: bool
     label: str
+
+
+@dataclass(frozen=True, slots=True)
+class WatchedBackend:
+    """What one backend of a watcher holds of one service, as last read."""
+
+    service: str
+    #: The backend's name in logs: its URL without credentials or options.
+    backend: str
+    #: Read at least once.
+    synced: bool
+    #: Instances it holds, and how many of them are passing.
+    instances: int
+    healthy: int
+    #: Failed reads of this service from this backend (monotonic).
+    errors: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatcherStats:
+    """A watcher's counts at one moment (:meth:`AsyncWatcher.stats`)."""
+
+    services: tuple[str, ...]
+    #: Every backend's name, in the order given (one for a single backend).
+    backends: tuple[str, ...]
+    #: Events of the watcher's view since it started, by ``(service, event type)``:
+    #: every type of every service is present (0 until seen).
+    events: Mapping[tuple[str, str], int]
+    #: One per service and backend, services first.
+    watched: tuple[WatchedBackend, ...]
+    #: ``async for`` loops (or blocking ``for`` loops) consuming the watch now.
+    consumers: int
+    #: Instances whose changes the consumers have not taken yet (summed over them).
+    pending: int
+    #: Seconds the slowest consumer is behind (0 when all are up to date).
+    lag: float
+    #: Changes merged into a change a consumer had not taken yet (monotonic).
+    coalesced: int
 
 
 def open_backends(backend: Backends) -> tuple[_Member, ...]:
@@ -191,6 +230,10 @@ class AsyncWatcher:
         self._fork: ForkGuard | None = None
         self._closed = False
         self.errors = 0
+        # Counts for stats(): every key made here, so another thread can copy them safely.
+        self._events = {(s, str(t)): 0 for s in self.services for t in EventType}
+        self._errors = {(s, m): 0 for s in self.services for m in range(len(members))}
+        self._coalesced = 0
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -306,6 +349,55 @@ class AsyncWatcher:
         state = self._state.get(service, _EMPTY)
         return [state[key] for key in sorted(state)]
 
+    def stats(self) -> WatcherStats:
+        """The watcher's counts now (see :class:`WatcherStats`): safe to call from any
+        thread (a metrics scrape), it reads what the watch loop keeps and never waits
+        for the event loop or a registry."""
+        watched = tuple(
+            self._watched(service, number)
+            for service in self.services
+            for number in range(len(self._members))
+        )
+        consumers, pending, lag = _retried(self._consumer_counts, (0, 0, 0.0))
+        return WatcherStats(
+            services=self.services,
+            backends=tuple(m.label for m in self._members),
+            events=MappingProxyType(dict(self._events)),
+            watched=watched,
+            consumers=consumers,
+            pending=pending,
+            lag=lag,
+            coalesced=self._coalesced,
+        )
+
+    def _watched(self, service: str, member: int) -> WatchedBackend:
+        view = self._views.get(service)
+        if view is None:
+            state = self._state.get(service, _EMPTY)
+            synced = self.synced(service)
+        else:
+            state = view.member(member)
+            synced = self._heard[service][member] is _Heard.READ
+        healthy = _retried(lambda: sum(1 for h in state.values() if h.healthy), 0)
+        return WatchedBackend(
+            service=service,
+            backend=self._members[member].label,
+            synced=synced,
+            instances=len(state),
+            healthy=healthy,
+            errors=self._errors[(service, member)],
+        )
+
+    def _consumer_counts(self) -> tuple[int, int, float]:
+        now = time.monotonic()
+        consumers = list(self._consumers)
+        backlogs = [c.backlog for c in consumers]
+        return (
+            len(consumers),
+            sum(b.pending for b in backlogs),
+            max((b.lag(now) for b in backlogs), default=0.0),
+        )
+
     # -- the watch loop -------------------------------------------------------------
 
     def _where(self, service: str, member: int) -> str:
@@ -352,6 +444,7 @@ class AsyncWatcher:
             except Exception as exc:  # never die: report, back off, go on
                 failures += 1
                 self.errors += 1
+                self._errors[(service, member)] += 1
                 self._failed(service, member)
                 error = self._as_registry_error(service, member, exc)
                 now = time.monotonic()
@@ -425,6 +518,7 @@ class AsyncWatcher:
         self._index[service] = snapshot.index
         if not changed:
             return
+        self._count_events(service, old, new, changed)
         if self.listener is not None:
             for event in diff_snapshots(old, new, snapshot.index, changed):
                 try:
@@ -437,9 +531,34 @@ class AsyncWatcher:
         now = time.monotonic()
         for consumer in consumers:
             for key in changed:
-                consumer.backlog.changed((service, key), new.get(key), now)
+                if consumer.backlog.changed((service, key), new.get(key), now):
+                    self._coalesced += 1
             consumer.wake()
             self._log_lag(consumer, now)
+
+    def _count_events(
+        self,
+        service: str,
+        old: Mapping[str, InstanceHealth],
+        new: Mapping[str, InstanceHealth],
+        changed: Iterable[str],
+    ) -> None:
+        """Count the events of a change by type (what ``diff_snapshots`` would yield)."""
+        counts = self._events
+        for key in changed:
+            before, after = old.get(key), new.get(key)
+            if after is None:
+                if before is not None:
+                    counts[(service, "deleted")] += 1
+            elif before is None:
+                counts[(service, "added")] += 1
+                if not after.healthy:
+                    counts[(service, "offline")] += 1
+            else:
+                if before.instance != after.instance:
+                    counts[(service, "updated")] += 1
+                if before.healthy != after.healthy:
+                    counts[(service, "online" if after.healthy else "offline")] += 1
 
     def _current(self, key: tuple[str, str]) -> tuple[InstanceHealth | None, int]:
         service, instance_key = key
@@ -465,6 +584,20 @@ class AsyncWatcher:
                 services,
                 extra={"event": "watch_consumer_caught_up", "service": services},
             )
+
+
+T = TypeVar("T")
+
+
+def _retried(read: Callable[[], T], fallback: T, attempts: int = 5) -> T:
+    """``read()`` from another thread than the loop's: a dict or set the loop changed
+    meanwhile raises RuntimeError (or StopIteration); read again, then give up."""
+    for _ in range(attempts):
+        try:
+            return read()
+        except (RuntimeError, StopIteration):
+            continue
+    return fallback
 
 
 class _Consumer:
