@@ -7,6 +7,7 @@ The public API is re-exported here, and what a third-party backend needs is in
 from registry_agent._backend import Backend, Lease
 from registry_agent._blocking import Discovery, Registrar, Watcher
 from registry_agent._discovery import AsyncDiscovery
+from registry_agent._env import EnvBackendURL, backends_from_env
 from registry_agent._errors import (
     BackendError,
     BackendNotFound,
@@ -63,6 +64,7 @@ __all__ = [
     "ConfigError",
     "Discovery",
     "DiscoveryTransport",
+    "EnvBackendURL",
     "EventType",
     "GateState",
     "HealthCheck",
@@ -92,5 +94,6 @@ __all__ = [
     "Watcher",
     "__version__",
     "available_backends",
+    "backends_from_env",
     "open_backend",
 ]

@@ -19,6 +19,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from registry_agent._backend import Backend
+from registry_agent._env import backends_from_env
 from registry_agent._errors import BackendNotFound, ConfigError
 from registry_agent._plugins import open_backend
 from registry_agent._registration import scrub_credentials
@@ -84,9 +85,12 @@ def _part(part: object) -> str:
 
 def listed_backends(backend: object) -> list[Any]:
     """``backend`` as a list: one URL (``str``) or :class:`Backend`, or the items of a
-    non-empty list or tuple of them. Anything else (None, a number, bytes, a dict, a
-    set, a generator, a nested list) is a :class:`ConfigError` naming ``backend`` or
+    non-empty list or tuple of them; ``None``: the URLs the environment names
+    (:func:`backends_from_env`). Anything else (a number, bytes, a dict, a set, a
+    generator, a nested list) is a :class:`ConfigError` naming ``backend`` or
     ``backend[i]``, saying what was expected and what was given."""
+    if backend is None:
+        return list(backends_from_env())
     if isinstance(backend, list | tuple):
         given = list(backend)
         if not given:

@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from registry_agent._backend import Backend
+from registry_agent._env import carried_options
 from registry_agent._errors import BackendNotFound, ConfigError
 from registry_agent._health.base import HealthCheck
 from registry_agent._health.checks import CHECK_KINDS
@@ -86,7 +87,9 @@ def open_backend(url: str, **options: Any) -> Backend:
     """Open a backend from a URL: ``consul://host:port``, ``etcd://host:port``, ``memory://``.
 
     Options come from the URL's query string and from keywords (one name in
-    both is an error); each backend documents its own. Nothing is connected until first use.
+    both is an error); each backend documents its own. A URL from
+    :func:`backends_from_env` also brings the secrets it carries. Nothing is
+    connected until first use.
     """
     parsed = parse_backend_url(url, default_port=0)
     cls = backend_class(parsed.scheme)
@@ -96,7 +99,8 @@ def open_backend(url: str, **options: Any) -> Backend:
             f"option(s) {', '.join(sorted(overlap))} given both in the URL and as keywords",
             field="backend",
         )
-    return cls.from_url(url, {**parsed.query, **options})
+    # A URL read from the environment carries its secrets beside its text; a keyword wins.
+    return cls.from_url(url, {**carried_options(url), **parsed.query, **options})
 
 
 def check_kinds() -> list[str]:

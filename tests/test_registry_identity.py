@@ -161,7 +161,7 @@ NOT_BACKENDS: list[tuple[str, Callable[[], Any], str, str]] = [
     ("set", lambda: {C, E}, "backend", "got set"),
     ("generator", lambda: (u for u in [C, E]), "backend", "got generator"),
     ("bytes", lambda: b"consul://x:1", "backend", "got bytes"),
-    ("None", lambda: None, "backend", "got None"),
+    # None alone is no longer refused: it means "from the environment" (tests/test_env_config.py).
     ("int", lambda: 5, "backend", "got int 5"),
     ("a class", lambda: MemoryBackend, "backend", "got the class MemoryBackend (give an instance)"),
     ("empty list", lambda: [], "backend", "got an empty list"),
