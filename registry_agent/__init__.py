@@ -4,6 +4,7 @@ The public API is re-exported here, and what a third-party backend needs is in
 :mod:`registry_agent.backend`; every other module is private.
 """
 
+from registry_agent._address import advertised_address
 from registry_agent._backend import Backend, Lease
 from registry_agent._blocking import Discovery, Registrar, Watcher
 from registry_agent._discovery import AsyncDiscovery
@@ -93,6 +94,7 @@ __all__ = [
     "WatchEvent",
     "Watcher",
     "__version__",
+    "advertised_address",
     "available_backends",
     "backends_from_env",
     "open_backend",

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import enum
 import re
-import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from registry_agent._address import advertised_address
 from registry_agent._errors import ConfigError
 
 __all__ = ["HealthStatus", "InstanceHealth", "ServiceInstance", "ServiceSnapshot"]
@@ -77,7 +77,9 @@ class ServiceInstance:
     """One instance of a service: immutable, hashable, validated on creation.
 
     ``id`` defaults to ``"{service}-{address}-{port}"``, stable across restarts.
-    ``address`` defaults to this host's name.
+    ``address`` defaults to :func:`~registry_agent.advertised_address`'s default:
+    the address of the default route (a :class:`ConfigError` naming ``address``
+    where there is none), never the host name; a literal is kept as given.
 
     ``scheme`` says what the instance serves (``http``, ``https``, ``grpc``,
     ``grpcs``; empty: not said, read as ``http`` by most peers) and ``version``
@@ -110,7 +112,7 @@ class ServiceInstance:
             raise ConfigError(f"expected an integer 1-65535, got {self.port!r}", field="port")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"expected an integer 1-65535, got {self.port}", field="port")
-        address = self.address or socket.gethostname()
+        address = self.address or advertised_address()
         if (
             not isinstance(address, str)
             or not address.isprintable()

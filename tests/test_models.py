@@ -13,8 +13,30 @@ def test_defaults_give_a_stable_id() -> None:
     assert hash(a) == hash(b)
 
 
-def test_address_defaults_to_host_name() -> None:
-    assert ServiceInstance("orders", port=80).address
+def test_address_defaults_to_the_default_route_not_the_host_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import registry_agent._models as models
+
+    monkeypatch.setattr(models, "advertised_address", lambda: "10.9.8.7")
+    instance = ServiceInstance("orders", port=80)
+    assert (instance.address, instance.id) == ("10.9.8.7", "orders-10.9.8.7-80")
+    # A literal is kept as given, a host name too (the user's choice).
+    assert ServiceInstance("orders", address="db.example", port=80).address == "db.example"
+
+
+def test_no_default_route_is_a_config_error_naming_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import registry_agent._models as models
+
+    def no_route() -> str:
+        raise ConfigError("this host has no default route", field="address")
+
+    monkeypatch.setattr(models, "advertised_address", no_route)
+    with pytest.raises(ConfigError) as caught:
+        ServiceInstance("orders", port=80)
+    assert caught.value.field == "address"
 
 
 def test_instances_are_immutable_and_hashable() -> None:
