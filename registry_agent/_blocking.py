@@ -208,6 +208,13 @@ class Registrar:
         """True while the registry holds our entry as passing (what ``/readyz`` reports)."""
         return self._async.ready
 
+    @classmethod
+    def from_env(cls, instance: ServiceInstance, **kwargs: Unpack[RegistrarArgs]) -> Registrar:
+        """A registrar on the backends the environment names: ``REGISTRY_AGENT_BACKEND``,
+        else Consul's ``CONSUL_HTTP_ADDR``…, else etcd's ``ETCDCTL_ENDPOINTS``… (see
+        :func:`~registry_agent.backends_from_env`); the same as ``backend=None``."""
+        return cls(None, instance, **kwargs)
+
     def start(self, *, wait_registered: float | None = None) -> Registrar:
         """Start in the background and return at once (or wait, see AsyncRegistrar.start)."""
         timeout = None if wait_registered is None else wait_registered + 15.0
@@ -339,6 +346,13 @@ class Watcher:
         """The watched service names."""
         return self._async.services
 
+    @classmethod
+    def from_env(cls, services: str | Iterable[str], **kwargs: Any) -> Watcher:
+        """A watcher of the backends the environment names (see
+        :func:`~registry_agent.backends_from_env`); the same as ``backend=None``.
+        ``kwargs``: the constructor's keywords."""
+        return cls(None, services, **kwargs)
+
     def start(self) -> Watcher:
         """Start watching in the background (iterating starts it too)."""
         with self._lock:
@@ -452,6 +466,13 @@ class Discovery:
         self._thread = LoopThread("registry-agent discovery", "Discovery")
         self._closed = False
         self._bound = sync_timeout + _QUICK
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> Discovery:
+        """Discovery over the backends the environment names (see
+        :func:`~registry_agent.backends_from_env`); the same as ``backend=None``.
+        ``kwargs``: the constructor's keywords."""
+        return cls(None, **kwargs)
 
     def health(self, service: str) -> list[InstanceHealth]:
         """See :meth:`AsyncDiscovery.health`."""

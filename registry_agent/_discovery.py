@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from types import TracebackType
+from typing import Any
 
 from registry_agent._backend import Backend
 from registry_agent._errors import BackendUnavailable, NoInstanceAvailable, RegistryError
@@ -72,6 +73,13 @@ class AsyncDiscovery:
         self._lock = asyncio.Lock()
         # Armed by the first watch: what runs from then on belongs to this process.
         self._fork: ForkGuard | None = None
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> AsyncDiscovery:
+        """Discovery over the backends the environment names (see
+        :func:`~registry_agent.backends_from_env`); the same as ``backend=None``.
+        ``kwargs``: the constructor's keywords."""
+        return cls(None, **kwargs)
 
     async def _watcher(self, service: str) -> AsyncWatcher:
         watcher = self._watchers.get(service)

@@ -76,8 +76,9 @@ _WITHDRAWALS = frozenset(
 # The "(backend=…, service=…, instance=…)" a RegistryError's text ends with.
 _CONTEXT = re.compile(r" \(backend=[^()]*\)$")
 
-#: What ``backend`` may be: a URL, a Backend, or a non-empty sequence of them.
-BackendArg = str | Backend | Sequence[str | Backend]
+#: What ``backend`` may be: a URL, a Backend, or a non-empty sequence of them; None:
+#: the backends the environment names (``backends_from_env``).
+BackendArg = str | Backend | Sequence[str | Backend] | None
 
 
 def _one_or_many(backend: BackendArg) -> list[str | Backend]:
@@ -306,6 +307,13 @@ class AsyncRegistrar:
         self._stopping = False
         self._started = False
         self._signals: list[tuple[int, Any]] = []
+
+    @classmethod
+    def from_env(cls, instance: ServiceInstance, **kwargs: Unpack[RegistrarArgs]) -> AsyncRegistrar:
+        """A registrar on the backends the environment names: ``REGISTRY_AGENT_BACKEND``,
+        else Consul's ``CONSUL_HTTP_ADDR``…, else etcd's ``ETCDCTL_ENDPOINTS``… (see
+        :func:`~registry_agent.backends_from_env`); the same as ``backend=None``."""
+        return cls(None, instance, **kwargs)
 
     def _make_lanes(self, given: list[str | Backend], shared_liveness: bool) -> list[BackendLane]:
         many = len(given) > 1

@@ -11,7 +11,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from registry_agent._backend import Backend
 from registry_agent._errors import (
@@ -45,7 +45,7 @@ _EMPTY: Mapping[str, InstanceHealth] = MappingProxyType({})
 
 #: What a watcher or a discovery watches: one backend (a URL or a :class:`Backend`),
 #: or a list of them for one merged view.
-Backends: TypeAlias = str | Backend | Sequence[str | Backend]
+Backends: TypeAlias = str | Backend | Sequence[str | Backend] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +236,13 @@ class AsyncWatcher:
         self._coalesced = 0
 
     # -- lifecycle ------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, services: str | Iterable[str], **kwargs: Any) -> AsyncWatcher:
+        """A watcher of the backends the environment names (see
+        :func:`~registry_agent.backends_from_env`); the same as ``backend=None``.
+        ``kwargs``: the constructor's keywords."""
+        return cls(None, services, **kwargs)
 
     async def start(self) -> AsyncWatcher:
         """Start watching in the background (iterating starts it too)."""
