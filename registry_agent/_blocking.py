@@ -14,7 +14,15 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Iterator
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
@@ -236,6 +244,20 @@ class Registrar:
         """Change the registries while running (see ``AsyncRegistrar.set_backends``): the
         ones kept are not touched, those dropped are deregistered within ``timeout``."""
         self._thread.run(self._async.set_backends(backends, timeout=timeout), timeout + 5.0)
+
+    def update(
+        self,
+        *,
+        tags: Iterable[str] | None = None,
+        meta: Mapping[str, str | int] | None = None,
+        weight: int | None = None,
+    ) -> None:
+        """Change the entry's tags, meta or weight in place (see ``AsyncRegistrar.update``);
+        returns once validated, the registries are written in the background."""
+        if self._thread._loop is None:  # not started: nothing runs yet, no thread needed
+            asyncio.run(self._async.update(tags=tags, meta=meta, weight=weight))
+            return
+        self._thread.run(self._async.update(tags=tags, meta=meta, weight=weight), 30.0)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Deregister and stop within about ``timeout`` seconds; then the loop thread ends.

@@ -17,7 +17,7 @@ from registry_agent._errors import (
     RegistryError,
 )
 from registry_agent._health.gate import Desired, desired_registration
-from registry_agent._models import InstanceHealth
+from registry_agent._models import InstanceHealth, ServiceInstance
 from registry_agent._probe import ConnectionAware
 from registry_agent._reconcile import Step
 from registry_agent._registration import (
@@ -250,6 +250,7 @@ class BackendLane:
             Step.REGISTER: self._register,
             Step.DEREGISTER: self._deregister,
             Step.SET_STATUS: self._set_status,
+            Step.UPDATE: self._update,
             Step.VERIFY: self._verify,
             Step.HEARTBEAT: self._heartbeat,
             Step.RELEASE: self._release,
@@ -281,12 +282,34 @@ class BackendLane:
         if self.shares_liveness and isinstance(backend, SharedLiveness):
             register = backend.register_shared
         return await register(
-            owner.instance,
+            reg.writing,
             ttl=owner.ttl,
             status=reg.wanted,
             note=reg.note,
             deregister_critical_after=owner.deregister_critical_after,
         )
+
+    async def _update(self) -> Lease:
+        """Write the entry again in place with new tags, meta or weight: the backend's
+        ``update`` hook (etcd: a put of the same key on the same lease), else a register
+        of the same id, which replaces the entry in place (Consul keeps its checks'
+        statuses)."""
+        reg, backend = self.reg, self.backend
+        assert reg.lease is not None
+        assert reg.wanted is not None
+        update = getattr(backend, "update", None)
+        if update is None:
+            return await self._register()
+        lease: Lease = await update(reg.lease, reg.writing, status=reg.wanted, note=reg.note)
+        return lease
+
+    async def validate_instance(self, instance: ServiceInstance) -> None:
+        """The backend's own check of ``instance`` (``validate``), if it has one."""
+        validate = getattr(self.backend, "validate", None)
+        if validate is not None:
+            result = validate(instance)
+            if inspect.isawaitable(result):
+                await result
 
     async def _deregister(self) -> None:
         assert self.reg.lease is not None

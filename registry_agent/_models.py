@@ -72,6 +72,14 @@ def _check_name(value: object, what: str) -> str:
     return value
 
 
+def weight_text(value: object, what: str = "meta.weight") -> str:
+    """An integer weight (``3``) as the meta text it is kept as (``"3"``); a bool, a
+    negative number or anything else is a ConfigError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"expected a whole number >= 0, got {value!r}", field=what)
+    return str(value)
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceInstance:
     """One instance of a service: immutable, hashable, validated on creation.
@@ -137,6 +145,10 @@ class ServiceInstance:
         object.__setattr__(self, "tags", tags)
         if not isinstance(self.meta, Mapping):
             raise ConfigError(f"expected a mapping of strings, got {self.meta!r}", field="meta")
+        if "weight" in self.meta and not isinstance(self.meta["weight"], str):
+            object.__setattr__(
+                self, "meta", {**self.meta, "weight": weight_text(self.meta["weight"])}
+            )
         for key, value in self.meta.items():
             if not isinstance(key, str) or not key:
                 raise ConfigError(f"expected non-empty string keys, got {key!r}", field="meta")

@@ -18,6 +18,7 @@ class Step(enum.Enum):
     REGISTER = "register"
     DEREGISTER = "deregister"
     SET_STATUS = "set_status"
+    UPDATE = "update"  # write the entry again in place: new tags, meta or weight
     VERIFY = "verify"
     HEARTBEAT = "heartbeat"
     IDLE = "idle"
@@ -32,6 +33,7 @@ def next_step(
     verify_due: float,
     expires_at: float | None = None,
     stale_lease: bool = False,
+    rewrite: bool = False,
 ) -> tuple[Step, float | None]:
     """The next step, and for IDLE the time to wake up (None: only on a change).
 
@@ -40,6 +42,9 @@ def next_step(
     (last successful registration or heartbeat + TTL); past it the entry is
     counted lost whatever else is wanted. ``stale_lease`` says we abandoned a
     lease that may still be alive: it is released before registering anew.
+    ``rewrite`` says the entry holds older tags or meta than wanted: it is written
+    again in place (UPDATE) once its status is right, before a read-back that
+    would find it "changed".
     Fixing a wrong entry comes before keeping a right one alive, and verifying
     comes before a heartbeat that would hide a lost entry.
     """
@@ -54,6 +59,8 @@ def next_step(
         return Step.REGISTER, None
     if actual is not wanted:
         return Step.SET_STATUS, None
+    if rewrite:
+        return Step.UPDATE, None
     if now >= verify_due:
         return Step.VERIFY, None
     if now >= heartbeat_due:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import re
 import signal
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Unpack
@@ -36,7 +37,7 @@ from registry_agent._identity import (
     open_listed,
 )
 from registry_agent._lane import BackendLane, close_owned
-from registry_agent._models import ServiceInstance
+from registry_agent._models import ServiceInstance, weight_text
 from registry_agent._options import HEARTBEAT_FLOOR, TTL_FLOOR, OptionArgs, RegistrationOptions
 from registry_agent._registration import (
     RegistrarEventKind,
@@ -171,6 +172,29 @@ def _any_ready(answers: list[tuple[str, bool, str | None]]) -> tuple[bool, str |
     if any(ok for _, ok, _ in answers):
         return True, None
     return False, _per_lane((name, why or "") for name, _, why in answers)
+
+
+def updated_instance(
+    instance: ServiceInstance,
+    *,
+    tags: Iterable[str] | None = None,
+    meta: Mapping[str, str | int] | None = None,
+    weight: int | None = None,
+) -> ServiceInstance:
+    """``instance`` with new ``tags``, ``meta`` (each replacing the old whole; None: kept)
+    and ``weight`` (``meta["weight"]``), validated; ConfigError naming the field."""
+    if tags is not None and (isinstance(tags, str) or not isinstance(tags, Iterable)):
+        raise ConfigError(f"expected a list of strings, got {tags!r}", field="tags")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise ConfigError(f"expected a mapping of strings, got {meta!r}", field="meta")
+    new_meta: dict[str, Any] = dict(instance.meta if meta is None else meta)
+    if weight is not None:
+        new_meta["weight"] = weight_text(weight, "weight")
+    return dataclasses.replace(
+        instance,
+        tags=tuple(instance.tags if tags is None else tags),
+        meta=new_meta,
+    )
 
 
 class RegistrationTimeout(RegistryError, TimeoutError):
@@ -415,6 +439,46 @@ class AsyncRegistrar:
                 await lane.validate()
             except (Rejected, ConfigError) as exc:
                 raise self._naming(lane, exc) from None
+
+    async def update(
+        self,
+        *,
+        tags: Iterable[str] | None = None,
+        meta: Mapping[str, str | int] | None = None,
+        weight: int | None = None,
+    ) -> None:
+        """Change the entry's tags, meta or weight in place, in every backend.
+
+        ``tags`` and ``meta`` replace the current ones whole (None: keep them);
+        ``weight`` (a whole number >= 0) is kept as ``meta["weight"]`` and set after
+        ``meta``: a ``meta`` without ``"weight"`` and no ``weight`` drops the weight.
+        The service, id, address and port cannot change (that is another instance:
+        a new registrar). The new instance is validated like ``start()`` does
+        (:class:`~registry_agent.ConfigError` naming the field, or the backend's
+        :class:`~registry_agent.Rejected`), raised here before anything is written.
+
+        It returns at once; each backend then writes its entry again in place (a
+        register of the same id on Consul, whose checks keep their status; a put of
+        the same key on the same lease on etcd) and emits an ``updated`` event:
+        watchers see one ``updated`` and never a gap. An entry not held now
+        (withdrawn, not registered yet, the registry down) is written with the
+        new values when it is registered again; a write that fails is retried
+        with the usual backoff. Counters and the health gate are kept.
+        """
+        if self._stopping:
+            raise RuntimeError("the registrar is stopping: its entry cannot change")
+        new = updated_instance(self.instance, tags=tags, meta=meta, weight=weight)
+        if new == self.instance:
+            return
+        for lane in self._lanes:
+            try:
+                await lane.validate_instance(new)
+            except (Rejected, ConfigError) as exc:
+                raise self._naming(lane, exc) from None
+        self.instance = new
+        for lane in self._lanes:
+            lane.reg.update(new)
+            lane.wake_up()
 
     def _naming(
         self, lane: BackendLane, error: Rejected | ConfigError, *, many: bool | None = None

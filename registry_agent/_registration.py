@@ -63,6 +63,7 @@ class RegistrarEventKind(enum.StrEnum):
     REREGISTERED = "reregistered"  # entered it again after the entry was lost
     DEREGISTERED = "deregistered"  # removed (unhealthy, or stopping)
     STATUS_CHANGED = "status_changed"  # marked passing or critical in the registry
+    UPDATED = "updated"  # written again in place with new tags, meta or weight (update())
     LEASE_LOST = "lease_lost"  # the registry lost our entry (restart, expiry, deletion)
     BACKEND_UNAVAILABLE = "backend_unavailable"  # first failure of a run of failures
     BACKEND_RECOVERED = "backend_recovered"  # the registry answers again
@@ -119,6 +120,12 @@ Change = Event | Renewed | Failed | HeldElsewhere | HeldAgain
 Outcome = tuple[list[Change], float | None]
 
 
+def _changed(instance: ServiceInstance) -> str:
+    """What an UPDATED event says: the tags and meta now written."""
+    meta = ",".join(f"{k}={v}" for k, v in sorted(instance.meta.items()))
+    return f"tags=[{','.join(instance.tags)}] meta={{{meta}}}"
+
+
 def failure_kind(error: RegistryError) -> str:
     """``rejected``, ``throttled`` or ``unavailable``: how a failure is retried and logged."""
     if isinstance(error, Rejected | ConfigError):
@@ -148,6 +155,9 @@ class Registration:
         self.actual: HealthStatus | None = None  # the status we last wrote; None: no entry
         self.expires_at: float | None = None  # our entry lapses then unless renewed
         self.stale: Lease | None = None  # a lease we abandoned that may still be alive
+        #: The instance our entry holds as we wrote it (None: no entry written yet).
+        self.written: ServiceInstance | None = None
+        self._writing = instance  # what the REGISTER or UPDATE in flight writes
         self.seen: InstanceHealth | None = None  # our entry as the last read found it
         self.external: HealthStatus | None = None  # status someone else holds our entry at
         self.lost_reason: str | None = None
@@ -175,6 +185,23 @@ class Registration:
         return self._wanted
 
     @property
+    def writing(self) -> ServiceInstance:
+        """The instance the step :meth:`next` gave writes (REGISTER, UPDATE)."""
+        return self._writing
+
+    def update(self, instance: ServiceInstance) -> None:
+        """New tags, meta or weight (same service, id, address and port): the entry is
+        written again in place (UPDATE) while held, else registered so next time."""
+        self.instance = instance
+
+    @property
+    def rewrite_due(self) -> bool:
+        """The entry we hold carries older tags or meta than the instance now has."""
+        return (
+            self.actual is not None and self.written is not None and (self.written != self.instance)
+        )
+
+    @property
     def note(self) -> str:
         """The note that goes with :attr:`wanted` ("" when passing)."""
         return self._note
@@ -196,11 +223,13 @@ class Registration:
             verify_due=self.verify_due,
             expires_at=self.expires_at,
             stale_lease=self.stale is not None,
+            rewrite=self.rewrite_due,
         )
         if step is Step.IDLE:
             forever = wake is None or math.isinf(wake)
             return Sleep(None if wake is None or forever else max(0.0, wake - now))
         self._wanted, self._note, self._started = desired.status, note, now
+        self._writing = self.instance
         return step
 
     def readiness(
@@ -265,6 +294,19 @@ class Registration:
             self._gone()
             self.counters.deregistrations += 1
             changes.append(Event(RegistrarEventKind.DEREGISTERED, self._note))
+        elif step is Step.UPDATE:
+            assert isinstance(result, Lease)
+            if (
+                self.lease is not None
+                and not self.lease.shared
+                and (result.handle != self.lease.handle)
+            ):
+                self.stale = self.lease  # written on a new lease: release the old one
+            self.lease = result
+            self.written = self._writing
+            # Read it back soon: what a watcher now sees is what status() says.
+            self.verify_due = now
+            changes.append(Event(RegistrarEventKind.UPDATED, _changed(self._writing)))
         elif step is Step.SET_STATUS:
             self._set_actual(self._wanted)
             # Read it back at once: the registry may hold it otherwise (Consul
@@ -277,7 +319,7 @@ class Registration:
             assert result is None or isinstance(result, InstanceHealth)
             self.counters.verifications += 1
             self.verify_due = self._next_verify(now)
-            if result is None or result.instance != self.instance:
+            if result is None or result.instance != (self.written or self.instance):
                 why = (
                     "our entry is missing from the registry"
                     if result is None
@@ -355,6 +397,7 @@ class Registration:
     def _registered(self, lease: Lease, now: float) -> list[Change]:
         shared = lease.shared
         self.lease = lease
+        self.written = self._writing
         self.expires_at = None if shared else self._started + self.options.ttl
         self.seen = None
         self._just_wrote = False
@@ -425,6 +468,7 @@ class Registration:
         return [Event(RegistrarEventKind.LEASE_LOST, self.last_error)]
 
     def _gone(self) -> None:
+        self.written = None
         self.lease = None
         self.expires_at = None
         self.seen = None

@@ -81,6 +81,7 @@ def test_typed_decode_reads_only_our_fields() -> None:
             "lan_ipv4": TaggedAddress("127.0.0.1", 8000),
             "wan_ipv4": TaggedAddress("127.0.0.1", 8000),
         },
+        ServiceWeights={"Passing": 1, "Warning": 1},  # Consul's native weights (the default)
     )
     checks = decode_checks(body("checks"))
     assert len(checks.entries) == 6

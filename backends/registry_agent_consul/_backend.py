@@ -57,6 +57,7 @@ from registry_agent_consul._flavors import (
     read_written,
     validate_flavor,
     write_entry,
+    written_weight,
 )
 from registry_agent_consul._heartbeat import (
     HEARTBEAT_NAME,
@@ -104,6 +105,8 @@ _MIN_DEREGISTER_AFTER = 60.0
 _META_MAX_KEYS = 64
 _META_KEY_MAX = 128
 _META_VALUE_MAX = 512
+#: The largest native weight written (Consul keeps a Go int; ``Weights.Passing``).
+_WEIGHT_MAX = 2**31 - 1
 _META_RESERVED = "consul-"
 _META_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 # The health check is a TTL check only so we can set it; it must never expire.
@@ -515,6 +518,11 @@ class ConsulBackend:
         """
         context = error_context("consul", instance=instance)
         validate_flavor(instance, self.flavor)
+        weight = written_weight(instance)
+        if weight is not None and weight > _WEIGHT_MAX:
+            raise Rejected(
+                f"meta.weight: Consul takes weights up to {_WEIGHT_MAX}, got {weight}", **context
+            )
         meta = write_entry(instance, self.flavor)["Meta"]
         if len(meta) > _META_MAX_KEYS:
             raise Rejected(
@@ -1023,6 +1031,7 @@ class ConsulBackend:
                 tagged_addresses=svc.get("TaggedAddresses") or {},
                 node=node.get("Node") or "",
                 endpoint_scheme=self.endpoint_scheme,
+                weights=svc.get("Weights"),
             )
             checks = [
                 c

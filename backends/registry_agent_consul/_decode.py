@@ -56,6 +56,7 @@ class CatalogEntry(msgspec.Struct, frozen=True, gc=False):
     ServiceTags: tuple[str, ...] | None = None
     ServiceMeta: dict[str, str] | None = None
     ServiceTaggedAddresses: dict[str, TaggedAddress] | None = None
+    ServiceWeights: Any = None  # {"Passing": n, "Warning": m}: read leniently (see weights)
 
 
 class Check(msgspec.Struct, frozen=True, gc=False):
@@ -533,6 +534,7 @@ class ServiceView:
                 tagged_addresses=entry.ServiceTaggedAddresses or {},
                 node=entry.Node,
                 endpoint_scheme=self.endpoint_scheme,
+                weights=entry.ServiceWeights,
             )
         except ConfigError as exc:
             self._warn(entry.ServiceID or "?", exc)

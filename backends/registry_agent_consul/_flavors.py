@@ -146,6 +146,7 @@ def read_instance(
     tagged_addresses: Mapping[str, Any],
     node: str = "",
     endpoint_scheme: str = "",
+    weights: Any = None,
 ) -> ServiceInstance:
     """The instance a Consul entry stands for, whoever wrote it.
 
@@ -173,6 +174,10 @@ def read_instance(
        carried. A legacy ``grpc://…?isSecure=true`` reads as ``grpcs``.
     4. Spring: meta ``secure`` (``"true"``/``"false"``, any case, as Java's
        ``Boolean.parseBoolean``) is taken out; true gives scheme ``https``.
+
+    Consul's native ``Weights`` (``weights``): a ``Passing`` weight other than 1 on an
+    entry whose meta says no ``weight`` becomes the meta ``weight``, so that
+    weighted choice honours what a peer (Spring, Envoy users) set natively.
 
     Raises :class:`ConfigError` naming the field when a value has the wrong type.
     """
@@ -212,6 +217,9 @@ def read_instance(
         if picked is not None:
             picked_scheme, address, port = picked
             scheme = scheme or picked_scheme
+    native = native_weight(weights)
+    if native is not None and native != 1 and "weight" not in fields:
+        fields["weight"] = str(native)
     secure = fields.get("secure")
     if secure is not None and secure.lower() in ("true", "false"):
         del fields["secure"]
@@ -228,6 +236,26 @@ def read_instance(
         scheme=scheme,
         version=version,
     )
+
+
+def native_weight(weights: Any) -> int | None:
+    """``Weights.Passing`` of a Consul entry, when it is a whole number >= 0."""
+    if not isinstance(weights, Mapping):
+        return None
+    passing = weights.get("Passing")
+    if isinstance(passing, bool) or not isinstance(passing, int) or passing < 0:
+        return None
+    return passing
+
+
+def written_weight(instance: ServiceInstance) -> int | None:
+    """The native ``Weights.Passing`` written for ``instance``: its meta ``weight`` when a
+    whole number >= 1 (Consul refuses 0; a weight 0 stays in the meta only)."""
+    text = instance.meta.get("weight")
+    if text is None or not (text.isascii() and text.isdigit()):
+        return None
+    weight = int(text)
+    return weight if weight >= 1 else None
 
 
 def _host_port(instance: ServiceInstance) -> str:
@@ -276,6 +304,10 @@ def write_entry(instance: ServiceInstance, flavor: str = "registry-agent") -> di
     }
     if tagged:
         payload["TaggedAddresses"] = tagged
+    weight = written_weight(instance)
+    if weight is not None:
+        # Consul's own weights: its DNS SRV answers and Envoy (Connect) honour them.
+        payload["Weights"] = {"Passing": weight, "Warning": 1}
     return payload
 
 

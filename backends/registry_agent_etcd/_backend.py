@@ -845,6 +845,26 @@ class EtcdBackend:
             instance=instance,
         )
 
+    async def update(
+        self,
+        lease: Lease,
+        instance: ServiceInstance,
+        *,
+        status: HealthStatus = HealthStatus.PASSING,
+        note: str = "",
+    ) -> Lease:
+        """Write ``instance`` (same id: same key, new tags or meta) on ``lease``'s own
+        lease: one put, so a watcher sees one change and never a gap. LeaseLost when
+        the lease is gone (etcd refuses a put on it): the registrar registers again."""
+        value = self._value(instance, status, note)
+        self._check_size(instance, value)
+        if lease.shared:
+            # The same key on the group's lease: the group's put, its member rewritten.
+            return await self.register_shared(instance, ttl=lease.ttl, status=status, note=note)
+        key = self._key_of(instance)
+        await self._call(lambda c: c.put(key, value, lease=lease.handle), instance=instance)
+        return Lease(instance, lease.ttl, lease.handle, "etcd")
+
     async def deregister(self, lease: Lease) -> None:
         """Revoke the lease: its keys go with it; a lease already gone is no error.
 
