@@ -181,7 +181,7 @@ def test_readyz_follows_the_registry_through_a_stalled_network(
         (svc,) = status["services"]
         assert (svc["ready"], svc["not_ready_reason"]) == (False, why)
         metrics = agent.get("/metrics")[1]
-        assert 'registry_agent_ready{instance="orders-0",service="orders"} 0.0' in metrics
+        assert 'registry_agent_ready{instance_id="orders-0",service="orders"} 0.0' in metrics
         # Still stalled a TTL later: still not ready (never "passing" through an outage).
         time.sleep(ttl)
         assert agent.get("/readyz")[0] == 503
@@ -192,7 +192,7 @@ def test_readyz_follows_the_registry_through_a_stalled_network(
         measured("readyz 200 after heal", time.monotonic() - started, 10 + 2 * timeout + ttl)
         assert listed(server.url, "orders") == {"orders-0": HealthStatus.PASSING}
         metrics = agent.get("/metrics")[1]
-        assert 'registry_agent_ready{instance="orders-0",service="orders"} 1.0' in metrics
+        assert 'registry_agent_ready{instance_id="orders-0",service="orders"} 1.0' in metrics
         assert agent.stop() == 0
 
 
@@ -495,7 +495,7 @@ def test_readyz_reports_consul_maintenance_mode(
     why = body["not_ready"]["orders/orders-0"]["why"]
     assert "critical" in why, why
     metrics = agent.get("/metrics")[1]
-    assert 'registry_agent_ready{instance="orders-0",service="orders"} 0.0' in metrics
+    assert 'registry_agent_ready{instance_id="orders-0",service="orders"} 0.0' in metrics
     consul_server.api("/v1/agent/service/maintenance/orders-0?enable=false", method="PUT")
     started = time.monotonic()
     agent.until("/readyz", 200, within=ttl + 10)

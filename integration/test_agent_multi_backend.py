@@ -64,7 +64,7 @@ def test_agent_keeps_a_service_in_consul_and_etcd_each_on_its_own(
     assert status["agent"]["backends"] == [consul, etcd]
     metrics = agent.until("/metrics", 200)
     for url in (consul, etcd):
-        labels = f'backend="{url}",instance="orders-1",service="orders"'
+        labels = f'backend="{url}",instance_id="orders-1",service="orders"'
         assert f"registry_agent_backend_registered{{{labels}}} 1.0" in metrics
         assert f"registry_agent_backend_registrations_total{{{labels}}} 1.0" in metrics
 
@@ -92,7 +92,7 @@ def test_agent_keeps_a_service_in_consul_and_etcd_each_on_its_own(
     measured("etcd entry healed", time.monotonic() - back, 15)
     assert listed(etcd, "orders") == PASSING
     metrics = agent.until("/metrics", 200)
-    consul_labels = f'backend="{consul}",instance="orders-1",service="orders"'
+    consul_labels = f'backend="{consul}",instance_id="orders-1",service="orders"'
     assert f"registry_agent_backend_registrations_total{{{consul_labels}}} 1.0" in metrics
 
     # SIGHUP with the same file: both kept, nothing registered again.
@@ -190,7 +190,7 @@ def test_sighup_adding_and_removing_a_backend_leaves_the_kept_ones_untouched(
         assert listed(consul, "orders") == PASSING
         assert listed(etcd, "orders") == PASSING
         metrics = agent.until("/metrics", 200)
-        consul_labels = f'backend="{consul}",instance="orders-1",service="orders"'
+        consul_labels = f'backend="{consul}",instance_id="orders-1",service="orders"'
         assert f"registry_agent_backend_registrations_total{{{consul_labels}}} 1.0" in metrics
         shown = agent.until("/status", 200)["services"][0]["backends"]
         assert [b["registered"] for b in shown] == [True, True, True]

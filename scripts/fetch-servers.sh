@@ -6,6 +6,7 @@
 #   consul 1.8.7   from suite bullseye (package consul)
 #   etcd   3.5.16  from suite trixie   (package etcd-server)
 #   etcdctl 3.5.16 from suite trixie   (package etcd-client: the benches' floor)
+#   prometheus 2.42 from suite bookworm (package prometheus: the scrape test)
 #
 # The mirror is read from this machine's own apt sources; no host name is
 # written here. A second run is a no-op. Prints the bin directory on stdout.
@@ -83,6 +84,9 @@ if ! have etcd; then
 fi
 if ! have etcdctl; then
   fetch_pkg trixie etcd-client '3.5.16*' usr/bin/etcdctl etcdctl
+fi
+if ! have prometheus; then
+  fetch_pkg bookworm prometheus '2.42*' usr/bin/prometheus prometheus
 fi
 # sed reads to the end: `head` would close the pipe early, and under pipefail the
 # writer's SIGPIPE (exit 141) would fail this script at random.

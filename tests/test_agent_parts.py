@@ -412,14 +412,14 @@ async def test_status_readyz_and_metrics_read_one_status(tmp_path: Path) -> None
         }
         metrics = runtime.metrics.render().decode()
         for line in (
-            'registry_agent_ready{instance="up-1",service="up"} 1.0',
-            'registry_agent_ready{instance="down-1",service="down"} 0.0',
-            'registry_agent_registered{instance="up-1",service="up"} 1.0',
-            'registry_agent_check_up{check="command false",instance="down-1",service="down"} 0.0',
-            'registry_agent_check_up{check="command true",instance="up-1",service="up"} 1.0',
-            'registry_agent_service_state{instance="up-1",service="up",state="registered"} 1.0',
-            'registry_agent_registrations_total{instance="up-1",service="up"} 1.0',
-            'registry_agent_registrations_total{instance="down-1",service="down"} 0.0',
+            'registry_agent_ready{instance_id="up-1",service="up"} 1.0',
+            'registry_agent_ready{instance_id="down-1",service="down"} 0.0',
+            'registry_agent_registered{instance_id="up-1",service="up"} 1.0',
+            'registry_agent_check_up{check="command false",instance_id="down-1",service="down"} 0.0',
+            'registry_agent_check_up{check="command true",instance_id="up-1",service="up"} 1.0',
+            'registry_agent_service_state{instance_id="up-1",service="up",state="registered"} 1.0',
+            'registry_agent_registrations_total{instance_id="up-1",service="up"} 1.0',
+            'registry_agent_registrations_total{instance_id="down-1",service="down"} 0.0',
         ):
             assert line in metrics, line
     finally:

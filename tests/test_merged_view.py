@@ -639,9 +639,9 @@ async def test_the_agent_registers_in_every_backend_and_stays_ready_while_one_is
         ]
         metrics = runtime.metrics.render().decode()
         for registry in (first, second):
-            labels = f'backend="{registry.url}:0",instance="orders-1",service="orders"'
+            labels = f'backend="{registry.url}:0",instance_id="orders-1",service="orders"'
             assert f"registry_agent_backend_ready{{{labels}}} 1.0" in metrics
-        assert 'registry_agent_ready{instance="orders-1",service="orders"} 1.0' in metrics
+        assert 'registry_agent_ready{instance_id="orders-1",service="orders"} 1.0' in metrics
 
         # The second registry down for longer than the TTL: still ready on the first.
         second.stop()
@@ -649,9 +649,9 @@ async def test_the_agent_registers_in_every_backend_and_stays_ready_while_one_is
         code, _, body = runtime._readyz()
         assert code == 200, body
         metrics = runtime.metrics.render().decode()
-        labels = f'backend="{second.url}:0",instance="orders-1",service="orders"'
+        labels = f'backend="{second.url}:0",instance_id="orders-1",service="orders"'
         assert f"registry_agent_backend_registered{{{labels}}} 0.0" in metrics
-        assert 'registry_agent_ready{instance="orders-1",service="orders"} 1.0' in metrics
+        assert 'registry_agent_ready{instance_id="orders-1",service="orders"} 1.0' in metrics
 
         # Both down: not ready, and /readyz says why for each.
         first.stop()
