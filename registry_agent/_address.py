@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry_agent._errors import ConfigError
+from registry_agent._urls import Table, as_str
 
 __all__ = ["advertised_address"]
 
@@ -138,6 +139,49 @@ def choose_address(
             )
         return _from_interfaces(interfaces(), wanted, interface)
     return _from_routes(routes(), interfaces)
+
+
+#: The agent's [[service]] keys for advertised_address's parameters.
+AGENT_KEYS = {"network": "address_network", "interface": "address_interface", "env": "address_env"}
+_HOW_AGENT = (
+    'choose the address to advertise: set address = "10.0.0.5", or pick one of this '
+    'host\'s by address_network = "10.0.0.0/8", address_interface = "eth1" or '
+    'address_env = "POD_IP"'
+)
+
+
+def address_from_table(table: Table, environ: Mapping[str, str]) -> str:
+    """The address of an agent ``[[service]]`` table: ``address`` as given, else the one
+    ``address_network`` / ``address_interface`` / ``address_env`` choose (the keys of
+    :func:`advertised_address`'s parameters), else the default route's. Errors name
+    the key (``service[0].address_network``) and the file."""
+    address: str = table.get("address", as_str, "")
+    network: str | None = table.get(AGENT_KEYS["network"], as_str)
+    interface: str | None = table.get(AGENT_KEYS["interface"], as_str)
+    env: str | tuple[str, ...] | None = table.get(AGENT_KEYS["env"], _as_names)
+    if address:
+        for parameter, value in (("network", network), ("interface", interface), ("env", env)):
+            if value is not None:
+                key = AGENT_KEYS[parameter]
+                raise table.error(key, f"give address or {key}, not both")
+        return address
+    try:
+        return advertised_address(network=network, interface=interface, env=env, environ=environ)
+    except ConfigError as exc:
+        key = AGENT_KEYS.get(exc.field or "", "address")
+        raise table.error(key, exc.reason.replace(_HOW, _HOW_AGENT)) from None
+
+
+def _as_names(value: object, field: str) -> str | tuple[str, ...]:
+    """An environment variable's name, or a list of them."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(
+        f'expected a variable name such as "POD_IP" or a list of them, got {value!r}',
+        field=field,
+    )
 
 
 def _network(value: object) -> IPNetwork:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from registry_agent._address import address_from_table
 from registry_agent._backend import Backend
 from registry_agent._errors import BackendNotFound, ConfigError
 from registry_agent._health.base import HealthCheck
@@ -311,7 +312,7 @@ def _parse(data: dict[str, Any], source: str, env: Mapping[str, str], base: Path
     if not isinstance(raw_services, list) or not raw_services:
         raise ConfigError("expected at least one [[service]] table", field="service", source=source)
     services = tuple(
-        _service(Table(raw, f"service[{i}]", source)) for i, raw in enumerate(raw_services)
+        _service(Table(raw, f"service[{i}]", source), env) for i, raw in enumerate(raw_services)
     )
     seen: dict[str, int] = {}
     for i, svc in enumerate(services):
@@ -413,13 +414,14 @@ def _path_in(base: Path) -> Callable[[Any, str], str]:
     return convert
 
 
-def _service(fields: Table) -> ServiceConfig:
+def _service(fields: Table, environ: Mapping[str, str]) -> ServiceConfig:
     path = fields.path
     name = fields.require("name", as_str)
     instance_fields: dict[str, Any] = {
         "service": name,
         "id": fields.get("id", as_str, ""),
-        "address": fields.get("address", as_str, ""),
+        # A literal, else chosen by address_network/_interface/_env, else the default route's.
+        "address": address_from_table(fields, environ),
         "port": fields.require("port", as_int),
         "tags": fields.get("tags", as_str_list, ()),
         "meta": fields.get("meta", as_str_map, {}),
