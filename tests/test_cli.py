@@ -192,8 +192,17 @@ def test_a_watch_that_fails_prints_one_line_and_exits_1(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     class Failing:
+        services = ("orders",)
+        _index: dict[str, int] = {}
+
         def __init__(self, *args: object, **kwargs: object) -> None:
             pass
+
+        async def wait_synced(self, timeout: float | None = None) -> bool:
+            return True
+
+        def snapshot(self, service: str | None = None) -> list[InstanceHealth]:
+            return []
 
         def __aiter__(self) -> "Failing":
             return self
