@@ -1,1 +1,1 @@
-"""Integrations with the frameworks and servers an app lives in (Starlette/FastAPI, gunicorn, Flask, Django)."""
+"""Integrations with the servers and frameworks an app lives in (Starlette, gunicorn, Flask…)."""

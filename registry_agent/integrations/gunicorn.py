@@ -96,7 +96,8 @@ class _Spec:
     """What the keeper process is told to hold (pickled to its stdin)."""
 
     backend: str | tuple[str, ...]
-    entries: tuple[tuple[ServiceInstance, tuple[HealthCheck, ...]], ...]
+    #: Per registration: the instance (as ``ServiceInstance.to_dict``) and its checks.
+    entries: tuple[tuple[dict[str, Any], tuple[HealthCheck, ...]], ...]
     options: RegistrationOptions = field(default_factory=RegistrationOptions)
     deregister_timeout: float = 5.0
     parent: int = 0
@@ -105,6 +106,10 @@ class _Spec:
     def key(self) -> bytes:
         """Equal for equal registrations (to keep the keeper across a SIGHUP)."""
         return pickle.dumps((self.backend, self.entries, self.options, self.deregister_timeout))
+
+    def instances(self) -> list[ServiceInstance]:
+        """The instances to register."""
+        return [ServiceInstance.from_dict(data) for data, _ in self.entries]
 
 
 class GunicornRegistration:
@@ -286,7 +291,7 @@ class GunicornRegistration:
         server.log.info(
             "registry-agent: keeper %s registers %s",
             keeper.pid,
-            ", ".join(f"{i.id} ({i.address}:{i.port})" for i, _ in keeper.spec.entries),
+            ", ".join(f"{i.id} ({i.address}:{i.port})" for i in keeper.spec.instances()),
         )
 
     def on_reload(self, server: Any) -> None:
@@ -311,7 +316,7 @@ class GunicornRegistration:
     def _spec(self, server: Any) -> _Spec:
         spec = _Spec(
             backend=self.backend,
-            entries=tuple(self.instances(server)),
+            entries=tuple((i.to_dict(), checks) for i, checks in self.instances(server)),
             options=self.options,
             deregister_timeout=self.deregister_timeout,
             parent=os.getpid(),
@@ -555,7 +560,8 @@ async def _keep(spec: _Spec, out: IO[bytes]) -> int:
 
     registrars: list[AsyncRegistrar] = []
     try:
-        for instance, checks in spec.entries:
+        for data, checks in spec.entries:
+            instance = ServiceInstance.from_dict(data)
             registrar = AsyncRegistrar(spec.backend, instance, checks=checks, options=spec.options)
             registrars.append(registrar)
             await registrar.start()

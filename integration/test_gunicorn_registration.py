@@ -1,0 +1,307 @@
+"""The gunicorn hooks (``registry_agent.integrations.gunicorn``): real gunicorn, real registries.
+
+A gunicorn master this test starts (``--workers 2``, two ``--bind`` addresses,
+``--max-requests 5``; free loopback ports; stopped by PID; every wait bounded)
+imports the library's hooks in its config
+(``integration/gunicorn_registration_app.py``). Proven against Consul and etcd:
+
+* one registration per listening address (two binds: two entries, whatever
+  the number of workers), each with the bound socket's address and port,
+  registered once the workers answer the HTTP check;
+* no gap while workers restart: while workers recycle (``max_requests``) and
+  one is SIGKILLed and replaced, a watcher sees no ``deleted``/``offline`` and
+  every poll of the registry (every 0.1 s) finds both entries passing;
+* fork-clean master: NO ``GRPC_ENABLE_FORK_SUPPORT``/``GRPC_POLL_STRATEGY`` in
+  gunicorn's environment, even with etcd; every worker exit (its
+  ``worker_exit`` hook to the master reaping it) under 1 s;
+* withdrawn first on the master's SIGTERM: the watcher sees both entries
+  deleted before a prober (connecting every 5 ms) finds the port closed (the
+  workers hold the listening socket until they exit: with sync workers, the
+  port closes once the request in flight at the signal has completed, with 200).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from integration.event_log import EventLog
+from integration.registry_view import registry_health
+from registry_agent import AsyncWatcher, EventType, HealthStatus, RetryPolicy, open_backend
+from registry_agent.testing.servers import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+TTL = 3.0
+WORKERS = 2
+MAX_REQUESTS = 5
+GRACEFUL_TIMEOUT = 30
+# A worker's exit, from its worker_exit hook to the master reaping it (it hung 12 s
+# when the master registered itself).
+WORKER_EXIT_BOUND = 1.0
+# The config's deregister_timeout (3 s) + the keeper's margin: the withdrawal's bound.
+WITHDRAW_BOUND = 4.0
+SLOW_REQUEST = 2.0
+POLL = 0.1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Gunicorn:
+    """One gunicorn master with the registration hooks, started for a test."""
+
+    def __init__(self, workdir: Path, server: ServerProcess) -> None:
+        self.ports = (_free_port(), _free_port())
+        self.service = f"greg-{uuid.uuid4().hex[:8]}"
+        self.events_path = workdir / f"{self.service}.events"
+        self.log_path = workdir / f"{self.service}.log"
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("GRPC_")  # the master must be fork-clean without them
+        }
+        env.update(
+            PYTHONPATH=str(ROOT),
+            GREG_REGISTRY=server.url,
+            GREG_SERVICE=self.service,
+            GREG_EVENTS=str(self.events_path),
+            GREG_TTL=str(TTL),
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            f"--workers={WORKERS}",
+            *(f"--bind=127.0.0.1:{port}" for port in self.ports),
+            f"--max-requests={MAX_REQUESTS}",
+            f"--graceful-timeout={GRACEFUL_TIMEOUT}",
+            "--config=python:integration.gunicorn_registration_app",
+            "--no-control-socket",  # else one shared socket under ~/.gunicorn for all tests
+            "integration.gunicorn_registration_app:app",
+        ]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        if not self.events_path.exists():
+            return []
+        lines = self.events_path.read_text().splitlines()
+        events = [json.loads(line) for line in lines if line.endswith("}")]
+        return [e for e in events if kind is None or e["event"] == kind]
+
+    def get(self, path: str = "/", port: int | None = None, timeout: float = 10) -> int | None:
+        """One request; the pid of the worker that served it (None if not served)."""
+        connection = http.client.HTTPConnection("127.0.0.1", port or self.ports[0], timeout=timeout)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            assert response.status == 200
+            pid: int = json.loads(response.read())["pid"]
+            return pid
+        except (ConnectionError, http.client.RemoteDisconnected, TimeoutError):
+            return None  # a worker recycling as the connection came: the caller retries
+        finally:
+            connection.close()
+
+    def workers(self) -> set[int]:
+        """The workers forked and not yet reaped."""
+        forked = {e["worker"] for e in self.events("post_fork")}
+        return forked - {e["worker"] for e in self.events("child_exit")}
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()  # the master only, by PID: its workers and keeper notice
+            self.process.wait(10)
+
+
+@pytest.fixture
+def gunicorns(tmp_path: Path) -> Iterator[Callable[[ServerProcess], Gunicorn]]:
+    started: list[Gunicorn] = []
+
+    def start(server: ServerProcess) -> Gunicorn:
+        started.append(Gunicorn(tmp_path, server))
+        return started[-1]
+
+    yield start
+    for gunicorn in started:
+        gunicorn.close()
+
+
+async def _wait_registered(server: ServerProcess, gunicorn: Gunicorn, count: int) -> set[str]:
+    """The ids once ``count`` entries are passing (within 30 s)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        held = await registry_health(server.url, gunicorn.service)
+        if len(held) == count and set(held.values()) == {HealthStatus.PASSING}:
+            return set(held)
+        if gunicorn.process.poll() is not None:
+            pytest.fail(f"gunicorn ended ({gunicorn.process.returncode}):\n{gunicorn.log()}")
+        await asyncio.sleep(0.1)
+    pytest.fail(f"not {count} passing entries within 30 s:\n{gunicorn.log()}")
+
+
+class PortProber(threading.Thread):
+    """Connects to a port every 5 ms; the first time it was refused."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.closed_at: float | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + GRACEFUL_TIMEOUT
+        while time.monotonic() < deadline and not self.done.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    pass
+            except OSError:
+                self.closed_at = time.monotonic()
+                return
+            time.sleep(0.005)
+
+
+async def test_one_registration_per_address_no_gap_withdrawn_first(
+    server: ServerProcess,
+    gunicorns: Callable[[ServerProcess], Gunicorn],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    gunicorn = gunicorns(server)
+    ids = await _wait_registered(server, gunicorn, count=len(gunicorn.ports))
+
+    # One entry per listening address, with the bound address and port; not one per worker.
+    backend = open_backend(server.url)
+    try:
+        snapshot = await backend.list(gunicorn.service)
+    finally:
+        await backend.close()
+    entries = {h.instance.id: h.instance for h in snapshot.instances.values()}
+    assert set(entries) == ids
+    assert sorted((i.address, i.port) for i in entries.values()) == sorted(
+        ("127.0.0.1", port) for port in gunicorn.ports
+    )
+    assert {i.scheme for i in entries.values()} == {"http"}
+    assert len(gunicorn.workers()) == WORKERS
+    master = gunicorn.events("when_ready")[0]["master"]
+    assert master == gunicorn.process.pid
+
+    watcher = AsyncWatcher(server.url, gunicorn.service, retry=RetryPolicy(initial=0.1, cap=1.0))
+    async with EventLog(watcher) as seen:
+        for entry_id in ids:
+            await seen.wait_for((EventType.ADDED, entry_id))
+        polls: list[dict[str, HealthStatus]] = []
+        stop_polling = asyncio.Event()
+
+        async def poll() -> None:
+            while not stop_polling.is_set():
+                polls.append(await registry_health(server.url, gunicorn.service))
+                await asyncio.sleep(POLL)
+
+        poller = asyncio.create_task(poll())
+
+        # Workers recycle (max_requests): each of the first two, then their replacements.
+        first = gunicorn.workers()
+        sent = 0
+        deadline = time.monotonic() + 60
+        while len(gunicorn.events("child_exit")) < 2 * WORKERS:
+            assert time.monotonic() < deadline, gunicorn.log()
+            assert sent < 40 * WORKERS, f"{sent} requests: {gunicorn.events('child_exit')}"
+            await asyncio.to_thread(gunicorn.get, "/", gunicorn.ports[sent % 2])
+            sent += 1
+        recycled = {e["worker"] for e in gunicorn.events("child_exit")}
+        assert first <= recycled
+
+        # One worker SIGKILLed: the master reaps it and forks another.
+        deadline = time.monotonic() + 30
+        while len(gunicorn.workers()) < WORKERS:
+            assert time.monotonic() < deadline, gunicorn.log()
+            await asyncio.sleep(0.05)
+        victim = min(gunicorn.workers())
+        forked = len(gunicorn.events("post_fork"))
+        os.kill(victim, signal.SIGKILL)
+        while (
+            victim not in {e["worker"] for e in gunicorn.events("child_exit")}
+            or len(gunicorn.events("post_fork")) <= forked
+        ):
+            assert time.monotonic() < deadline, gunicorn.log()
+            await asyncio.sleep(0.05)
+        # Both addresses still served afterwards, over more than a TTL.
+        began = time.monotonic()
+        while time.monotonic() - began < TTL + 1:
+            for port in gunicorn.ports:
+                await asyncio.to_thread(gunicorn.get, "/", port)
+            await asyncio.sleep(0.2)
+
+        stop_polling.set()
+        await poller
+        full = dict.fromkeys(ids, HealthStatus.PASSING)
+        missing = [p for p in polls if p != full]
+        print(f"{len(polls)} polls during restarts, {len(missing)} without both entries passing")
+        assert len(polls) > 20
+        assert missing == [], missing[:3]
+        assert [(e.type, e.instance.id) for e in seen if e.type is not EventType.ADDED] == []
+
+        # Every worker exit (recycled or on the way) took under a second.
+        began_exit = {e["worker"]: e["t"] for e in gunicorn.events("worker_exit")}
+        reaped = {e["worker"]: e["t"] for e in gunicorn.events("child_exit")}
+        exits = {pid: reaped[pid] - began_exit[pid] for pid in reaped if pid != victim}
+        assert len(exits) >= 2 * WORKERS, exits
+        measured(f"worker exit x{len(exits)} (max)", max(exits.values()), WORKER_EXIT_BOUND)
+        print(f"{sent} requests recycled {len(exits)} workers, worker {victim} killed -9")
+
+        # SIGTERM with a request in flight: the entries go first, then the port closes,
+        # then the workers finish what they serve.
+        slow: dict[str, Any] = {}
+
+        def slow_request() -> None:
+            slow["pid"] = gunicorn.get(f"/slow?s={SLOW_REQUEST}", gunicorn.ports[0], timeout=30)
+            slow["t"] = time.monotonic()
+
+        in_flight = threading.Thread(target=slow_request, daemon=True)
+        in_flight.start()
+        await asyncio.sleep(0.3)  # the request is being served
+        prober = PortProber(gunicorn.ports[0])
+        prober.start()
+        signalled = time.monotonic()
+        os.kill(gunicorn.process.pid, signal.SIGTERM)
+        gone = [await seen.wait_for((EventType.DELETED, entry_id)) for entry_id in ids]
+        gone_at = max(seen.at(event) for event in gone)
+        await asyncio.to_thread(prober.join, GRACEFUL_TIMEOUT)
+        await asyncio.to_thread(gunicorn.process.wait, GRACEFUL_TIMEOUT + 10)
+        exited = time.monotonic()
+        await asyncio.to_thread(in_flight.join, 10)
+
+    assert gunicorn.process.returncode == 0, gunicorn.log()
+    assert prober.closed_at is not None, "the port never closed"
+    measured("SIGTERM -> entries gone", gone_at - signalled, WITHDRAW_BOUND)
+    print(f"entries gone {prober.closed_at - gone_at:.3f}s before the port closed")
+    assert gone_at < prober.closed_at, (gone_at, prober.closed_at)
+    assert slow.get("pid") is not None, f"the request in flight failed:\n{gunicorn.log()}"
+    measured("SIGTERM -> gunicorn exited", exited - signalled, WITHDRAW_BOUND + SLOW_REQUEST + 2)
+    assert await registry_health(server.url, gunicorn.service) == {}
+    log = gunicorn.log()
+    assert "Traceback" not in log, log
+    assert "withdrawn in" in log, log
