@@ -31,6 +31,7 @@ from registry_agent._health.checks import (
     TcpCheck,
 )
 from registry_agent._health.gate import GateState, OnUnhealthy
+from registry_agent._loader import load_registrars
 from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance, ServiceSnapshot
 from registry_agent._options import RegistrationOptions
 from registry_agent._plugins import available_backends, open_backend
@@ -97,5 +98,6 @@ __all__ = [
     "advertised_address",
     "available_backends",
     "backends_from_env",
+    "load_registrars",
     "open_backend",
 ]

@@ -31,7 +31,14 @@ from typing import Any
 from registry_agent._errors import BackendNotFound, ConfigError
 from registry_agent._urls import parse_backend_url, read_secret_file
 
-__all__ = ["ENV_BACKEND", "EnvBackendURL", "backends_from_env", "carried_options"]
+__all__ = [
+    "ENV_BACKEND",
+    "EnvBackendURL",
+    "backend_tables_from_env",
+    "backends_from_env",
+    "carried_options",
+    "env_names_backend",
+]
 
 #: The variable naming the backend(s).
 ENV_BACKEND = "REGISTRY_AGENT_BACKEND"
@@ -89,9 +96,9 @@ class EnvBackendURL(str):
     taking a URL pass to the backend. A string made from it (``url + "…"``) is a
     plain ``str`` without them."""
 
-    options: Mapping[str, str]
+    options: Mapping[str, Any]
 
-    def __new__(cls, text: str, options: Mapping[str, str] | None = None) -> EnvBackendURL:
+    def __new__(cls, text: str, options: Mapping[str, Any] | None = None) -> EnvBackendURL:
         url = super().__new__(cls, text)
         url.options = dict(options or {})
         return url
@@ -100,7 +107,7 @@ class EnvBackendURL(str):
         return (EnvBackendURL, (str(self), dict(self.options)))
 
 
-def carried_options(url: object) -> dict[str, str]:
+def carried_options(url: object) -> dict[str, Any]:
     """The secret options an :class:`EnvBackendURL` carries (``{}`` for any other)."""
     return dict(url.options) if isinstance(url, EnvBackendURL) else {}
 
@@ -368,3 +375,18 @@ def _etcd(endpoints: str, env: Mapping[str, str]) -> EnvBackendURL:
     if password:
         secrets["password"] = password
     return _with_query(f"etcd://{','.join(hosts)}", query, secrets)
+
+
+def backend_tables_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any] | list[Any]:
+    """The backends the environment names as agent.toml would hold them: one
+    ``[backend]`` table (``{"url": …, "token": …}``) or a list of ``[[backend]]``
+    tables, the secrets as keys beside ``url``."""
+    tables = [{"url": str(url), **carried_options(url)} for url in backends_from_env(environ)]
+    return tables[0] if len(tables) == 1 else tables
+
+
+def env_names_backend(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a variable naming a backend is set (``REGISTRY_AGENT_BACKEND``,
+    ``CONSUL_HTTP_ADDR``, ``ETCDCTL_ENDPOINTS``)."""
+    env = os.environ if environ is None else environ
+    return any(_get(env, name) for name in (ENV_BACKEND, "CONSUL_HTTP_ADDR", "ETCDCTL_ENDPOINTS"))

@@ -33,6 +33,7 @@ from typing import Any
 
 from registry_agent._address import address_from_table
 from registry_agent._backend import Backend
+from registry_agent._env import backend_tables_from_env, env_names_backend
 from registry_agent._errors import BackendNotFound, ConfigError
 from registry_agent._health.base import HealthCheck
 from registry_agent._identity import describe_identity, identity_of
@@ -248,12 +249,24 @@ def parse_config(
     source: str = "<config>",
     env: Mapping[str, str] | None = None,
     base: Path | None = None,
+    backend_from_env: bool = False,
 ) -> AgentConfig:
-    """Check a parsed TOML document (with ``env`` overrides) into an :class:`AgentConfig`."""
+    """Check a parsed TOML document (with ``env`` overrides) into an :class:`AgentConfig`.
+
+    ``backend_from_env``: a document without ``backend`` takes the backends the
+    environment names (``backends_from_env``: ``REGISTRY_AGENT_BACKEND``, else
+    Consul's, else etcd's variables) instead of being refused."""
+    environ = os.environ if env is None else env
     try:
-        return _parse(dict(data), source, os.environ if env is None else env, base or Path.cwd())
+        return _parse(dict(data), source, environ, base or Path.cwd(), backend_from_env)
     except ConfigError as error:
         raise _with_source(error, source) from None
+
+
+def _backend_variable(name: str) -> bool:
+    """Whether ``name`` is a REGISTRY_AGENT_* variable setting a [backend] key."""
+    key = name.removeprefix(ENV_PREFIX)
+    return name.startswith(ENV_PREFIX) and _ENV_KEYS.get(key, ("",))[0] == "backend"
 
 
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
@@ -285,7 +298,24 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
     return unknown
 
 
-def _parse(data: dict[str, Any], source: str, env: Mapping[str, str], base: Path) -> AgentConfig:
+def _parse(
+    data: dict[str, Any],
+    source: str,
+    env: Mapping[str, str],
+    base: Path,
+    backend_from_env: bool = False,
+) -> AgentConfig:
+    if backend_from_env and "backend" not in data:
+        if not env_names_backend(env):
+            raise ConfigError(
+                "no [backend] table, and none in the environment: add one, or set "
+                "REGISTRY_AGENT_BACKEND, CONSUL_HTTP_ADDR or ETCDCTL_ENDPOINTS",
+                field="backend",
+                source=source,
+            )
+        # The environment names the backends, its REGISTRY_AGENT_* backend keys included.
+        data["backend"] = backend_tables_from_env(env)
+        env = {name: value for name, value in env.items() if not _backend_variable(name)}
     unknown_env = _apply_env(data, env)
     if unknown_env:
         raise ConfigError(
@@ -492,9 +522,14 @@ def _both_backend_forms(text: str, line: int) -> bool:
 
 
 def load_config(
-    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    backend_from_env: bool = False,
 ) -> AgentConfig:
-    """Read and check ``path``. Raises :class:`ConfigError` with ``file:line`` or the field."""
+    """Read and check ``path``. Raises :class:`ConfigError` with ``file:line`` or the field.
+
+    ``backend_from_env``: see :func:`parse_config`."""
     file = Path(path)
     source = str(path)
     try:
@@ -521,4 +556,6 @@ def load_config(
         raise ConfigError(f"invalid TOML: {message}", source=f"{source}{where}") from None
     except RecursionError:
         raise ConfigError("invalid TOML: nested too deeply", source=source) from None
-    return parse_config(data, source=source, env=env, base=file.parent)
+    return parse_config(
+        data, source=source, env=env, base=file.parent, backend_from_env=backend_from_env
+    )
