@@ -21,7 +21,13 @@ from registry_agent._agent.config import AgentConfig, ServiceConfig, load_config
 from registry_agent._agent.logs import remember_secrets
 from registry_agent._agent.metrics import AgentMetrics
 from registry_agent._agent.reaper import OrphanReaper, become_subreaper
-from registry_agent._agent.status import StatusServer, json_body
+from registry_agent._agent.status import (
+    StatusServer,
+    iso_time,
+    iso_times,
+    json_body,
+    readiness,
+)
 from registry_agent._backend import Backend
 from registry_agent._errors import ConfigError, RegistryError, Rejected
 from registry_agent._health.checks import CheckResult, HealthCheck
@@ -491,36 +497,15 @@ class AgentRuntime:
         return {key: reg.snapshot() for key, (_, reg) in self.registrars.items()}
 
     def _readyz(self) -> tuple[int, str, bytes]:
-        snapshots = self.snapshots()
-        if not snapshots:
-            return json_body(503, {"ready": False, "not_ready": {}, "why": "no services running"})
-        names = self.backend_names()
-        not_ready = {
-            key: {
-                "state": snap.state,
-                "registered": snap.registered,
-                "registry_status": snap.registry_status,
-                "why": snap.not_ready_reason,
-                # Several backends: ready while any one holds it passing; each one's reason.
-                **(
-                    {"backends": {names[b.index]: b.not_ready_reason for b in snap.backends}}
-                    if len(snap.backends) > 1 and len(names) == len(snap.backends)
-                    else {}
-                ),
-            }
-            for key, snap in snapshots.items()
-            if not snap.ready
-        }
-        if not_ready:
-            return json_body(503, self._scrub({"ready": False, "not_ready": not_ready}))
-        return json_body(200, {"ready": True})
+        code, body = readiness(self.snapshots(), self.backend_names())
+        return json_body(code, self._scrub(body))
 
     def status(self) -> dict[str, Any]:
         """The JSON of ``/status``."""
         return {
             "agent": {
                 "pid": os.getpid(),
-                "started_at": self.started_at,
+                "started_at": iso_time(self.started_at),
                 "config": self.config.source,
                 "reloads": self.reloads,
                 "backend": self.config.backend.redacted(),
@@ -533,7 +518,7 @@ class AgentRuntime:
         }
 
     def _service_status(self, snap: RegistrationStatus) -> dict[str, Any]:
-        shown = snap.to_dict()
+        shown = iso_times(snap.to_dict())
         names = self.backend_names()
         for backend in shown.get("backends", ()):
             if backend["index"] < len(names):

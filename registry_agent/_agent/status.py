@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hmac
 import json
 import logging
 import socket
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
-__all__ = ["StatusServer"]
+from registry_agent._status import RegistrationStatus
+
+__all__ = ["StatusServer", "iso_time", "iso_times", "readiness"]
 
 log = logging.getLogger("registry_agent.status")
 
@@ -33,6 +36,67 @@ Handler = Callable[[], tuple[int, str, bytes]]
 def json_body(status: int, data: Any) -> tuple[int, str, bytes]:
     """A JSON response."""
     return status, "application/json", (json.dumps(data, indent=2, default=str) + "\n").encode()
+
+
+def iso_time(seconds: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 in UTC to the millisecond (``2026-12-01T03:40:00.123Z``);
+    None stays None."""
+    if seconds is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def iso_times(service: dict[str, Any]) -> dict[str, Any]:
+    """A service's ``status()`` dict with its times in ISO 8601 (what ``/status`` shows):
+    ``last_heartbeat``, each check's ``at``, each backend's ``last_heartbeat``."""
+    shown = dict(service)
+    shown["last_heartbeat"] = iso_time(shown.get("last_heartbeat"))
+    shown["checks"] = {
+        name: {**check, "at": iso_time(check["at"])} if "at" in check else check
+        for name, check in shown.get("checks", {}).items()
+    }
+    if "backends" in shown:
+        shown["backends"] = [
+            {**backend, "last_heartbeat": iso_time(backend.get("last_heartbeat"))}
+            for backend in shown["backends"]
+        ]
+    return shown
+
+
+def readiness(
+    snapshots: Mapping[str, RegistrationStatus], backend_names: Sequence[str] = ()
+) -> tuple[int, dict[str, Any]]:
+    """What ``/readyz`` answers for these statuses (by key: the agent's service keys):
+    ``(200, {"ready": True})`` when every one is ready, else 503 with why each one is
+    not (``not_ready``: state, registered, registry_status, why, and each backend's
+    reason when there are several, named by ``backend_names`` or their own names);
+    503 with ``why`` when there are none."""
+    if not snapshots:
+        return 503, {"ready": False, "not_ready": {}, "why": "no services running"}
+
+    def name(index: int, own: str) -> str:
+        return backend_names[index] if index < len(backend_names) else own
+
+    not_ready = {
+        key: {
+            "state": snap.state,
+            "registered": snap.registered,
+            "registry_status": snap.registry_status,
+            "why": snap.not_ready_reason,
+            # Several backends: ready while any one holds it passing; each one's reason.
+            **(
+                {"backends": {name(b.index, b.name): b.not_ready_reason for b in snap.backends}}
+                if len(snap.backends) > 1
+                else {}
+            ),
+        }
+        for key, snap in snapshots.items()
+        if not snap.ready
+    }
+    if not_ready:
+        return 503, {"ready": False, "not_ready": not_ready}
+    return 200, {"ready": True}
 
 
 class StatusServer:
