@@ -142,7 +142,7 @@ def test_consul_refuses_a_weight_it_cannot_hold() -> None:
 
 def test_next_step_orders_the_rewrite() -> None:
     passing, critical = HealthStatus.PASSING, HealthStatus.CRITICAL
-    at = {"now": 10.0, "heartbeat_due": 5.0, "verify_due": 5.0}
+    at: dict[str, Any] = {"now": 10.0, "heartbeat_due": 5.0, "verify_due": 5.0}
     # Held as wanted, both a read-back and a heartbeat due: the rewrite first.
     assert next_step(Desired.PASSING, passing, rewrite=True, **at)[0] is Step.UPDATE
     # A wrong status is fixed first; no entry: registered (with the new values).
@@ -177,7 +177,7 @@ def test_registration_rewrites_in_place_and_keeps_its_counters() -> None:
     assert reg.lease is not None
     assert reg.counters.lease_losses == 0
     changes, pause = reg.succeeded(Step.UPDATE, 1.0, Lease(new, 10.0, 1, "memory"))
-    assert [(c.kind, c.detail) for c in changes] == [(K.UPDATED, "tags=[v2] meta={a=1}")]  # type: ignore[union-attr]
+    assert [(c.kind, c.detail) for c in changes] == [(K.UPDATED, "tags=[v2] meta={a=1}")]
     assert pause is None
     assert reg.written == new
     assert not reg.rewrite_due
