@@ -47,6 +47,8 @@ Interfaces = Mapping[str, Sequence[str]]
 #: address of the default route; the first one no other route covers is used.
 _PROBES_V4 = ("192.0.2.1", "198.51.100.1", "203.0.113.1")
 _PROBES_V6 = ("2001:db8::1", "3fff::1", "2001:db8:ffff::1")
+#: Linux's route tables (main table) by IP version.
+_ROUTE_TABLES = {4: Path("/proc/net/route"), 6: Path("/proc/net/ipv6_route")}
 _RTF_UP = 0x0001
 _RTF_REJECT = 0x0200
 
@@ -155,6 +157,12 @@ def address_from_table(table: Table, environ: Mapping[str, str]) -> str:
     ``address_network`` / ``address_interface`` / ``address_env`` choose (the keys of
     :func:`advertised_address`'s parameters), else the default route's. Errors name
     the key (``service[0].address_network``) and the file."""
+    for key in sorted(table.table):
+        # A misspelt choice must not fall back to the default route silently.
+        if key.startswith("address") and key != "address" and key not in AGENT_KEYS.values():
+            raise table.error(
+                key, f"unknown key; expected address or {', '.join(AGENT_KEYS.values())}"
+            )
     address: str = table.get("address", as_str, "")
     network: str | None = table.get(AGENT_KEYS["network"], as_str)
     interface: str | None = table.get(AGENT_KEYS["interface"], as_str)
@@ -325,7 +333,7 @@ def default_routes() -> Routes:
 
 
 def _default_route(family: int) -> Route | None:
-    table = Path("/proc/net/route" if family == 4 else "/proc/net/ipv6_route")
+    table = _ROUTE_TABLES.get(family, Path("/nonexistent"))
     probes = _PROBES_V4 if family == 4 else _PROBES_V6
     try:
         text = table.read_text()
