@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from registry_agent._agent.logs import (
 )
 from registry_agent._agent.reaper import OrphanReaper, children, zombie_children
 from registry_agent._agent.runtime import AgentRuntime, open_configured_backend
-from registry_agent._agent.status import StatusServer, json_body
+from registry_agent._agent.status import StatusServer, iso_time, iso_times, json_body
 from registry_agent.testing.memory import MemoryRegistry
 
 
@@ -398,7 +399,12 @@ async def test_status_readyz_and_metrics_read_one_status(tmp_path: Path) -> None
             "up-1": (True, None),
             "down-1": (False, down.not_ready_reason),
         }
-        assert status["down-1"] == down.to_dict()  # nothing moves while it is down
+        # Nothing moves while it is down; /status shows its times in ISO 8601 (UTC, ms).
+        assert status["down-1"] == iso_times(down.to_dict())
+        at = status["down-1"]["checks"]["command false"]["at"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", at), at
+        assert at == iso_time(down.checks["command false"].last.at)  # type: ignore[union-attr]
+        assert re.fullmatch(r"\d{4}-.*Z", runtime.status()["agent"]["started_at"])
         code, _, body = runtime._readyz()
         readyz = json.loads(body)
         assert code == 503
@@ -415,7 +421,8 @@ async def test_status_readyz_and_metrics_read_one_status(tmp_path: Path) -> None
             'registry_agent_ready{instance_id="up-1",service="up"} 1.0',
             'registry_agent_ready{instance_id="down-1",service="down"} 0.0',
             'registry_agent_registered{instance_id="up-1",service="up"} 1.0',
-            'registry_agent_check_up{check="command false",instance_id="down-1",service="down"} 0.0',
+            'registry_agent_check_up{check="command false",instance_id="down-1",service="down"}'
+            " 0.0",
             'registry_agent_check_up{check="command true",instance_id="up-1",service="up"} 1.0',
             'registry_agent_service_state{instance_id="up-1",service="up",state="registered"} 1.0',
             'registry_agent_registrations_total{instance_id="up-1",service="up"} 1.0',
