@@ -45,7 +45,8 @@ from registry_agent._retry import RetryPolicy
 from registry_agent._select import Strategy
 from registry_agent._status import BackendStatus, CheckStatus, RegistrationStatus
 from registry_agent._transport import AsyncDiscoveryTransport, DiscoveryTransport
-from registry_agent._watcher import AsyncWatcher
+from registry_agent._watcher import AsyncWatcher, WatchedBackend, WatcherStats
+from registry_agent.metrics import RegistryCollector
 
 __version__ = "0.1.0"
 
@@ -83,6 +84,7 @@ __all__ = [
     "RegistrationOptions",
     "RegistrationStatus",
     "RegistrationTimeout",
+    "RegistryCollector",
     "RegistryError",
     "Rejected",
     "RetryPolicy",
@@ -93,7 +95,9 @@ __all__ = [
     "TcpCheck",
     "Throttled",
     "WatchEvent",
+    "WatchedBackend",
     "Watcher",
+    "WatcherStats",
     "__version__",
     "advertised_address",
     "available_backends",
