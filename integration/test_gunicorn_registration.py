@@ -14,6 +14,10 @@ imports the library's hooks in its config
 * fork-clean master: NO ``GRPC_ENABLE_FORK_SUPPORT``/``GRPC_POLL_STRATEGY`` in
   gunicorn's environment, even with etcd; every worker exit (its
   ``worker_exit`` hook to the master reaping it) under 1 s;
+* SIGHUP with the same config keeps the keeper and the entries untouched; the
+  master SIGKILLed (no hook runs): the keeper sees its parent gone and
+  deregisters (not left to expire);
+* SIGINT and SIGQUIT withdraw before the port closes, like SIGTERM;
 * withdrawn first on the master's SIGTERM: the watcher sees both entries
   deleted before a prober (connecting every 5 ms) finds the port closed (the
   workers hold the listening socket until they exit: with sync workers, the
@@ -37,6 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from integration.event_log import EventLog
@@ -305,3 +310,92 @@ async def test_one_registration_per_address_no_gap_withdrawn_first(
     log = gunicorn.log()
     assert "Traceback" not in log, log
     assert "withdrawn in" in log, log
+
+
+def _keepers(gunicorn: Gunicorn) -> list[int]:
+    """The keeper processes' pids, in the order the master logged starting them."""
+    return [
+        int(line.split("keeper ")[1].split()[0])
+        for line in gunicorn.log().splitlines()
+        if "registry-agent: keeper " in line
+    ]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT], ids=["SIGINT", "SIGQUIT"])
+async def test_sigint_and_sigquit_withdraw_before_the_port_closes(
+    server: ServerProcess,
+    gunicorns: Callable[[ServerProcess], Gunicorn],
+    measured: Callable[[str, float, float], None],
+    sig: signal.Signals,
+) -> None:
+    gunicorn = gunicorns(server)
+    ids = await _wait_registered(server, gunicorn, count=len(gunicorn.ports))
+    watcher = AsyncWatcher(server.url, gunicorn.service, retry=RetryPolicy(initial=0.1, cap=1.0))
+    async with EventLog(watcher) as seen:
+        for entry_id in ids:
+            await seen.wait_for((EventType.ADDED, entry_id))
+        prober = PortProber(gunicorn.ports[1])
+        prober.start()
+        signalled = time.monotonic()
+        os.kill(gunicorn.process.pid, sig)
+        gone = [await seen.wait_for((EventType.DELETED, entry_id)) for entry_id in ids]
+        gone_at = max(seen.at(event) for event in gone)
+        await asyncio.to_thread(prober.join, GRACEFUL_TIMEOUT)
+        await asyncio.to_thread(gunicorn.process.wait, GRACEFUL_TIMEOUT)
+    assert prober.closed_at is not None, "the port never closed"
+    measured(f"{sig.name} -> entries gone", gone_at - signalled, WITHDRAW_BOUND)
+    print(f"{sig.name}: entries gone {prober.closed_at - gone_at:.3f}s before the port closed")
+    assert gone_at < prober.closed_at, (gone_at, prober.closed_at)
+    assert await registry_health(server.url, gunicorn.service) == {}
+    assert all(_gone(pid) for pid in _keepers(gunicorn)), gunicorn.log()
+    assert "Traceback" not in gunicorn.log(), gunicorn.log()
+
+
+async def test_sighup_keeps_the_entry_and_a_killed_master_takes_it_away(
+    server: ServerProcess,
+    gunicorns: Callable[[ServerProcess], Gunicorn],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    gunicorn = gunicorns(server)
+    ids = await _wait_registered(server, gunicorn, count=len(gunicorn.ports))
+    [keeper] = _keepers(gunicorn)
+    assert keeper != gunicorn.process.pid
+    assert psutil.Process(keeper).ppid() == gunicorn.process.pid
+    watcher = AsyncWatcher(server.url, gunicorn.service, retry=RetryPolicy(initial=0.1, cap=1.0))
+    async with EventLog(watcher) as seen:
+        for entry_id in ids:
+            await seen.wait_for((EventType.ADDED, entry_id))
+
+        # SIGHUP with the same config: new workers, the same keeper, the entries untouched.
+        forked = len(gunicorn.events("post_fork"))
+        os.kill(gunicorn.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while len(gunicorn.events("post_fork")) < forked + WORKERS:
+            assert time.monotonic() < deadline, gunicorn.log()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(TTL)
+        assert _keepers(gunicorn) == [keeper], gunicorn.log()
+        assert await registry_health(server.url, gunicorn.service) == dict.fromkeys(
+            ids, HealthStatus.PASSING
+        )
+        assert [(e.type, e.instance.id) for e in seen if e.type is not EventType.ADDED] == []
+
+        # The master SIGKILLed (no hook runs): the keeper sees its parent gone and deregisters.
+        killed = time.monotonic()
+        os.kill(gunicorn.process.pid, signal.SIGKILL)
+        gone = [await seen.wait_for((EventType.DELETED, entry_id)) for entry_id in ids]
+        gone_at = max(seen.at(event) for event in gone)
+    measured("master kill -9 -> entries gone", gone_at - killed, WITHDRAW_BOUND)
+    assert gone_at - killed < TTL  # deregistered, not expired
+    deadline = time.monotonic() + 10
+    while not _gone(keeper):
+        assert time.monotonic() < deadline, f"keeper {keeper} still running"
+        await asyncio.sleep(0.05)
+    assert await registry_health(server.url, gunicorn.service) == {}
