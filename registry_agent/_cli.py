@@ -41,6 +41,7 @@ from registry_agent._agent.runtime import (
 )
 from registry_agent._backend import Backend
 from registry_agent._env import backends_from_env, carried_options
+from registry_agent._errors import BackendNotFound
 from registry_agent._models import _check_name
 from registry_agent._plugins import open_backend
 from registry_agent._urls import parse_backend_url
@@ -194,6 +195,8 @@ def _open_all(urls: list[str], request_timeout: float | None) -> list[Backend]:
             if len(urls) == 1:
                 raise
             raise ConfigError(exc.reason, field=_place(exc.field, i, len(urls))) from None
+        except BackendNotFound as exc:  # a scheme no installed backend serves: bad input
+            raise ConfigError(exc.message, field=_place("backend", i, len(urls))) from None
     return opened
 
 
