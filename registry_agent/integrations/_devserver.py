@@ -19,6 +19,7 @@ import contextlib
 import logging
 import signal
 import socketserver
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -226,6 +227,29 @@ class ServedRegistration:
         self._served.wait(self.drain_timeout + 5.0)
 
 
+def graceful_call(args: list[str], env: dict[str, str], grace: float) -> int:
+    """Run a reloader's child and return its exit status, as ``subprocess.call`` does.
+
+    Except when the parent is told to stop (SIGTERM made ``SystemExit``, or
+    ``KeyboardInterrupt``): ``subprocess.call`` then kills the child at once
+    (SIGKILL), before it can deregister. Here the child gets SIGTERM (unless a
+    terminal's Ctrl-C already reached it) and ``grace`` seconds to finish.
+    """
+    with subprocess.Popen(args, env=env, close_fds=False) as child:
+        try:
+            return child.wait()
+        except BaseException as exc:
+            if child.poll() is None:
+                if not isinstance(exc, KeyboardInterrupt):
+                    with contextlib.suppress(ProcessLookupError):
+                        child.send_signal(signal.SIGTERM)
+                try:
+                    child.wait(grace)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+            raise
+
+
 # ---------------------------------------------------------------- settings
 
 #: Keys of the instance (ServiceInstance fields) a framework's settings may give.
@@ -252,6 +276,11 @@ class Settings:
     drain_timeout: float
     stop_timeout: float
     enabled: bool
+
+    @property
+    def grace(self) -> float:
+        """Seconds a stopping server may take: deregistration, drain delay, drain, margin."""
+        return self.stop_timeout + self.drain_delay + self.drain_timeout + 5.0
 
     def make_registrar(self, host: str, port: int) -> Registrar:
         """The registrar for a server bound to ``host``:``port`` (settings take precedence)."""

@@ -36,11 +36,12 @@ naming ``app.config["REGISTRY_AGENT_<KEY>"]`` (or the keyword), raised by
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
 from flask import Flask
-from werkzeug import serving
+from werkzeug import _reloader, serving
 
 from registry_agent._blocking import Registrar
 from registry_agent._errors import ConfigError
@@ -48,6 +49,7 @@ from registry_agent.integrations._devserver import (
     SETTING_KEYS,
     ServedRegistration,
     Settings,
+    graceful_call,
     parse_settings,
 )
 
@@ -110,7 +112,7 @@ class RegistryAgent:
         self.settings = parse_settings(values, name, default_service=app.name)
         self.app = app
         app.extensions[_EXTENSION] = self
-        _patch_werkzeug()
+        _patch_werkzeug(self.settings.grace)
 
     @property
     def registrar(self) -> Registrar | None:
@@ -191,9 +193,14 @@ def _extension_for(app: object) -> RegistryAgent | None:
 _patched = threading.Lock()
 
 
-def _patch_werkzeug() -> None:
-    """Once per process: werkzeug servers serving an app with the extension register it."""
+def _patch_werkzeug(grace: float) -> None:
+    """Once per process: werkzeug servers serving an app with the extension register it.
+
+    And werkzeug's reloader gives its child ``grace`` seconds to deregister when it
+    is stopped, instead of killing it at once.
+    """
     with _patched:
+        _patch_reloader(grace)
         original = serving.BaseWSGIServer.serve_forever
         if getattr(original, "_registry_agent", False):
             return
@@ -207,3 +214,23 @@ def _patch_werkzeug() -> None:
 
         serve_forever._registry_agent = True  # type: ignore[attr-defined]
         serving.BaseWSGIServer.serve_forever = serve_forever  # type: ignore[method-assign]
+
+
+def _patch_reloader(grace: float) -> None:
+    loop = _reloader.ReloaderLoop
+    if getattr(loop.restart_with_reloader, "_registry_agent", False):
+        return
+
+    def restart_with_reloader(self: _reloader.ReloaderLoop) -> int:
+        # werkzeug's own loop, with graceful_call in place of subprocess.call.
+        while True:
+            _reloader._log("info", f" * Restarting with {self.name}")  # type: ignore[attr-defined]
+            args = _reloader._get_args_for_reloading()
+            new_environ = os.environ.copy()
+            new_environ["WERKZEUG_RUN_MAIN"] = "true"
+            exit_code = graceful_call(args, new_environ, grace)
+            if exit_code != 3:
+                return exit_code
+
+    restart_with_reloader._registry_agent = True  # type: ignore[attr-defined]
+    loop.restart_with_reloader = restart_with_reloader  # type: ignore[method-assign]

@@ -1,0 +1,1 @@
+"""A Flask app served by integration/test_flask_server.py (flask run, app.run)."""

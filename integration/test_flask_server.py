@@ -1,0 +1,172 @@
+"""The Flask extension under the real werkzeug server (flask run, app.run), on real Consul and etcd.
+
+The app (``integration/flask_site/app.py``) is configured from FLASK_* variables
+(``app.config.from_prefixed_env()``), logs each registration with its pid, and
+holds ``/slow`` in flight. Each server runs in a session of its own on a free
+loopback port and is stopped by PID; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from integration.devserver_kit import (
+    ROOT,
+    ServerRun,
+    Slow,
+    entries,
+    free_port,
+    observe_shutdown,
+    wait_registered,
+)
+from registry_agent.testing.servers import ServerProcess
+
+TTL = 3
+# flask run imports the app, then the check needs rise=2 passes at interval ttl/3.
+REGISTER_BOUND = 15.0
+DRAIN_DELAY = 0.25
+SLOW = 2.0
+# Deregistration, drain_delay, the serve loop's 0.5 s poll, then the request in flight.
+SHUTDOWN_BOUND = 10.0 + DRAIN_DELAY + 0.5 + SLOW
+
+
+@pytest.fixture
+def flask_env(server: ServerProcess, tmp_path: Path) -> dict[str, str]:
+    return {
+        "FLASK_REGISTRY_AGENT_BACKEND": server.url,
+        "FLASK_REGISTRY_AGENT_SERVICE": f"flask-{uuid.uuid4().hex[:8]}",
+        "FLASK_REGISTRY_AGENT_TTL": str(TTL),
+        "FLASK_REGISTRY_AGENT_DRAIN_DELAY": str(DRAIN_DELAY),
+        "SLOW_MARKER": str(tmp_path / "slow-started"),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Iterator[Callable[[list[str], dict[str, str]], ServerRun]]:
+    started: list[ServerRun] = []
+
+    def start(argv: list[str], env: dict[str, str]) -> ServerRun:
+        run = ServerRun(argv, env, tmp_path / f"server-{len(started)}.log")
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        run.close()
+
+
+async def _wait_file(path: Path, bound: float) -> None:
+    deadline = time.monotonic() + bound
+    while not await asyncio.to_thread(path.exists):
+        assert time.monotonic() < deadline, f"{path} not written within {bound}s"
+        await asyncio.sleep(0.02)
+
+
+async def test_flask_run_registers_while_serving_and_leaves_before_the_port_closes(
+    server: ServerProcess,
+    flask_env: dict[str, str],
+    runs: Callable[[list[str], dict[str, str]], ServerRun],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    port = free_port()
+    service = flask_env["FLASK_REGISTRY_AGENT_SERVICE"]
+    flask = str(Path(sys.executable).with_name("flask"))
+    argv = [flask, "--app", "integration.flask_site.app", "run", "-h", "127.0.0.1", "-p", str(port)]
+    run = runs(argv, flask_env)
+
+    took, found = await wait_registered(run, server.url, service, REGISTER_BOUND)
+    measured("flask run: registered", took, REGISTER_BOUND)
+    ((instance, _),) = found.values()
+    assert (instance.address, instance.port) == ("127.0.0.1", port)
+    assert run.pids_that_registered() == [run.proc.pid]
+
+    slow = Slow(port, SLOW)
+    await _wait_file(Path(flask_env["SLOW_MARKER"]), 5.0)
+    shutdown = await observe_shutdown(
+        run, server.url, service, port, signal.SIGTERM, SHUTDOWN_BOUND, group=False
+    )
+    measured("SIGTERM: entry gone", shutdown.gone, 10.0)
+    measured("SIGTERM: port closed", shutdown.closed, SHUTDOWN_BOUND)
+    assert shutdown.gone < shutdown.closed, run.output()
+
+    assert run.wait(SHUTDOWN_BOUND) == -signal.SIGTERM  # SIGTERM took its usual course
+    slow.thread.join(SLOW + 5)
+    assert (slow.status, slow.body, slow.error) == (200, b"slow done", ""), run.output()
+    assert await entries(server.url, service) == {}
+
+
+async def test_app_run_with_the_reloader_registers_in_its_child_only(
+    server: ServerProcess,
+    flask_env: dict[str, str],
+    runs: Callable[[list[str], dict[str, str]], ServerRun],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    port = free_port()
+    service = flask_env["FLASK_REGISTRY_AGENT_SERVICE"]
+    env = {**flask_env, "PORT": str(port), "DEBUG": "1"}  # app.run(debug=True): reloader
+    run = runs([sys.executable, "-m", "integration.flask_site.app"], env)
+
+    took, found = await wait_registered(run, server.url, service, REGISTER_BOUND)
+    measured("app.run(debug): registered", took, REGISTER_BOUND)
+    assert len(found) == 1
+    await asyncio.sleep(1.0)  # a registration by the reloader's parent would show by now
+    registered_by = run.pids_that_registered()
+    assert len(registered_by) == 1, run.output()
+    assert registered_by != [run.proc.pid], "the reloader's parent registered"
+
+    # A process manager's group kill: parent and child get SIGTERM. werkzeug's parent
+    # alone would SIGKILL its child at once (subprocess.call); it now waits for it.
+    slow = Slow(port, SLOW)
+    await _wait_file(Path(flask_env["SLOW_MARKER"]), 5.0)
+    shutdown = await observe_shutdown(
+        run, server.url, service, port, signal.SIGTERM, SHUTDOWN_BOUND, group=True
+    )
+    measured("reloader SIGTERM: entry gone", shutdown.gone, 10.0)
+    measured("reloader SIGTERM: port closed", shutdown.closed, SHUTDOWN_BOUND)
+    assert shutdown.gone < shutdown.closed, run.output()
+    run.wait(SHUTDOWN_BOUND)
+    slow.thread.join(SLOW + 5)
+    assert (slow.status, slow.body, slow.error) == (200, b"slow done", ""), run.output()
+    assert await entries(server.url, service) == {}
+
+
+async def test_no_server_no_registration(server: ServerProcess, flask_env: dict[str, str]) -> None:
+    """The test client, a CLI command and a script that builds the app never register."""
+    service = flask_env["FLASK_REGISTRY_AGENT_SERVICE"]
+    flask = str(Path(sys.executable).with_name("flask"))
+    script = (
+        "from integration.flask_site.app import app, agent\n"
+        "import time\n"
+        "assert app.test_client().get('/healthz').data == b'ok'\n"
+        "time.sleep(1.5)\n"
+        "assert agent.registrar is None\n"
+        "print('client done')\n"
+    )
+    env = {**flask_env, "PYTHONPATH": str(ROOT)}
+    for argv in (
+        [sys.executable, "-c", script],
+        [flask, "--app", "integration.flask_site.app", "routes"],
+    ):
+        done = await asyncio.to_thread(
+            subprocess.run,
+            argv,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "registering" not in done.stderr, done.stderr
+        assert await entries(server.url, service) == {}
