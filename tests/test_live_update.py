@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,6 +34,8 @@ from registry_agent import (
     ServiceInstance,
     WatchEvent,
 )
+from registry_agent._agent.config import load_config
+from registry_agent._agent.runtime import AgentRuntime, open_configured_backend, updates_in_place
 from registry_agent._health.gate import Desired
 from registry_agent._options import RegistrationOptions
 from registry_agent._reconcile import Step, next_step
@@ -351,3 +355,100 @@ def test_blocking_registrar_update() -> None:
             registrar.update(weight=True)
     finally:
         registrar.stop()
+
+
+# -- the agent's SIGHUP ----------------------------------------------------------------------
+
+
+def _agent_file(path: Path, registry: str, extra: str, ttl: str = "10s") -> None:
+    path.write_text(
+        f'[backend]\nurl = "memory://{registry}"\n[status]\nlisten = "off"\n'
+        f'[[service]]\nname = "orders"\naddress = "127.0.0.1"\nport = 80\nttl = "{ttl}"\n{extra}'
+    )
+
+
+def test_agent_config_takes_an_integer_weight(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    for extra, meta in (
+        ("weight = 3\n", {"weight": "3"}),
+        ('weight = "4"\nmeta = { zone = "eu" }\n', {"weight": "4", "zone": "eu"}),
+        ('meta = { weight = 5, zone = "eu" }\n', {"weight": "5", "zone": "eu"}),
+    ):
+        _agent_file(path, "cfg", extra)
+        assert load_config(path, env={}).services[0].instance.meta == meta, extra
+    for extra, where in (
+        ("weight = true\n", "service[0].weight"),
+        ("weight = -1\n", "service[0].weight"),
+        ('weight = "x"\n', "service[0].weight"),
+        ("meta = { weight = -1 }\n", "service[0].meta.weight"),
+        ('weight = 2\nmeta = { weight = "2" }\n', "service[0].weight"),
+    ):
+        _agent_file(path, "cfg", extra)
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, env={})
+        assert caught.value.field == where, extra
+
+
+def test_what_a_reload_updates_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    _agent_file(path, "x", 'tags = ["a"]\n')
+    old = load_config(path, env={}).services[0]
+    for extra, in_place in (
+        ('tags = ["b"]\n', True),
+        ('tags = ["a"]\nmeta = { zone = "eu" }\n', True),
+        ('tags = ["a"]\nweight = 3\n', True),
+        ('tags = ["a"]\n', False),  # nothing changed: nothing to do
+        ('tags = ["b"]\nversion = "2"\n', False),
+        ('tags = ["b"]\non_unhealthy = "critical"\n', False),
+        ('tags = ["b"]\n[[service.check]]\ntcp = "127.0.0.1:1"\n', False),
+    ):
+        _agent_file(path, "x", extra)
+        new = load_config(path, env={}).services[0]
+        assert updates_in_place(old, new) is in_place, extra
+    _agent_file(path, "x", 'tags = ["b"]\n')
+    text = path.read_text().replace("port = 80", "port = 81")
+    path.write_text(text)
+    assert updates_in_place(old, load_config(path, env={}).services[0]) is False
+
+
+async def test_a_reload_that_changes_only_tags_keeps_the_registrar(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "agent.toml"
+    _agent_file(path, "reload-live", 'tags = ["a"]\n', ttl="1s")
+    runtime = AgentRuntime(load_config(path, env={}))
+    runtime._turn = asyncio.Lock()
+    runtime.backend = open_configured_backend(runtime.config)
+    await runtime._start_service(runtime.config.services[0])
+    ((_, registrar),) = runtime.registrars.values()
+    assert await registrar.wait_registered(5)
+    backend = runtime.backends[0]
+    assert isinstance(backend, MemoryBackend)
+    async with watching(backend) as events:
+        await eventually(lambda: [e.type for e in events] == ["added"], within=5)
+        await asyncio.sleep(0.7)  # a heartbeat or two to count
+        before = registrar.counters.to_dict()
+        _agent_file(path, "reload-live", 'tags = ["b"]\nweight = 2\n', ttl="1s")
+        with caplog.at_level(logging.INFO, "registry_agent.agent"):
+            await runtime.reload()
+        took = await eventually(lambda: len(events) == 2, within=5)
+        await asyncio.sleep(1.2)  # more than the TTL: no withdrawal, no loss
+        ((_, still),) = runtime.registrars.values()
+        assert still is registrar
+        assert [e.type for e in events] == ["added", "updated"]
+        assert events[1].instance.tags == ("b",)
+        assert events[1].instance.meta == {"weight": "2"}
+        after = registrar.counters.to_dict()
+        assert after["registrations"] == before["registrations"] == 1
+        assert after["heartbeats_ok"] > before["heartbeats_ok"]
+        assert after["deregistrations"] == after["lease_losses"] == 0
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reloaded")]
+        assert lines == ["reloaded: 0 added, 0 changed, 0 removed, 0 unchanged, 1 updated in place"]
+        assert runtime.config.services[0].instance.tags == ("b",)
+        # Then a change of identity-bound settings restarts it, as before.
+        _agent_file(path, "reload-live", 'tags = ["b"]\nweight = 2\n', ttl="2s")
+        await runtime.reload()
+        ((_, restarted),) = runtime.registrars.values()
+        assert restarted is not registrar
+        await runtime.shutdown()
+    print(f"agent reload: tags change seen by a watcher after {took * 1000:.1f} ms")

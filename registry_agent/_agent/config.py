@@ -37,7 +37,7 @@ from registry_agent._env import backend_tables_from_env, env_names_backend
 from registry_agent._errors import BackendNotFound, ConfigError
 from registry_agent._health.base import HealthCheck
 from registry_agent._identity import describe_identity, identity_of
-from registry_agent._models import ServiceInstance
+from registry_agent._models import ServiceInstance, weight_text
 from registry_agent._options import OPTION_KEYS, RegistrationOptions
 from registry_agent._plugins import check_class, check_kinds, open_backend
 from registry_agent._urls import (
@@ -444,6 +444,20 @@ def _path_in(base: Path) -> Callable[[Any, str], str]:
     return convert
 
 
+def _as_weight(value: Any, field: str) -> str:
+    """A whole number >= 0 (``3``, or ``"3"``), as the meta text it is kept as."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    return weight_text(value, field)
+
+
+def _as_meta(value: Any, field: str) -> dict[str, str]:
+    """A table of strings, but for ``weight``: a whole number >= 0 (``3`` or ``"3"``)."""
+    if isinstance(value, dict) and "weight" in value and not isinstance(value["weight"], str):
+        value = {**value, "weight": weight_text(value["weight"], f"{field}.weight")}
+    return as_str_map(value, field)
+
+
 def _service(fields: Table, environ: Mapping[str, str]) -> ServiceConfig:
     path = fields.path
     name = fields.require("name", as_str)
@@ -454,10 +468,15 @@ def _service(fields: Table, environ: Mapping[str, str]) -> ServiceConfig:
         "address": address_from_table(fields, environ),
         "port": fields.require("port", as_int),
         "tags": fields.get("tags", as_str_list, ()),
-        "meta": fields.get("meta", as_str_map, {}),
+        "meta": fields.get("meta", _as_meta, {}),
         "scheme": fields.get("scheme", as_str, ""),
         "version": fields.get("version", as_str, ""),
     }
+    weight = fields.get("weight", _as_weight, None)
+    if weight is not None:
+        if "weight" in instance_fields["meta"]:
+            raise fields.error("weight", "given twice: set weight or meta.weight, not both")
+        instance_fields["meta"]["weight"] = weight
     try:
         instance = ServiceInstance(**instance_fields)
     except ConfigError as exc:

@@ -40,6 +40,7 @@ __all__ = [
     "open_configured_backend",
     "open_configured_backends",
     "registrar_for",
+    "updates_in_place",
     "validate_services",
 ]
 
@@ -114,6 +115,23 @@ async def validate_services(config: AgentConfig, backend: Backend | Sequence[Bac
             raise ConfigError(exc.reason, field=field, source=config.source) from None
         except Rejected as exc:
             raise ConfigError(exc.message, field=where, source=config.source) from None
+
+
+def updates_in_place(old: ServiceConfig, new: ServiceConfig) -> bool:
+    """Whether a reload turns ``old`` into ``new`` by rewriting its entry in place
+    (``AsyncRegistrar.update``): only the tags, meta or weight differ. The identity
+    (name, id, address, port), scheme, version, registration options and checks are
+    the same; any of them changed restarts the service (a new gate, new counters)."""
+    a, b = old.instance, new.instance
+    same = (a.service, a.id, a.address, a.port, a.scheme, a.version) == (
+        b.service,
+        b.id,
+        b.address,
+        b.port,
+        b.scheme,
+        b.version,
+    )
+    return same and old.options == new.options and old.checks == new.checks and old != new
 
 
 def _is_loopback(host: str) -> bool:
@@ -281,6 +299,30 @@ class AgentRuntime:
         _, registrar = self.registrars.pop(key)
         await registrar.stop(timeout=self.stop_timeout)
 
+    async def _update_service(self, key: str, service: ServiceConfig) -> tuple[str, bool]:
+        """Rewrite ``key``'s entry in place with ``service``'s tags and meta (see
+        AsyncRegistrar.update); ``(key, False)`` when refused and it was stopped, to be
+        started again."""
+        _, registrar = self.registrars[key]
+        try:
+            await registrar.update(tags=service.instance.tags, meta=service.instance.meta)
+        except (RegistryError, RuntimeError) as exc:
+            log.warning(
+                "reload: %s could not be updated in place (%s): restarting it",
+                key,
+                exc,
+                extra={"event": "reload_failed", "error": str(exc)},
+            )
+            await self._stop_service(key)
+            return key, False
+        self.registrars[key] = (service, registrar)
+        log.info(
+            "reload: %s updated in place (tags, meta or weight)",
+            key,
+            extra={"event": "reload_updated", "service": service.instance.service},
+        )
+        return key, True
+
     async def _move_service(self, key: str, backends: list[Backend]) -> tuple[str, bool]:
         """Keep ``key`` registered in ``backends`` (see AsyncRegistrar.set_backends);
         ``(key, False)`` when that failed and it was stopped, to be started again."""
@@ -360,9 +402,15 @@ class AgentRuntime:
         wanted = {svc.key: svc for svc in new.services}
         removed = [k for k in self.registrars if k not in wanted]
         changed = [k for k in self.registrars if k in wanted and self.registrars[k][0] != wanted[k]]
+        # Only tags, meta or weight changed: rewritten in place (no gap, counters kept).
+        live = [k for k in changed if updates_in_place(self.registrars[k][0], wanted[k])]
+        changed = [k for k in changed if k not in live]
         added = [k for k in wanted if k not in self.registrars]
-        unchanged = len(self.registrars) - len(removed) - len(changed)
+        unchanged = len(self.registrars) - len(removed) - len(changed) - len(live)
         await asyncio.gather(*(self._stop_service(key) for key in removed + changed))
+        updated = await asyncio.gather(*(self._update_service(key, wanted[key]) for key in live))
+        changed += [key for key, ok in updated if not ok]
+        live = [key for key, ok in updated if ok]
         if new_backends:
             # Kept backends are the same objects: an unchanged service stays registered
             # there (no gap for a watcher), is added to the new ones, removed from the rest.
@@ -404,11 +452,12 @@ class AgentRuntime:
         self.config = new
         self.reloads += 1
         log.info(
-            "reloaded: %d added, %d changed, %d removed, %d unchanged%s",
+            "reloaded: %d added, %d changed, %d removed, %d unchanged%s%s",
             len(added),
             len(changed),
             len(removed),
             unchanged,
+            f", {len(live)} updated in place" if live else "",
             f", {failed} failed to start" if failed else "",
             extra={"event": "reloaded"},
         )
