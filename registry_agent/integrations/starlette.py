@@ -1,0 +1,275 @@
+"""Starlette / FastAPI: register for as long as the app serves, leave discovery first on shutdown.
+
+``FastAPI(lifespan=registry_lifespan(backend, instance))`` (or ``Starlette(lifespan=…)``)
+starts an :class:`~registry_agent.AsyncRegistrar` on the app's own event loop at
+startup and keeps it in ``app.state.registrar``. By default it registers once a TCP
+connection to the instance's own address and port opens (the server listens only
+after the lifespan's startup), so the entry never appears before the app serves.
+
+Shutdown order. A server such as uvicorn runs the lifespan's shutdown only after it
+has stopped accepting and drained its in-flight requests: deregistering there
+would leave the instance in discovery for the whole drain, with the port already
+refusing connections. So on SIGTERM/SIGINT (in the main thread) this helper
+withdraws the instance first, waits ``drain_delay`` seconds (clients that cached the
+instance stop sending to it; the server still accepts meanwhile), and only then
+hands the signal to the server's own handler, which stops accepting, drains the
+in-flight requests and runs the lifespan shutdown. A second signal meanwhile
+skips the rest and goes to the server at once (uvicorn: a second Ctrl+C forces
+the exit). A server whose signal handlers belong to the event loop (hypercorn's
+``loop.add_signal_handler``) keeps them: the instance is then withdrawn at the
+lifespan's shutdown, as it is for any shutdown that comes without a signal
+(uvicorn's ``--limit-max-requests``).
+
+The module imports nothing from Starlette: it works for any ASGI app whose
+lifespan is ``lifespan(app)`` returning an async context manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Any, Unpack
+
+from registry_agent._errors import ConfigError
+from registry_agent._health.checks import TcpCheck
+from registry_agent._models import ServiceInstance
+from registry_agent._registrar import AsyncRegistrar, BackendArg, RegistrarArgs, chain_signal
+
+__all__ = ["Lifespan", "registry_lifespan", "serving_check"]
+
+log = logging.getLogger("registry_agent.integrations")
+
+#: What ``Starlette(lifespan=…)`` and ``FastAPI(lifespan=…)`` take: ``lifespan(app)``
+#: returning an async context manager (which may yield the lifespan state).
+Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def serving_check(
+    instance: ServiceInstance, *, interval: float = 1.0, timeout: float = 1.0
+) -> TcpCheck:
+    """The default check: a TCP connection to the instance's own address and port opens.
+
+    A server that listens only after its lifespan startup (uvicorn, hypercorn) passes
+    it once it serves. Where the advertised address is not reachable from the app
+    itself (a port mapped by Docker), give ``checks`` of your own (an
+    :class:`~registry_agent.HttpCheck` on a health endpoint).
+    """
+    if not instance.port:
+        raise ConfigError(
+            "the default check connects to the instance's port, and it has none: "
+            "give the instance a port, or checks=[...] of your own",
+            field="instance.port",
+        )
+    return TcpCheck(
+        instance.address or "127.0.0.1",
+        instance.port,
+        interval=interval,
+        timeout=timeout,
+        name="serving",
+    )
+
+
+def _seconds(value: object, name: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"expected a number of seconds, got {value!r}", field=name)
+    if value < 0 or (positive and value == 0):
+        bound = "greater than 0" if positive else "0 or more"
+        raise ConfigError(f"expected {bound} seconds, got {value!r}", field=name)
+    return float(value)
+
+
+def _loop_owned(previous: object, loop: asyncio.AbstractEventLoop, sig: int) -> bool:
+    """True when the event loop already owns ``sig`` (``loop.add_signal_handler``, as
+    hypercorn does): taking it over would leave the server deaf to the signal."""
+    if getattr(previous, "__name__", "") == "_sighandler_noop":
+        return True
+    handlers = getattr(loop, "_signal_handlers", None)
+    return isinstance(handlers, dict) and sig in handlers
+
+
+class ShutdownSignals:
+    """SIGTERM/SIGINT: withdraw the instance, wait ``drain_delay``, then hand the signal on.
+
+    Installed on the running loop (main thread only) over the handlers the server
+    set; handing a signal on restores them first, so any later signal goes straight
+    to the server.
+    """
+
+    def __init__(self, registrar: AsyncRegistrar, drain_delay: float, stop_timeout: float) -> None:
+        self.registrar = registrar
+        self.drain_delay = drain_delay
+        self.stop_timeout = stop_timeout
+        self._previous: dict[int, Any] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()
+        self._handed_on = False
+
+    @property
+    def installed(self) -> tuple[int, ...]:
+        """The signals hooked now."""
+        return tuple(self._previous)
+
+    def install(self) -> bool:
+        """Hook SIGTERM and SIGINT on the running loop; False when none could be hooked
+        (not the main thread, no signal support, or the loop's own handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        for sig in _SIGNALS:
+            previous = signal.getsignal(sig)
+            if previous is None or _loop_owned(previous, loop, sig):
+                continue
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                continue
+            self._previous[sig] = previous
+        return bool(self._previous)
+
+    def uninstall(self) -> None:
+        """Give the signals back to the handlers they had before :meth:`install`."""
+        loop, previous = self._loop, dict(self._previous)
+        self._previous.clear()
+        if loop is None or threading.current_thread() is not threading.main_thread():
+            return
+        for sig, handler in previous.items():
+            with contextlib.suppress(RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)  # leaves SIG_DFL: put the server's back
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._task is None:
+            log.info(
+                "signal %s: withdrawing %s before the server drains",
+                signal.Signals(sig).name,
+                self.registrar.instance.id,
+                extra={"event": "withdraw_on_signal", "service": self.registrar.instance.service},
+            )
+            assert self._loop is not None
+            self._task = self._loop.create_task(self._withdraw_then_hand_on(sig))
+            return
+        # A second signal while withdrawing or waiting: on to the server at once.
+        self._hurry.set()
+        self._hand_on(sig)
+
+    async def _withdraw_then_hand_on(self, sig: int) -> None:
+        try:
+            await self.registrar.stop(self.stop_timeout)
+            if self.drain_delay > 0 and not self._hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.drain_delay):
+                        await self._hurry.wait()
+        finally:
+            self._hand_on(sig)
+
+    def _hand_on(self, sig: int) -> None:
+        if self._handed_on:
+            return
+        self._handed_on = True
+        previous = self._previous.get(sig, signal.SIG_DFL)
+        self.uninstall()
+        chain_signal(sig, previous)
+
+    async def finish(self) -> None:
+        """At the lifespan's shutdown: unhook, and let a withdrawal under way end (bounded)."""
+        if not self._handed_on:
+            self.uninstall()
+        task = self._task
+        if task is not None and not task.done():
+            self._hurry.set()
+            await asyncio.wait([task], timeout=self.stop_timeout + 1.0)
+
+
+def registry_lifespan(
+    backend: BackendArg,
+    instance: ServiceInstance,
+    *,
+    lifespan: Lifespan | None = None,
+    drain_delay: float = 0.0,
+    handle_signals: bool = True,
+    stop_timeout: float = 10.0,
+    wait_registered: float | None = None,
+    **kwargs: Unpack[RegistrarArgs],
+) -> Lifespan:
+    """A lifespan for ``FastAPI(lifespan=…)`` / ``Starlette(lifespan=…)`` that keeps
+    ``instance`` registered in ``backend`` while the app serves.
+
+    ``lifespan``: the app's own lifespan, wrapped: it starts first (the instance
+    registers once it has set up what it needs) and ends last (after the instance
+    has left discovery); the state it yields is passed on as is. The registrar is
+    ``app.state.registrar`` (an :class:`~registry_agent.AsyncRegistrar`, on the
+    app's own loop: ``status()``, ``ready`` for a readiness endpoint).
+
+    ``checks`` (and every other keyword of :class:`~registry_agent.AsyncRegistrar`
+    except ``install_signal_handlers``) go to the registrar. Without ``checks``,
+    :func:`serving_check`: the instance registers once its own address and port
+    accept connections (``rise`` passes of it, one a second).
+
+    ``handle_signals`` (default True): on SIGTERM/SIGINT withdraw first, then wait
+    ``drain_delay`` seconds, then hand the signal to the server (see the module's
+    docstring); the server then drains. Otherwise, or where the server's loop owns
+    the signals, the instance is withdrawn at the lifespan's shutdown.
+    ``stop_timeout`` bounds the deregistration; ``wait_registered`` (seconds) holds
+    the startup until the entry is in the registry (failing the startup on timeout).
+
+    Raises :class:`~registry_agent.ConfigError` at once for bad arguments.
+    """
+    delay = _seconds(drain_delay, "drain_delay", positive=False)
+    bound = _seconds(stop_timeout, "stop_timeout", positive=True)
+    if wait_registered is not None:
+        _seconds(wait_registered, "wait_registered", positive=True)
+    if "install_signal_handlers" in kwargs:
+        raise ConfigError(
+            "registry_lifespan hooks the signals itself (withdraw, drain_delay, then the "
+            "server's own handler): use handle_signals=True/False",
+            field="install_signal_handlers",
+        )
+    if lifespan is not None and not callable(lifespan):
+        raise ConfigError(
+            f"expected the app's lifespan function, got {lifespan!r}", field="lifespan"
+        )
+    args: dict[str, Any] = dict(kwargs)
+    if "checks" not in args:
+        args["checks"] = [serving_check(instance)]
+    # Built now: a bad backend URL or option fails where the app is defined. An app
+    # whose lifespan runs more than once (tests) gets a fresh registrar each time.
+    first: list[AsyncRegistrar] = [AsyncRegistrar(backend, instance, **args)]
+
+    def next_registrar() -> AsyncRegistrar:
+        if first:
+            return first.pop()
+        fresh = dict(args)
+        fresh["checks"] = [serving_check(instance)] if "checks" not in kwargs else args["checks"]
+        return AsyncRegistrar(backend, instance, **fresh)
+
+    @asynccontextmanager
+    async def registered(app: Any) -> AsyncIterator[Any]:
+        registrar = next_registrar()
+        async with AsyncExitStack() as stack:
+            state = None
+            if lifespan is not None:
+                state = await stack.enter_async_context(lifespan(app))
+            app_state = getattr(app, "state", None)
+            if app_state is not None:
+                app_state.registrar = registrar
+            await registrar.start(wait_registered=wait_registered)
+            signals = ShutdownSignals(registrar, delay, bound)
+            if handle_signals:
+                signals.install()
+            try:
+                yield state
+            finally:
+                await signals.finish()
+                await registrar.stop(bound)
+
+    return registered
