@@ -103,9 +103,11 @@ class _Spec:
     parent: int = 0
     log_level: str = "INFO"
 
-    def key(self) -> bytes:
+    def key(self) -> tuple[Any, ...]:
         """Equal for equal registrations (to keep the keeper across a SIGHUP)."""
-        return pickle.dumps((self.backend, self.entries, self.options, self.deregister_timeout))
+        # Checks have no equality of their own: compared by their pickled state.
+        entries = tuple((data, pickle.dumps(checks)) for data, checks in self.entries)
+        return (self.backend, entries, self.options, self.deregister_timeout, self.log_level)
 
     def instances(self) -> list[ServiceInstance]:
         """The instances to register."""
@@ -572,10 +574,12 @@ async def _keep(spec: _Spec, out: IO[bytes]) -> int:
     _send(out, {"started": [r.instance.id for r in registrars], "pid": os.getpid()})
 
     def read_commands() -> None:
+        why = "the master is gone (its pipe closed)"
         for line in sys.stdin.buffer:
             if line.strip() == b"stop":
+                why = "told by the master"
                 break
-        loop.call_soon_threadsafe(stop_for, "told by the master")
+        loop.call_soon_threadsafe(stop_for, why)
 
     threading.Thread(target=read_commands, name="keeper stdin", daemon=True).start()
 
@@ -583,7 +587,7 @@ async def _keep(spec: _Spec, out: IO[bytes]) -> int:
         # No event tells a parent's death: poll it.
         while os.getppid() == spec.parent:  # noqa: ASYNC110
             await asyncio.sleep(_PARENT_POLL)
-        stop_for("the master is gone")
+        stop_for("the master is gone (no longer our parent)")
 
     watcher = asyncio.create_task(watch_parent())
     await stop.wait()

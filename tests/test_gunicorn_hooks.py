@@ -1,0 +1,334 @@
+"""The gunicorn hooks' own logic, with a stand-in for gunicorn's arbiter.
+
+What is registered per listener (address, port, id, scheme, checks), the
+errors naming their field, and the keeper process's protocol (start, stop,
+its parent's death, SIGHUP) with the in-memory backend in the keeper.
+Real gunicorn against real registries: ``integration/test_gunicorn_registration.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from gunicorn.config import Config  # type: ignore[import-untyped]
+
+from registry_agent import ConfigError, HttpCheck, ServiceInstance, TcpCheck
+from registry_agent.integrations.gunicorn import (
+    GunicornRegistration,
+    GunicornStartError,
+    registration_hooks,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeListener:
+    """What the arbiter's LISTENERS hold, as far as the hooks look: getsockname()."""
+
+    def __init__(self, name: Any) -> None:
+        self.name = name
+
+    def getsockname(self) -> Any:
+        return self.name
+
+
+class FakeCfg:
+    def __init__(self, address: list[Any], is_ssl: bool = False) -> None:
+        self.address = address
+        self.is_ssl = is_ssl
+
+
+class FakeServer:
+    """The arbiter as the hooks see it: LISTENERS, cfg, log and the stop handlers."""
+
+    def __init__(self, listeners: list[Any], address: list[Any] | None = None) -> None:
+        self.LISTENERS = listeners
+        self.cfg = FakeCfg(address or [])
+        self.log = logging.getLogger("test.gunicorn")
+        self.calls: list[str] = []
+        #: Called by each handler, its answer recorded beside the handler's name.
+        self.probe: Callable[[], object] = lambda: ""
+
+    def handle_term(self) -> None:
+        self.calls.append(f"term{self.probe()}")
+
+    def handle_int(self) -> None:
+        self.calls.append(f"int{self.probe()}")
+
+    def handle_quit(self) -> None:
+        self.calls.append(f"quit{self.probe()}")
+
+
+def _server(*names: Any) -> FakeServer:
+    return FakeServer([FakeListener(name) for name in names])
+
+
+def _entries(registration: GunicornRegistration, server: FakeServer) -> list[Any]:
+    return registration.instances(server)
+
+
+def test_the_hooks_are_what_gunicorn_accepts() -> None:
+    hooks = registration_hooks("consul://127.0.0.1:8500", "orders")
+    when_ready, on_reload, on_exit = hooks
+    config = Config()
+    config.set("when_ready", when_ready)
+    config.set("on_reload", on_reload)
+    config.set("on_exit", on_exit)
+    assert config.when_ready == hooks.when_ready
+
+
+def test_one_instance_per_listener_with_the_bound_address_and_port() -> None:
+    registration = GunicornRegistration("consul://127.0.0.1:8500", "orders")
+    entries = _entries(registration, _server(("127.0.0.1", 8000), ("127.0.0.2", 8001)))
+    assert [(i.address, i.port, i.scheme, i.id) for i, _ in entries] == [
+        ("127.0.0.1", 8000, "http", "orders-127.0.0.1-8000"),
+        ("127.0.0.2", 8001, "http", "orders-127.0.0.2-8001"),
+    ]
+    [check] = entries[0][1]
+    assert isinstance(check, TcpCheck)
+    assert (check.host, check.port) == ("127.0.0.1", 8000)
+
+
+def test_a_wildcard_bind_advertises_the_default_address_and_is_checked_on_loopback() -> None:
+    registration = GunicornRegistration("consul://127.0.0.1:8500", "orders", health_path="/hz")
+    # 0.0.0.0:8000 and [::]:8000: one address to advertise, one registration.
+    entries = _entries(registration, _server(("0.0.0.0", 8000), ("::", 8000, 0, 0)))
+    [(instance, [check])] = entries
+    assert instance.address == ServiceInstance("orders", port=8000).address
+    assert isinstance(check, HttpCheck)
+    assert check.url == "http://127.0.0.1:8000/hz"
+    [(_, [check6])] = _entries(registration, _server(("::", 8000, 0, 0)))
+    assert isinstance(check6, HttpCheck)
+    assert check6.url == "http://[::1]:8000/hz"
+
+
+def test_an_explicit_address_wins_and_tls_makes_https() -> None:
+    registration = GunicornRegistration(
+        "consul://127.0.0.1:8500",
+        "orders",
+        address="10.1.2.3",
+        health_path="/hz",
+        tags=["a"],
+        meta={"k": "v"},
+        version="1.2",
+    )
+    server = _server(("127.0.0.1", 8443), ("0.0.0.0", 9443))
+    server.cfg.is_ssl = True
+    entries = _entries(registration, server)
+    assert [(i.address, i.port, i.scheme) for i, _ in entries] == [
+        ("10.1.2.3", 8443, "https"),
+        ("10.1.2.3", 9443, "https"),
+    ]
+    assert all(i.tags == ("a",) and dict(i.meta) == {"k": "v"} for i, _ in entries)
+    assert [c.url for _, [c] in entries] == [
+        "https://127.0.0.1:8443/hz",
+        "https://127.0.0.1:9443/hz",
+    ]
+
+
+def test_unix_sockets_are_skipped_and_reuse_port_uses_the_bind() -> None:
+    registration = GunicornRegistration("consul://127.0.0.1:8500", "orders")
+    entries = _entries(registration, _server("/run/app.sock", ("127.0.0.1", 8000)))
+    assert [i.port for i, _ in entries] == [8000]
+    with pytest.raises(GunicornStartError) as caught:
+        _entries(registration, _server("/run/app.sock"))
+    assert caught.value.field == "bind"
+    assert isinstance(caught.value, RuntimeError)  # gunicorn prints "Error: …", no traceback
+    # reuse_port: the master holds no socket, each worker binds its own.
+    server = FakeServer([], address=[("127.0.0.1", 8000), "/run/app.sock"])
+    assert [i.port for i, _ in _entries(registration, server)] == [8000]
+    with pytest.raises(GunicornStartError, match="reuse_port") as zero:
+        _entries(registration, FakeServer([], address=[("127.0.0.1", 0)]))
+    assert zero.value.field == "bind"
+
+
+def test_id_templates_and_check_factories() -> None:
+    made: list[tuple[str, int]] = []
+
+    def checks(host: str, port: int) -> list[TcpCheck]:
+        made.append((host, port))
+        return [TcpCheck(host, port, interval=1.0)]
+
+    registration = GunicornRegistration(
+        "consul://127.0.0.1:8500", "orders", id="{service}-web-{port}", checks=checks
+    )
+    entries = _entries(registration, _server(("0.0.0.0", 8000), ("127.0.0.1", 8001)))
+    assert [i.id for i, _ in entries] == ["orders-web-8000", "orders-web-8001"]
+    assert made == [("127.0.0.1", 8000), ("127.0.0.1", 8001)]
+    fixed = GunicornRegistration("consul://127.0.0.1:8500", "orders", id="orders-1")
+    assert [i.id for i, _ in _entries(fixed, _server(("127.0.0.1", 8000)))] == ["orders-1"]
+    with pytest.raises(GunicornStartError, match="share an id") as shared:
+        _entries(fixed, _server(("127.0.0.1", 8000), ("127.0.0.1", 8001)))
+    assert shared.value.field == "id"
+    bad = GunicornRegistration(
+        "consul://127.0.0.1:8500",
+        "orders",
+        checks=lambda host, port: ["nope"],  # type: ignore[list-item]
+    )
+    with pytest.raises(GunicornStartError) as not_a_check:
+        _entries(bad, _server(("127.0.0.1", 8000)))
+    assert not_a_check.value.field == "checks[0]"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"backend": None}, "backend"),
+        ({"backend": []}, "backend"),
+        ({"service": "bad name"}, "service"),
+        ({"health_path": "healthz"}, "health_path"),
+        ({"check_interval": 0}, "check_interval"),
+        ({"deregister_timeout": -1}, "deregister_timeout"),
+        ({"start_timeout": True}, "start_timeout"),
+        ({"drain_delay": -0.5}, "drain_delay"),
+        ({"log_level": "LOUD"}, "log_level"),
+        ({"tll": 10}, "tll"),
+        ({"ttl": 0.1}, "ttl"),
+        ({"checks": ["http://x"]}, "checks[0]"),
+        ({"id": 3}, "id"),
+        ({"id": "{nope}"}, "id"),
+        ({"address": "two words"}, "address"),
+    ],
+)
+def test_bad_options_name_their_field(kwargs: dict[str, Any], field: str) -> None:
+    args: dict[str, Any] = {"backend": "consul://127.0.0.1:8500", "service": "orders", **kwargs}
+    with pytest.raises(ConfigError) as caught:
+        GunicornRegistration(args.pop("backend"), args.pop("service"), **args)
+    assert caught.value.field == field, caught.value
+
+
+def test_checks_the_keeper_cannot_receive_are_refused_at_when_ready() -> None:
+    check = HttpCheck("http://127.0.0.1:8000/", body=lambda body: True)
+    registration = GunicornRegistration("consul://127.0.0.1:8500", "orders", checks=[check])
+    with pytest.raises(GunicornStartError) as caught:
+        registration.when_ready(_server(("127.0.0.1", 8000)))
+    assert caught.value.field == "checks"
+
+
+# The keeper process, holding the registration in the in-memory backend (its own process's).
+
+
+@pytest.fixture
+def listening() -> Iterator[socket.socket]:
+    """A listening loopback socket: what the default TCP check connects to."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        yield sock
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(pid: int, within: float) -> float:
+    began = time.monotonic()
+    while not _gone(pid):
+        assert time.monotonic() - began < within, f"process {pid} still running"
+        time.sleep(0.02)
+    return time.monotonic() - began
+
+
+def test_when_ready_starts_a_keeper_and_a_stop_signal_withdraws_before_gunicorn_goes_on(
+    listening: socket.socket,
+) -> None:
+    registration = GunicornRegistration("memory://gunicorn-hooks", "orders", check_interval=0.2)
+    server = FakeServer([listening])
+    original = server.handle_term
+    registration.when_ready(server)
+    keeper = server._registry_agent_keeper  # type: ignore[attr-defined]
+    assert keeper.pid != os.getpid()
+    assert psutil.Process(keeper.pid).ppid() == os.getpid()
+    assert server.handle_term != original  # wrapped
+    assert keeper.alive()
+
+    # gunicorn's own handler (which closes the listeners) runs once the keeper is gone.
+    server.probe = lambda: f" keeper alive={keeper.alive()}"
+    server.handle_term()
+    assert server.calls == ["term keeper alive=False"]
+    assert server._registry_agent_keeper is None  # type: ignore[attr-defined]
+    registration.on_exit(server)  # after a stop signal: nothing left to do
+    server.handle_quit()  # a second signal: straight to gunicorn's handler
+    assert server.calls == ["term keeper alive=False", "quit keeper alive=False"]
+
+
+def test_the_keeper_refuses_what_the_backend_refuses(listening: socket.socket) -> None:
+    registration = GunicornRegistration("nosuch://127.0.0.1:1", "orders")
+    with pytest.raises(GunicornStartError, match="nosuch") as caught:
+        registration.when_ready(FakeServer([listening]))
+    assert isinstance(caught.value, RuntimeError)
+
+
+def test_on_reload_keeps_an_unchanged_keeper_and_replaces_a_changed_one(
+    listening: socket.socket,
+) -> None:
+    server = FakeServer([listening])
+    GunicornRegistration("memory://gunicorn-hooks", "orders").when_ready(server)
+    first = server._registry_agent_keeper  # type: ignore[attr-defined]
+    # SIGHUP re-reads the config file: a new registration object, the same settings.
+    GunicornRegistration("memory://gunicorn-hooks", "orders").on_reload(server)
+    assert server._registry_agent_keeper is first  # type: ignore[attr-defined]
+    GunicornRegistration("memory://gunicorn-hooks", "orders", tags=["v2"]).on_reload(server)
+    second = server._registry_agent_keeper  # type: ignore[attr-defined]
+    assert second is not first
+    assert not first.alive()
+    assert second.alive()
+    server.handle_int()
+    assert server.calls == ["int"]
+    assert not second.alive()
+
+
+def test_the_keeper_deregisters_and_exits_when_the_master_dies(tmp_path: Path) -> None:
+    # A stand-in master: starts the keeper as when_ready does, prints its pid, dies.
+    script = textwrap.dedent(
+        """
+        import logging, os, socket, sys
+        from registry_agent.integrations.gunicorn import GunicornRegistration
+        sock = socket.create_server(("127.0.0.1", 0))
+        class Server:
+            LISTENERS = [sock]
+            class cfg:
+                address = []
+                is_ssl = False
+            log = logging.getLogger("master")
+            def handle_term(self): pass
+            def handle_int(self): pass
+            def handle_quit(self): pass
+        server = Server()
+        GunicornRegistration("memory://gone", "orders", log_level="INFO").when_ready(server)
+        print(server._registry_agent_keeper.pid, flush=True)
+        os.kill(os.getpid(), 9)
+        """
+    )
+    err = tmp_path / "stderr"
+    with err.open("wb") as stderr:
+        master = subprocess.run(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+    assert master.returncode == -signal.SIGKILL, err.read_text()
+    keeper = int(master.stdout.split()[0])
+    took = _wait_gone(keeper, within=10)
+    print(f"keeper gone {took:.3f}s after its master")
+    deadline = time.monotonic() + 10
+    while "the master is gone" not in err.read_text():
+        assert time.monotonic() < deadline, err.read_text()
+        time.sleep(0.05)
+    assert "deregistered orders-" in err.read_text()
