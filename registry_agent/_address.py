@@ -74,10 +74,14 @@ class Route:
 
 @dataclass(frozen=True)
 class Routes:
-    """The default routes of both families (``None``: no such route)."""
+    """Given default routes of both families (``None``: no such route), answering as
+    :func:`default_route` does: ``routes(4)``, ``routes(6)``."""
 
     v4: Route | None = None
     v6: Route | None = None
+
+    def __call__(self, version: int) -> Route | None:
+        return self.v4 if version == 4 else self.v6
 
 
 def advertised_address(
@@ -109,7 +113,7 @@ def advertised_address(
         env=env,
         environ=os.environ if environ is None else environ,
         interfaces=host_interfaces,
-        routes=default_routes,
+        routes=default_route,
     )
 
 
@@ -120,11 +124,11 @@ def choose_address(
     env: str | Sequence[str] | None,
     environ: Mapping[str, str],
     interfaces: Callable[[], Interfaces],
-    routes: Callable[[], Routes],
+    routes: Callable[[int], Route | None],
 ) -> str:
     """:func:`advertised_address` on given facts: ``interfaces()`` lists the host's
-    addresses and ``routes()`` answers its default routes (each called only when
-    needed)."""
+    addresses and ``routes(4)`` / ``routes(6)`` answer its default route of that IP
+    version (each called only when needed: no IPv6 lookup when IPv4 has an answer)."""
     if env is not None:
         if network is not None or interface is not None:
             raise ConfigError(
@@ -140,7 +144,7 @@ def choose_address(
                 f"expected an interface name such as eth1, got {interface!r}", field="interface"
             )
         return _from_interfaces(interfaces(), wanted, interface)
-    return _from_routes(routes(), interfaces)
+    return _from_routes(routes, interfaces)
 
 
 #: The agent's [[service]] keys for advertised_address's parameters.
@@ -273,10 +277,15 @@ def _from_interfaces(found: Interfaces, network: IPNetwork | None, interface: st
     )
 
 
-def _from_routes(routes: Routes, interfaces: Callable[[], Interfaces]) -> str:
-    for family, route in ((4, routes.v4), (6, routes.v6)):
+def _from_routes(
+    routes: Callable[[int], Route | None], interfaces: Callable[[], Interfaces]
+) -> str:
+    found = False
+    for family in (4, 6):
+        route = routes(family)
         if route is None:
             continue
+        found = True
         source = _ip(route.source) if route.source else None
         if source is not None and source.version == family and _routable(source):
             return str(source)
@@ -286,7 +295,7 @@ def _from_routes(routes: Routes, interfaces: Callable[[], Interfaces]) -> str:
                     address = _ip(text)
                     if address is not None and address.version == family and _routable(address):
                         return str(address)
-    if routes.v4 is None and routes.v6 is None:
+    if not found:
         what = "this host has no default route to take the address from"
     else:
         what = "this host's default route has no address to advertise (only loopback or link-local)"
@@ -327,12 +336,9 @@ def host_interfaces() -> Interfaces:
     return {name: listed[name] for name in sorted(listed, key=index)}
 
 
-def default_routes() -> Routes:
-    """This host's default routes, each with the source address the kernel would use."""
-    return Routes(v4=_default_route(4), v6=_default_route(6))
-
-
-def _default_route(family: int) -> Route | None:
+def default_route(family: int) -> Route | None:
+    """This host's default route of IP version ``family`` (4 or 6) with the source
+    address the kernel would use on it, or None."""
     table = _ROUTE_TABLES.get(family, Path("/nonexistent"))
     probes = _PROBES_V4 if family == 4 else _PROBES_V6
     try:

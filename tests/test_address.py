@@ -10,6 +10,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -34,7 +35,7 @@ HOST = {
 }
 
 
-def _never() -> object:
+def _never(*_: object) -> NoReturn:
     raise AssertionError("asked for a fact this choice does not need")
 
 
@@ -48,11 +49,9 @@ def choose(
     routes: Routes | None = None,
 ) -> str:
     host: Callable[[], Mapping[str, Sequence[str]]] = (
-        (lambda: interfaces) if interfaces is not None else _never  # type: ignore[assignment]
+        (lambda: interfaces) if interfaces is not None else _never
     )
-    answer: Callable[[], Routes] = (
-        (lambda: routes) if routes is not None else _never  # type: ignore[assignment]
-    )
+    answer: Callable[[int], Route | None] = routes if routes is not None else _never
     return choose_address(
         network=network,
         interface=interface,
@@ -69,6 +68,22 @@ def choose(
 def test_default_is_the_ipv4_default_routes_source_without_listing_interfaces() -> None:
     routes = Routes(v4=Route("eth1", "10.1.0.10"), v6=Route("eth1", "fd00:1::10"))
     assert choose(routes=routes) == "10.1.0.10"
+
+
+def test_ipv6_route_is_not_looked_up_when_ipv4_answers() -> None:
+    asked: list[int] = []
+
+    def routes(version: int) -> Route | None:
+        asked.append(version)
+        return Route("eth1", "10.1.0.10" if version == 4 else "fd00:1::10")
+
+    assert (
+        choose_address(
+            network=None, interface=None, env=None, environ={}, interfaces=_never, routes=routes
+        )
+        == "10.1.0.10"
+    )
+    assert asked == [4]
 
 
 def test_ipv6_only_when_there_is_no_ipv4_default_route() -> None:
@@ -293,7 +308,7 @@ def test_the_probe_skips_documentation_networks_another_route_covers(
     monkeypatch.setattr(address_module, "_source_towards", source)
     monkeypatch.setattr(address_module, "_ROUTE_TABLES", {4: tmp_path / "route"})
     (tmp_path / "route").write_text(ROUTE_V4)
-    assert address_module._default_route(4) == Route("eth1", "10.1.0.10")
+    assert address_module.default_route(4) == Route("eth1", "10.1.0.10")
     assert asked == ["198.51.100.1"]
 
 
@@ -302,9 +317,9 @@ def test_no_table_and_no_route_on_other_platforms(
 ) -> None:
     monkeypatch.setattr(address_module, "_ROUTE_TABLES", {6: tmp_path / "absent"})
     monkeypatch.setattr(address_module, "_source_towards", lambda target: "")
-    assert address_module._default_route(6) is None
+    assert address_module.default_route(6) is None
     monkeypatch.setattr(address_module, "_source_towards", lambda target: "fd00::5")
-    assert address_module._default_route(6) == Route("", "fd00::5")
+    assert address_module.default_route(6) == Route("", "fd00::5")
 
 
 # -- ServiceInstance and the agent's [[service]] ----------------------------------------------
@@ -315,7 +330,7 @@ def facts(
     routes: Routes = Routes(),  # noqa: B008
     interfaces: Mapping[str, Sequence[str]] = HOST,
 ) -> None:
-    monkeypatch.setattr(address_module, "default_routes", lambda: routes)
+    monkeypatch.setattr(address_module, "default_route", routes)
     monkeypatch.setattr(address_module, "host_interfaces", lambda: interfaces)
 
 
