@@ -282,20 +282,29 @@ class Settings:
         """Seconds a stopping server may take: deregistration, drain delay, drain, margin."""
         return self.stop_timeout + self.drain_delay + self.drain_timeout + 5.0
 
-    def make_registrar(self, host: str, port: int) -> Registrar:
-        """The registrar for a server bound to ``host``:``port`` (settings take precedence)."""
+    def make_instance(self, host: str = "", port: int = 0) -> ServiceInstance:
+        """The instance for a server bound to ``host``:``port`` (settings take precedence)."""
         fields = dict(self.instance)
         fields.setdefault("port", port)
         if "address" not in fields and host not in _WILDCARDS:
             fields["address"] = host
-        instance = ServiceInstance(self.service, **fields)
+        return ServiceInstance(self.service, **fields)
+
+    def checks_for(self, host: str, port: int) -> list[HealthCheck | Callable[[], Any]]:
+        """The checks, with ``health_path``'s HttpCheck on ``host``:``port`` (loopback if any)."""
         checks = list(self.checks)
         if self.health_path:
-            local = "[::1]" if host == "::" else ("127.0.0.1" if host in _WILDCARDS else host)
-            if ":" in local and not local.startswith("["):
+            local = "::1" if host == "::" else ("127.0.0.1" if host in _WILDCARDS else host)
+            if ":" in local:
                 local = f"[{local}]"
             interval = min(2.0, self.options.ttl / 3)
             checks.append(HttpCheck(f"http://{local}:{port}{self.health_path}", interval=interval))
+        return checks
+
+    def make_registrar(self, host: str, port: int) -> Registrar:
+        """The registrar for a server bound to ``host``:``port``."""
+        instance = self.make_instance(host, port)
+        checks = self.checks_for(host, instance.port)
         return Registrar(self.backend, instance, checks=checks, options=self.options)
 
 
