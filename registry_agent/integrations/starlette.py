@@ -62,12 +62,6 @@ def serving_check(
     itself (a port mapped by Docker), give ``checks`` of your own (an
     :class:`~registry_agent.HttpCheck` on a health endpoint).
     """
-    if not instance.port:
-        raise ConfigError(
-            "the default check connects to the instance's port, and it has none: "
-            "give the instance a port, or checks=[...] of your own",
-            field="instance.port",
-        )
     return TcpCheck(
         instance.address or "127.0.0.1",
         instance.port,
