@@ -54,7 +54,7 @@ _RTF_REJECT = 0x0200
 
 _HOW = (
     "choose the address to advertise: give it (address=), or pick one of this host's "
-    'by network (network="10.0.0.0/8"), by interface (interface="eth1") or from '
+    'addresses by network (network="10.0.0.0/8"), by interface (interface="eth1") or from '
     'an environment variable (env="POD_IP")'
 )
 
@@ -151,7 +151,7 @@ def choose_address(
 AGENT_KEYS = {"network": "address_network", "interface": "address_interface", "env": "address_env"}
 _HOW_AGENT = (
     'choose the address to advertise: set address = "10.0.0.5", or pick one of this '
-    'host\'s by address_network = "10.0.0.0/8", address_interface = "eth1" or '
+    'host\'s addresses by address_network = "10.0.0.0/8", address_interface = "eth1" or '
     'address_env = "POD_IP"'
 )
 
@@ -246,7 +246,7 @@ def _from_env(env: str | Sequence[str], environ: Mapping[str, str]) -> str:
         return str(address)
     raise ConfigError(
         f"{' and '.join(names)} {'is' if len(names) == 1 else 'are'} not set "
-        "(on Kubernetes, set it from the downward API: fieldRef status.podIP)",
+        "(on Kubernetes, set it from the downward API, e.g. fieldRef: status.podIP)",
         field="env",
     )
 
@@ -308,10 +308,11 @@ def _from_routes(
 
 def _describe(found: Interfaces) -> str:
     parts = [
-        f"{name} {', '.join(a.split('%', 1)[0] for a in addresses) or '(no address)'}"
+        f"{name} {', '.join(a.split('%', 1)[0] for a in addresses)}"
         for name, addresses in found.items()
+        if addresses
     ]
-    return "; ".join(parts) or "no interfaces"
+    return "; ".join(parts) or "no addresses"
 
 
 # -- facts from the running host ----------------------------------------------------------
