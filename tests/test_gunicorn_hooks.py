@@ -185,7 +185,7 @@ def test_id_templates_and_check_factories() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"backend": None}, "backend"),
+        ({"backend": 3}, "backend"),
         ({"backend": []}, "backend"),
         ({"service": "bad name"}, "service"),
         ({"health_path": "healthz"}, "health_path"),
@@ -207,6 +207,21 @@ def test_bad_options_name_their_field(kwargs: dict[str, Any], field: str) -> Non
     with pytest.raises(ConfigError) as caught:
         GunicornRegistration(args.pop("backend"), args.pop("service"), **args)
     assert caught.value.field == field, caught.value
+
+
+def test_no_backend_takes_the_environments(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("REGISTRY_AGENT_BACKEND", "CONSUL_HTTP_ADDR", "ETCDCTL_ENDPOINTS"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError) as caught:
+        registration_hooks(service="orders")
+    assert caught.value.field == "REGISTRY_AGENT_BACKEND"
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "127.0.0.1:8501")
+    assert GunicornRegistration(service="orders").backend == "consul://127.0.0.1:8501"
+    monkeypatch.setenv("REGISTRY_AGENT_BACKEND", "etcd://127.0.0.1:2379 consul://127.0.0.1:8500")
+    assert GunicornRegistration(service="orders").backend == (
+        "etcd://127.0.0.1:2379",
+        "consul://127.0.0.1:8500",
+    )
 
 
 def test_checks_the_keeper_cannot_receive_are_refused_at_when_ready() -> None:

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple, Unpack
 
 import registry_agent
+from registry_agent._env import backends_from_env
 from registry_agent._errors import ConfigError
 from registry_agent._health.checks import HealthCheck, HttpCheck, TcpCheck
 from registry_agent._models import ServiceInstance
@@ -118,7 +119,10 @@ class GunicornRegistration:
     """Registers a gunicorn server once per listening address, from its master.
 
     ``backend`` is a registry URL (``"consul://127.0.0.1:8500"``,
-    ``"etcd://127.0.0.1:2379"``) or a sequence of them; ``service`` the name.
+    ``"etcd://127.0.0.1:2379"``) or a sequence of them; None (the default):
+    from the environment (``REGISTRY_AGENT_BACKEND``, else Consul's or etcd's
+    own variables, see :func:`~registry_agent.backends_from_env`). ``service``
+    is the service name.
     Per listening socket one :class:`~registry_agent.ServiceInstance` is
     registered with the socket's real port, advertising ``address`` if given,
     else the bound host unless it is a wildcard (``0.0.0.0``/``::``), else the
@@ -149,8 +153,8 @@ class GunicornRegistration:
 
     def __init__(
         self,
-        backend: str | Sequence[str],
-        service: str,
+        backend: str | Sequence[str] | None = None,
+        service: str = "",
         *,
         address: str | None = None,
         id: str | None = None,
@@ -168,8 +172,13 @@ class GunicornRegistration:
         log_level: str = "INFO",
         **options: Unpack[OptionArgs],
     ) -> None:
-        if isinstance(backend, str):
-            self.backend: str | tuple[str, ...] = backend
+        if backend is None:
+            # Resolved here, in the master (a ConfigError names the variable); the URLs
+            # carry their secrets beside the text, pickled to the keeper with the rest.
+            found = backends_from_env()
+            self.backend: str | tuple[str, ...] = found[0] if len(found) == 1 else tuple(found)
+        elif isinstance(backend, str):
+            self.backend = backend
         elif isinstance(backend, Sequence) and backend and all(isinstance(b, str) for b in backend):
             self.backend = tuple(backend)
         else:
@@ -379,10 +388,13 @@ class GunicornRegistration:
         return (TcpCheck(host, port, interval=interval, timeout=timeout),)
 
 
-def registration_hooks(backend: str | Sequence[str], service: str, **kwargs: Any) -> GunicornHooks:
+def registration_hooks(
+    backend: str | Sequence[str] | None = None, service: str = "", **kwargs: Any
+) -> GunicornHooks:
     """``when_ready, on_reload, on_exit`` for a gunicorn config (see :class:`GunicornRegistration`).
 
-    ``when_ready, on_reload, on_exit = registration_hooks("consul://127.0.0.1:8500", "orders")``
+    ``when_ready, on_reload, on_exit = registration_hooks("consul://127.0.0.1:8500", "orders")``;
+    ``registration_hooks(service="orders")`` takes the registry from the environment.
     """
     return GunicornRegistration(backend, service, **kwargs).hooks
 
