@@ -252,3 +252,40 @@ def test_agent_config_chooses_in_the_namespace(tmp_path: Path) -> None:
         wrong = host.ask(agent=str(config))
     assert answers == choices
     assert (wrong["field"], wrong["source"]) == ("service[0].address_network", str(config))
+
+
+# The README's example (the lead pastes it under "The advertised address"; once it is
+# there, read it with integration.readme_kit.readme_block("readme:address") instead).
+README_ADDRESS = """\
+# readme:address
+from registry_agent import ServiceInstance, advertised_address
+
+# No address given: the default route's (IPv4 first), never the host name.
+orders = ServiceInstance("orders", port=8080)
+print(orders.address, orders.id)
+
+# Or choose one of this host's addresses...
+print(advertised_address(network="10.0.0.0/8"))  # the first inside this network
+print(advertised_address(interface="eth1"))  # this interface's first (IPv4 first)
+# ...or take the one the platform sets (Kubernetes: POD_IP from the downward API).
+print(advertised_address(env=("POD_IP", "HOST_IP")))
+"""
+
+
+def test_readme_example_in_a_namespace() -> None:
+    with host_lab() as host:
+        two_networks(host)
+        host.route("default", "via", "192.0.2.1", "dev", "eth0")
+        env = {k: v for k, v in os.environ.items() if k not in ("POD_IP", "HOST_IP")}
+        result = subprocess.run(
+            ["ip", "netns", "exec", host.netns, sys.executable, "-c", README_ADDRESS],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+            env={**env, "POD_IP": "10.244.3.7"},
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "192.0.2.10 orders-192.0.2.10-8080",
+        "10.1.0.10",
+        "10.1.0.10",
+        "10.244.3.7",
+    ]
