@@ -91,9 +91,31 @@ def _is_runserver() -> bool:
     return len(sys.argv) > 1 and sys.argv[1] == "runserver"
 
 
+def _check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """Django system check: a bad ``settings.REGISTRY_AGENT`` as an error naming the key."""
+    from django.core.checks import Error
+
+    try:
+        load_settings()
+    except ConfigError as exc:
+        return [Error(str(exc), id="registry_agent.E001")]
+    return []
+
+
 def _arm() -> None:
-    """At Django's startup: check the settings; for ``runserver``, hook its server."""
-    settings = load_settings()
+    """At Django's startup: check the settings; for ``runserver``, hook its server.
+
+    Bad settings do not raise here (Django would print a traceback): the system
+    check ``registry_agent.E001`` reports them, which stops ``runserver``,
+    ``migrate``, ``check``… with the message alone.
+    """
+    from django.core import checks
+
+    checks.register(_check_settings)
+    try:
+        settings = load_settings()
+    except ConfigError:
+        return
     if not settings.enabled or not _is_runserver():
         return
     from django.core.servers import basehttp

@@ -1,0 +1,8 @@
+"""WSGI entry point (runserver loads it through WSGI_APPLICATION)."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djsite.settings")
+application = get_wsgi_application()

@@ -1,0 +1,185 @@
+"""The Django app under ``manage.py runserver``, on real Consul and etcd.
+
+The project (``integration/django_site``) takes ``registry_agent.integrations.django``
+in INSTALLED_APPS and REGISTRY_AGENT from TEST_REGISTRY_* variables; it logs
+each registration with its pid and holds ``/slow`` in flight. Each server runs in
+a session of its own on a free loopback port and is stopped by PID; every wait
+is bounded.
+
+Django's autoreloader watches every imported module, this package's too: a file
+edited meanwhile restarts its child, which deregisters and registers again. The
+assertions hold either way: the parent never registers, no process registers
+twice, the registry never holds two entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from integration.devserver_kit import (
+    ROOT,
+    ServerRun,
+    Slow,
+    entries,
+    free_port,
+    observe_shutdown,
+    wait_registered,
+)
+from registry_agent.testing.servers import ServerProcess
+
+MANAGE = str(ROOT / "integration" / "django_site" / "manage.py")
+# manage.py imports Django, runs the system checks, then the check needs rise=2
+# passes at interval ttl/3 (ttl=3 in djsite/settings.py).
+REGISTER_BOUND = 20.0
+DRAIN_DELAY = 0.25  # djsite/settings.py
+SLOW = 2.0
+SHUTDOWN_BOUND = 10.0 + DRAIN_DELAY + 0.5 + SLOW
+
+
+@pytest.fixture
+def django_env(server: ServerProcess, tmp_path: Path) -> dict[str, str]:
+    return {
+        "TEST_REGISTRY_BACKEND": server.url,
+        "TEST_REGISTRY_SERVICE": f"django-{uuid.uuid4().hex[:8]}",
+        "TEST_DJANGO_DB": str(tmp_path / "db.sqlite3"),
+        "SLOW_MARKER": str(tmp_path / "slow-started"),
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Iterator[Callable[[list[str], dict[str, str]], ServerRun]]:
+    started: list[ServerRun] = []
+
+    def start(argv: list[str], env: dict[str, str]) -> ServerRun:
+        run = ServerRun(argv, env, tmp_path / f"server-{len(started)}.log")
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        run.close()
+
+
+async def _wait_file(path: Path, bound: float) -> None:
+    deadline = time.monotonic() + bound
+    while not await asyncio.to_thread(path.exists):
+        assert time.monotonic() < deadline, f"{path} not written within {bound}s"
+        await asyncio.sleep(0.02)
+
+
+async def _serve_then_sigterm(
+    server: ServerProcess,
+    env: dict[str, str],
+    run: ServerRun,
+    port: int,
+    what: str,
+    measured: Callable[[str, float, float], None],
+) -> None:
+    service = env["TEST_REGISTRY_SERVICE"]
+    took, found = await wait_registered(run, server.url, service, REGISTER_BOUND)
+    measured(f"{what}: registered", took, REGISTER_BOUND)
+    ((instance, _),) = found.values()
+    assert (instance.address, instance.port) == ("127.0.0.1", port)
+
+    slow = Slow(port, SLOW)
+    await _wait_file(Path(env["SLOW_MARKER"]), 5.0)
+    assert len(await entries(server.url, service)) == 1
+    # SIGTERM to the process we started, as a process manager sends it.
+    shutdown = await observe_shutdown(
+        run, server.url, service, port, signal.SIGTERM, SHUTDOWN_BOUND, group=False
+    )
+    measured(f"{what} SIGTERM: entry gone", shutdown.gone, 10.0)
+    measured(f"{what} SIGTERM: port closed", shutdown.closed, SHUTDOWN_BOUND)
+    assert shutdown.gone < shutdown.closed, run.output()
+    run.wait(SHUTDOWN_BOUND)
+    slow.thread.join(SLOW + 5)
+    assert (slow.status, slow.body, slow.error) == (200, b"slow done", ""), run.output()
+    assert await entries(server.url, service) == {}
+
+
+async def test_runserver_noreload_registers_once_and_leaves_before_the_port_closes(
+    server: ServerProcess,
+    django_env: dict[str, str],
+    runs: Callable[[list[str], dict[str, str]], ServerRun],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    port = free_port()
+    argv = [sys.executable, MANAGE, "runserver", "--noreload", f"127.0.0.1:{port}"]
+    run = runs(argv, django_env)
+    await _serve_then_sigterm(server, django_env, run, port, "runserver --noreload", measured)
+    assert run.pids_that_registered() == [run.proc.pid]
+    assert run.proc.returncode == -signal.SIGTERM  # then SIGTERM took its usual course
+
+
+async def test_runserver_with_the_autoreloader_registers_in_its_child_only(
+    server: ServerProcess,
+    django_env: dict[str, str],
+    runs: Callable[[list[str], dict[str, str]], ServerRun],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    port = free_port()
+    run = runs([sys.executable, MANAGE, "runserver", f"127.0.0.1:{port}"], django_env)
+    # The parent, stopped, waits for its child to deregister (Django's own loop
+    # would SIGKILL it at once: the entry would stay until its TTL ran out).
+    await _serve_then_sigterm(server, django_env, run, port, "runserver (autoreload)", measured)
+    registered_by = run.pids_that_registered()
+    assert registered_by, run.output()
+    assert run.proc.pid not in registered_by, "the autoreloader's parent registered"
+    assert len(set(registered_by)) == len(registered_by), "a process registered twice"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["migrate", "--noinput"], ["check"], ["shell", "-c", "import time; time.sleep(1.5)"]],
+    ids=["migrate", "check", "shell"],
+)
+async def test_management_commands_never_register(
+    server: ServerProcess, django_env: dict[str, str], command: list[str]
+) -> None:
+    service = django_env["TEST_REGISTRY_SERVICE"]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, MANAGE, *command],
+        cwd=ROOT,
+        env={**os.environ, **django_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "registering" not in done.stderr, done.stderr
+    assert await entries(server.url, service) == {}
+
+
+def test_bad_settings_are_a_system_check_error_naming_the_key() -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TEST_REGISTRY_EXTRA": '{"port": "eighty"}',
+    }
+    done = subprocess.run(
+        [sys.executable, MANAGE, "check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert (
+        '(registry_agent.E001) settings.REGISTRY_AGENT["port"]: expected an integer 1-65535, '
+        "got 'eighty'" in done.stderr
+    ), done.stderr
+    assert "Traceback" not in done.stderr
