@@ -183,3 +183,27 @@ def test_bad_settings_are_a_system_check_error_naming_the_key() -> None:
         "got 'eighty'" in done.stderr
     ), done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_uvicorn_serving_asgi_app_registers_and_leaves_before_the_port_closes(
+    server: ServerProcess,
+    django_env: dict[str, str],
+    runs: Callable[[list[str], dict[str, str]], ServerRun],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    """asgi.py's ``asgi_app(get_asgi_application())`` under one uvicorn process."""
+    port = free_port()
+    env = {**django_env, "TEST_REGISTRY_EXTRA": f'{{"port": {port}, "address": "127.0.0.1"}}'}
+    uvicorn = str(Path(sys.executable).with_name("uvicorn"))
+    argv = [
+        uvicorn,
+        "djsite.asgi:application",
+        "--app-dir",
+        str(ROOT / "integration" / "django_site"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    run = runs(argv, env)
+    await _serve_then_sigterm(server, env, run, port, "uvicorn asgi_app", measured)
