@@ -431,8 +431,11 @@ async def _watch(
     timeout = request_timeout or _DEFAULT_TIMEOUT
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    handled = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        with contextlib.suppress(ValueError, RuntimeError):  # main() called off the main thread
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
 
     async def body() -> None:
         # The first read sets the columns' widths (later rows widen them if need be).
@@ -470,7 +473,7 @@ async def _watch(
         stopped.cancel()
         task.cancel()
         (outcome,) = await asyncio.gather(task, return_exceptions=True)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in handled:
             loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):
             await watcher.close()
