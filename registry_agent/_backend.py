@@ -141,7 +141,7 @@ class Backend(Protocol):
     identities (two lanes writing one entry would take it from each other forever).
     Without it, backends are compared by URL (credentials aside) or by object.
 
-    Likewise optional: ``async services() -> list[str]``, the names of the services
+    Likewise optional: ``async services() -> Sequence[str]``, the names of the services
     the registry holds, sorted (Consul: its catalog without our heartbeat services;
     etcd: the services with an entry in the backend's format under its prefix).
     ``registry-agent services`` uses it; a backend without it is named in a

@@ -14,7 +14,7 @@ import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
@@ -1119,7 +1119,7 @@ class ConsulBackend:
         index, found = await self._health(service, 0)
         return ServiceSnapshot(service, index, MappingProxyType(found))
 
-    async def services(self) -> list[str]:
+    async def services(self) -> Sequence[str]:
         """The names in the catalog (one request), sorted, without our heartbeat services."""
         kwargs: dict[str, Any] = {"dc": self.dc} if self.dc else {}
         _, names = await self._call(self.api.catalog.services(**kwargs))

@@ -924,7 +924,7 @@ class EtcdBackend:
                 found[kv.key[len(prefix) :].decode(errors="replace")] = health
         return ServiceSnapshot(service, result.header.revision, InstanceMap(found))
 
-    async def services(self) -> list[str]:
+    async def services(self) -> Sequence[str]:
         """The services with at least one entry this backend's format reads, sorted.
 
         One read of every key under the prefix (a format without a prefix: the whole

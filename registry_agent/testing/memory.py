@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -338,7 +338,7 @@ class MemoryBackend(Backend):
     async def list(self, service: str) -> ServiceSnapshot:
         return self.registry.snapshot(service)
 
-    async def services(self) -> list[str]:
+    async def services(self) -> Sequence[str]:
         """The services with at least one live entry, sorted."""
         return self.registry.services()
 
