@@ -56,13 +56,15 @@ async def entries(url: str, service: str) -> dict[str, tuple[ServiceInstance, He
 class ServerRun:
     """One server process started for a test, in a session of its own."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, argv: Sequence[str], env: dict[str, str], log: Path, cwd: Path = ROOT
+    ) -> None:
         self.log = log
         self._out = log.open("wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             list(argv),
-            cwd=ROOT,
+            cwd=cwd,
             env={**os.environ, **env},
             stdout=self._out,
             stderr=subprocess.STDOUT,

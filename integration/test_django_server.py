@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,3 +208,49 @@ async def test_uvicorn_serving_asgi_app_registers_and_leaves_before_the_port_clo
     ]
     run = runs(argv, env)
     await _serve_then_sigterm(server, env, run, port, "uvicorn asgi_app", measured)
+
+
+# The README's recipe (a fragment of settings.py), as the lead pastes it; the test
+# adds it to a copy of the test project and changes only the registry URL.
+README_DJANGO = """\
+# settings.py (the additions)      # readme:django
+INSTALLED_APPS = [
+    # ... your apps ...
+    "registry_agent.integrations.django",
+]
+REGISTRY_AGENT = {
+    "backend": "consul://127.0.0.1:8500",  # or "etcd://127.0.0.1:2379", or a list of both
+    "service": "orders",
+    "health_path": "/healthz",  # registered once this answers on the served port
+    "drain_delay": 1,  # seconds out of discovery before the port closes
+}
+# manage.py runserver: registered while it serves (in the autoreloader's child only);
+# migrate, check, shell, test and every other command: never.
+"""
+
+
+async def test_the_readme_recipe(
+    server: ServerProcess,
+    django_env: dict[str, str],
+    tmp_path: Path,
+    runs: Callable[[list[str], dict[str, str]], ServerRun],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "integration" / "django_site", site)
+    text = README_DJANGO.replace("consul://127.0.0.1:8500", server.url)
+    assert text.count(server.url) == 1
+    with (site / "djsite" / "settings.py").open("a") as settings:
+        settings.write("\n" + text)
+    port = free_port()
+    argv = [sys.executable, str(site / "manage.py"), "runserver", "--noreload", f"127.0.0.1:{port}"]
+    run = runs(argv, {**django_env, "PYTHONPATH": str(ROOT)})
+    took, found = await wait_registered(run, server.url, "orders", REGISTER_BOUND)
+    measured("readme recipe: registered", took, REGISTER_BOUND)
+    assert list(found) == [f"orders-127.0.0.1-{port}"]
+    shutdown = await observe_shutdown(
+        run, server.url, "orders", port, signal.SIGTERM, SHUTDOWN_BOUND + 1, group=False
+    )
+    measured("readme recipe: entry gone", shutdown.gone, 10.0)
+    measured("readme recipe: port closed", shutdown.closed, SHUTDOWN_BOUND + 1)
+    assert shutdown.gone + 0.5 < shutdown.closed  # drain_delay=1

@@ -170,3 +170,55 @@ async def test_no_server_no_registration(server: ServerProcess, flask_env: dict[
         assert done.returncode == 0, done.stderr
         assert "registering" not in done.stderr, done.stderr
         assert await entries(server.url, service) == {}
+
+
+# The README's recipe, as the lead pastes it; the test changes only the registry URL.
+README_FLASK = """\
+# app.py -- run: flask --app app run      # readme:flask
+from flask import Flask
+
+from registry_agent.integrations.flask import RegistryAgent
+
+app = Flask(__name__)
+app.config["REGISTRY_AGENT_BACKEND"] = "consul://127.0.0.1:8500"  # or "etcd://127.0.0.1:2379"
+app.config["REGISTRY_AGENT_SERVICE"] = "orders"
+
+# Registers when `flask run` or app.run() starts serving (in the reloader's child only),
+# with the address and port it serves; never for the test client or other commands.
+# SIGTERM/SIGINT: out of discovery first, drain_delay, then the port closes and the
+# requests in flight complete.
+registry = RegistryAgent(app, health_path="/healthz", drain_delay=1)
+
+
+@app.get("/healthz")
+def healthz() -> str:
+    return "ok"
+
+
+if __name__ == "__main__":
+    app.run(host="127.0.0.1", port=8080)
+"""
+
+
+async def test_the_readme_recipe(
+    server: ServerProcess,
+    tmp_path: Path,
+    runs: Callable[[list[str], dict[str, str]], ServerRun],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    text = README_FLASK.replace("consul://127.0.0.1:8500", server.url)
+    assert text.count(server.url) == 1
+    (tmp_path / "app.py").write_text(text)
+    port = free_port()
+    flask = str(Path(sys.executable).with_name("flask"))
+    argv = [flask, "--app", "app", "run", "-h", "127.0.0.1", "-p", str(port)]
+    run = runs(argv, {"PYTHONPATH": str(tmp_path)})
+    took, found = await wait_registered(run, server.url, "orders", REGISTER_BOUND)
+    measured("readme recipe: registered", took, REGISTER_BOUND)
+    assert list(found) == [f"orders-127.0.0.1-{port}"]
+    shutdown = await observe_shutdown(
+        run, server.url, "orders", port, signal.SIGTERM, SHUTDOWN_BOUND + 1, group=False
+    )
+    measured("readme recipe: entry gone", shutdown.gone, 10.0)
+    measured("readme recipe: port closed", shutdown.closed, SHUTDOWN_BOUND + 1)
+    assert shutdown.gone + 0.5 < shutdown.closed  # drain_delay=1
