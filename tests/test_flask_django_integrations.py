@@ -64,6 +64,16 @@ def registry() -> MemoryRegistry:
             'RegistryAgent(drain_delay=…): expected a duration like "2s"',
         ),
         ({"BACKEND": 8500}, {}, 'app.config["REGISTRY_AGENT_BACKEND"]: expected a registry URL'),
+        (
+            {"BACKEND": "nope://127.0.0.1"},
+            {},
+            "app.config[\"REGISTRY_AGENT_BACKEND\"]: no backend for scheme 'nope'",
+        ),
+        (
+            {"BACKEND": "consul://127.0.0.1:8500?bogus=1"},
+            {},
+            "app.config[\"REGISTRY_AGENT_BACKEND\"]: unknown option(s) 'bogus' for consul://",
+        ),
     ],
 )
 def test_flask_bad_settings_name_the_key(

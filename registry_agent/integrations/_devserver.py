@@ -9,7 +9,8 @@ ends in this order on SIGTERM/SIGINT or interpreter exit:
 3. stop accepting and close the listening socket,
 4. wait, at most ``drain_timeout`` seconds, for the requests in flight,
 5. SIGTERM then takes its usual course (the process ends by it); SIGINT ends
-   the serve loop quietly, as the servers themselves do.
+   the serve loop quietly, as the servers themselves do. A second signal
+   meanwhile ends the process at once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 from registry_agent._backend import Backend
 from registry_agent._blocking import Registrar
-from registry_agent._errors import ConfigError
+from registry_agent._errors import BackendNotFound, ConfigError
 from registry_agent._health.base import HealthCheck
 from registry_agent._health.checks import HttpCheck
 from registry_agent._models import ServiceInstance
@@ -187,8 +188,12 @@ class ServedRegistration:
     def _on_signal(self, signum: int, frame: Any) -> None:
         # On the main thread, which is also the serving thread: shutdown() would wait
         # for the serve loop this very thread runs. A helper thread does the steps.
-        if self._signal is None:
-            self._signal = signum
+        if self._signal is not None:
+            # A second signal while stopping (a second Ctrl+C): exit now, as by default.
+            log.warning("second signal %d while stopping: exiting now", signum)
+            chain_signal(signum, signal.SIG_DFL)
+            return
+        self._signal = signum
         self.begin_stop(wait=False)
 
     def begin_stop(self, *, wait: bool) -> None:
@@ -373,6 +378,13 @@ def parse_settings(
         options = RegistrationOptions.from_mapping(option_table)
     except ConfigError as exc:
         raise ConfigError(exc.reason, field=name(exc.field or "ttl")) from None
+    # The backend URL(s), checked now (building a registrar opens no connection).
+    try:
+        Registrar(backend, ServiceInstance(service, address="127.0.0.1", port=1), options=options)
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, field=name("backend")) from None
+    except BackendNotFound as exc:
+        raise ConfigError(str(exc), field=name("backend")) from None
     seconds: dict[str, float] = {}
     for key, default in (("drain_delay", 0.0), ("drain_timeout", 30.0), ("stop_timeout", 10.0)):
         value = values.get(key, default)
