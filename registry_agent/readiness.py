@@ -81,11 +81,21 @@ def _response(registrars: Registrars, method: str) -> tuple[int, list[tuple[str,
 
 
 def make_asgi_app(registrars: Registrars) -> ASGIApp:
-    """An ASGI app answering readiness for ``registrars`` (e.g. Starlette's
-    ``Mount("/readyz", app=make_asgi_app([registrar]))``, FastAPI's ``app.mount``)."""
-    source = _source(registrars)
+    """An ASGI app answering readiness for ``registrars``: Starlette's or FastAPI's
+    ``Route("/readyz", make_asgi_app([registrar]))`` (an app object, not a function, so
+    a route serves it as ASGI), or ``app.mount``."""
+    return _ReadinessASGI(_source(registrars))
 
-    async def app(
+
+class _ReadinessASGI:
+    """The ASGI app of :func:`make_asgi_app` (a class: Starlette routes a function
+    endpoint as a request handler, an object as an ASGI app)."""
+
+    def __init__(self, registrars: Registrars) -> None:
+        self.registrars = registrars
+
+    async def __call__(
+        self,
         scope: Scope,
         receive: Callable[[], Awaitable[Message]],
         send: Callable[[Message], Awaitable[None]],
@@ -100,7 +110,7 @@ def make_asgi_app(registrars: Registrars) -> ASGIApp:
                     return
         if scope["type"] != "http":
             return
-        code, headers, body = _response(source, scope.get("method", "GET"))
+        code, headers, body = _response(self.registrars, scope.get("method", "GET"))
         await send(
             {
                 "type": "http.response.start",
@@ -109,8 +119,6 @@ def make_asgi_app(registrars: Registrars) -> ASGIApp:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-    return app
 
 
 _REASONS = {200: "OK", 405: "Method Not Allowed", 503: "Service Unavailable"}

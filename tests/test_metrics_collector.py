@@ -405,3 +405,33 @@ async def test_a_withdrawal_is_logged_at_warning(
     assert levels["registered"] == logging.INFO
     assert levels["deregistered"] == logging.WARNING, levels
     assert levels["state_changed"] == logging.WARNING, levels  # the last one: withdrawn
+
+
+async def test_starlette_routes_serve_readiness_and_metrics(
+    registry: MemoryRegistry, running: list[Any]
+) -> None:
+    """The README's recipe: a Route for /readyz, prometheus_client's ASGI app mounted."""
+    from prometheus_client import make_asgi_app as metrics_app
+    from starlette.applications import Starlette
+    from starlette.routing import Mount, Route
+
+    reg = AsyncRegistrar(registry.url, inst(1), ttl=1.0, retry=FAST)
+    running.append(reg)
+    prom = CollectorRegistry()
+    RegistryCollector([reg], registry=prom)
+    app = Starlette(
+        routes=[
+            Route("/readyz", make_asgi_app([reg])),
+            Mount("/metrics", app=metrics_app(prom)),
+        ]
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://app", follow_redirects=True
+    ) as client:
+        assert (await client.get("/readyz")).status_code == 503  # not started yet
+        await reg.start(wait_registered=5.0)
+        await wait_until(lambda: reg.ready)
+        response = await client.get("/readyz")
+        assert (response.status_code, response.json()) == (200, {"ready": True})
+        metrics = (await client.get("/metrics")).text
+        assert 'registry_agent_ready{instance_id="o1",service="orders"} 1.0' in metrics
