@@ -357,3 +357,30 @@ async def test_consul_a_peers_native_weight_reads_as_its_weight(
     async with watching(consul_server.url, "live-peer") as events:
         await eventually(lambda: bool(events), within=10)
         assert events[0].instance.meta == {"weight": "7"}
+
+
+@pytest.mark.parametrize("fmt", ["kratos", "go-micro", "go-zero"])
+async def test_etcd_peer_formats_update_what_they_carry(etcd_server: EtcdServer, fmt: str) -> None:
+    # kratos and go-micro carry the meta (go-micro's metadata; kratos's metadata): one
+    # updated event; go-zero carries host:port only: its value is unchanged, no event.
+    name = f"live-{fmt}"
+    url = f"{etcd_server.url}?format={fmt}&timeout=2"
+    plain = ServiceInstance(name, address="127.0.0.1", port=8080, id=f"{name}-1", scheme="http")
+    registrar = AsyncRegistrar(url, plain, ttl=TTL, retry=FAST)
+    async with watching(url, name) as events:
+        await registrar.start(wait_registered=10)
+        await eventually(lambda: [e.type for e in events] == ["added"], within=10)
+        seen: list[Any] = []
+        registrar.on_event = lambda event: seen.append(event.kind)
+        await registrar.update(meta={"zone": "b"}, weight=4)
+        await eventually(lambda: "updated" in seen, within=10)
+        await asyncio.sleep(TTL + 1)
+        if fmt == "go-zero":
+            assert [e.type for e in events] == ["added"], events
+        else:
+            assert [e.type for e in events] == ["added", "updated"], events
+            assert dict(events[1].instance.meta) == {"zone": "b", "weight": "4"}
+        counters = registrar.counters.to_dict()
+        assert counters["lease_losses"] == counters["reregistrations"] == 0
+        assert seen.count("updated") == 1
+        await registrar.stop()
