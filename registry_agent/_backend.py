@@ -135,6 +135,13 @@ class Backend(Protocol):
     by ``start()`` and by the agent when it loads its file; a hook that also takes
     ``on_unhealthy`` gets it (``"deregister"`` or ``"critical"``).
 
+    Likewise optional: ``async update(lease, instance, *, status, note) -> Lease``,
+    writing ``instance`` (the same id, new tags or meta) over the entry of ``lease`` in
+    place, keeping its liveness (etcd: a put of the same key on the same lease);
+    ``AsyncRegistrar.update`` calls it. Without it the registrar calls
+    :meth:`register` again, which must then replace the entry in place (Consul's
+    register of the same id does, keeping its checks' statuses).
+
     Likewise optional: a read-only ``registry_identity`` property, a hashable tuple
     saying which entries the backend writes (e.g. ``("etcd", ("127.0.0.1:2379",),
     "/services/")``): a registrar and the agent refuse two backends with equal

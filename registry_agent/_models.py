@@ -94,6 +94,10 @@ class ServiceInstance:
     its release (empty: none). Both are carried by every format that can; the
     README's "Mixed fleets" table says what each format keeps.
 
+    ``meta["weight"]`` is the instance's weight for weighted choice (and Consul's
+    native ``Weights``): an integer is accepted and kept as its text (``3`` becomes
+    ``"3"``); a bool or a negative number is a :class:`ConfigError` naming ``meta.weight``.
+
     ``node`` is where the registry holds the instance, set on instances read from
     a registry whose ids are unique per node only (Consul: per agent); empty
     otherwise. It is not part of equality or the hash: it says where an entry
