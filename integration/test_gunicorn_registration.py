@@ -18,6 +18,8 @@ imports the library's hooks in its config
   master SIGKILLed (no hook runs): the keeper sees its parent gone and
   deregisters (not left to expire);
 * SIGINT and SIGQUIT withdraw before the port closes, like SIGTERM;
+* the README's recipe (``README_RECIPE``, a config file gunicorn re-reads on
+  SIGHUP) registers, keeps its keeper across SIGHUP and withdraws first;
 * withdrawn first on the master's SIGTERM: the watcher sees both entries
   deleted before a prober (connecting every 5 ms) finds the port closed (the
   workers hold the listening socket until they exit: with sync workers, the
@@ -274,7 +276,9 @@ async def test_one_registration_per_address_no_gap_withdrawn_first(
         reaped = {e["worker"]: e["t"] for e in gunicorn.events("child_exit")}
         exits = {pid: reaped[pid] - began_exit[pid] for pid in reaped if pid != victim}
         assert len(exits) >= 2 * WORKERS, exits
-        measured(f"worker exit x{len(exits)} (max)", max(exits.values()), WORKER_EXIT_BOUND)
+        ordered = sorted(exits.values())
+        print(f"worker exits: median {ordered[len(ordered) // 2]:.3f}s, max {ordered[-1]:.3f}s")
+        measured(f"worker exit x{len(exits)} (max)", ordered[-1], WORKER_EXIT_BOUND)
         print(f"{sent} requests recycled {len(exits)} workers, worker {victim} killed -9")
 
         # SIGTERM with a request in flight: the entries go first, then the port closes,
@@ -355,7 +359,9 @@ async def test_sigint_and_sigquit_withdraw_before_the_port_closes(
     assert gone_at < prober.closed_at, (gone_at, prober.closed_at)
     assert await registry_health(server.url, gunicorn.service) == {}
     assert all(_gone(pid) for pid in _keepers(gunicorn)), gunicorn.log()
-    assert "Traceback" not in gunicorn.log(), gunicorn.log()
+    # A quick shutdown interrupts a worker reading the prober's connection: gunicorn logs
+    # that with a traceback of its own. None may come from registry_agent's code.
+    assert "registry_agent/" not in gunicorn.log(), gunicorn.log()
 
 
 async def test_sighup_keeps_the_entry_and_a_killed_master_takes_it_away(
@@ -399,3 +405,93 @@ async def test_sighup_keeps_the_entry_and_a_killed_master_takes_it_away(
         assert time.monotonic() < deadline, f"keeper {keeper} still running"
         await asyncio.sleep(0.05)
     assert await registry_health(server.url, gunicorn.service) == {}
+
+
+# The README's recipe, as the lead pastes it; the test changes only the registry URL
+# and the bind (loopback, a free port).
+README_RECIPE = """\
+# gunicorn.conf.py -- run: gunicorn -c gunicorn.conf.py myapp:app      # readme:gunicorn
+from registry_agent.integrations.gunicorn import registration_hooks
+
+bind = "0.0.0.0:8000"
+workers = 4
+max_requests = 1000  # workers recycle: the registration stays
+max_requests_jitter = 100
+
+# One registration per listening address, held by a small process the master
+# spawns (not forks): workers come and go without a gap, and on SIGTERM, SIGINT
+# or SIGQUIT the entry leaves discovery before gunicorn closes its listeners.
+when_ready, on_reload, on_exit = registration_hooks(
+    "consul://127.0.0.1:8500",  # or "etcd://127.0.0.1:2379"; None: from the environment
+    "orders",
+    health_path="/healthz",  # registered once this answers 2xx/3xx on the bound address
+    tags=["web"],
+    ttl=10,
+)
+"""
+
+
+def _run_config(conf: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """``gunicorn -c conf`` (serving the test app), its output to ``log_path``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
+    env["PYTHONPATH"] = str(ROOT)
+    command = [sys.executable, "-m", "gunicorn", "-c", str(conf), "--no-control-socket"]
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [*command, "integration.gunicorn_registration_app:app"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=conf.parent,
+        )
+
+
+async def test_the_readme_recipe(
+    server: ServerProcess, tmp_path: Path, measured: Callable[[str, float, float], None]
+) -> None:
+    port = _free_port()
+    conf = tmp_path / "gunicorn.conf.py"
+    text = README_RECIPE.replace("consul://127.0.0.1:8500", server.url)
+    text = text.replace('bind = "0.0.0.0:8000"', f'bind = "127.0.0.1:{port}"')
+    assert text.count(server.url) == 1
+    assert text.count(str(port)) == 1
+    conf.write_text(text)
+    log_path = tmp_path / "gunicorn.log"
+    process = _run_config(conf, log_path)
+    try:
+        deadline = time.monotonic() + 30
+        while (held := await registry_health(server.url, "orders")) != {
+            f"orders-127.0.0.1-{port}": HealthStatus.PASSING
+        }:
+            assert time.monotonic() < deadline, (held, log_path.read_text())
+            assert process.poll() is None, log_path.read_text()
+            await asyncio.sleep(0.1)
+        [entry_id] = held
+        watcher = AsyncWatcher(server.url, "orders", retry=RetryPolicy(initial=0.1, cap=1.0))
+        async with EventLog(watcher) as seen:
+            await seen.wait_for((EventType.ADDED, entry_id))
+            # SIGHUP re-reads the file (new objects, the same registration): nothing changes.
+            os.kill(process.pid, signal.SIGHUP)
+            while "Hang up" not in log_path.read_text():
+                assert time.monotonic() < deadline, log_path.read_text()
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)
+            assert log_path.read_text().count("registry-agent: keeper") == 1, log_path.read_text()
+            assert [e.type for e in seen] == [EventType.ADDED]
+
+            prober = PortProber(port)
+            prober.start()
+            signalled = time.monotonic()
+            process.terminate()
+            gone = await seen.wait_for((EventType.DELETED, entry_id))
+            await asyncio.to_thread(prober.join, GRACEFUL_TIMEOUT)
+            await asyncio.to_thread(process.wait, GRACEFUL_TIMEOUT)
+        assert process.returncode == 0, log_path.read_text()
+        assert prober.closed_at is not None
+        measured("README: SIGTERM -> entry gone", seen.at(gone) - signalled, WITHDRAW_BOUND)
+        assert seen.at(gone) < prober.closed_at
+        assert await registry_health(server.url, "orders") == {}
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
