@@ -280,6 +280,22 @@ def test_when_ready_starts_a_keeper_and_a_stop_signal_withdraws_before_gunicorn_
     assert server.calls == ["term keeper alive=False", "quit keeper alive=False"]
 
 
+def test_drain_delay_waits_between_the_withdrawal_and_gunicorns_handler(
+    listening: socket.socket,
+) -> None:
+    registration = GunicornRegistration("memory://gunicorn-hooks", "orders", drain_delay=0.3)
+    server = FakeServer([listening])
+    registration.when_ready(server)
+    keeper = server._registry_agent_keeper  # type: ignore[attr-defined]
+    began = time.monotonic()
+    server.probe = lambda: f" after {time.monotonic() - began:.1f}s alive={keeper.alive()}"
+    server.handle_int()
+    [call] = server.calls
+    assert call.startswith("int after "), call
+    assert call.endswith(" alive=False"), call
+    assert float(call.split()[2].rstrip("s")) >= 0.3
+
+
 def test_the_keeper_refuses_what_the_backend_refuses(listening: socket.socket) -> None:
     registration = GunicornRegistration("nosuch://127.0.0.1:1", "orders")
     with pytest.raises(GunicornStartError, match="nosuch") as caught:

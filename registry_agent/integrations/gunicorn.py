@@ -550,6 +550,9 @@ def _main() -> None:
         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # One line per health check request would drown gunicorn's log.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     sys.exit(asyncio.run(_keep(spec, out)))
 
 
