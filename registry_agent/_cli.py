@@ -737,7 +737,7 @@ def _dispatch(args: argparse.Namespace, secrets: list[str]) -> int:
             _watch(urls, args.service, args.json, args.timeout, args.count, args.once)
         )
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, backend_from_env=True)
     except ConfigError as exc:
         if args.command == "check" and args.json:
             data = {"config": args.config, "valid": False, "error": _masked(str(exc), secrets)}

@@ -386,7 +386,7 @@ class AgentRuntime:
         new_backends: list[Backend] = []
         opened: list[Backend] = []
         try:
-            new = load_config(self.config.source)
+            new = load_config(self.config.source, backend_from_env=True)
             remember_secrets(new.secrets())
             if new.backends != self.config.backends:
                 new_backends, opened = await self._backends_for(new)
