@@ -910,8 +910,13 @@ class AsyncRegistrar:
     def _remove_signal_handlers(self) -> None:
         with contextlib.suppress(RuntimeError):
             loop = asyncio.get_running_loop()
-            for sig, _ in self._signals:
+            for sig, previous in self._signals:
                 loop.remove_signal_handler(sig)
+                # remove_signal_handler leaves SIG_DFL: a second SIGTERM while the
+                # server drains would kill it instead of reaching the server's handler.
+                if previous is not None:
+                    with contextlib.suppress(ValueError, OSError):
+                        signal.signal(sig, previous)
         self._signals.clear()
 
     def _on_signal(self, sig: int, previous: Any) -> None:
