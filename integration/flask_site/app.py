@@ -49,5 +49,5 @@ if __name__ == "__main__":
         host="127.0.0.1",
         port=int(os.environ["PORT"]),
         debug=os.environ.get("DEBUG") == "1",
-        exclude_patterns=[f"{root}/registry_agent/*", f"{root}/backends/*"],
+        exclude_patterns=[f"{root}/*"],
     )

@@ -128,7 +128,6 @@ class ServedRegistration:
         self.stop_timeout = stop_timeout
         self.in_flight = InFlight()
         self._lock = threading.Lock()
-        self._stopping = False
         self._serving_thread: threading.Thread | None = None
         self._served = threading.Event()
         self._stopper: threading.Thread | None = None
@@ -197,16 +196,22 @@ class ServedRegistration:
         self.begin_stop(wait=False)
 
     def begin_stop(self, *, wait: bool) -> None:
-        """Deregister, wait ``drain_delay``, then end the serve loop (once; from any thread)."""
+        """Deregister, wait ``drain_delay``, then end the serve loop (once; from any thread).
+
+        The main thread may be interrupted anywhere by a reloader's ``sys.exit``
+        SIGTERM handler: the stopper is recorded only once it has started, and a
+        second one (harmless: every step is idempotent) is started if it was not.
+        """
         with self._lock:
-            if not self._stopping:
-                self._stopping = True
-                self._stopper = threading.Thread(
+            if self._stopper is None:
+                stopper = threading.Thread(
                     target=self._stop_steps, name="registry-agent server stop", daemon=True
                 )
-                self._stopper.start()
-        if wait and self._stopper is not None:
-            self._stopper.join(self.stop_timeout + self.drain_delay + 5.0)
+                stopper.start()
+                self._stopper = stopper
+        stopper_now = self._stopper
+        if wait and stopper_now is not None:
+            stopper_now.join(self.stop_timeout + self.drain_delay + 5.0)
 
     def _stop_steps(self) -> None:
         self.registrar.stop(self.stop_timeout)
@@ -228,8 +233,18 @@ class ServedRegistration:
         if threading.current_thread() is self._serving_thread:
             self.begin_stop(wait=False)
             return
+        if threading.current_thread() is threading.main_thread():
+            # A reloader's child: its SIGTERM handler raises SystemExit, and SIGTERM often
+            # comes twice (the process group's, then the parent passing it on). Once
+            # stopping, a repeat must not cut the bounded stop short.
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signal.SIGTERM, _ignore)
         self.begin_stop(wait=True)
         self._served.wait(self.drain_timeout + 5.0)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    log.debug("signal %d ignored: already stopping", signum)
 
 
 def graceful_call(args: list[str], env: dict[str, str], grace: float) -> int:
