@@ -303,8 +303,14 @@ def test_the_keeper_refuses_what_the_backend_refuses(listening: socket.socket) -
     assert isinstance(caught.value, RuntimeError)
 
 
+def _listening_on(server: FakeServer, listeners: list[Any]) -> FakeServer:
+    """``server`` (the same object: the keeper lives on it) listening on ``listeners``."""
+    server.LISTENERS = listeners
+    return server
+
+
 def test_on_reload_keeps_an_unchanged_keeper_and_replaces_a_changed_one(
-    listening: socket.socket,
+    listening: socket.socket, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = FakeServer([listening])
     GunicornRegistration("memory://gunicorn-hooks", "orders").when_ready(server)
@@ -316,6 +322,15 @@ def test_on_reload_keeps_an_unchanged_keeper_and_replaces_a_changed_one(
     second = server._registry_agent_keeper  # type: ignore[attr-defined]
     assert second is not first
     assert not first.alive()
+    assert second.alive()
+    # A reloaded config that cannot be registered: logged, the registration kept as it was
+    # (an exception from a hook would stop gunicorn).
+    with caplog.at_level(logging.ERROR, logger="test.gunicorn"):
+        GunicornRegistration("memory://gunicorn-hooks", "orders", id="same").on_reload(
+            _listening_on(server, [listening, FakeListener(("127.0.0.1", 1))])
+        )
+    assert "reloaded config not registered: id: the listeners would share an id" in caplog.text
+    assert server._registry_agent_keeper is second  # type: ignore[attr-defined]
     assert second.alive()
     server.handle_int()
     assert server.calls == ["int"]

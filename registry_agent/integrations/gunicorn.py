@@ -296,9 +296,9 @@ class GunicornRegistration:
         """gunicorn's ``when_ready`` hook: start the keeper, wrap the stop signals."""
         if getattr(server, _KEEPER_ATTR, None) is not None:
             return  # already holding this master's registration
-        keeper = _Keeper.start(self._spec(server), self.start_timeout)
+        keeper = _Keeper.start(self._spec(server), self.start_timeout, self.drain_delay)
         setattr(server, _KEEPER_ATTR, keeper)
-        _wrap_stop_handlers(server, self)
+        _wrap_stop_handlers(server)
         server.log.info(
             "registry-agent: keeper %s registers %s",
             keeper.pid,
@@ -306,23 +306,37 @@ class GunicornRegistration:
         )
 
     def on_reload(self, server: Any) -> None:
-        """gunicorn's ``on_reload`` hook (SIGHUP): re-register only if the registration changed."""
-        spec = self._spec(server)
+        """gunicorn's ``on_reload`` hook (SIGHUP): re-register only if the registration changed.
+
+        Never raises (an exception here would stop gunicorn): a reloaded config
+        that cannot be registered is logged as an error, keeping the registration
+        as it was; one whose keeper fails to start is logged, unregistered.
+        """
         keeper: _Keeper | None = getattr(server, _KEEPER_ATTR, None)
+        try:
+            spec = self._spec(server)
+        except ConfigError as exc:
+            server.log.error("registry-agent: reloaded config not registered: %s", exc)
+            return
         if keeper is not None and keeper.alive() and keeper.spec.key() == spec.key():
+            keeper.drain_delay = self.drain_delay
             return
         if keeper is not None:
-            took = keeper.stop(self.deregister_timeout)
+            took = keeper.stop(keeper.spec.deregister_timeout)
             server.log.info("registry-agent: old registration withdrawn in %.3fs", took)
         setattr(server, _KEEPER_ATTR, None)
-        keeper = _Keeper.start(spec, self.start_timeout)
+        try:
+            keeper = _Keeper.start(spec, self.start_timeout, self.drain_delay)
+        except ConfigError as exc:
+            server.log.error("registry-agent: reloaded config not registered: %s", exc)
+            return
         setattr(server, _KEEPER_ATTR, keeper)
-        _wrap_stop_handlers(server, self)
+        _wrap_stop_handlers(server)
         server.log.info("registry-agent: keeper %s registers the reloaded config", keeper.pid)
 
     def on_exit(self, server: Any) -> None:
         """gunicorn's ``on_exit`` hook: withdraw if a stop signal did not already."""
-        _withdraw(server, self.deregister_timeout, 0.0)
+        _withdraw(server, drain=False)
 
     def _spec(self, server: Any) -> _Spec:
         spec = _Spec(
@@ -399,31 +413,31 @@ def registration_hooks(
     return GunicornRegistration(backend, service, **kwargs).hooks
 
 
-def _withdraw(server: Any, timeout: float, drain_delay: float) -> float | None:
-    """Stop ``server``'s keeper (deregistering, within ``timeout``); seconds taken, or None.
+def _withdraw(server: Any, *, drain: bool) -> float | None:
+    """Stop ``server``'s keeper (deregistering, bounded); seconds taken, or None.
 
-    Called by the wrapped stop handlers before gunicorn closes its listeners;
-    a no-op once done.
+    Called by the wrapped stop handlers before gunicorn closes its listeners
+    (then waiting the ``drain_delay``); a no-op once done.
     """
     keeper: _Keeper | None = getattr(server, _KEEPER_ATTR, None)
     if keeper is None:
         return None
     setattr(server, _KEEPER_ATTR, None)
-    took = keeper.stop(timeout)
+    took = keeper.stop(keeper.spec.deregister_timeout)
     server.log.info("registry-agent: withdrawn in %.3fs, before the listeners close", took)
-    if drain_delay > 0:
-        time.sleep(drain_delay)
+    if drain and keeper.drain_delay > 0:
+        time.sleep(keeper.drain_delay)
     return took
 
 
-def _wrap_stop_handlers(server: Any, registration: GunicornRegistration) -> None:
+def _wrap_stop_handlers(server: Any) -> None:
     for name in _STOP_HANDLERS:
         original = getattr(server, name, None)
         if original is None or getattr(original, "_registry_agent", False):
             continue
 
         def handler(original: Callable[[], None] = original) -> None:
-            _withdraw(server, registration.deregister_timeout, registration.drain_delay)
+            _withdraw(server, drain=True)
             original()
 
         handler._registry_agent = True  # type: ignore[attr-defined]
@@ -438,14 +452,16 @@ def _positive(name: str, value: object) -> None:
 class _Keeper:
     """The master's handle on the keeper process (no thread: the master stays fork-clean)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], spec: _Spec) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], spec: _Spec, drain_delay: float) -> None:
         self.process = process
         self.spec = spec
+        #: Seconds the stop handlers wait after the withdrawal.
+        self.drain_delay = drain_delay
         self.pid = process.pid
         self._buffer = b""
 
     @classmethod
-    def start(cls, spec: _Spec, timeout: float) -> _Keeper:
+    def start(cls, spec: _Spec, timeout: float, drain_delay: float = 0.0) -> _Keeper:
         root = str(Path(registry_agent.__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -459,7 +475,7 @@ class _Keeper:
             stdout=subprocess.PIPE,
             env=env,
         )
-        keeper = cls(process, spec)
+        keeper = cls(process, spec, drain_delay)
         assert process.stdin is not None
         try:
             process.stdin.write(pickle.dumps(spec))
