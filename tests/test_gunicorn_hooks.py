@@ -25,6 +25,7 @@ import pytest
 from gunicorn.config import Config  # type: ignore[import-untyped]
 
 from registry_agent import ConfigError, HttpCheck, ServiceInstance, TcpCheck
+from registry_agent.integrations import gunicorn as gunicorn_hooks
 from registry_agent.integrations.gunicorn import (
     GunicornRegistration,
     GunicornStartError,
@@ -307,6 +308,17 @@ def _listening_on(server: FakeServer, listeners: list[Any]) -> FakeServer:
     """``server`` (the same object: the keeper lives on it) listening on ``listeners``."""
     server.LISTENERS = listeners
     return server
+
+
+def test_a_keeper_that_dies_at_start_is_reported(
+    listening: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gunicorn_hooks, "_KEEPER_MAIN", "import sys; sys.exit(3)")
+    registration = GunicornRegistration("memory://gunicorn-hooks", "orders", start_timeout=20)
+    began = time.monotonic()
+    with pytest.raises(GunicornStartError, match="exited with code 3"):
+        registration.when_ready(FakeServer([listening]))
+    assert time.monotonic() - began < 10  # told at once, not at start_timeout
 
 
 def test_on_reload_keeps_an_unchanged_keeper_and_replaces_a_changed_one(

@@ -70,6 +70,8 @@ _KEEPER_ATTR = "_registry_agent_keeper"
 _STOP_HANDLERS = ("handle_term", "handle_int", "handle_quit")
 #: How often the keeper checks that the master is still its parent.
 _PARENT_POLL = 0.2
+#: What the keeper process runs (a fresh interpreter: nothing of the master's crosses).
+_KEEPER_MAIN = "from registry_agent.integrations.gunicorn import _main; _main()"
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 #: Builds the checks of one listener from the host and port a check reaches it at.
@@ -466,11 +468,7 @@ class _Keeper:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from registry_agent.integrations.gunicorn import _main; _main()",
-            ],
+            [sys.executable, "-c", _KEEPER_MAIN],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -484,8 +482,13 @@ class _Keeper:
         except (OSError, ValueError) as exc:
             message = {"error": f"the keeper process failed: {exc}"}
         if message is None or "started" not in message:
+            code = process.poll()
             keeper._kill()
-            what = (message or {}).get("error") or f"no answer within {timeout:g}s"
+            what = (message or {}).get("error") or (
+                f"no answer within {timeout:g}s"
+                if code is None
+                else f"the keeper process exited with code {code} (its output is above)"
+            )
             raise GunicornStartError(f"registration not started: {what}", field="backend")
         return keeper
 
