@@ -29,6 +29,7 @@ imports the library's hooks in its config
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -140,8 +141,14 @@ class Gunicorn:
 
     def close(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()  # the master only, by PID: its workers and keeper notice
+            self.process.kill()  # the master only, by PID: its keeper notices at once
             self.process.wait(10)
+        # Workers notice a dead master only within gunicorn's timeout: end ours now.
+        for pid in self.workers():
+            with contextlib.suppress(psutil.Error):
+                worker = psutil.Process(pid)
+                if "integration.gunicorn_registration_app:app" in worker.cmdline():
+                    worker.kill()
 
 
 @pytest.fixture
