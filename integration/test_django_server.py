@@ -87,6 +87,8 @@ async def _serve_then_sigterm(
     port: int,
     what: str,
     measured: Callable[[str, float, float], None],
+    *,
+    group: bool = False,
 ) -> None:
     service = env["TEST_REGISTRY_SERVICE"]
     took, found = await wait_registered(run, server.url, service, REGISTER_BOUND)
@@ -97,9 +99,9 @@ async def _serve_then_sigterm(
     slow = Slow(port, SLOW)
     await _wait_file(Path(env["SLOW_MARKER"]), 5.0)
     assert len(await entries(server.url, service)) == 1
-    # SIGTERM to the process we started, as a process manager sends it.
+    # SIGTERM to the process we started, as a process manager sends it (or to its group).
     shutdown = await observe_shutdown(
-        run, server.url, service, port, signal.SIGTERM, SHUTDOWN_BOUND, group=False
+        run, server.url, service, port, signal.SIGTERM, SHUTDOWN_BOUND, group=group
     )
     measured(f"{what} SIGTERM: entry gone", shutdown.gone, 10.0)
     measured(f"{what} SIGTERM: port closed", shutdown.closed, SHUTDOWN_BOUND)
@@ -124,17 +126,21 @@ async def test_runserver_noreload_registers_once_and_leaves_before_the_port_clos
     assert run.proc.returncode == -signal.SIGTERM  # then SIGTERM took its usual course
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["parent", "group"])
 async def test_runserver_with_the_autoreloader_registers_in_its_child_only(
     server: ServerProcess,
     django_env: dict[str, str],
     runs: Callable[[list[str], dict[str, str]], ServerRun],
     measured: Callable[[str, float, float], None],
+    group: bool,
 ) -> None:
     port = free_port()
     run = runs([sys.executable, MANAGE, "runserver", f"127.0.0.1:{port}"], django_env)
-    # The parent, stopped, waits for its child to deregister (Django's own loop
-    # would SIGKILL it at once: the entry would stay until its TTL ran out).
-    await _serve_then_sigterm(server, django_env, run, port, "runserver (autoreload)", measured)
+    # SIGTERM to the parent: it waits for its child to deregister (Django's own loop
+    # would SIGKILL it at once: the entry would stay until its TTL ran out). To the
+    # group: the child gets SIGTERM twice (the group's, then the parent's).
+    what = f"runserver (autoreload, {'group' if group else 'parent'})"
+    await _serve_then_sigterm(server, django_env, run, port, what, measured, group=group)
     registered_by = run.pids_that_registered()
     assert registered_by, run.output()
     assert run.proc.pid not in registered_by, "the autoreloader's parent registered"

@@ -15,6 +15,7 @@ ends in this order on SIGTERM/SIGINT or interpreter exit:
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import contextlib
 import logging
@@ -149,6 +150,8 @@ class ServedRegistration:
         # A reloader's serving thread is not the main thread: the main thread ends the
         # process (werkzeug: closing the server first; Django: at exit).
         atexit.register(self.stop)
+        with _active_lock:
+            _active.append(self)
         started = time.monotonic()
         self.registrar.start()
         log.info(
@@ -176,6 +179,8 @@ class ServedRegistration:
             finally:
                 self._served.set()
                 atexit.unregister(self.stop)
+                with _active_lock:
+                    _active.remove(self)
                 if in_main:
                     for signum, previous in self._previous.items():
                         with contextlib.suppress(ValueError, TypeError):
@@ -247,26 +252,79 @@ def _ignore(signum: int, frame: Any) -> None:
     log.debug("signal %d ignored: already stopping", signum)
 
 
+_active_lock = threading.Lock()
+_active: list[ServedRegistration] = []
+
+
+def stop_active() -> None:
+    """The full stop of every registration whose server serves in this process."""
+    with _active_lock:
+        running = list(_active)
+    for served in running:
+        served.stop()
+
+
+class ChildSignals:
+    """SIGTERM in a reloader's child, installed from its main thread over the reloader's own.
+
+    werkzeug's and Django's reloaders make SIGTERM ``sys.exit(0)`` in the main thread,
+    which Python drops when it lands in a ``__del__`` (the child then runs on, still
+    registered). This handler raises nothing: a thread stops the registrations
+    (deregister, drain), then hands the signal back to the main thread, where the
+    reloader's own handler ends the process. Repeats meanwhile are ignored.
+    """
+
+    def __init__(self) -> None:
+        self._previous: Any = signal.SIG_DFL
+        self._stopping = False
+        self._stopped = threading.Event()
+
+    def install(self) -> None:
+        """From the main thread, after the reloader set its own handler."""
+        self._previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        if self._stopped.is_set():
+            chain_signal(signum, self._previous)
+        elif not self._stopping:
+            self._stopping = True
+            threading.Thread(
+                target=self._stop_then_exit, name="registry-agent reloader stop", daemon=True
+            ).start()
+
+    def _stop_then_exit(self) -> None:
+        try:
+            stop_active()
+        finally:
+            self._stopped.set()
+            _thread.interrupt_main(signal.SIGTERM)
+
+
 def graceful_call(args: list[str], env: dict[str, str], grace: float) -> int:
     """Run a reloader's child and return its exit status, as ``subprocess.call`` does.
 
     Except when the parent is told to stop (SIGTERM made ``SystemExit``, or
     ``KeyboardInterrupt``): ``subprocess.call`` then kills the child at once
     (SIGKILL), before it can deregister. Here the child gets SIGTERM (unless a
-    terminal's Ctrl-C already reached it) and ``grace`` seconds to finish.
+    terminal's Ctrl-C already reached it; again every 2 s, should one be lost)
+    and ``grace`` seconds to finish, then SIGKILL.
     """
     with subprocess.Popen(args, env=env, close_fds=False) as child:
         try:
             return child.wait()
         except BaseException as exc:
-            if child.poll() is None:
-                if not isinstance(exc, KeyboardInterrupt):
+            deadline = time.monotonic() + grace
+            resend = not isinstance(exc, KeyboardInterrupt)
+            while child.poll() is None and time.monotonic() < deadline:
+                if resend:
                     with contextlib.suppress(ProcessLookupError):
                         child.send_signal(signal.SIGTERM)
-                try:
-                    child.wait(grace)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(min(2.0, max(0.0, deadline - time.monotonic())))
+                resend = True
+            if child.poll() is None:
+                child.kill()
             raise
 
 

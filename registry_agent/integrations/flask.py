@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
@@ -47,6 +48,7 @@ from registry_agent._blocking import Registrar
 from registry_agent._errors import ConfigError
 from registry_agent.integrations._devserver import (
     SETTING_KEYS,
+    ChildSignals,
     ServedRegistration,
     Settings,
     graceful_call,
@@ -220,6 +222,12 @@ def _patch_reloader(grace: float) -> None:
     loop = _reloader.ReloaderLoop
     if getattr(loop.restart_with_reloader, "_registry_agent", False):
         return
+    # The child's main thread runs the loop's run() right after werkzeug made SIGTERM
+    # sys.exit(0): our handler goes over it there.
+    classes: set[type[_reloader.ReloaderLoop]] = {loop, *_reloader.reloader_loops.values()}
+    for cls in classes:
+        if "run" in cls.__dict__:
+            cls.run = _with_child_signals(cls.__dict__["run"])  # type: ignore[method-assign,assignment]
 
     def restart_with_reloader(self: _reloader.ReloaderLoop) -> int:
         # werkzeug's own loop, with graceful_call in place of subprocess.call.
@@ -234,3 +242,11 @@ def _patch_reloader(grace: float) -> None:
 
     restart_with_reloader._registry_agent = True  # type: ignore[attr-defined]
     loop.restart_with_reloader = restart_with_reloader  # type: ignore[method-assign]
+
+
+def _with_child_signals(run: Callable[[Any], None]) -> Callable[[Any], None]:
+    def run_with_signals(self: Any) -> None:
+        ChildSignals().install()
+        run(self)
+
+    return run_with_signals

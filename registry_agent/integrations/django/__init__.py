@@ -53,16 +53,17 @@ from typing import Any
 
 from registry_agent._errors import ConfigError
 from registry_agent.integrations._devserver import (
+    ChildSignals,
     ServedRegistration,
     Settings,
     graceful_call,
     parse_settings,
+    stop_active,
 )
 
 __all__ = ["asgi_app", "load_settings"]
 
 _lock = threading.Lock()
-_served: list[ServedRegistration] = []
 
 
 def _name(key: str) -> str:
@@ -138,10 +139,11 @@ def _arm() -> None:
             start_django = autoreload.start_django
 
             def start_and_stop(*args: Any, **kwargs: Any) -> None:
+                ChildSignals().install()  # over autoreload's sys.exit(0), set just before
                 try:
                     start_django(*args, **kwargs)
                 finally:
-                    _stop_served()
+                    stop_active()  # a reload (exit 3) or Ctrl+C: deregister, then drain
 
             autoreload.start_django = start_and_stop
         else:
@@ -170,20 +172,7 @@ def _serve(settings: Settings, server: Any, serve_forever: Callable[[], None]) -
         stop_timeout=settings.stop_timeout,
     )
     server.application = served.in_flight.wrap(server.application)
-    with _lock:
-        _served.append(served)
-    try:
-        served.serve(serve_forever)
-    finally:
-        with _lock:
-            _served.remove(served)
-
-
-def _stop_served() -> None:
-    with _lock:
-        running = list(_served)
-    for served in running:
-        served.stop()
+    served.serve(serve_forever)
 
 
 def asgi_app(application: Any) -> Any:
