@@ -149,8 +149,13 @@ async def test_runserver_with_the_autoreloader_registers_in_its_child_only(
 
 @pytest.mark.parametrize(
     "command",
-    [["migrate", "--noinput"], ["check"], ["shell", "-c", "import time; time.sleep(1.5)"]],
-    ids=["migrate", "check", "shell"],
+    [
+        ["migrate", "--noinput"],
+        ["check"],
+        ["shell", "-c", "import time; time.sleep(1.5)"],
+        ["test", "djsite", "--noinput"],
+    ],
+    ids=["migrate", "check", "shell", "test"],
 )
 async def test_management_commands_never_register(
     server: ServerProcess, django_env: dict[str, str], command: list[str]

@@ -36,7 +36,9 @@ naming ``app.config["REGISTRY_AGENT_<KEY>"]`` (or the keyword), raised by
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +58,8 @@ from registry_agent.integrations._devserver import (
 )
 
 __all__ = ["RegistryAgent"]
+
+log = logging.getLogger("registry_agent")
 
 _EXTENSION = "registry_agent"
 _PREFIX = "REGISTRY_AGENT_"
@@ -112,6 +116,13 @@ class RegistryAgent:
                 field=f'app.config["{unknown[0]}"]',
             )
         self.settings = parse_settings(values, name, default_service=app.name)
+        if "gunicorn" in sys.modules and self.settings.enabled:
+            log.info(
+                "the Flask extension registers under flask run/app.run only; under gunicorn "
+                "use registry_agent.integrations.gunicorn's hooks (one registration per "
+                "listening address)",
+                extra={"event": "not_registering"},
+            )
         self.app = app
         app.extensions[_EXTENSION] = self
         _patch_werkzeug(self.settings.grace)
