@@ -57,10 +57,12 @@ def test_registration_readyz_and_metrics(
     assert check_status["ok"] is True
     assert check_status["latency"] > 0
     metrics = agent.until("/metrics", 200)
-    assert 'registry_agent_registrations_total{instance_id="orders-1",service="orders"} 1.0' in metrics
     assert (
-        'registry_agent_service_state{instance_id="orders-1",service="orders",state="registered"} 1.0'
-        in metrics
+        'registry_agent_registrations_total{instance_id="orders-1",service="orders"} 1.0' in metrics
+    )
+    assert (
+        'registry_agent_service_state{instance_id="orders-1",service="orders",'
+        'state="registered"} 1.0' in metrics
     )
     assert "registry_agent_check_latency_seconds_bucket{" in metrics
     assert (

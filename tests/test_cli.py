@@ -3,6 +3,7 @@
 import json
 import time
 import uuid
+from typing import ClassVar
 
 import pytest
 
@@ -193,7 +194,7 @@ def test_a_watch_that_fails_prints_one_line_and_exits_1(
 ) -> None:
     class Failing:
         services = ("orders",)
-        _index: dict[str, int] = {}
+        _index: ClassVar[dict[str, int]] = {}
 
         def __init__(self, *args: object, **kwargs: object) -> None:
             pass
