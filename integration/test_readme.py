@@ -107,7 +107,9 @@ def test_asyncio_registrar_example(
     tmp_path: Path,
 ) -> None:
     url = url_of(kind, consul_server, etcd_server)
-    code = block("async with AsyncRegistrar(").replace('"etcd://127.0.0.1:2379"', repr(url))
+    code = block("instance, checks=checks) as registrar:").replace(
+        '"etcd://127.0.0.1:2379"', repr(url)
+    )
     code = code.replace('"http://127.0.0.1:8080/healthz"', repr(health_url))
     assert repr(url) in code
     assert repr(health_url) in code
