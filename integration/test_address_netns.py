@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from integration.netns import require_netns
+from integration.readme_kit import readme_block
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -254,22 +255,8 @@ def test_agent_config_chooses_in_the_namespace(tmp_path: Path) -> None:
     assert (wrong["field"], wrong["source"]) == ("service[0].address_network", str(config))
 
 
-# The README's example (the lead pastes it under "The advertised address"; once it is
-# there, read it with integration.readme_kit.readme_block("readme:address") instead).
-README_ADDRESS = """\
-# readme:address
-from registry_agent import ServiceInstance, advertised_address
-
-# No address given: the default route's (IPv4 first), never the host name.
-orders = ServiceInstance("orders", port=8080)
-print(orders.address, orders.id)
-
-# Or choose one of this host's addresses...
-print(advertised_address(network="10.0.0.0/8"))  # the first inside this network
-print(advertised_address(interface="eth1"))  # this interface's first (IPv4 first)
-# ...or take the one the platform sets (Kubernetes: POD_IP from the downward API).
-print(advertised_address(env=("POD_IP", "HOST_IP")))
-"""
+# The README's example under "The advertised address", read from README.md.
+README_ADDRESS = readme_block("readme:address")
 
 
 def test_readme_example_in_a_namespace() -> None:

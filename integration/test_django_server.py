@@ -36,6 +36,7 @@ from integration.devserver_kit import (
     observe_shutdown,
     wait_registered,
 )
+from integration.readme_kit import readme_block
 from registry_agent.testing.servers import ServerProcess
 
 MANAGE = str(ROOT / "integration" / "django_site" / "manage.py")
@@ -221,23 +222,9 @@ async def test_uvicorn_serving_asgi_app_registers_and_leaves_before_the_port_clo
     await _serve_then_sigterm(server, env, run, port, "uvicorn asgi_app", measured)
 
 
-# The README's recipe (a fragment of settings.py), as the lead pastes it; the test
+# The README's recipe (a fragment of settings.py), read from README.md; the test
 # adds it to a copy of the test project and changes only the registry URL.
-README_DJANGO = """\
-# settings.py (the additions)      # readme:django
-INSTALLED_APPS = [
-    # ... your apps ...
-    "registry_agent.integrations.django",
-]
-REGISTRY_AGENT = {
-    "backend": "consul://127.0.0.1:8500",  # or "etcd://127.0.0.1:2379", or a list of both
-    "service": "orders",
-    "health_path": "/healthz",  # registered once this answers on the served port
-    "drain_delay": 1,  # seconds out of discovery before the port closes
-}
-# manage.py runserver: registered while it serves (in the autoreloader's child only);
-# migrate, check, shell, test and every other command: never.
-"""
+README_DJANGO = readme_block("readme:django")
 
 
 async def test_the_readme_recipe(

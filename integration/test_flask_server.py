@@ -29,6 +29,7 @@ from integration.devserver_kit import (
     observe_shutdown,
     wait_registered,
 )
+from integration.readme_kit import readme_block
 from registry_agent.testing.servers import ServerProcess
 
 TTL = 3
@@ -175,32 +176,8 @@ async def test_no_server_no_registration(server: ServerProcess, flask_env: dict[
         assert await entries(server.url, service) == {}
 
 
-# The README's recipe, as the lead pastes it; the test changes only the registry URL.
-README_FLASK = """\
-# app.py -- run: flask --app app run      # readme:flask
-from flask import Flask
-
-from registry_agent.integrations.flask import RegistryAgent
-
-app = Flask(__name__)
-app.config["REGISTRY_AGENT_BACKEND"] = "consul://127.0.0.1:8500"  # or "etcd://127.0.0.1:2379"
-app.config["REGISTRY_AGENT_SERVICE"] = "orders"
-
-# Registers when `flask run` or app.run() starts serving (in the reloader's child only),
-# with the address and port it serves; never for the test client or other commands.
-# SIGTERM/SIGINT: out of discovery first, drain_delay, then the port closes and the
-# requests in flight complete.
-registry = RegistryAgent(app, health_path="/healthz", drain_delay=1)
-
-
-@app.get("/healthz")
-def healthz() -> str:
-    return "ok"
-
-
-if __name__ == "__main__":
-    app.run(host="127.0.0.1", port=8080)
-"""
+# The README's recipe, read from README.md; the test changes only the registry URL.
+README_FLASK = readme_block("readme:flask")
 
 
 async def test_the_readme_recipe(

@@ -48,6 +48,7 @@ import psutil
 import pytest
 
 from integration.event_log import EventLog
+from integration.readme_kit import readme_block
 from integration.registry_view import registry_health
 from registry_agent import AsyncWatcher, EventType, HealthStatus, RetryPolicy, open_backend
 from registry_agent.testing.servers import ServerProcess
@@ -416,28 +417,9 @@ async def test_sighup_keeps_the_entry_and_a_killed_master_takes_it_away(
     assert await registry_health(server.url, gunicorn.service) == {}
 
 
-# The README's recipe, as the lead pastes it; the test changes only the registry URL
+# The README's recipe, read from README.md; the test changes only the registry URL
 # and the bind (loopback, a free port).
-README_RECIPE = """\
-# gunicorn.conf.py -- run: gunicorn -c gunicorn.conf.py myapp:app      # readme:gunicorn
-from registry_agent.integrations.gunicorn import registration_hooks
-
-bind = "0.0.0.0:8000"
-workers = 4
-max_requests = 1000  # workers recycle: the registration stays
-max_requests_jitter = 100
-
-# One registration per listening address, held by a small process the master
-# spawns (not forks): workers come and go without a gap, and on SIGTERM, SIGINT
-# or SIGQUIT the entry leaves discovery before gunicorn closes its listeners.
-when_ready, on_reload, on_exit = registration_hooks(
-    "consul://127.0.0.1:8500",  # or "etcd://127.0.0.1:2379"; None: from the environment
-    "orders",
-    health_path="/healthz",  # registered once this answers 2xx/3xx on the bound address
-    tags=["web"],
-    ttl=10,
-)
-"""
+README_RECIPE = readme_block("readme:gunicorn")
 
 
 def _run_config(conf: Path, log_path: Path) -> subprocess.Popen[bytes]:
