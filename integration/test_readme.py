@@ -62,7 +62,7 @@ def test_backend_api_example(
     kind: str, consul_server: ConsulServer, etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
     url = url_of(kind, consul_server, etcd_server)
-    code = block("asyncio.run(main())").replace('"consul://127.0.0.1:8500"', repr(url))
+    code = block("await backend.set_status(lease").replace('"consul://127.0.0.1:8500"', repr(url))
     assert repr(url) in code
     lines = run(code, tmp_path)
     assert "critical" in lines[0]

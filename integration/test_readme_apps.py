@@ -527,10 +527,12 @@ async def test_live_update_recipe(
         await watcher.close()
     seen = [(e.type.value, tuple(e.instance.tags), e.instance.meta.get("weight")) for e in events]
     print(f"\nwatcher ({server.name}): {seen}")
-    # The canary values reached the watcher, with no gap before them, then the entry left.
+    # The canary values reached the watcher (as an update, or in its first read when the
+    # update landed before the watch answered: a watch coalesces), with no gap before
+    # them, then the entry left.
     assert seen[-1][0] == "deleted", seen
-    assert ("updated", ("v1", "canary"), "3") in seen, seen
-    assert [kind for kind, *_ in seen].count("deleted") == 1, seen
+    assert seen[-2][1:] == (("v1", "canary"), "3"), seen
+    assert [kind for kind, *_ in seen] in (["added", "updated", "deleted"], ["added", "deleted"])
 
 
 # Names a block may use without defining: it continues the block before it.
