@@ -8,15 +8,25 @@
   ``/proc/net/ipv6_route`` on Linux), then a UDP socket is ``connect()``-ed to a
   documentation address (RFC 5737 / RFC 3849) that no other route covers and
   ``getsockname()`` says which source address the kernel picked. A UDP
-  ``connect()`` only looks the route up; nothing goes on the wire. Loopback,
-  unspecified and link-local addresses are never a default;
+  ``connect()`` only looks the route up; nothing goes on the wire. That source
+  is the kernel's choice even when it belongs to another interface than the
+  route's (Linux takes one from any interface when the route's has none).
+  When the main table has no default route, the same lookup still runs: a
+  default in another table chosen by a policy rule (``ip rule``) or a split
+  default (``0.0.0.0/1`` + ``128.0.0.0/1``, as VPNs install it) answers it, and
+  its source is taken when it is routable. Loopback, unspecified and link-local
+  addresses are never a default;
 - ``network="10.0.0.0/8"`` (IPv4 or IPv6 CIDR): the first address of this host
-  inside it;
-- ``interface="eth1"``: that interface's first address (IPv4 first); with
-  ``network`` too, its first address inside the network;
+  inside it (routable ones before loopback and link-local ones);
+- ``interface="eth1"``: that interface's first routable address (IPv4 first),
+  else its loopback one, else its IPv4 link-local one (``169.254.x.x``; an IPv6
+  link-local address, useless without its zone, never); with ``network`` too,
+  its first address inside the network;
 - ``env="POD_IP"`` or ``env=("POD_IP", "HOST_IP")``: the first of these
   environment variables that is set (an IP address; a comma-separated list such
-  as Kubernetes' ``POD_IPS`` gives its first).
+  as Kubernetes' ``POD_IPS`` gives its first; an IPv4-mapped IPv6 address
+  ``::ffff:10.0.0.1`` gives the IPv4 one; unspecified, multicast, broadcast and
+  IPv6 link-local addresses are refused).
 
 Listing the interfaces' addresses (for ``network`` and ``interface``) uses
 :func:`psutil.net_if_addrs`; the default route needs only the standard library.
@@ -50,6 +60,10 @@ _PROBES_V6 = ("2001:db8::1", "3fff::1", "2001:db8:ffff::1")
 #: Linux's route tables (main table) by IP version.
 _ROUTE_TABLES = {4: Path("/proc/net/route"), 6: Path("/proc/net/ipv6_route")}
 _RTF_UP = 0x0001
+#: Routes this wide (shorter prefixes) are parts of a split default, as VPNs install
+#: them (0.0.0.0/1 and 128.0.0.0/1; ::/3 and 2000::/4): not a network of their own.
+_WIDE_PREFIX = 8
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _RTF_REJECT = 0x0200
 
 _HOW = (
@@ -96,11 +110,12 @@ def advertised_address(
     With no argument, the address of the default route (IPv4 first, IPv6 when
     only IPv6 has one), found without sending a packet. ``network`` (a CIDR
     such as ``"10.0.0.0/8"`` or ``"fd00::/8"``) takes the first address of this
-    host inside it; ``interface`` (``"eth1"``) that interface's first address
-    (IPv4 first); both together, that interface's first address inside the
-    network. ``env`` names an environment variable (or several, tried in order)
-    holding the address, as container platforms set them (Kubernetes' downward
-    API: ``POD_IP``, ``HOST_IP``); ``environ`` replaces :data:`os.environ`.
+    host inside it; ``interface`` (``"eth1"``) that interface's first routable
+    address (IPv4 first; its IPv4 link-local one only when it has nothing
+    else); both together, that interface's first address inside the network.
+    ``env`` names an environment variable (or several, tried in order) holding
+    the address, as container platforms set them (Kubernetes' downward API:
+    ``POD_IP``, ``HOST_IP``); ``environ`` replaces :data:`os.environ`.
 
     Raises :class:`ConfigError` naming ``network``, ``interface`` or ``env`` when
     the choice finds nothing (the message lists this host's addresses), and
@@ -237,10 +252,13 @@ def _from_env(env: str | Sequence[str], environ: Mapping[str, str]) -> str:
             continue
         first = value.split(",", 1)[0].strip()
         address = _ip(first)
-        if address is None or address.is_unspecified or "%" in first:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1
+        why = "not an IP address" if address is None else _not_advertisable(address, first)
+        if why:
             raise ConfigError(
-                f"{name}={value!r} is not an address to advertise: expected an IP address "
-                "such as 10.1.2.3 or fd00::5 (not 0.0.0.0 or ::)",
+                f"{name}={value!r} is not an address to advertise ({why}): expected an IP "
+                "address such as 10.1.2.3 or fd00::5",
                 field="env",
             )
         return str(address)
@@ -249,6 +267,22 @@ def _from_env(env: str | Sequence[str], environ: Mapping[str, str]) -> str:
         "(on Kubernetes, set it from the downward API, e.g. fieldRef: status.podIP)",
         field="env",
     )
+
+
+def _not_advertisable(address: IPAddress, text: str) -> str:
+    """Why ``address`` (written ``text``) cannot be given to others to reach this
+    instance, or empty when it can."""
+    if "%" in text:
+        return "an address with a zone is only meaningful on this host"
+    if address.is_unspecified:
+        return "unspecified"
+    if address.is_multicast:
+        return "multicast"
+    if address == _BROADCAST:
+        return "broadcast"
+    if address.version == 6 and address.is_link_local:
+        return "IPv6 link-local, of no use without its zone"
+    return ""
 
 
 def _from_interfaces(found: Interfaces, network: IPNetwork | None, interface: str | None) -> str:
@@ -263,12 +297,16 @@ def _from_interfaces(found: Interfaces, network: IPNetwork | None, interface: st
         addresses = [a for a in (_ip(text) for text in found[name]) if a is not None]
         # An interface's IPv4 addresses come first (its order within a family kept).
         candidates += sorted(addresses, key=lambda a: a.version)
-    for address in candidates:
-        if network is not None:
-            if address.version == network.version and address in network:
-                return str(address)
-        elif not address.is_link_local or address.version == 4:
-            return str(address)
+    if network is not None:
+        candidates = [a for a in candidates if a.version == network.version and a in network]
+    else:
+        # An IPv6 link-local address is of no use without its zone (%eth0).
+        candidates = [a for a in candidates if not (a.is_link_local and a.version == 6)]
+    # Routable addresses first, then loopback, then link-local (169.254.x.x, which
+    # an interface may carry beside its real address): the host's order otherwise.
+    candidates.sort(key=lambda a: 2 if a.is_link_local else 1 if a.is_loopback else 0)
+    if candidates:
+        return str(candidates[0])
     where = f"on {interface} " if interface is not None else ""
     inside = f"inside {network} " if network is not None else ""
     raise ConfigError(
@@ -289,9 +327,14 @@ def _from_routes(
         source = _ip(route.source) if route.source else None
         if source is not None and source.version == family and _routable(source):
             return str(source)
-        if route.interface:
+        if route.interface or source is not None:
             with contextlib.suppress(OSError, ImportError):
-                for text in interfaces().get(route.interface, ()):
+                found_interfaces = interfaces()
+                # No interface said (the route was found by the lookup alone): the
+                # one holding the kernel's source address, e.g. 169.254.1.1 beside
+                # the interface's routable 192.168.7.7.
+                name = route.interface or _holder(source, found_interfaces)
+                for text in found_interfaces.get(name, ()):
                     address = _ip(text)
                     if address is not None and address.version == family and _routable(address):
                         return str(address)
@@ -304,6 +347,14 @@ def _from_routes(
     except (OSError, ImportError):
         listed = ""
     raise ConfigError(f"{what}{listed}; {_HOW}", field="address")
+
+
+def _holder(address: IPAddress | None, found: Interfaces) -> str:
+    """The interface that has ``address``, or empty."""
+    for name, addresses in found.items():
+        if any(_ip(text) == address for text in addresses):
+            return name
+    return ""
 
 
 def _describe(found: Interfaces) -> str:
@@ -339,7 +390,11 @@ def host_interfaces() -> Interfaces:
 
 def default_route(family: int) -> Route | None:
     """This host's default route of IP version ``family`` (4 or 6) with the source
-    address the kernel would use on it, or None."""
+    address the kernel would use on it, or None.
+
+    Without a default route in the main table, the route the kernel still finds
+    towards a documentation address (a default in a policy-routing table, a split
+    default) answers, with its source and no interface."""
     table = _ROUTE_TABLES.get(family, Path("/nonexistent"))
     probes = _PROBES_V4 if family == 4 else _PROBES_V6
     try:
@@ -351,12 +406,17 @@ def default_route(family: int) -> Route | None:
         return Route(source=source) if source else None
     parse = parse_route_v4 if family == 4 else parse_route_v6
     defaults, others = parse(text)
-    if not defaults:
-        return None
-    interface = defaults[0]
-    probe = next((p for p in probes if not _covered(p, others)), None)
+    # A probe covered by a network's own route would answer that network's address;
+    # the wide halves of a split default do not count (they are the default).
+    networks = [net for net in others if net.prefixlen >= _WIDE_PREFIX]
+    probe = next((p for p in probes if not _covered(p, networks)), None)
     source = _source_towards(probe) if probe else ""
-    return Route(interface=interface, source=source)
+    if defaults:
+        return Route(interface=defaults[0], source=source)
+    # No default in the main table, yet the kernel may route everywhere: a default
+    # in another table chosen by a policy rule (ip rule), or a split default
+    # (0.0.0.0/1 + 128.0.0.0/1). The route lookup towards the probe found it.
+    return Route(source=source) if source else None
 
 
 def _covered(probe: str, networks: Iterable[IPNetwork]) -> bool:
@@ -394,7 +454,8 @@ def parse_route_v4(text: str) -> tuple[list[str], list[IPNetwork]]:
         if not flags & _RTF_UP or flags & _RTF_REJECT:
             continue
         if mask == "0.0.0.0" and destination == "0.0.0.0":
-            if fields[0] != "lo":
+            # "*": no device, a blackhole route (sends nowhere, yet no reject flag).
+            if fields[0] not in ("lo", "*"):
                 defaults.append((metric, fields[0]))
             continue
         with contextlib.suppress(ValueError):

@@ -109,10 +109,20 @@ def test_an_ipv4_route_with_nothing_to_advertise_falls_to_ipv6() -> None:
     assert choose(routes=routes, interfaces=HOST) == "fd00:1::10"
 
 
+def test_a_route_without_interface_and_a_link_local_source_takes_its_holder_s_address() -> None:
+    """The route found by the lookup alone (policy routing, a split default) leaves by
+    the interface holding the kernel's source: 169.254.1.1 there, beside 10.7.0.7."""
+    host = {**HOST, "eth3": ["169.254.1.1", "10.7.0.7"]}
+    assert choose(routes=Routes(v4=Route("", "169.254.1.1")), interfaces=host) == "10.7.0.7"
+    # A routable source needs no interface listing (choose() fails if one is asked).
+    assert choose(routes=Routes(v4=Route("", "10.9.9.9"))) == "10.9.9.9"
+
+
 @pytest.mark.parametrize(
     ("routes", "says"),
     [
         (Routes(), "no default route"),
+        (Routes(v4=Route("", "169.254.1.1")), "no address to advertise"),
         (Routes(v4=Route("eth2", "")), "no address to advertise"),
         (Routes(v6=Route("lo", "::1")), "no address to advertise"),
     ],
@@ -189,6 +199,30 @@ def test_an_interface_with_only_link_local_addresses_has_nothing_to_advertise() 
     assert caught.value.field == "interface"
 
 
+@pytest.mark.parametrize(
+    ("addresses", "expected"),
+    [
+        # 169.254.x.x beside the interface's real address: the real one, whatever the order.
+        (["169.254.1.1", "192.168.7.7", "fe80::7%eth3"], "192.168.7.7"),
+        (["fe80::7%eth3", "169.254.1.1", "fd00:7::7"], "fd00:7::7"),
+        (["169.254.1.1", "127.0.0.2"], "127.0.0.2"),
+        # Nothing else: the IPv4 link-local one (an IPv6 one is useless without its zone).
+        (["fe80::7%eth3", "169.254.1.1"], "169.254.1.1"),
+    ],
+)
+def test_interface_prefers_routable_addresses_to_link_local(
+    addresses: list[str], expected: str
+) -> None:
+    assert choose(interface="eth3", interfaces={**HOST, "eth3": addresses}) == expected
+
+
+def test_network_prefers_routable_addresses_to_loopback_and_link_local() -> None:
+    host = {**HOST, "eth3": ["169.254.1.1", "10.7.0.7"]}
+    assert choose(network="0.0.0.0/0", interfaces=host) == "192.0.2.10"
+    assert choose(network="::/0", interfaces=host) == "fd00:1::10"
+    assert choose(network="169.254.0.0/16", interfaces=host) == "169.254.1.1"
+
+
 @pytest.mark.parametrize("name", ["eth9", ""])
 def test_an_unknown_interface_names_interface_and_lists_the_host_s(name: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -216,12 +250,40 @@ def test_env_list_value_gives_its_first_address() -> None:
     assert choose(env="POD_IP", environ={"POD_IP": " 10.244.1.7\n"}) == "10.244.1.7"
 
 
-@pytest.mark.parametrize("value", ["pod-7.example", "0.0.0.0", "::", "10.0.0.300", "fe80::1%eth0"])
-def test_env_value_that_is_not_an_address_to_advertise(value: str) -> None:
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("pod-7.example", "not an IP address"),
+        ("10.0.0.300", "not an IP address"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("::ffff:0.0.0.0", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("255.255.255.255", "broadcast"),
+        ("fe80::1", "link-local"),
+        ("fe80::1%eth0", "zone"),
+    ],
+)
+def test_env_value_that_is_not_an_address_to_advertise(value: str, why: str) -> None:
     with pytest.raises(ConfigError) as caught:
         choose(env="POD_IP", environ={"POD_IP": value})
     assert caught.value.field == "env"
     assert f"POD_IP={value!r}" in caught.value.reason
+    assert why in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("::ffff:10.0.0.1", "10.0.0.1"),  # IPv4-mapped: the IPv4 address, not ::ffff:a00:1
+        ("::FFFF:10.244.1.7,fd00::7", "10.244.1.7"),
+        ("169.254.3.3", "169.254.3.3"),  # IPv4 link-local needs no zone
+        ("127.0.0.1", "127.0.0.1"),  # given on purpose (a local test): kept
+    ],
+)
+def test_env_values_kept_or_unwrapped(value: str, expected: str) -> None:
+    assert choose(env="POD_IP", environ={"POD_IP": value}) == expected
 
 
 def test_env_not_set_is_an_error_not_a_silent_default() -> None:
@@ -310,6 +372,54 @@ def test_the_probe_skips_documentation_networks_another_route_covers(
     (tmp_path / "route").write_text(ROUTE_V4)
     assert address_module.default_route(4) == Route("eth1", "10.1.0.10")
     assert asked == ["198.51.100.1"]
+
+
+SPLIT_DEFAULT_V4 = (
+    ROUTE_V4.splitlines()[0]
+    + "\neth1\t00000000\t0100010A\t0003\t0\t0\t0\t00000080\t0\t0\t0"  # 0.0.0.0/1
+    + "\neth1\t00000080\t0100010A\t0003\t0\t0\t0\t00000080\t0\t0\t0"  # 128.0.0.0/1
+    + "\neth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0"  # 192.0.2.0/24
+    + "\n*\t00000000\t00000000\t0001\t0\t0\t0\t00000000\t0\t0\t0"  # blackhole default
+)
+
+
+@pytest.mark.parametrize(
+    ("table", "answer", "expected"),
+    [
+        # A split default (VPN): its wide halves do not hide the probes; the network's
+        # own route does; the blackhole default (device "*") is no default.
+        (SPLIT_DEFAULT_V4, "10.1.0.10", Route("", "10.1.0.10")),
+        # No route in the main table at all (a policy rule's table has the default).
+        (ROUTE_V4.splitlines()[0], "10.1.0.10", Route("", "10.1.0.10")),
+        # A link-local source is answered too: the choice looks at its interface.
+        (SPLIT_DEFAULT_V4, "169.254.1.1", Route("", "169.254.1.1")),
+        # The kernel finds no route either.
+        (SPLIT_DEFAULT_V4, "", None),
+    ],
+    ids=["split-default", "policy-routing", "link-local-source", "no-route"],
+)
+def test_without_a_default_in_the_main_table_the_kernel_is_still_asked(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    table: str,
+    answer: str,
+    expected: Route | None,
+) -> None:
+    asked: list[str] = []
+
+    def source(target: str) -> str:
+        asked.append(target)
+        return answer
+
+    monkeypatch.setattr(address_module, "_source_towards", source)
+    monkeypatch.setattr(address_module, "_ROUTE_TABLES", {4: tmp_path / "route"})
+    (tmp_path / "route").write_text(table)
+    assert address_module.default_route(4) == expected
+    assert asked == ["198.51.100.1" if "000200C0" in table else "192.0.2.1"]
+
+
+def test_a_blackhole_default_is_no_default() -> None:
+    assert parse_route_v4(SPLIT_DEFAULT_V4)[0] == []
 
 
 def test_no_table_and_no_route_on_other_platforms(
