@@ -104,6 +104,10 @@ class NetHost:
         rest = args[len(family) :]
         _ip(*family, "-n", self.netns, "route", "add", *rest)
 
+    def rule(self, *args: str) -> None:
+        """``ip rule add args`` on the host (policy routing)."""
+        _ip("-n", self.netns, "rule", "add", *args)
+
     def ask(self, environ: Mapping[str, str] | None = None, **request: Any) -> dict[str, Any]:
         """Run the choice in Python inside the host; its JSON answer."""
         env = {k: v for k, v in os.environ.items() if k not in ("POD_IP", "HOST_IP")}
@@ -194,6 +198,83 @@ def test_no_default_route_is_a_config_error_naming_address() -> None:
     assert 'env="POD_IP"' in answer["reason"]
     assert "eth1 10.1.0.10" in answer["reason"]
     assert instance["field"] == "address"
+
+
+def test_a_default_route_only_in_a_policy_routing_table() -> None:
+    """The main table has no default; a rule sends every lookup to table 100, which has
+    one (as multi-homed hosts and some VPNs set it up). The kernel routes everywhere."""
+    with host_lab() as host:
+        two_networks(host)
+        host.route("default", "via", "10.1.0.1", "dev", "eth1", "table", "100")
+        host.rule("from", "all", "lookup", "100", "pref", "100")
+        answer = host.ask(count=["eth0", "eth1"])
+    assert answer["address"] == "10.1.0.10"
+    assert answer["sent"] == {"eth0": 0, "eth1": 0}, "finding the address sent packets"
+
+
+def test_a_split_default_route() -> None:
+    """0.0.0.0/1 + 128.0.0.0/1 (OpenVPN's def1): no default route, yet routes
+    everywhere; eth1's 169.254.x.x, listed first, is the kernel's source there."""
+    with host_lab() as host:
+        host.link("eth0", "192.0.2.10/24")
+        host.link("eth1", "169.254.1.1/16", "10.1.0.10/24")
+        host.route("0.0.0.0/1", "via", "10.1.0.1", "dev", "eth1")
+        host.route("128.0.0.0/1", "via", "10.1.0.1", "dev", "eth1")
+        answer = host.ask(count=["eth0", "eth1"])
+    assert answer["address"] == "10.1.0.10"
+    assert answer["sent"] == {"eth0": 0, "eth1": 0}, "finding the address sent packets"
+
+
+def test_a_split_default_over_the_main_default_is_the_route_taken() -> None:
+    """A VPN's split default beside the original default (OpenVPN def1 keeps it): the
+    kernel sends everything by the split halves, so their address is the one."""
+    with host_lab() as host:
+        two_networks(host)
+        host.route("default", "via", "192.0.2.1", "dev", "eth0")
+        host.route("0.0.0.0/1", "via", "10.1.0.1", "dev", "eth1")
+        host.route("128.0.0.0/1", "via", "10.1.0.1", "dev", "eth1")
+        assert host.ask()["address"] == "10.1.0.10"
+
+
+def test_ipv6_split_default_route() -> None:
+    with host_lab(ipv6=True) as host:
+        host.link("eth1", "fd00:1::10/64")
+        host.route("-6", "::/1", "via", "fd00:1::1", "dev", "eth1")
+        host.route("-6", "8000::/1", "via", "fd00:1::1", "dev", "eth1")
+        assert host.ask()["address"] == "fd00:1::10"
+
+
+def test_a_blackhole_default_is_no_default_route() -> None:
+    with host_lab() as host:
+        two_networks(host)
+        host.route("blackhole", "default")
+        answer = host.ask()
+    assert answer["field"] == "address"
+    assert "no default route" in answer["reason"]
+
+
+def test_default_via_an_interface_without_ipv4_takes_the_kernel_s_source() -> None:
+    """The default route leaves by eth0, which has no IPv4 address: Linux sends from an
+    address of another interface (eth1's), and that is what is advertised, as a
+    connection from this host would show it (the weak host model)."""
+    with host_lab() as host:
+        host.link("eth0")
+        host.link("eth1", "10.1.0.10/24")
+        host.route("default", "dev", "eth0")
+        assert host.ask()["address"] == "10.1.0.10"
+
+
+def test_interface_choice_prefers_its_routable_address_to_link_local() -> None:
+    with host_lab() as host:
+        host.link("eth0", "169.254.1.1/16", "192.168.7.7/24")
+        host.link("eth1", "169.254.2.2/16")
+        host.route("default", "via", "192.168.7.1", "dev", "eth0")
+        both = host.ask(choose={"interface": "eth0"})
+        only = host.ask(choose={"interface": "eth1"})
+        default = host.ask()
+    assert both["address"] == "192.168.7.7"
+    assert only["address"] == "169.254.2.2"  # nothing else there: chosen on purpose
+    assert default["address"] == "192.168.7.7"
 
 
 def test_pod_ip_wins_when_asked() -> None:
