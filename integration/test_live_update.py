@@ -31,6 +31,7 @@ from registry_agent import (
     CallableCheck,
     GateState,
     HealthStatus,
+    Rejected,
     RetryPolicy,
     ServiceInstance,
     WatchEvent,
@@ -384,3 +385,70 @@ async def test_etcd_peer_formats_update_what_they_carry(etcd_server: EtcdServer,
         assert counters["lease_losses"] == counters["reregistrations"] == 0
         assert seen.count("updated") == 1
         await registrar.stop()
+
+
+async def test_consul_a_weight_above_65535_is_refused_and_the_entry_kept(
+    consul_server: ConsulServer,
+) -> None:
+    # Consul 1.8 answers 400 ("Invalid Weights: DNS Weight must be between 0 and 65535")
+    # to a larger native weight on every write: refused up front, before any write.
+    name = "live-bigweight"
+    registrar = AsyncRegistrar(consul_server.url, instance(name), ttl=TTL, retry=FAST)
+    await registrar.start(wait_registered=10)
+    try:
+        await registrar.update(weight=65535)
+        await eventually(
+            lambda: _consul_service(consul_server, f"{name}-1")["Weights"]["Passing"] == 65535,
+            within=10,
+        )
+        with pytest.raises(Rejected, match=r"meta\.weight: Consul takes weights up to 65535"):
+            await registrar.update(weight=65536)
+        assert registrar.instance.meta["weight"] == "65535"  # the update was not taken
+        await registrar.update(tags=["v2"], weight=3)  # later updates still go through
+        await eventually(
+            lambda: _consul_service(consul_server, f"{name}-1")["Weights"]["Passing"] == 3,
+            within=10,
+        )
+        assert _consul_service(consul_server, f"{name}-1")["Tags"] == ["v2"]
+        assert registrar.counters.to_dict()["errors"] == 0
+        assert registrar.status()["last_error"] is None
+    finally:
+        await registrar.stop()
+    big = ServiceInstance(name, address="127.0.0.1", port=8081, meta={"weight": 65536})  # type: ignore[dict-item]
+    refused = AsyncRegistrar(consul_server.url, big, ttl=TTL, retry=FAST)
+    with pytest.raises(Rejected, match=r"meta\.weight"):
+        await refused.start(wait_registered=10)
+    await refused.stop()
+    assert _get(f"{consul_server.http}/v1/health/service/{name}")[1] == []
+
+
+async def test_a_peers_text_weight_that_is_not_a_number_is_read(server: ServerProcess) -> None:
+    # We refuse to write "-1" or "3.0" as a weight; another tool's entry that has one
+    # is still an instance (weighted choice reads it leniently).
+    name = "live-oddweight"
+    if isinstance(server, ConsulServer):
+        body = {"Name": name, "ID": "peer-1", "Address": "127.0.0.1", "Port": 9000}
+        body["Meta"] = {"weight": "-1"}
+        request = urllib.request.Request(
+            f"{server.http}/v1/agent/service/register",
+            data=json.dumps(body).encode(),
+            method="PUT",
+        )
+        await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=10).close())
+    else:
+        import aetcd
+
+        assert isinstance(server, EtcdServer)
+        value = {"service": name, "id": "peer-1", "address": "127.0.0.1", "port": 9000}
+        value["meta"] = {"weight": "-1"}
+        async with aetcd.Client(host="127.0.0.1", port=server.client_port) as client:
+            await client.put(f"/services/{name}/peer-1".encode(), json.dumps(value).encode())
+    backend = open_backend(server.url)
+    try:
+        snapshot = await backend.list(name)
+        assert snapshot.instances["peer-1"].instance.meta == {"weight": "-1"}
+    finally:
+        await backend.close()
+    async with watching(server.url, name) as events:
+        await eventually(lambda: bool(events), within=10)
+        assert events[0].instance.meta == {"weight": "-1"}

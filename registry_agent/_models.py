@@ -73,8 +73,14 @@ def _check_name(value: object, what: str) -> str:
 
 
 def weight_text(value: object, what: str = "meta.weight") -> str:
-    """An integer weight (``3``) as the meta text it is kept as (``"3"``); a bool, a
-    negative number or anything else is a ConfigError naming ``what``."""
+    """An integer weight (``3``) as the meta text it is kept as (``"3"``); a text weight
+    is kept when it is one (ASCII digits only: ``"3"``); a bool, a negative number, any
+    other text (``"-1"``, ``" 3"``, ``"3.0"``) or anything else is a ConfigError naming
+    ``what``."""
+    if isinstance(value, str):
+        if value.isascii() and value.isdigit():
+            return value
+        raise ConfigError(f"expected a whole number >= 0, got {value!r}", field=what)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"expected a whole number >= 0, got {value!r}", field=what)
     return str(value)
@@ -96,7 +102,11 @@ class ServiceInstance:
 
     ``meta["weight"]`` is the instance's weight for weighted choice (and Consul's
     native ``Weights``): an integer is accepted and kept as its text (``3`` becomes
-    ``"3"``); a bool or a negative number is a :class:`ConfigError` naming ``meta.weight``.
+    ``"3"``), a text weight must be ASCII digits (``"3"``); a bool, a negative number
+    or other text (``"-1"``, ``"3.0"``, ``"abc"``) is a :class:`ConfigError` naming
+    ``meta.weight``. Instances read from a registry (:meth:`from_registry`,
+    :meth:`from_dict`) keep a peer's text weight as it is: weighted choice reads it
+    leniently (text that is no number counts as 1).
 
     ``node`` is where the registry holds the instance, set on instances read from
     a registry whose ids are unique per node only (Consul: per agent); empty
@@ -149,7 +159,7 @@ class ServiceInstance:
         object.__setattr__(self, "tags", tags)
         if not isinstance(self.meta, Mapping):
             raise ConfigError(f"expected a mapping of strings, got {self.meta!r}", field="meta")
-        if "weight" in self.meta and not isinstance(self.meta["weight"], str):
+        if "weight" in self.meta:
             object.__setattr__(
                 self, "meta", {**self.meta, "weight": weight_text(self.meta["weight"])}
             )
@@ -259,13 +269,26 @@ class ServiceInstance:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ServiceInstance:
-        """Build an instance from :meth:`to_dict` output; raises :class:`ConfigError`."""
+        """Build an instance from :meth:`to_dict` output; raises :class:`ConfigError`.
+
+        Checked as the constructor checks, but for a text ``meta["weight"]``: what
+        :meth:`to_dict` wrote may be a peer's entry read from a registry (the etcd
+        format reads its entries back with this), whose weight is kept as it is.
+        """
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected an object, got {type(data).__name__}")
         known = {"service", "id", "address", "port", "tags", "meta", "node", "scheme", "version"}
         if "service" not in data:
             raise ConfigError("missing: every instance names its service", field="service")
-        return cls(**{key: data[key] for key in known if key in data})
+        fields = {key: data[key] for key in known if key in data}
+        meta = fields.get("meta")
+        weight = meta.get("weight") if isinstance(meta, Mapping) else None
+        if not isinstance(weight, str) or (weight.isascii() and weight.isdigit()):
+            return cls(**fields)
+        assert isinstance(meta, Mapping)
+        instance = cls(**{**fields, "meta": {k: v for k, v in meta.items() if k != "weight"}})
+        object.__setattr__(instance, "meta", MappingProxyType(dict(meta)))
+        return instance
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,10 @@ from registry_agent.testing.servers import free_port
 
 
 def inst(n: int, **meta: str) -> ServiceInstance:
-    return ServiceInstance("orders", address="127.0.0.1", port=9000 + n, id=f"o{n}", meta=meta)
+    # As read from a registry: a peer's meta weight may be any text ("-2", "heavy").
+    return ServiceInstance.from_registry(
+        service="orders", address="127.0.0.1", port=9000 + n, id=f"o{n}", meta=meta
+    )
 
 
 def test_round_robin_cycles_in_order() -> None:

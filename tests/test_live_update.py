@@ -108,9 +108,12 @@ def test_consul_writes_native_weights_and_reads_a_peers() -> None:
     for flavor in ("registry-agent", "spring", "kratos", "go-micro"):
         payload = write_entry(weighted, flavor)
         assert payload["Weights"] == {"Passing": 4, "Warning": 1}, flavor
-    # No weight, a weight 0 (Consul refuses Passing 0) or not a number: Consul's default.
+    # No weight, a weight 0 (Consul refuses Passing 0) or not a number (only an instance
+    # read back, from_dict, can carry one): Consul's default.
     for meta in ({}, {"weight": "0"}, {"weight": "heavy"}):
-        plain = ServiceInstance("orders", address="127.0.0.1", port=1, meta=meta)
+        plain = ServiceInstance.from_dict(
+            {"service": "orders", "address": "127.0.0.1", "port": 1, "meta": meta}
+        )
         assert "Weights" not in write_entry(plain), meta
     # Ours reads back as itself (the meta already says the weight).
     assert read_written(write_entry(weighted)) == weighted
@@ -135,10 +138,82 @@ def test_consul_writes_native_weights_and_reads_a_peers() -> None:
 
 
 def test_consul_refuses_a_weight_it_cannot_hold() -> None:
+    # Consul's native weight is also the DNS SRV weight: 16 bits, 65535 at most (Consul
+    # answers 400 to anything larger, on every write).
     backend = ConsulBackend.from_url("consul://127.0.0.1:1", {})
-    huge = ServiceInstance("orders", address="127.0.0.1", port=1, meta={"weight": 2**40})  # type: ignore[dict-item]
-    with pytest.raises(Rejected, match=r"meta\.weight"):
-        backend.validate(huge)
+    top = ServiceInstance("orders", address="127.0.0.1", port=1, meta={"weight": 65535})  # type: ignore[dict-item]
+    backend.validate(top)
+    for weight in (65536, 2**31 - 1, 2**40):
+        huge = ServiceInstance("orders", address="127.0.0.1", port=1, meta={"weight": weight})  # type: ignore[dict-item]
+        with pytest.raises(Rejected, match=r"meta\.weight: Consul takes weights up to 65535"):
+            backend.validate(huge)
+
+
+def test_the_agent_and_load_registrars_refuse_a_weight_consul_cannot_hold(
+    tmp_path: Path,
+) -> None:
+    from registry_agent import load_registrars
+
+    path = tmp_path / "agent.toml"
+    service = '[backend]\nurl = "consul://127.0.0.1:1"\n[[service]]\nname = "orders"\nport = 1\n'
+    path.write_text(f'{service}address = "127.0.0.1"\nweight = 65536\n')
+    with pytest.raises(ConfigError) as caught:
+        load_registrars(path)
+    assert caught.value.field == "service[0]"
+    assert "meta.weight: Consul takes weights up to 65535, got 65536" in str(caught.value)
+    assert str(path) in str(caught.value)
+    path.write_text(f'{service}address = "127.0.0.1"\nweight = 65535\n')
+    (registrar,) = load_registrars(path)
+    assert registrar.instance.meta["weight"] == "65535"
+
+
+@pytest.mark.parametrize("bad", ["-1", "abc", " 3", "3 ", "3.0", "", "+3", "\u0663"])
+def test_a_text_weight_that_is_not_a_whole_number_names_meta_weight(bad: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        ServiceInstance("orders", address="127.0.0.1", port=1, meta={"weight": bad})
+    assert caught.value.field == "meta.weight"
+    assert (
+        ServiceInstance("orders", address="127.0.0.1", port=1, meta={"weight": "07"}).meta["weight"]
+        == "07"
+    )
+    with pytest.raises(ConfigError) as caught:
+        updated_instance(INSTANCE, meta={"weight": bad})
+    assert caught.value.field == "meta.weight"
+
+
+def test_an_agent_meta_weight_that_is_not_a_whole_number_names_the_field(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "agent.toml"
+    for given in ('"-5"', '"abc"', "-5", '"3.0"'):
+        path.write_text(
+            '[backend]\nurl = "consul://127.0.0.1:1"\n[[service]]\nname = "orders"\n'
+            f'port = 1\naddress = "127.0.0.1"\nmeta = {{ weight = {given} }}\n'
+        )
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert caught.value.field == "service[0].meta.weight", given
+
+
+@pytest.mark.parametrize("odd", ["-1", "abc", " 3", "3.0"])
+def test_a_peers_text_weight_is_read_as_it_is(odd: str) -> None:
+    # What another tool (or an older release) wrote is read, never refused (weighted
+    # choice reads it leniently: weight_of).
+    data = {"service": "orders", "address": "127.0.0.1", "port": 1, "meta": {"weight": odd}}
+    read = ServiceInstance.from_dict(data)
+    assert dict(read.meta) == {"weight": odd}
+    assert read.to_dict()["meta"] == {"weight": odd}
+    common: dict[str, Any] = {"service": "orders", "id": "o1", "address": "10.0.0.1", "port": 80}
+    assert ServiceInstance.from_registry(**common, meta={"weight": odd}).meta == {"weight": odd}
+    consul = read_instance(**common, tags=(), tagged_addresses={}, meta={"weight": odd})
+    assert consul.meta == {"weight": odd}
+    # from_dict checks the rest as the constructor does.
+    with pytest.raises(ConfigError) as caught:
+        ServiceInstance.from_dict({**data, "port": 0})
+    assert caught.value.field == "port"
+    with pytest.raises(ConfigError) as caught:
+        ServiceInstance.from_dict({**data, "meta": {"weight": odd, "n": 3}})
+    assert caught.value.field == "meta.n"
 
 
 # -- the pure decisions ----------------------------------------------------------------------

@@ -105,8 +105,10 @@ _MIN_DEREGISTER_AFTER = 60.0
 _META_MAX_KEYS = 64
 _META_KEY_MAX = 128
 _META_VALUE_MAX = 512
-#: The largest native weight written (Consul keeps a Go int; ``Weights.Passing``).
-_WEIGHT_MAX = 2**31 - 1
+#: The largest native weight Consul takes: ``Weights.Passing`` is also the DNS SRV
+#: weight, a 16-bit field (Consul 1.8 answers 400 "Invalid Weights: DNS Weight must
+#: be between 0 and 65535" to anything larger, on every write).
+_WEIGHT_MAX = 65535
 _META_RESERVED = "consul-"
 _META_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 # The health check is a TTL check only so we can set it; it must never expire.
