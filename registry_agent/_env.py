@@ -22,6 +22,7 @@ constructor taking a backend URL use.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import urllib.parse
@@ -29,7 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from registry_agent._errors import BackendNotFound, ConfigError
-from registry_agent._urls import parse_backend_url, read_secret_file
+from registry_agent._urls import parse_backend_url, parse_duration, read_secret_file
 
 __all__ = [
     "ENV_BACKEND",
@@ -43,6 +44,7 @@ __all__ = [
 #: The variable naming the backend(s).
 ENV_BACKEND = "REGISTRY_AGENT_BACKEND"
 _SOURCE = "environment"
+log = logging.getLogger("registry_agent")
 
 # REGISTRY_AGENT_* options of a single REGISTRY_AGENT_BACKEND URL (as the agent's).
 _OWN_OPTIONS = {
@@ -56,6 +58,10 @@ _OWN_OPTIONS = {
     "REGISTRY_AGENT_KEY_FILE": "key_file",
 }
 _SECRETS = frozenset({"token", "password"})
+# Where a secret is written inside a URL's text: a query value (up to the next ``&``
+# or the next URL of the list), and a user:password@ (from the scheme to the ``@``).
+_SECRET_VALUE = re.compile(r"[?&](?:token|password)=")
+_VALUE_END = re.compile(r"&|[\s,]+[A-Za-z][A-Za-z0-9+.-]*://")
 
 # Consul's client variables the backend has no option for: set, they are an error
 # (silently ignoring a namespace or a disabled verification would register elsewhere
@@ -69,6 +75,20 @@ _CONSUL_UNSUPPORTED = {
 }
 # etcdctl's variables that change nothing on the wire (its output, its API version 3).
 _ETCD_HARMLESS = frozenset({"ETCDCTL_WRITE_OUT", "ETCDCTL_HEX", "ETCDCTL_DEBUG", "ETCDCTL_API"})
+# The variable that holds each option of a URL built from Consul's variables
+# (an error about an option names it, not CONSUL_HTTP_ADDR).
+_CONSUL_VARIABLES = {
+    "ca_file": "CONSUL_CACERT",
+    "cert_file": "CONSUL_CLIENT_CERT",
+    "key_file": "CONSUL_CLIENT_KEY",
+    "token": "CONSUL_HTTP_TOKEN",
+    "token_file": "CONSUL_HTTP_TOKEN_FILE",
+}
+#: etcd's --grpc-keepalive-min-time default, below which the etcd backend refuses a
+#: keepalive_time (etcd answers more frequent pings with GOAWAY). etcdctl's own
+#: default (2s) is below it: ETCDCTL_KEEPALIVE_TIME under it is raised to it.
+ETCD_KEEPALIVE_FLOOR = 5.0
+_raised_keepalives: set[str] = set()
 _ETCD_MAPPED = {
     "ETCDCTL_ENDPOINTS": "",
     "ETCDCTL_USER": "user",
@@ -164,9 +184,9 @@ def backends_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
             source=_SOURCE,
         )
     if consul is not None:
-        return [_checked(_consul(consul, env), "CONSUL_HTTP_ADDR")]
+        return [_checked(_consul(consul, env), "CONSUL_HTTP_ADDR", _CONSUL_VARIABLES)]
     if etcd is not None:
-        return [_checked(_etcd(etcd, env), "ETCDCTL_ENDPOINTS")]
+        return [_checked(_etcd(etcd, env), "ETCDCTL_ENDPOINTS", _etcd_variables(env))]
     raise ConfigError(
         "no backend given and none in the environment: set "
         f"{ENV_BACKEND} (e.g. consul://127.0.0.1:8500 or etcd://127.0.0.1:2379), "
@@ -176,13 +196,115 @@ def backends_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
     )
 
 
+def _pieces(text: str) -> list[tuple[int, str]]:
+    """The URLs of ``REGISTRY_AGENT_BACKEND``, each with its offset in ``text``."""
+    found: list[tuple[int, str]] = []
+    pos = 0
+    for sep in _SEPARATOR.finditer(text):
+        if sep.start() > pos:
+            found.append((pos, text[pos : sep.start()]))
+        pos = max(pos, sep.end())
+    if pos < len(text):
+        found.append((pos, text[pos:]))
+    return found
+
+
+def _hidden(text: str) -> list[bool]:
+    """Which characters of ``text`` may be a secret: a ``token=``/``password=`` value,
+    and whatever lies between a scheme's ``://`` (or the start) and an ``@`` (more
+    than the user:password@ when in doubt: this only decides what an error shows)."""
+    hidden = [False] * len(text)
+    starts = [m.end() for m in re.finditer("://", text)]
+    for at, char in enumerate(text):
+        if char == "@":
+            begin = max((s for s in starts if s <= at), default=0)
+            hidden[begin:at] = [True] * (at - begin)
+    for m in _SECRET_VALUE.finditer(text):
+        stop = _VALUE_END.search(text, m.end())
+        end = stop.start() if stop else len(text)
+        hidden[m.end() : end] = [True] * (end - m.end())
+    return hidden
+
+
+def _masked(text: str, hidden: list[bool]) -> str:
+    """``text`` with each run of hidden characters shown as ``***``."""
+    out: list[str] = []
+    for char, secret in zip(text, hidden, strict=True):
+        if not secret:
+            out.append(char)
+        elif not out or out[-1] != "***":
+            out.append("***")
+    return "".join(out)
+
+
+def _unparsable(url: str, hidden: list[bool], reason: str) -> str:
+    """The reason ``url`` does not parse, showing none of its hidden characters."""
+    if not any(hidden):
+        return reason
+    shown = _masked(url, hidden)
+    try:
+        parse_backend_url(shown, default_port=0)
+    except ConfigError as exc:
+        return f"{exc.reason} (*** hides what may be a password or token)"
+    return (
+        f"cannot read {shown!r} (*** hides what may be a password or token): "
+        "percent-encode a '/', '?', '#', '@', '&', space or comma in it (%2F, %3F, "
+        f"%23, %40, %26, %20, %2C), or give it as REGISTRY_AGENT_TOKEN/_PASSWORD"
+    )
+
+
+def _split_secrets(
+    url: str, hidden: list[bool], where: str
+) -> tuple[str, dict[str, str], dict[str, str]]:
+    """``url`` without a user:password@ or a ``token``/``password`` in its query, the
+    options it gave that way that may be shown (``user``), and its secrets."""
+    failed: str | None
+    try:
+        parsed = parse_backend_url(url, default_port=0)
+    except ConfigError as exc:
+        failed = exc.reason
+    else:
+        failed = None
+    if failed is not None:  # raised here, it has no __context__ quoting the URL
+        raise ConfigError(_unparsable(url, hidden, failed), field=where, source=_SOURCE)
+    scheme, _, rest = url.partition("://")
+    base, question, query_text = rest.partition("?")
+    netloc = base.partition("#")[0].partition("/")[0]
+    if "@" in netloc:  # as parse_backend_url reads it
+        base = base[len(netloc.rsplit("@", 1)[0]) + 1 :]
+    if "@" in base:  # a password holding '/' or '#' read as a path: not our URL
+        reason = _unparsable(url, hidden, f"an '@' after the host in {url!r}")
+        raise ConfigError(reason, field=where, source=_SOURCE)
+    shown: dict[str, str] = {}
+    secrets: dict[str, str] = {}
+    for option, value in (("user", parsed.username), ("password", parsed.password)):
+        if value is None:
+            continue
+        if option in parsed.query:
+            raise ConfigError(
+                f"{option} is given both before the URL's '@' and in its query; keep one",
+                field=where,
+                source=_SOURCE,
+            )
+        (secrets if option in _SECRETS else shown)[option] = value
+    kept: list[str] = []
+    for item in query_text.split("&") if question else []:
+        key = urllib.parse.unquote_plus(item.partition("=")[0])
+        if key in _SECRETS and key in parsed.query:
+            secrets[key] = parsed.query[key]
+        else:
+            kept.append(item)
+    text = f"{scheme}://{base}" + ("?" + "&".join(kept) if kept else "")
+    return text, shown, secrets
+
+
 def _own(text: str, env: Mapping[str, str]) -> list[str]:
-    urls = [part for part in _SEPARATOR.split(text) if part]
+    pieces = _pieces(text)
     given = {name: value for name in _OWN_OPTIONS if (value := _get(env, name)) is not None}
-    if given and len(urls) > 1:
+    if given and len(pieces) > 1:
         raise ConfigError(
             f"{', '.join(sorted(given))} set the options of one backend, and "
-            f"{ENV_BACKEND} names {len(urls)}; give the options in each URL's query "
+            f"{ENV_BACKEND} names {len(pieces)}; give the options in each URL's query "
             "(a secret through the backend's own variables or a token_file)",
             field=min(given),
             source=_SOURCE,
@@ -193,28 +315,27 @@ def _own(text: str, env: Mapping[str, str]) -> list[str]:
             raise ConfigError(
                 f"give {both[0]} or {both[1]}, not both", field=both[1], source=_SOURCE
             )
+    hidden = _hidden(text)
     found: list[str] = []
-    many = len(urls) > 1
-    for i, url in enumerate(urls):
+    many = len(pieces) > 1
+    for i, (offset, url) in enumerate(pieces):
         where = f"{ENV_BACKEND}[{i}]" if many else ENV_BACKEND
-        try:
-            parsed = parse_backend_url(url, default_port=0)
-        except ConfigError as exc:
-            raise ConfigError(exc.reason, field=where, source=_SOURCE) from None
-        query: dict[str, str] = {}
-        secrets: dict[str, str] = {}
+        bare, query, secrets = _split_secrets(url, hidden[offset : offset + len(url)], where)
+        in_url = set(parse_backend_url(bare, default_port=0).query) | set(query) | set(secrets)
+        variables: dict[str, str] = {}
         for name, value in given.items():
             option = _OWN_OPTIONS[name]
             if option == "password_file":
                 option, value = "password", read_secret_file(value, field=name)
-            if option in parsed.query:
+            if option in in_url:
                 raise ConfigError(
-                    f"{option} is also given in the URL's query; keep one of the two",
+                    f"{option} is also given in the URL; keep one of the two",
                     field=name,
                     source=_SOURCE,
                 )
             (secrets if option in _SECRETS else query)[option] = value
-        found.append(_checked(_with_query(url, query, secrets), where))
+            variables[option] = name
+        found.append(_checked(_with_query(bare, query, secrets), where, variables))
     return found
 
 
@@ -225,15 +346,20 @@ def _with_query(url: str, query: Mapping[str, str], secrets: Mapping[str, str]) 
     return EnvBackendURL(url, secrets)
 
 
-def _checked(url: EnvBackendURL, where: str) -> EnvBackendURL:
+def _checked(
+    url: EnvBackendURL, where: str, variables: Mapping[str, str] | None = None
+) -> EnvBackendURL:
     """``url`` once its backend accepts it (built, not connected), else a ConfigError
-    naming the variable."""
+    naming the variable: the one holding the option at fault (``variables``, option
+    to variable), else ``where``."""
     from registry_agent._plugins import open_backend  # the plugins import this module
 
     try:
         open_backend(url)
     except ConfigError as exc:
         option = (exc.field or "").removeprefix("backend").removeprefix(".")
+        if option in (variables or {}):
+            raise ConfigError(exc.reason, field=(variables or {})[option], source=_SOURCE) from None
         reason = f"{option}: {exc.reason}" if option else exc.reason
         raise ConfigError(reason, field=where, source=_SOURCE) from None
     except BackendNotFound as exc:
@@ -243,6 +369,7 @@ def _checked(url: EnvBackendURL, where: str) -> EnvBackendURL:
 
 def _address(text: str, name: str, schemes: tuple[str, ...]) -> tuple[str, str]:
     """``(scheme, host:port)`` of ``[scheme://]host[:port]`` (scheme ``""`` if none)."""
+    shown = _masked(text, _hidden(text))  # a user:password@ is not echoed
     scheme, sep, rest = text.partition("://")
     if not sep:
         scheme, rest = "", text
@@ -250,13 +377,13 @@ def _address(text: str, name: str, schemes: tuple[str, ...]) -> tuple[str, str]:
     if scheme and scheme not in schemes:
         raise ConfigError(
             f"expected host:port or {' or '.join(s + '://host:port' for s in schemes)}, "
-            f"got {text!r}",
+            f"got {shown!r}",
             field=name,
             source=_SOURCE,
         )
     rest = rest.rstrip("/")
     if not rest or any(c in rest for c in "/?#@ "):
-        raise ConfigError(f"expected host:port, got {text!r}", field=name, source=_SOURCE)
+        raise ConfigError(f"expected host:port, got {shown!r}", field=name, source=_SOURCE)
     return scheme, rest
 
 
@@ -343,9 +470,10 @@ def _etcd(endpoints: str, env: Mapping[str, str]) -> EnvBackendURL:
     for name in ("ETCDCTL_CACERT", "ETCDCTL_CERT", "ETCDCTL_KEY", "ETCDCTL_COMMAND_TIMEOUT"):
         if (value := _get(env, name)) is not None:
             query[_ETCD_MAPPED[name]] = value
-    for name in ("ETCDCTL_KEEPALIVE_TIME", "ETCDCTL_KEEPALIVE_TIMEOUT"):
-        if (value := _get(env, name)) is not None:
-            query[_ETCD_MAPPED[name]] = value
+    if (value := _get(env, "ETCDCTL_KEEPALIVE_TIME")) is not None:
+        query["keepalive_time"] = _keepalive_time(value)
+    if (value := _get(env, "ETCDCTL_KEEPALIVE_TIMEOUT")) is not None:
+        query["keepalive_timeout"] = value
     tls_files = any(option in query for option in ("ca_file", "cert_file", "key_file"))
     if ("https" in schemes or _bool(env, "ETCDCTL_INSECURE_TRANSPORT") is False) and not tls_files:
         query["tls"] = "true"  # TLS with the system CA store
@@ -375,6 +503,35 @@ def _etcd(endpoints: str, env: Mapping[str, str]) -> EnvBackendURL:
     if password:
         secrets["password"] = password
     return _with_query(f"etcd://{','.join(hosts)}", query, secrets)
+
+
+def _keepalive_time(value: str) -> str:
+    """ETCDCTL_KEEPALIVE_TIME as the etcd backend takes it: under etcd's
+    --grpc-keepalive-min-time (etcdctl's own default, 2s, is) it is raised to it,
+    said once at INFO: pinging more often, a long watch would get GOAWAY."""
+    try:
+        seconds = parse_duration(value, field="ETCDCTL_KEEPALIVE_TIME")
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, field=exc.field, source=_SOURCE) from None
+    if not 0 < seconds < ETCD_KEEPALIVE_FLOOR:
+        return value
+    if value not in _raised_keepalives:
+        _raised_keepalives.add(value)
+        log.info(
+            "ETCDCTL_KEEPALIVE_TIME=%s raised to %gs: etcd answers pings more frequent "
+            "than its --grpc-keepalive-min-time (5s by default) with GOAWAY",
+            value,
+            ETCD_KEEPALIVE_FLOOR,
+        )
+    return f"{ETCD_KEEPALIVE_FLOOR:g}s"
+
+
+def _etcd_variables(env: Mapping[str, str]) -> dict[str, str]:
+    """The variable holding each option of the URL :func:`_etcd` builds."""
+    variables = {option: name for name, option in _ETCD_MAPPED.items() if option}
+    if _get(env, "ETCDCTL_PASSWORD") is None:
+        variables["password"] = "ETCDCTL_USER"  # user:password, or none at all
+    return variables
 
 
 def backend_tables_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any] | list[Any]:
