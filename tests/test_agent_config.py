@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import textwrap
 from pathlib import Path
@@ -661,3 +662,65 @@ def test_a_bad_scheme_or_version_names_the_service_field(
         load_config(write(tmp_path, text), env={})
     assert caught.value.field is not None
     assert caught.value.field.endswith(field)
+
+
+# -- what is read as the config file -----------------------------------------------------
+
+
+def _load_all_ways(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """The error each config reader gives for ``path`` (load_config, load_registrars,
+    ``registry-agent check``), in a worker thread bounded in time: an unbounded read
+    of /dev/zero or a FIFO's open would hang here."""
+    import concurrent.futures
+
+    from registry_agent import load_registrars
+
+    def errors() -> list[str]:
+        said: list[str] = []
+        for reader in (load_config, load_registrars):
+            with pytest.raises(ConfigError) as caught:
+                reader(path)
+            said.append(str(caught.value))
+        assert main(["check", "-c", str(path)]) == 2
+        said.append(capsys.readouterr().err)
+        return said
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(errors).result(timeout=20)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_a_device_a_fifo_or_a_folder_is_not_a_config_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import time
+
+    fifo = tmp_path / "agent.fifo"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/zero"), fifo, tmp_path):
+        started = time.monotonic()
+        try:
+            said = _load_all_ways(path, capsys)
+        finally:
+            if path == fifo:  # a writer releases a reader that would block (no fix)
+                with contextlib.suppress(OSError):
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        assert time.monotonic() - started < 10, path
+        for text in said:
+            assert f"{path}: not a regular file" in text, text
+
+
+def test_a_config_file_over_1_mib_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = textwrap.dedent(GOOD).encode()
+    limit = 1024 * 1024
+    path = tmp_path / "agent.toml"
+    path.write_bytes(body + b"#" * (limit - len(body) - 1) + b"\n")  # exactly 1 MiB: read
+    assert load_config(path, env={}).services[0].instance.id == "orders-1"
+    path.write_bytes(body + b"#" * (limit - len(body)) + b"\n")  # one byte more
+    for text in _load_all_ways(path, capsys):
+        assert f"{path}: too large: a config file is at most {limit} bytes" in text, text

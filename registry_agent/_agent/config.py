@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import stat
 import tomllib
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -540,6 +541,40 @@ def _both_backend_forms(text: str, line: int) -> bool:
     return table and "[[backend]]" in lines
 
 
+#: The largest config file read: an agent.toml is a few kilobytes.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def _read_config_file(file: Path, source: str) -> str:
+    """The text of the config file ``file``: a regular file (a device such as /dev/zero
+    would be read forever, a FIFO would block until a writer came) of at most
+    :data:`MAX_CONFIG_BYTES`, in UTF-8; else a ConfigError naming ``source``."""
+    try:
+        # O_NONBLOCK: opening a FIFO does not wait for a writer; fstat then refuses it.
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror}", source=source) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError("not a regular file: expected an agent.toml file", source=source)
+        with os.fdopen(fd, "rb") as handle:
+            fd = -1  # closed with the handle
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror}", source=source) from None
+    finally:
+        if fd != -1:
+            os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"too large: a config file is at most {MAX_CONFIG_BYTES} bytes (1 MiB)", source=source
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", source=source) from None
+
+
 def load_config(
     path: str | os.PathLike[str],
     *,
@@ -551,12 +586,7 @@ def load_config(
     ``backend_from_env``: see :func:`parse_config`."""
     file = Path(path)
     source = str(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the file: {exc.strerror}", source=source) from None
-    except UnicodeDecodeError:
-        raise ConfigError("not UTF-8 text", source=source) from None
+    text = _read_config_file(file, source)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
