@@ -29,14 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _from_env(service: str, port: int) -> None:
-    from registry_agent import Registrar, RetryPolicy, ServiceInstance
+    from registry_agent import Registrar, RetryPolicy, ServiceInstance, backends_from_env
 
     began = time.monotonic()
     instance = ServiceInstance(service, address="127.0.0.1", port=port)
     registrar = Registrar.from_env(instance, ttl=3, retry=RetryPolicy(initial=0.1, cap=1.0))
     registrar.start(wait_registered=30)
     names = [lane.name for lane in registrar.snapshot().backends]
-    print(json.dumps({"registered": time.monotonic() - began, "backends": names}), flush=True)
+    urls = [str(url) for url in backends_from_env()]  # what an app would print
+    took = time.monotonic() - began
+    print(json.dumps({"registered": took, "backends": names, "urls": urls}), flush=True)
     sys.stdin.readline()
     registrar.stop()
     print(json.dumps({"stopped": True}), flush=True)
@@ -253,3 +255,80 @@ async def test_the_loaders_registrars_register_from_a_real_agent_toml(
                 assert await _held(url, service) == {}
     finally:
         child.finish()
+
+
+async def test_a_consul_token_in_registry_agent_backends_query_on_an_acl_agent(
+    acl: AclConsul,
+) -> None:
+    # The token written in the URL's query reaches Consul (default deny: without it
+    # nothing registers) and never the URL's text, the backend names or the log.
+    service = f"orders-qtoken-{uuid.uuid4().hex[:8]}"
+    url = f"consul://{_hostport(acl.server.url)}"
+    child = Child(
+        "from_env", service, "8080", env={"REGISTRY_AGENT_BACKEND": f"{url}?token={acl.token}"}
+    )
+    try:
+        registered = child.read("registered")
+        assert registered["urls"] == [url]
+        held = [s for s in acl.services() if s.startswith(service)]
+        assert len(held) == 1, acl.services()
+        child.stop()
+        assert not [s for s in acl.services() if s.startswith(service)]
+    finally:
+        log = child.finish()
+    assert f"{service}-127.0.0.1-8080 registered" in log, log
+    assert acl.token not in log
+
+
+async def test_an_etcd_password_in_registry_agent_backends_user_info_on_an_auth_etcd() -> None:
+    # A private member: authentication on would lock out every other test.
+    server = EtcdServer()
+    server.start()
+    try:
+        password = f"pa/ss@{uuid.uuid4().hex}"  # '/' and '@' percent-encoded in the URL
+        server.enable_auth("root-" + uuid.uuid4().hex)
+        server.add_user("agent", password, read_write_prefix="/services/")
+        service = f"orders-upw-{uuid.uuid4().hex[:8]}"
+        hostport = _hostport(server.url)
+        quoted = password.replace("/", "%2F").replace("@", "%40")
+        env = {"REGISTRY_AGENT_BACKEND": f"etcd://agent:{quoted}@{hostport}"}
+        child = Child("from_env", service, "8080", env=env)
+        try:
+            registered = child.read("registered")
+            assert registered["urls"] == [f"etcd://{hostport}?user=agent"]
+            view = f"etcd://agent:{quoted}@{hostport}"
+            assert list((await _held(view, service)).values()) == [HealthStatus.PASSING]
+            child.stop()
+            assert await _held(view, service) == {}
+        finally:
+            log = child.finish()
+        assert f"{service}-127.0.0.1-8080 registered" in log, log
+        assert password not in log
+        assert quoted not in log
+    finally:
+        server.close()
+
+
+async def test_etcdctls_default_keepalive_registers_on_a_real_etcd(
+    etcd_server: EtcdServer,
+) -> None:
+    # ETCDCTL_KEEPALIVE_TIME=2s (etcdctl's default) is raised to etcd's 5s floor.
+    service = f"orders-ka-{uuid.uuid4().hex[:8]}"
+    env = {
+        "ETCDCTL_ENDPOINTS": _hostport(etcd_server.url),
+        "ETCDCTL_KEEPALIVE_TIME": "2s",
+        "ETCDCTL_KEEPALIVE_TIMEOUT": "6s",
+    }
+    child = Child("from_env", service, "8080", env=env)
+    try:
+        registered = child.read("registered")
+        assert registered["urls"] == [
+            f"etcd://{_hostport(etcd_server.url)}?keepalive_time=5s&keepalive_timeout=6s"
+        ]
+        assert list((await _held(etcd_server.url, service)).values()) == [HealthStatus.PASSING]
+        child.stop()
+    finally:
+        log = child.finish()
+    said = [line for line in log.splitlines() if "ETCDCTL_KEEPALIVE_TIME=2s raised to 5s" in line]
+    assert len(said) == 1, log
+    assert said[0].startswith("INFO:registry_agent:"), said
