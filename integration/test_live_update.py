@@ -452,3 +452,41 @@ async def test_a_peers_text_weight_that_is_not_a_number_is_read(server: ServerPr
     async with watching(server.url, name) as events:
         await eventually(lambda: bool(events), within=10)
         assert events[0].instance.meta == {"weight": "-1"}
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
+async def test_consul_an_update_after_someone_removed_the_entry_counts_a_reregistration(
+    consul_server: ConsulServer, shared: bool
+) -> None:
+    # A register of the same id would put the entry back unnoticed: the update reads
+    # it first and, gone, registers it again as a read-back would (one lease loss, one
+    # re-registration), with the new values.
+    name = f"live-gone-{'s' if shared else 'o'}"
+    registrar = AsyncRegistrar(
+        consul_server.url, instance(name), ttl=TTL, retry=FAST, shared_liveness=shared
+    )
+    kinds: list[str] = []
+    registrar.on_event = lambda event: kinds.append(str(event.kind))
+    await registrar.start(wait_registered=10)
+    try:
+        request = urllib.request.Request(
+            f"{consul_server.http}/v1/agent/service/deregister/{name}-1", method="PUT"
+        )
+        await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=10).close())
+        await registrar.update(tags=["after"], weight=2)
+        await eventually(lambda: "reregistered" in kinds, within=10)
+        entry = _consul_service(consul_server, f"{name}-1")
+        assert entry["Tags"] == ["after"]
+        assert entry["Meta"]["weight"] == "2"
+        counters = registrar.counters.to_dict()
+        assert counters["lease_losses"] == counters["reregistrations"] == 1, counters
+        assert counters["registrations"] == 1
+        assert counters["errors"] == 0
+        assert kinds.count("lease_lost") == 1, kinds
+        await eventually(lambda: registrar.ready, within=10)
+        checks = _get(f"{consul_server.http}/v1/agent/checks")[1]
+        mine = [c for c in checks.values() if c["ServiceID"] == f"{name}-1"]
+        assert mine
+        assert all(c["Status"] == "passing" for c in mine), mine
+    finally:
+        await registrar.stop()

@@ -345,6 +345,8 @@ class ConsulBackend:
         self._api_loop: asyncio.AbstractEventLoop | None = None
         # Status last set per check, so a heartbeat renews the TTL without changing it.
         self._status: dict[str, tuple[HealthStatus, str]] = {}
+        # Reaping delay per registration (its liveness check), so update() writes it again.
+        self._reap: dict[str, float] = {}
         self._warned: set[tuple[str, str]] = set()
         self._throttled = False  # logged once per episode of 429/503 answers
         # Name of the node of the agent we talk to (keys of snapshots), when known.
@@ -594,10 +596,44 @@ class ConsulBackend:
         await self._put("/v1/agent/service/register", body, instance, replace=True)
         lease = Lease(instance, float(ttl), check_id, "consul")
         self._status[check_id] = (status, note)
+        self._reap[check_id] = reap_after
         # Consul takes no output at registration, and restores a TTL check after a
         # restart as critical unless it was updated once: set the status now.
         await self._update_check(lease, _health_id(instance.id), status, note)
         return lease
+
+    async def update(
+        self,
+        lease: Lease,
+        instance: ServiceInstance,
+        *,
+        status: HealthStatus = HealthStatus.PASSING,
+        note: str = "",
+    ) -> Lease:
+        """Write ``instance`` (the same id, new tags or meta) over ``lease``'s entry in
+        place: a register of the same id (Consul keeps its checks' statuses), on the
+        same liveness (shared or its own) and reaping delay.
+
+        The entry is read first: when it is gone (deregistered by someone else), a
+        :class:`LeaseLost`, so the registrar registers it again and counts a lease
+        loss and a re-registration, as its next read-back would have (a register
+        alone would put it back unnoticed).
+        """
+        self.validate(instance)
+        if await self.lookup(lease) is None:
+            raise LeaseLost(
+                f"our entry {instance.id!r} is gone from the Consul agent (deregistered "
+                "by someone else?): registering it again",
+                **error_context("consul", instance=instance),
+            )
+        register = self.register_shared if lease.shared else self.register
+        return await register(
+            instance,
+            ttl=lease.ttl,
+            status=status,
+            note=note,
+            deregister_critical_after=self._reap.get(str(lease.handle)),
+        )
 
     async def _update_check(
         self, lease: Lease, check_id: str, status: HealthStatus, note: str
@@ -701,6 +737,7 @@ class ConsulBackend:
     async def deregister(self, lease: Lease) -> None:
         """Remove the service; the last shared one of its TTL also removes the heartbeat."""
         self._status.pop(str(lease.handle), None)
+        self._reap.pop(str(lease.handle), None)
         if not lease.shared:
             await self._deregister_service(lease)
             return
@@ -814,6 +851,7 @@ class ConsulBackend:
             )
         group.join(member)
         self._status[check] = (status, note)
+        self._reap[check] = reap_after
         return lease
 
     def follow(self, lease: Lease, notify: Callable[[LivenessNews], None]) -> Callable[[], None]:
