@@ -150,9 +150,10 @@ def test_consul_refuses_a_weight_it_cannot_hold() -> None:
 
 
 def test_the_agent_and_load_registrars_refuse_a_weight_consul_cannot_hold(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from registry_agent import load_registrars
+    from registry_agent._cli import main
 
     path = tmp_path / "agent.toml"
     service = '[backend]\nurl = "consul://127.0.0.1:1"\n[[service]]\nname = "orders"\nport = 1\n'
@@ -162,6 +163,9 @@ def test_the_agent_and_load_registrars_refuse_a_weight_consul_cannot_hold(
     assert caught.value.field == "service[0]"
     assert "meta.weight: Consul takes weights up to 65535, got 65536" in str(caught.value)
     assert str(path) in str(caught.value)
+    assert main(["check", "-c", str(path)]) == 2
+    said = capsys.readouterr().err
+    assert f"{path}: service[0]: meta.weight: Consul takes weights up to 65535" in said, said
     path.write_text(f'{service}address = "127.0.0.1"\nweight = 65535\n')
     (registrar,) = load_registrars(path)
     assert registrar.instance.meta["weight"] == "65535"
