@@ -214,6 +214,10 @@ def test_a_process_whose_check_hangs_exits_right_after_stop(
         try:
             assert proc.stdout.readline().strip() == "registered"
             stopping = proc.stdout.readline()
+            for _ in range(20):  # the withdrawal is logged (WARNING, on stderr) before it
+                if stopping.startswith("stopping") or not stopping:
+                    break
+                stopping = proc.stdout.readline()
             stopped_at = time.monotonic()
             assert stopping.startswith("stopping"), stopping
             assert "timed out after 0.3s" in stopping or "still running" in stopping, stopping
