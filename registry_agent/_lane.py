@@ -57,6 +57,28 @@ def _accepts(function: Callable[..., Any], keyword: str) -> bool:
     return any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
+class _Listener:
+    """What a lane gives a backend that shares liveness (``SharedLiveness.follow``).
+
+    Called with :class:`LivenessNews` (act on it now); ``tally(counter)`` is the
+    backend crediting a shared renewal or read-back that covered this lane
+    (``heartbeats_ok``, ``heartbeats_failed``, ``verifications``): counted, nothing
+    woken. A backend finds ``tally`` with ``getattr``; one without it credits nothing.
+    """
+
+    __slots__ = ("lane",)
+
+    def __init__(self, lane: BackendLane) -> None:
+        self.lane = lane
+
+    def __call__(self, news: LivenessNews) -> None:
+        self.lane._on_news(news)
+
+    def tally(self, counter: str) -> None:
+        """Count a shared renewal (failed or not) or read-back for this lane."""
+        self.lane.reg.credit(counter)
+
+
 class BackendLane:
     """One backend of a registrar: its healing machine (:class:`Registration`), reconcile
     loop, lease, shared-liveness and connection follows, retries and backoff.
@@ -95,6 +117,7 @@ class BackendLane:
         # Set while a backend that shares liveness tells us about our lease.
         self._unfollow: Callable[[], None] | None = None
         self._followed: Lease | None = None
+        self._listener = _Listener(self)
         self._unfollow_connection: Callable[[], None] = lambda: None
         #: Set when the registrar let this backend go (``set_backends``): it stops alone.
         self.dropped = False
@@ -369,7 +392,7 @@ class BackendLane:
             return
         self._stop_following()
         if lease is not None and lease.shared and isinstance(self.backend, SharedLiveness):
-            self._unfollow = self.backend.follow(lease, self._on_news)
+            self._unfollow = self.backend.follow(lease, self._listener)
 
     def _on_news(self, news: LivenessNews) -> None:
         # The shared renewal or verification concerns us: act on it now.

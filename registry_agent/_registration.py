@@ -12,7 +12,9 @@ emits the events and writes the logs. Its rules:
   anything else with a growing jittered backoff (never past our entry's expiry);
 - no renewal for a TTL counts the entry lost; a failed read retries within a heartbeat;
 - a shared lease (the backend renews and verifies for many registrations) runs no
-  timers: its news asks for a heartbeat (answered from memory) or a read now.
+  timers: its news asks for a heartbeat (answered from memory) or a read now, and the
+  backend credits each shared renewal and read-back to every registration it covers
+  (:meth:`Registration.credit`), so the counters count as they do without it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from registry_agent._reconcile import Step, next_step
 from registry_agent._status import RegistrationCounters
 
 __all__ = [
+    "CREDITED",
     "Change",
     "Event",
     "Failed",
@@ -46,6 +49,9 @@ __all__ = [
 
 # A registry that cannot be reached is logged again at most this often.
 _REPEAT_LOG_EVERY = 30.0
+
+#: The counters a backend that shares liveness credits (see :meth:`Registration.credit`).
+CREDITED = ("heartbeats_ok", "heartbeats_failed", "verifications")
 
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
 
@@ -176,6 +182,8 @@ class Registration:
         self._wanted: HealthStatus | None = None
         self._note = ""
         self._started = 0.0
+        # The backend credits its shared renewals: answers from memory are not counted.
+        self._credited = False
 
     # -- questions ---------------------------------------------------------------
 
@@ -276,6 +284,29 @@ class Registration:
         """Read our entry back at once (the connection changed, or the backend asked)."""
         self.verify_due = now
 
+    def credit(self, counter: str) -> None:
+        """A shared renewal (``heartbeats_ok``, ``heartbeats_failed``) or read-back
+        (``verifications``) the backend made covered this registration: count it.
+
+        From the first credit on, the heartbeats a shared lease answers from memory
+        are not counted (they renew nothing); our own reads back still are. Another
+        name is ignored.
+        """
+        counters = self.counters
+        if counter == "heartbeats_ok":
+            counters.heartbeats_ok += 1
+        elif counter == "heartbeats_failed":
+            counters.heartbeats_failed += 1
+        elif counter == "verifications":
+            counters.verifications += 1
+        else:
+            return
+        self._credited = True
+
+    def _counts_heartbeat(self) -> bool:
+        """Whether a HEARTBEAT step counts as one (not a shared one the backend credits)."""
+        return not (self._credited and self.lease is not None and self.lease.shared)
+
     # -- outcomes --------------------------------------------------------------------
 
     def succeeded(self, step: Step, now: float, result: object = None) -> Outcome:
@@ -329,7 +360,8 @@ class Registration:
             changes += self._read_back(result)
             self.verify_due = self._next_verify(now)  # held elsewhere: keep reading it back
         elif step is Step.HEARTBEAT:
-            self.counters.heartbeats_ok += 1
+            if self._counts_heartbeat():
+                self.counters.heartbeats_ok += 1
             if self.lease is not None and self.lease.shared:
                 self.heartbeat_due = math.inf  # answered from memory: the shared renewal is fine
             else:
@@ -358,7 +390,7 @@ class Registration:
             return lost, pause if self.losses_in_row > 1 else None
         self.failures += 1
         self.counters.errors += 1
-        if step is Step.HEARTBEAT:
+        if step is Step.HEARTBEAT and self._counts_heartbeat():
             self.counters.heartbeats_failed += 1
         self.last_error = scrub_credentials(str(error))
         changes: list[Change] = []

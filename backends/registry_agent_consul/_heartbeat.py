@@ -8,6 +8,11 @@ entry differs from what was written (:attr:`LivenessNews.VERIFY`). A heartbeat
 the agent no longer knows (restarted empty), or renewals failing for a whole
 TTL, count the group's liveness lost: every member is told
 (:attr:`LivenessNews.RENEWAL`) and registers again on a new generation.
+
+Each renewal (passed or failed) and each read-back is credited to every member
+it covered, through its listener's ``tally`` (the registrar's counters
+``heartbeats_ok``, ``heartbeats_failed``, ``verifications``): one call per member,
+no request, no wake-up.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ class Member:
     #: The service fields written (``_flavors.write_entry``); None: the instance's own.
     payload: Mapping[str, Any] | None = None
     listeners: list[Callable[[LivenessNews], None]] = field(default_factory=list)
+    #: The listeners' ``tally`` (those that have one): credited with what covered the member.
+    tallies: list[Callable[[str], None]] = field(default_factory=list)
 
     @property
     def has_health(self) -> bool:
@@ -237,10 +244,16 @@ class HeartbeatGroup:
         if member is None:
             return lambda: None
         member.listeners.append(notify)
+        tally: Callable[[str], None] | None = getattr(notify, "tally", None)
+        if tally is not None:
+            member.tallies.append(tally)
 
         def unfollow() -> None:
             with contextlib.suppress(ValueError):
                 member.listeners.remove(notify)
+            if tally is not None:
+                with contextlib.suppress(ValueError):
+                    member.tallies.remove(tally)
 
         return unfollow
 
@@ -270,6 +283,7 @@ class HeartbeatGroup:
         old = self.members.get(member.lease.instance.id)
         if old is not None:
             member.listeners = old.listeners
+            member.tallies = old.tallies
         self.members[member.lease.instance.id] = member
 
     def leave(self, instance: ServiceInstance) -> bool:
@@ -319,6 +333,20 @@ class HeartbeatGroup:
                 except Exception:  # a listener's bug must not stop the heartbeat
                     log.exception("a liveness listener failed", extra={"backend": "consul"})
 
+    def _credit(self, counter: str, members: list[Member]) -> None:
+        """Count ``counter`` once for each of ``members`` (see the module docstring)."""
+        for member in members:
+            for tally in member.tallies:
+                try:
+                    tally(counter)
+                except Exception:  # a listener's bug must not stop the heartbeat
+                    log.exception("a liveness tally failed", extra={"backend": "consul"})
+
+    def _current(self) -> list[Member]:
+        """The members written on the live generation (those a renewal keeps alive)."""
+        generation = self.generation
+        return [m for m in self.members.values() if m.generation == generation]
+
     def _lose(self, why: str) -> None:
         """Count the liveness lost: a new generation, every member told."""
         self._registered = False
@@ -338,8 +366,9 @@ class HeartbeatGroup:
         attempt = 0
         while True:
             back = False
+            renewing = self._registered
             try:
-                if self._registered:
+                if renewing:
                     await self.calls.renew(self.service_id)
                 else:
                     back = bool(self._lost_why)  # a new heartbeat after a loss
@@ -351,6 +380,8 @@ class HeartbeatGroup:
                 continue
             except BackendError as exc:
                 attempt += 1
+                if renewing:
+                    self._credit("heartbeats_failed", self._current())
                 if self._registered and time.monotonic() - self._since_ok >= self.ttl:
                     self._lose(f"no renewal for {self.ttl:g}s: {exc}")
                 elif self._registered and self._error is None:
@@ -369,6 +400,8 @@ class HeartbeatGroup:
             attempt = 0
             self._since_ok = time.monotonic()
             self.last_renewal = time.time()
+            if renewing:
+                self._credit("heartbeats_ok", self._current())
             if self._error is not None or back:
                 # Renewing again, or a new heartbeat after a loss: members in a backoff
                 # (registering again on the new one) go now, not after their own delay.
@@ -396,13 +429,16 @@ class HeartbeatGroup:
                 continue
             read = ReadBack.of(services, checks)
             stale = []
+            checked = []
             for m in list(self.members.values()):
                 if m.generation != generation or m.written_at >= started:
                     continue
+                checked.append(m)
                 foreign = foreign_status(m.lease.instance.id, read)
                 moved, m.foreign = foreign != m.foreign, foreign
                 if moved or entry_differs(m, self.check_id, read, foreign):
                     stale.append(m)
+            self._credit("verifications", checked)
             if stale:
                 log.debug(
                     "Consul verification: %d of %d entries differ",

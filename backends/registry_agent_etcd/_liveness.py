@@ -4,7 +4,10 @@ The group grants its lease lazily (single-flight), renews it on one long-lived
 ``LeaseKeepAlive`` stream every ttl/3, puts its members' keys on it in
 coalesced transactions, and reads them all back once per TTL. Members hear
 about the lease (renewal failing, recovered, lost) and about a differing entry
-through :class:`~registry_agent.LivenessNews`.
+through :class:`~registry_agent.LivenessNews`. Each renewal (answered or failed) and
+each read-back is credited to every member it covered, through its follower's
+``tally`` (the registrar's counters ``heartbeats_ok``, ``heartbeats_failed``,
+``verifications``): one call per member, no request, no wake-up.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -97,6 +100,8 @@ class _Stream:
 @dataclass(eq=False, slots=True)
 class _Follower:
     notify: Callable[[LivenessNews], None]
+    #: The listener's ``tally``, when it has one (see the module docstring).
+    tally: Callable[[str], None] | None = None
 
 
 @dataclass(slots=True)
@@ -345,6 +350,7 @@ class LeaseGroup:
                         return
                     self._last_ok, self._last_ok_wall = sent, time.time()
                     attempt = 0
+                    self.credit("heartbeats_ok", self._on(lease_id))
                     if self.error is not None:
                         self.error = None
                         log.info(
@@ -371,6 +377,7 @@ class LeaseGroup:
                     self.lose(lease_id, str(error))
                     return
                 attempt += 1
+                self.credit("heartbeats_failed", self._on(lease_id))
                 if self.error is None:
                     log.info(
                         "etcd shared lease %x: renewal failed, retrying: %s",
@@ -423,12 +430,15 @@ class LeaseGroup:
                 log.debug("etcd shared verification skipped: %s", exc)
                 continue
             self.stats.verifications += 1
+            checked: list[bytes] = []
             for key, member in settled.items():
                 if self.members.get(key) is not member or member.revision > revision:
                     continue  # changed meanwhile: a read this old cannot tell
+                checked.append(key)
                 kv = seen.get(key)
                 if kv is None or kv.lease != lease_id or kv.value != member.value:
                     self.tell(key, LivenessNews.VERIFY)
+            self.credit("verifications", checked)
 
     # -- puts ------------------------------------------------------------------
 
@@ -491,7 +501,7 @@ class LeaseGroup:
     # -- members ---------------------------------------------------------------
 
     def follow(self, key: bytes, notify: Callable[[LivenessNews], None]) -> Callable[[], None]:
-        follower = _Follower(notify)
+        follower = _Follower(notify, getattr(notify, "tally", None))
         self._followers.setdefault(key, []).append(follower)
 
         def unfollow() -> None:
@@ -519,6 +529,22 @@ class LeaseGroup:
                 follower.notify(news)
             except Exception:  # a follower's bug must not stop the group
                 log.exception("liveness follower failed on %s", news)
+
+    def credit(self, counter: str, keys: Iterable[bytes]) -> None:
+        """Count ``counter`` once for the members at ``keys`` (see the module docstring)."""
+        followers = self._followers
+        for key in keys:
+            for follower in followers.get(key, ()):
+                if follower.tally is None:
+                    continue
+                try:
+                    follower.tally(counter)
+                except Exception:  # a follower's bug must not stop the group
+                    log.exception("liveness tally failed on %s", counter)
+
+    def _on(self, lease_id: int) -> list[bytes]:
+        """The members whose entry is on ``lease_id`` (those its renewal keeps alive)."""
+        return [k for k, m in self.members.items() if m.lease_id == lease_id]
 
     def broadcast(self, news: LivenessNews) -> None:
         for key in list(self._followers):
