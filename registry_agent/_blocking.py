@@ -69,6 +69,10 @@ class LoopThread:
         """True (and one warning) when the loop was started in a process we forked from."""
         return self._fork is not None and self._fork.in_child(action)
 
+    def forked(self) -> bool:
+        """True (silently) when the loop was started in a process we forked from."""
+        return self._fork is not None and self._fork.forked()
+
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The running loop (starting the thread on first use, from any thread)."""
@@ -157,6 +161,42 @@ class LoopThread:
             loop.close()
 
 
+# Every started Registrar and Watcher, from start() until stop()/close(): the loop
+# thread keeps the async core running whether or not the app still holds the facade,
+# so the facade is held too. One the app dropped stays stoppable (the exit hook below)
+# and visible (RegistryCollector holds facades by weak reference only).
+_running: set[Registrar | Watcher] = set()
+_running_lock = threading.Lock()
+
+
+def _hold(facade: Registrar | Watcher) -> None:
+    with _running_lock:
+        _running.add(facade)
+
+
+def _release(facade: Registrar | Watcher) -> None:
+    with _running_lock:
+        _running.discard(facade)
+
+
+@atexit.register
+def _stop_running() -> None:
+    """At interpreter exit, stop every Registrar (deregistering it, within its stop
+    timeout) and close every Watcher still running, dropped by the app or not. Ones
+    started in another process (inherited through ``fork()``) are left alone, silently:
+    their registration is that process's."""
+    with _running_lock:
+        facades = list(_running)
+        _running.clear()
+    for facade in facades:
+        if facade._thread.forked():
+            continue
+        if isinstance(facade, Registrar):
+            facade.stop()
+        else:
+            facade.close()
+
+
 def _quietly(what: str, call: Callable[[], object]) -> None:
     """Run one shutdown step: whatever it raises is logged, never raised."""
     try:
@@ -176,8 +216,13 @@ class Registrar:
     entry kept in each, see :class:`AsyncRegistrar`); registration runs on a
     private event-loop thread created by :meth:`start`. With
     ``install_signal_handlers=True`` (call :meth:`start` from the main thread),
-    SIGTERM/SIGINT deregister before the signal takes its usual course, and an
-    ``atexit`` hook stops it too.
+    SIGTERM/SIGINT deregister before the signal takes its usual course.
+
+    A started registrar is held by the module from :meth:`start` until
+    :meth:`stop` (its loop thread runs until then anyway): one the app no longer
+    references keeps its entry registered, stays in a
+    :class:`~registry_agent.RegistryCollector` it was added to, and is stopped
+    (deregistered) at interpreter exit, like every registrar still running then.
     """
 
     def __init__(
@@ -231,6 +276,7 @@ class Registrar:
         except BaseException:
             self._thread.close()
             raise
+        _hold(self)
         if self.install_signal_handlers:
             self._install_signal_handlers()
         return self
@@ -270,6 +316,7 @@ class Registrar:
         if self._stopped:
             return
         self._stopped = True
+        _release(self)
         if self._thread.in_child("stop()"):
             return
         _quietly("removing the signal handlers", self._remove_signal_handlers)
@@ -341,6 +388,11 @@ class Watcher:
     :meth:`close` (from any thread) ends every pending iteration promptly.
     ``backend`` may be a list of URLs and Backends: one merged view of them all
     (see :class:`AsyncWatcher`).
+
+    A started watcher is held by the module from :meth:`start` (or the first
+    iteration) until :meth:`close`: one the app no longer references keeps
+    watching, stays in a :class:`~registry_agent.RegistryCollector` it was added
+    to, and is closed at interpreter exit.
     """
 
     def __init__(
@@ -381,6 +433,7 @@ class Watcher:
             if not self._started and not self._closed:
                 self._started = True
                 self._thread.run(self._async.start(), _QUICK)
+                _hold(self)
         return self
 
     def __iter__(self) -> Iterator[WatchEvent]:
@@ -437,6 +490,7 @@ class Watcher:
             if self._closed:
                 return
             self._closed = True
+        _release(self)
         self._closing.set_result(None)
         if self._thread.in_child("close()"):
             return
