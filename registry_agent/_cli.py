@@ -10,13 +10,17 @@ import argparse
 import asyncio
 import contextlib
 import enum
+import errno
 import json
 import logging
+import os
+import select
 import signal
+import stat
 import sys
 import time
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -62,6 +66,9 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     #: Stopped by Ctrl-C (SIGINT) before the end (``run`` and ``watch`` exit 0 on it).
     INTERRUPTED = 130
+    #: The reader of the output went away (``registry-agent watch … | head -1``): nothing
+    #: more is printed, nothing said on stderr; 128 + SIGPIPE, as a Unix tool killed by it.
+    BROKEN_PIPE = 141
 
 
 # The names earlier versions used.
@@ -157,6 +164,27 @@ class _Columns:
 
     def lines(self, rows: Iterable[Sequence[str]]) -> list[str]:
         return [self.line(row) for row in rows]
+
+
+class _StreamColumns(_Columns):
+    """Columns sized once, for a stream whose later rows are not known yet: every row
+    lines up with the header. A cell wider than its column pushes only what follows it
+    on its line, by what it overflows (one space after it at least), and the columns
+    after it take their places again as soon as a cell leaves room."""
+
+    def __init__(self, widths: Sequence[int], gap: int = 2) -> None:
+        self.widths = list(widths)
+        self.gap = " " * gap
+
+    def line(self, row: Sequence[str]) -> str:
+        text = ""
+        start = 0  # where this column starts on every line
+        for i, (cell, width) in enumerate(zip(row, self.widths, strict=True)):
+            if i:
+                text += " " * max(start - len(text), 1)
+            text += cell
+            start += width + len(self.gap)
+        return text.rstrip()
 
 
 # -- backends ------------------------------------------------------------------------
@@ -391,6 +419,35 @@ def _event_cells(event: WatchEvent) -> list[str]:
     ]
 
 
+# Sized up front: "HH:MM:SS", the longest event type, "unhealthy".
+_TIME_WIDTH = 8
+_EVENT_WIDTH = max(len(str(kind)) for kind in EventType)
+_HEALTH_WIDTH = len("unhealthy")
+# A default id is "<service>-<address>-<port>": room for an IPv4 address and any port.
+_ID_TAIL = len("-255.255.255.255-65535")
+_ADDRESS_WIDTH = len("255.255.255.255:65535")
+# Room left in the ID and ADDRESS columns beyond the widest cell of the first read.
+_WATCH_SLACK = 6
+
+
+def _watch_columns(services: Sequence[str], first: Sequence[Sequence[str]]) -> _StreamColumns:
+    """The columns of a streamed ``watch``: fixed where the values are known (time,
+    event, service, health), from the first read with room to spare for ids and
+    addresses, so rows printed later line up with the header."""
+    ids = max((len(row[3]) for row in first), default=0)
+    addresses = max((len(row[4]) for row in first), default=0)
+    longest_service = max(len(name) for name in services)
+    widths = [
+        max(_TIME_WIDTH, len(_WATCH_HEADER[0])),
+        max(_EVENT_WIDTH, len(_WATCH_HEADER[1])),
+        max(longest_service, len(_WATCH_HEADER[2])),
+        max(ids + _WATCH_SLACK, longest_service + _ID_TAIL),
+        max(addresses + _WATCH_SLACK, _ADDRESS_WIDTH),
+        _HEALTH_WIDTH,
+    ]
+    return _StreamColumns(widths)
+
+
 def _event_line(event: WatchEvent, as_json: bool, columns: _Columns | None = None) -> str:
     if as_json:
         # The event's own JSON shape, stamped with when we printed it.
@@ -438,7 +495,7 @@ async def _watch(
             handled.append(sig)
 
     async def body() -> None:
-        # The first read sets the columns' widths (later rows widen them if need be).
+        # --once: the columns fit the rows. A stream: sized at the first read, fixed after.
         synced = await watcher.wait_synced(timeout)
         if once:
             if not synced and not any(watcher._read_by_any(s) for s in services):
@@ -454,7 +511,8 @@ async def _watch(
             for event in events:
                 _print(_event_line(event, as_json, columns))
             return
-        columns = _Columns(_WATCH_HEADER, [_event_cells(e) for e in _current_events(watcher)])
+        first = [_event_cells(e) for e in _current_events(watcher)]
+        columns = _watch_columns(services, first)
         if not as_json:
             _print(columns.line(_WATCH_HEADER))
         seen = 0
@@ -466,13 +524,20 @@ async def _watch(
 
     task = asyncio.create_task(body())
     stopped = asyncio.create_task(stop.wait())
+    gone = asyncio.Event()
+    pipe = _notice_reader_gone(loop, gone.set)
+    reader_gone = asyncio.create_task(gone.wait())
     try:
-        # Until a signal, the end (--count, --once), or a failure of the watch itself.
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        # Until a signal, the end (--count, --once), a failure of the watch itself, or
+        # the reader of stdout going away while no event comes.
+        await asyncio.wait({task, stopped, reader_gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopped.cancel()
+        reader_gone.cancel()
         task.cancel()
         (outcome,) = await asyncio.gather(task, return_exceptions=True)
+        if pipe is not None:
+            loop.remove_reader(pipe)
         for sig in handled:
             loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):
@@ -480,7 +545,37 @@ async def _watch(
         await _close_all(backends)
     if isinstance(outcome, Exception):
         raise outcome
+    if gone.is_set():
+        raise BrokenPipeError(errno.EPIPE, "the reader of stdout went away")
     return ExitCode.OK
+
+
+def _notice_reader_gone(
+    loop: asyncio.AbstractEventLoop, callback: Callable[[], None]
+) -> int | None:
+    """When stdout is a pipe, call ``callback`` once its reader goes away, as ``tail -f``
+    does: a watch waiting for events would otherwise only find out at its next line. The
+    write end of a pipe polls as an error then. Returns the descriptor watched, if any."""
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return None
+    except (OSError, ValueError):  # not a real file (tests), closed
+        return None
+
+    def check() -> None:
+        poll = select.poll()
+        poll.register(fd, 0)  # no events asked: only errors and hang-ups are reported
+        if poll.poll(0):
+            callback()
+        # Done either way: a pipe opened for reading too would report data on end.
+        loop.remove_reader(fd)
+
+    try:
+        loop.add_reader(fd, check)
+    except (OSError, ValueError, NotImplementedError, RuntimeError):
+        return None
+    return fd
 
 
 # -- run, check and init -------------------------------------------------------------
@@ -518,6 +613,13 @@ async def _check_results(config: AgentConfig) -> list[dict[str, Any]]:
     return services
 
 
+def _one_line(text: str) -> str:
+    """A check's detail in a table row: its line breaks shown as `` ⏎ ``, tabs as spaces
+    (both would break the table; ``--json`` keeps the text as it is)."""
+    lines = text.strip().splitlines()
+    return " ⏎ ".join(line.replace("\t", " ").strip() for line in lines)
+
+
 async def _check(config: AgentConfig, as_json: bool) -> int:
     services = await _check_results(config)
     failing = sum(not c["ok"] for s in services for c in s["checks"])
@@ -535,7 +637,8 @@ async def _check(config: AgentConfig, as_json: bool) -> int:
     for service in services:
         for c in service["checks"]:
             mark = "ok" if c["ok"] else "FAIL"
-            rows.append([mark, service["id"], c["name"], f"{c['latency_ms']:.1f} ms", c["detail"]])
+            latency = f"{c['latency_ms']:.1f} ms"
+            rows.append([mark, service["id"], c["name"], latency, _one_line(c["detail"])])
         if not service["checks"]:
             rows.append(["ok", service["id"], "(no checks: registers at once)", "", ""])
     for line in _table(["", "SERVICE", "CHECK", "LATENCY", "DETAIL"], rows, gap=1)[1:]:
@@ -608,11 +711,49 @@ def _sample(path: str, url: str, name: str, port: int) -> str:
     )
 
 
+def _init_credentials(url: str) -> None:
+    """``init`` writes ``--backend`` into the file as it is: a password or token in it
+    would sit there in plain text, so it is refused, pointing to where it goes instead."""
+    try:
+        parsed = parse_backend_url(url, default_port=0)
+    except ConfigError:
+        return  # said by the loader, with the field
+    held = ["password" if parsed.password else ""] + [
+        key
+        for key, value in parsed.query.items()
+        if value
+        and not key.endswith("_file")
+        and any(w in key for w in ("token", "password", "secret"))
+    ]
+    for what in filter(None, held):
+        kind = "password" if "password" in what else "token"
+        where = "user:password@" if what == "password" and parsed.password else f"?{what}="
+        raise ConfigError(
+            f"holds a {kind} ({where}), which init would write into the file in plain text; "
+            f"leave it out and give it at run time: {kind}_file in [backend], or "
+            f"REGISTRY_AGENT_{kind.upper()}_FILE or REGISTRY_AGENT_{kind.upper()}",
+            field="--backend",
+        )
+
+
 def _init(path: str, force: bool, url: str | None, name: str, port: int) -> int:
     _check_name(name, "--service")
-    text = _sample(Path(path).name, url or _DEFAULT_INIT_BACKEND, name, port)
+    url = url or _DEFAULT_INIT_BACKEND
+    _init_credentials(url)
+    to_stdout = path == "-"
+    text = _sample("agent.toml" if to_stdout else Path(path).name, url, name, port)
     # What is written loads: a bad --backend URL is refused before any file is made.
-    parse_config(tomllib.loads(text), source=path, env={}, base=Path(path).parent)
+    try:
+        base = Path.cwd() if to_stdout else Path(path).parent
+        parse_config(tomllib.loads(text), source=path, env={}, base=base)
+    except ConfigError as exc:
+        if not to_stdout:
+            raise
+        raise ConfigError(exc.reason, field=exc.field) from None  # not a file named "-"
+    if to_stdout:  # `registry-agent init - > agent.toml`, `… | ssh host 'cat > agent.toml'`
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return ExitCode.OK
     try:
         with open(path, "w" if force else "x", encoding="utf-8") as file:
             file.write(text)
@@ -679,7 +820,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="registry-agent",
         description="Self-healing service registration for Consul and etcd.",
         epilog="exit status: 0 ok; 1 a check failed or a registry could not be read; "
-        "2 bad arguments, config or URL; 130 interrupted",
+        "2 bad arguments, config or URL; 130 interrupted; 141 the output's reader went away",
     )
     parser.add_argument("--version", action="version", version=f"registry-agent {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -694,7 +835,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="the result as one JSON object")
 
     init = commands.add_parser("init", help="write a commented sample agent.toml")
-    init.add_argument("path", nargs="?", default="agent.toml", metavar="PATH")
+    init.add_argument(
+        "path",
+        nargs="?",
+        default="agent.toml",
+        metavar="PATH",
+        help="default: agent.toml; -: stdout",
+    )
     init.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
     init.add_argument("--backend", metavar="URL", help=f"default: {_DEFAULT_INIT_BACKEND}")
     init.add_argument("--service", default="web", metavar="NAME", help="default: web")
@@ -749,6 +896,18 @@ def _dispatch(args: argparse.Namespace, secrets: list[str]) -> int:
     return _run(config, args.log_format, args.log_level)
 
 
+def _quiet_stdout() -> None:
+    """After the reader of stdout went away: what is left in its buffer, and anything
+    printed later, goes nowhere (the interpreter's final flush would otherwise say
+    "Exception ignored … BrokenPipeError" on stderr)."""
+    with contextlib.suppress(OSError, ValueError):  # not a real file (tests), closed
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``registry-agent`` console script; returns an :class:`ExitCode`."""
     try:
@@ -775,6 +934,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             watcher_log.setLevel(logging.INFO)  # "resumed" ends a failure episode
     try:
         return _dispatch(args, secrets)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return ExitCode.BROKEN_PIPE
     except ConfigError as exc:
         _fail(exc, secrets)
         return ExitCode.USAGE

@@ -19,7 +19,7 @@ import pytest
 
 from registry_agent import EventType, HealthStatus, InstanceHealth, ServiceInstance, WatchEvent
 from registry_agent._agent.config import load_config
-from registry_agent._cli import ExitCode, _event_line, main
+from registry_agent._cli import ExitCode, _event_line, _StreamColumns, main
 from registry_agent._urls import parse_backend_url
 from registry_agent.testing.memory import MemoryRegistry
 from registry_agent.testing.servers import free_port
@@ -236,9 +236,14 @@ def test_watch_count_exits_after_n_events_and_a_deleted_row_has_no_health(
     assert out[4].split()[1:] == ["added", "orders", late.id, "[::1]:9", "healthy"]
     assert out[5].split()[1:] == ["deleted", "orders", late.id, "[::1]:9", "-"]
     assert "unhealthy" not in out[5]
-    # The first rows fit the header's widths; a longer id later widens its column.
+    # Every row lines up with the header; the id too long for its column pushes only the
+    # address along, the health is back in its column.
     assert_aligned(out[:4])
-    assert starts(out[4]) == starts(out[5])
+    for line in out[4:]:
+        assert len(late.id) > starts(out[0])[4] - starts(out[0])[3]
+        assert [starts(line)[i] for i in (0, 1, 2, 3, 5)] == [
+            starts(out[0])[i] for i in (0, 1, 2, 3, 5)
+        ], (out[0], line)
 
 
 def test_watch_line_of_a_deleted_instance_says_no_health() -> None:
@@ -445,4 +450,249 @@ def test_exit_codes_are_the_documented_ones() -> None:
         ("FAILED", 1),
         ("USAGE", 2),
         ("INTERRUPTED", 130),
+        ("BROKEN_PIPE", 141),
     ]
+
+
+# -- the reader of the output going away -------------------------------------------------
+
+
+def _cli_in_a_subprocess(setup: str, argv: list[str]) -> subprocess.Popen[str]:
+    """``main(argv)`` in a child whose stdout and stderr are pipes, after ``setup`` (which
+    fills ``registry``, a MemoryRegistry living in that child)."""
+    code = (
+        "import sys, uuid\n"
+        "from registry_agent import InstanceHealth, ServiceInstance\n"
+        "from registry_agent._cli import main\n"
+        "from registry_agent.testing.memory import MemoryRegistry\n"
+        "registry = MemoryRegistry.named(f'pipe-{uuid.uuid4().hex}')\n"
+        f"{setup}\n"
+        f"sys.exit(main({argv!r} + ['--backend', registry.url]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _read_one_line_and_leave(proc: subprocess.Popen[str]) -> tuple[str, int, str]:
+    """What ``… | head -1`` does: one line read, then the pipe closed."""
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    try:
+        first = proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read()
+        code = proc.wait(timeout=30)
+    finally:
+        proc.stderr.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return first, code, err
+
+
+# More output than a pipe holds (64 KiB): the command is still writing when the reader leaves.
+_MANY = 3000
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("setup", "argv", "header"),
+    [
+        (
+            f"for port in range(1, {_MANY + 1}):\n"
+            "    registry.put(InstanceHealth(ServiceInstance('orders', address='10.0.0.1', "
+            "port=port)), ttl=600)",
+            ["list", "orders"],
+            "ID",
+        ),
+        (
+            f"for n in range({_MANY}):\n"
+            "    registry.put(InstanceHealth(ServiceInstance(f'service-{n}', address='10.0.0.1', "
+            "port=80)), ttl=600)",
+            ["services"],
+            "SERVICE",
+        ),
+        (
+            f"for port in range(1, {_MANY + 1}):\n"
+            "    registry.put(InstanceHealth(ServiceInstance('orders', address='10.0.0.1', "
+            "port=port)), ttl=600)",
+            ["list", "orders", "--json"],
+            '{"service": "orders"',
+        ),
+    ],
+)
+def test_a_reader_going_away_ends_the_command_quietly(
+    setup: str, argv: list[str], header: str
+) -> None:
+    first, code, err = _read_one_line_and_leave(_cli_in_a_subprocess(setup, argv))
+    assert first.startswith(header), first
+    assert err == ""  # was: registry-agent: unexpected BrokenPipeError: [Errno 32] Broken pipe
+    assert code == 141
+    assert code == ExitCode.BROKEN_PIPE
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_watch_waiting_for_events_notices_its_reader_going_away(as_json: bool) -> None:
+    # No event comes after the current state: the watch only waits, as `tail -f` would.
+    setup = (
+        "registry.put(InstanceHealth(ServiceInstance('orders', address='10.0.0.1', port=80)), "
+        "ttl=600)"
+    )
+    argv = ["watch", "orders", *(["--json"] if as_json else [])]
+    proc = _cli_in_a_subprocess(setup, argv)
+    started = time.monotonic()
+    first, code, err = _read_one_line_and_leave(proc)
+    assert first.startswith('{"type": "added"' if as_json else "TIME"), first
+    assert err == ""
+    assert code == ExitCode.BROKEN_PIPE
+    assert time.monotonic() - started < 20
+
+
+# -- watch columns ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_watch_rows_arriving_later_line_up_with_the_header(
+    registry: MemoryRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The first read: short ids and addresses. Later: a longer (ordinary) id and address,
+    # a much longer id, an 'updated' and a 'deleted' event.
+    longer = ServiceInstance("orders", address="192.168.100.200", port=65000)
+    overflowing = ServiceInstance(
+        "orders", id="an-instance-id-longer-than-its-column", address="10.0.0.9", port=9
+    )
+
+    def change() -> None:
+        time.sleep(0.3)
+        lease = registry.put(InstanceHealth(longer), ttl=60)
+        time.sleep(0.2)
+        retagged = ServiceInstance(longer.service, address=longer.address, port=65000, tags=("v2",))
+        registry.put(InstanceHealth(retagged), ttl=60, lease_id=lease)
+        time.sleep(0.2)
+        other = registry.put(InstanceHealth(overflowing), ttl=60)
+        time.sleep(0.2)
+        registry.delete("orders", overflowing.id, other)
+
+    thread = threading.Thread(target=change)
+    thread.start()
+    try:
+        assert main(["watch", "orders", "users", "--backend", registry.url, "--count", "8"]) == 0
+    finally:
+        thread.join()
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 9, out  # the header, 4 current, 4 later
+    header = starts(out[0])
+    normal = [line for line in out[1:] if overflowing.id not in line]
+    assert len(normal) == 6
+    for line in normal:
+        assert starts(line) == header, (out[0], line)
+    assert any("192.168.100.200:65000" in line for line in normal)  # wider than the first read
+    assert any(line.split()[1] == "updated" for line in normal)
+    # The overflowing id pushes the address only; the health is back in its column.
+    assert len(overflowing.id) > header[4] - header[3]
+    for line in out[1:]:
+        if overflowing.id in line:
+            assert [starts(line)[i] for i in (0, 1, 2, 3, 5)] == [
+                header[i] for i in (0, 1, 2, 3, 5)
+            ], (out[0], line)
+            assert starts(line)[4] == starts(line)[3] + len(overflowing.id) + 1
+
+
+def test_stream_columns_overflow_shifts_only_what_it_must() -> None:
+    columns = _StreamColumns([3, 3, 3])
+    assert columns.line(["a", "b", "c"]) == "a    b    c"
+    assert columns.line(["aaaaaa", "b", "c"]) == "aaaaaa b  c"  # back in place at c
+    assert columns.line(["aaaaaaaaaaaaa", "b", "c"]) == "aaaaaaaaaaaaa b c"  # one space at least
+
+
+# -- init: credentials, stdout ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("etcd://root:s3cret-pw@127.0.0.1:2379", "password"),
+        ("etcd://127.0.0.1:2379?user=root&password=s3cret-pw", "password"),
+        ("consul://127.0.0.1:8500?token=s3cret-pw", "token"),
+    ],
+)
+def test_init_refuses_a_credential_in_the_backend_url(
+    url: str, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "agent.toml"
+    for target in (str(path), "-"):
+        assert main(["init", target, "--backend", url]) == ExitCode.USAGE
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.count("\n") == 1
+        assert captured.err.startswith("registry-agent: --backend: holds a ")
+        assert "s3cret-pw" not in captured.err
+        assert f"{kind}_file" in captured.err
+        assert f"REGISTRY_AGENT_{kind.upper()}" in captured.err
+    assert not path.exists()
+
+
+def test_init_takes_a_secret_file_in_the_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "agent.toml"
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-token\n")
+    url = f"consul://127.0.0.1:8500?token_file={secret}"
+    assert main(["init", str(path), "--backend", url]) == 0
+    assert "s3cret-token" not in path.read_text()
+    assert load_config(path, env={}).backend.url == url  # the file named, read at run time
+    capsys.readouterr()
+
+
+def test_init_dash_prints_the_sample(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "-", "--service", "orders", "--port", "9000"]) == 0
+    captured = capsys.readouterr()
+    assert list(tmp_path.iterdir()) == []  # no file named "-"
+    assert captured.err == ""
+    assert captured.out.startswith("# agent.toml: ")
+    assert "wrote" not in captured.out
+    (tmp_path / "agent.toml").write_text(captured.out)
+    (service,) = load_config(tmp_path / "agent.toml", env={}).services
+    assert (service.instance.service, service.instance.port) == ("orders", 9000)
+    # A mistake names the field, not a file "-".
+    assert main(["init", "-", "--backend", "consul://h:notaport"]) == ExitCode.USAGE
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("registry-agent: backend")
+    assert "expected a port 1-65535" in captured.err
+
+
+# -- check: a detail on several lines ----------------------------------------------------
+
+
+def test_check_table_shows_a_multi_line_detail_on_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "agent.toml"
+    assert main(["init", str(path), "--backend", "memory://check-lines", "--port", "1"]) == 0
+    script = "printf 'first line\\nsecond\\tline\\r\\nthird\\n'; exit 3"
+    text = path.read_text().replace(
+        'http = "http://127.0.0.1:1/healthz"',
+        f'command = {json.dumps(["sh", "-c", script])}\nname = "lines"',
+    )
+    path.write_text(text)
+    capsys.readouterr()
+    assert main(["check", "-c", str(path)]) == ExitCode.FAILED
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2, out  # one row, the summary
+    assert out[0].startswith("FAIL ")
+    assert out[0].endswith("first line ⏎ second line ⏎ third"), out[0]
+    assert main(["check", "-c", str(path), "--json"]) == ExitCode.FAILED
+    (check,) = json.loads(capsys.readouterr().out)["services"][0]["checks"]
+    assert "first line\nsecond\tline" in check["detail"]  # JSON keeps the text as it is
