@@ -7,11 +7,13 @@ import asyncio
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -257,3 +259,46 @@ def test_init_then_check_against_a_real_consul(
     path.write_text(path.read_text().replace(f":{health_port}/healthz", f":{closed}/healthz"))
     assert main(["check", "-c", str(path)]) == 1
     assert "FAIL web-" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("registry", ["consul", "etcd"])
+def test_watch_piped_to_head_ends_quietly_while_it_waits_on_a_real_registry(
+    registry: str, consul_server: ConsulServer, etcd_server: EtcdServer, measured: Measured
+) -> None:
+    # `registry-agent watch orders | head -2`: the watch then waits in a blocking query
+    # (Consul) or an open watch stream (etcd) for a change that does not come; it ends
+    # when the reader goes away, as `tail -f` does, with 141 and nothing on stderr.
+    url = consul_server.url if registry == "consul" else etcd_server.url
+    service = f"piped-{registry}-{uuid.uuid4().hex[:8]}"
+    asyncio.run(register_once(url, instance(service, 9030)))
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "registry_agent", "watch", service, "--backend", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        header, row = proc.stdout.readline(), proc.stdout.readline()
+        assert header.split() == ["TIME", "EVENT", "SERVICE", "ID", "ADDRESS", "HEALTH"]
+        expected = ["added", service, f"{service}-127.0.0.1-9030", "127.0.0.1:9030", "healthy"]
+        assert row.split()[1:] == expected
+        assert [m.start() for m in re.finditer(r"\S+", row)] == [
+            m.start() for m in re.finditer(r"\S+", header)
+        ]  # the row lines up with the header
+        started = time.monotonic()
+        proc.stdout.close()
+        code = proc.wait(timeout=20)
+        measured(f"{registry}: watch exit after its reader left", time.monotonic() - started, 20)
+        assert proc.stderr.read() == ""
+        assert code == 141
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
