@@ -132,6 +132,8 @@ class ServiceInstance:
             raise ConfigError(f"expected a node name, got {self.node!r}", field="node")
         if isinstance(self.port, bool) or not isinstance(self.port, int):
             raise ConfigError(f"expected an integer 1-65535, got {self.port!r}", field="port")
+        if self.port == 0:
+            raise ConfigError("expected an integer 1-65535 (the port is required)", field="port")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"expected an integer 1-65535, got {self.port}", field="port")
         address = self.address or advertised_address()

@@ -30,14 +30,16 @@ import asyncio
 import contextlib
 import logging
 import math
+import multiprocessing
 import signal
+import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any, Unpack
 
 from registry_agent._errors import ConfigError
-from registry_agent._health.checks import TcpCheck
+from registry_agent._health.checks import HealthCheck, TcpCheck
 from registry_agent._models import ServiceInstance
 from registry_agent._registrar import AsyncRegistrar, BackendArg, RegistrarArgs, chain_signal
 
@@ -50,6 +52,15 @@ log = logging.getLogger("registry_agent.integrations")
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+#: Every keyword the registrar takes (the options included).
+_REGISTRAR_KEYWORDS = frozenset(RegistrarArgs.__optional_keys__ | RegistrarArgs.__required_keys__)
+_LIFESPAN_KEYWORDS = frozenset(
+    {"lifespan", "drain_delay", "handle_signals", "stop_timeout", "wait_registered"}
+)
+
+#: Seconds without a registration, the checks failing, before one WARNING says why.
+UNREGISTERED_WARNING_AFTER = 10.0
 
 
 def serving_check(
@@ -78,6 +89,109 @@ def _seconds(value: object, name: str, *, positive: bool) -> float:
         bound = "greater than 0" if positive else "0 or more"
         raise ConfigError(f"expected {bound} seconds, got {value!r}", field=name)
     return float(value)
+
+
+def check_arguments(
+    instance: object, kwargs: dict[str, Any], own: Iterable[str], *, excluded: str
+) -> None:
+    """The arguments every launcher here checks first: a ServiceInstance, known
+    keywords only (all of them listed when one is not), ``checks`` a list."""
+    if not isinstance(instance, ServiceInstance):
+        raise ConfigError(
+            f"expected a ServiceInstance(service, address=..., port=...), got {instance!r}",
+            field="instance",
+        )
+    accepted = (_REGISTRAR_KEYWORDS - {excluded}) | set(own)
+    unknown = sorted(set(kwargs) - accepted - {excluded})
+    if unknown:
+        raise ConfigError(
+            f"unknown keyword; expected one of {', '.join(sorted(accepted))}", field=unknown[0]
+        )
+    checks = kwargs.get("checks", ())
+    if (
+        isinstance(checks, HealthCheck | str | bytes)
+        or callable(checks)
+        or not isinstance(checks, Iterable)
+    ):
+        raise ConfigError(
+            f"expected a list of checks (checks=[HttpCheck(...)]), got {checks!r}",
+            field="checks",
+        )
+
+
+def uvicorn_config() -> Any | None:
+    """The :class:`uvicorn.Config` of the uvicorn server running this code, when one
+    does (read from the calling thread's stack); None otherwise."""
+    if "uvicorn.server" not in sys.modules:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "run" and frame.f_globals.get("__name__") == "uvicorn.server":
+            return getattr(frame.f_locals.get("self"), "config", None)
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _uvicorn_worker() -> bool:
+    """True in a worker process of uvicorn's multiprocess supervisor (``--workers N``,
+    or its ``Multiprocess`` run by hand). A ``--reload`` child is not one: it is the
+    only server process, replaced when the code changes."""
+    if multiprocessing.parent_process() is None or "uvicorn.supervisors.multiprocess" not in (
+        sys.modules
+    ):
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if (
+            code.co_name == "target"
+            and frame.f_globals.get("__name__") == "uvicorn.supervisors.multiprocess"
+        ):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+def _refuse_uvicorn_workers(instance: ServiceInstance) -> None:
+    if _uvicorn_worker():
+        raise ConfigError(
+            f"registry_lifespan cannot run in a worker of 'uvicorn --workers': every worker "
+            f"would register {instance.id} and the first to stop would remove it for all; "
+            f"serve the app with registry_agent.integrations.uvicorn.run(...) (one "
+            f"registration held by the supervisor, the app without registry_lifespan) "
+            f"or without --workers",
+            field="workers",
+        )
+
+
+def _shown(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _warn_if_unregistered(
+    registrar: AsyncRegistrar, after: float, bound: tuple[str, int] | None
+) -> None:
+    """One WARNING when, ``after`` seconds on, the entry was never registered because
+    its checks fail (the registry's own errors are logged by the registrar)."""
+    await asyncio.sleep(after)
+    if registrar.registered or registrar.gate.healthy:
+        return
+    instance = registrar.instance
+    where = _shown(instance.address, instance.port)
+    listens = ""
+    if bound is not None and bound[0] != instance.address:
+        listens = f"; uvicorn listens on {_shown(*bound)}"
+    log.warning(
+        "%s is not registered after %gs: its checks fail (%s); a check probing the "
+        "advertised address means %s is not reachable from here%s: give "
+        "ServiceInstance(address=...) where peers reach the server, or checks=[...]",
+        instance.id,
+        after,
+        registrar.failing_checks(),
+        where,
+        listens,
+        extra={"event": "not_registered", "service": instance.service},
+    )
 
 
 def _loop_owned(previous: object, loop: asyncio.AbstractEventLoop, sig: int) -> bool:
@@ -218,16 +332,17 @@ def registry_lifespan(
 
     Raises :class:`~registry_agent.ConfigError` at once for bad arguments.
     """
-    delay = _seconds(drain_delay, "drain_delay", positive=False)
-    bound = _seconds(stop_timeout, "stop_timeout", positive=True)
-    if wait_registered is not None:
-        _seconds(wait_registered, "wait_registered", positive=True)
     if "install_signal_handlers" in kwargs:
         raise ConfigError(
             "registry_lifespan hooks the signals itself (withdraw, drain_delay, then the "
             "server's own handler): use handle_signals=True/False",
             field="install_signal_handlers",
         )
+    check_arguments(instance, dict(kwargs), _LIFESPAN_KEYWORDS, excluded="install_signal_handlers")
+    delay = _seconds(drain_delay, "drain_delay", positive=False)
+    bound = _seconds(stop_timeout, "stop_timeout", positive=True)
+    if wait_registered is not None:
+        _seconds(wait_registered, "wait_registered", positive=True)
     if lifespan is not None and not callable(lifespan):
         raise ConfigError(
             f"expected the app's lifespan function, got {lifespan!r}", field="lifespan"
@@ -248,6 +363,7 @@ def registry_lifespan(
 
     @asynccontextmanager
     async def registered(app: Any) -> AsyncIterator[Any]:
+        _refuse_uvicorn_workers(instance)
         registrar = next_registrar()
         async with AsyncExitStack() as stack:
             state = None
@@ -256,13 +372,19 @@ def registry_lifespan(
             app_state = getattr(app, "state", None)
             if app_state is not None:
                 app_state.registrar = registrar
+            config = uvicorn_config()
+            listening = None if config is None else (str(config.host), int(config.port))
             await registrar.start(wait_registered=wait_registered)
+            warner = asyncio.get_running_loop().create_task(
+                _warn_if_unregistered(registrar, UNREGISTERED_WARNING_AFTER, listening)
+            )
             signals = ShutdownSignals(registrar, delay, bound)
             if handle_signals:
                 signals.install()
             try:
                 yield state
             finally:
+                warner.cancel()
                 await signals.finish()
                 await registrar.stop(bound)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -28,12 +29,13 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Unpack
 
+from registry_agent._address import advertised_address
 from registry_agent._blocking import Registrar
 from registry_agent._errors import ConfigError
 from registry_agent._health.checks import CallableCheck
 from registry_agent._models import ServiceInstance
 from registry_agent._registrar import BackendArg, RegistrarArgs, chain_signal
-from registry_agent.integrations.starlette import _seconds
+from registry_agent.integrations.starlette import _seconds, check_arguments
 
 __all__ = ["answering_check", "run"]
 
@@ -41,6 +43,38 @@ log = logging.getLogger("registry_agent.integrations")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+_RUN_KEYWORDS = frozenset(
+    {"workers", "host", "port", "drain_delay", "stop_timeout", "health_path", "uvicorn_options"}
+)
+
+
+def _default_address(instance: ServiceInstance) -> bool:
+    """True when ``instance`` advertises the library's default address (it was built
+    without one, or with that same address)."""
+    try:
+        return instance.address == advertised_address()
+    except ConfigError:  # no default route: the address was given
+        return False
+
+
+def _advertise_bound_host(instance: ServiceInstance, host: str) -> ServiceInstance:
+    """The instance to register for a server bound to ``host``: an instance built
+    without an address advertises the bound host (unless it is a wildcard), as the
+    default route's address would reach nothing there."""
+    if host in _WILDCARDS or instance.address == host or not _default_address(instance):
+        return instance
+    default_id = f"{instance.service}-{instance.address}-{instance.port}".replace(":", "_")
+    moved = dataclasses.replace(
+        instance, address=host, id="" if instance.id == default_id else instance.id
+    )
+    log.info(
+        "%s: advertising %s, the host uvicorn binds, instead of the default route's %s",
+        moved.id,
+        host,
+        instance.address,
+        extra={"event": "advertised_address", "service": instance.service},
+    )
+    return moved
 
 
 def answering_check(
@@ -193,6 +227,12 @@ def run(
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    if "install_signal_handlers" in kwargs:
+        raise ConfigError(
+            "run() hooks the signals itself (withdraw, drain_delay, then the supervisor)",
+            field="install_signal_handlers",
+        )
+    check_arguments(instance, dict(kwargs), _RUN_KEYWORDS, excluded="install_signal_handlers")
     if not isinstance(app, str) or ":" not in app:
         raise ConfigError(
             f"expected the app as an import string like 'package.module:app' "
@@ -208,13 +248,10 @@ def run(
         raise ConfigError(
             f"expected a path like '/health', got {health_path!r}", field="health_path"
         )
+    if not isinstance(host, str):
+        raise ConfigError(f"expected an IP address or host name, got {host!r}", field="host")
     delay = _seconds(drain_delay, "drain_delay", positive=False)
     bound = _seconds(stop_timeout, "stop_timeout", positive=True)
-    if "install_signal_handlers" in kwargs:
-        raise ConfigError(
-            "run() hooks the signals itself (withdraw, drain_delay, then the supervisor)",
-            field="install_signal_handlers",
-        )
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("registry_agent.integrations.uvicorn.run() needs the main thread")
     options = dict(uvicorn_options or {})
@@ -224,10 +261,24 @@ def run(
                 f"{taken!r} is run()'s own argument (uds/fd/reload are not supported)",
                 field=f"uvicorn_options.{taken}",
             )
+    instance = _advertise_bound_host(instance, host)
+    if host not in _WILDCARDS and instance.address != host:
+        log.warning(
+            "%s advertises %s while uvicorn listens on %s only: peers reach it only if "
+            "something forwards there (else bind host=%r or '0.0.0.0'); the default check "
+            "probes the advertised address",
+            instance.id,
+            instance.address,
+            host,
+            instance.address,
+            extra={"event": "advertised_address", "service": instance.service},
+        )
     args: dict[str, Any] = dict(kwargs)
     if "checks" not in args:
         tls = bool(options.get("ssl_certfile") or options.get("ssl_context_factory"))
-        args["checks"] = [answering_check(host, port, path=health_path, tls=tls)]
+        # What is advertised; for a wildcard bind, the loopback (the server is there).
+        probe = host if host in _WILDCARDS else instance.address
+        args["checks"] = [answering_check(probe, port, path=health_path, tls=tls)]
     registrar = Registrar(backend, instance, **args)  # ConfigError before anything binds
 
     config = uvicorn.Config(app, host=host, port=port, workers=workers, **options)
