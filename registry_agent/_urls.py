@@ -125,7 +125,8 @@ def _split_host_port(part: str, url: str, default_port: int | None) -> tuple[str
         host, port_text = part.split(":")
     elif ":" in part:
         raise ConfigError(
-            f"IPv6 addresses need brackets, as in [::1]:2379: {url!r}", field="backend"
+            f"IPv6 addresses need brackets, the port after them ([::1]:port): {url!r}",
+            field="backend",
         )
     else:
         host, port_text = part, ""
