@@ -12,10 +12,12 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import click
 import pytest
+from click.testing import CliRunner
 from flask import Flask
 
-from registry_agent import ConfigError, ServiceInstance
+from registry_agent import ConfigError, EnvBackendURL, ServiceInstance, advertised_address
 from registry_agent.integrations._devserver import InFlight
 from registry_agent.integrations.flask import RegistryAgent
 from registry_agent.testing.memory import MemoryRegistry
@@ -31,6 +33,16 @@ def _app(**config: Any) -> Flask:
 @pytest.fixture
 def registry() -> MemoryRegistry:
     return MemoryRegistry.named(f"flask-{uuid.uuid4().hex[:8]}")
+
+
+_ENV_BACKEND_VARIABLES = ("REGISTRY_AGENT_BACKEND", "CONSUL_HTTP_ADDR", "ETCDCTL_ENDPOINTS")
+
+
+@pytest.fixture(autouse=True)
+def no_backend_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings alone, whatever the environment running the tests holds."""
+    for variable in _ENV_BACKEND_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
 
 
 @pytest.mark.parametrize(
@@ -82,6 +94,65 @@ def test_flask_bad_settings_name_the_key(
     with pytest.raises(ConfigError) as raised:
         RegistryAgent(_app(**config), **kwargs)
     assert message in str(raised.value)
+
+
+def test_flask_without_a_backend_names_the_setting_and_the_variables() -> None:
+    with pytest.raises(ConfigError) as raised:
+        RegistryAgent(_app())
+    text = str(raised.value)
+    assert text.startswith('app.config["REGISTRY_AGENT_BACKEND"]: required'), text
+    for variable in _ENV_BACKEND_VARIABLES:
+        assert variable in text
+
+
+def test_flask_backend_from_the_environment_carries_its_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "127.0.0.1:8501")
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "s3cret-token")
+    ext = RegistryAgent(_app())
+    assert ext.settings is not None
+    backend = ext.settings.backend
+    # Passed through as backends_from_env gives it: the text safe to print, the token beside.
+    assert isinstance(backend, EnvBackendURL)
+    assert backend.startswith("consul://127.0.0.1:8501")
+    assert "s3cret" not in backend
+    assert backend.options == {"token": "s3cret-token"}
+    # Several URLs: the list; the setting wins over the environment.
+    monkeypatch.setenv("REGISTRY_AGENT_BACKEND", "memory://a memory://b")
+    ext = RegistryAgent(_app())
+    assert ext.settings is not None
+    assert ext.settings.backend == ["memory://a", "memory://b"]
+    ext = RegistryAgent(_app(BACKEND="memory://c"))
+    assert ext.settings is not None
+    assert ext.settings.backend == "memory://c"
+
+
+def test_flask_a_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "127.0.0.1:99999")
+    with pytest.raises(ConfigError, match=r"^environment: CONSUL_HTTP_ADDR: expected a port"):
+        RegistryAgent(_app())
+
+
+def test_flask_bad_settings_under_a_click_command_are_a_click_error() -> None:
+    """flask run shows it as one line, ``Error: …``, exit 2 (a ConfigError still)."""
+    runner = CliRunner()
+
+    @click.command()
+    def serve() -> None:
+        RegistryAgent(_app(BACKEND="memory://x"), health_path="healthz")
+
+    result = runner.invoke(serve, [])
+    assert result.exit_code == 2
+    assert result.output == (
+        "Error: RegistryAgent(health_path=…): expected a path starting with '/', "
+        "e.g. '/healthz', got 'healthz'\n"
+    )
+    assert isinstance(result.exception, SystemExit)
+    # Outside a click command: the plain ConfigError.
+    with pytest.raises(ConfigError) as raised:
+        RegistryAgent(_app(BACKEND="memory://x"), health_path="healthz")
+    assert type(raised.value) is ConfigError
 
 
 def test_flask_unknown_keyword_is_named() -> None:
@@ -201,7 +272,9 @@ def django_settings() -> Any:
         ),
         (
             {"service": "orders"},
-            'settings.REGISTRY_AGENT["backend"]: required',
+            'settings.REGISTRY_AGENT["backend"]: required: a registry URL such as '
+            "'consul://127.0.0.1:8500' or a list of them; or, in the environment, "
+            "REGISTRY_AGENT_BACKEND, or Consul's CONSUL_HTTP_ADDR, or etcd's ETCDCTL_ENDPOINTS",
         ),
     ],
 )
@@ -234,3 +307,47 @@ def test_django_good_settings(django_settings: Any) -> None:
         assert settings.make_instance("127.0.0.1", 8000).tags == ("v1",)
         with pytest.raises(ConfigError, match=r'REGISTRY_AGENT\["port"\]: required under an ASGI'):
             asgi_app(object())
+
+
+def test_django_backend_from_the_environment(
+    django_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.test import override_settings
+
+    from registry_agent.integrations.django import _check_settings, load_settings
+
+    monkeypatch.setenv("ETCDCTL_ENDPOINTS", "http://127.0.0.1:2379")
+    monkeypatch.setenv("ETCDCTL_USER", "app:pa ss")
+    with override_settings(REGISTRY_AGENT={"service": "orders"}):
+        assert _check_settings() == []
+        backend = load_settings().backend
+        assert isinstance(backend, EnvBackendURL)
+        assert backend.startswith("etcd://")
+        assert "pa ss" not in backend
+        assert backend.options.get("password") == "pa ss"
+    monkeypatch.setenv("ETCDCTL_ENDPOINTS", "ftp://127.0.0.1:2379")
+    with override_settings(REGISTRY_AGENT={"service": "orders"}):
+        (error,) = _check_settings()
+        assert error.id == "registry_agent.E001"
+        assert error.msg.startswith("environment: ETCDCTL_ENDPOINTS: "), error.msg
+
+
+def test_django_asgi_checks_probe_the_advertised_address(django_settings: Any) -> None:
+    """uvicorn's bind host is unknown to the app: the check probes what is advertised."""
+    from django.test import override_settings
+
+    from registry_agent.integrations.django import _asgi_registration, load_settings
+
+    value = {"backend": "memory://x", "service": "orders", "port": 8123}
+    with override_settings(REGISTRY_AGENT={**value, "health_path": "/healthz"}):
+        instance, (check,) = _asgi_registration(load_settings())
+    assert instance.address == advertised_address()
+    assert f"http://{instance.address}:8123/healthz" in check.name
+    with override_settings(
+        REGISTRY_AGENT={**value, "health_path": "/healthz", "address": "127.0.0.2"}
+    ):
+        instance, (check,) = _asgi_registration(load_settings())
+    assert "http://127.0.0.2:8123/healthz" in check.name
+    with override_settings(REGISTRY_AGENT=value):
+        # No health_path: registry_lifespan's serving_check, on the advertised address too.
+        assert _asgi_registration(load_settings())[1] == []

@@ -30,6 +30,7 @@ from typing import Any
 
 from registry_agent._backend import Backend
 from registry_agent._blocking import Registrar
+from registry_agent._env import ENV_BACKEND, backends_from_env, env_names_backend
 from registry_agent._errors import BackendNotFound, ConfigError
 from registry_agent._health.base import HealthCheck
 from registry_agent._health.checks import HttpCheck
@@ -389,6 +390,24 @@ class Settings:
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 
 
+def _backend_from_env(setting: str) -> BackendArg:
+    """No backend in the settings: the environment's (``backends_from_env``), as they are.
+
+    The URLs carry their secrets beside the text (:class:`EnvBackendURL`). Nothing
+    set: a ConfigError naming the setting and the variables; a bad variable: its
+    ConfigError, naming the variable.
+    """
+    if not env_names_backend():
+        raise ConfigError(
+            "required: a registry URL such as 'consul://127.0.0.1:8500' or a list of them; "
+            f"or, in the environment, {ENV_BACKEND}, or Consul's CONSUL_HTTP_ADDR, "
+            "or etcd's ETCDCTL_ENDPOINTS",
+            field=setting,
+        )
+    found = backends_from_env()
+    return found[0] if len(found) == 1 else found
+
+
 def parse_settings(
     values: Mapping[str, Any], name: Callable[[str], str], *, default_service: str = ""
 ) -> Settings:
@@ -400,11 +419,9 @@ def parse_settings(
             field=name(unknown[0]),
         )
     backend = values.get("backend")
-    if not backend:
-        raise ConfigError(
-            "required: a registry URL such as 'consul://127.0.0.1:8500' or a list of them",
-            field=name("backend"),
-        )
+    from_env = not backend
+    if from_env:
+        backend = _backend_from_env(name("backend"))
     if (
         not isinstance(backend, str)
         and not (
@@ -455,6 +472,8 @@ def parse_settings(
     try:
         Registrar(backend, ServiceInstance(service, address="127.0.0.1", port=1), options=options)
     except ConfigError as exc:
+        if from_env:  # backends_from_env's error names the variable
+            raise
         raise ConfigError(exc.reason, field=name("backend")) from None
     except BackendNotFound as exc:
         raise ConfigError(str(exc), field=name("backend")) from None

@@ -23,15 +23,18 @@ course. Under gunicorn use :mod:`registry_agent.integrations.gunicorn` instead
 
 **Settings** (``app.config["REGISTRY_AGENT_<KEY>"]``, or the same names as
 keywords of :class:`RegistryAgent`, which take precedence): ``BACKEND`` (a URL
-or a list of them; required), ``SERVICE`` (default: the app's name),
+or a list of them; default: the environment's, ``REGISTRY_AGENT_BACKEND``, else
+``CONSUL_HTTP_ADDR``…, else ``ETCDCTL_ENDPOINTS``…, see
+:func:`~registry_agent.backends_from_env`), ``SERVICE`` (default: the app's name),
 ``ADDRESS``, ``PORT``, ``ID``, ``TAGS``, ``META``, ``SCHEME``, ``VERSION``,
 ``CHECKS`` (a list of checks), ``HEALTH_PATH`` (adds an ``HttpCheck`` of that
 path on the served port), the registration options ``TTL``, ``HEARTBEAT``,
 ``RISE``, ``FALL``, ``ON_UNHEALTHY``, ``DEREGISTER_CRITICAL_AFTER``, and
 ``DRAIN_DELAY`` (0), ``DRAIN_TIMEOUT`` (30 s), ``STOP_TIMEOUT`` (10 s),
 ``ENABLED`` (True; False: never registers). A bad value is a ``ConfigError``
-naming ``app.config["REGISTRY_AGENT_<KEY>"]`` (or the keyword), raised by
-:meth:`RegistryAgent.init_app`.
+naming ``app.config["REGISTRY_AGENT_<KEY>"]`` (or the keyword, or the
+environment variable), raised by :meth:`RegistryAgent.init_app`; under
+``flask run`` (any click command) it is one line, ``Error: …``, exit status 2.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import click
 from flask import Flask
 from werkzeug import _reloader, serving
 
@@ -76,9 +80,11 @@ class RegistryAgent:
     def __init__(self, app: Flask | None = None, **settings: Any) -> None:
         unknown = sorted(k for k in settings if k not in SETTING_KEYS)
         if unknown:
-            raise ConfigError(
-                "unknown keyword; expected one of " + ", ".join(sorted(SETTING_KEYS)),
-                field=f"RegistryAgent({unknown[0]}=…)",
+            raise _for_cli(
+                ConfigError(
+                    "unknown keyword; expected one of " + ", ".join(sorted(SETTING_KEYS)),
+                    field=f"RegistryAgent({unknown[0]}=…)",
+                )
             )
         self._given = dict(settings)
         self.app: Flask | None = None
@@ -90,7 +96,19 @@ class RegistryAgent:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        """Read and check the settings; arm registration for when a server serves ``app``."""
+        """Read and check the settings; arm registration for when a server serves ``app``.
+
+        A bad value raises a :class:`~registry_agent.ConfigError`; under a click
+        command (``flask run``, ``flask routes``…) it is also a click error, which
+        the command line shows as one line (``Error: …``, exit status 2) instead
+        of a traceback.
+        """
+        try:
+            self._init_app(app)
+        except ConfigError as exc:
+            raise _for_cli(exc) from None
+
+    def _init_app(self, app: Flask) -> None:
         values: dict[str, Any] = {}
         for key in SETTING_KEYS:
             config_key = _PREFIX + key.upper()
@@ -187,6 +205,24 @@ class RegistryAgent:
             served.serve(serve_forever)
         finally:
             self._served = None
+
+
+# Both declare ``message`` (click's as Final): the same text here.
+class _CommandLineConfigError(ConfigError, click.ClickException):  # type: ignore[misc]
+    """A ConfigError that click shows as ``Error: <message>`` and exit status 2."""
+
+    exit_code = 2
+
+    def __init__(self, error: ConfigError) -> None:
+        ConfigError.__init__(self, error.reason, field=error.field, source=error.source)
+        click.ClickException.__init__(self, str(error))
+
+
+def _for_cli(error: ConfigError) -> ConfigError:
+    """``error``, made a click error too when raised under a click command (flask's CLI)."""
+    if click.get_current_context(silent=True) is None:
+        return error
+    return _CommandLineConfigError(error)
 
 
 def _extension_for(app: object) -> RegistryAgent | None:

@@ -33,14 +33,17 @@ listening socket closes and the requests in flight complete (at most
 autoreloader's parent, stopped, gives its child that long instead of killing it.
 
 **Settings** (``settings.REGISTRY_AGENT``, a dict): ``backend`` (a URL or a list
-of them; required), ``service`` (required), ``address``, ``port``, ``id``,
+of them; default: the environment's, ``REGISTRY_AGENT_BACKEND``, else
+``CONSUL_HTTP_ADDR``…, else ``ETCDCTL_ENDPOINTS``…, see
+:func:`~registry_agent.backends_from_env`), ``service`` (required), ``address``, ``port``, ``id``,
 ``tags``, ``meta``, ``scheme``, ``version``, ``checks`` (a list of checks),
 ``health_path`` (adds an ``HttpCheck`` of that path on the served port), the
 registration options ``ttl``, ``heartbeat``, ``rise``, ``fall``,
 ``on_unhealthy``, ``deregister_critical_after``, and ``drain_delay`` (0),
 ``drain_timeout`` (30 s), ``stop_timeout`` (10 s), ``enabled`` (True). A bad
 value is a :class:`~registry_agent.ConfigError` naming
-``settings.REGISTRY_AGENT["port"]`` (etc.), raised when Django starts.
+``settings.REGISTRY_AGENT["port"]`` (etc., or the environment variable),
+reported by the system check ``registry_agent.E001``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from collections.abc import Callable
 from typing import Any
 
 from registry_agent._errors import ConfigError
+from registry_agent._models import ServiceInstance
 from registry_agent.integrations._devserver import (
     ChildSignals,
     ServedRegistration,
@@ -182,17 +186,18 @@ def asgi_app(application: Any) -> Any:
     leaves discovery first, then uvicorn drains (see
     :func:`registry_agent.integrations.starlette.registry_lifespan`). ``port`` is
     required in the settings (the app cannot see where uvicorn listens).
+
+    The app cannot see uvicorn's host either: the advertised address is
+    ``address`` or, without it, the address of the default route, and the check
+    (``health_path``'s, else a TCP connection) probes that address, so an entry
+    nobody can reach never passes. Serving on loopback only (uvicorn's default
+    ``--host 127.0.0.1``) takes ``"address": "127.0.0.1"``.
     """
     from registry_agent.integrations.starlette import registry_lifespan
 
     settings = load_settings()
-    if "port" not in settings.instance:
-        raise ConfigError(
-            "required under an ASGI server: the port it listens on", field=_name("port")
-        )
-    instance = settings.make_instance()
+    instance, checks = _asgi_registration(settings)
     kwargs: dict[str, Any] = {"options": settings.options, "stop_timeout": settings.stop_timeout}
-    checks = settings.checks_for("", instance.port)
     if checks:
         kwargs["checks"] = checks
     lifespan = registry_lifespan(
@@ -206,6 +211,17 @@ def asgi_app(application: Any) -> Any:
         await _run_lifespan(lifespan, receive, send)
 
     return app
+
+
+def _asgi_registration(settings: Settings) -> tuple[ServiceInstance, list[Any]]:
+    """The instance and checks under an ASGI server: ``port`` required, checks on the
+    advertised address (not loopback: the server's bind host is unknown here)."""
+    if "port" not in settings.instance:
+        raise ConfigError(
+            "required under an ASGI server: the port it listens on", field=_name("port")
+        )
+    instance = settings.make_instance()
+    return instance, settings.checks_for(instance.address, instance.port)
 
 
 async def _run_lifespan(lifespan: Any, receive: Any, send: Any) -> None:
