@@ -34,6 +34,7 @@ from integration.devserver_kit import (
     entries,
     free_port,
     observe_shutdown,
+    port_open,
     wait_registered,
 )
 from integration.readme_kit import readme_block
@@ -121,8 +122,10 @@ async def test_runserver_noreload_registers_once_and_leaves_before_the_port_clos
 ) -> None:
     port = free_port()
     argv = [sys.executable, MANAGE, "runserver", "--noreload", f"127.0.0.1:{port}"]
-    run = runs(argv, django_env)
-    await _serve_then_sigterm(server, django_env, run, port, "runserver --noreload", measured)
+    # No "backend" in the settings: REGISTRY_AGENT_BACKEND names it.
+    env = {k: v for k, v in django_env.items() if k != "TEST_REGISTRY_BACKEND"}
+    run = runs(argv, {**env, "REGISTRY_AGENT_BACKEND": server.url})
+    await _serve_then_sigterm(server, env, run, port, "runserver --noreload", measured)
     assert run.pids_that_registered() == [run.proc.pid]
     assert run.proc.returncode == -signal.SIGTERM  # then SIGTERM took its usual course
 
@@ -180,6 +183,7 @@ def test_bad_settings_are_a_system_check_error_naming_the_key() -> None:
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
+        "REGISTRY_AGENT_BACKEND": "consul://127.0.0.1:8500",
         "TEST_REGISTRY_EXTRA": '{"port": "eighty"}',
     }
     done = subprocess.run(
@@ -220,6 +224,50 @@ async def test_uvicorn_serving_asgi_app_registers_and_leaves_before_the_port_clo
     ]
     run = runs(argv, env)
     await _serve_then_sigterm(server, env, run, port, "uvicorn asgi_app", measured)
+
+
+async def test_asgi_app_never_passes_on_an_address_the_server_does_not_serve(
+    consul_server: ServerProcess,
+    tmp_path: Path,
+    runs: Callable[[list[str], dict[str, str]], ServerRun],
+) -> None:
+    """uvicorn's bind host is unknown to the app: the check probes the advertised address.
+
+    Advertised 127.0.0.2 while uvicorn serves 127.0.0.1 only: never registered
+    (probing loopback instead, it passed: an entry nobody could reach).
+    """
+    port = free_port()
+    service = f"django-{uuid.uuid4().hex[:8]}"
+    env = {
+        "TEST_REGISTRY_BACKEND": consul_server.url,
+        "TEST_REGISTRY_SERVICE": service,
+        "TEST_REGISTRY_EXTRA": f'{{"port": {port}, "address": "127.0.0.2"}}',
+        "TEST_DJANGO_DB": str(tmp_path / "db.sqlite3"),
+        "PYTHONPATH": str(ROOT),
+    }
+    uvicorn = str(Path(sys.executable).with_name("uvicorn"))
+    argv = [
+        uvicorn,
+        "djsite.asgi:application",
+        "--app-dir",
+        str(ROOT / "integration" / "django_site"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    run = runs(argv, env)
+    deadline = time.monotonic() + REGISTER_BOUND
+    while not await asyncio.to_thread(port_open, port):
+        assert run.proc.poll() is None, run.output()
+        assert time.monotonic() < deadline, run.output()
+        await asyncio.sleep(0.05)
+    # rise=2 passes at interval ttl/3 = 1 s would register in about 2 s: watch 3 times that.
+    watch_until = time.monotonic() + 6.0
+    while time.monotonic() < watch_until:
+        assert await entries(consul_server.url, service) == {}, run.output()
+        await asyncio.sleep(0.1)
+    assert run.proc.poll() is None, run.output()
 
 
 # The README's recipe (a fragment of settings.py), read from README.md; the test

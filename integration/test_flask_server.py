@@ -67,6 +67,15 @@ def runs(tmp_path: Path) -> Iterator[Callable[[list[str], dict[str, str]], Serve
         run.close()
 
 
+def _registry_variable(url: str) -> dict[str, str]:
+    """The registry at ``url`` as Consul's or etcdctl's own variable names it."""
+    scheme, _, where = url.partition("://")
+    if scheme == "consul":
+        return {"CONSUL_HTTP_ADDR": where}
+    assert scheme == "etcd", url
+    return {"ETCDCTL_ENDPOINTS": f"http://{where}"}
+
+
 async def _wait_file(path: Path, bound: float) -> None:
     deadline = time.monotonic() + bound
     while not await asyncio.to_thread(path.exists):
@@ -116,6 +125,9 @@ async def test_app_run_with_the_reloader_registers_in_its_child_only(
     port = free_port()
     service = flask_env["FLASK_REGISTRY_AGENT_SERVICE"]
     env = {**flask_env, "PORT": str(port), "DEBUG": "1"}  # app.run(debug=True): reloader
+    # No backend setting: the registry's own variable names it (Consul's or etcdctl's).
+    del env["FLASK_REGISTRY_AGENT_BACKEND"]
+    env.update(_registry_variable(server.url))
     run = runs([sys.executable, "-m", "integration.flask_site.app"], env)
 
     took, found = await wait_registered(run, server.url, service, REGISTER_BOUND)
@@ -202,3 +214,50 @@ async def test_the_readme_recipe(
     measured("readme recipe: entry gone", shutdown.gone, 10.0)
     measured("readme recipe: port closed", shutdown.closed, SHUTDOWN_BOUND + 1)
     assert shutdown.gone + 0.5 < shutdown.closed  # drain_delay=1
+
+
+def test_bad_settings_under_flask_run_are_one_line(tmp_path: Path) -> None:
+    """Not flask's traceback of the app's import: ``Error: …``, exit status 2."""
+    (tmp_path / "bad_app.py").write_text(
+        "from flask import Flask\n"
+        "from registry_agent.integrations.flask import RegistryAgent\n"
+        "app = Flask(__name__)\n"
+        "app.config['REGISTRY_AGENT_BACKEND'] = 'consul://127.0.0.1:8500'\n"
+        "RegistryAgent(app, health_path='healthz')\n"
+    )
+    (tmp_path / "no_backend.py").write_text(
+        "from flask import Flask\n"
+        "from registry_agent.integrations.flask import RegistryAgent\n"
+        "app = Flask(__name__)\n"
+        "RegistryAgent(app)\n"
+    )
+    flask = str(Path(sys.executable).with_name("flask"))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REGISTRY_AGENT_BACKEND", "CONSUL_HTTP_ADDR", "ETCDCTL_ENDPOINTS")
+    }
+    env["PYTHONPATH"] = str(tmp_path)
+    cases = [
+        (
+            ["--app", "bad_app", "run", "-p", str(free_port())],
+            "Error: RegistryAgent(health_path=…): expected a path starting with '/', "
+            "e.g. '/healthz', got 'healthz'\n",
+        ),
+        (
+            ["--app", "bad_app", "--debug", "run", "-p", str(free_port())],
+            "Error: RegistryAgent(health_path=…): expected a path starting with '/', "
+            "e.g. '/healthz', got 'healthz'\n",
+        ),
+        (
+            ["--app", "no_backend", "routes"],
+            'Error: app.config["REGISTRY_AGENT_BACKEND"]: required: a registry URL such as '
+            "'consul://127.0.0.1:8500' or a list of them; or, in the environment, "
+            "REGISTRY_AGENT_BACKEND, or Consul's CONSUL_HTTP_ADDR, or etcd's ETCDCTL_ENDPOINTS\n",
+        ),
+    ]
+    for args, expected in cases:
+        done = subprocess.run(
+            [flask, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert (done.returncode, done.stderr, done.stdout) == (2, expected, ""), args

@@ -24,7 +24,12 @@ DATABASES = {
 }
 
 REGISTRY_AGENT = {
-    "backend": os.environ.get("TEST_REGISTRY_BACKEND", "consul://127.0.0.1:8500"),
+    # Without TEST_REGISTRY_BACKEND: none here, the environment's (REGISTRY_AGENT_BACKEND…).
+    **(
+        {"backend": os.environ["TEST_REGISTRY_BACKEND"]}
+        if "TEST_REGISTRY_BACKEND" in os.environ
+        else {}
+    ),
     "service": os.environ.get("TEST_REGISTRY_SERVICE", "djsite"),
     "health_path": "/healthz",
     "ttl": 3,
