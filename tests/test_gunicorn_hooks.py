@@ -8,6 +8,7 @@ Real gunicorn against real registries: ``integration/test_gunicorn_registration.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -70,6 +71,15 @@ class FakeServer:
 
     def handle_quit(self) -> None:
         self.calls.append(f"quit{self.probe()}")
+
+    def reap_workers(self) -> None:
+        # gunicorn's: waitpid(-1) takes any child's status.
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+
+    def manage_workers(self) -> None:
+        self.calls.append("manage")
 
 
 def _server(*names: Any) -> FakeServer:
@@ -330,7 +340,19 @@ def test_on_reload_keeps_an_unchanged_keeper_and_replaces_a_changed_one(
     # SIGHUP re-reads the config file: a new registration object, the same settings.
     GunicornRegistration("memory://gunicorn-hooks", "orders").on_reload(server)
     assert server._registry_agent_keeper is first  # type: ignore[attr-defined]
-    GunicornRegistration("memory://gunicorn-hooks", "orders", tags=["v2"]).on_reload(server)
+    # Only the tags or meta changed: the same keeper updates its entries in place.
+    with caplog.at_level(logging.INFO, logger="test.gunicorn"):
+        GunicornRegistration(
+            "memory://gunicorn-hooks", "orders", tags=["v2"], meta={"zone": "b"}
+        ).on_reload(server)
+    assert server._registry_agent_keeper is first  # type: ignore[attr-defined]
+    assert f"keeper {first.pid} updated tags/meta in place" in caplog.text
+    [instance] = first.spec.instances()
+    assert (instance.tags, instance.meta) == (("v2",), {"zone": "b"})
+    # Anything else changed (here the checks): a new keeper.
+    GunicornRegistration(
+        "memory://gunicorn-hooks", "orders", tags=["v2"], meta={"zone": "b"}, check_interval=1
+    ).on_reload(server)
     second = server._registry_agent_keeper  # type: ignore[attr-defined]
     assert second is not first
     assert not first.alive()
@@ -390,3 +412,105 @@ def test_the_keeper_deregisters_and_exits_when_the_master_dies(tmp_path: Path) -
         assert time.monotonic() < deadline, err.read_text()
         time.sleep(0.05)
     assert "deregistered orders-" in err.read_text()
+
+
+def _wait_reapable(pid: int, within: float) -> None:
+    """Until ``pid`` (our child) can be reaped; not reaping it (a killed process whose
+    threads still exit shows as a zombie before waitpid() reports it)."""
+    deadline = time.monotonic() + within
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        assert time.monotonic() < deadline, f"process {pid} still running"
+        time.sleep(0.01)
+
+
+def _loop(server: FakeServer, until: Callable[[], bool], within: float) -> None:
+    """The arbiter's loop as far as the hooks see it: reap, manage, every 50 ms."""
+    deadline = time.monotonic() + within
+    while not until():
+        assert time.monotonic() < deadline, server.calls[-3:]
+        server.reap_workers()
+        server.manage_workers()
+        time.sleep(0.05)
+
+
+def test_a_dead_keeper_is_noticed_and_restarted_by_the_arbiters_loop(
+    listening: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    registration = GunicornRegistration("memory://gunicorn-hooks", "orders", check_interval=0.2)
+    server = FakeServer([listening])
+    registration.when_ready(server)
+    first = server._registry_agent_keeper  # type: ignore[attr-defined]
+    with caplog.at_level(logging.INFO, logger="test.gunicorn"):
+        for round_ in range(2):  # the successor is supervised as well
+            keeper = server._registry_agent_keeper  # type: ignore[attr-defined]
+            os.kill(keeper.pid, signal.SIGKILL)
+            _wait_reapable(keeper.pid, within=10)
+            killed = time.monotonic()
+            # gunicorn's waitpid(-1) runs first: the wrapper reaps the keeper before it.
+            server.reap_workers()
+            assert keeper.process.returncode == -signal.SIGKILL
+
+            def replaced(dead: Any = keeper) -> bool:
+                now = server._registry_agent_keeper  # type: ignore[attr-defined]
+                return bool(now is not dead and now.state == "running")
+
+            _loop(server, replaced, within=15)
+            print(f"round {round_}: restarted {time.monotonic() - killed:.3f}s after the kill")
+            assert f"keeper {keeper.pid} was killed by SIGKILL" in caplog.text
+    second = server._registry_agent_keeper  # type: ignore[attr-defined]
+    assert second is not first
+    assert second.alive()
+    assert caplog.text.count("restarted, registers orders-127.0.0.1-") == 2
+    assert second.failures == 2  # two deaths in a row: the backoff grew
+    with caplog.at_level(logging.INFO, logger="test.gunicorn"):
+        server.handle_term()
+    assert not second.alive()
+    assert "registry-agent: withdrawn in" in caplog.text
+
+
+def test_a_stop_signal_with_the_keeper_dead_deregisters_by_a_one_shot_process(
+    listening: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    registration = GunicornRegistration("memory://gunicorn-hooks", "orders", drain_delay=0.1)
+    server = FakeServer([listening])
+    registration.when_ready(server)
+    keeper = server._registry_agent_keeper  # type: ignore[attr-defined]
+    os.kill(keeper.pid, signal.SIGKILL)
+    _wait_reapable(keeper.pid, within=10)
+    server.reap_workers()
+    server.manage_workers()  # noticed dead; its successor waits for the backoff
+    assert server._registry_agent_keeper is keeper  # type: ignore[attr-defined]
+    with caplog.at_level(logging.INFO, logger="test.gunicorn"):
+        began = time.monotonic()
+        server.handle_term()
+        took = time.monotonic() - began
+    print(f"one-shot withdrawal and drain: {took:.3f}s")
+    assert server.calls[-1] == "term"
+    assert "withdrawn in" not in caplog.text  # nothing pretends the keeper withdrew
+    assert (
+        f"no keeper running (was killed by SIGKILL): withdrawn orders-127.0.0.1-"
+        f"{listening.getsockname()[1]} by a one-shot process in " in caplog.text
+    )
+    assert took < 10 + registration.deregister_timeout + 1
+    server.manage_workers()  # stopped: no keeper is started again
+    assert server._registry_agent_keeper is None  # type: ignore[attr-defined]
+
+
+def test_the_restart_backoff_doubles_with_jitter_and_never_gives_up() -> None:
+    spec = gunicorn_hooks._Spec(backend="memory://x", entries=())
+    keeper = gunicorn_hooks._Keeper(subprocess.Popen([sys.executable, "-c", ""]), spec, 0.0)
+    keeper.process.wait(30)
+    delays = []
+    for _ in range(12):
+        keeper.state = "running"
+        keeper.started_at = 100.0
+        keeper.died(101.0)
+        delays.append(keeper.retry_at - 101.0)
+    bounds = [min(30.0, 0.5 * 2**i) for i in range(12)]
+    assert all(b / 2 <= d <= b for d, b in zip(delays, bounds, strict=True)), delays
+    assert delays[-1] >= 15.0
+    # A keeper that ran a minute before dying starts the backoff over.
+    keeper.state = "running"
+    keeper.started_at = 0.0
+    keeper.died(61.0)
+    assert keeper.retry_at - 61.0 <= 0.5

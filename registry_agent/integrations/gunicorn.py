@@ -28,8 +28,18 @@ What they do:
   ``when_ready`` wraps the arbiter's ``handle_term``/``handle_int``/``handle_quit``.
 - If the master dies (``kill -9``), the keeper notices (its parent changed)
   within 0.2 s, deregisters and exits.
+- If the keeper dies (``kill -9``, the OOM killer), the master notices it on
+  its next loop (gunicorn's arbiter runs ``manage_workers`` about every second,
+  and the keeper is reaped before gunicorn's ``waitpid(-1)`` can take its
+  status) and starts another, after a jittered backoff (0.25-0.5 s first,
+  doubling to at most 30 s, never giving up). A stop signal that finds no
+  keeper running deregisters the known ids with a one-shot process (bounded by
+  ``deregister_timeout``): Consul's entries are removed; an etcd entry left with
+  the dead keeper's lease, within its ``ttl``.
 - ``on_reload`` (SIGHUP) keeps the keeper as is when the registration did not
-  change; otherwise the old one deregisters and a new one registers.
+  change; when only the tags or meta changed, the keeper updates its entries
+  in place (no gap in discovery); otherwise the old one deregisters and a new
+  one registers.
 - ``on_exit`` stops a keeper still running (e.g. gunicorn halting because a
   worker failed to boot).
 """
@@ -42,6 +52,7 @@ import json
 import logging
 import os
 import pickle
+import random
 import select
 import signal
 import subprocess
@@ -49,7 +60,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Unpack
 
@@ -70,6 +81,13 @@ _KEEPER_ATTR = "_registry_agent_keeper"
 _STOP_HANDLERS = ("handle_term", "handle_int", "handle_quit")
 #: How often the keeper checks that the master is still its parent.
 _PARENT_POLL = 0.2
+#: The arbiter's methods wrapped to supervise the keeper (see :func:`_wrap_arbiter`).
+_SUPERVISED = ("reap_workers", "manage_workers")
+#: Restarting a dead keeper: the first delay, the longest (jittered: half to all of it),
+#: and how long a keeper must have run for its death to start the backoff over.
+_RESTART_FIRST = 0.5
+_RESTART_CAP = 30.0
+_RESTART_RESET = 60.0
 #: What the keeper process runs (a fresh interpreter: nothing of the master's crosses).
 _KEEPER_MAIN = "from registry_agent.integrations.gunicorn import _main; _main()"
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
@@ -105,11 +123,27 @@ class _Spec:
     deregister_timeout: float = 5.0
     parent: int = 0
     log_level: str = "INFO"
+    #: Only deregister the entries' ids (a stop signal found no keeper running), then exit.
+    deregister_only: bool = False
 
-    def key(self) -> tuple[Any, ...]:
-        """Equal for equal registrations (to keep the keeper across a SIGHUP)."""
+    def key(self, *, live: bool = True) -> tuple[Any, ...]:
+        """Equal for equal registrations (to keep the keeper across a SIGHUP).
+
+        ``live=False`` leaves out what a running keeper can change in place
+        (each entry's tags and meta).
+        """
         # Checks have no equality of their own: compared by their pickled state.
-        entries = tuple((data, pickle.dumps(checks)) for data, checks in self.entries)
+        entries = tuple(
+            (
+                json.dumps(
+                    {k: v for k, v in data.items() if live or k not in ("tags", "meta")},
+                    sort_keys=True,
+                    default=repr,
+                ),
+                pickle.dumps(checks),
+            )
+            for data, checks in self.entries
+        )
         return (self.backend, entries, self.options, self.deregister_timeout, self.log_level)
 
     def instances(self) -> list[ServiceInstance]:
@@ -300,7 +334,7 @@ class GunicornRegistration:
             return  # already holding this master's registration
         keeper = _Keeper.start(self._spec(server), self.start_timeout, self.drain_delay)
         setattr(server, _KEEPER_ATTR, keeper)
-        _wrap_stop_handlers(server)
+        _wrap_arbiter(server)
         server.log.info(
             "registry-agent: keeper %s registers %s",
             keeper.pid,
@@ -323,9 +357,22 @@ class GunicornRegistration:
         if keeper is not None and keeper.alive() and keeper.spec.key() == spec.key():
             keeper.drain_delay = self.drain_delay
             return
+        if (
+            keeper is not None
+            and keeper.state == "running"
+            and keeper.alive()
+            and keeper.spec.key(live=False) == spec.key(live=False)
+        ):
+            # Only tags or meta changed: the keeper updates its entries in place.
+            error = keeper.update(spec)
+            if error is None:
+                keeper.drain_delay = self.drain_delay
+                server.log.info("registry-agent: keeper %s updated tags/meta in place", keeper.pid)
+                return
+            server.log.error("registry-agent: reloaded tags/meta not updated: %s", error)
+            return
         if keeper is not None:
-            took = keeper.stop(keeper.spec.deregister_timeout)
-            server.log.info("registry-agent: old registration withdrawn in %.3fs", took)
+            _stop_keeper(server, keeper, "old registration withdrawn")
         setattr(server, _KEEPER_ATTR, None)
         try:
             keeper = _Keeper.start(spec, self.start_timeout, self.drain_delay)
@@ -333,7 +380,7 @@ class GunicornRegistration:
             server.log.error("registry-agent: reloaded config not registered: %s", exc)
             return
         setattr(server, _KEEPER_ATTR, keeper)
-        _wrap_stop_handlers(server)
+        _wrap_arbiter(server)
         server.log.info("registry-agent: keeper %s registers the reloaded config", keeper.pid)
 
     def on_exit(self, server: Any) -> None:
@@ -425,14 +472,125 @@ def _withdraw(server: Any, *, drain: bool) -> float | None:
     if keeper is None:
         return None
     setattr(server, _KEEPER_ATTR, None)
-    took = keeper.stop(keeper.spec.deregister_timeout)
-    server.log.info("registry-agent: withdrawn in %.3fs, before the listeners close", took)
+    took = _stop_keeper(server, keeper, "withdrawn", " before the listeners close")
     if drain and keeper.drain_delay > 0:
         time.sleep(keeper.drain_delay)
     return took
 
 
-def _wrap_stop_handlers(server: Any) -> None:
+def _stop_keeper(server: Any, keeper: _Keeper, done: str, when: str = "") -> float:
+    """Withdraw ``keeper``'s entries: told to it if it runs, else by a one-shot process.
+
+    Logs what happened (``done``, ``when``: the words of the log line); seconds taken.
+    """
+    if keeper.state == "running" and keeper.alive():
+        took = keeper.stop(keeper.spec.deregister_timeout)
+        server.log.info("registry-agent: %s in %.3fs,%s", done, took, when)
+        return took
+    began = time.monotonic()
+    what = keeper.describe_exit()
+    if keeper.process.poll() is None:
+        keeper.stop(keeper.spec.deregister_timeout)  # one still starting
+    keeper._close()
+    ids = ", ".join(i.id for i in keeper.spec.instances())
+    result = _deregister_once(keeper.spec)
+    took = time.monotonic() - began
+    if result is None:
+        server.log.info(
+            "registry-agent: no keeper running (%s): %s %s by a one-shot process in %.3fs,%s",
+            what,
+            done,
+            ids,
+            took,
+            when,
+        )
+    else:
+        server.log.error(
+            "registry-agent: no keeper running (%s): %s NOT withdrawn (%.3fs): %s",
+            what,
+            ids,
+            took,
+            result,
+        )
+    return took
+
+
+def _deregister_once(spec: _Spec) -> str | None:
+    """Deregister ``spec``'s ids from a one-shot process; None, or what went wrong."""
+    once = replace(spec, deregister_only=True, parent=os.getpid())
+    try:
+        keeper = _Keeper.spawn(once)
+    except OSError as exc:
+        return f"the one-shot process did not start: {exc}"
+    # Its interpreter's start (bounded by start_timeout's default) and the deregistration.
+    deadline = time.monotonic() + 10.0 + spec.deregister_timeout
+    message: dict[str, Any] | None = None
+    try:
+        while (message := keeper._read(deadline)) is not None and "stopped" not in message:
+            pass
+    except (OSError, ValueError) as exc:
+        message = {"stopped": "", "errors": [str(exc)]}
+    keeper._kill()
+    if message is None:
+        return "no answer in time"
+    errors: list[str] = message.get("errors") or []
+    return "; ".join(errors) or None
+
+
+def _supervise(server: Any) -> None:
+    """Run by the arbiter's loop (about every second): restart a keeper that died."""
+    keeper: _Keeper | None = getattr(server, _KEEPER_ATTR, None)
+    if keeper is None:
+        return
+    now = time.monotonic()
+    if keeper.state == "starting":
+        outcome = keeper.poll_started(now)
+        if outcome is None:
+            return
+        if outcome == "started":
+            server.log.info(
+                "registry-agent: keeper %s restarted, registers %s",
+                keeper.pid,
+                ", ".join(i.id for i in keeper.spec.instances()),
+            )
+            return
+        keeper._kill()
+        keeper.died(now)
+        server.log.error(
+            "registry-agent: keeper %s did not start (%s): retried in %.1fs",
+            keeper.pid,
+            outcome,
+            keeper.retry_at - now,
+        )
+        return
+    if keeper.state == "running":
+        if keeper.alive():
+            return
+        keeper.died(now)
+        server.log.error(
+            "registry-agent: keeper %s %s: its entries are held by no one; "
+            "a new keeper starts in %.1fs",
+            keeper.pid,
+            keeper.describe_exit(),
+            keeper.retry_at - now,
+        )
+        return
+    if now < keeper.retry_at:
+        return
+    try:
+        successor = _Keeper.spawn(keeper.spec, keeper.drain_delay)
+    except OSError as exc:
+        keeper.died(now)
+        server.log.error("registry-agent: keeper not restarted (%s): retried later", exc)
+        return
+    successor.failures = keeper.failures
+    successor.start_deadline = now + keeper.start_timeout
+    successor.start_timeout = keeper.start_timeout
+    setattr(server, _KEEPER_ATTR, successor)
+
+
+def _wrap_arbiter(server: Any) -> None:
+    """Wrap the arbiter's stop handlers (withdraw first) and loop (supervise the keeper)."""
     for name in _STOP_HANDLERS:
         original = getattr(server, name, None)
         if original is None or getattr(original, "_registry_agent", False):
@@ -444,6 +602,30 @@ def _wrap_stop_handlers(server: Any) -> None:
 
         handler._registry_agent = True  # type: ignore[attr-defined]
         setattr(server, name, handler)
+    for name in _SUPERVISED:
+        original = getattr(server, name, None)
+        if original is None or getattr(original, "_registry_agent", False):
+            continue
+        if name == "reap_workers":
+
+            def reap(original: Callable[[], None] = original) -> None:
+                # Reap the keeper first: gunicorn's waitpid(-1) would take its status
+                # (and free its pid for another process to reuse).
+                keeper: _Keeper | None = getattr(server, _KEEPER_ATTR, None)
+                if keeper is not None:
+                    keeper.process.poll()
+                original()
+
+            wrapped: Callable[[], None] = reap
+        else:
+
+            def manage(original: Callable[[], None] = original) -> None:
+                original()
+                _supervise(server)
+
+            wrapped = manage
+        wrapped._registry_agent = True  # type: ignore[attr-defined]
+        setattr(server, name, wrapped)
 
 
 def _positive(name: str, value: object) -> None:
@@ -461,9 +643,19 @@ class _Keeper:
         self.drain_delay = drain_delay
         self.pid = process.pid
         self._buffer = b""
+        self._eof = False
+        #: "starting" (no answer yet), "running" (registering), "dead" (to restart).
+        self.state = "starting"
+        self.started_at = 0.0
+        self.start_timeout = 30.0
+        self.start_deadline = 0.0
+        #: Deaths in a row (restart backoff) and when to start a successor.
+        self.failures = 0
+        self.retry_at = 0.0
 
     @classmethod
-    def start(cls, spec: _Spec, timeout: float, drain_delay: float = 0.0) -> _Keeper:
+    def spawn(cls, spec: _Spec, drain_delay: float = 0.0) -> _Keeper:
+        """Start the keeper process and send it ``spec``; it answers later."""
         root = str(Path(registry_agent.__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -478,25 +670,105 @@ class _Keeper:
         try:
             process.stdin.write(pickle.dumps(spec))
             process.stdin.flush()
-            message = keeper._read(time.monotonic() + timeout)
-        except (OSError, ValueError) as exc:
-            message = {"error": f"the keeper process failed: {exc}"}
-        if message is None or "started" not in message:
-            code = process.poll()
-            keeper._kill()
-            what = (message or {}).get("error") or (
-                f"no answer within {timeout:g}s"
-                if code is None
-                else f"the keeper process exited with code {code} (its output is above)"
-            )
-            raise GunicornStartError(f"registration not started: {what}", field="backend")
+        except (OSError, ValueError):
+            pass  # it died at once: told by its answer (none) and exit code
         return keeper
 
+    @classmethod
+    def start(cls, spec: _Spec, timeout: float, drain_delay: float = 0.0) -> _Keeper:
+        """Start a keeper and wait (at most ``timeout``) until it holds its registrations."""
+        keeper = cls.spawn(spec, drain_delay)
+        keeper.start_timeout = timeout
+        outcome = keeper.poll_started(time.monotonic() + timeout)
+        if outcome != "started":
+            keeper._kill()
+            raise GunicornStartError(f"registration not started: {outcome}", field="backend")
+        return keeper
+
+    def poll_started(self, deadline: float) -> str | None:
+        """Waiting until ``deadline`` for the keeper's answer: ``"started"`` (state
+        running), what went wrong, or None (no answer yet, ``start_deadline`` not passed)."""
+        try:
+            message = self._read(deadline)
+        except (OSError, ValueError) as exc:
+            return f"the keeper process failed: {exc}"
+        if message is not None and "started" in message:
+            self.state = "running"
+            self.started_at = time.monotonic()
+            return "started"
+        if message is not None:
+            return str(message.get("error") or message)
+        code = self.process.poll()
+        if code is None and self._eof:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self.process.wait(1.0)
+        if code is not None or self._eof:
+            return f"the keeper process exited with code {code} (its output is above)"
+        if time.monotonic() < max(deadline, self.start_deadline):
+            return None
+        return f"no answer within {self.start_timeout:g}s"
+
+    def died(self, now: float) -> None:
+        """Mark this keeper dead and set when its successor starts (jittered backoff)."""
+        if self.state == "running" and now - self.started_at >= _RESTART_RESET:
+            self.failures = 0
+        delay = min(_RESTART_CAP, _RESTART_FIRST * 2**self.failures)
+        self.failures += 1
+        self.retry_at = now + random.uniform(delay / 2, delay)
+        self.state = "dead"
+        self._close()
+
+    def describe_exit(self) -> str:
+        """How the keeper process ended (or that it still runs)."""
+        code = self.process.poll()
+        if code is None:
+            return "still starting" if self.state == "starting" else "running"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-code).name}"
+            return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
     def alive(self) -> bool:
-        """True while the keeper process runs."""
-        with contextlib.suppress(ChildProcessError):
-            return self.process.poll() is None
-        return False
+        """True while the keeper process runs (and its pipe to us is open)."""
+        if self.process.poll() is not None:
+            return False
+        if self.state != "running" or self._eof:
+            return not self._eof
+        # A pid can be reused once someone else reaped it: the pipe tells the truth.
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        with contextlib.suppress(OSError, ValueError):
+            while select.select([fd], [], [], 0)[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    self._eof = True
+                    return False
+                self._buffer += chunk
+        return True
+
+    def update(self, spec: _Spec) -> str | None:
+        """Tell the running keeper the entries' new tags and meta; None, or its error."""
+        entries = [
+            {"id": data["id"], "tags": data.get("tags", []), "meta": data.get("meta", {})}
+            for data, _ in spec.entries
+        ]
+        deadline = time.monotonic() + spec.deregister_timeout + 1.0
+        try:
+            assert self.process.stdin is not None
+            self.process.stdin.write(json.dumps({"update": entries}).encode() + b"\n")
+            self.process.stdin.flush()
+            while (message := self._read(deadline)) is not None:
+                if "updated" in message:
+                    break
+        except (OSError, ValueError) as exc:
+            return f"the keeper is gone: {exc}"
+        if message is None:
+            return "no answer from the keeper in time"
+        if message.get("errors"):
+            return "; ".join(message["errors"])
+        self.spec = replace(spec, parent=self.spec.parent)
+        return None
 
     def stop(self, timeout: float) -> float:
         """Tell the keeper to deregister and exit; wait at most about ``timeout`` seconds."""
@@ -538,11 +810,14 @@ class _Keeper:
         assert self.process.stdout is not None
         fd = self.process.stdout.fileno()
         while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if self._eof:
+                return None
+            left = max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], left)[0]:
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
+                self._eof = True
                 return None
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
@@ -572,12 +847,56 @@ def _main() -> None:
     # One line per health check request would drown gunicorn's log.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if spec.deregister_only:
+        sys.exit(asyncio.run(_deregister_only(spec, out)))
     sys.exit(asyncio.run(_keep(spec, out)))
 
 
 def _send(out: IO[bytes], message: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):
         out.write(json.dumps(message).encode() + b"\n")
+
+
+async def _deregister_only(spec: _Spec, out: IO[bytes]) -> int:
+    """Remove ``spec``'s entries by id (their keeper died), each bounded; tell the master."""
+    from registry_agent._backend import Lease
+    from registry_agent._errors import LeaseLost
+    from registry_agent._plugins import open_backend
+
+    began = time.monotonic()
+    urls = (spec.backend,) if isinstance(spec.backend, str) else spec.backend
+    errors: list[str] = []
+    gone: list[str] = []
+    for url in urls:
+        try:
+            backend = open_backend(url)
+        except Exception as exc:
+            errors.append(f"{url}: {exc}")
+            continue
+        try:
+            if getattr(backend, "scheme", "") == "etcd":
+                # An etcd entry lives on its lease, kept alive by the dead keeper only: it
+                # leaves within its ttl. (Its lease id died with the keeper.)
+                continue
+            for instance in spec.instances():
+                lease = Lease(instance, ttl=spec.options.ttl, handle=0, backend=url)
+                try:
+                    await asyncio.wait_for(backend.deregister(lease), spec.deregister_timeout)
+                except LeaseLost:
+                    pass
+                except Exception as exc:
+                    errors.append(f"{instance.id}: {exc or type(exc).__name__}")
+                    continue
+                gone.append(instance.id)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(backend.close(), 1.0)
+    took = time.monotonic() - began
+    logging.getLogger("registry_agent.gunicorn").info(
+        "one-shot: deregistered %s in %.3fs", ", ".join(gone) or "nothing", took
+    )
+    _send(out, {"stopped": "one-shot", "took": took, "errors": errors})
+    return 0
 
 
 async def _keep(spec: _Spec, out: IO[bytes]) -> int:
@@ -607,12 +926,34 @@ async def _keep(spec: _Spec, out: IO[bytes]) -> int:
         return 2
     _send(out, {"started": [r.instance.id for r in registrars], "pid": os.getpid()})
 
+    async def update(entries: list[dict[str, Any]]) -> None:
+        errors: list[str] = []
+        by_id = {r.instance.id: r for r in registrars}
+        for entry in entries:
+            registrar = by_id.get(entry["id"])
+            if registrar is None:
+                errors.append(f"{entry['id']}: not held by this keeper")
+                continue
+            try:
+                await registrar.update(tags=entry["tags"], meta=entry["meta"])
+            except Exception as exc:
+                errors.append(f"{entry['id']}: {exc}")
+        logging.getLogger("registry_agent.gunicorn").info(
+            "updated tags/meta of %s%s",
+            ", ".join(e["id"] for e in entries),
+            f" ({'; '.join(errors)})" if errors else "",
+        )
+        _send(out, {"updated": [e["id"] for e in entries], "errors": errors})
+
     def read_commands() -> None:
         why = "the master is gone (its pipe closed)"
         for line in sys.stdin.buffer:
             if line.strip() == b"stop":
                 why = "told by the master"
                 break
+            if line.startswith(b"{"):
+                command = json.loads(line)
+                asyncio.run_coroutine_threadsafe(update(command["update"]), loop)
         loop.call_soon_threadsafe(stop_for, why)
 
     threading.Thread(target=read_commands, name="keeper stdin", daemon=True).start()
