@@ -834,8 +834,11 @@ def _main() -> None:
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master's SIGHUP reloads, not ours
+    # Commands come on fd 0, read unbuffered: no bytes of them hide in a buffer, and the
+    # reader thread holds no buffer lock that would abort the interpreter's exit.
+    commands = os.fdopen(0, "rb", buffering=0, closefd=False)
     try:
-        spec: _Spec = pickle.load(sys.stdin.buffer)
+        spec: _Spec = pickle.load(commands)
     except Exception as exc:
         _send(out, {"error": f"bad start message: {exc}"})
         sys.exit(2)
@@ -947,13 +950,23 @@ async def _keep(spec: _Spec, out: IO[bytes]) -> int:
 
     def read_commands() -> None:
         why = "the master is gone (its pipe closed)"
-        for line in sys.stdin.buffer:
-            if line.strip() == b"stop":
-                why = "told by the master"
+        pending = b""
+        while why.startswith("the master is gone"):
+            try:
+                chunk = os.read(0, 65536)
+            except OSError:
                 break
-            if line.startswith(b"{"):
-                command = json.loads(line)
-                asyncio.run_coroutine_threadsafe(update(command["update"]), loop)
+            if not chunk:
+                break
+            pending += chunk
+            while b"\n" in pending:
+                line, _, pending = pending.partition(b"\n")
+                if line.strip() == b"stop":
+                    why = "told by the master"
+                    break
+                if line.startswith(b"{"):
+                    command = json.loads(line)
+                    asyncio.run_coroutine_threadsafe(update(command["update"]), loop)
         loop.call_soon_threadsafe(stop_for, why)
 
     threading.Thread(target=read_commands, name="keeper stdin", daemon=True).start()
