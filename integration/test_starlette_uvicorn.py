@@ -13,7 +13,14 @@ tight loop through a backend of our own, and the port, probed with a TCP connect
 * ``--workers 2`` (integration/uvicorn_launch.py): a worker killed with SIGKILL is
   replaced and the entry stays, without a gap (a watcher sees no event, a poll every
   few ms sees it passing throughout); SIGTERM to the supervisor withdraws it before
-  the port closes, and the request in flight completes.
+  the port closes, and the request in flight completes. Its instance is built
+  without an address: the entry advertises 127.0.0.1, the host uvicorn binds (not
+  the default route's address, where nothing listens).
+* ``uvicorn app:app --workers 2`` with registry_lifespan in the app: each worker
+  refuses at startup (a ConfigError naming integrations.uvicorn.run), uvicorn stops,
+  and nothing was registered.
+* An advertised address nothing listens on (127.0.0.2, uvicorn on 127.0.0.1): the
+  entry never registers and one WARNING says why, naming both addresses.
 """
 
 from __future__ import annotations
@@ -71,11 +78,20 @@ class Uvicorn:
     """One uvicorn (``uvicorn …`` or the --workers launcher) started for a test."""
 
     def __init__(
-        self, workdir: Path, server: ServerProcess, mode: str, *, drain: float = 0.0
+        self,
+        workdir: Path,
+        server: ServerProcess,
+        mode: str,
+        *,
+        drain: float = 0.0,
+        workers: int = 1,
+        env_more: dict[str, str] | None = None,
     ) -> None:
         self.port = _free_port()
         self.service = f"uva-{uuid.uuid4().hex[:8]}"
         self.instance_id = f"{self.service}-1"
+        if mode == "workers":  # the launcher's instance has no address and no id
+            self.instance_id = f"{self.service}-127.0.0.1-{self.port}"
         self.log_path = workdir / f"{self.service}.log"
         env = {
             **os.environ,
@@ -86,6 +102,7 @@ class Uvicorn:
             "UVA_DRAIN": str(drain),
             "UVA_TTL": str(TTL),
             "UVA_MODE": "plain" if mode == "workers" else mode,
+            **(env_more or {}),
         }
         if mode == "workers":
             command = [sys.executable, "-m", "integration.uvicorn_launch"]
@@ -97,6 +114,7 @@ class Uvicorn:
                 "integration.uvicorn_app:app",
                 "--host=127.0.0.1",
                 f"--port={self.port}",
+                *([f"--workers={workers}"] if workers > 1 else []),
             ]
         #: Worker pids seen (a supervisor killed by the fixture leaves them to us).
         self.known_workers: list[int] = []
@@ -158,6 +176,18 @@ class Entry:
     backend: Backend
     service: str
     instance_id: str
+
+    async def address(self) -> str | None:
+        """The address the entry advertises (None: no entry)."""
+        snapshot = await self.backend.list(self.service)
+        return next(
+            (
+                h.instance.address
+                for h in snapshot.instances.values()
+                if h.instance.id == self.instance_id
+            ),
+            None,
+        )
 
     async def status(self) -> HealthStatus | None:
         snapshot = await self.backend.list(self.service)
@@ -358,6 +388,8 @@ async def test_workers_one_registration_kept_through_a_killed_worker(
     uvicorns.append(app)
     entry = entry_of(server, app)
     await _wait_registered(app, entry)
+    # Built without an address: the host uvicorn binds, not the default route's.
+    assert await entry.address() == "127.0.0.1"
     for _ in range(int(START_BOUND / 0.05)):
         if len(workers := app.workers()) >= 2:
             break
@@ -414,3 +446,60 @@ async def test_workers_one_registration_kept_through_a_killed_worker(
     assert result.last_open >= result.gone
     assert result.request_status == 200, app.log()
     measured("workers: SIGTERM -> gone", result.gone, GONE_BOUND)
+
+
+@pytest.mark.parametrize("server", ["consul"], indirect=True)
+async def test_registry_lifespan_refuses_uvicorn_workers(
+    server: ServerProcess, uvicorns: list[Uvicorn], entry_of: Any, tmp_path: Path
+) -> None:
+    """``uvicorn app:app --workers 2`` with registry_lifespan: every worker would
+    register the same id and the first to stop would remove it for all."""
+    app = Uvicorn(tmp_path, server, "lifespan", workers=2)
+    uvicorns.append(app)
+    entry = entry_of(server, app)
+    deadline = time.monotonic() + START_BOUND
+    seen: HealthStatus | None = None
+    while app.process.poll() is None and time.monotonic() < deadline:
+        seen = seen or await entry.status()
+        await asyncio.sleep(0.05)
+    exited = time.monotonic() - app.launched
+    assert app.process.poll() is not None, f"uvicorn still running:\n{app.log()}"
+    log = app.log()
+    assert "ConfigError: workers: registry_lifespan cannot run in a worker" in log, log
+    assert "registry_agent.integrations.uvicorn.run" in log
+    assert "failed to start, stopping the parent process" in log
+    assert seen is None
+    assert await entry.status() is None
+    print(f"\nuvicorn --workers 2 with registry_lifespan: refused, exited after {exited:.3f}s")
+
+
+@pytest.mark.parametrize("server", ["consul"], indirect=True)
+async def test_unreachable_advertised_address_warns(
+    server: ServerProcess, uvicorns: list[Uvicorn], entry_of: Any, tmp_path: Path
+) -> None:
+    """The default check probes the advertised address: nothing listens on 127.0.0.2
+    (uvicorn binds 127.0.0.1), so the entry never registers, and one WARNING says why."""
+    warn_after = 2.0
+    app = Uvicorn(
+        tmp_path,
+        server,
+        "lifespan",
+        env_more={"UVA_ADDRESS": "127.0.0.2", "UVA_WARN_AFTER": str(warn_after)},
+    )
+    uvicorns.append(app)
+    entry = entry_of(server, app)
+    wanted = "is not registered after 2s: its checks fail"
+    deadline = time.monotonic() + START_BOUND
+    while wanted not in app.log() and time.monotonic() < deadline:
+        assert app.process.poll() is None, app.log()
+        assert await entry.status() is None, "registered an address nothing listens on"
+        await asyncio.sleep(0.1)
+    log = app.log()
+    assert wanted in log, log
+    line = next(line for line in log.splitlines() if wanted in line)
+    assert f"127.0.0.2:{app.port} is not reachable" in line, line
+    assert f"uvicorn listens on 127.0.0.1:{app.port}" in line, line
+    await asyncio.sleep(1.0)
+    assert app.log().count(wanted) == 1
+    assert app.get("/")[0] == 200
+    assert await entry.status() is None

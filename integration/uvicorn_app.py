@@ -4,6 +4,10 @@
 ``nosignals`` (the same with handle_signals=False: withdrawn only at the lifespan's
 shutdown, after uvicorn has drained), ``plain`` (no registration: the workers of
 integration/uvicorn_launch.py, whose supervisor registers).
+
+``UVA_ADDRESS``: the address the instance advertises (default 127.0.0.1, where
+uvicorn listens); ``UVA_WARN_AFTER``: seconds before registry_lifespan's WARNING
+about an entry its checks keep unregistered (default: the library's).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from registry_agent import ServiceInstance
+from registry_agent.integrations import starlette
 from registry_agent.integrations.starlette import registry_lifespan
 
 MODE = os.environ.get("UVA_MODE", "plain")
@@ -30,12 +35,15 @@ async def app_lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     yield {"opened_at": time.time()}
 
 
+if "UVA_WARN_AFTER" in os.environ:
+    starlette.UNREGISTERED_WARNING_AFTER = float(os.environ["UVA_WARN_AFTER"])
+
 if MODE == "plain":
     lifespan: Any = app_lifespan
 else:
     instance = ServiceInstance(
         os.environ["UVA_SERVICE"],
-        address="127.0.0.1",
+        address=os.environ.get("UVA_ADDRESS", "127.0.0.1"),
         port=int(os.environ["UVA_PORT"]),
         id=os.environ["UVA_SERVICE"] + "-1",
     )

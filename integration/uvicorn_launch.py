@@ -1,6 +1,7 @@
 """``python -m integration.uvicorn_launch``: integration/uvicorn_app.py under uvicorn's
 supervisor with ``UVA_WORKERS`` workers, registered once by the supervisor
-(registry_agent.integrations.uvicorn.run)."""
+(registry_agent.integrations.uvicorn.run). The instance is built without an address
+or id: run() advertises the host it binds (127.0.0.1), not the default route's."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ if __name__ == "__main__":
     run(
         "integration.uvicorn_app:app",
         os.environ["UVA_REGISTRY"],
-        ServiceInstance(service, address="127.0.0.1", port=port, id=f"{service}-1"),
+        ServiceInstance(service, port=port),
         workers=int(os.environ.get("UVA_WORKERS", "2")),
         drain_delay=float(os.environ.get("UVA_DRAIN", "0")),
         ttl=float(os.environ.get("UVA_TTL", "3")),

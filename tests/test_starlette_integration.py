@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from starlette.applications import Starlette
 
-from registry_agent import AsyncRegistrar, ConfigError, ServiceInstance
+from registry_agent import AsyncRegistrar, ConfigError, HttpCheck, ServiceInstance
 from registry_agent.integrations import uvicorn as uvicorn_integration
 from registry_agent.integrations.starlette import registry_lifespan, serving_check
 from registry_agent.testing.memory import MemoryBackend, MemoryRegistry
@@ -55,6 +55,9 @@ def restore_signals() -> Iterator[None]:
         ({"install_signal_handlers": True}, "install_signal_handlers"),
         ({"lifespan": "app_lifespan"}, "lifespan"),
         ({"ttl": "ten"}, "ttl"),
+        ({"checks": HttpCheck("http://127.0.0.1:8000/", interval=1)}, "checks"),
+        ({"checks": "http://127.0.0.1:8000/"}, "checks"),
+        ({"drain": 1}, "drain"),
     ],
 )
 def test_bad_arguments_are_config_errors(
@@ -228,6 +231,9 @@ async def test_the_lifespan_runs_again_with_a_fresh_registrar(backend: MemoryBac
         ({"install_signal_handlers": True}, "install_signal_handlers"),
         ({"uvicorn_options": {"port": 1}}, "uvicorn_options.port"),
         ({"uvicorn_options": {"reload": True}}, "uvicorn_options.reload"),
+        ({"host": 127}, "host"),
+        ({"checks": HttpCheck("http://127.0.0.1:8000/", interval=1)}, "checks"),
+        ({"drain": 1}, "drain"),
     ],
 )
 def test_uvicorn_run_bad_arguments(
@@ -238,6 +244,33 @@ def test_uvicorn_run_bad_arguments(
     with pytest.raises(ConfigError) as caught:
         uvicorn_integration.run(app, backend, INSTANCE, **args)
     assert caught.value.field == field
+
+
+@pytest.mark.parametrize("launcher", ["registry_lifespan", "run"])
+def test_misuse_is_one_config_error(backend: MemoryBackend, launcher: str) -> None:
+    """A name where the instance goes, a keyword that does not exist (every accepted
+    keyword listed, the launcher's own included), no port at all."""
+
+    def call(instance: Any, **kwargs: Any) -> None:
+        if launcher == "run":
+            uvicorn_integration.run("pkg.mod:app", backend, instance, **kwargs)
+        else:
+            registry_lifespan(backend, instance, **kwargs)
+
+    with pytest.raises(ConfigError) as caught:
+        call("orders")
+    assert caught.value.field == "instance"
+    with pytest.raises(ConfigError) as caught:
+        call(INSTANCE, drain=1)
+    listed = str(caught.value).split("expected one of ", 1)[1].split(", ")
+    own = {"drain_delay", "stop_timeout"} | (
+        {"health_path", "uvicorn_options", "workers"} if launcher == "run" else {"lifespan"}
+    )
+    assert {"checks", "ttl", "rise", "on_event", *own} <= set(listed), listed
+    assert "install_signal_handlers" not in listed
+    with pytest.raises(ConfigError) as caught:
+        ServiceInstance("orders", address="127.0.0.1")
+    assert str(caught.value) == "port: expected an integer 1-65535 (the port is required)"
 
 
 async def test_answering_check_passes_on_any_http_answer() -> None:

@@ -329,8 +329,14 @@ def registry_lifespan(
     the signals, the instance is withdrawn at the lifespan's shutdown.
     ``stop_timeout`` bounds the deregistration; ``wait_registered`` (seconds) holds
     the startup until the entry is in the registry (failing the startup on timeout).
+    When the checks keep the entry out for :data:`UNREGISTERED_WARNING_AFTER`
+    seconds (10), one WARNING says what they report (with the default check: the
+    advertised address is not reachable from here, and where uvicorn listens).
 
-    Raises :class:`~registry_agent.ConfigError` at once for bad arguments.
+    Raises :class:`~registry_agent.ConfigError` at once for bad arguments, and at the
+    lifespan's startup in a worker of ``uvicorn --workers N`` (every worker would
+    register the same instance, and the first to stop would remove it for all):
+    use :func:`registry_agent.integrations.uvicorn.run` there. ``--reload`` is fine.
     """
     if "install_signal_handlers" in kwargs:
         raise ConfigError(

@@ -212,11 +212,16 @@ def run(
     supervisor and ``workers`` processes on ``host:port``, keeping ``instance``
     registered in ``backend`` once for them all; returns when uvicorn has stopped.
 
-    ``port`` defaults to the instance's port. ``uvicorn_options``: more keywords of
+    ``port`` defaults to the instance's port. An instance built without an address
+    advertises ``host`` (unless it is ``0.0.0.0``/``::``: then the default route's
+    address): the default route's address reaches nothing when uvicorn binds one
+    address only. A specific ``host`` other than the advertised address is logged
+    as a WARNING. ``uvicorn_options``: more keywords of
     :class:`uvicorn.Config` (``timeout_graceful_shutdown``, ``ssl_keyfile``, …).
     ``checks`` and every other keyword of :class:`~registry_agent.Registrar` go to
-    the registrar; without ``checks``, :func:`answering_check` on ``health_path``,
-    once a second. On SIGTERM/SIGINT: withdraw, wait ``drain_delay`` seconds, then
+    the registrar; without ``checks``, :func:`answering_check` on ``health_path``
+    at the advertised address (the loopback for a wildcard ``host``), once a second.
+    On SIGTERM/SIGINT: withdraw, wait ``drain_delay`` seconds, then
     the supervisor stops its workers, which drain. The app itself must not register
     (no ``registry_lifespan`` in it): the launcher does it for all workers.
 
