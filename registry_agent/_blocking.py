@@ -186,7 +186,8 @@ def _stop_running() -> None:
     started in another process (inherited through ``fork()``) are left alone, silently:
     their registration is that process's."""
     with _running_lock:
-        facades = list(_running)
+        # Watchers first: none then sees the registrars' deregistrations on its way out.
+        facades = sorted(_running, key=lambda facade: isinstance(facade, Registrar))
         _running.clear()
     for facade in facades:
         if facade._thread.forked():
