@@ -15,11 +15,17 @@ imports the library's hooks in its config
   gunicorn's environment, even with etcd; every worker exit (its
   ``worker_exit`` hook to the master reaping it) under 1 s;
 * SIGHUP with the same config keeps the keeper and the entries untouched; the
-  master SIGKILLed (no hook runs): the keeper sees its parent gone and
-  deregisters (not left to expire);
-* SIGINT and SIGQUIT withdraw before the port closes, like SIGTERM;
+  keeper SIGKILLed: the master starts another (within ``KEEPER_RESTART_BOUND``)
+  and the entries are passing again; the master SIGKILLed (no hook runs): the
+  keeper sees its parent gone and deregisters (not left to expire);
+* SIGINT and SIGQUIT withdraw before the port closes, like SIGTERM; SIGQUIT
+  right after the keeper was SIGKILLed: a one-shot process deregisters (Consul,
+  before the port closes; etcd: the entries leave with the dead keeper's lease,
+  within the TTL), and the log says so;
 * the README's recipe (``README_RECIPE``, a config file gunicorn re-reads on
-  SIGHUP) registers, keeps its keeper across SIGHUP and withdraws first;
+  SIGHUP) registers, keeps its keeper across SIGHUP, updates the entry in place
+  when a SIGHUP changes only its tags (one ``updated`` event, never gone) and
+  withdraws first;
 * withdrawn first on the master's SIGTERM: the watcher sees both entries
   deleted before a prober (connecting every 5 ms) finds the port closed (the
   workers hold the listening socket until they exit: with sync workers, the
@@ -63,6 +69,8 @@ GRACEFUL_TIMEOUT = 30
 WORKER_EXIT_BOUND = 1.0
 # The config's deregister_timeout (3 s) + the keeper's margin: the withdrawal's bound.
 WITHDRAW_BOUND = 4.0
+# A keeper killed: the arbiter's loop (1 s) + the first backoff (<= 0.5 s) + its start.
+KEEPER_RESTART_BOUND = 5.0
 SLOW_REQUEST = 2.0
 POLL = 0.1
 
@@ -331,7 +339,7 @@ def _keepers(gunicorn: Gunicorn) -> list[int]:
     return [
         int(line.split("keeper ")[1].split()[0])
         for line in gunicorn.log().splitlines()
-        if "registry-agent: keeper " in line
+        if "registry-agent: keeper " in line and " registers " in line
     ]
 
 
@@ -357,6 +365,12 @@ async def test_sigint_and_sigquit_withdraw_before_the_port_closes(
             await seen.wait_for((EventType.ADDED, entry_id))
         prober = PortProber(gunicorn.ports[1])
         prober.start()
+        keeper_dead = sig is signal.SIGQUIT
+        if keeper_dead:
+            # The keeper killed just before the stop signal: no keeper runs when it comes
+            # (its successor waits for the backoff), a one-shot process deregisters.
+            [keeper] = _keepers(gunicorn)
+            os.kill(keeper, signal.SIGKILL)
         signalled = time.monotonic()
         os.kill(gunicorn.process.pid, sig)
         gone = [await seen.wait_for((EventType.DELETED, entry_id)) for entry_id in ids]
@@ -364,9 +378,20 @@ async def test_sigint_and_sigquit_withdraw_before_the_port_closes(
         await asyncio.to_thread(prober.join, GRACEFUL_TIMEOUT)
         await asyncio.to_thread(gunicorn.process.wait, GRACEFUL_TIMEOUT)
     assert prober.closed_at is not None, "the port never closed"
-    measured(f"{sig.name} -> entries gone", gone_at - signalled, WITHDRAW_BOUND)
-    print(f"{sig.name}: entries gone {prober.closed_at - gone_at:.3f}s before the port closed")
-    assert gone_at < prober.closed_at, (gone_at, prober.closed_at)
+    log = gunicorn.log()
+    if keeper_dead and server.url.startswith("etcd"):
+        # The entries lived on the dead keeper's lease: gone within the TTL.
+        measured("SIGQUIT, keeper dead: etcd entries gone", gone_at - signalled, TTL + 1)
+        assert "no keeper running (was killed by SIGKILL): withdrawn " in log, log
+    else:
+        what = "SIGQUIT, keeper dead (one-shot)" if keeper_dead else sig.name
+        measured(f"{what} -> entries gone", gone_at - signalled, WITHDRAW_BOUND)
+        print(f"{what}: entries gone {prober.closed_at - gone_at:.3f}s before the port closed")
+        assert gone_at < prober.closed_at, (gone_at, prober.closed_at)
+    if keeper_dead:
+        assert "no keeper running (was killed by SIGKILL): withdrawn " in log, log
+        assert "by a one-shot process in" in log, log
+        assert "registry-agent: withdrawn in" not in log, log
     assert await registry_health(server.url, gunicorn.service) == {}
     assert all(_gone(pid) for pid in _keepers(gunicorn)), gunicorn.log()
     # A quick shutdown interrupts a worker reading the prober's connection: gunicorn logs
@@ -402,6 +427,22 @@ async def test_sighup_keeps_the_entry_and_a_killed_master_takes_it_away(
             ids, HealthStatus.PASSING
         )
         assert [(e.type, e.instance.id) for e in seen if e.type is not EventType.ADDED] == []
+
+        # The keeper SIGKILLed (as the OOM killer would): the master notices on its next
+        # loop (about every second) and starts another after its backoff (<= 0.5 s).
+        killed = time.monotonic()
+        os.kill(keeper, signal.SIGKILL)
+        deadline = killed + KEEPER_RESTART_BOUND
+        while len(_keepers(gunicorn)) < 2:
+            assert time.monotonic() < deadline, gunicorn.log()
+            await asyncio.sleep(0.05)
+        restarted = time.monotonic()
+        [_, keeper] = _keepers(gunicorn)
+        assert psutil.Process(keeper).ppid() == gunicorn.process.pid
+        await _wait_registered(server, gunicorn, count=len(gunicorn.ports))
+        measured("keeper kill -9 -> new keeper", restarted - killed, KEEPER_RESTART_BOUND)
+        measured("keeper kill -9 -> entries passing", time.monotonic() - killed, TTL + 5)
+        assert "was killed by SIGKILL: its entries are held by no one" in gunicorn.log()
 
         # The master SIGKILLed (no hook runs): the keeper sees its parent gone and deregisters.
         killed = time.monotonic()
@@ -445,6 +486,7 @@ async def test_the_readme_recipe(
     text = README_RECIPE.replace("consul://127.0.0.1:8500", server.url)
     text = text.replace('bind = "0.0.0.0:8000"', f'bind = "127.0.0.1:{port}"')
     assert text.count(server.url) == 1
+    assert text.count('tags=["web"]') == 1
     assert text.count(str(port)) == 1
     conf.write_text(text)
     log_path = tmp_path / "gunicorn.log"
@@ -469,6 +511,19 @@ async def test_the_readme_recipe(
             await asyncio.sleep(1.0)
             assert log_path.read_text().count("registry-agent: keeper") == 1, log_path.read_text()
             assert [e.type for e in seen] == [EventType.ADDED]
+
+            # SIGHUP with only the tags changed: updated in place by the same keeper,
+            # never out of discovery (it was re-registered: gone for seconds).
+            conf.write_text(text.replace('tags=["web"]', 'tags=["web", "v2"]'))
+            hup = time.monotonic()
+            os.kill(process.pid, signal.SIGHUP)
+            updated = await seen.wait_for((EventType.UPDATED, entry_id))
+            assert updated.instance.tags == ("web", "v2")
+            measured("README: SIGHUP tags -> updated", seen.at(updated) - hup, WITHDRAW_BOUND)
+            assert [e.type for e in seen] == [EventType.ADDED, EventType.UPDATED]
+            assert await registry_health(server.url, "orders") == {entry_id: HealthStatus.PASSING}
+            assert "updated tags/meta in place" in log_path.read_text()
+            assert log_path.read_text().count("registry-agent: keeper") == 2  # + "updated"
 
             prober = PortProber(port)
             prober.start()

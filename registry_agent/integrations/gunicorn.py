@@ -483,11 +483,13 @@ def _stop_keeper(server: Any, keeper: _Keeper, done: str, when: str = "") -> flo
 
     Logs what happened (``done``, ``when``: the words of the log line); seconds taken.
     """
+    began = time.monotonic()
     if keeper.state == "running" and keeper.alive():
         took = keeper.stop(keeper.spec.deregister_timeout)
-        server.log.info("registry-agent: %s in %.3fs,%s", done, took, when)
-        return took
-    began = time.monotonic()
+        if keeper.confirmed:
+            server.log.info("registry-agent: %s in %.3fs,%s", done, took, when)
+            return took
+        # It died just now (the signal came before its SIGCHLD), or hung and was killed.
     what = keeper.describe_exit()
     if keeper.process.poll() is None:
         keeper.stop(keeper.spec.deregister_timeout)  # one still starting
@@ -644,6 +646,8 @@ class _Keeper:
         self.pid = process.pid
         self._buffer = b""
         self._eof = False
+        #: Whether the keeper said it stopped (see :meth:`stop`).
+        self.confirmed = False
         #: "starting" (no answer yet), "running" (registering), "dead" (to restart).
         self.state = "starting"
         self.started_at = 0.0
@@ -771,18 +775,24 @@ class _Keeper:
         return None
 
     def stop(self, timeout: float) -> float:
-        """Tell the keeper to deregister and exit; wait at most about ``timeout`` seconds."""
+        """Tell the keeper to deregister and exit; wait at most about ``timeout`` seconds.
+
+        ``confirmed`` then tells whether the keeper said it stopped (told now, or on
+        a signal of its own): not when it was killed, or did not answer in time.
+        """
         began = time.monotonic()
         deadline = began + timeout + 1.0
         try:
             assert self.process.stdin is not None
             self.process.stdin.write(b"stop\n")
             self.process.stdin.flush()
+        except (OSError, ValueError):
+            pass  # the keeper is gone already: what it said last is still in the pipe
+        with contextlib.suppress(OSError, ValueError):
             while (message := self._read(deadline)) is not None:
                 if "stopped" in message:
+                    self.confirmed = True
                     break
-        except (OSError, ValueError):
-            pass  # the keeper is gone already (it deregistered on its own signal)
         took = time.monotonic() - began
         try:
             self.process.wait(max(0.1, deadline - time.monotonic()))
