@@ -454,6 +454,7 @@ class BackendLane:
             "service": instance.service,
             "instance": instance.id,
             "backend": self.log_name,
+            "error": None,  # always present (a formatter may read record.error)
             **more,
         }
 

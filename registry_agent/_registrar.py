@@ -44,6 +44,7 @@ from registry_agent._registration import (
     scrub_credentials,
 )
 from registry_agent._status import (
+    BackendStatus,
     CheckStatus,
     RegistrationCounters,
     RegistrationStatus,
@@ -746,7 +747,7 @@ class AsyncRegistrar:
             service=self.instance.service,
             instance=self.instance.id,
             backend=self._backend_name,
-            state=str(self.state),
+            state=str(self._shown_state(lanes)),
             registered=any(lane.registered for lane in lanes),
             registry_status=best.registry_status,
             registry_note=best.registry_note,
@@ -767,6 +768,20 @@ class AsyncRegistrar:
             counters=frozen_mapping(self.counters.to_dict()),
             backends=lanes,
         )
+
+    def _shown_state(self, lanes: tuple[BackendStatus, ...]) -> GateState:
+        """The state :meth:`snapshot` shows: the gate's, except ``starting`` while a gate
+        that lets the entry in (no checks, or checks up) has not had it written yet (not
+        started, or no registry has taken it so far)."""
+        state = self.state
+        if state is GateState.REGISTERED and not (
+            self._started
+            and any(
+                lane.counters["registrations"] or lane.counters["reregistrations"] for lane in lanes
+            )
+        ):
+            return GateState.STARTING
+        return state
 
     def status(self) -> dict[str, Any]:
         """A JSON-ready view: :meth:`snapshot` as a dict (what the agent's ``/status`` shows)."""
@@ -862,6 +877,7 @@ class AsyncRegistrar:
             "service": self.instance.service,
             "instance": self.instance.id,
             "backend": ",".join(lane.log_name for lane in self._lanes),
+            "error": None,  # always present (a formatter may read record.error)
             **more,
         }
 

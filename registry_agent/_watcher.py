@@ -431,7 +431,7 @@ class AsyncWatcher:
                             "watch of %s resumed after %d failure(s)",
                             where,
                             failures,
-                            extra={"event": "watch_resumed", "service": service},
+                            extra={"event": "watch_resumed", "service": service, "error": None},
                         )
                         failures = 0
             except RevisionCompacted as exc:
@@ -441,7 +441,7 @@ class AsyncWatcher:
                     "watch of %s re-lists: %s",
                     where,
                     exc,
-                    extra={"event": "watch_relist", "service": service},
+                    extra={"event": "watch_relist", "service": service, "error": str(exc)},
                 )
                 last = None
                 relists += 1
@@ -583,13 +583,13 @@ class AsyncWatcher:
                 services,
                 consumer.backlog.lag(now),
                 consumer.backlog.pending,
-                extra={"event": "watch_consumer_lagging", "service": services},
+                extra={"event": "watch_consumer_lagging", "service": services, "error": None},
             )
         else:
             log.info(
                 "a consumer of the watch of %s caught up",
                 services,
-                extra={"event": "watch_consumer_caught_up", "service": services},
+                extra={"event": "watch_consumer_caught_up", "service": services, "error": None},
             )
 
 

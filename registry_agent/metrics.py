@@ -70,8 +70,12 @@ class RegistryCollector(Collector):
     :class:`~registry_agent.Watcher` or :class:`~registry_agent.AsyncWatcher`
     objects. More can be added and removed later (:meth:`add`, :meth:`remove`,
     from any thread); they are held by weak reference, so one the app drops
-    leaves the metrics with it (a stopped one that is still referenced shows
-    ``state="stopped"`` until removed). ``registry``: register the collector
+    leaves the metrics with it (a stopped registrar that is still referenced shows
+    ``state="stopped"`` until removed; a closed watcher is no longer shown). A
+    started blocking :class:`~registry_agent.Registrar` or
+    :class:`~registry_agent.Watcher` is held by registry_agent itself until
+    stopped or closed, so it stays shown even when the app dropped it.
+    ``registry``: register the collector
     there at once (e.g. ``prometheus_client.REGISTRY``); else call
     ``registry.register(collector)`` yourself.
 
@@ -178,7 +182,10 @@ class RegistryCollector(Collector):
         yield from self._latency.collect()
         watched = _WatcherFamilies()
         for watcher in self._live(self._watchers):
-            watched.add(watcher.stats())
+            # A closed watcher's last reads are stale: shown, the largest-value merge
+            # would hide a live watcher's numbers of the same service behind them.
+            if not watcher._closed:
+                watched.add(watcher.stats())
         yield from watched.families()
 
     def _statuses(self) -> Iterator[RegistrationStatus]:

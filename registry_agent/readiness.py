@@ -69,7 +69,7 @@ def _source(registrars: Registrars) -> Registrars:
 
 def _response(registrars: Registrars, method: str) -> tuple[int, list[tuple[str, str]], bytes]:
     if method not in ("GET", "HEAD"):
-        return 405, [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")], b"only GET\n"
+        return 405, [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")], b"only GET and HEAD\n"
     code, body = readiness(registrars)
     data = (json.dumps(body, indent=2, default=str) + "\n").encode()
     headers = [

@@ -288,8 +288,8 @@ def test_blocking_facades_scraped_from_another_thread_while_they_change(
     got = samples(collector)
     ids = {"service": "orders", "instance_id": "o0"}
     assert got[key("registry_agent_service_state", **ids, state="stopped")] == 1.0
-    backend = watcher.stats().backends[0]
-    assert got[key("registry_agent_watch_instances", service="orders", backend=backend)] == 51
+    # A closed watcher is no longer shown (its last reads are stale).
+    assert not any(k[0] == "registry_agent_watch_instances" for k in got)
 
 
 async def test_add_remove_weak_references_and_bad_input(
@@ -376,6 +376,7 @@ async def test_readiness_apps_answer_like_the_agent(
             for response in await both("POST", "http://app/"):
                 assert response.status_code == 405
                 assert response.headers["allow"] == "GET, HEAD"
+                assert response.text == "only GET and HEAD\n"
     with pytest.raises(ConfigError) as info:
         make_wsgi_app([reg, "memory://"])  # type: ignore[list-item]
     assert info.value.field == "registrars[1]"
@@ -405,6 +406,97 @@ async def test_a_withdrawal_is_logged_at_warning(
     assert levels["registered"] == logging.INFO
     assert levels["deregistered"] == logging.WARNING, levels
     assert levels["state_changed"] == logging.WARNING, levels  # the last one: withdrawn
+    # Every record carries the documented fields, error among them (None when none).
+    for record in caplog.records:
+        if record.name.endswith("registrar"):
+            fields = {name: record.__dict__.get(name, "absent") for name in FIELDS}
+            assert "absent" not in fields.values(), (record.getMessage(), fields)
+            assert fields["error"] is None, (record.getMessage(), fields)
+
+
+FIELDS = ("event", "service", "instance", "backend", "error")
+
+
+async def test_failed_writes_and_watch_records_carry_an_error_field(
+    registry: MemoryRegistry, running: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    registry.stop()  # every call fails
+    reg = AsyncRegistrar(registry.url, inst(1), ttl=1.0, retry=FAST)
+    watcher = AsyncWatcher(registry.url, "orders", retry=FAST)
+    # The watcher closed first: the memory backend's watch can miss a close that meets
+    # the deregistration's wake-up (asyncio.wait_for on Python 3.11).
+    running.extend([watcher, reg])
+    with caplog.at_level(logging.INFO, logger="registry_agent"):
+        await reg.start()
+        await watcher.start()
+        await wait_until(lambda: reg.snapshot().counters["errors"] >= 1)
+        await wait_until(lambda: watcher.stats().watched[0].errors >= 1)
+        registry.start()
+        await reg.wait_registered(5.0)
+        await wait_until(lambda: watcher.stats().watched[0].synced)
+    mine = [r for r in caplog.records if r.name.startswith("registry_agent")]
+    assert {r.__dict__.get("event") for r in mine} >= {"register_failed", "registered"}
+    for record in mine:
+        assert "error" in record.__dict__, (record.name, record.getMessage())
+    failed = [r for r in mine if r.__dict__.get("event") == "register_failed"]
+    assert all(isinstance(r.__dict__["error"], str) and r.__dict__["error"] for r in failed)
+
+
+async def test_a_registrar_is_starting_until_its_entry_is_first_written(
+    registry: MemoryRegistry, running: list[Any]
+) -> None:
+    """No checks: the health gate lets the entry in at once, but until a registry has taken
+    it (or before start()) the state shown is starting, never registered."""
+    ids = {"service": "orders", "instance_id": "o1"}
+    never = Registrar(registry.url, inst(1), ttl=1.0, retry=FAST)  # blocking, never started
+    collector = RegistryCollector(registrars=[never])
+    assert never.snapshot().state == "starting"
+    got = samples(collector)
+    assert got[key("registry_agent_service_state", **ids, state="starting")] == 1.0
+    assert got[key("registry_agent_service_state", **ids, state="registered")] == 0.0
+    code, body = readiness([never])
+    assert (code, body["not_ready"]["orders/o1"]["state"]) == (503, "starting")
+
+    registry.stop()  # started, but no registry takes the entry yet
+    reg = AsyncRegistrar(registry.url, inst(2), ttl=1.0, retry=FAST)
+    running.append(reg)
+    await reg.start()
+    await wait_until(lambda: reg.snapshot().counters["errors"] >= 2)
+    assert reg.snapshot().state == "starting"
+    registry.start()
+    assert await reg.wait_registered(5.0)
+    assert reg.snapshot().state == "registered"
+    registry.stop()  # once written, a lost registry leaves the state (registered is False)
+    await wait_until(lambda: not reg.registered)
+    assert reg.snapshot().state == "registered"
+    await reg.stop(2.0)
+    assert reg.snapshot().state == "stopped"
+
+
+async def test_a_closed_watcher_is_not_shown(registry: MemoryRegistry, running: list[Any]) -> None:
+    """A closed watcher's last reads would hide, as the largest gauge, a live one's."""
+    leases = [registry.put(InstanceHealth(inst(n)), ttl=60) for n in range(4)]
+    closed = AsyncWatcher(registry.url, "orders", retry=FAST)
+    live = Watcher(registry.url, "orders", retry=FAST)
+    running.append(closed)
+    try:
+        assert await closed.wait_synced(5.0)
+        assert await asyncio.to_thread(live.wait_synced, 5.0)
+        collector = RegistryCollector(watchers=[closed, live])
+        backend = live.stats().backends[0]
+        labels = {"service": "orders", "backend": backend}
+        assert samples(collector)[key("registry_agent_watch_instances", **labels)] == 4
+        await closed.close()
+        for n in (1, 2, 3):
+            registry.delete("orders", f"o{n}", leases[n])
+        await wait_until(lambda: len(live.snapshot()) == 1)
+        got = samples(collector)
+        assert got[key("registry_agent_watch_instances", **labels)] == 1
+        assert got[key("registry_agent_watch_events_total", **labels, type="deleted")] == 3
+        await asyncio.to_thread(live.close)
+        assert not any(k[0] == "registry_agent_watch_instances" for k in samples(collector))
+    finally:
+        await asyncio.to_thread(live.close)
 
 
 async def test_starlette_routes_serve_readiness_and_metrics(
