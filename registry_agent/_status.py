@@ -86,7 +86,9 @@ class RegistrationStatus:
     service: str
     instance: str
     backend: str
-    #: The health gate's state: starting, registered, withdrawn or stopped.
+    #: starting (not started yet, or no registry has taken the entry yet), registered
+    #: (the health gate lets the entry in; ``registered`` says whether a registry holds
+    #: it now), withdrawn (held out or critical: unhealthy) or stopped.
     state: str
     #: The registry holds our entry (False once renewals have failed for a TTL).
     registered: bool
