@@ -4,7 +4,8 @@ Used both as the app (``integration.gunicorn_registration_app:app``) and as the
 config (``--config python:integration.gunicorn_registration_app``). Everything
 comes from the environment the test gives gunicorn: ``GREG_REGISTRY`` (backend
 URL), ``GREG_SERVICE``, ``GREG_EVENTS`` (a file the hooks append JSON lines
-to), ``GREG_TTL``. The registration hooks are the library's
+to), ``GREG_TTL``, ``GREG_DRAIN`` (the ``drain_delay``, default 0). The
+registration hooks are the library's
 (:mod:`registry_agent.integrations.gunicorn`); the others only record worker
 lifetimes with a ``time.monotonic()`` stamp (one clock for all processes).
 """
@@ -51,6 +52,7 @@ if "GREG_REGISTRY" in os.environ:  # imported as the config (the workers import 
         rise=1,
         retry=RetryPolicy(initial=0.1, cap=1.0),
         deregister_timeout=3.0,
+        drain_delay=float(os.environ.get("GREG_DRAIN", "0")),
     )
 
     def when_ready(server: Any) -> None:

@@ -18,6 +18,8 @@ imports the library's hooks in its config
   keeper SIGKILLed: the master starts another (within ``KEEPER_RESTART_BOUND``)
   and the entries are passing again; the master SIGKILLed (no hook runs): the
   keeper sees its parent gone and deregisters (not left to expire);
+* a SIGTERM to the whole process group (``KillMode=control-group``) with a
+  ``drain_delay``: the workers keep serving through the drain, stopping after it;
 * SIGINT and SIGQUIT withdraw before the port closes, like SIGTERM; SIGQUIT
   right after the keeper was SIGKILLed: a one-shot process deregisters (Consul,
   before the port closes; etcd: the entries leave with the dead keeper's lease,
@@ -85,7 +87,13 @@ def _free_port() -> int:
 class Gunicorn:
     """One gunicorn master with the registration hooks, started for a test."""
 
-    def __init__(self, workdir: Path, server: ServerProcess) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        server: ServerProcess,
+        drain: float = 0.0,
+        max_requests: int = MAX_REQUESTS,
+    ) -> None:
         self.ports = (_free_port(), _free_port())
         self.service = f"greg-{uuid.uuid4().hex[:8]}"
         self.events_path = workdir / f"{self.service}.events"
@@ -101,6 +109,7 @@ class Gunicorn:
             GREG_SERVICE=self.service,
             GREG_EVENTS=str(self.events_path),
             GREG_TTL=str(TTL),
+            GREG_DRAIN=str(drain),
         )
         command = [
             sys.executable,
@@ -108,15 +117,21 @@ class Gunicorn:
             "gunicorn",
             f"--workers={WORKERS}",
             *(f"--bind=127.0.0.1:{port}" for port in self.ports),
-            f"--max-requests={MAX_REQUESTS}",
+            f"--max-requests={max_requests}",
             f"--graceful-timeout={GRACEFUL_TIMEOUT}",
             "--config=python:integration.gunicorn_registration_app",
             "--no-control-socket",  # else one shared socket under ~/.gunicorn for all tests
             "integration.gunicorn_registration_app:app",
         ]
         with self.log_path.open("wb") as log:
+            # Its own process group (and session): a test may signal the whole group.
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+                start_new_session=True,
             )
 
     def log(self) -> str:
@@ -161,11 +176,11 @@ class Gunicorn:
 
 
 @pytest.fixture
-def gunicorns(tmp_path: Path) -> Iterator[Callable[[ServerProcess], Gunicorn]]:
+def gunicorns(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
     started: list[Gunicorn] = []
 
-    def start(server: ServerProcess) -> Gunicorn:
-        started.append(Gunicorn(tmp_path, server))
+    def start(server: ServerProcess, **options: Any) -> Gunicorn:
+        started.append(Gunicorn(tmp_path, server, **options))
         return started[-1]
 
     yield start
@@ -397,6 +412,51 @@ async def test_sigint_and_sigquit_withdraw_before_the_port_closes(
     # A quick shutdown interrupts a worker reading the prober's connection: gunicorn logs
     # that with a traceback of its own. None may come from registry_agent's code.
     assert "registry_agent/" not in gunicorn.log(), gunicorn.log()
+
+
+DRAIN = 1.5
+
+
+async def test_sigterm_to_the_whole_group_serves_through_the_drain_delay(
+    server: ServerProcess,
+    gunicorns: Callable[..., Gunicorn],
+    measured: Callable[[str, float, float], None],
+) -> None:
+    # systemd's KillMode=control-group, tini -g: the workers get the SIGTERM with the
+    # master. They keep serving until the master has withdrawn and drained.
+    # No max_requests: the master, draining, replaces no worker that recycles.
+    gunicorn = gunicorns(server, drain=DRAIN, max_requests=0)
+    ids = await _wait_registered(server, gunicorn, count=len(gunicorn.ports))
+    watcher = AsyncWatcher(server.url, gunicorn.service, retry=RetryPolicy(initial=0.1, cap=1.0))
+    async with EventLog(watcher) as seen:
+        for entry_id in ids:
+            await seen.wait_for((EventType.ADDED, entry_id))
+        prober = PortProber(gunicorn.ports[0])
+        prober.start()
+        signalled = time.monotonic()
+        os.killpg(gunicorn.process.pid, signal.SIGTERM)
+        gone = [await seen.wait_for((EventType.DELETED, entry_id)) for entry_id in ids]
+        gone_at = max(seen.at(event) for event in gone)
+        # Clients that cached the entry still call during the drain: all served.
+        served: list[int | None] = []
+        while time.monotonic() - signalled < DRAIN - 0.3:
+            served.append(await asyncio.to_thread(gunicorn.get, "/", gunicorn.ports[0], 5))
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(prober.join, GRACEFUL_TIMEOUT)
+        await asyncio.to_thread(gunicorn.process.wait, GRACEFUL_TIMEOUT)
+    exited = time.monotonic()
+    assert gunicorn.process.returncode == 0, gunicorn.log()
+    measured("group SIGTERM -> entries gone", gone_at - signalled, WITHDRAW_BOUND)
+    print(f"{len(served)} requests during the drain, served by {set(served)}")
+    assert len(served) >= 3
+    assert None not in served, (served, gunicorn.log())
+    assert prober.closed_at is not None
+    assert prober.closed_at - signalled >= DRAIN, gunicorn.log()
+    exits = [e["t"] for e in gunicorn.events("worker_exit")]
+    assert len(exits) == WORKERS
+    assert min(exits) - signalled >= DRAIN - 0.1, gunicorn.log()
+    measured("group SIGTERM -> gunicorn exited", exited - signalled, DRAIN + WITHDRAW_BOUND)
+    assert await registry_health(server.url, gunicorn.service) == {}
 
 
 async def test_sighup_keeps_the_entry_and_a_killed_master_takes_it_away(

@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import mmap
 import os
 import pickle
 import random
@@ -81,6 +82,11 @@ _KEEPER_ATTR = "_registry_agent_keeper"
 _STOP_HANDLERS = ("handle_term", "handle_int", "handle_quit")
 #: How often the keeper checks that the master is still its parent.
 _PARENT_POLL = 0.2
+#: The attribute of the arbiter holding the stop flag its workers share (see _StopFlag).
+_FLAG_ATTR = "_registry_agent_stop_flag"
+#: How long a worker's SIGTERM waits for the master to show it is stopping too (the
+#: whole process group signalled) before it is taken as the master's own (a reload).
+_STOPPING_NOTICE = 0.5
 #: The arbiter's methods wrapped to supervise the keeper (see :func:`_wrap_arbiter`).
 _SUPERVISED = ("reap_workers", "manage_workers")
 #: Restarting a dead keeper: the first delay, the longest (jittered: half to all of it),
@@ -335,6 +341,7 @@ class GunicornRegistration:
         keeper = _Keeper.start(self._spec(server), self.start_timeout, self.drain_delay)
         setattr(server, _KEEPER_ATTR, keeper)
         _wrap_arbiter(server)
+        self._defer_workers_exit(server)
         server.log.info(
             "registry-agent: keeper %s registers %s",
             keeper.pid,
@@ -349,6 +356,7 @@ class GunicornRegistration:
         as it was; one whose keeper fails to start is logged, unregistered.
         """
         keeper: _Keeper | None = getattr(server, _KEEPER_ATTR, None)
+        self._defer_workers_exit(server)  # gunicorn's reload set its worker class again
         try:
             spec = self._spec(server)
         except ConfigError as exc:
@@ -386,6 +394,28 @@ class GunicornRegistration:
     def on_exit(self, server: Any) -> None:
         """gunicorn's ``on_exit`` hook: withdraw if a stop signal did not already."""
         _withdraw(server, drain=False)
+        _raise_flag(server, _RELEASED)
+
+    def _defer_workers_exit(self, server: Any) -> None:
+        """With a ``drain_delay``: workers a SIGTERM reaches with their master (systemd's
+        ``KillMode=control-group``, ``tini -g``, ``kill -TERM -<pgid>``) keep serving
+        until the master has withdrawn and drained (at most ``drain_delay`` +
+        ``deregister_timeout`` + 1 s), instead of stopping while the master still
+        accepts. Done by a subclass of gunicorn's worker class whose ``handle_exit``
+        waits (the sync, gthread, gevent and eventlet workers stop through it; a
+        uvicorn worker handles its signals itself and is not deferred).
+        """
+        cls = getattr(server, "worker_class", None)
+        if self.drain_delay <= 0 or not isinstance(cls, type):
+            return
+        if getattr(cls, "_registry_agent", False):
+            return
+        if getattr(server, _FLAG_ATTR, None) is None:
+            # Shared with the workers it forks: the master's stop, as they see it.
+            setattr(server, _FLAG_ATTR, mmap.mmap(-1, 1))
+        flag: mmap.mmap = getattr(server, _FLAG_ATTR)
+        bound = self.drain_delay + self.deregister_timeout + 1.0
+        server.worker_class = _deferring(cls, flag, bound)
 
     def _spec(self, server: Any) -> _Spec:
         spec = _Spec(
@@ -599,7 +629,9 @@ def _wrap_arbiter(server: Any) -> None:
             continue
 
         def handler(original: Callable[[], None] = original) -> None:
+            _raise_flag(server, _STOPPING)
             _withdraw(server, drain=True)
+            _raise_flag(server, _RELEASED)
             original()
 
         handler._registry_agent = True  # type: ignore[attr-defined]
@@ -628,6 +660,49 @@ def _wrap_arbiter(server: Any) -> None:
             wrapped = manage
         wrapped._registry_agent = True  # type: ignore[attr-defined]
         setattr(server, name, wrapped)
+
+
+#: The stop flag's values: running, stopping (withdrawing, draining), released.
+_RUNNING, _STOPPING, _RELEASED = 0, 1, 2
+
+
+def _raise_flag(server: Any, value: int) -> None:
+    flag: mmap.mmap | None = getattr(server, _FLAG_ATTR, None)
+    if flag is not None and flag[0] < value:
+        flag[0] = value
+
+
+def _deferring(cls: Any, flag: mmap.mmap, bound: float) -> type:
+    """``cls`` (a gunicorn worker class) whose SIGTERM waits for the master's withdrawal."""
+
+    def handle_exit(self: Any, sig: int, frame: Any) -> None:
+        state = getattr(self, "_registry_agent_exit", "")
+        if state == "released" or flag[0] == _RELEASED or os.getppid() != self.ppid:
+            cls.handle_exit(self, sig, frame)
+            return
+        if state == "waiting":
+            return
+        self._registry_agent_exit = "waiting"
+
+        def wait() -> None:
+            began = time.monotonic()
+            # A SIGTERM to the whole group reaches the master too: it shows it at once.
+            while flag[0] == _RUNNING and time.monotonic() - began < _STOPPING_NOTICE:
+                time.sleep(0.02)
+            while (
+                flag[0] == _STOPPING
+                and time.monotonic() - began < bound
+                and os.getppid() == self.ppid
+            ):
+                time.sleep(0.02)
+            self._registry_agent_exit = "released"
+            os.kill(os.getpid(), signal.SIGTERM)  # gunicorn's handler, in the main thread
+
+        threading.Thread(target=wait, name="registry-agent drain", daemon=True).start()
+
+    subclass = type(cls.__name__, (cls,), {"handle_exit": handle_exit, "_registry_agent": True})
+    subclass.__module__ = cls.__module__
+    return subclass
 
 
 def _positive(name: str, value: object) -> None:
