@@ -26,6 +26,12 @@ What they do:
   only then does gunicorn close its listeners and stop its workers gracefully.
   gunicorn calls no hook before closing its listeners on these signals, so
   ``when_ready`` wraps the arbiter's ``handle_term``/``handle_int``/``handle_quit``.
+  With a ``drain_delay``, a SIGTERM sent to the whole process group (systemd's
+  ``KillMode=control-group``, ``tini -g``) does not stop the workers at once:
+  their ``handle_exit`` (sync, gthread, gevent, eventlet workers) waits until
+  the master has withdrawn and drained (at most ``drain_delay`` +
+  ``deregister_timeout`` + 1 s); a SIGTERM from the master alone (a reload)
+  waits at most 0.5 s.
 - If the master dies (``kill -9``), the keeper notices (its parent changed)
   within 0.2 s, deregisters and exits.
 - If the keeper dies (``kill -9``, the OOM killer), the master notices it on
@@ -183,10 +189,12 @@ class GunicornRegistration:
 
     ``deregister_timeout`` bounds the withdrawal on the master's stop signal;
     ``drain_delay`` then waits before gunicorn closes its listeners (for
-    clients that cache discovery). ``start_timeout`` bounds the keeper's
-    start. ``log_level`` is the keeper's (it logs to gunicorn's stderr). Any
-    other keyword is a registration option (``ttl``, ``heartbeat``, ``fall``,
-    ``rise``, ``on_unhealthy``, ``deregister_critical_after``, ``retry``).
+    clients that cache discovery), the workers serving on even when the
+    SIGTERM reached them too (sent to the whole process group).
+    ``start_timeout`` bounds the keeper's start. ``log_level`` is the
+    keeper's (it logs to gunicorn's stderr). Any other keyword is a
+    registration option (``ttl``, ``heartbeat``, ``fall``, ``rise``,
+    ``on_unhealthy``, ``deregister_critical_after``, ``retry``).
 
     Invalid options raise :class:`~registry_agent.ConfigError` here, naming the
     field; what can only be known once gunicorn listens raises
