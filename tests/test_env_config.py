@@ -46,7 +46,8 @@ from registry_agent._urls import parse_backend_url
 from registry_agent.testing.memory import MemoryBackend
 
 INSTANCE = ServiceInstance("orders", address="127.0.0.1", port=8080)
-SECRET = "s3cret-" + uuid.uuid4().hex
+# Fixed (not random): parametrised test ids hold it, and xdist workers must collect the same ids.
+SECRET = "s3cret-5f1c0d9e7b2a4e8c9d0a1b2c3d4e5f60"
 
 
 def _clean(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -480,7 +481,7 @@ def test_an_env_url_pickles_with_what_it_carries() -> None:
 # -- secrets written in REGISTRY_AGENT_BACKEND's URLs ----------------------------------
 
 # Two halves of a secret: an error that showed either half would show part of it.
-_HEAD, _TAIL = "hd" + uuid.uuid4().hex[:10], "tl" + uuid.uuid4().hex[:10]
+_HEAD, _TAIL = "hd7c41e09b2f", "tl93ab5d0e68"  # fixed, as SECRET
 
 
 @pytest.mark.parametrize(
