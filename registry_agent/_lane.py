@@ -15,9 +15,10 @@ from registry_agent._connection import follow_connection
 from registry_agent._errors import (
     BackendUnavailable,
     RegistryError,
+    Throttled,
 )
 from registry_agent._health.gate import Desired, desired_registration
-from registry_agent._models import InstanceHealth, ServiceInstance
+from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance
 from registry_agent._probe import ConnectionAware
 from registry_agent._reconcile import Step
 from registry_agent._registration import (
@@ -46,6 +47,13 @@ log = logging.getLogger("registry_agent.registrar")
 
 # Releasing a lease we abandoned is best effort: never wait longer than this for it.
 _RELEASE_TIMEOUT = 2.0
+# Stopping: a deregistration that failed in a way a retry can fix is retried at most
+# this far apart (a registry back within milliseconds is retried within this much),
+_STOP_RETRY_CAP = 0.5
+# keeping this much of the stop budget (at most a fifth of it) for the last resort,
+_LAST_RESORT = 0.5
+# and giving each try at least this long.
+_MIN_TRY = 0.05
 
 
 def _accepts(function: Callable[..., Any], keyword: str) -> bool:
@@ -182,18 +190,98 @@ class BackendLane:
         if reg.stale is not None and reg.stale != reg.lease:
             await self._release()
         if reg.lease is not None:
-            try:
-                async with asyncio.timeout(left()):
-                    await self.backend.deregister(reg.lease)
-            except Exception as exc:
-                self.log_failure("deregister", self.registry_error(exc), force=True)
-            else:
+            error = await self._deregister_by(reg.lease, deadline)
+            if error is None:
                 self._publish(reg.deregistered_on_stop())
+            else:
+                await self._not_deregistered(reg.lease, error, deadline)
         self._stop_following()  # a registration that finished while stopping
         if self.owned:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(left()):
                     await self.backend.close()
+
+    async def _deregister_by(self, lease: Lease, deadline: float) -> RegistryError | None:
+        """Deregister ``lease``, retrying what a retry can fix (``BackendUnavailable``,
+        ``Throttled``: a 503, a reset, a refused connection) with a short jittered
+        backoff (a ``Retry-After`` honoured up to the deadline) until a little before
+        ``deadline`` (the rest is kept for :meth:`_not_deregistered`). None when
+        deregistered, else the last error (a ``Rejected`` one at once)."""
+        clock, retry = self.owner._clock, self.owner.retry
+        until = deadline - min(_LAST_RESORT, max(0.0, deadline - clock()) / 5)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with asyncio.timeout(max(_MIN_TRY, until - clock())):
+                    await self.backend.deregister(lease)
+            except Exception as exc:
+                error = self.registry_error(exc)
+            else:
+                if attempt > 1:
+                    log.info(
+                        "%s: deregistered at attempt %d",
+                        self.who,
+                        attempt,
+                        extra=self.extra("deregister_retried", attempts=attempt),
+                    )
+                return None
+            if not isinstance(error, BackendUnavailable):
+                return error  # Rejected, ConfigError: no retry fixes it as is
+            if isinstance(error, Throttled):
+                delay = retry.answered(attempt, error.retry_after)
+            else:
+                delay = min(retry.delay(attempt), _STOP_RETRY_CAP)
+            wait = min(delay, until - clock() - _MIN_TRY)
+            if wait < 0:
+                return error
+            log.debug(
+                "%s: deregistration failed (attempt %d), retrying in %.2fs: %s",
+                self.who,
+                attempt,
+                wait,
+                scrub_credentials(str(error)),
+                extra=self.extra("deregister_failed", error=str(error), attempts=attempt),
+            )
+            await asyncio.sleep(wait)
+
+    async def _not_deregistered(self, lease: Lease, error: RegistryError, deadline: float) -> None:
+        """The entry could not be removed: as a last resort, with the time left, mark it
+        critical (one cheap write: Consul's TTL check, etcd's entry; discovery that
+        filters on health stops sending traffic), then log the truth at WARNING."""
+        clock = self.owner._clock
+        marked = False
+        if deadline - clock() >= _MIN_TRY and not lease.shared:
+            # A shared lease's entry turns critical with the heartbeat the backend
+            # drops when its last member leaves (Consul), or expires with it (etcd).
+            note = "stopping: not deregistered: " + scrub_credentials(error.message)
+            try:
+                async with asyncio.timeout(deadline - clock()):
+                    await self.backend.set_status(lease, HealthStatus.CRITICAL, note)
+            except Exception as exc:  # the registry is down: the TTL removes the entry
+                log.debug(
+                    "%s: marking the entry critical failed too: %s",
+                    self.who,
+                    self.registry_error(exc),
+                    extra=self.extra("set_status_failed"),
+                )
+            else:
+                marked = True
+        self.reg.last_error = scrub_credentials(str(error))
+        what = (
+            "marked critical instead"
+            if marked
+            else f"it stays until its TTL ({lease.ttl:g}s) runs out"
+        )
+        log.warning(
+            "%s not deregistered: %s (%s)",
+            self.who,
+            scrub_credentials(str(error)),
+            what,
+            extra=self.extra(
+                "not_deregistered", error=scrub_credentials(str(error)), marked_critical=marked
+            ),
+        )
 
     def _stop_following(self) -> None:
         unfollow, self._unfollow = self._unfollow, None

@@ -396,6 +396,9 @@ class EtcdBackend:
         self._orphans: dict[int, tuple[float, ServiceInstance | None]] = {}
         #: The shared lease of each TTL (whole seconds): see register_shared.
         self._groups: dict[int, LeaseGroup] = {}
+        #: The lease of a closed group whose revoke failed, by the key of the last
+        #: member (its deregister raised): a retry of that deregister revokes it.
+        self._unrevoked: dict[bytes, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
         #: Whether the last call got an answer from etcd.
         self._answering = False
@@ -894,24 +897,50 @@ class EtcdBackend:
         try:
             group, key, lease_id = self._shared(lease)
         except LeaseLost:
-            return  # the whole group is gone already (closed)
+            # The whole group is gone already (closed); if this entry was its last and
+            # the lease's revoke failed then, revoke it now (the entry goes with it).
+            await self._revoke_left_behind(self._key_of(instance), instance)
+            return
         member = group.members.get(key)
         if member is not None and member.adopted and member.lease_id is not None:
             # Put back by the group on its new lease, unclaimed: that entry goes.
             lease_id = member.lease_id
         if member is not None and member.lease_id in (lease_id, None):
             group.forget(key)
+        deleted = False
         try:
             await self._call(
                 partial(_delete_if_leased, key=key, lease_id=lease_id), instance=instance
             )
+            deleted = True
         except LeaseLost:
-            pass
+            deleted = True
         finally:
             if not group.members and not group.pending and self._groups.get(group.seconds) is group:
                 # The last one: its lease goes too (in the background if etcd does not answer).
                 del self._groups[group.seconds]
+                group_lease = group.lease_id
                 await group.close(revoke=True)
+                if not deleted and group_lease is not None and group_lease in self._orphans:
+                    self._unrevoked[key] = group_lease
+                    raise BackendUnavailable(
+                        f"the shared lease {group_lease:x} of the last entry was not revoked",
+                        **error_context("etcd", instance=instance),
+                    )
+
+    async def _revoke_left_behind(self, key: bytes, instance: ServiceInstance) -> None:
+        """Revoke the lease a last member's failed deregistration left (see _unrevoked)."""
+        lease_id = self._unrevoked.pop(key, None)
+        if lease_id is None or lease_id not in self._orphans:
+            return
+        try:
+            await self._call(partial(_revoke, lease_id=lease_id), instance=instance)
+        except LeaseLost:
+            pass
+        except BaseException:
+            self._unrevoked[key] = lease_id
+            raise
+        self._orphans.pop(lease_id, None)
 
     async def list(self, service: str) -> ServiceSnapshot:
         prefix = self._key(service)
