@@ -746,6 +746,10 @@ class ConsulBackend:
         if group is None or member is None or member.lease != lease:
             async with self._writes():
                 await self._deregister_service(lease)
+            if group is not None and member is None:
+                # A retry of a deregistration that failed after leaving: the heartbeat
+                # goes if this was the last member (else it would be renewed for none).
+                await self._close_if_empty(group)
             return
         group.leave(lease.instance)
         group.leaving += 1
@@ -754,10 +758,13 @@ class ConsulBackend:
                 await self._deregister_service(lease)
         finally:
             group.leaving -= 1
+        await self._close_if_empty(group)
+
+    async def _close_if_empty(self, group: HeartbeatGroup) -> None:
         # The heartbeat goes last, once no removal is in flight: until its service
         # is gone, an entry that aliased it would show critical for a moment.
-        if not group.members and not group.leaving and self._groups.get(lease.ttl) is group:
-            del self._groups[lease.ttl]
+        if not group.members and not group.leaving and self._groups.get(group.ttl) is group:
+            del self._groups[group.ttl]
             await group.close()
 
     async def _deregister_service(self, lease: Lease) -> None:
