@@ -202,6 +202,56 @@ def test_bad_settings_are_a_system_check_error_naming_the_key() -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_without_a_backend_commands_run_and_runserver_refuses_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """No backend in the settings nor the environment (a 12-factor build or CI step).
+
+    ``migrate`` and ``check`` run as usual (no system check error); ``runserver``, with
+    and without the autoreloader, prints one line last, exits 1, its port closed,
+    nothing registered.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REGISTRY_AGENT_BACKEND", "CONSUL_HTTP_ADDR", "ETCDCTL_ENDPOINTS")
+        and not k.startswith("TEST_REGISTRY_")
+    }
+    env.update(PYTHONPATH=str(ROOT), TEST_DJANGO_DB=str(tmp_path / "db.sqlite3"))
+    for command in (["check"], ["migrate", "--noinput"]):
+        done = subprocess.run(
+            [sys.executable, MANAGE, *command],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (done.returncode, done.stderr) == (0, ""), (command, done.stderr)
+    expected = (
+        'Error: settings.REGISTRY_AGENT["backend"]: required to register: a registry URL such '
+        "as 'consul://127.0.0.1:8500' or a list of them; or, in the environment, "
+        "REGISTRY_AGENT_BACKEND, or Consul's CONSUL_HTTP_ADDR, or etcd's ETCDCTL_ENDPOINTS "
+        "(none is set)\n"
+    )
+    for options in (["--noreload"], []):
+        port = free_port()
+        done = subprocess.run(
+            [sys.executable, MANAGE, "runserver", *options, f"127.0.0.1:{port}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1, (options, done.stderr)
+        assert done.stderr.endswith(expected), (options, done.stderr)
+        assert done.stderr.count("Error:") == 1, done.stderr
+        assert "registering" not in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+        assert not port_open(port)
+
+
 async def test_uvicorn_serving_asgi_app_registers_and_leaves_before_the_port_closes(
     server: ServerProcess,
     django_env: dict[str, str],

@@ -27,6 +27,7 @@ from integration.devserver_kit import (
     entries,
     free_port,
     observe_shutdown,
+    port_open,
     wait_registered,
 )
 from integration.readme_kit import readme_block
@@ -216,8 +217,22 @@ async def test_the_readme_recipe(
     assert shutdown.gone + 0.5 < shutdown.closed  # drain_delay=1
 
 
+_NO_BACKEND_ERROR = (
+    'Error: app.config["REGISTRY_AGENT_BACKEND"]: required to register: a registry URL such '
+    "as 'consul://127.0.0.1:8500' or a list of them; or, in the environment, "
+    "REGISTRY_AGENT_BACKEND, or Consul's CONSUL_HTTP_ADDR, or etcd's ETCDCTL_ENDPOINTS "
+    "(none is set)\n"
+)
+
+
 def test_bad_settings_under_flask_run_are_one_line(tmp_path: Path) -> None:
-    """Not flask's traceback of the app's import: ``Error: …``, exit status 2."""
+    """Not flask's traceback of the app's import: ``Error: …``, exit status 2.
+
+    No backend anywhere (settings nor environment) is no error until a server
+    starts serving: ``flask routes`` and the test client work; ``flask run``,
+    ``--debug run`` (the reloader's child serves) and ``app.run()`` print one
+    line last and exit 2, their port closed, nothing registered.
+    """
     (tmp_path / "bad_app.py").write_text(
         "from flask import Flask\n"
         "from registry_agent.integrations.flask import RegistryAgent\n"
@@ -226,10 +241,13 @@ def test_bad_settings_under_flask_run_are_one_line(tmp_path: Path) -> None:
         "RegistryAgent(app, health_path='healthz')\n"
     )
     (tmp_path / "no_backend.py").write_text(
+        "import logging, sys\n"
         "from flask import Flask\n"
         "from registry_agent.integrations.flask import RegistryAgent\n"
+        "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
         "app = Flask(__name__)\n"
-        "RegistryAgent(app)\n"
+        "RegistryAgent(app, health_path='/healthz')\n"
+        "app.add_url_rule('/healthz', 'healthz', lambda: 'ok')\n"
     )
     flask = str(Path(sys.executable).with_name("flask"))
     env = {
@@ -249,15 +267,39 @@ def test_bad_settings_under_flask_run_are_one_line(tmp_path: Path) -> None:
             "Error: RegistryAgent(health_path=…): expected a path starting with '/', "
             "e.g. '/healthz', got 'healthz'\n",
         ),
-        (
-            ["--app", "no_backend", "routes"],
-            'Error: app.config["REGISTRY_AGENT_BACKEND"]: required: a registry URL such as '
-            "'consul://127.0.0.1:8500' or a list of them; or, in the environment, "
-            "REGISTRY_AGENT_BACKEND, or Consul's CONSUL_HTTP_ADDR, or etcd's ETCDCTL_ENDPOINTS\n",
-        ),
     ]
     for args, expected in cases:
         done = subprocess.run(
             [flask, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
         )
         assert (done.returncode, done.stderr, done.stdout) == (2, expected, ""), args
+
+    # No backend: commands that never register run as usual.
+    client = "from no_backend import app; print(app.test_client().get('/healthz').data)"
+    for argv, output in (
+        ([flask, "--app", "no_backend", "routes"], "healthz   GET      /healthz"),
+        ([sys.executable, "-c", client], "b'ok'\n"),
+    ):
+        done = subprocess.run(
+            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert (done.returncode, done.stderr) == (0, ""), argv
+        assert output in done.stdout, done.stdout
+    # A server that starts serving: one line, last, exit 2, the port closed (the reloader's
+    # parent, which holds the socket too, exits with its child's status).
+    for serve in ("run", "--debug run", "app.run"):
+        port = free_port()
+        argv = (
+            [flask, "--app", "no_backend", *serve.split(), "-p", str(port)]
+            if serve != "app.run"
+            else [sys.executable, "-c", f"from no_backend import app; app.run(port={port})"]
+        )
+        done = subprocess.run(
+            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2, (argv, done.stderr)
+        assert done.stderr.endswith(_NO_BACKEND_ERROR), (argv, done.stderr)
+        assert done.stderr.count("Error:") == 1, done.stderr
+        assert "registering" not in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+        assert not port_open(port)

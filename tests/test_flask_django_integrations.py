@@ -17,7 +17,13 @@ import pytest
 from click.testing import CliRunner
 from flask import Flask
 
-from registry_agent import ConfigError, EnvBackendURL, ServiceInstance, advertised_address
+from registry_agent import (
+    ConfigError,
+    EnvBackendURL,
+    HttpCheck,
+    ServiceInstance,
+    advertised_address,
+)
 from registry_agent.integrations._devserver import InFlight
 from registry_agent.integrations.flask import RegistryAgent
 from registry_agent.testing.memory import MemoryRegistry
@@ -48,7 +54,6 @@ def no_backend_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("config", "kwargs", "message"),
     [
-        ({}, {}, 'app.config["REGISTRY_AGENT_BACKEND"]: required'),
         (
             {"BACKEND": "memory://x", "PORT": "eighty"},
             {},
@@ -96,13 +101,25 @@ def test_flask_bad_settings_name_the_key(
     assert message in str(raised.value)
 
 
-def test_flask_without_a_backend_names_the_setting_and_the_variables() -> None:
+def test_flask_without_a_backend_serves_its_test_client_and_start_names_the_variables() -> None:
+    """No backend anywhere: required only to register (12-factor: CI, build steps)."""
+    app = _app(SERVICE="orders")
+    app.add_url_rule("/", "index", lambda: "hi")
+    ext = RegistryAgent(app, health_path="/healthz")
+    assert ext.settings is not None
+    assert ext.settings.backend is None
+    assert app.test_client().get("/").data == b"hi"
+    assert ext.registrar is None
     with pytest.raises(ConfigError) as raised:
-        RegistryAgent(_app())
+        ext.start(port=8080)
     text = str(raised.value)
-    assert text.startswith('app.config["REGISTRY_AGENT_BACKEND"]: required'), text
+    assert text.startswith('app.config["REGISTRY_AGENT_BACKEND"]: required to register'), text
     for variable in _ENV_BACKEND_VARIABLES:
         assert variable in text
+    assert ext.registrar is None
+    # Given, but invalid: refused at once, as before.
+    with pytest.raises(ConfigError, match=r"REGISTRY_AGENT_BACKEND\"\]: no backend for scheme"):
+        RegistryAgent(_app(BACKEND="nope://x"))
 
 
 def test_flask_backend_from_the_environment_carries_its_secret(
@@ -174,8 +191,10 @@ def test_flask_health_path_checks_the_served_port_on_loopback() -> None:
     ext = RegistryAgent(_app(BACKEND="memory://x"), health_path="/healthz")
     assert ext.settings is not None
     (check,) = ext.settings.checks_for("0.0.0.0", 5001)
+    assert isinstance(check, HttpCheck)
     assert "http://127.0.0.1:5001/healthz" in check.name
     (check,) = ext.settings.checks_for("::", 5001)
+    assert isinstance(check, HttpCheck)
     assert "http://[::1]:5001/healthz" in check.name
 
 
@@ -271,10 +290,8 @@ def django_settings() -> Any:
             'settings.REGISTRY_AGENT["rise"]: expected a whole number >= 1',
         ),
         (
-            {"service": "orders"},
-            'settings.REGISTRY_AGENT["backend"]: required: a registry URL such as '
-            "'consul://127.0.0.1:8500' or a list of them; or, in the environment, "
-            "REGISTRY_AGENT_BACKEND, or Consul's CONSUL_HTTP_ADDR, or etcd's ETCDCTL_ENDPOINTS",
+            {"service": "orders", "backend": "nope://x"},
+            "settings.REGISTRY_AGENT[\"backend\"]: no backend for scheme 'nope'",
         ),
     ],
 )
@@ -307,6 +324,41 @@ def test_django_good_settings(django_settings: Any) -> None:
         assert settings.make_instance("127.0.0.1", 8000).tags == ("v1",)
         with pytest.raises(ConfigError, match=r'REGISTRY_AGENT\["port"\]: required under an ASGI'):
             asgi_app(object())
+
+
+async def test_django_without_a_backend_checks_clean_and_asgi_startup_names_it(
+    django_settings: Any,
+) -> None:
+    """No backend anywhere: no system check error (migrate, check run); required to serve."""
+    from django.test import override_settings
+
+    from registry_agent.integrations.django import _check_settings, asgi_app, load_settings
+
+    expected = (
+        'settings.REGISTRY_AGENT["backend"]: required to register: a registry URL such as '
+        "'consul://127.0.0.1:8500' or a list of them; or, in the environment, "
+        "REGISTRY_AGENT_BACKEND, or Consul's CONSUL_HTTP_ADDR, or etcd's ETCDCTL_ENDPOINTS "
+        "(none is set)"
+    )
+    with override_settings(REGISTRY_AGENT={"service": "orders", "port": 8123}):
+        assert _check_settings() == []
+        settings = load_settings()
+        assert settings.backend is None
+        with pytest.raises(ConfigError) as raised:
+            settings.require_backend()
+        assert str(raised.value) == expected
+        app = asgi_app(object())  # importing asgi.py does not fail
+    received = [{"type": "lifespan.startup"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return received.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": "lifespan"}, receive, send)
+    assert sent == [{"type": "lifespan.startup.failed", "message": expected}]
 
 
 def test_django_backend_from_the_environment(

@@ -19,14 +19,16 @@ import _thread
 import atexit
 import contextlib
 import logging
+import os
 import signal
 import socketserver
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from registry_agent._backend import Backend
 from registry_agent._blocking import Registrar
@@ -343,9 +345,14 @@ SETTING_KEYS: frozenset[str] = frozenset(
 
 @dataclass(frozen=True)
 class Settings:
-    """Validated integration settings; ``port``/``address`` may be left to the server."""
+    """Validated integration settings; ``port``/``address`` may be left to the server.
 
-    backend: BackendArg
+    ``backend`` is None when neither the settings nor the environment name one:
+    commands that never register (a test client, ``migrate``) need none; a server
+    that starts serving gets :meth:`require_backend`'s ConfigError.
+    """
+
+    backend: BackendArg | None
     service: str
     instance: dict[str, Any]
     checks: tuple[HealthCheck | Callable[[], Any], ...]
@@ -355,6 +362,14 @@ class Settings:
     drain_timeout: float
     stop_timeout: float
     enabled: bool
+    #: The setting that names the backend, for the error when none is given.
+    backend_setting: str = "backend"
+
+    def require_backend(self) -> BackendArg:
+        """The backend; none given (settings nor environment): a ConfigError naming both."""
+        if self.backend is None:
+            raise _no_backend(self.backend_setting)
+        return self.backend
 
     @property
     def grace(self) -> float:
@@ -384,28 +399,51 @@ class Settings:
         """The registrar for a server bound to ``host``:``port``."""
         instance = self.make_instance(host, port)
         checks = self.checks_for(host, instance.port)
-        return Registrar(self.backend, instance, checks=checks, options=self.options)
+        return Registrar(self.require_backend(), instance, checks=checks, options=self.options)
 
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 
 
-def _backend_from_env(setting: str) -> BackendArg:
+def _no_backend(setting: str) -> ConfigError:
+    return ConfigError(
+        "required to register: a registry URL such as 'consul://127.0.0.1:8500' or a list "
+        f"of them; or, in the environment, {ENV_BACKEND}, or Consul's CONSUL_HTTP_ADDR, "
+        "or etcd's ETCDCTL_ENDPOINTS (none is set)",
+        field=setting,
+    )
+
+
+def _backend_from_env() -> BackendArg | None:
     """No backend in the settings: the environment's (``backends_from_env``), as they are.
 
     The URLs carry their secrets beside the text (:class:`EnvBackendURL`). Nothing
-    set: a ConfigError naming the setting and the variables; a bad variable: its
+    set: None (required only when a server starts serving); a bad variable: its
     ConfigError, naming the variable.
     """
     if not env_names_backend():
-        raise ConfigError(
-            "required: a registry URL such as 'consul://127.0.0.1:8500' or a list of them; "
-            f"or, in the environment, {ENV_BACKEND}, or Consul's CONSUL_HTTP_ADDR, "
-            "or etcd's ETCDCTL_ENDPOINTS",
-            field=setting,
-        )
+        return None
     found = backends_from_env()
     return found[0] if len(found) == 1 else found
+
+
+def refuse_to_serve(server: socketserver.BaseServer, error: ConfigError, code: int) -> NoReturn:
+    """A server that cannot register: ``Error: …`` on stderr, its socket closed, exit ``code``.
+
+    Called before the server accepts. From the main thread by ``SystemExit``; from a
+    reloader's serving thread (where ``SystemExit`` would end that thread alone, the
+    process left running without serving) by ``os._exit``, as Django's runserver
+    does for a port in use. The reloader's parent then exits with the same status.
+    """
+    with contextlib.suppress(OSError):
+        server.server_close()
+    sys.stderr.write(f"Error: {error}\n")
+    sys.stderr.flush()
+    if threading.current_thread() is threading.main_thread():
+        raise SystemExit(code)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    os._exit(code)
 
 
 def parse_settings(
@@ -421,8 +459,8 @@ def parse_settings(
     backend = values.get("backend")
     from_env = not backend
     if from_env:
-        backend = _backend_from_env(name("backend"))
-    if (
+        backend = _backend_from_env()
+    if backend is not None and (
         not isinstance(backend, str)
         and not (
             isinstance(backend, list | tuple) and all(isinstance(b, str | Backend) for b in backend)
@@ -470,7 +508,9 @@ def parse_settings(
         raise ConfigError(exc.reason, field=name(exc.field or "ttl")) from None
     # The backend URL(s), checked now (building a registrar opens no connection).
     try:
-        Registrar(backend, ServiceInstance(service, address="127.0.0.1", port=1), options=options)
+        if backend is not None:
+            instance_check = ServiceInstance(service, address="127.0.0.1", port=1)
+            Registrar(backend, instance_check, options=options)
     except ConfigError as exc:
         if from_env:  # backends_from_env's error names the variable
             raise
@@ -486,6 +526,7 @@ def parse_settings(
         raise ConfigError(f"expected True or False, got {enabled!r}", field=name("enabled"))
     return Settings(
         backend=list(backend) if isinstance(backend, tuple) else backend,
+        backend_setting=name("backend"),
         service=service,
         instance=instance,
         checks=tuple(checks),

@@ -25,7 +25,10 @@ course. Under gunicorn use :mod:`registry_agent.integrations.gunicorn` instead
 keywords of :class:`RegistryAgent`, which take precedence): ``BACKEND`` (a URL
 or a list of them; default: the environment's, ``REGISTRY_AGENT_BACKEND``, else
 ``CONSUL_HTTP_ADDR``…, else ``ETCDCTL_ENDPOINTS``…, see
-:func:`~registry_agent.backends_from_env`), ``SERVICE`` (default: the app's name),
+:func:`~registry_agent.backends_from_env`; required only to register: with none
+set, the test client and CLI commands work, and a server that starts serving
+prints one line, ``Error: …``, and exits with status 2 before it accepts),
+``SERVICE`` (default: the app's name),
 ``ADDRESS``, ``PORT``, ``ID``, ``TAGS``, ``META``, ``SCHEME``, ``VERSION``,
 ``CHECKS`` (a list of checks), ``HEALTH_PATH`` (adds an ``HttpCheck`` of that
 path on the served port), the registration options ``TTL``, ``HEARTBEAT``,
@@ -59,6 +62,7 @@ from registry_agent.integrations._devserver import (
     Settings,
     graceful_call,
     parse_settings,
+    refuse_to_serve,
 )
 
 __all__ = ["RegistryAgent"]
@@ -186,6 +190,10 @@ class RegistryAgent:
 
     def _serve(self, server: serving.BaseWSGIServer, serve_forever: Any) -> None:
         settings = self._require()
+        try:
+            settings.require_backend()
+        except ConfigError as exc:
+            refuse_to_serve(server, exc, 2)  # one line, before the server accepts
         bound = server.socket.getsockname()
         if isinstance(bound, tuple):
             host, port = str(bound[0]), int(bound[1])

@@ -35,7 +35,11 @@ autoreloader's parent, stopped, gives its child that long instead of killing it.
 **Settings** (``settings.REGISTRY_AGENT``, a dict): ``backend`` (a URL or a list
 of them; default: the environment's, ``REGISTRY_AGENT_BACKEND``, else
 ``CONSUL_HTTP_ADDR``…, else ``ETCDCTL_ENDPOINTS``…, see
-:func:`~registry_agent.backends_from_env`), ``service`` (required), ``address``, ``port``, ``id``,
+:func:`~registry_agent.backends_from_env`; required only to register: with none
+set, ``migrate``, ``check`` and the other commands run as usual, ``runserver``
+prints one line, ``Error: …``, and exits with status 1 before its server
+accepts, and :func:`asgi_app`'s lifespan startup fails with that message),
+``service`` (required), ``address``, ``port``, ``id``,
 ``tags``, ``meta``, ``scheme``, ``version``, ``checks`` (a list of checks),
 ``health_path`` (adds an ``HttpCheck`` of that path on the served port), the
 registration options ``ttl``, ``heartbeat``, ``rise``, ``fall``,
@@ -62,6 +66,7 @@ from registry_agent.integrations._devserver import (
     Settings,
     graceful_call,
     parse_settings,
+    refuse_to_serve,
     stop_active,
 )
 
@@ -166,6 +171,10 @@ def _arm() -> None:
 
 
 def _serve(settings: Settings, server: Any, serve_forever: Callable[[], None]) -> None:
+    try:
+        settings.require_backend()
+    except ConfigError as exc:
+        refuse_to_serve(server, exc, 1)  # one line, before the server accepts
     host, port = server.socket.getsockname()[:2]
     registrar = settings.make_registrar(str(host), int(port))
     served = ServedRegistration(
@@ -200,13 +209,22 @@ def asgi_app(application: Any) -> Any:
     kwargs: dict[str, Any] = {"options": settings.options, "stop_timeout": settings.stop_timeout}
     if checks:
         kwargs["checks"] = checks
-    lifespan = registry_lifespan(
-        settings.backend, instance, drain_delay=settings.drain_delay, **kwargs
-    )
+    missing: ConfigError | None = None
+    lifespan: Any = None
+    try:
+        backend = settings.require_backend()
+    except ConfigError as exc:
+        missing = exc  # the server's startup fails with it: importing asgi.py does not
+    else:
+        lifespan = registry_lifespan(backend, instance, drain_delay=settings.drain_delay, **kwargs)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "lifespan":
             await application(scope, receive, send)
+            return
+        if missing is not None:
+            await receive()
+            await send({"type": "lifespan.startup.failed", "message": str(missing)})
             return
         await _run_lifespan(lifespan, receive, send)
 
