@@ -10,10 +10,12 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -22,6 +24,7 @@ from collections.abc import (
     Iterable,
     Iterator,
     Mapping,
+    Sequence,
 )
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
@@ -44,6 +47,10 @@ log = logging.getLogger("registry_agent")
 
 # Bound on a hop into the loop thread for calls that do no network I/O.
 _QUICK = 10.0
+# A stop's hop into the loop thread is bounded by its timeout plus this; closing the
+# loop thread after it by _CLOSE.
+_STOP_HOP = 2.0
+_CLOSE = 5.0
 
 T = TypeVar("T")
 
@@ -179,23 +186,44 @@ def _release(facade: Registrar | Watcher) -> None:
         _running.discard(facade)
 
 
+# The exit hook's stop timeout for each Registrar (Registrar.stop's default).
+_EXIT_STOP = 10.0
+
+
 @atexit.register
 def _stop_running() -> None:
     """At interpreter exit, stop every Registrar (deregistering it, within its stop
     timeout) and close every Watcher still running, dropped by the app or not. Ones
     started in another process (inherited through ``fork()``) are left alone, silently:
-    their registration is that process's."""
+    their registration is that process's.
+
+    All at once, each facade on a helper thread (each has its own loop thread), with one
+    deadline for them all: the watchers first (none then sees the registrars'
+    deregistrations on its way out), then the registrars, so exit takes about one stop
+    timeout however many there are and whatever registry does not answer."""
     with _running_lock:
-        # Watchers first: none then sees the registrars' deregistrations on its way out.
-        facades = sorted(_running, key=lambda facade: isinstance(facade, Registrar))
+        facades = [facade for facade in _running if not facade._thread.forked()]
         _running.clear()
-    for facade in facades:
-        if facade._thread.forked():
-            continue
-        if isinstance(facade, Registrar):
-            facade.stop()
-        else:
-            facade.close()
+    watchers = [facade.close for facade in facades if isinstance(facade, Watcher)]
+    registrars = [
+        functools.partial(facade.stop, _EXIT_STOP)
+        for facade in facades
+        if isinstance(facade, Registrar)
+    ]
+    _all_at_once(watchers, _QUICK + 1.0)
+    _all_at_once(registrars, _EXIT_STOP + _STOP_HOP + 1.0)
+
+
+def _all_at_once(calls: Sequence[Callable[[], None]], within: float) -> None:
+    """Run each call on a thread of its own; wait for them all, at most ``within`` seconds."""
+    deadline = time.monotonic() + within
+    threads = [
+        threading.Thread(target=call, name="registry-agent exit", daemon=True) for call in calls
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _quietly(what: str, call: Callable[[], object]) -> None:
@@ -240,7 +268,11 @@ class Registrar:
             f"registry-agent {instance.id}", f"Registrar({instance.service}/{instance.id})"
         )
         self._signals: list[tuple[int, Any]] = []
-        self._stopped = False
+        # The stop is done once, by its first caller (or a helper thread when that caller
+        # is the loop thread): later callers wait for _stop_done within their own bound.
+        self._stop_lock = threading.Lock()
+        self._stopper: threading.Thread | None = None
+        self._stop_done = threading.Event()
 
     @property
     def instance(self) -> ServiceInstance:
@@ -310,24 +342,62 @@ class Registrar:
         """Deregister and stop within about ``timeout`` seconds; then the loop thread ends.
 
         Never raises: a failure is logged (the entry then goes when its TTL
-        runs out). In a child process that inherited a started registrar
-        through ``fork()`` it returns at once with a warning (the registration
-        belongs to the parent); so does the ``atexit`` hook.
+        runs out). The first call does the stop; a call made meanwhile (from
+        another thread, the signal handler, the exit hook) waits for that stop
+        to end, at most about ``timeout`` seconds of its own. Called from the
+        registrar's own loop thread (an ``on_event`` callback), it returns at
+        once and the stop runs on in a helper thread. In a child process that
+        inherited a started registrar through ``fork()`` it returns at once
+        with a warning (the registration belongs to the parent); so does the
+        ``atexit`` hook.
         """
-        if self._stopped:
-            return
-        self._stopped = True
-        _release(self)
         if self._thread.in_child("stop()"):
+            _release(self)
             return
-        _quietly("removing the signal handlers", self._remove_signal_handlers)
-        try:
-            _quietly(
-                f"stop of {self.instance.id}",
-                lambda: self._thread.run(self._async.stop(timeout), timeout + 2.0),
+        here = threading.current_thread()
+        on_loop = here is self._thread._thread
+        with self._stop_lock:
+            stopper = self._stopper
+            if stopper is None:
+                if on_loop:  # the loop cannot wait for itself: a helper thread stops it
+                    self._stopper = threading.Thread(
+                        target=self._stop,
+                        args=(timeout,),
+                        name=f"registry-agent stop {self.instance.id}",
+                        daemon=True,
+                    )
+                    self._stopper.start()
+                    return
+                self._stopper = here
+        if stopper is None:
+            self._stop(timeout)
+            return
+        if stopper is here or on_loop:
+            return  # a stop this very thread is making (a signal handler within it)
+        bound = timeout + _STOP_HOP + _CLOSE
+        if not self._stop_done.wait(bound):
+            log.warning(
+                "stop of %s: still running in thread %r after %gs; not waiting longer",
+                self.instance.id,
+                stopper.name,
+                bound,
+                extra={"event": "stop_failed"},
             )
+
+    def _stop(self, timeout: float) -> None:
+        """The stop itself, made once; held (so stopped at exit) until it has ended."""
+        try:
+            _quietly("removing the signal handlers", self._remove_signal_handlers)
+            try:
+                _quietly(
+                    f"stop of {self.instance.id}",
+                    lambda: self._thread.run(self._async.stop(timeout), timeout + _STOP_HOP),
+                )
+            finally:
+                _quietly("stopping the loop thread", lambda: self._thread.close(_CLOSE))
         finally:
-            _quietly("stopping the loop thread", self._thread.close)
+            _release(self)
+            self._stop_done.set()
 
     def snapshot(self) -> RegistrationStatus:
         """The registration's state now, as one typed value (see ``AsyncRegistrar.snapshot``)."""
@@ -361,15 +431,18 @@ class Registrar:
         atexit.register(self.stop)
 
     def _remove_signal_handlers(self) -> None:
+        atexit.unregister(self.stop)
+        # Only the main thread may restore them: stopped from another thread, ours stay
+        # (and still know what they chain to) until a signal comes.
         if threading.current_thread() is threading.main_thread():
             for sig, previous in self._signals:
                 signal.signal(sig, previous)
-        self._signals.clear()
-        atexit.unregister(self.stop)
+            self._signals.clear()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         previous = dict(self._signals).get(signum, signal.SIG_DFL)
-        self.stop()
+        self.stop()  # or wait for the stop another thread is making
+        self._remove_signal_handlers()
         chain_signal(signum, previous)
 
 
