@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any, Unpack
 
 from registry_agent._backend import Backend, Lease
+from registry_agent._env import carried_options
 from registry_agent._errors import (
     ConfigError,
     RegistryError,
@@ -631,7 +632,14 @@ class AsyncRegistrar:
         """The running lane of ``item``: the same object, or the same URL (credentials
         and options too: other ones make a new backend)."""
         for was, lane in zip(self._given, self._lanes, strict=True):
-            if item is lane.backend or item is was or (isinstance(item, str) and item == was):
+            if item is lane.backend or item is was:
+                return lane
+            if (
+                isinstance(item, str)
+                and isinstance(was, str)
+                and item == was
+                and carried_options(item) == carried_options(was)
+            ):
                 return lane
         return None
 

@@ -175,15 +175,41 @@ def _retry_after(value: str | None) -> float | None:
     return None
 
 
+# What an ACL token may hold: visible ASCII (Consul's are UUIDs). Anything else cannot
+# travel as the X-Consul-Token header (httpx refuses a line break, cannot encode the rest).
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
+
+
 def _token(token: str | None, token_file: str | None) -> str | None:
-    """The ACL token: explicit, else from its file, else Consul's own variables."""
+    """The ACL token: explicit, else from its file, else Consul's own variables
+    (surrounding whitespace removed).
+
+    A token that is not visible ASCII is a :class:`ConfigError` naming where it came
+    from (``backend.token``, ``backend.token_file``, ``CONSUL_HTTP_TOKEN``,
+    ``CONSUL_HTTP_TOKEN_FILE``), never showing it."""
     if token is not None and token_file is not None:
         raise ConfigError("give token or token_file, not both", field="backend.token_file")
+    field, source = "backend.token", None
     if token is None and token_file is None:
+        field, source = "CONSUL_HTTP_TOKEN", "environment"
         token = os.environ.get("CONSUL_HTTP_TOKEN") or None
         token_file = None if token else os.environ.get("CONSUL_HTTP_TOKEN_FILE") or None
-    if token_file is not None:
+        if token_file is not None:
+            token = read_secret_file(token_file, field="CONSUL_HTTP_TOKEN_FILE")
+            field = "CONSUL_HTTP_TOKEN_FILE"
+    elif token_file is not None:
         token = read_secret_file(token_file, field="backend.token_file")
+        field = "backend.token_file"
+    token = token.strip() if token is not None else None  # as a file's (a pasted newline)
+    if token and not _TOKEN_TEXT.fullmatch(token):
+        held = "the file holds" if field.lower().endswith("_file") else "it holds"
+        raise ConfigError(
+            f"{held} a character an ACL token cannot have (a line break, a space, a "
+            "control or a non-ASCII character); expected visible ASCII only, as Consul's "
+            "tokens (the value is not shown)",
+            field=field,
+            source=source,
+        )
     return token or None
 
 
@@ -376,7 +402,22 @@ class ConsulBackend:
         return cls(host, port, **take_options("consul", options, cls._OPTIONS))
 
     def __repr__(self) -> str:
-        return f"ConsulBackend({self._scheme}://{self.host}:{self.port})"
+        return f"ConsulBackend({self._scheme}://{self._hostport})"
+
+    @property
+    def _hostport(self) -> str:
+        """``host:port`` as a URL spells it (an IPv6 literal in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def _scrubbed(self, text: str) -> str:
+        """``text`` (a transport's or Consul's words) with the ACL token shown as ``***``."""
+        token = self._token
+        if not token:
+            return text
+        for form in (token, repr(token)[1:-1]):
+            text = text.replace(form, "***")
+        return text
 
     @property
     def registry_identity(self) -> tuple[str, str]:
@@ -422,25 +463,28 @@ class ConsulBackend:
         not a request Consul refused.
         """
         context = error_context("consul", instance=instance, service=service)
-        where = f"Consul agent at {self._scheme}://{self.host}:{self.port}"
+        where = f"Consul agent at {self._scheme}://{self._hostport}"
         try:
             result = await call
         except httpx.ProtocolError as exc:
+            said = self._scrubbed(str(exc))
             raise BackendUnavailable(
-                f"{where} answered something that is not HTTP: {exc}", **context
+                f"{where} answered something that is not HTTP: {said}", **context
             ) from exc
         except (httpx.HTTPError, OSError) as exc:
             if isinstance(exc, ssl.SSLError) or "SSL" in str(exc):
                 raise BackendUnavailable(
                     f"TLS with {where} failed (check ca_file, cert_file, key_file and that "
-                    f"the agent serves HTTPS on this port): {exc}",
+                    f"the agent serves HTTPS on this port): {self._scrubbed(str(exc))}",
                     **context,
                 ) from exc
-            raise BackendUnavailable(f"{where} unreachable: {exc!r}", **context) from exc
+            said = self._scrubbed(repr(exc))
+            raise BackendUnavailable(f"{where} unreachable: {said}", **context) from exc
         except ConsulHTTPError as exc:
             raise self._http_error(exc, instance, service, missing_is_lost) from exc
         except consul.ConsulException as exc:  # raised by py-consul before any request
-            raise Rejected(f"Consul client refused the request: {exc}", **context) from exc
+            said = self._scrubbed(str(exc))
+            raise Rejected(f"Consul client refused the request: {said}", **context) from exc
         self._throttled = False
         return result
 
@@ -453,12 +497,12 @@ class ConsulBackend:
     ) -> BackendError:
         """The error of our tree for an HTTP answer we cannot use, with Consul's own words."""
         context = error_context("consul", instance=instance, service=service)
-        code, text = exc.code, _excerpt(exc.body)
+        code, text = exc.code, self._scrubbed(_excerpt(exc.body))
         said = f"Consul answered {code}: {text}" if text else f"Consul answered {code}"
         if code < 400:  # a success status whose body py-consul could not read
             return BackendUnavailable(
                 f"Consul answered {code} with a body that is not what its API returns "
-                f"({exc}): {text!r}",
+                f"({self._scrubbed(str(exc))}): {text!r}",
                 **context,
             )
         if code in (429, 503):
@@ -479,7 +523,7 @@ class ConsulBackend:
             return Rejected(self._denied(exc.body, instance, service), **context)
         if "HTTP request to an HTTPS server" in exc.body:
             return Rejected(
-                f"the Consul agent at {self.host}:{self.port} serves HTTPS: set "
+                f"the Consul agent at {self._hostport} serves HTTPS: set "
                 "scheme=https and ca_file (or CONSUL_CACERT)",
                 **context,
             )
@@ -496,7 +540,7 @@ class ConsulBackend:
             why = "no ACL token was given (token, token_file or CONSUL_HTTP_TOKEN)"
         else:
             why = "the ACL token's policy does not allow it"
-        return f"{what}: {why} [Consul: {text.strip() or '403'}]"
+        return f"{what}: {why} [Consul: {self._scrubbed(text.strip()) or '403'}]"
 
     def validate_options(self, *, ttl: float, deregister_critical_after: float | None) -> None:
         """Raise :class:`ConfigError` for registration options Consul would refuse:
