@@ -504,6 +504,10 @@ async def _watch(
                     + (f": {failures[-1]}" if failures else ""),
                     service=services[0] if len(services) == 1 else None,
                 )
+            if not all(watcher._read_by_all(s) for s in services):  # as `list` says it
+                for failure in dict.fromkeys(failures):
+                    print(f"registry-agent: {failure} (listed without it)", file=sys.stderr)
+                sys.stderr.flush()
             events = _current_events(watcher)
             columns = _Columns(_WATCH_HEADER, [_event_cells(e) for e in events])
             if not as_json:
