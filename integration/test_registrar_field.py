@@ -115,7 +115,9 @@ async def test_outage_longer_than_the_ttl_is_reported_truthfully(
         assert status["registered"] is False
         assert status["registry_status"] is None
         assert status["ready"] is False
-        assert "no heartbeat succeeded" in status["not_ready_reason"]
+        # Either reason is the truth: renewals failed for a TTL, or the registry is unreachable.
+        reason = status["not_ready_reason"]
+        assert "no heartbeat succeeded" in reason or "unreachable" in reason, reason
         assert RegistrarEventKind.LEASE_LOST in [e.kind for e in events]
         server.start()
         took = await until(lambda: reg.ready, 10 + MARGIN, "ready again")
