@@ -365,14 +365,18 @@ def _gone(pid: int) -> bool:
         return True
 
 
+LONG_DRAIN = 20.0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT], ids=["SIGINT", "SIGQUIT"])
 async def test_sigint_and_sigquit_withdraw_before_the_port_closes(
     server: ServerProcess,
-    gunicorns: Callable[[ServerProcess], Gunicorn],
+    gunicorns: Callable[..., Gunicorn],
     measured: Callable[[str, float, float], None],
     sig: signal.Signals,
 ) -> None:
-    gunicorn = gunicorns(server)
+    # SIGINT with a long drain_delay: a second SIGINT during the drain cuts it short.
+    gunicorn = gunicorns(server, drain=LONG_DRAIN if sig is signal.SIGINT else 0.0)
     ids = await _wait_registered(server, gunicorn, count=len(gunicorn.ports))
     watcher = AsyncWatcher(server.url, gunicorn.service, retry=RetryPolicy(initial=0.1, cap=1.0))
     async with EventLog(watcher) as seen:
@@ -390,8 +394,16 @@ async def test_sigint_and_sigquit_withdraw_before_the_port_closes(
         os.kill(gunicorn.process.pid, sig)
         gone = [await seen.wait_for((EventType.DELETED, entry_id)) for entry_id in ids]
         gone_at = max(seen.at(event) for event in gone)
+        if sig is signal.SIGINT:
+            await asyncio.sleep(0.5)  # draining (it used to wait out the whole drain_delay)
+            assert gunicorn.process.poll() is None, gunicorn.log()
+            again = time.monotonic()
+            os.kill(gunicorn.process.pid, signal.SIGINT)
         await asyncio.to_thread(prober.join, GRACEFUL_TIMEOUT)
         await asyncio.to_thread(gunicorn.process.wait, GRACEFUL_TIMEOUT)
+        if sig is signal.SIGINT:
+            measured("SIGINT again during the drain -> exited", time.monotonic() - again, 5)
+            assert "SIGINT during the drain: cut short" in gunicorn.log(), gunicorn.log()
     assert prober.closed_at is not None, "the port never closed"
     log = gunicorn.log()
     if keeper_dead and server.url.startswith("etcd"):
@@ -488,10 +500,13 @@ async def test_sighup_keeps_the_entry_and_a_killed_master_takes_it_away(
         )
         assert [(e.type, e.instance.id) for e in seen if e.type is not EventType.ADDED] == []
 
-        # The keeper SIGKILLed (as the OOM killer would): the master notices on its next
-        # loop (about every second) and starts another after its backoff (<= 0.5 s).
+        # The keeper SIGKILLed (as the OOM killer would), and a SIGHUP with the same
+        # config right after: the master restarts the keeper (now, the SIGHUP skipping
+        # the backoff) and never withdraws the entries for it (it deregistered them by a
+        # one-shot process: a gap of 5 s).
         killed = time.monotonic()
         os.kill(keeper, signal.SIGKILL)
+        os.kill(gunicorn.process.pid, signal.SIGHUP)
         deadline = killed + KEEPER_RESTART_BOUND
         while len(_keepers(gunicorn)) < 2:
             assert time.monotonic() < deadline, gunicorn.log()
@@ -502,7 +517,11 @@ async def test_sighup_keeps_the_entry_and_a_killed_master_takes_it_away(
         await _wait_registered(server, gunicorn, count=len(gunicorn.ports))
         measured("keeper kill -9 -> new keeper", restarted - killed, KEEPER_RESTART_BOUND)
         measured("keeper kill -9 -> entries passing", time.monotonic() - killed, TTL + 5)
-        assert "was killed by SIGKILL: its entries are held by no one" in gunicorn.log()
+        assert "one-shot" not in gunicorn.log(), gunicorn.log()
+        assert f"keeper {_keepers(gunicorn)[0]} was killed by SIGKILL" in gunicorn.log()
+        if server.url.startswith("consul"):
+            # (On etcd the entries live on the dead keeper's lease, which may expire first.)
+            assert [e.instance.id for e in seen if e.type is EventType.DELETED] == []
 
         # The master SIGKILLed (no hook runs): the keeper sees its parent gone and deregisters.
         killed = time.monotonic()
@@ -536,6 +555,16 @@ def _run_config(conf: Path, log_path: Path) -> subprocess.Popen[bytes]:
             env=env,
             cwd=conf.parent,
         )
+
+
+async def _tags(url: str, service: str) -> dict[str, tuple[str, ...]]:
+    """Each entry's tags, as the registry holds them."""
+    backend = open_backend(url)
+    try:
+        snapshot = await backend.list(service)
+    finally:
+        await backend.close()
+    return {h.instance.id: h.instance.tags for h in snapshot.instances.values()}
 
 
 async def test_the_readme_recipe(
@@ -584,6 +613,31 @@ async def test_the_readme_recipe(
             assert await registry_health(server.url, "orders") == {entry_id: HealthStatus.PASSING}
             assert "updated tags/meta in place" in log_path.read_text()
             assert log_path.read_text().count("registry-agent: keeper") == 2  # + "updated"
+
+            # The keeper dies during a SIGHUP's update (stopped, then killed, before it
+            # answers): the master says so and its successor holds the new tags (it
+            # restarted with the old ones, and they stayed).
+            [keeper] = [
+                int(line.split("keeper ")[1].split()[0])
+                for line in log_path.read_text().splitlines()
+                if "registry-agent: keeper " in line and " registers " in line
+            ]
+            conf.write_text(text.replace('tags=["web"]', 'tags=["web", "v3"]'))
+            os.kill(keeper, signal.SIGSTOP)
+            os.kill(process.pid, signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            killed = time.monotonic()
+            os.kill(keeper, signal.SIGKILL)
+            deadline = time.monotonic() + KEEPER_RESTART_BOUND + 10
+            while (tags := await _tags(server.url, "orders")) != {entry_id: ("web", "v3")}:
+                assert time.monotonic() < deadline, (tags, log_path.read_text())
+                await asyncio.sleep(0.1)
+            measured("README: keeper killed mid-update -> new tags", time.monotonic() - killed, 15)
+            assert "the keeper was killed by SIGKILL before it answered" in log_path.read_text()
+            deadline = time.monotonic() + 30
+            while await registry_health(server.url, "orders") != {entry_id: HealthStatus.PASSING}:
+                assert time.monotonic() < deadline, log_path.read_text()
+                await asyncio.sleep(0.1)
 
             prober = PortProber(port)
             prober.start()

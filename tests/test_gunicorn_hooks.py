@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -60,6 +62,8 @@ class FakeServer:
         self.cfg = FakeCfg(address or [])
         self.log = logging.getLogger("test.gunicorn")
         self.calls: list[str] = []
+        #: Where gunicorn's signal handler queues the signals its loop handles.
+        self.SIG_QUEUE: queue.SimpleQueue[int] = queue.SimpleQueue()
         #: Called by each handler, its answer recorded beside the handler's name.
         self.probe: Callable[[], object] = lambda: ""
 
@@ -514,3 +518,113 @@ def test_the_restart_backoff_doubles_with_jitter_and_never_gives_up() -> None:
     keeper.started_at = 0.0
     keeper.died(61.0)
     assert keeper.retry_at - 61.0 <= 0.5
+
+
+def _tags(keeper: Any) -> tuple[str, ...]:
+    [instance] = keeper.spec.instances()
+    return tuple(instance.tags)
+
+
+def test_a_sighup_with_the_keeper_dead_or_starting_never_withdraws(
+    listening: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = FakeServer([listening])
+    GunicornRegistration("memory://gunicorn-hooks", "orders", tags=["v1"]).when_ready(server)
+    keeper = server._registry_agent_keeper  # type: ignore[attr-defined]
+    os.kill(keeper.pid, signal.SIGKILL)
+    _wait_reapable(keeper.pid, within=10)
+    server.reap_workers()
+    with caplog.at_level(logging.INFO, logger="test.gunicorn"):
+        server.manage_workers()  # noticed dead: waits for the backoff
+        assert keeper.state == "dead"
+        keeper.retry_at = time.monotonic() + 60  # a long backoff: the SIGHUP cuts it
+        # SIGHUP changing only the tags, the keeper dead: no withdrawal, restarted now
+        # (gunicorn's reload runs manage_workers right after on_reload) with the new tags.
+        GunicornRegistration("memory://gunicorn-hooks", "orders", tags=["v2"]).on_reload(server)
+        assert server._registry_agent_keeper is keeper  # type: ignore[attr-defined]
+        server.manage_workers()
+        successor = server._registry_agent_keeper  # type: ignore[attr-defined]
+        assert successor is not keeper
+        assert successor.state == "starting"
+        assert _tags(successor) == ("v2",)
+        # Another SIGHUP while it starts: handed to it once started, in place.
+        GunicornRegistration("memory://gunicorn-hooks", "orders", tags=["v3"]).on_reload(server)
+        assert server._registry_agent_keeper is successor  # type: ignore[attr-defined]
+        _loop(server, lambda: _tags(successor) == ("v3",), within=20)
+        # The same config, the keeper dead again: restarted now, not withdrawn.
+        os.kill(successor.pid, signal.SIGKILL)
+        _wait_reapable(successor.pid, within=10)
+        GunicornRegistration("memory://gunicorn-hooks", "orders", tags=["v3"]).on_reload(server)
+        server.manage_workers()
+        third = server._registry_agent_keeper  # type: ignore[attr-defined]
+        assert third is not successor
+        assert _tags(third) == ("v3",)
+        assert "updated tags/meta in place" in caplog.text
+        assert "one-shot" not in caplog.text
+        assert "withdrawn" not in caplog.text
+        _loop(server, lambda: third.state == "running", within=20)
+        server.handle_term()
+    assert "registry-agent: withdrawn in" in caplog.text
+
+
+def test_a_sighup_update_unanswered_is_sent_again_and_a_death_during_it_is_told(
+    listening: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = FakeServer([listening])
+    GunicornRegistration("memory://gunicorn-hooks", "orders", deregister_timeout=1).when_ready(
+        server
+    )
+    keeper = server._registry_agent_keeper  # type: ignore[attr-defined]
+    with caplog.at_level(logging.INFO, logger="test.gunicorn"):
+        # A hung keeper: no answer within deregister_timeout + 1 s; sent again later.
+        os.kill(keeper.pid, signal.SIGSTOP)
+        began = time.monotonic()
+        GunicornRegistration(
+            "memory://gunicorn-hooks", "orders", deregister_timeout=1, tags=["v2"]
+        ).on_reload(server)
+        assert time.monotonic() - began < 5
+        assert "not updated yet: no answer from the keeper within 2s; sent again in 1s" in (
+            caplog.text
+        )
+        os.kill(keeper.pid, signal.SIGCONT)
+        _loop(server, lambda: _tags(keeper) == ("v2",), within=20)
+        assert server._registry_agent_keeper is keeper  # type: ignore[attr-defined]
+        # The keeper dies while updating: told as such; its successor holds the new tags.
+        os.kill(keeper.pid, signal.SIGSTOP)
+        threading.Timer(0.3, os.kill, (keeper.pid, signal.SIGKILL)).start()
+        GunicornRegistration(
+            "memory://gunicorn-hooks", "orders", deregister_timeout=1, tags=["v3"]
+        ).on_reload(server)
+        assert "the keeper was killed by SIGKILL before it answered" in caplog.text
+        assert keeper.state == "dead"
+        server.manage_workers()
+        successor = server._registry_agent_keeper  # type: ignore[attr-defined]
+        assert successor is not keeper
+        assert _tags(successor) == ("v3",)
+        _loop(server, lambda: successor.state == "running", within=20)
+    server.handle_term()
+    assert not successor.alive()
+
+
+def test_a_second_stop_signal_cuts_the_drain_short(
+    listening: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    registration = GunicornRegistration("memory://gunicorn-hooks", "orders", drain_delay=10)
+    server = FakeServer([listening])
+    registration.when_ready(server)
+
+    def later() -> None:
+        server.SIG_QUEUE.put_nowait(signal.SIGCHLD)  # not a stop signal: queued again
+        time.sleep(0.3)
+        server.SIG_QUEUE.put_nowait(signal.SIGQUIT)
+
+    threading.Thread(target=later, daemon=True).start()
+    began = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="test.gunicorn"):
+        server.handle_term()
+    took = time.monotonic() - began
+    print(f"SIGTERM, then SIGQUIT during the drain: handled after {took:.3f}s")
+    assert took < 5
+    assert server.calls == ["quit"]  # the later signal's handler: the quick stop
+    assert "SIGQUIT during the drain: cut short" in caplog.text
+    assert server.SIG_QUEUE.get_nowait() == signal.SIGCHLD

@@ -24,6 +24,8 @@ What they do:
 - On the master's SIGTERM, SIGINT or SIGQUIT the keeper deregisters FIRST
   (bounded by ``deregister_timeout``), optionally ``drain_delay`` passes, and
   only then does gunicorn close its listeners and stop its workers gracefully.
+  Another SIGTERM, SIGINT or SIGQUIT during the drain cuts it short (the later
+  signal's handler runs: SIGINT/SIGQUIT still stop quickly).
   gunicorn calls no hook before closing its listeners on these signals, so
   ``when_ready`` wraps the arbiter's ``handle_term``/``handle_int``/``handle_quit``.
   With a ``drain_delay``, a SIGTERM sent to the whole process group (systemd's
@@ -44,8 +46,13 @@ What they do:
   the dead keeper's lease, within its ``ttl``.
 - ``on_reload`` (SIGHUP) keeps the keeper as is when the registration did not
   change; when only the tags or meta changed, the keeper updates its entries
-  in place (no gap in discovery); otherwise the old one deregisters and a new
-  one registers.
+  in place (no gap in discovery); otherwise (another address, port, id,
+  checks, backend or option) the old one deregisters and a new one registers.
+  A SIGHUP that finds the keeper dead (or waiting out its restart backoff)
+  never withdraws the entries: a keeper is started at once, with the reloaded
+  tags/meta; one still starting is sent them once it has started. An update
+  the keeper did not answer in time is sent again (backoff 1 s doubling to
+  30 s); a keeper that dies during one is restarted with the new tags/meta.
 - ``on_exit`` stops a keeper still running (e.g. gunicorn halting because a
   worker failed to boot).
 """
@@ -370,22 +377,11 @@ class GunicornRegistration:
         except ConfigError as exc:
             server.log.error("registry-agent: reloaded config not registered: %s", exc)
             return
-        if keeper is not None and keeper.alive() and keeper.spec.key() == spec.key():
+        if keeper is not None and keeper.spec.key(live=False) == spec.key(live=False):
+            # The same entries (maybe other tags/meta): never withdrawn for that.
             keeper.drain_delay = self.drain_delay
-            return
-        if (
-            keeper is not None
-            and keeper.state == "running"
-            and keeper.alive()
-            and keeper.spec.key(live=False) == spec.key(live=False)
-        ):
-            # Only tags or meta changed: the keeper updates its entries in place.
-            error = keeper.update(spec)
-            if error is None:
-                keeper.drain_delay = self.drain_delay
-                server.log.info("registry-agent: keeper %s updated tags/meta in place", keeper.pid)
-                return
-            server.log.error("registry-agent: reloaded tags/meta not updated: %s", error)
+            keeper.wanted = spec
+            _hold_wanted(server, keeper, reload=True)
             return
         if keeper is not None:
             _stop_keeper(server, keeper, "old registration withdrawn")
@@ -500,20 +496,67 @@ def registration_hooks(
     return GunicornRegistration(backend, service, **kwargs).hooks
 
 
-def _withdraw(server: Any, *, drain: bool) -> float | None:
-    """Stop ``server``'s keeper (deregistering, bounded); seconds taken, or None.
+def _withdraw(server: Any, *, drain: bool) -> int | None:
+    """Stop ``server``'s keeper (deregistering, bounded), then wait its ``drain_delay``
+    if ``drain``; the stop signal that cut the drain short, or None.
 
-    Called by the wrapped stop handlers before gunicorn closes its listeners
-    (then waiting the ``drain_delay``); a no-op once done.
+    Called by the wrapped stop handlers before gunicorn closes its listeners;
+    a no-op once done.
     """
     keeper: _Keeper | None = getattr(server, _KEEPER_ATTR, None)
     if keeper is None:
         return None
     setattr(server, _KEEPER_ATTR, None)
-    took = _stop_keeper(server, keeper, "withdrawn", " before the listeners close")
+    _stop_keeper(server, keeper, "withdrawn", " before the listeners close")
     if drain and keeper.drain_delay > 0:
-        time.sleep(keeper.drain_delay)
-    return took
+        return _drain(server, keeper.drain_delay)
+    return None
+
+
+#: The master's stop signals and the arbiter's handler of each.
+_STOP_SIGNALS = {
+    signal.SIGTERM: "handle_term",
+    signal.SIGINT: "handle_int",
+    signal.SIGQUIT: "handle_quit",
+}
+
+
+def _drain(server: Any, delay: float) -> int | None:
+    """Wait ``delay`` seconds, in small steps, unless another stop signal arrives
+    (returned; the arbiter queues its signals): a second SIGTERM, SIGINT or SIGQUIT
+    cuts the drain. Other signals queued meanwhile are queued again, in order."""
+    queued: Any = getattr(server, "SIG_QUEUE", None)
+    deadline = time.monotonic() + delay
+    others: list[Any] = []
+    cut: int | None = None
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if hasattr(queued, "get"):
+                try:
+                    sig = queued.get(timeout=min(left, 0.1))
+                except Exception:  # queue.Empty
+                    continue
+            elif isinstance(queued, list) and queued:
+                sig = queued.pop(0)
+            else:
+                time.sleep(min(left, 0.05))
+                continue
+            if sig in _STOP_SIGNALS:
+                cut = sig
+                server.log.info(
+                    "registry-agent: %s during the drain: cut short, %.1fs early",
+                    signal.Signals(sig).name,
+                    deadline - time.monotonic(),
+                )
+                break
+            others.append(sig)
+    finally:
+        for sig in others:
+            if hasattr(queued, "put_nowait"):
+                queued.put_nowait(sig)
+            elif isinstance(queued, list):
+                queued.append(sig)
+    return cut
 
 
 def _stop_keeper(server: Any, keeper: _Keeper, done: str, when: str = "") -> float:
@@ -577,6 +620,76 @@ def _deregister_once(spec: _Spec) -> str | None:
     return "; ".join(errors) or None
 
 
+def _hold_wanted(server: Any, keeper: _Keeper, *, reload: bool) -> None:
+    """Bring ``keeper`` to hold ``keeper.wanted`` (whose ids are those it holds).
+
+    On a SIGHUP (``reload``): a running keeper is sent the new tags/meta and waited
+    for (bounded); a dead one (or waiting out its backoff) is restarted now, with
+    the wanted spec; a starting one gets them once started. From the arbiter's
+    loop: an answer still due is read without waiting, an update that got none is
+    sent again (backoff), a keeper that started with older tags/meta is sent them.
+    """
+    now = time.monotonic()
+    if keeper.state == "running" and not keeper.alive():
+        keeper.died(now)
+        server.log.error(
+            "registry-agent: keeper %s %s: a new keeper starts now",
+            keeper.pid,
+            keeper.describe_exit(),
+        )
+    if keeper.state == "dead":
+        if reload:
+            keeper.retry_at = now  # the arbiter's loop, run right after the reload
+        return
+    if keeper.state == "starting":
+        return  # the supervisor sends it what changed once it has started
+    if keeper.pending is not None:
+        if reload:
+            keeper.pending = None  # superseded: its answer, if any, is skipped
+        else:
+            outcome = keeper.poll_update(now)
+            if outcome is not None:
+                _updated(server, keeper, outcome)
+            return
+    if keeper.wanted.key() == keeper.spec.key() or (not reload and now < keeper.update_at):
+        return
+    keeper.send_update(keeper.wanted)
+    if reload:
+        assert keeper.pending is not None
+        outcome = keeper.poll_update(keeper.pending[2])
+        if outcome is not None:
+            _updated(server, keeper, outcome)
+
+
+def _updated(server: Any, keeper: _Keeper, outcome: tuple[str, str]) -> None:
+    """Log a tags/meta update's outcome and act on it (see :meth:`_Keeper.poll_update`)."""
+    what, detail = outcome
+    now = time.monotonic()
+    if what == "updated":
+        keeper.update_failures = 0
+        server.log.info("registry-agent: keeper %s updated tags/meta in place", keeper.pid)
+    elif what == "died":
+        keeper.died(now)
+        keeper.retry_at = now
+        server.log.error(
+            "registry-agent: tags/meta not updated: %s; a new keeper starts now with them",
+            detail,
+        )
+    elif what == "failed":
+        # Refused (the registry's answer): kept as held; a restart starts with that too.
+        keeper.wanted = keeper.spec
+        server.log.error("registry-agent: reloaded tags/meta not updated: %s", detail)
+    else:
+        delay = min(_RESTART_CAP, 1.0 * 2**keeper.update_failures)
+        keeper.update_failures += 1
+        keeper.update_at = now + delay
+        server.log.error(
+            "registry-agent: reloaded tags/meta not updated yet: %s; sent again in %.0fs",
+            detail,
+            delay,
+        )
+
+
 def _supervise(server: Any) -> None:
     """Run by the arbiter's loop (about every second): restart a keeper that died."""
     keeper: _Keeper | None = getattr(server, _KEEPER_ATTR, None)
@@ -605,6 +718,7 @@ def _supervise(server: Any) -> None:
         return
     if keeper.state == "running":
         if keeper.alive():
+            _hold_wanted(server, keeper, reload=False)
             return
         keeper.died(now)
         server.log.error(
@@ -618,7 +732,7 @@ def _supervise(server: Any) -> None:
     if now < keeper.retry_at:
         return
     try:
-        successor = _Keeper.spawn(keeper.spec, keeper.drain_delay)
+        successor = _Keeper.spawn(keeper.wanted, keeper.drain_delay)
     except OSError as exc:
         keeper.died(now)
         server.log.error("registry-agent: keeper not restarted (%s): retried later", exc)
@@ -638,8 +752,12 @@ def _wrap_arbiter(server: Any) -> None:
 
         def handler(original: Callable[[], None] = original) -> None:
             _raise_flag(server, _STOPPING)
-            _withdraw(server, drain=True)
+            cut = _withdraw(server, drain=True)
             _raise_flag(server, _RELEASED)
+            if cut is not None:
+                # The later signal wins (SIGINT/SIGQUIT after a SIGTERM: the quick stop).
+                getattr(server, _STOP_SIGNALS[signal.Signals(cut)])()
+                return
             original()
 
         handler._registry_agent = True  # type: ignore[attr-defined]
@@ -739,6 +857,15 @@ class _Keeper:
         #: Deaths in a row (restart backoff) and when to start a successor.
         self.failures = 0
         self.retry_at = 0.0
+        #: What the master wants held: ``spec`` is what the keeper confirmed holding. A
+        #: SIGHUP changing only tags/meta sets it; a restarted keeper is started with it.
+        self.wanted = spec
+        #: The update sent and not answered yet: (its number, its spec, its deadline).
+        self.pending: tuple[int, _Spec, float] | None = None
+        self._sent = 0
+        #: A tags/meta update that got no answer is sent again at ``update_at`` (backoff).
+        self.update_at = 0.0
+        self.update_failures = 0
 
     @classmethod
     def spawn(cls, spec: _Spec, drain_delay: float = 0.0) -> _Keeper:
@@ -834,28 +961,50 @@ class _Keeper:
                 self._buffer += chunk
         return True
 
-    def update(self, spec: _Spec) -> str | None:
-        """Tell the running keeper the entries' new tags and meta; None, or its error."""
+    def send_update(self, spec: _Spec) -> None:
+        """Send the running keeper ``spec``'s tags and meta (answer: :meth:`poll_update`)."""
+        self._sent += 1
         entries = [
             {"id": data["id"], "tags": data.get("tags", []), "meta": data.get("meta", {})}
             for data, _ in spec.entries
         ]
-        deadline = time.monotonic() + spec.deregister_timeout + 1.0
+        self.pending = (self._sent, spec, time.monotonic() + spec.deregister_timeout + 1.0)
         try:
             assert self.process.stdin is not None
-            self.process.stdin.write(json.dumps({"update": entries}).encode() + b"\n")
+            command = {"update": entries, "seq": self._sent}
+            self.process.stdin.write(json.dumps(command).encode() + b"\n")
             self.process.stdin.flush()
-            while (message := self._read(deadline)) is not None:
-                if "updated" in message:
+        except (OSError, ValueError):
+            self._eof = True  # its pipe is closed: it died (told by poll_update)
+
+    def poll_update(self, until: float) -> tuple[str, str] | None:
+        """The pending update's outcome, waiting at most until ``until``: None (no answer
+        yet, its deadline not passed), or ``(outcome, detail)``: ``"updated"`` (``spec``
+        now holds it), ``"failed"`` (the keeper's errors), ``"died"``, ``"timeout"``."""
+        assert self.pending is not None
+        seq, spec, deadline = self.pending
+        message: dict[str, Any] | None = None
+        try:
+            while (message := self._read(min(until, deadline))) is not None:
+                # An answer to an earlier update (that timed out) is not this one's.
+                if "updated" in message and message.get("seq") == seq:
                     break
-        except (OSError, ValueError) as exc:
-            return f"the keeper is gone: {exc}"
+        except (OSError, ValueError):
+            self._eof = True
+            message = None
         if message is None:
-            return "no answer from the keeper in time"
+            if self._eof or self.process.poll() is not None:
+                self.pending = None
+                return "died", f"the keeper {self.describe_exit()} before it answered"
+            if time.monotonic() < deadline:
+                return None
+            self.pending = None
+            return "timeout", f"no answer from the keeper within {spec.deregister_timeout + 1:g}s"
+        self.pending = None
         if message.get("errors"):
-            return "; ".join(message["errors"])
+            return "failed", "; ".join(message["errors"])
         self.spec = replace(spec, parent=self.spec.parent)
-        return None
+        return "updated", ""
 
     def stop(self, timeout: float) -> float:
         """Tell the keeper to deregister and exit; wait at most about ``timeout`` seconds.
@@ -1022,7 +1171,7 @@ async def _keep(spec: _Spec, out: IO[bytes]) -> int:
         return 2
     _send(out, {"started": [r.instance.id for r in registrars], "pid": os.getpid()})
 
-    async def update(entries: list[dict[str, Any]]) -> None:
+    async def update(entries: list[dict[str, Any]], seq: object) -> None:
         errors: list[str] = []
         by_id = {r.instance.id: r for r in registrars}
         for entry in entries:
@@ -1039,7 +1188,7 @@ async def _keep(spec: _Spec, out: IO[bytes]) -> int:
             ", ".join(e["id"] for e in entries),
             f" ({'; '.join(errors)})" if errors else "",
         )
-        _send(out, {"updated": [e["id"] for e in entries], "errors": errors})
+        _send(out, {"updated": [e["id"] for e in entries], "errors": errors, "seq": seq})
 
     def read_commands() -> None:
         why = "the master is gone (its pipe closed)"
@@ -1059,7 +1208,9 @@ async def _keep(spec: _Spec, out: IO[bytes]) -> int:
                     break
                 if line.startswith(b"{"):
                     command = json.loads(line)
-                    asyncio.run_coroutine_threadsafe(update(command["update"]), loop)
+                    asyncio.run_coroutine_threadsafe(
+                        update(command["update"], command.get("seq")), loop
+                    )
         loop.call_soon_threadsafe(stop_for, why)
 
     threading.Thread(target=read_commands, name="keeper stdin", daemon=True).start()
