@@ -677,10 +677,15 @@ class AsyncRegistrar:
 
         With several backends, each is deregistered at the same time, each within
         ``timeout``: one that does not answer never holds up the others.
-        Never raises: hanging checks are abandoned, and a registry that fails
-        or does not answer in time is logged (and kept in ``status()``'s
-        ``last_error``), leaving the entry to expire with its TTL. In a process
-        that inherited the registrar through ``fork()`` it returns at once.
+        A failure a retry can fix (the registry unreachable, a reset, a 503 or 429)
+        is retried with a short jittered backoff (its ``Retry-After`` honoured)
+        until a little before ``timeout``; a :class:`~registry_agent.Rejected` one
+        is not. Never raises: hanging checks are abandoned, and an entry still not
+        removed is marked critical if the registry takes that write in the time
+        left (own lease), then one WARNING ``<id> not deregistered: <error>`` is
+        logged (and kept in ``status()``'s ``last_error``), leaving the entry to
+        expire with its TTL. In a process that inherited the registrar through
+        ``fork()`` it returns at once.
         """
         if self._fork.in_child("stop()"):
             return
