@@ -212,9 +212,18 @@ class BackendLane:
         attempt = 0
         while True:
             attempt += 1
+            budget = max(_MIN_TRY, until - clock())
+            error: RegistryError
             try:
-                async with asyncio.timeout(max(_MIN_TRY, until - clock())):
+                async with asyncio.timeout(budget):
                     await self.backend.deregister(lease)
+            except TimeoutError:  # ours: the registry said nothing before the stop's deadline
+                error = BackendUnavailable(
+                    f"no answer within {budget:.1f}s, the time stop() had left",
+                    service=self.owner.instance.service,
+                    instance=self.owner.instance.id,
+                    backend=self.scheme,
+                )
             except Exception as exc:
                 error = self.registry_error(exc)
             else:
