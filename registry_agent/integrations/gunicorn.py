@@ -935,6 +935,9 @@ class _Keeper:
     def describe_exit(self) -> str:
         """How the keeper process ended (or that it still runs)."""
         code = self.process.poll()
+        if code is None and self._eof:  # its pipe closed: it is exiting, not yet reaped
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self.process.wait(timeout=1.0)
         if code is None:
             return "still starting" if self.state == "starting" else "running"
         if code < 0:
