@@ -276,7 +276,19 @@ async def test_registrar_per_worker_started_in_post_fork(
         want, HealthStatus.PASSING
     )
 
-    alive = {e["worker"] for e in gunicorn.events("post_fork")} - gone
+    # A worker still in post_fork ignores SIGTERM (gunicorn installs the worker's signal
+    # handlers only after post_fork returns) and is killed at graceful_timeout: let every
+    # worker that recycling just started finish registering first.
+    deadline = time.monotonic() + 30
+    while True:
+        gone = {e["worker"] for e in gunicorn.events("child_exit")}
+        gone |= {e["worker"] for e in gunicorn.events("deregistered")}
+        forked = {e["worker"] for e in gunicorn.events("post_fork")} - gone
+        if forked <= {e["worker"] for e in gunicorn.events("registered")}:
+            break
+        assert time.monotonic() < deadline, gunicorn.log()
+        await asyncio.sleep(0.05)
+    alive = forked
     took = gunicorn.terminate()
     assert gunicorn.process.returncode == 0, gunicorn.log()
     on_stop = {pid: t for pid, t in _exit_times(gunicorn).items() if pid in alive}

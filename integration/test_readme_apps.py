@@ -222,6 +222,11 @@ async def test_starlette_recipe_under_uvicorn(
     measured("starlette: launch -> passing", took, START_BOUND)
     # The recipe's /readyz: the registrar in app.state, ready, its status as JSON.
     answer = await asyncio.to_thread(_get, port, "/readyz")
+    for _ in range(50):  # the registry shows the entry a moment before the app reads its answer
+        if answer[0] == 200:
+            break
+        await asyncio.sleep(0.1)
+        answer = await asyncio.to_thread(_get, port, "/readyz")
     assert answer[0] == 200, answer
     assert json.loads(answer[1])["ready"] is True, answer
     result = await _sigterm_and_watch(app, registry, port)

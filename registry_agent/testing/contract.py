@@ -281,8 +281,9 @@ class BackendContract(_ContractFixtures):
         async def expired() -> bool:
             return await self.status_of(backend, service, inst.id) in (None, HealthStatus.CRITICAL)
 
-        # Consul turns the TTL check critical; etcd and memory drop the key.
-        await eventually(expired, within=self.ttl / 2 + 1.0)
+        # Consul turns the TTL check critical; etcd and memory drop the key. The slack
+        # covers a server's expiry timer running late on a loaded machine (seen: > 1 s).
+        await eventually(expired, within=self.ttl / 2 + 2.0)
 
     async def test_heartbeat_keeps_the_status_it_had(self, backend: Backend, service: str) -> None:
         inst = self.instance(service)
