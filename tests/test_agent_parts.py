@@ -49,8 +49,8 @@ async def test_status_server_routes_and_methods() -> None:
         assert headers["Content-Type"] == "application/json"
         status, _, body = await request(server.port, b"HEAD /healthz HTTP/1.1\r\n\r\n")
         assert (status, body) == (200, b"")
-        status, headers, _ = await request(server.port, b"POST /healthz HTTP/1.1\r\n\r\n")
-        assert (status, headers["Allow"]) == (405, "GET, HEAD")
+        status, headers, body = await request(server.port, b"POST /healthz HTTP/1.1\r\n\r\n")
+        assert (status, headers["Allow"], body) == (405, "GET, HEAD", b"only GET and HEAD\n")
         status, _, body = await request(server.port, b"GET /nope HTTP/1.1\r\n\r\n")
         assert status == 404
         assert b"/healthz" in body

@@ -297,7 +297,7 @@ class StatusServer:
             known = ", ".join(sorted(self.routes))
             return 404, "text/plain", f"not found; try {known}\n".encode(), {}
         if method not in ("GET", "HEAD"):
-            return 405, "text/plain", b"only GET\n", {"Allow": "GET, HEAD"}
+            return 405, "text/plain", b"only GET and HEAD\n", {"Allow": "GET, HEAD"}
         if path not in self.open_paths and not self._authorized(head):
             return (
                 401,
