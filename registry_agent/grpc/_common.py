@@ -1,0 +1,191 @@
+"""What the sync and the ``grpc.aio`` discovery channels share: targets, options, rules."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from registry_agent._errors import ConfigError
+from registry_agent._models import ServiceInstance
+
+__all__ = [
+    "Endpoint",
+    "Pool",
+    "channel_options",
+    "is_idempotent_rule",
+    "never_sent",
+    "target_of",
+]
+
+C = TypeVar("C")
+
+#: How often (at most) the channel compares its per-endpoint channels with the
+#: healthy instances discovery holds, closing those of instances gone or unhealthy.
+PRUNE_EVERY = 0.5
+
+Options = Sequence[tuple[str, Any]]
+
+
+def target_of(address: str, port: int) -> str:
+    """The gRPC target for one endpoint: ``ipv4:a.b.c.d:p``, ``ipv6:[::1]:p``, or
+    ``dns:///host:p`` for an address that is a host name."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return f"dns:///{address}:{port}"
+    if ip.version == 6:
+        return f"ipv6:[{ip}]:{port}"
+    return f"ipv4:{ip}:{port}"
+
+
+def channel_options(options: Options, server_name: str, tls: bool) -> list[tuple[str, Any]]:
+    """The caller's options plus the authority (and, over TLS, the name the
+    certificate is checked against): ``server_name``, unless the caller set them."""
+    given = {name for name, _ in options}
+    merged = list(options)
+    if "grpc.default_authority" not in given:
+        merged.append(("grpc.default_authority", server_name))
+    if tls and "grpc.ssl_target_name_override" not in given:
+        merged.append(("grpc.ssl_target_name_override", server_name))
+    return merged
+
+
+def is_idempotent_rule(idempotent: bool | Collection[str]) -> Callable[[str], bool]:
+    """``idempotent=True``: every method; a collection: those full method names."""
+    if isinstance(idempotent, bool):
+        return lambda method: idempotent
+    if isinstance(idempotent, str):
+        raise ConfigError(
+            "expected True/False or a collection of full method names such as "
+            f"'/pkg.Service/Method', got the string {idempotent!r}",
+            field="idempotent",
+        )
+    names = frozenset(idempotent)
+    for name in names:
+        if not isinstance(name, str) or not name.startswith("/") or name.count("/") != 2:
+            raise ConfigError(
+                f"expected full method names such as '/pkg.Service/Method', got {name!r}",
+                field="idempotent",
+            )
+    return names.__contains__
+
+
+def never_sent(error: grpc.RpcError) -> bool:
+    """True when an UNAVAILABLE error says no connection was made (the request never
+    left this process), so that even a non-idempotent call may go elsewhere."""
+    details = str(error.details() or "") if hasattr(error, "details") else ""
+    return details.startswith("failed to connect to all addresses")
+
+
+def failed(error: BaseException) -> bool:
+    """What :meth:`Discovery.report` counts as a failure: UNAVAILABLE (this includes
+    a connect failure). Any other status is an answer from the server."""
+    code = getattr(error, "code", None)
+    return callable(code) and code() == grpc.StatusCode.UNAVAILABLE
+
+
+@dataclass(eq=False)
+class Endpoint(Generic[C]):
+    """One real channel to one ``address:port``, with its count of calls in flight."""
+
+    key: tuple[str, int]
+    channel: C
+    in_flight: int = 0
+    retired: bool = False
+    callables: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+
+    def callable(self, kind: str, method: str, ser: Any, deser: Any, registered: Any) -> Any:
+        """The channel's multicallable for ``method`` (made once, then reused)."""
+        key = (kind, method, ser, deser, registered)
+        found = self.callables.get(key)
+        if found is None:
+            make = getattr(self.channel, kind)
+            kwargs = {"_registered_method": registered} if registered is not None else {}
+            found = make(method, request_serializer=ser, response_deserializer=deser, **kwargs)
+            self.callables[key] = found
+        return found
+
+
+class Pool(Generic[C]):
+    """Per-endpoint channels, made on demand; thread-safe.
+
+    An endpoint dropped by :meth:`prune` is closed once its last call in flight
+    has ended (``close`` is called with the channel, from the thread or task that
+    ended it); a later call to the same ``address:port`` gets a fresh channel.
+    """
+
+    def __init__(self, make: Callable[[str], C], close: Callable[[C], None]) -> None:
+        self._make = make
+        self._close = close
+        self._lock = threading.Lock()
+        self._endpoints: dict[tuple[str, int], Endpoint[C]] = {}
+        self.last_prune = time.monotonic()
+        self.closed = False
+
+    def acquire(self, instance: ServiceInstance) -> Endpoint[C]:
+        """The endpoint for ``instance``, one more call in flight on it."""
+        key = (instance.address, instance.port)
+        with self._lock:
+            if self.closed:
+                raise ValueError("the discovery channel is closed")
+            endpoint = self._endpoints.get(key)
+            if endpoint is None:
+                endpoint = Endpoint(key, self._make(target_of(*key)))
+                self._endpoints[key] = endpoint
+            endpoint.in_flight += 1
+            return endpoint
+
+    def release(self, endpoint: Endpoint[C]) -> None:
+        """One call fewer in flight; closes a retired endpoint's channel with its last call."""
+        with self._lock:
+            endpoint.in_flight -= 1
+            close = endpoint.retired and endpoint.in_flight == 0
+        if close:
+            self._close(endpoint.channel)
+
+    def due(self) -> bool:
+        """True (once per :data:`PRUNE_EVERY`) when it is time to :meth:`prune`."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self.last_prune < PRUNE_EVERY or not self._endpoints:
+                return False
+            self.last_prune = now
+            return True
+
+    def prune(self, keep: Collection[ServiceInstance]) -> list[C]:
+        """Drop the endpoints of instances not in ``keep``; returns the channels to close
+        now (those with no call in flight; the others close with their last call)."""
+        wanted = {(i.address, i.port) for i in keep}
+        now: list[C] = []
+        with self._lock:
+            for key in [k for k in self._endpoints if k not in wanted]:
+                endpoint = self._endpoints.pop(key)
+                endpoint.retired = True
+                if endpoint.in_flight == 0:
+                    now.append(endpoint.channel)
+        return now
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """The ``(address, port)`` pairs holding a channel right now."""
+        with self._lock:
+            return list(self._endpoints)
+
+    def channels(self) -> list[C]:
+        """Every live channel."""
+        with self._lock:
+            return [e.channel for e in self._endpoints.values()]
+
+    def close_all(self) -> list[C]:
+        """Mark closed; returns every channel (the caller closes them)."""
+        with self._lock:
+            self.closed = True
+            endpoints, self._endpoints = list(self._endpoints.values()), {}
+        for endpoint in endpoints:
+            endpoint.retired = True
+        return [e.channel for e in endpoints]

@@ -1,0 +1,409 @@
+"""registry_agent.grpc: the discovery-fed channel's logic, over the memory registry
+and real grpcio server processes (integration/grpc_kit.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from integration.grpc_certs import make_service_cert
+from integration.grpc_kit import CREATE, GET, SLOW, GrpcServer, grpc_servers, unary, unary_stream
+from registry_agent import (
+    AsyncDiscovery,
+    ConfigError,
+    Discovery,
+    DiscoveryPolicy,
+    HealthStatus,
+    InstanceHealth,
+    ServiceInstance,
+)
+from registry_agent.grpc import DiscoveryChannel, NoInstanceError
+from registry_agent.grpc import aio as grpc_aio
+from registry_agent.grpc._common import target_of
+from registry_agent.testing.memory import MemoryRegistry
+from registry_agent.testing.servers import free_port
+
+
+class Recording(Discovery):
+    """A real Discovery that also keeps every report it is given."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reports: list[tuple[int, bool]] = []
+
+    def report(
+        self,
+        service: str,
+        instance: ServiceInstance,
+        ok: bool,
+        *,
+        policy: DiscoveryPolicy | None = None,
+    ) -> None:
+        self.reports.append((instance.port, ok))
+        super().report(service, instance, ok, policy=policy)
+
+
+class AsyncRecording(AsyncDiscovery):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reports: list[tuple[int, bool]] = []
+
+    def report(
+        self,
+        service: str,
+        instance: ServiceInstance,
+        ok: bool,
+        *,
+        policy: DiscoveryPolicy | None = None,
+    ) -> None:
+        self.reports.append((instance.port, ok))
+        super().report(service, instance, ok, policy=policy)
+
+
+@pytest.fixture
+def registry() -> MemoryRegistry:
+    return MemoryRegistry.named(f"grpc-{uuid.uuid4().hex}")
+
+
+@pytest.fixture
+def servers() -> Iterator[list[GrpcServer]]:
+    with grpc_servers("a", "b", "c") as started:
+        yield started
+
+
+def put(registry: MemoryRegistry, port: int, service: str = "orders") -> ServiceInstance:
+    instance = ServiceInstance(service, address="127.0.0.1", port=port, id=f"{service}-{port}")
+    registry.put(InstanceHealth(instance, HealthStatus.PASSING), ttl=600)
+    return instance
+
+
+def names(answers: list[bytes]) -> Counter[str]:
+    return Counter(a.split(b":")[0].decode() for a in answers)
+
+
+def test_balances_over_every_instance(registry: MemoryRegistry, servers: list[GrpcServer]) -> None:
+    for server in servers:
+        put(registry, server.port)
+    with Recording(registry.url) as discovery, DiscoveryChannel(discovery, "orders") as channel:
+        answers = [unary(channel)(b"x", timeout=5) for _ in range(30)]
+        assert names(answers) == {"a": 10, "b": 10, "c": 10}
+        assert len(channel.endpoints()) == 3
+        assert all(ok for _, ok in discovery.reports)
+        assert len(discovery.reports) == 30
+        assert channel.state() == grpc.ChannelConnectivity.READY
+
+
+def test_a_generated_stub_works_sync_and_aio(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    put(registry, servers[0].port)
+    request = health_pb2.HealthCheckRequest(service="")
+    with Discovery(registry.url) as discovery, DiscoveryChannel(discovery, "orders") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        assert stub.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+
+    async def main() -> int:
+        async with (
+            AsyncDiscovery(registry.url) as discovery,
+            grpc_aio.DiscoveryChannel(discovery, "orders") as channel,
+        ):
+            stub = health_pb2_grpc.HealthStub(channel)
+            answer = await stub.Check(request, timeout=5)
+            status: int = answer.status
+            return status
+
+    assert asyncio.run(main()) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_idempotent_unavailable_goes_to_another_instance(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    for server in servers:
+        put(registry, server.port)
+    with (
+        Recording(registry.url) as discovery,
+        DiscoveryChannel(discovery, "orders", idempotent={GET}) as channel,
+    ):
+        servers[0].fail_next("UNAVAILABLE", 100)
+        answers = [unary(channel)(b"x", timeout=5) for _ in range(12)]
+        assert names(answers)["a"] == 0
+        assert len(answers) == 12
+        failures = [port for port, ok in discovery.reports if not ok]
+        assert failures
+        assert set(failures) == {servers[0].port}
+        # Create is not in the collection: the same failure is raised, not retried.
+        with pytest.raises(grpc.RpcError) as info:  # round robin: a is one of the three
+            [unary(channel, CREATE)(b"x", timeout=5) for _ in range(3)]
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "a: failing on purpose" in info.value.details()
+
+
+def test_an_application_status_is_no_failure_and_no_retry(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    for server in servers:
+        put(registry, server.port)
+    with (
+        Recording(registry.url) as discovery,
+        DiscoveryChannel(discovery, "orders", idempotent=True) as channel,
+    ):
+        for server in servers:
+            server.fail_next("NOT_FOUND", 1)
+        with pytest.raises(grpc.RpcError) as info:
+            unary(channel)(b"x", timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert discovery.reports == [(servers[0].port, True)]
+
+
+def test_retries_are_bounded_by_the_policy(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    for server in servers:
+        put(registry, server.port)
+        server.fail_next("UNAVAILABLE", 100)
+    policy = DiscoveryPolicy(retries=1)
+    with (
+        Recording(registry.url) as discovery,
+        DiscoveryChannel(discovery, "orders", idempotent=True, policy=policy) as channel,
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            unary(channel)(b"x", timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "failing on purpose" in info.value.details()  # the real error, not "no instance"
+        assert len(discovery.reports) == 2
+        assert any("2 instances tried" in note for note in info.value.__notes__)
+
+
+def test_instances_running_out_raise_the_last_real_error(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    put(registry, servers[0].port)
+    servers[0].fail_next("UNAVAILABLE", 5)
+    with (
+        Discovery(registry.url) as discovery,
+        DiscoveryChannel(discovery, "orders", idempotent=True) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        unary(channel)(b"x", timeout=5)
+    assert "a: failing on purpose" in info.value.details()
+
+
+def test_a_retry_stays_within_the_calls_deadline(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    for server in servers[:2]:
+        put(registry, server.port)
+    servers[0].fail_next("UNAVAILABLE", 1)
+    with (
+        Discovery(registry.url) as discovery,
+        DiscoveryChannel(discovery, "orders", idempotent=True) as channel,
+    ):
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            unary(channel, SLOW)(b"3", timeout=1.0)  # a: UNAVAILABLE at once, b: too slow
+        elapsed = time.monotonic() - started
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 2.0
+
+
+def test_non_idempotent_goes_elsewhere_only_when_never_connected(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    dead = free_port()  # nothing listens: the request never leaves this process
+    put(registry, dead)
+    put(registry, servers[0].port)
+    with (
+        Recording(registry.url) as discovery,
+        DiscoveryChannel(discovery, "orders") as channel,
+    ):
+        answers = [unary(channel, CREATE)(b"x", timeout=5) for _ in range(4)]
+        assert names(answers) == {"a": 4}
+        assert (dead, False) in discovery.reports
+        # Once it may have reached a server, a non-idempotent call is not retried.
+        servers[0].fail_next("UNAVAILABLE", 1)
+        errors: list[str] = []
+        for _ in range(4):
+            try:
+                unary(channel, CREATE)(b"x", timeout=5)
+            except grpc.RpcError as error:
+                errors.append(error.details())
+        assert errors == ["a: failing on purpose"]
+
+
+def test_no_instance_is_unavailable_saying_why(registry: MemoryRegistry) -> None:
+    with Discovery(registry.url) as discovery, DiscoveryChannel(discovery, "orders") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            unary(channel)(b"x", timeout=5)
+        assert isinstance(info.value, NoInstanceError)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert info.value.details().startswith("orders: no healthy instance")
+        with pytest.raises(grpc.RpcError) as streamed:
+            list(unary_stream(channel)(b"", timeout=5))
+        assert streamed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    async def main() -> grpc.aio.AioRpcError:
+        async with (
+            AsyncDiscovery(registry.url) as discovery,
+            grpc_aio.DiscoveryChannel(discovery, "orders") as channel,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await unary(channel)(b"x", timeout=5)
+            return info.value
+
+    error = asyncio.run(main())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details().startswith("orders: no healthy instance")
+
+
+def test_an_instance_gone_is_left_after_its_call_in_flight(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    instances = [put(registry, server.port) for server in servers[:2]]
+    with Discovery(registry.url) as discovery, DiscoveryChannel(discovery, "orders") as channel:
+        for _ in range(2):
+            unary(channel)(b"x", timeout=5)  # a channel to each
+        results: list[bytes] = []
+        slow = threading.Thread(
+            target=lambda: results.append(unary(channel, SLOW)(b"1.5", timeout=10))
+        )
+        slow.start()  # round robin: on a
+        time.sleep(0.3)
+        registry.delete(instances[0].service, instances[0].id, None)
+        deadline = time.monotonic() + 5
+        while len(discovery.instances("orders")) != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        while (instances[0].address, instances[0].port) in channel.endpoints():
+            assert time.monotonic() < deadline, "the gone instance's channel was kept"
+            assert names([unary(channel)(b"x", timeout=5)]) == {"b": 1}
+            time.sleep(0.1)
+        slow.join(10)
+        assert results == [b"a:1.5"]  # the call in flight was not cut
+        assert names([unary(channel)(b"y", timeout=5) for _ in range(5)]) == {"b": 5}
+
+
+def test_streams_pick_one_instance_and_report(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    put(registry, servers[0].port)
+    with (
+        Recording(registry.url) as discovery,
+        DiscoveryChannel(discovery, "orders", idempotent=True) as channel,
+    ):
+        assert list(unary_stream(channel)(b"", timeout=5)) == [b"a:0", b"a:1", b"a:2"]
+        servers[0].fail_next("UNAVAILABLE", 1)
+        with pytest.raises(grpc.RpcError) as info:
+            list(unary_stream(channel)(b"", timeout=5))  # never retried
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        deadline = time.monotonic() + 5
+        while len(discovery.reports) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)  # done callbacks run on grpc's thread
+        assert discovery.reports == [(servers[0].port, True), (servers[0].port, False)]
+        future = unary(channel).future(b"f", timeout=5)
+        assert future.result() == b"a:f"
+
+
+def test_aio_balances_retries_and_streams(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    for server in servers:
+        put(registry, server.port)
+
+    async def main() -> None:
+        async with AsyncRecording(registry.url) as discovery:
+            channel = grpc_aio.DiscoveryChannel(discovery, "orders", idempotent=True)
+            answers = [await unary(channel)(b"x", timeout=5) for _ in range(9)]
+            assert names(answers) == {"a": 3, "b": 3, "c": 3}
+            servers[1].fail_next("UNAVAILABLE", 100)
+            answers = [await unary(channel)(b"x", timeout=5) for _ in range(9)]
+            assert names(answers)["b"] == 0
+            assert len(answers) == 9
+            assert {p for p, ok in discovery.reports if not ok} == {servers[1].port}
+            call = unary(channel)(b"w", timeout=5)
+            assert await call in (b"a:w", b"c:w")
+            assert await call.code() == grpc.StatusCode.OK
+            streamed = [item async for item in unary_stream(channel)(b"", timeout=5)]
+            assert len(streamed) == 3
+            assert len(names(streamed)) == 1
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
+            await channel.close()
+
+    asyncio.run(main())
+
+
+def test_aio_non_idempotent_is_not_retried(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    put(registry, servers[0].port)
+    put(registry, servers[1].port)
+    servers[0].fail_next("UNAVAILABLE", 1)
+
+    async def main() -> None:
+        async with (
+            AsyncRecording(registry.url) as discovery,
+            grpc_aio.DiscoveryChannel(discovery, "orders") as channel,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await unary(channel, CREATE)(b"x", timeout=5)
+            assert "a: failing on purpose" in str(info.value.details())
+            assert discovery.reports == [(servers[0].port, False)]
+
+    asyncio.run(main())
+
+
+def test_tls_checks_the_certificate_against_the_service_name(
+    registry: MemoryRegistry, tmp_path: Path
+) -> None:
+    cert = make_service_cert(tmp_path, "orders")
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.ca_bytes())
+    with grpc_servers("a", "b", tls=cert.pair) as servers, Discovery(registry.url) as discovery:
+        for server in servers:
+            put(registry, server.port)
+        with DiscoveryChannel(discovery, "orders", credentials=credentials) as channel:
+            assert names([unary(channel)(b"x", timeout=5) for _ in range(4)]) == {"a": 2, "b": 2}
+        # A configured server name the certificate does not carry: the TLS error itself.
+        other = DiscoveryPolicy(server_name="billing")
+        with (
+            DiscoveryChannel(
+                discovery, "orders", credentials=credentials, policy=other, idempotent=True
+            ) as channel,
+            pytest.raises(grpc.RpcError) as info,
+        ):
+            unary(channel)(b"x", timeout=5)
+        assert "Hostname Verification" in info.value.details()
+
+
+def test_targets_and_bad_input() -> None:
+    assert target_of("127.0.0.1", 5) == "ipv4:127.0.0.1:5"
+    assert target_of("::1", 5) == "ipv6:[::1]:5"
+    assert target_of("orders-1.internal", 5) == "dns:///orders-1.internal:5"
+    registry = MemoryRegistry.named(f"grpc-{uuid.uuid4().hex}")
+    with Discovery(registry.url) as discovery:
+        with pytest.raises(ConfigError) as info:
+            DiscoveryChannel(discovery, "orders", idempotent="/a.B/C")
+        assert info.value.field == "idempotent"
+        with pytest.raises(ConfigError) as info:
+            DiscoveryChannel(discovery, "orders", idempotent={"Get"})
+        assert info.value.field == "idempotent"
+        with pytest.raises(ConfigError) as info:
+            DiscoveryChannel(discovery, "orders", strategy="fastest")
+        assert info.value.field == "strategy"
+
+
+def test_importing_registry_agent_never_imports_grpc() -> None:
+    code = "import sys, registry_agent; assert 'grpc' not in sys.modules, 'grpc imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
