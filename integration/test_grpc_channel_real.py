@@ -16,7 +16,8 @@ import grpc
 import pytest
 
 from integration.grpc_certs import make_service_cert
-from integration.grpc_kit import CREATE, GET, GrpcServer, grpc_servers, unary
+from integration.grpc_channel_kit import restart, started_servers
+from integration.grpc_kit import CREATE, GET, GrpcServer, unary
 from registry_agent import (
     AsyncDiscovery,
     Discovery,
@@ -57,7 +58,7 @@ def fleet(server: ServerProcess) -> Iterator[tuple[str, list[GrpcServer]]]:
     """Three grpc servers registered as one fresh service; (service, servers)."""
     service = f"orders-{uuid.uuid4().hex[:8]}"
     with ExitStack() as stack:
-        servers = stack.enter_context(grpc_servers("a", "b", "c"))
+        servers = stack.enter_context(started_servers("a", "b", "c"))
         for grpc_server in servers:
             register(stack, server.url, service, grpc_server)
         yield service, servers
@@ -109,8 +110,13 @@ def test_sync_kill_one_of_three_fails_no_call_and_it_is_used_again(
         assert 10 <= seen["b"] <= 40
         assert left_at, "the killed instance stayed listed through the loop"
         measured("killed instance left", left_at - killed_at, LEAVE_BOUND)
+        # Its channel is closed once it has left (checked on calls, at most every 0.5 s).
+        gone = ("127.0.0.1", servers[1].port)
+        wait_for(
+            lambda: bool(get(b"x", timeout=5)) and gone not in channel.endpoints(), 5, "closed"
+        )
 
-        servers[1].start()  # the same port again
+        restart(servers[1])  # the same port again
         restarted = time.monotonic()
         back = wait_for(
             lambda: name_of(get(b"again", timeout=5)) == "b", BACK_BOUND, "restarted used again"
@@ -119,6 +125,16 @@ def test_sync_kill_one_of_three_fails_no_call_and_it_is_used_again(
         assert time.monotonic() - restarted < BACK_BOUND
         spread = Counter(name_of(get(b"x", timeout=5)) for _ in range(60))
         assert all(spread[n] >= 12 for n in "abc"), spread  # balanced again
+
+        # A new instance: used within a bound of its start.
+        with ExitStack() as stack:
+            (fourth,) = stack.enter_context(started_servers("d"))
+            added = time.monotonic()
+            register(stack, server.url, service, fourth)
+            wait_for(lambda: name_of(get(b"new", timeout=5)) == "d", BACK_BOUND, "new instance")
+            measured("new instance used", time.monotonic() - added, BACK_BOUND)
+            spread = Counter(name_of(get(b"x", timeout=5)) for _ in range(80))
+            assert all(spread[n] >= 12 for n in "abcd"), spread
 
 
 def test_aio_kill_one_of_three_fails_no_call(
@@ -227,7 +243,7 @@ def test_tls_by_service_name(server: ServerProcess, tmp_path: Path) -> None:
     cert = make_service_cert(tmp_path, service)  # DNS name only: no IP address in it
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.ca_bytes())
     with ExitStack() as stack:
-        servers = stack.enter_context(grpc_servers("a", "b", "c", tls=cert.pair))
+        servers = stack.enter_context(started_servers("a", "b", "c", tls=cert.pair))
         for grpc_server in servers:
             register(stack, server.url, service, grpc_server)
         with (

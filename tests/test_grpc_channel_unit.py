@@ -20,7 +20,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from integration.grpc_certs import make_service_cert
-from integration.grpc_kit import CREATE, GET, SLOW, GrpcServer, grpc_servers, unary, unary_stream
+from integration.grpc_channel_kit import started_servers
+from integration.grpc_kit import CREATE, GET, SLOW, GrpcServer, unary, unary_stream
 from registry_agent import (
     AsyncDiscovery,
     ConfigError,
@@ -80,7 +81,7 @@ def registry() -> MemoryRegistry:
 
 @pytest.fixture
 def servers() -> Iterator[list[GrpcServer]]:
-    with grpc_servers("a", "b", "c") as started:
+    with started_servers("a", "b", "c") as started:
         yield started
 
 
@@ -369,7 +370,7 @@ def test_tls_checks_the_certificate_against_the_service_name(
 ) -> None:
     cert = make_service_cert(tmp_path, "orders")
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.ca_bytes())
-    with grpc_servers("a", "b", tls=cert.pair) as servers, Discovery(registry.url) as discovery:
+    with started_servers("a", "b", tls=cert.pair) as servers, Discovery(registry.url) as discovery:
         for server in servers:
             put(registry, server.port)
         with DiscoveryChannel(discovery, "orders", credentials=credentials) as channel:
