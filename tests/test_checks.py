@@ -23,7 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from registry_agent import CallableCheck, CommandCheck, ConfigError, HttpCheck, TcpCheck
+from registry_agent import (
+    CallableCheck,
+    CommandCheck,
+    ConfigError,
+    GrpcCheck,
+    HttpCheck,
+    TcpCheck,
+)
 from registry_agent._health.base import INTERVAL_FLOOR, TIMEOUT_FLOOR
 from registry_agent._health.checks import as_check
 from registry_agent.testing.servers import free_port
@@ -846,5 +853,10 @@ def test_secret_header_values_are_secrets_of_the_check() -> None:
 def test_each_shipped_kind_is_registered_under_its_key() -> None:
     from registry_agent._health.checks import CHECK_KINDS
 
-    assert dict(CHECK_KINDS) == {"http": HttpCheck, "tcp": TcpCheck, "command": CommandCheck}
+    assert dict(CHECK_KINDS) == {
+        "http": HttpCheck,
+        "tcp": TcpCheck,
+        "command": CommandCheck,
+        "grpc": GrpcCheck,
+    }
     assert all(cls.example.startswith(f"{kind} = ") for kind, cls in CHECK_KINDS.items())

@@ -164,7 +164,7 @@ def test_a_check_kind_from_an_entry_point(monkeypatch: pytest.MonkeyPatch) -> No
     from registry_agent._plugins import check_class, check_kinds
 
     _fake_check_plugin(monkeypatch, dns="fake_checks:DnsCheck", bad="fake_checks:NotACheck")
-    assert check_kinds() == ["http", "tcp", "command", "bad", "dns"]
+    assert check_kinds() == ["http", "tcp", "command", "grpc", "bad", "dns"]
     assert check_class("dns").kind == "dns"
     config = parse_config(
         {

@@ -1,4 +1,4 @@
-"""Health checks: HTTP, TCP, a command, or any callable, each bounded by its timeout.
+"""Health checks: HTTP, TCP, a command, gRPC health, or any callable, each bounded by its timeout.
 
 A check never raises: every outcome, a hang or an exception included, is a
 :class:`CheckResult`.
@@ -19,6 +19,7 @@ import httpx
 from registry_agent._errors import ConfigError
 from registry_agent._health.base import MASK, CheckResult, HealthCheck
 from registry_agent._health.command import CommandCheck
+from registry_agent._health.grpc_check import GrpcCheck
 from registry_agent._health.solo_thread import SoloThread
 from registry_agent._urls import Table, as_choice, as_str, as_str_map
 
@@ -27,6 +28,7 @@ __all__ = [
     "CallableCheck",
     "CheckResult",
     "CommandCheck",
+    "GrpcCheck",
     "HealthCheck",
     "HttpCheck",
     "TcpCheck",
@@ -274,7 +276,7 @@ class CallableCheck(HealthCheck):
 #: The kinds of check a config table can name, by key: the one registry the agent reads
 #: (plus the ``registry_agent.checks`` entry points, see ``_plugins.check_class``).
 CHECK_KINDS: Mapping[str, type[HealthCheck]] = {
-    cls.kind: cls for cls in (HttpCheck, TcpCheck, CommandCheck) if cls.kind
+    cls.kind: cls for cls in (HttpCheck, TcpCheck, CommandCheck, GrpcCheck) if cls.kind
 }
 
 
