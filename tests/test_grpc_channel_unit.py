@@ -102,8 +102,11 @@ def test_balances_over_every_instance(registry: MemoryRegistry, servers: list[Gr
         answers = [unary(channel)(b"x", timeout=5) for _ in range(30)]
         assert names(answers) == {"a": 10, "b": 10, "c": 10}
         assert len(channel.endpoints()) == 3
+        answer, call = unary(channel).with_call(b"w", 5)  # grpc's positional timeout
+        assert answer == b"a:w"
+        assert call.code() == grpc.StatusCode.OK
         assert all(ok for _, ok in discovery.reports)
-        assert len(discovery.reports) == 30
+        assert len(discovery.reports) == 31
         assert channel.state() == grpc.ChannelConnectivity.READY
 
 
@@ -402,6 +405,9 @@ def test_targets_and_bad_input() -> None:
         with pytest.raises(ConfigError) as info:
             DiscoveryChannel(discovery, "orders", strategy="fastest")
         assert info.value.field == "strategy"
+        with pytest.raises(ConfigError) as info:
+            DiscoveryChannel(discovery, "")
+        assert info.value.field == "service"
 
 
 def test_importing_registry_agent_never_imports_grpc() -> None:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from registry_agent._errors import NoInstanceAvailable
+from registry_agent._errors import ConfigError, NoInstanceAvailable
 from registry_agent._models import ServiceInstance
 from registry_agent._select import Strategy, as_strategy
 from registry_agent.grpc._common import (
@@ -258,32 +258,67 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         return endpoint.callable(*self._args)
 
     def __call__(
-        self, request: Any, timeout: float | None = None, **kwargs: Any
-    ) -> Any:  # metadata, credentials, wait_for_ready, compression
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """The response; ``UNAVAILABLE`` retried as :class:`DiscoveryChannel` says."""
+        kw = _passed(metadata, credentials, wait_for_ready, compression)
         return self._core.unary(
             self._method,
-            lambda endpoint, left: self._callable(endpoint)(request, timeout=left, **kwargs),
+            lambda endpoint, left: self._callable(endpoint)(request, timeout=left, **kw),
             timeout,
         )
 
-    def with_call(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """``(response, call)``; retried like :meth:`__call__`."""
+        kw = _passed(metadata, credentials, wait_for_ready, compression)
         return self._core.unary(
             self._method,
-            lambda endpoint, left: self._callable(endpoint).with_call(
-                request, timeout=left, **kwargs
-            ),
+            lambda endpoint, left: self._callable(endpoint).with_call(request, timeout=left, **kw),
             timeout,
         )
 
-    def future(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """A future on one chosen instance: never retried, its outcome reported."""
+        kw = _passed(metadata, credentials, wait_for_ready, compression)
         instance, endpoint = self._core.one()
         try:
-            call = self._callable(endpoint).future(request, timeout=timeout, **kwargs)
+            call = self._callable(endpoint).future(request, timeout=timeout, **kw)
         except BaseException:
             self._core.pool.release(endpoint)
             raise
         call.add_done_callback(self._core.finished(instance, endpoint))
         return call
+
+
+def _passed(metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) -> Any:
+    return {
+        "metadata": metadata,
+        "credentials": credentials,
+        "wait_for_ready": wait_for_ready,
+        "compression": compression,
+    }
 
 
 class _Single:
@@ -318,31 +353,91 @@ class _Single:
         return result
 
 
+def _call_kwargs(
+    timeout: float | None,
+    metadata: Any,
+    credentials: Any,
+    wait_for_ready: bool | None,
+    compression: Any,
+) -> dict[str, Any]:
+    return {"timeout": timeout, **_passed(metadata, credentials, wait_for_ready, compression)}
+
+
 class _UnaryStream(_Single, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
     kind = "unary_stream"
 
-    def __call__(self, request: Any, **kwargs: Any) -> Any:
-        return self._start("__call__", request, kwargs)
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """The responses (an iterator that is also a ``grpc.Call``), from one instance."""
+        kw = _call_kwargs(timeout, metadata, credentials, wait_for_ready, compression)
+        return self._start("__call__", request, kw)
 
 
 class _StreamStream(_Single, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
     kind = "stream_stream"
 
-    def __call__(self, request_iterator: Any, **kwargs: Any) -> Any:
-        return self._start("__call__", request_iterator, kwargs)
+    def __call__(
+        self,
+        request_iterator: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """The responses (an iterator that is also a ``grpc.Call``), from one instance."""
+        kw = _call_kwargs(timeout, metadata, credentials, wait_for_ready, compression)
+        return self._start("__call__", request_iterator, kw)
 
 
 class _StreamUnary(_Single, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
     kind = "stream_unary"
 
-    def __call__(self, request_iterator: Any, **kwargs: Any) -> Any:
-        return self._blocking("__call__", request_iterator, kwargs)
+    def __call__(
+        self,
+        request_iterator: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """The response, from one instance (never retried)."""
+        kw = _call_kwargs(timeout, metadata, credentials, wait_for_ready, compression)
+        return self._blocking("__call__", request_iterator, kw)
 
-    def with_call(self, request_iterator: Any, **kwargs: Any) -> Any:
-        return self._blocking("with_call", request_iterator, kwargs)
+    def with_call(
+        self,
+        request_iterator: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """``(response, call)``, from one instance (never retried)."""
+        kw = _call_kwargs(timeout, metadata, credentials, wait_for_ready, compression)
+        return self._blocking("with_call", request_iterator, kw)
 
-    def future(self, request_iterator: Any, **kwargs: Any) -> Any:
-        return self._start("future", request_iterator, kwargs)
+    def future(
+        self,
+        request_iterator: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """A future on one instance (never retried)."""
+        kw = _call_kwargs(timeout, metadata, credentials, wait_for_ready, compression)
+        return self._start("future", request_iterator, kw)
 
 
 def _ignore(_: grpc.ChannelConnectivity) -> None:
@@ -385,6 +480,8 @@ class DiscoveryChannel(grpc.Channel):  # type: ignore[misc]
         strategy: str | Strategy = Strategy.ROUND_ROBIN,
         policy: DiscoveryPolicy | None = None,
     ) -> None:
+        if not isinstance(service, str) or not service:
+            raise ConfigError(f"expected a service name, got {service!r}", field="service")
         self.discovery = discovery
         self.service = service
         self._core = _Core(

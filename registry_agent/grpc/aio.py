@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from registry_agent._errors import NoInstanceAvailable
+from registry_agent._errors import ConfigError, NoInstanceAvailable
 from registry_agent._models import ServiceInstance
 from registry_agent._select import Strategy, as_strategy
 from registry_agent.grpc._common import (
@@ -382,6 +382,8 @@ class DiscoveryChannel(grpc.aio.Channel):  # type: ignore[misc]
         strategy: str | Strategy = Strategy.ROUND_ROBIN,
         policy: DiscoveryPolicy | None = None,
     ) -> None:
+        if not isinstance(service, str) or not service:
+            raise ConfigError(f"expected a service name, got {service!r}", field="service")
         self.discovery = discovery
         self.service = service
         self._core = _Core(
