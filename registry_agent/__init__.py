@@ -36,6 +36,7 @@ from registry_agent._loader import load_registrars
 from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance, ServiceSnapshot
 from registry_agent._options import RegistrationOptions
 from registry_agent._plugins import available_backends, open_backend
+from registry_agent._policy import DiscoveryPolicy, OutlierEjection
 from registry_agent._registrar import (
     AsyncRegistrar,
     RegistrarEvent,
@@ -67,6 +68,7 @@ __all__ = [
     "CommandCheck",
     "ConfigError",
     "Discovery",
+    "DiscoveryPolicy",
     "DiscoveryTransport",
     "EnvBackendURL",
     "EventType",
@@ -80,6 +82,7 @@ __all__ = [
     "LeaseLost",
     "NoInstanceAvailable",
     "OnUnhealthy",
+    "OutlierEjection",
     "Registrar",
     "RegistrarEvent",
     "RegistrarEventKind",

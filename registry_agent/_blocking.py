@@ -35,6 +35,7 @@ from registry_agent._events import WatchEvent
 from registry_agent._fork import ForkGuard
 from registry_agent._health.gate import GateState
 from registry_agent._models import InstanceHealth, ServiceInstance
+from registry_agent._policy import DiscoveryPolicy
 from registry_agent._registrar import AsyncRegistrar, BackendArg, RegistrarArgs, chain_signal
 from registry_agent._retry import RetryPolicy
 from registry_agent._select import Selector, Strategy
@@ -604,6 +605,8 @@ class Discovery:
         retry: RetryPolicy | None = None,
         on_error: Callable[[str, BaseException], None] | None = None,
         selector: Selector | None = None,
+        policy: DiscoveryPolicy | None = None,
+        policies: Mapping[str, DiscoveryPolicy] | None = None,
     ) -> None:
         self._async = AsyncDiscovery(
             backend,
@@ -612,6 +615,8 @@ class Discovery:
             retry=retry,
             on_error=on_error,
             selector=selector,
+            policy=policy,
+            policies=policies,
         )
         self._thread = LoopThread("registry-agent discovery", "Discovery")
         self._closed = False
@@ -638,9 +643,40 @@ class Discovery:
         strategy: str | Strategy = Strategy.ROUND_ROBIN,
         *,
         exclude: Collection[str | ServiceInstance] = (),
+        policy: DiscoveryPolicy | None = None,
     ) -> ServiceInstance:
         """See :meth:`AsyncDiscovery.choose`."""
-        return self._thread.run(self._async.choose(service, strategy, exclude=exclude), self._bound)
+        return self._thread.run(
+            self._async.choose(service, strategy, exclude=exclude, policy=policy), self._bound
+        )
+
+    @property
+    def policy(self) -> DiscoveryPolicy:
+        """The policy of every service without one of its own."""
+        return self._async.policy
+
+    def policy_for(self, service: str) -> DiscoveryPolicy:
+        """See :meth:`AsyncDiscovery.policy_for`."""
+        return self._async.policy_for(service)
+
+    def report(
+        self,
+        service: str,
+        instance: ServiceInstance,
+        ok: bool,
+        *,
+        policy: DiscoveryPolicy | None = None,
+    ) -> None:
+        """See :meth:`AsyncDiscovery.report` (a direct, thread-safe call)."""
+        self._async.report(service, instance, ok, policy=policy)
+
+    def ejected(self, service: str) -> list[ServiceInstance]:
+        """See :meth:`AsyncDiscovery.ejected` (a direct, thread-safe call)."""
+        return self._async.ejected(service)
+
+    def is_service(self, name: str) -> bool:
+        """See :meth:`AsyncDiscovery.is_service`."""
+        return self._thread.run(self._async.is_service(name), self._bound)
 
     def close(self) -> None:
         """Stop every watch and the loop thread. Never raises.

@@ -5,20 +5,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
 from registry_agent._backend import Backend
-from registry_agent._errors import BackendUnavailable, NoInstanceAvailable, RegistryError
+from registry_agent._errors import (
+    BackendUnavailable,
+    ConfigError,
+    NoInstanceAvailable,
+    RegistryError,
+)
 from registry_agent._fork import ForkGuard
 from registry_agent._models import InstanceHealth, ServiceInstance
+from registry_agent._outliers import OutlierTracker
+from registry_agent._policy import DiscoveryPolicy, preferred
 from registry_agent._retry import RetryPolicy
 from registry_agent._select import Selector, Strategy, as_strategy
 from registry_agent._watcher import AsyncWatcher, Backends, open_backends
 
 __all__ = ["AsyncDiscovery"]
+
+# How long is_service() trusts a registry's list of service names.
+_SERVICES_TTL = 3.0
+_NO_POLICY = DiscoveryPolicy()
+
+
+def _check_policies(
+    policy: DiscoveryPolicy | None, policies: Mapping[str, DiscoveryPolicy] | None
+) -> dict[str, DiscoveryPolicy]:
+    if policy is not None and not isinstance(policy, DiscoveryPolicy):
+        raise ConfigError(f"expected a DiscoveryPolicy or None, got {policy!r}", field="policy")
+    if policies is None:
+        return {}
+    if not isinstance(policies, Mapping):
+        raise ConfigError(
+            f"expected a mapping of service name to DiscoveryPolicy, got {policies!r}",
+            field="policies",
+        )
+    for name, value in policies.items():
+        if not isinstance(name, str) or not isinstance(value, DiscoveryPolicy):
+            raise ConfigError(
+                f"expected a service name mapped to a DiscoveryPolicy, got {name!r}: {value!r}",
+                field="policies",
+            )
+    return dict(policies)
 
 
 class AsyncDiscovery:
@@ -41,6 +73,10 @@ class AsyncDiscovery:
     ``sync_timeout``, later calls not at all. An instance's ``id`` can change
     between calls while its ``address:port`` stays (the registry shown for it
     changed): key by the endpoint.
+
+    ``policy`` (a :class:`DiscoveryPolicy`) applies to every service, ``policies``
+    per service name (replacing ``policy`` for that service): filters, locality
+    preference and outlier ejection in :meth:`choose`, fed by :meth:`report`.
     """
 
     def __init__(
@@ -52,7 +88,17 @@ class AsyncDiscovery:
         retry: RetryPolicy | None = None,
         on_error: Callable[[str, BaseException], None] | None = None,
         selector: Selector | None = None,
+        policy: DiscoveryPolicy | None = None,
+        policies: Mapping[str, DiscoveryPolicy] | None = None,
     ) -> None:
+        self._policies = _check_policies(policy, policies)
+        #: The policy of every service without one of its own in ``policies``.
+        self.policy: DiscoveryPolicy = policy if policy is not None else _NO_POLICY
+        # Failures and ejections per endpoint, fed by report() from any thread.
+        self._outliers = OutlierTracker()
+        # Per backend index, (service names, read at) for is_service().
+        self._names: dict[int, tuple[frozenset[str], float]] = {}
+        self._names_lock = asyncio.Lock()
         self._members = open_backends(backend)
         self._borrowed = tuple(replace(member, owned=False) for member in self._members)
         #: Every backend watched, in the order given.
@@ -162,6 +208,7 @@ class AsyncDiscovery:
         strategy: str | Strategy = Strategy.ROUND_ROBIN,
         *,
         exclude: Collection[str | ServiceInstance] = (),
+        policy: DiscoveryPolicy | None = None,
     ) -> ServiceInstance:
         """One healthy instance of ``service`` with a port, skipping those in ``exclude``.
 
@@ -169,24 +216,145 @@ class AsyncDiscovery:
         unique per node only) or instances (exactly those).
         Instances read without a port (``port`` 0: another tool's entry) are
         never chosen; :meth:`instances` and :meth:`health` still list them.
-        Raises :class:`NoInstanceAvailable` when there is none.
+
+        ``policy`` (default: :meth:`policy_for`) filters by tags and meta, leaves out
+        endpoints ejected as outliers (see :meth:`report`), then prefers locality:
+        the choice is among the candidates matching every ``prefer`` entry, else all
+        but the last, ..., else all of them.
+        Raises :class:`NoInstanceAvailable` when there is none, saying why.
         """
         strategy = as_strategy(strategy)
-        healthy = [
-            i for i in await self.instances(service) if i.id not in exclude and i not in exclude
-        ]
+        policy = self.policy_for(service) if policy is None else policy
+        healthy = await self.instances(service)
         # An entry without a port (registered by another tool) is no target to connect to.
-        candidates = [i for i in healthy if i.port]
+        with_port = [i for i in healthy if i.port]
+        eligible = [i for i in with_port if policy.matches(i)] if policy.filters else with_port
+        ejected: list[ServiceInstance] = []
+        usable = eligible
+        if policy.outliers is not None:
+            usable, ejected = self._outliers.split(service, eligible, policy.outliers)
+        if exclude:
+            usable = [i for i in usable if i.id not in exclude and i not in exclude]
+        candidates = preferred(usable, policy.prefer) if policy.prefer else usable
         chosen = self.selector.pick(service, candidates, strategy)
         if chosen is None:
-            portless = len(healthy) - len(candidates)
-            raise NoInstanceAvailable(
-                "no healthy instance"
-                + (" left to try" if exclude else "")
-                + (f" with a port ({portless} without one)" if portless else ""),
-                service=service,
-            )
+            raise self._none_left(service, policy, healthy, with_port, eligible, ejected, exclude)
         return chosen
+
+    def _none_left(
+        self,
+        service: str,
+        policy: DiscoveryPolicy,
+        healthy: Sequence[ServiceInstance],
+        with_port: Sequence[ServiceInstance],
+        eligible: Sequence[ServiceInstance],
+        ejected: Sequence[ServiceInstance],
+        exclude: Collection[str | ServiceInstance],
+    ) -> NoInstanceAvailable:
+        """Why choose() found nothing, in words."""
+        portless = len(healthy) - len(with_port)
+        message = "no healthy instance"
+        if policy.filters:
+            message += f" matching {policy.describe()}"
+        if exclude:
+            message += " left to try"
+        if portless:
+            message += f" with a port ({portless} without one)"
+        reasons = []
+        if not healthy:
+            watcher = self._watchers.get(service)
+            known = len(watcher.snapshot(service)) if watcher is not None else 0
+            if known:
+                reasons.append(f"{known} registered, none passing")
+        unmatched = len(with_port) - len(eligible)
+        if unmatched:
+            reasons.append(f"{unmatched} healthy do not match")
+        if ejected:
+            reasons.append(f"{len(ejected)} ejected as outliers")
+        if reasons:
+            message += f" ({', '.join(reasons)})"
+        return NoInstanceAvailable(message, service=service)
+
+    def policy_for(self, service: str) -> DiscoveryPolicy:
+        """The policy of ``service``: its own from ``policies``, else ``policy``."""
+        return self._policies.get(service, self.policy)
+
+    def report(
+        self,
+        service: str,
+        instance: ServiceInstance,
+        ok: bool,
+        *,
+        policy: DiscoveryPolicy | None = None,
+    ) -> None:
+        """Tell outlier ejection how a call to ``instance`` of ``service`` went.
+
+        Not a coroutine, and thread-safe: call it from any thread. A no-op when the
+        policy (``policy``, default :meth:`policy_for`) has no ``outliers``.
+        Endpoints are keyed by ``address:port`` (an id may change between registries).
+        A failure is a connect error or timeout, a TLS handshake failure, a read
+        timeout, an HTTP 5xx or gRPC UNAVAILABLE; any other answer is a success.
+        """
+        rule = (self.policy_for(service) if policy is None else policy).outliers
+        if rule is not None:
+            self._outliers.report(service, instance, ok, rule)
+
+    def ejected(self, service: str) -> list[ServiceInstance]:
+        """The instances of ``service`` ejected as outliers now, by address and port.
+
+        Not a coroutine, thread-safe. (:meth:`choose` may still offer one of them
+        when ejecting it would break the policy's percent cap.)
+        """
+        return self._outliers.ejected(service)
+
+    async def is_service(self, name: str) -> bool:
+        """True when a registry lists ``name`` as a service; starts no watch.
+
+        Each backend's ``services()`` is read at most every few seconds (its answer
+        is cached). True too when no backend can list its services. A registry error
+        (every registry failing, none listing ``name``) propagates as a
+        :class:`RegistryError`; one answering within ``sync_timeout`` suffices.
+        """
+        listing = [
+            (n, b) for n, b in enumerate(self.backends) if callable(getattr(b, "services", None))
+        ]
+        if not listing:
+            return True
+        error: BaseException | None = None
+        async with self._names_lock:
+            now = time.monotonic()
+            stale = [
+                (n, b)
+                for n, b in listing
+                if now - self._names.get(n, ((), -1e9))[1] > _SERVICES_TTL
+            ]
+            results = await asyncio.gather(
+                *(self._read_names(b) for _, b in stale), return_exceptions=True
+            )
+            for (n, _), result in zip(stale, results, strict=True):
+                if isinstance(result, BaseException):
+                    self._names.pop(n, None)
+                    error = error or result
+                else:
+                    self._names[n] = (result, time.monotonic())
+        if any(name in self._names[n][0] for n, _ in listing if n in self._names):
+            return True
+        if error is not None:
+            raise error
+        return False
+
+    async def _read_names(self, backend: Backend) -> frozenset[str]:
+        try:
+            names = await asyncio.wait_for(backend.services(), self.sync_timeout)  # type: ignore[attr-defined]
+        except TimeoutError:
+            raise BackendUnavailable(
+                f"no answer to the list of services within {self.sync_timeout:g}s"
+            ) from None
+        except RegistryError:
+            raise
+        except Exception as exc:
+            raise BackendUnavailable(f"listing the services failed: {exc!r}") from exc
+        return frozenset(str(n) for n in names)
 
     async def close(self) -> None:
         """Stop every watch.
