@@ -24,6 +24,9 @@ INSTALL = "pip install 'registry-agent[grpc]'"
 # (a channel that failed to connect waits out a reconnect backoff of up to two minutes).
 _NO_ANSWER = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL"})
 
+# In a failed call's details, words that say the TLS handshake or certificate check failed.
+_TLS_WORDS = ("handshake", "verification", "certificate", "ssl")
+
 
 def _grpc_modules() -> tuple[Any, Any, Any]:
     """``(grpc, health_pb2, health_pb2_grpc)``, or a :class:`ConfigError` saying what to install."""
@@ -179,7 +182,12 @@ class GrpcCheck(HealthCheck):
     def _new_channel(self) -> Any:
         grpc = self._grpc
         # No proxy from the environment: probe the target itself (as HttpCheck does).
-        options: list[tuple[str, Any]] = [("grpc.enable_http_proxy", 0)]
+        # A subchannel of its own: a new channel must not inherit a shared subchannel's
+        # reconnect backoff from the global pool (a restarted server would look down).
+        options: list[tuple[str, Any]] = [
+            ("grpc.enable_http_proxy", 0),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
         if not self.tls:
             return grpc.aio.insecure_channel(self.target, options=options)
         # Read on every new channel: certificates rotated on disk are picked up.
@@ -231,7 +239,12 @@ class GrpcCheck(HealthCheck):
             return "the server does not serve grpc.health.v1.Health (UNIMPLEMENTED)"
         if code == "DEADLINE_EXCEEDED":
             return f"no answer within {self.timeout:g}s (DEADLINE_EXCEEDED)"
-        return f"{code}: {details}" if details else code
+        text = f"{code}: {details}" if details else code
+        if self.tls and any(word in details.lower() for word in _TLS_WORDS):
+            # gRPC's words do not say which name the certificate was checked against.
+            host = self.server_name or _split_target(self.target)[0]
+            text += f" (TLS server name {host!r})"
+        return text
 
     async def aclose(self) -> None:
         channel, self._channel = self._channel, None
