@@ -607,6 +607,8 @@ class Discovery:
         selector: Selector | None = None,
         policy: DiscoveryPolicy | None = None,
         policies: Mapping[str, DiscoveryPolicy] | None = None,
+        last_known_good: str | os.PathLike[str] | None = None,
+        last_known_good_max_age: float | None = None,
     ) -> None:
         self._async = AsyncDiscovery(
             backend,
@@ -617,6 +619,8 @@ class Discovery:
             selector=selector,
             policy=policy,
             policies=policies,
+            last_known_good=last_known_good,
+            last_known_good_max_age=last_known_good_max_age,
         )
         self._thread = LoopThread("registry-agent discovery", "Discovery")
         self._closed = False
@@ -673,6 +677,10 @@ class Discovery:
     def ejected(self, service: str) -> list[ServiceInstance]:
         """See :meth:`AsyncDiscovery.ejected` (a direct, thread-safe call)."""
         return self._async.ejected(service)
+
+    def stale(self, service: str) -> bool:
+        """See :meth:`AsyncDiscovery.stale` (a direct, thread-safe call)."""
+        return self._async.stale(service)
 
     def is_service(self, name: str) -> bool:
         """See :meth:`AsyncDiscovery.is_service`."""

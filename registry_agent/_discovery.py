@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
@@ -18,6 +19,7 @@ from registry_agent._errors import (
     RegistryError,
 )
 from registry_agent._fork import ForkGuard
+from registry_agent._lkg import last_known_good as _last_known_good
 from registry_agent._models import InstanceHealth, ServiceInstance
 from registry_agent._outliers import OutlierTracker
 from registry_agent._policy import DiscoveryPolicy, preferred
@@ -77,6 +79,15 @@ class AsyncDiscovery:
     ``policy`` (a :class:`DiscoveryPolicy`) applies to every service, ``policies``
     per service name (replacing ``policy`` for that service): filters, locality
     preference and outlier ejection in :meth:`choose`, fed by :meth:`report`.
+
+    ``last_known_good`` (a directory, opt-in) keeps each service's set on disk,
+    saved off the event loop when it changed. When a service's first read fails
+    (every backend failed once: refused, timed out; or ``sync_timeout`` passed)
+    and its file exists, that set is served at once, marked stale
+    (:meth:`stale` is True, each ``InstanceHealth.note`` says ``stale: last known
+    good from <UTC time>``; one WARNING), until the registry answers (one INFO).
+    A file older than ``last_known_good_max_age`` seconds (default: any age) is
+    not used. Files hold instances and their health only, never credentials.
     """
 
     def __init__(
@@ -90,8 +101,12 @@ class AsyncDiscovery:
         selector: Selector | None = None,
         policy: DiscoveryPolicy | None = None,
         policies: Mapping[str, DiscoveryPolicy] | None = None,
+        last_known_good: str | os.PathLike[str] | None = None,
+        last_known_good_max_age: float | None = None,
     ) -> None:
         self._policies = _check_policies(policy, policies)
+        # Opt-in: each service's served set kept on disk, served stale while the registry is down.
+        self._lkg = _last_known_good(last_known_good, last_known_good_max_age)
         #: The policy of every service without one of its own in ``policies``.
         self.policy: DiscoveryPolicy = policy if policy is not None else _NO_POLICY
         # Failures and ejections per endpoint, fed by report() from any thread.
@@ -149,7 +164,14 @@ class AsyncDiscovery:
             return watcher
         started = time.monotonic()
         if not watcher.synced(service):
-            synced = await watcher.wait_synced(self.sync_timeout)
+            timeout = self.sync_timeout
+            if self._lkg is not None:  # every backend failed: the file, at once
+                left = await self._lkg.first_read(service, watcher, timeout, self._last_error)
+                if left is None:  # served stale from the last known good file
+                    self._served.add(service)
+                    return watcher
+                timeout = left
+            synced = await watcher.wait_synced(timeout)
             if not synced and not watcher._read_by_any(service):
                 raise self._unsynced(service)
         # Over several backends, one that neither answers nor fails (a black hole) does
@@ -189,7 +211,16 @@ class AsyncDiscovery:
 
     async def health(self, service: str) -> list[InstanceHealth]:
         """Every instance of ``service`` with its health, ordered by id."""
-        return (await self._watcher(service)).snapshot(service)
+        watcher = await self._watcher(service)
+        if self._lkg is not None:  # the stale set while it is served; saves a changed set
+            return self._lkg.health(service, watcher)
+        return watcher.snapshot(service)
+
+    def stale(self, service: str) -> bool:
+        """True while ``service`` is served from its last-known-good file (the registry
+        has not answered since this discovery started); always False without
+        ``last_known_good``. Not async; safe from any thread."""
+        return self._lkg is not None and self._lkg.stale(service, self._watchers.get(service))
 
     async def instances(self, service: str, healthy_only: bool = True) -> list[ServiceInstance]:
         """The instances of ``service`` (by default only the passing ones), ordered by id."""
@@ -367,6 +398,8 @@ class AsyncDiscovery:
         self._served.clear()
         if self._fork is not None and self._fork.in_child("close()"):
             return
+        if self._lkg is not None:
+            await self._lkg.close()
         for watcher in watchers:
             await watcher.close()
         for member in self._members:

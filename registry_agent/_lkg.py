@@ -43,7 +43,7 @@ from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance
 if TYPE_CHECKING:
     from registry_agent._watcher import AsyncWatcher
 
-__all__ = ["LastKnownGood", "LastKnownGoodStore", "SavedSet", "file_name"]
+__all__ = ["LastKnownGood", "LastKnownGoodStore", "SavedSet", "file_name", "last_known_good"]
 
 log = logging.getLogger("registry_agent.discovery")
 
@@ -605,3 +605,18 @@ class LastKnownGood:
             for task in pending:
                 task.cancel()
         self._seen.clear()
+
+
+def last_known_good(
+    directory: str | os.PathLike[str] | None, max_age: float | None
+) -> LastKnownGood | None:
+    """Discovery's cache for its ``last_known_good`` / ``last_known_good_max_age``
+    keywords: None when off. Raises :class:`ConfigError` naming the field."""
+    if directory is None:
+        if max_age is not None:
+            raise ConfigError(
+                "set last_known_good (a directory) too: the maximum age applies to its files",
+                field="last_known_good_max_age",
+            )
+        return None
+    return LastKnownGood(directory, max_age)
