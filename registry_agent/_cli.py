@@ -697,7 +697,7 @@ gate = {{ fall = 3, rise = 2 }}        # failures in a row to withdraw, successe
 
 [[service.check]]
 http = {health_url}
-# or tcp = "127.0.0.1:{port}", or command = ["pg_isready"]
+# or tcp = "127.0.0.1:{port}", command = ["pg_isready"], grpc = "127.0.0.1:{port}"
 interval = "2s"
 timeout = "1s"
 """

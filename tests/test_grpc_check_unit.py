@@ -78,6 +78,18 @@ def test_the_grpc_key_builds_a_grpc_check_with_every_option(tmp_path: Path) -> N
     assert CHECK_KINDS["grpc"] is GrpcCheck
 
 
+def test_a_tls_setting_turns_tls_on(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text(_real_pem(tmp_path))
+    assert GrpcCheck("h:1", ca_file=ca).tls
+    assert GrpcCheck("h:1", server_name="orders").tls
+    config = load_config(_config(tmp_path, f'grpc = "h:1"\nca_file = "{ca}"'), env={})
+    check = config.services[0].checks[0].build()
+    assert isinstance(check, GrpcCheck)
+    assert (check.tls, check.ca_file) == (True, str(ca))
+    assert not GrpcCheck("h:1").tls
+
+
 def test_defaults_and_names() -> None:
     check = GrpcCheck("127.0.0.1:50051")
     assert (check.name, check.service, check.tls, check.interval, check.timeout) == (
@@ -108,10 +120,11 @@ def test_defaults_and_names() -> None:
         ('grpc = "h:1"\ninterval = "1ms"', "service[0].check[0].interval: must be at least"),
         ('grpc = "h:1"\ntls = true\nca_file = "/nope.pem"', "service[0].check[0].ca_file: no such"),
         (
-            'grpc = "h:1"\nca_file = "/etc/hostname"',
-            "service[0].check[0].ca_file: ca_file is a TLS",
+            'grpc = "h:1"\ntls = false\nca_file = "/x"',
+            "service[0].check[0].tls: is false, yet ca_file",
         ),
-        ('grpc = "h:1"\nserver_name = "x"', "service[0].check[0].server_name: server_name is a"),
+        ('grpc = "h:1"\ntls = false\nserver_name = "x"', "service[0].check[0].tls: is false, yet"),
+        ('grpc = "h:1"\nca_file = "/nope.pem"', "service[0].check[0].ca_file: no such file"),
         ('grpc = "h:1"\ntls = true\nserver_name = ""', "service[0].check[0].server_name: expected"),
         ('grpc = "h:1"\ntls = true\ncert_file = "/etc/hostname"', "service[0].check[0]: cert_file"),
         ('grpc = "h:1"\ntcp = "h:1"', "service[0].check[0]: expected exactly one of"),

@@ -103,6 +103,7 @@ class GrpcCheck(HealthCheck):
     certificate (the system store when omitted), ``cert_file`` and ``key_file`` a
     client certificate for servers that verify clients, and ``server_name`` the
     name the certificate is checked against (by default the host of ``target``).
+    Any of these four turns TLS on by itself, as a TLS file does for a backend.
 
     One channel serves every run; after a run the server did not answer (refused,
     unreachable, timed out) the next run dials anew, so a restarted server is seen
@@ -119,14 +120,22 @@ class GrpcCheck(HealthCheck):
         ``key_file``, ``server_name``."""
         target = table.require("grpc", as_str)
         service = table.get("grpc_service", as_str, "")
-        tls = table.get("tls", as_bool, False)
+        tls = table.get("tls", as_bool)
         files = {key: table.get(key, as_str) for key in ("ca_file", "cert_file", "key_file")}
         server_name = table.get("server_name", as_str)
+        given = [key for key in (*files, "server_name") if key in table]
+        if tls is False and given:
+            raise table.error("tls", f"is false, yet {given[0]} (a TLS setting) is given")
         options = cls.common_options(table)
         with table.naming_fields():
             try:
                 return cls(
-                    target, service=service, tls=tls, server_name=server_name, **files, **options
+                    target,
+                    service=service,
+                    tls=bool(tls),
+                    server_name=server_name,
+                    **files,
+                    **options,
                 )
             except ConfigError as exc:
                 if exc.field == "service":  # the constructor's name for the key grpc_service
@@ -159,12 +168,7 @@ class GrpcCheck(HealthCheck):
         files = {k: None if v is None else str(v) for k, v in paths.items()}
         if server_name is not None and (not isinstance(server_name, str) or not server_name):
             raise ConfigError(f"expected a host name, got {server_name!r}", field="server_name")
-        if not tls:
-            given = [k for k, v in {**files, "server_name": server_name}.items() if v is not None]
-            if given:
-                raise ConfigError(
-                    f"{given[0]} is a TLS setting: set tls = true to use it", field=given[0]
-                )
+        tls = tls or any(v is not None for v in (*files.values(), server_name))
         _check_tls_files(files["ca_file"], files["cert_file"], files["key_file"])
         label = f"grpc {target}" + (f"/{service}" if service else "")
         super().__init__(name or label, interval=interval, timeout=timeout)
