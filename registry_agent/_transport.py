@@ -1,26 +1,42 @@
 """httpx transports that send ``http://SERVICE/path`` to a healthy instance of SERVICE.
 
-A URL with an explicit port is not a service name and passes through
-unchanged. On a connect failure the request goes to another instance, at
-most ``retries`` more times (instances are told apart by address, not only
-by id: on Consul two nodes may hold the same id); the ``Host`` header keeps
-the service name. An instance without a port (``port`` 0, read from another
-tool's entry) is never a target: it is skipped, and that is no retry.
+Which URLs go through discovery (the scoping rule): with ``services=[...]``, exactly
+those host names (no port in the URL); every other URL passes through untouched
+(``others="pass"``, the default) or fails saying why (``others="refuse"``). Without
+``services``, an http/https URL with no port whose host is a single label (no dot),
+not ``localhost`` and not an IP literal is a service candidate: the registry must
+list it (``discovery.is_service``, asked before any watch starts), else the request
+fails naming ``services=``; every other URL passes through.
+
+Failover (the rules of :mod:`registry_agent._failover`, shared with the requests
+adapter): a connect failure goes to another instance, at most ``retries`` more times
+(instances are told apart by address, not only by id: on Consul two nodes may hold
+the same id); statuses in ``policy.retry_statuses`` and read timeouts (opt-in) are
+retried for idempotent methods only; a retried 5xx is closed before the next attempt
+and the last one is returned, not raised. When instances run out, the last attempt's
+own error is raised, saying how many instances were tried. Every outcome is reported
+to ``discovery.report()`` (outlier ejection). The ``Host`` header keeps the service
+name; for ``https://SERVICE/`` the TLS server name (SNI and the certificate check) is
+``policy.server_name`` or the service name. An instance without a port (``port`` 0,
+read from another tool's entry) is never a target: it is skipped, and that is no retry.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Collection
+from typing import Any, Literal, NoReturn, Protocol
 
 import httpx
 
-from registry_agent._errors import NoInstanceAvailable
+from registry_agent._errors import NoInstanceAvailable, RegistryError
+from registry_agent._failover import Failover, NoPortLeft, Outcome, Scope, Step
 from registry_agent._models import ServiceInstance
+from registry_agent._policy import DiscoveryPolicy
 from registry_agent._select import Strategy
 
 __all__ = ["AsyncDiscoveryTransport", "DiscoveryTransport"]
 
-_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout)
+_NO_POLICY = DiscoveryPolicy()
 
 
 class _Chooser(Protocol):
@@ -43,13 +59,45 @@ class _AsyncChooser(Protocol):
     ) -> ServiceInstance: ...
 
 
-def _is_service_url(request: httpx.Request) -> bool:
-    return request.url.port is None and request.url.scheme in ("http", "https")
+def _outcome(exc: Exception) -> Outcome:
+    """What an exception of an attempt says about the instance."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return Outcome.CONNECT
+    if isinstance(exc, httpx.ReadTimeout):
+        return Outcome.READ_TIMEOUT
+    if isinstance(
+        exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError | httpx.WriteTimeout
+    ):
+        return Outcome.LOST
+    return Outcome.LOCAL
 
 
-def _route(request: httpx.Request, instance: ServiceInstance) -> None:
+def _replayable(request: httpx.Request) -> bool:
+    """True when the request body can be sent again (bytes, not a one-shot stream)."""
+    return isinstance(request.stream, httpx.ByteStream)
+
+
+def _route(request: httpx.Request, instance: ServiceInstance, server_name: str) -> None:
+    tls = request.url.scheme == "https"
     request.url = request.url.copy_with(host=instance.address, port=instance.port)
-    request.extensions = {**request.extensions, "registry_agent_instance": instance.id}
+    extensions = {**request.extensions, "registry_agent_instance": instance.id}
+    if tls and "sni_hostname" not in extensions:
+        extensions["sni_hostname"] = server_name
+    request.extensions = extensions
+
+
+def _raise_final(exc: Exception, failover: Failover, request: httpx.Request) -> NoReturn:
+    """Raise the attempt's own error, saying how many instances were tried."""
+    message = f"{exc} ({failover.tried()})"
+    if isinstance(exc, httpx.TransportError):
+        try:
+            again = type(exc)(message, request=request)
+        except TypeError:
+            pass
+        else:
+            raise again from exc
+    exc.add_note(failover.tried())
+    raise exc
 
 
 def _no_instance(
@@ -58,106 +106,232 @@ def _no_instance(
     return httpx.ConnectError(f"{service}: {exc.message}", request=request)
 
 
-def _portless(
-    request: httpx.Request,
-    service: str,
-    instance: ServiceInstance,
-    tried: tuple[ServiceInstance, ...],
-) -> tuple[ServiceInstance, ...]:
-    """``tried`` plus ``instance``, which has no port to connect to (another tool's entry).
+class _Base:
+    """What the sync and async transports share: arguments, scoping, decisions."""
 
-    Raises when the chooser offers it again despite ``exclude``: nothing else is left.
-    """
-    if instance in tried:
-        raise httpx.ConnectError(
-            f"{service}: no healthy instance with a port ({instance.id} has none)", request=request
+    def __init__(
+        self,
+        discovery: Any,
+        services: Collection[str] | None,
+        others: Literal["pass", "refuse"],
+        strategy: str | Strategy,
+        retries: int | None,
+        policy: DiscoveryPolicy | None,
+    ) -> None:
+        self.discovery = discovery
+        self.scope = Scope(services, others)
+        self.strategy = strategy
+        self.retries = retries
+        self.policy = policy
+        # Candidates the registry confirmed as services: not asked again.
+        self._known: set[str] = set()
+
+    def _target(self, request: httpx.Request) -> tuple[str | None, bool]:
+        """The service a request names (None: none) and whether it is confirmed;
+        raises for a URL refused by ``others="refuse"``."""
+        url = request.url
+        service, confirmed = self.scope.service(url.scheme, url.host, url.port)
+        if service is None:
+            why = self.scope.refusal(str(url.copy_with(query=None, fragment=None)))
+            if why is not None:
+                raise httpx.ConnectError(why, request=request)
+            return None, True
+        return service, confirmed or service in self._known
+
+    def _unknown(self, request: httpx.Request, service: str) -> httpx.ConnectError:
+        return httpx.ConnectError(f"{service}: {self.scope.unknown(service)}", request=request)
+
+    def _failover(self, request: httpx.Request, service: str) -> Failover:
+        policy = self.policy
+        if policy is None:
+            policy_for = getattr(self.discovery, "policy_for", None)
+            policy = policy_for(service) if callable(policy_for) else _NO_POLICY
+        return Failover(
+            service,
+            request.method,
+            policy,
+            retries=self.retries,
+            replayable=_replayable(request),
         )
-    return (*tried, instance)
+
+    def _choose_kwargs(self, failover: Failover) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"exclude": failover.exclude}
+        if self.policy is not None:
+            kwargs["policy"] = self.policy
+        return kwargs
+
+    def _report(
+        self, service: str, instance: ServiceInstance, step: Step, failover: Failover
+    ) -> None:
+        report = getattr(self.discovery, "report", None)
+        if step.report is not None and callable(report):
+            report(service, instance, step.report, policy=failover.policy)
 
 
-class DiscoveryTransport(httpx.BaseTransport):
-    """For ``httpx.Client``: routes by service name through a blocking :class:`Discovery`."""
+class DiscoveryTransport(_Base, httpx.BaseTransport):
+    """For ``httpx.Client``: routes by service name through a blocking :class:`Discovery`.
+
+    ``services``: the only host names routed through discovery (None: the
+    single-label rule, each name confirmed by the registry before its first watch).
+    ``others``: ``"pass"`` sends every other URL out untouched through
+    ``transport``, ``"refuse"`` fails it with a :class:`httpx.ConnectError` saying why.
+    ``retries``: attempts on other instances after the first (None:
+    ``policy.retries``). ``policy``: the :class:`DiscoveryPolicy` for choosing and
+    retrying (None: ``discovery.policy_for(service)``). ``transport``: the inner
+    transport that sends (default ``httpx.HTTPTransport()``).
+    """
 
     def __init__(
         self,
         discovery: _Chooser,
         *,
+        services: Collection[str] | None = None,
+        others: Literal["pass", "refuse"] = "pass",
         strategy: str | Strategy = Strategy.ROUND_ROBIN,
-        retries: int = 2,
+        retries: int | None = None,
+        policy: DiscoveryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.discovery = discovery
-        self.strategy = strategy
-        self.retries = retries
+        super().__init__(discovery, services, others, strategy, retries, policy)
         self.transport = transport or httpx.HTTPTransport()
 
+    def _confirm(self, request: httpx.Request, service: str) -> None:
+        is_service = getattr(self.discovery, "is_service", None)
+        if not callable(is_service):
+            return
+        try:
+            known = bool(is_service(service))
+        except RegistryError:
+            return  # the registry cannot say now: discovery answers (or fails) in its own words
+        if not known:
+            raise self._unknown(request, service)
+        self._known.add(service)
+
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if not _is_service_url(request):
+        service, confirmed = self._target(request)
+        if service is None:
             return self.transport.handle_request(request)
-        service = request.url.host
-        tried: tuple[ServiceInstance, ...] = ()
-        skipped = 0  # instances without a port in ``tried``
+        if not confirmed:
+            self._confirm(request, service)
+        failover = self._failover(request, service)
+        held: httpx.Response | None = None  # a retried 5xx, returned when none is left
+        error: Exception | None = None  # the last attempt's error
         while True:
             try:
-                instance = self.discovery.choose(service, self.strategy, exclude=tried)
-            except NoInstanceAvailable as exc:
-                raise _no_instance(request, service, exc) from exc
-            if not instance.port:
-                # Never a target; skipping it is no retry.
-                tried = _portless(request, service, instance, tried)
-                skipped += 1
-                continue
-            _route(request, instance)
+                instance = self.discovery.choose(
+                    service, self.strategy, **self._choose_kwargs(failover)
+                )
+                if not failover.offer(instance):
+                    continue  # no port: skipped, which is no retry
+            except (NoInstanceAvailable, NoPortLeft) as exc:
+                if held is not None:
+                    return held
+                if error is not None:
+                    _raise_final(error, failover, request)
+                if isinstance(exc, NoInstanceAvailable):
+                    raise _no_instance(request, service, exc) from exc
+                raise httpx.ConnectError(f"{service}: {exc}", request=request) from exc
+            if held is not None:
+                held.close()
+                held = None
+            _route(request, instance, failover.policy.tls_server_name(service))
             try:
-                return self.transport.handle_request(request)
-            except _RETRYABLE:
-                tried += (instance,)
-                if len(tried) - skipped > self.retries:
-                    raise
+                response = self.transport.handle_request(request)
+            except Exception as exc:
+                step = failover.after(instance, _outcome(exc))
+                self._report(service, instance, step, failover)
+                if not step.retry:
+                    if step.report is None:
+                        raise
+                    _raise_final(exc, failover, request)
+                error = exc
+                continue
+            step = failover.after(instance, Outcome.ANSWER, response.status_code)
+            self._report(service, instance, step, failover)
+            if not step.retry:
+                return response
+            held, error = response, None
 
     def close(self) -> None:
         self.transport.close()
 
 
-class AsyncDiscoveryTransport(httpx.AsyncBaseTransport):
-    """For ``httpx.AsyncClient``: routes by service name through :class:`AsyncDiscovery`."""
+class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
+    """For ``httpx.AsyncClient``: routes by service name through :class:`AsyncDiscovery`.
+
+    The same keywords and rules as :class:`DiscoveryTransport`.
+    """
 
     def __init__(
         self,
         discovery: _AsyncChooser,
         *,
+        services: Collection[str] | None = None,
+        others: Literal["pass", "refuse"] = "pass",
         strategy: str | Strategy = Strategy.ROUND_ROBIN,
-        retries: int = 2,
+        retries: int | None = None,
+        policy: DiscoveryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.discovery = discovery
-        self.strategy = strategy
-        self.retries = retries
+        super().__init__(discovery, services, others, strategy, retries, policy)
         self.transport = transport or httpx.AsyncHTTPTransport()
 
+    async def _confirm(self, request: httpx.Request, service: str) -> None:
+        is_service = getattr(self.discovery, "is_service", None)
+        if not callable(is_service):
+            return
+        try:
+            known = bool(await is_service(service))
+        except RegistryError:
+            return  # the registry cannot say now: discovery answers (or fails) in its own words
+        if not known:
+            raise self._unknown(request, service)
+        self._known.add(service)
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if not _is_service_url(request):
+        service, confirmed = self._target(request)
+        if service is None:
             return await self.transport.handle_async_request(request)
-        service = request.url.host
-        tried: tuple[ServiceInstance, ...] = ()
-        skipped = 0  # instances without a port in ``tried``
+        if not confirmed:
+            await self._confirm(request, service)
+        failover = self._failover(request, service)
+        held: httpx.Response | None = None  # a retried 5xx, returned when none is left
+        error: Exception | None = None  # the last attempt's error
         while True:
             try:
-                instance = await self.discovery.choose(service, self.strategy, exclude=tried)
-            except NoInstanceAvailable as exc:
-                raise _no_instance(request, service, exc) from exc
-            if not instance.port:
-                # Never a target; skipping it is no retry.
-                tried = _portless(request, service, instance, tried)
-                skipped += 1
-                continue
-            _route(request, instance)
+                instance = await self.discovery.choose(
+                    service, self.strategy, **self._choose_kwargs(failover)
+                )
+                if not failover.offer(instance):
+                    continue  # no port: skipped, which is no retry
+            except (NoInstanceAvailable, NoPortLeft) as exc:
+                if held is not None:
+                    return held
+                if error is not None:
+                    _raise_final(error, failover, request)
+                if isinstance(exc, NoInstanceAvailable):
+                    raise _no_instance(request, service, exc) from exc
+                raise httpx.ConnectError(f"{service}: {exc}", request=request) from exc
+            if held is not None:
+                await held.aclose()
+                held = None
+            _route(request, instance, failover.policy.tls_server_name(service))
             try:
-                return await self.transport.handle_async_request(request)
-            except _RETRYABLE:
-                tried += (instance,)
-                if len(tried) - skipped > self.retries:
-                    raise
+                response = await self.transport.handle_async_request(request)
+            except Exception as exc:
+                step = failover.after(instance, _outcome(exc))
+                self._report(service, instance, step, failover)
+                if not step.retry:
+                    if step.report is None:
+                        raise
+                    _raise_final(exc, failover, request)
+                error = exc
+                continue
+            step = failover.after(instance, Outcome.ANSWER, response.status_code)
+            self._report(service, instance, step, failover)
+            if not step.retry:
+                return response
+            held, error = response, None
 
     async def aclose(self) -> None:
         await self.transport.aclose()
