@@ -90,6 +90,23 @@ def test_a_tls_setting_turns_tls_on(tmp_path: Path) -> None:
     assert not GrpcCheck("h:1").tls
 
 
+def test_relative_tls_files_are_relative_to_the_config_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls" / "ca.pem").write_text(_real_pem(tmp_path))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(_config(tmp_path, 'grpc = "h:1"\nca_file = "tls/ca.pem"'), env={})
+    (check_config,) = config.services[0].checks
+    check = check_config.build()  # as the agent builds it, later, wherever it runs
+    assert isinstance(check, GrpcCheck)
+    assert check.ca_file == str(tmp_path / "tls" / "ca.pem")
+    text = _error(tmp_path, 'grpc = "h:1"\nca_file = "tls/nope.pem"')
+    assert text.startswith(f"service[0].check[0].ca_file: no such file: {tmp_path}/tls/nope.pem")
+
+
 def test_defaults_and_names() -> None:
     check = GrpcCheck("127.0.0.1:50051")
     assert (check.name, check.service, check.tls, check.interval, check.timeout) == (

@@ -343,7 +343,8 @@ def _parse(
     if not isinstance(raw_services, list) or not raw_services:
         raise ConfigError("expected at least one [[service]] table", field="service", source=source)
     services = tuple(
-        _service(Table(raw, f"service[{i}]", source), env) for i, raw in enumerate(raw_services)
+        _service(Table(raw, f"service[{i}]", source), env, base)
+        for i, raw in enumerate(raw_services)
     )
     seen: dict[str, int] = {}
     for i, svc in enumerate(services):
@@ -459,7 +460,7 @@ def _as_meta(value: Any, field: str) -> dict[str, str]:
     return as_str_map(value, field)
 
 
-def _service(fields: Table, environ: Mapping[str, str]) -> ServiceConfig:
+def _service(fields: Table, environ: Mapping[str, str], base: Path | None = None) -> ServiceConfig:
     path = fields.path
     name = fields.require("name", as_str)
     instance_fields: dict[str, Any] = {
@@ -489,7 +490,8 @@ def _service(fields: Table, environ: Mapping[str, str]) -> ServiceConfig:
         raise fields.error("check", "expected [[service.check]] tables")
     fields.done()
     checks = tuple(
-        _check(Table(raw, f"{path}.check[{j}]", fields.source)) for j, raw in enumerate(raw_checks)
+        _check(Table(raw, f"{path}.check[{j}]", fields.source), base)
+        for j, raw in enumerate(raw_checks)
     )
     return ServiceConfig(instance, options, checks)
 
@@ -514,8 +516,15 @@ def _registration_options(service: Table) -> RegistrationOptions:
         raise ConfigError(exc.reason, field=field, source=service.source) from None
 
 
-def _check(table: Table) -> CheckConfig:
-    """A check table: exactly one key names its kind, whose class reads the rest."""
+def _check(table: Table, base: Path | None = None) -> CheckConfig:
+    """A check table: exactly one key names its kind, whose class reads the rest.
+
+    A relative ``*_file`` path in it (a gRPC check's ``ca_file``…) is made relative to
+    ``base``, the config file's folder, as the backend's are.
+    """
+    for key, value in table.table.items():
+        if base is not None and key.endswith("_file") and isinstance(value, str):
+            table.table[key] = str(base / value) if value else value  # absolute stays absolute
     kinds = [kind for kind in check_kinds() if kind in table]
     if len(kinds) != 1:
         examples = [check_class(kind).example or f"{kind} = …" for kind in check_kinds()]
