@@ -46,9 +46,14 @@ def target_of(address: str, port: int) -> str:
 
 def channel_options(options: Options, server_name: str, tls: bool) -> list[tuple[str, Any]]:
     """The caller's options plus the authority (and, over TLS, the name the
-    certificate is checked against): ``server_name``, unless the caller set them."""
+    certificate is checked against): ``server_name``, and a subchannel pool of the
+    channel's own, unless the caller set them."""
     given = {name for name, _ in options}
     merged = list(options)
+    if "grpc.use_local_subchannel_pool" not in given:
+        # A channel made anew for an endpoint that came back must connect at once, not
+        # inherit the reconnect backoff of the process-wide subchannel pool.
+        merged.append(("grpc.use_local_subchannel_pool", 1))
     if "grpc.default_authority" not in given:
         merged.append(("grpc.default_authority", server_name))
     if tls and "grpc.ssl_target_name_override" not in given:
