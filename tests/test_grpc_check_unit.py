@@ -243,3 +243,24 @@ def _real_pem(tmp_path: Path) -> str:
     from integration.certs import make_certs
 
     return Path(make_certs(tmp_path / "certs").ca).read_text()
+
+
+def test_a_server_without_the_health_service_says_so() -> None:
+    import grpc
+
+    async def main() -> None:
+        server = grpc.aio.server()  # a real gRPC server, in process, serving nothing
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        check = GrpcCheck(f"127.0.0.1:{port}", timeout=2.0)
+        try:
+            result = await check.run()
+        finally:
+            await check.aclose()
+            await server.stop(None)
+        assert (result.ok, result.detail) == (
+            False,
+            "the server does not serve grpc.health.v1.Health (UNIMPLEMENTED)",
+        )
+
+    asyncio.run(main())
