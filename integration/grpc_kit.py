@@ -64,7 +64,9 @@ def unary_stream(channel: grpc.Channel, method: str = STREAM) -> Any:
 # ---------------------------------------------------------------- the server process
 
 
-def _serve(port: int, name: str, cert: str | None, key: str | None) -> None:
+def _serve(
+    port: int, name: str, cert: str | None, key: str | None, client_ca: str | None = None
+) -> None:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     health_servicer = health.HealthServicer()
@@ -138,7 +140,9 @@ def _serve(port: int, name: str, cert: str | None, key: str | None) -> None:
     where = f"127.0.0.1:{port}"
     if cert and key:
         credentials = grpc.ssl_server_credentials(
-            [(Path(key).read_bytes(), Path(cert).read_bytes())]
+            [(Path(key).read_bytes(), Path(cert).read_bytes())],
+            root_certificates=Path(client_ca).read_bytes() if client_ca else None,
+            require_client_auth=bool(client_ca),
         )
         server.add_secure_port(where, credentials)
     else:
@@ -161,6 +165,7 @@ class GrpcServer:
     name: str
     port: int = 0
     tls: tuple[str, str] | None = None  # (certificate, key) PEM files
+    client_ca: str | None = None  # with tls: clients must show a certificate this CA signed
     process: subprocess.Popen[str] | None = field(default=None, repr=False)
 
     @property
@@ -170,12 +175,16 @@ class GrpcServer:
 
     def start(self, timeout: float = 15.0) -> GrpcServer:
         """Start (or start again, on the same port); returns once it serves."""
+        if self.process is not None:
+            self.kill()  # reaped, its pipe closed
         if not self.port:
             self.port = free_port()
         command = [sys.executable, "-m", "integration.grpc_kit", "--port", str(self.port)]
         command += ["--name", self.name]
         if self.tls:
             command += ["--cert", self.tls[0], "--key", self.tls[1]]
+        if self.client_ca:
+            command += ["--client-ca", self.client_ca]
         self.process = subprocess.Popen(
             command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ}
         )
@@ -193,16 +202,17 @@ class GrpcServer:
             os.kill(self.process.pid, signal.SIGKILL)
         if self.process is not None:
             self.process.wait(10)
+            if self.process.stdout is not None:
+                self.process.stdout.close()
 
     def stop(self) -> None:
         """SIGTERM: a graceful stop (1 s grace), then reaped; SIGKILL after 10 s."""
         if self.process is None or self.process.poll() is not None:
             return
         os.kill(self.process.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        self.kill()
 
     def _control(self, method: str, payload: bytes) -> None:
         with grpc.insecure_channel(self.target) as channel:
@@ -236,5 +246,6 @@ if __name__ == "__main__":
     parser.add_argument("--name", required=True)
     parser.add_argument("--cert")
     parser.add_argument("--key")
+    parser.add_argument("--client-ca")
     args = parser.parse_args()
-    _serve(args.port, args.name, args.cert, args.key)
+    _serve(args.port, args.name, args.cert, args.key, args.client_ca)
