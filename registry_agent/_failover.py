@@ -198,7 +198,8 @@ class Scope:
         if scheme not in ("http", "https") or port is not None:
             return None, False
         if self.services is not None:
-            return self.services.get(host.lower()), True
+            name = self.services.get(host.lower())
+            return name, name is not None
         return (host, False) if host_is_candidate(host) else (None, False)
 
     def refusal(self, url: str) -> str | None:

@@ -214,6 +214,7 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
         if not confirmed:
             self._confirm(request, service)
         failover = self._failover(request, service)
+        url = request.url
         held: httpx.Response | None = None  # a retried 5xx, returned when none is left
         error: Exception | None = None  # the last attempt's error
         while True:
@@ -249,6 +250,7 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
             step = failover.after(instance, Outcome.ANSWER, response.status_code)
             self._report(service, instance, step, failover)
             if not step.retry:
+                request.url = url  # as the caller sent it: a relative redirect names the service
                 return response
             held, error = response, None
 
@@ -295,6 +297,7 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
         if not confirmed:
             await self._confirm(request, service)
         failover = self._failover(request, service)
+        url = request.url
         held: httpx.Response | None = None  # a retried 5xx, returned when none is left
         error: Exception | None = None  # the last attempt's error
         while True:
@@ -330,6 +333,7 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
             step = failover.after(instance, Outcome.ANSWER, response.status_code)
             self._report(service, instance, step, failover)
             if not step.retry:
+                request.url = url  # as the caller sent it: a relative redirect names the service
                 return response
             held, error = response, None
 

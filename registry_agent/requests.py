@@ -1,0 +1,274 @@
+"""A requests adapter that sends ``http://SERVICE/path`` to a healthy instance of SERVICE.
+
+Needs the ``requests`` extra (``pip install 'registry-agent[requests]'``)::
+
+    import requests
+    from registry_agent import Discovery
+    from registry_agent.requests import DiscoveryAdapter
+
+    discovery = Discovery("consul://127.0.0.1:8500")
+    session = requests.Session()
+    adapter = DiscoveryAdapter(discovery)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.get("http://orders/api/items")
+
+The rules are those of :class:`registry_agent.DiscoveryTransport` (the same code
+decides): the scoping rule (``services``, ``others``), failover on connect failures,
+opt-in retries of statuses and read timeouts for idempotent methods, outcomes
+reported to ``discovery.report()``, the last real error raised, HTTPS by service name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any, Literal, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+try:
+    import requests  # noqa: F401 - the extra's presence, checked once with a clear error
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "registry_agent.requests needs the requests extra: pip install 'registry-agent[requests]'"
+    ) from exc
+from requests.adapters import HTTPAdapter
+from requests.exceptions import (
+    ConnectionError,
+    ConnectTimeout,
+    ProxyError,
+    ReadTimeout,
+    RequestException,
+    SSLError,
+)
+from requests.models import PreparedRequest, Response
+from urllib3.exceptions import MaxRetryError, ProtocolError
+
+from registry_agent._blocking import Discovery
+from registry_agent._errors import NoInstanceAvailable, RegistryError
+from registry_agent._failover import Failover, NoPortLeft, Outcome, Scope, Step
+from registry_agent._models import ServiceInstance
+from registry_agent._policy import DiscoveryPolicy
+from registry_agent._select import Strategy
+
+__all__ = ["DiscoveryAdapter"]
+
+# Set on the copy of a request sent to an instance: the TLS server name to check.
+_SERVER_NAME = "_registry_agent_server_name"
+_NO_POLICY = DiscoveryPolicy()
+
+
+def _outcome(exc: Exception) -> Outcome:
+    """What an exception of an attempt says about the instance."""
+    if isinstance(exc, ConnectTimeout | SSLError):
+        return Outcome.CONNECT  # SSLError: the TLS handshake, certificate check included
+    if isinstance(exc, ReadTimeout):
+        return Outcome.READ_TIMEOUT
+    if isinstance(exc, ProxyError):
+        return Outcome.LOCAL
+    if isinstance(exc, ConnectionError):
+        cause = exc.args[0] if exc.args else None
+        if isinstance(cause, MaxRetryError) and not isinstance(cause.reason, ProtocolError):
+            return Outcome.CONNECT  # refused, unreachable (urllib3 made no request)
+        return Outcome.LOST  # aborted, reset, closed without an answer
+    return Outcome.LOCAL
+
+
+def _replayable(request: PreparedRequest) -> bool:
+    return request.body is None or isinstance(request.body, bytes | str)
+
+
+def _raise_final(exc: RequestException, failover: Failover) -> NoReturn:
+    """Raise the attempt's own error, saying how many instances were tried."""
+    try:
+        again = type(exc)(f"{exc} ({failover.tried()})", request=exc.request)
+    except TypeError:
+        exc.add_note(failover.tried())
+        raise exc from None
+    raise again from exc
+
+
+class DiscoveryAdapter(HTTPAdapter):
+    """For ``requests.Session.mount``: routes by service name through a :class:`Discovery`.
+
+    Mount it on ``"http://"`` and ``"https://"`` (or on a prefix such as
+    ``"http://orders"``: requests matches mounts by string prefix, so the adapter
+    checks the host exactly and sends other hosts as a plain :class:`HTTPAdapter`).
+
+    ``services``: the only host names routed through discovery (None: a single-label
+    host, not ``localhost``, not an IP, no port, that the registry lists).
+    ``others``: ``"pass"`` sends every other URL as a plain :class:`HTTPAdapter` would,
+    ``"refuse"`` fails it with :class:`requests.ConnectionError` saying why.
+    ``retries``: attempts on other instances after the first (None:
+    ``policy.retries``). ``policy``: the :class:`DiscoveryPolicy` for choosing and
+    retrying (None: ``discovery.policy_for(service)``). Other keywords go to
+    :class:`HTTPAdapter` (``pool_connections``, ``pool_maxsize``, ...).
+
+    Service requests go straight to the instance (proxies are not used for them); the
+    ``Host`` header keeps the service name; over HTTPS the certificate is checked
+    against ``policy.server_name`` or the service name (SNI too).
+    """
+
+    def __init__(
+        self,
+        discovery: Discovery,
+        *,
+        services: Collection[str] | None = None,
+        others: Literal["pass", "refuse"] = "pass",
+        strategy: str | Strategy = Strategy.ROUND_ROBIN,
+        retries: int | None = None,
+        policy: DiscoveryPolicy | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.discovery = discovery
+        self.scope = Scope(services, others)
+        self.strategy = strategy
+        self.retries = retries
+        self.policy = policy
+        self._known: set[str] = set()
+        super().__init__(**kwargs)
+
+    def build_connection_pool_key_attributes(  # type: ignore[override]
+        self, request: PreparedRequest, verify: Any, cert: Any = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """requests' pool key, plus the TLS server name for a request to an instance."""
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert
+        )
+        params: dict[str, Any] = dict(host_params)
+        kwargs: dict[str, Any] = dict(pool_kwargs)
+        name = getattr(request, _SERVER_NAME, None)
+        if name is not None and params.get("scheme") == "https":
+            kwargs["server_hostname"] = name  # SNI
+            if verify is not False:
+                kwargs["assert_hostname"] = name  # the certificate check
+        return params, kwargs
+
+    def send(
+        self,
+        request: PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: bool | str = True,
+        cert: Any = None,
+        proxies: Mapping[str, str] | None = None,
+    ) -> Response:
+        """Send ``request``; a service URL goes to an instance of that service."""
+        url = urlsplit(request.url or "")
+        try:
+            port = url.port
+        except ValueError:
+            port = -1  # not a service URL; requests reports the bad port itself
+        service, confirmed = self.scope.service(url.scheme, (url.hostname or ""), port)
+        if service is None:
+            why = self.scope.refusal(urlunsplit((url.scheme, url.netloc, url.path, "", "")))
+            if why is not None:
+                raise ConnectionError(why, request=request)
+            return super().send(request, stream, timeout, verify, cert, proxies)
+        if not confirmed and service not in self._known:
+            self._confirm(request, service)
+        return self._failover(
+            request, service, url.hostname or service, stream, timeout, verify, cert
+        )
+
+    def _confirm(self, request: PreparedRequest, service: str) -> None:
+        is_service = getattr(self.discovery, "is_service", None)
+        if not callable(is_service):
+            return
+        try:
+            known = bool(is_service(service))
+        except RegistryError:
+            return  # the registry cannot say now: discovery answers (or fails) in its own words
+        if not known:
+            raise ConnectionError(f"{service}: {self.scope.unknown(service)}", request=request)
+        self._known.add(service)
+
+    def _failover(
+        self,
+        request: PreparedRequest,
+        service: str,
+        host: str,
+        stream: bool,
+        timeout: Any,
+        verify: bool | str,
+        cert: Any,
+    ) -> Response:
+        policy = self.policy
+        if policy is None:
+            policy_for = getattr(self.discovery, "policy_for", None)
+            policy = policy_for(service) if callable(policy_for) else _NO_POLICY
+        assert policy is not None
+        failover = Failover(
+            service,
+            request.method or "GET",
+            policy,
+            retries=self.retries,
+            replayable=_replayable(request),
+        )
+        held: Response | None = None  # a retried 5xx, returned when none is left
+        error: RequestException | None = None  # the last attempt's error
+        while True:
+            try:
+                instance = self._choose(service, failover)
+                if not failover.offer(instance):
+                    continue  # no port: skipped, which is no retry
+            except (NoInstanceAvailable, NoPortLeft) as exc:
+                if held is not None:
+                    return held
+                if error is not None:
+                    _raise_final(error, failover)
+                words = exc.message if isinstance(exc, NoInstanceAvailable) else str(exc)
+                raise ConnectionError(f"{service}: {words}", request=request) from exc
+            if held is not None:
+                held.close()
+                held = None
+            attempt = self._to(request, instance, host, policy.tls_server_name(service))
+            try:
+                response = super().send(attempt, stream, timeout, verify, cert, None)
+            except RequestException as exc:
+                step = failover.after(instance, _outcome(exc))
+                self._report(service, instance, step, failover)
+                if not step.retry:
+                    if step.report is None:
+                        raise
+                    _raise_final(exc, failover)
+                error = exc
+                continue
+            step = failover.after(instance, Outcome.ANSWER, response.status_code)
+            self._report(service, instance, step, failover)
+            if not step.retry:
+                # As the caller sent it: redirects and response.url name the service.
+                response.url = request.url or response.url
+                response.request = request
+                return response
+            held, error = response, None
+
+    def _choose(self, service: str, failover: Failover) -> ServiceInstance:
+        if self.policy is not None:
+            return self.discovery.choose(
+                service, self.strategy, exclude=failover.exclude, policy=self.policy
+            )
+        return self.discovery.choose(service, self.strategy, exclude=failover.exclude)
+
+    def _report(
+        self, service: str, instance: ServiceInstance, step: Step, failover: Failover
+    ) -> None:
+        report = getattr(self.discovery, "report", None)
+        if step.report is not None and callable(report):
+            report(service, instance, step.report, policy=failover.policy)
+
+    @staticmethod
+    def _to(
+        request: PreparedRequest, instance: ServiceInstance, host: str, server_name: str
+    ) -> PreparedRequest:
+        """A copy of ``request`` addressed to ``instance``, ``Host`` kept."""
+        url = urlsplit(request.url or "")
+        address = f"[{instance.address}]" if ":" in instance.address else instance.address
+        attempt = request.copy()
+        attempt.url = urlunsplit(
+            (url.scheme, f"{address}:{instance.port}", url.path, url.query, url.fragment)
+        )
+        if "Host" not in attempt.headers:
+            attempt.headers["Host"] = host
+        if url.scheme == "https":
+            setattr(attempt, _SERVER_NAME, server_name)
+        return attempt
