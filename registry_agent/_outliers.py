@@ -113,9 +113,13 @@ class OutlierTracker:
             state.failures += 1
             if state.failures < rule.consecutive_failures:
                 return False
-            candidates = self._candidates.get(service, len(states))
+            # The cap's base: the candidates choose() last offered. Never offered (no
+            # choice made yet): no cap here, split() applies it at the first choice.
+            candidates = self._candidates.get(service)
             ejected = sum(1 for s in states.values() if s.ejected(now))
-            if ejected >= max_ejections(candidates, rule.max_ejected_percent):
+            if candidates is not None and ejected >= max_ejections(
+                candidates, rule.max_ejected_percent
+            ):
                 return False
             state.k += 1
             state.until = now + rule.duration(state.k)
