@@ -326,6 +326,10 @@ class AsyncDiscovery:
         A failure is a connect error or timeout, a TLS handshake failure, a read
         timeout, an HTTP 5xx or gRPC UNAVAILABLE; any other answer is a success.
         """
+        if not isinstance(instance, ServiceInstance):
+            raise ConfigError(
+                f"expected the ServiceInstance choose() gave, got {instance!r}", field="instance"
+            )
         rule = (self.policy_for(service) if policy is None else policy).outliers
         if rule is not None:
             self._outliers.report(service, instance, ok, rule)

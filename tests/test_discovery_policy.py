@@ -295,6 +295,18 @@ def test_the_percent_cap_and_the_only_candidate() -> None:
     assert shrunk.split("orders", pool[:1], rule) == ([pool[0]], [])
 
 
+def test_reports_before_any_choice_eject_and_the_first_choice_caps() -> None:
+    clock = Clock()
+    tracker = OutlierTracker(clock)
+    rule = OutlierEjection(consecutive_failures=1, base_time=10)
+    pool = [inst(1), inst(2), inst(3)]
+    # No choice yet: the candidate count is unknown, every report may eject.
+    assert all(tracker.report("orders", i, False, rule) for i in pool)
+    assert tracker.ejected("orders") == pool
+    # The first choice applies the cap (50 % of 3: one); the latest ejected stays out.
+    assert tracker.split("orders", pool, rule) == (pool[:2], pool[2:])
+
+
 def test_endpoints_are_keyed_by_address_and_port_not_id() -> None:
     tracker = OutlierTracker(Clock())
     rule = OutlierEjection(consecutive_failures=2)
@@ -436,6 +448,10 @@ def test_bad_policies_are_config_errors(registry: MemoryRegistry) -> None:
     with pytest.raises(ConfigError) as info:
         Discovery(registry.url, policies={"orders": "canary"})  # type: ignore[dict-item]
     assert info.value.field == "policies"
+    discovery = AsyncDiscovery(registry.url)
+    with pytest.raises(ConfigError) as info:
+        discovery.report("orders", "127.0.0.1:9001", False)  # type: ignore[arg-type]
+    assert info.value.field == "instance"
 
 
 class CountingBackend(MemoryBackend):
