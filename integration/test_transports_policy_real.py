@@ -1,0 +1,254 @@
+"""httpx transports with discovery policy on real Consul and etcd, real HTTP instances
+(processes killed by PID): failover, opt-in retries, outlier ejection, filters, locality
+and the scoping rule."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from integration.http_service_kit import SLOW, services, wait_for
+from registry_agent import (
+    AsyncDiscovery,
+    AsyncDiscoveryTransport,
+    Discovery,
+    DiscoveryPolicy,
+    DiscoveryTransport,
+    OutlierEjection,
+)
+from registry_agent.testing.servers import ServerProcess
+
+
+def port_of(response: httpx.Response) -> int:
+    return int(response.text.split()[0])
+
+
+def send_twice(client: httpx.Client, method: str) -> None:
+    """Two requests: round robin over two instances reaches each once."""
+    for _ in range(2):
+        client.request(method, "http://orders/")
+
+
+def test_a_killed_instance_costs_no_get(server: ServerProcess) -> None:
+    with services(3) as inst, Discovery(server.url) as discovery:
+        for s in inst:
+            s.register(server.url)
+        wait_for(lambda: len(discovery.instances("orders")) == 3, 15, "3 healthy")
+        served: Counter[int] = Counter()
+        with httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client:
+            for n in range(120):
+                response = client.get("http://orders/items")  # raises on any failure
+                assert response.status_code == 200
+                assert response.text.split()[1:] == ["orders", "GET"]  # Host kept
+                assert response.request.url == "http://orders/items"
+                served[port_of(response)] += 1
+                if n == 30:
+                    inst[0].kill()
+                    killed = n
+        assert set(served) == {s.port for s in inst}
+        assert killed == 30
+        # Every GET after the kill went to a live instance (120 answers, none failed).
+        assert sum(served.values()) == 120
+
+
+def test_5xx_retried_for_get_when_opted_in_never_for_post(server: ServerProcess) -> None:
+    policy = DiscoveryPolicy(retry_statuses=(503,))
+    with services(2) as inst, Discovery(server.url, policy=policy) as discovery:
+        for s in inst:
+            s.register(server.url)
+        wait_for(lambda: len(discovery.instances("orders")) == 2, 15, "2 healthy")
+        inst[0].mode("503")
+        with httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client:
+            gets = [client.get("http://orders/") for _ in range(6)]
+            assert {r.status_code for r in gets} == {200}
+            assert {port_of(r) for r in gets} == {inst[1].port}
+            posts = [client.post("http://orders/", content=b"x") for _ in range(4)]
+            # Round robin reaches the failing one; a POST is never sent twice.
+            assert Counter(r.status_code for r in posts) == Counter({200: 2, 503: 2})
+            inst[1].mode("503")
+            last = client.get("http://orders/")  # both fail: the last 5xx is returned
+            assert last.status_code == 503
+            assert last.text.split()[2] == "GET"
+        # Without the opt-in, a 503 is the answer.
+        with httpx.Client(
+            transport=DiscoveryTransport(discovery, policy=DiscoveryPolicy()), timeout=5
+        ) as client:
+            inst[1].mode("ok")
+            assert {client.get("http://orders/").status_code for _ in range(4)} == {200, 503}
+
+
+def test_read_timeouts_retried_when_opted_in(server: ServerProcess) -> None:
+    with services(2) as inst, Discovery(server.url) as discovery:
+        for s in inst:
+            s.register(server.url)
+        wait_for(lambda: len(discovery.instances("orders")) == 2, 15, "2 healthy")
+        inst[0].mode("slow")
+        timeout = httpx.Timeout(5, read=SLOW / 3)
+        opted = DiscoveryPolicy(retry_read_timeouts=True)
+        with httpx.Client(
+            transport=DiscoveryTransport(discovery, policy=opted), timeout=timeout
+        ) as c:
+            started = time.monotonic()
+            answers = [c.get("http://orders/") for _ in range(4)]
+            assert {port_of(r) for r in answers} == {inst[1].port}
+            assert time.monotonic() - started < 4 * (SLOW / 3) + 5
+            with pytest.raises(httpx.ReadTimeout):  # a POST is not sent again
+                send_twice(c, "POST")
+        with (
+            httpx.Client(transport=DiscoveryTransport(discovery), timeout=timeout) as c,
+            pytest.raises(httpx.ReadTimeout, match="1 instance of orders tried"),
+        ):
+            send_twice(c, "GET")  # not opted in: one of the two reaches the slow one
+
+
+def test_an_instance_answering_503_is_ejected_and_comes_back(server: ServerProcess) -> None:
+    rule = OutlierEjection(consecutive_failures=3, base_time=2.0, max_time=10.0)
+    policy = DiscoveryPolicy(outliers=rule)
+    with services(3) as inst, Discovery(server.url, policy=policy) as discovery:
+        for s in inst:
+            s.register(server.url)
+        wait_for(lambda: len(discovery.instances("orders")) == 3, 15, "3 healthy")
+        inst[0].mode("503")
+        with httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client:
+            statuses = [client.get("http://orders/").status_code for _ in range(9)]
+            # Round robin: its 3rd 503 in a row ejects it.
+            assert statuses.count(503) == 3
+            ejected_at = time.monotonic()
+            assert [i.port for i in discovery.ejected("orders")] == [inst[0].port]
+            later = [port_of(client.get("http://orders/")) for _ in range(8)]
+            assert inst[0].port not in later
+            inst[0].mode("ok")
+            back = wait_for(
+                lambda: inst[0].port in {port_of(client.get("http://orders/")) for _ in range(3)},
+                rule.base_time + 5,
+                "the ejected instance back",
+            )
+            elapsed = time.monotonic() - ejected_at
+            assert elapsed >= rule.base_time - 0.2, f"back after {elapsed:.2f}s"
+            assert back >= 0
+            assert discovery.ejected("orders") == []
+
+
+def test_tags_meta_and_zone_preference_through_the_transport(server: ServerProcess) -> None:
+    with services(4) as inst, Discovery(server.url) as discovery:
+        inst[0].register(server.url, tags=("canary",), meta={"version": "v2", "zone": "eu-1a"})
+        inst[1].register(server.url, meta={"version": "v2", "zone": "eu-1b"})
+        inst[2].register(server.url, meta={"version": "v1", "zone": "eu-1a"})
+        inst[3].register(server.url, meta={"version": "v2", "zone": "eu-1b"})
+        wait_for(lambda: len(discovery.instances("orders")) == 4, 15, "4 healthy")
+
+        def ports(policy: DiscoveryPolicy, n: int = 8) -> set[int]:
+            transport = DiscoveryTransport(discovery, policy=policy)
+            with httpx.Client(transport=transport, timeout=5) as client:
+                return {port_of(client.get("http://orders/")) for _ in range(n)}
+
+        assert ports(DiscoveryPolicy(tags=("canary",))) == {inst[0].port}
+        assert ports(DiscoveryPolicy(meta={"version": "v2"})) == {
+            inst[0].port,
+            inst[1].port,
+            inst[3].port,
+        }
+        assert ports(DiscoveryPolicy(meta={"version": "v2"}, prefer={"zone": "eu-1b"})) == {
+            inst[1].port,
+            inst[3].port,
+        }
+        assert ports(DiscoveryPolicy(prefer={"zone": "eu-1a"})) == {inst[0].port, inst[2].port}
+        # No one in the preferred zone: every candidate.
+        assert len(ports(DiscoveryPolicy(prefer={"zone": "us-2"}), 12)) == 4
+        # A preferred instance killed: the rest of its zone, then the others.
+        inst[0].kill()
+        assert ports(DiscoveryPolicy(prefer={"zone": "eu-1a"})) == {inst[2].port}
+        with (
+            httpx.Client(
+                transport=DiscoveryTransport(
+                    discovery, policy=DiscoveryPolicy(meta={"version": "v9"})
+                ),
+                timeout=5,
+            ) as client,
+            pytest.raises(httpx.ConnectError, match="matching meta version=v9"),
+        ):
+            client.get("http://orders/")
+
+
+def _echo(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, text=f"inner {request.url} {request.headers['host']}")
+
+
+def test_scoping_passes_other_hosts_untouched_and_starts_no_watch(server: ServerProcess) -> None:
+    with services(1) as inst, Discovery(server.url) as discovery:
+        inst[0].register(server.url)
+        inner = httpx.MockTransport(_echo)  # only for URLs passed through
+        transport = DiscoveryTransport(discovery, transport=inner)
+        with httpx.Client(transport=transport) as client:
+            for url in (
+                "http://example.com/a?b=1",
+                "https://example.com/",
+                "http://localhost/",
+                "http://127.0.0.1/",
+                "http://orders:8080/",
+            ):
+                answer = client.get(url)
+                assert answer.text.startswith(f"inner {url}"), answer.text
+            assert discovery._async._watchers == {}  # no watch for any of them
+            # An unknown single label: an error naming services=, and still no watch.
+            with pytest.raises(
+                httpx.ConnectError, match=r"no registry lists a service named 'intranet'.*services="
+            ):
+                client.get("http://intranet/")
+            assert discovery._async._watchers == {}
+        # A real service through the same rule (its watch is the only one).
+        with httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client:
+            wait_for(lambda: client.get("http://orders/").status_code == 200, 15, "orders")
+        assert set(discovery._async._watchers) == {"orders"}
+
+
+def test_services_allow_list_pass_and_refuse(server: ServerProcess) -> None:
+    with services(1) as inst, Discovery(server.url) as discovery:
+        inst[0].register(server.url)
+        wait_for(lambda: len(discovery.instances("orders")) == 1, 15, "1 healthy")
+        inner = httpx.HTTPTransport()
+        passing = DiscoveryTransport(discovery, services=["orders"], transport=inner)
+        with httpx.Client(transport=passing, timeout=5) as client:
+            assert port_of(client.get("http://orders/")) == inst[0].port
+            # Another host goes out untouched: here straight to the instance's own port.
+            direct = client.get(f"http://127.0.0.1:{inst[0].port}/")
+            assert direct.text.split()[1] == f"127.0.0.1:{inst[0].port}"
+        refusing = DiscoveryTransport(discovery, services=["orders"], others="refuse")
+        with httpx.Client(transport=refusing, timeout=5) as client:
+            assert client.get("http://orders/").status_code == 200
+            with pytest.raises(
+                httpx.ConnectError, match=r"not a service URL of this client \(services: orders"
+            ):
+                client.get(f"http://127.0.0.1:{inst[0].port}/")
+            with pytest.raises(httpx.ConnectError, match="others='refuse'"):
+                client.get("http://users/")
+        assert set(discovery._async._watchers) == {"orders"}
+
+
+async def test_async_transport_fails_over_and_retries(server: ServerProcess) -> None:
+    policy = DiscoveryPolicy(retry_statuses=(503,))
+    with services(3) as inst:
+        for s in inst:
+            s.register(server.url)
+        async with AsyncDiscovery(server.url, policy=policy) as discovery:
+            for _ in range(300):
+                if len(await discovery.instances("orders")) == 3:
+                    break
+                await asyncio.sleep(0.05)
+            inst[0].mode("503")
+            inst[1].kill()
+            transport = AsyncDiscoveryTransport(discovery)
+            async with httpx.AsyncClient(transport=transport, timeout=5) as client:
+                answers = [await client.get("http://orders/") for _ in range(9)]
+                assert {(r.status_code, port_of(r)) for r in answers} == {(200, inst[2].port)}
+                posts = [await client.post("http://orders/") for _ in range(6)]
+                assert {r.status_code for r in posts} >= {503}
+                with pytest.raises(
+                    httpx.ConnectError, match=r"no registry lists a service named 'nope'"
+                ):
+                    await client.get("http://nope/")
+                assert set(discovery._watchers) == {"orders"}
