@@ -140,7 +140,7 @@ def _meta_value(instance: ServiceInstance, key: str) -> str | None:
     return value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class DiscoveryPolicy:
     """Which instances of a service a client uses, which it prefers, and its retries.
 
@@ -212,19 +212,26 @@ class DiscoveryPolicy:
                 field="DiscoveryPolicy.server_name",
             )
 
-    def __hash__(self) -> int:
-        return hash(
-            (
-                self.tags,
-                tuple(sorted(self.meta.items())),
-                tuple(self.prefer.items()),
-                self.outliers,
-                self.retries,
-                self.retry_statuses,
-                self.retry_read_timeouts,
-                self.server_name,
-            )
+    def _key(self) -> tuple[object, ...]:
+        # prefer's order is part of it (most important first); meta's is not.
+        return (
+            self.tags,
+            frozenset(self.meta.items()),
+            tuple(self.prefer.items()),
+            self.outliers,
+            self.retries,
+            self.retry_statuses,
+            self.retry_read_timeouts,
+            self.server_name,
         )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DiscoveryPolicy):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     @property
     def filters(self) -> bool:

@@ -107,6 +107,12 @@ def test_policy_defaults_normalised_hashable_and_exported() -> None:
     assert policy.tags == frozenset({"canary"})
     assert policy == DiscoveryPolicy(tags=("canary",), meta={"version": "v2"})
     assert hash(policy) == hash(DiscoveryPolicy(tags={"canary"}, meta={"version": "v2"}))
+    # Locality's order matters (most important first); meta's does not.
+    assert DiscoveryPolicy(prefer={"zone": "a", "dc": "1"}) != DiscoveryPolicy(
+        prefer={"dc": "1", "zone": "a"}
+    )
+    assert DiscoveryPolicy(meta={"a": "1", "b": "2"}) == DiscoveryPolicy(meta={"b": "2", "a": "1"})
+    assert DiscoveryPolicy() != "policy"
     assert DiscoveryPolicy().retries == 2
     assert DiscoveryPolicy().outliers is None
     assert OutlierEjection() == OutlierEjection(5, 30.0, 300.0, 50.0)
