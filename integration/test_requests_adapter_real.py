@@ -1,0 +1,164 @@
+"""registry_agent.requests.DiscoveryAdapter on real Consul and etcd with real HTTP instances:
+the same failover rules as the httpx transports, through requests.Session.mount."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+import requests
+
+from integration.http_service_kit import SLOW, services, wait_for
+from registry_agent import Discovery, DiscoveryPolicy, OutlierEjection
+from registry_agent.requests import DiscoveryAdapter
+from registry_agent.testing.servers import ServerProcess
+
+
+def port_of(response: requests.Response) -> int:
+    return int(response.text.split()[0])
+
+
+def session_for(adapter: DiscoveryAdapter) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def get_twice(session: requests.Session) -> None:
+    """Two GETs: round robin over two instances reaches each once."""
+    for _ in range(2):
+        session.get("http://orders/", timeout=(5, SLOW / 3))
+
+
+def test_a_killed_instance_costs_no_get(server: ServerProcess) -> None:
+    with services(3) as inst, Discovery(server.url) as discovery:
+        for s in inst:
+            s.register(server.url)
+        wait_for(lambda: len(discovery.instances("orders")) == 3, 15, "3 healthy")
+        served: Counter[int] = Counter()
+        with session_for(DiscoveryAdapter(discovery)) as session:
+            for n in range(90):
+                response = session.get("http://orders/items?x=1", timeout=5)  # raises on failure
+                assert response.status_code == 200
+                assert response.text.split()[1:] == ["orders", "GET"]  # Host kept
+                assert response.url == "http://orders/items?x=1"
+                served[port_of(response)] += 1
+                if n == 20:
+                    inst[0].kill()
+        assert set(served) == {s.port for s in inst}
+        assert sum(served.values()) == 90
+        # A POST is retried on a connect failure too: it was never sent.
+        with session_for(DiscoveryAdapter(discovery)) as session:
+            assert {
+                session.post("http://orders/", data=b"x", timeout=5).status_code for _ in range(6)
+            } == {200}
+
+
+def test_5xx_and_read_timeouts_retried_for_get_only_when_opted_in(server: ServerProcess) -> None:
+    with services(2) as inst, Discovery(server.url) as discovery:
+        for s in inst:
+            s.register(server.url)
+        wait_for(lambda: len(discovery.instances("orders")) == 2, 15, "2 healthy")
+        inst[0].mode("503")
+        opted = DiscoveryPolicy(retry_statuses=(502, 503, 504), retry_read_timeouts=True)
+        with session_for(DiscoveryAdapter(discovery, policy=opted)) as session:
+            gets = [session.get("http://orders/", timeout=5) for _ in range(6)]
+            assert {(r.status_code, port_of(r)) for r in gets} == {(200, inst[1].port)}
+            posts = [session.post("http://orders/", timeout=5) for _ in range(4)]
+            assert Counter(r.status_code for r in posts) == Counter({200: 2, 503: 2})
+            inst[1].mode("503")
+            last = session.get("http://orders/", timeout=5)
+            assert last.status_code == 503  # the last 5xx is returned, not raised
+            inst[0].mode("slow")
+            inst[1].mode("ok")
+            started = time.monotonic()
+            gets = [session.get("http://orders/", timeout=(5, SLOW / 3)) for _ in range(4)]
+            assert {port_of(r) for r in gets} == {inst[1].port}
+            assert time.monotonic() - started < 4 * SLOW / 3 + 5
+        with session_for(DiscoveryAdapter(discovery)) as session:  # not opted in
+            inst[0].mode("503")
+            assert {session.get("http://orders/", timeout=5).status_code for _ in range(4)} == {
+                200,
+                503,
+            }
+            inst[0].mode("slow")
+            with pytest.raises(requests.ReadTimeout, match="1 instance of orders tried"):
+                get_twice(session)
+
+
+def test_ejection_filters_and_zone_preference(server: ServerProcess) -> None:
+    rule = OutlierEjection(consecutive_failures=2, base_time=2.0)
+    with (
+        services(3) as inst,
+        Discovery(server.url, policy=DiscoveryPolicy(outliers=rule)) as discovery,
+    ):
+        inst[0].register(server.url, meta={"zone": "eu-1a", "version": "v2"})
+        inst[1].register(server.url, meta={"zone": "eu-1b", "version": "v2"}, tags=("canary",))
+        inst[2].register(server.url, meta={"zone": "eu-1b", "version": "v1"})
+        wait_for(lambda: len(discovery.instances("orders")) == 3, 15, "3 healthy")
+
+        def ports(policy: DiscoveryPolicy) -> set[int]:
+            with session_for(DiscoveryAdapter(discovery, policy=policy)) as session:
+                return {port_of(session.get("http://orders/", timeout=5)) for _ in range(6)}
+
+        assert ports(DiscoveryPolicy(tags=("canary",))) == {inst[1].port}
+        assert ports(DiscoveryPolicy(meta={"version": "v2"})) == {inst[0].port, inst[1].port}
+        assert ports(DiscoveryPolicy(prefer={"zone": "eu-1b"})) == {inst[1].port, inst[2].port}
+        inst[0].mode("503")
+        with session_for(DiscoveryAdapter(discovery)) as session:
+            statuses = [session.get("http://orders/", timeout=5).status_code for _ in range(6)]
+            assert statuses.count(503) == 2
+            assert [i.port for i in discovery.ejected("orders")] == [inst[0].port]
+            assert inst[0].port not in {
+                port_of(session.get("http://orders/", timeout=5)) for _ in range(6)
+            }
+            inst[0].mode("ok")
+            wait_for(
+                lambda: (
+                    inst[0].port
+                    in {port_of(session.get("http://orders/", timeout=5)) for _ in range(3)}
+                ),
+                rule.base_time + 5,
+                "the ejected instance back",
+            )
+
+
+def test_scoping_prefix_mounts_and_unknown_names(server: ServerProcess) -> None:
+    with services(1) as inst, Discovery(server.url) as discovery:
+        inst[0].register(server.url)
+        assert discovery._async._watchers == {}
+        session = requests.Session()
+        session.trust_env = False
+        # A per-service prefix: requests also hands it http://orders.example.com and
+        # http://orders:PORT; the adapter checks the host exactly.
+        session.mount("http://orders", DiscoveryAdapter(discovery, services=["orders"]))
+        with session:
+            assert port_of(session.get("http://orders/", timeout=5)) == inst[0].port
+            assert set(discovery._async._watchers) == {"orders"}
+            # Dotted or with a port: passed through as a plain HTTPAdapter would.
+            with pytest.raises(requests.ConnectionError) as caught:
+                session.get("http://orders.invalid/", timeout=5)
+            assert "orders.invalid" in str(caught.value)
+        refusing = session_for(DiscoveryAdapter(discovery, services=["orders"], others="refuse"))
+        with refusing, pytest.raises(requests.ConnectionError, match="others='refuse'"):
+            refusing.get(f"http://127.0.0.1:{inst[0].port}/", timeout=5)
+        with session_for(DiscoveryAdapter(discovery)) as plain:
+            assert plain.get(f"http://127.0.0.1:{inst[0].port}/", timeout=5).status_code == 200
+            with pytest.raises(
+                requests.ConnectionError,
+                match=r"no registry lists a service named 'intranet'.*services=",
+            ):
+                plain.get("http://intranet/", timeout=5)
+        assert set(discovery._async._watchers) == {"orders"}
+        # No instance at all after a real failure: the connect error, not "no instance left".
+        inst[0].kill()
+        with (
+            session_for(DiscoveryAdapter(discovery)) as plain,
+            pytest.raises(
+                requests.ConnectionError, match=r"(?s)refused.*1 instance of orders tried"
+            ),
+        ):
+            plain.get("http://orders/", timeout=5)
