@@ -14,7 +14,7 @@ from pathlib import Path
 from integration.grpc_kit import grpc_servers
 from integration.readme_kit import readme_block
 from integration.test_readme_apps import README_URL, _run, _substitute, _url
-from registry_agent import open_backend
+from registry_agent import AsyncRegistrar, ServiceInstance, open_backend
 from registry_agent.testing.servers import ServerProcess
 
 
@@ -44,3 +44,26 @@ async def test_grpc_check_recipe(server: ServerProcess, tmp_path: Path) -> None:
         lines = await asyncio.to_thread(_run, code + GRPC_CHECK_PROBE, tmp_path, {})
     assert lines == [f"grpc 127.0.0.1:{grpc_server.port}/orders"]
     assert await _held(server) == {}  # stopped: gone
+
+
+async def test_last_known_good_recipe(server: ServerProcess, tmp_path: Path) -> None:
+    """Run once with the registry up (nothing printed: fresh, saved), once with it stopped."""
+    folder = tmp_path / "lkg"
+    code = _substitute(
+        readme_block("# readme:last-known-good"),
+        [(README_URL, _url(server), 1), ("/var/cache/myapp/discovery", str(folder), 1)],
+    )
+    code += "\nprint(orders.address, orders.port)\ndiscovery.close()\n"
+    instance = ServiceInstance("orders", address="127.0.0.1", port=8080, id="orders-1")
+    async with AsyncRegistrar(server.url, instance, ttl=10) as registrar:
+        assert await registrar.wait_registered(10)
+        lines = await asyncio.to_thread(_run, code, tmp_path, {})
+        assert lines == ["127.0.0.1 8080"]
+        server.stop()
+        try:
+            lines = await asyncio.to_thread(_run, code, tmp_path, {})
+        finally:
+            server.start()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("serving the last known good: stale: last known good from 20")
+    assert lines[1] == "127.0.0.1 8080"
