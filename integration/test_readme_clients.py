@@ -67,3 +67,32 @@ async def test_last_known_good_recipe(server: ServerProcess, tmp_path: Path) -> 
     assert len(lines) == 2, lines
     assert lines[0].startswith("serving the last known good: stale: last known good from 20")
     assert lines[1] == "127.0.0.1 8080"
+
+
+async def test_grpc_channel_recipes(server: ServerProcess, tmp_path: Path) -> None:
+    """The sync and the aio block, each against one real grpcio server registered as orders."""
+    with grpc_servers("orders") as (grpc_server,):
+        instance = ServiceInstance(
+            "orders", address="127.0.0.1", port=grpc_server.port, id="orders-1", scheme="grpc"
+        )
+        async with AsyncRegistrar(server.url, instance, ttl=10) as registrar:
+            assert await registrar.wait_registered(10)
+            for marker in ("# readme:grpc-sync", "# readme:grpc-aio"):
+                code = _substitute(readme_block(marker), [(README_URL, _url(server), 1)])
+                lines = await asyncio.to_thread(_run, code, tmp_path, {})
+                assert lines == ["SERVING"], marker
+
+
+async def test_discovery_policy_recipe(server: ServerProcess, tmp_path: Path) -> None:
+    code = _substitute(
+        readme_block("# readme:discovery-policy"), [("etcd://127.0.0.1:2379", _url(server), 1)]
+    )
+    lines = await asyncio.to_thread(_run, code, tmp_path, {})
+    assert lines == [
+        "8081",
+        "8083",
+        "[8081]",
+        "eu-1b",
+        "no healthy instance matching meta version=v3 (3 healthy do not match)",
+    ]
+    assert await _held(server) == {}  # every registrar stopped
