@@ -77,10 +77,11 @@ async def test_grpc_channel_recipes(server: ServerProcess, tmp_path: Path) -> No
         )
         async with AsyncRegistrar(server.url, instance, ttl=10) as registrar:
             assert await registrar.wait_registered(10)
-            for marker in ("# readme:grpc-sync", "# readme:grpc-aio"):
-                code = _substitute(readme_block(marker), [(README_URL, _url(server), 1)])
+            blocks = [readme_block("# readme:grpc-sync"), readme_block("# readme:grpc-aio")]
+            for block in blocks:
+                code = _substitute(block, [(README_URL, _url(server), 1)])
                 lines = await asyncio.to_thread(_run, code, tmp_path, {})
-                assert lines == ["SERVING"], marker
+                assert lines == ["SERVING"], block
 
 
 async def test_discovery_policy_recipe(server: ServerProcess, tmp_path: Path) -> None:
