@@ -32,7 +32,7 @@ class HttpService:
         self.port = free_port()
         self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
-        self.registrar: Registrar | None = None
+        self.registrars: list[Registrar] = []
 
     def start(self) -> HttpService:
         args = [sys.executable, str(Path(__file__).resolve()), str(self.port), *(self.tls or ())]
@@ -64,13 +64,12 @@ class HttpService:
     def register(self, url: str, name: str = "orders", **fields: object) -> ServiceInstance:
         """Register it in the registry at ``url`` as an instance of ``name``; waits."""
         instance = ServiceInstance(name, address="127.0.0.1", port=self.port, **fields)  # type: ignore[arg-type]
-        self.registrar = Registrar(url, instance).start(wait_registered=10)
+        self.registrars.append(Registrar(url, instance).start(wait_registered=10))
         return instance
 
     def close(self) -> None:
-        if self.registrar is not None:
-            self.registrar.stop()
-            self.registrar = None
+        while self.registrars:
+            self.registrars.pop().stop()
         self.kill()
 
 

@@ -23,7 +23,7 @@ read from another tool's entry) is never a target: it is skipped, and that is no
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, Literal, NoReturn, Protocol
 
 import httpx
@@ -178,7 +178,14 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
     ``retries``: attempts on other instances after the first (None:
     ``policy.retries``). ``policy``: the :class:`DiscoveryPolicy` for choosing and
     retrying (None: ``discovery.policy_for(service)``). ``transport``: the inner
-    transport that sends (default ``httpx.HTTPTransport()``).
+    transport that sends (default ``httpx.HTTPTransport()``), or a callable that makes
+    one (e.g. ``lambda: httpx.HTTPTransport(verify=ctx)``).
+
+    HTTPS by name: each TLS server name gets a transport of its own from the callable
+    (the default makes ``httpx.HTTPTransport()``), so a connection verified for one
+    name never carries a request for another name or for a plain address (httpx pools
+    connections by address and port). A transport *instance* given here serves every
+    name from one pool: use a callable when names share an address and port.
     """
 
     def __init__(
@@ -190,10 +197,25 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
         strategy: str | Strategy = Strategy.ROUND_ROBIN,
         retries: int | None = None,
         policy: DiscoveryPolicy | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | Callable[[], httpx.BaseTransport] | None = None,
     ) -> None:
         super().__init__(discovery, services, others, strategy, retries, policy)
-        self.transport = transport or httpx.HTTPTransport()
+        make = httpx.HTTPTransport if transport is None else transport
+        self._make = None if isinstance(make, httpx.BaseTransport) else make
+        self.transport: httpx.BaseTransport = (
+            make if isinstance(make, httpx.BaseTransport) else make()
+        )
+        self._tls: dict[str, httpx.BaseTransport] = {}
+
+    def _inner(self, request: httpx.Request) -> httpx.BaseTransport:
+        """The transport for a request routed to an instance (one per TLS server name)."""
+        name = request.extensions.get("sni_hostname")
+        if request.url.scheme != "https" or self._make is None or not isinstance(name, str):
+            return self.transport
+        inner = self._tls.get(name)
+        if inner is None:
+            inner = self._tls[name] = self._make()
+        return inner
 
     def _confirm(self, request: httpx.Request, service: str) -> None:
         is_service = getattr(self.discovery, "is_service", None)
@@ -237,7 +259,7 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
                 held = None
             _route(request, instance, failover.policy.tls_server_name(service))
             try:
-                response = self.transport.handle_request(request)
+                response = self._inner(request).handle_request(request)
             except Exception as exc:
                 step = failover.after(instance, _outcome(exc))
                 self._report(service, instance, step, failover)
@@ -255,13 +277,15 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
             held, error = response, None
 
     def close(self) -> None:
-        self.transport.close()
+        for inner in (self.transport, *self._tls.values()):
+            inner.close()
 
 
 class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
     """For ``httpx.AsyncClient``: routes by service name through :class:`AsyncDiscovery`.
 
-    The same keywords and rules as :class:`DiscoveryTransport`.
+    The same keywords and rules as :class:`DiscoveryTransport` (``transport``: an
+    async transport or a callable making one; default ``httpx.AsyncHTTPTransport()``).
     """
 
     def __init__(
@@ -273,10 +297,25 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
         strategy: str | Strategy = Strategy.ROUND_ROBIN,
         retries: int | None = None,
         policy: DiscoveryPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | Callable[[], httpx.AsyncBaseTransport] | None = None,
     ) -> None:
         super().__init__(discovery, services, others, strategy, retries, policy)
-        self.transport = transport or httpx.AsyncHTTPTransport()
+        make = httpx.AsyncHTTPTransport if transport is None else transport
+        self._make = None if isinstance(make, httpx.AsyncBaseTransport) else make
+        self.transport: httpx.AsyncBaseTransport = (
+            make if isinstance(make, httpx.AsyncBaseTransport) else make()
+        )
+        self._tls: dict[str, httpx.AsyncBaseTransport] = {}
+
+    def _inner(self, request: httpx.Request) -> httpx.AsyncBaseTransport:
+        """The transport for a request routed to an instance (one per TLS server name)."""
+        name = request.extensions.get("sni_hostname")
+        if request.url.scheme != "https" or self._make is None or not isinstance(name, str):
+            return self.transport
+        inner = self._tls.get(name)
+        if inner is None:
+            inner = self._tls[name] = self._make()
+        return inner
 
     async def _confirm(self, request: httpx.Request, service: str) -> None:
         is_service = getattr(self.discovery, "is_service", None)
@@ -320,7 +359,7 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
                 held = None
             _route(request, instance, failover.policy.tls_server_name(service))
             try:
-                response = await self.transport.handle_async_request(request)
+                response = await self._inner(request).handle_async_request(request)
             except Exception as exc:
                 step = failover.after(instance, _outcome(exc))
                 self._report(service, instance, step, failover)
@@ -338,4 +377,5 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
             held, error = response, None
 
     async def aclose(self) -> None:
-        await self.transport.aclose()
+        for inner in (self.transport, *self._tls.values()):
+            await inner.aclose()
