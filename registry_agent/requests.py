@@ -43,6 +43,12 @@ from requests.exceptions import (
 from requests.models import PreparedRequest, Response
 from urllib3.exceptions import MaxRetryError, ProtocolError
 
+if not hasattr(HTTPAdapter, "build_connection_pool_key_attributes"):  # pragma: no cover
+    raise ImportError(
+        "registry_agent.requests needs requests 2.32.2 or later (HTTPS by service name sets "
+        "urllib3's server_hostname through HTTPAdapter.build_connection_pool_key_attributes)"
+    )
+
 from registry_agent._blocking import Discovery
 from registry_agent._errors import NoInstanceAvailable, RegistryError
 from registry_agent._failover import Failover, NoPortLeft, Outcome, Scope, Step
