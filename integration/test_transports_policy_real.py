@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -21,6 +22,9 @@ from registry_agent import (
     OutlierEjection,
 )
 from registry_agent.testing.servers import ServerProcess
+
+# The `measured` fixture (integration/conftest.py): records a time, asserts its bound.
+Measured = Callable[[str, float, float], None]
 
 
 def port_of(response: httpx.Response) -> int:
@@ -105,7 +109,9 @@ def test_read_timeouts_retried_when_opted_in(server: ServerProcess) -> None:
             send_twice(c, "GET")  # not opted in: one of the two reaches the slow one
 
 
-def test_an_instance_answering_503_is_ejected_and_comes_back(server: ServerProcess) -> None:
+def test_an_instance_answering_503_is_ejected_and_comes_back(
+    server: ServerProcess, measured: Measured
+) -> None:
     rule = OutlierEjection(consecutive_failures=3, base_time=2.0, max_time=10.0)
     policy = DiscoveryPolicy(outliers=rule)
     with services(3) as inst, Discovery(server.url, policy=policy) as discovery:
@@ -130,6 +136,7 @@ def test_an_instance_answering_503_is_ejected_and_comes_back(server: ServerProce
             elapsed = time.monotonic() - ejected_at
             assert elapsed >= rule.base_time - 0.2, f"back after {elapsed:.2f}s"
             assert back >= 0
+            measured("ejected instance (base_time 2 s) chosen again", elapsed, rule.base_time + 5)
             assert discovery.ejected("orders") == []
 
 

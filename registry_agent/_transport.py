@@ -214,7 +214,10 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
             return self.transport
         inner = self._tls.get(name)
         if inner is None:
-            inner = self._tls[name] = self._make()
+            made = self._make()
+            inner = self._tls.setdefault(name, made)  # one per name, even across threads
+            if inner is not made:
+                made.close()
         return inner
 
     def _confirm(self, request: httpx.Request, service: str) -> None:
