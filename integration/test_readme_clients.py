@@ -12,6 +12,7 @@ import asyncio
 from pathlib import Path
 
 from integration.grpc_kit import grpc_servers
+from integration.http_service_kit import services
 from integration.readme_kit import readme_block
 from integration.test_readme_apps import README_URL, _run, _substitute, _url
 from registry_agent import AsyncRegistrar, ServiceInstance, open_backend
@@ -97,3 +98,18 @@ async def test_discovery_policy_recipe(server: ServerProcess, tmp_path: Path) ->
         "no healthy instance matching meta version=v3 (3 healthy do not match)",
     ]
     assert await _held(server) == {}  # every registrar stopped
+
+
+def test_http_client_recipes(server: ServerProcess, tmp_path: Path) -> None:
+    """The httpx (sync and async) and requests blocks against one real HTTP instance."""
+    with services(1) as (instance,):
+        instance.register(server.url, meta={"version": "v2", "zone": "eu-1a"})
+        expected = f"{instance.port} orders GET"
+        httpx_code = _substitute(
+            readme_block("# readme:httpx-policy"), [(README_URL, _url(server), 2)]
+        )
+        assert _run(httpx_code, tmp_path, {}) == [expected, expected]
+        requests_code = _substitute(
+            readme_block("# readme:requests"), [(README_URL, _url(server), 1)]
+        )
+        assert _run(requests_code, tmp_path, {}) == [expected]
