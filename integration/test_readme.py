@@ -136,7 +136,8 @@ from registry_agent import ServiceInstance, open_backend
 _backend = open_backend({url!r})
 asyncio.run(_backend.register(ServiceInstance("orders", address="127.0.0.1", port={port}), ttl=30))
 """
-    code = block("DiscoveryTransport(discovery)").replace('"etcd://127.0.0.1:2379"', repr(url))
+    code = block('discovery.choose("orders", strategy="weighted")')
+    code = code.replace('"etcd://127.0.0.1:2379"', repr(url))
     assert repr(url) in code
     after = """
 print(discovery.instances("orders")[0].port)
