@@ -22,17 +22,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
+import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import httpx
@@ -41,7 +46,6 @@ import requests
 from bench.common import BACKENDS, log, percentile, server, table
 from integration.grpc_channel_kit import restart, started_servers
 from integration.grpc_kit import GrpcServer, unary
-from integration.http_service_kit import HttpService, services
 from registry_agent import (
     AsyncDiscovery,
     AsyncDiscoveryTransport,
@@ -59,7 +63,7 @@ from registry_agent._outliers import OutlierTracker
 from registry_agent.grpc import DiscoveryChannel
 from registry_agent.grpc import aio as grpc_aio
 from registry_agent.requests import DiscoveryAdapter
-from registry_agent.testing.servers import ServerProcess
+from registry_agent.testing.servers import ServerProcess, free_port
 
 CHECK_INTERVAL = 0.5  # TCP check of every registered instance; fall 1, rise 1
 RATE = 0.01  # seconds between calls of a load loop (100 calls/s)
@@ -101,6 +105,107 @@ def _port_of(text: str) -> str:
 
 def _name_of(answer: bytes) -> str:
     return answer.split(b":")[0].decode()
+
+
+# ---------------------------------------------------------------- the HTTP instances
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Answers ``"<port> <method>"``; ``/_mode/503`` and ``/_mode/ok`` switch what it answers."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # no 40 ms Nagle/delayed-ACK stall between header and body
+    mode = "ok"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/_mode/"):
+            type(self).mode = self.path.removeprefix("/_mode/")
+            status = 200
+        else:
+            status = 503 if type(self).mode == "503" else 200
+        body = f"{self.server.server_port} {self.command}".encode()  # type: ignore[attr-defined]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _serve(port: int) -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+    httpd.daemon_threads = True
+    print("ready", flush=True)
+    httpd.serve_forever()
+
+
+class HttpInstance:
+    """One HTTP instance in a process of its own on 127.0.0.1 (killed by its PID)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> HttpInstance:
+        """Start (again, on the same port); returns once it listens."""
+        self.kill()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.clients", "--serve", str(self.port)],
+            cwd=Path(__file__).resolve().parent.parent,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            self.kill()
+            raise RuntimeError(f"HTTP instance on {self.port} did not start")
+        return self
+
+    def mode(self, mode: str) -> None:
+        """``503``: every answer a 503; ``ok``: 200 again."""
+        url = f"http://127.0.0.1:{self.port}/_mode/{mode}"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            assert answer.status == 200
+
+    def kill(self) -> None:
+        """SIGKILL (by PID) and reap."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.proc = None
+
+
+@contextlib.contextmanager
+def services(count: int) -> Iterator[list[HttpInstance]]:
+    """``count`` started HTTP instances, killed on the way out."""
+    started: list[HttpInstance] = []
+    try:
+        for _ in range(count):
+            started.append(HttpInstance().start())
+        yield started
+    finally:
+        for one in started:
+            one.kill()
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the one event loop of this process: grpc.aio keeps to the first loop
+    it ran on (a second ``asyncio.run`` leaves it calling into a closed loop)."""
+    global _LOOP
+    if _LOOP is None:
+        _LOOP = asyncio.new_event_loop()
+    return _LOOP.run_until_complete(coro)
 
 
 class Chosen:
@@ -227,7 +332,7 @@ def overhead(kind: str, srv: ServerProcess, n: int) -> list[list[str]]:
                         "httpx.AsyncClient", kind, await _atimed(p, n), await _atimed(r, n)
                     )
 
-        rows.append(asyncio.run(httpx_async()))
+        rows.append(_run(httpx_async()))
 
         servers = stack.enter_context(started_servers("a", "b", "c"))
         gsvc = _fresh_name()
@@ -268,7 +373,7 @@ def overhead(kind: str, srv: ServerProcess, n: int) -> list[list[str]]:
                     "grpc.aio channel", kind, await _atimed(p, n), await _atimed(r, n)
                 )
 
-        rows.append(asyncio.run(grpc_async()))
+        rows.append(_run(grpc_async()))
     return rows
 
 
@@ -373,11 +478,11 @@ async def _kill_scenario(
     ]
 
 
-def _restart_http(service: HttpService) -> None:
+def _restart_http(service: HttpInstance) -> None:
     service.start()  # the same port again
 
 
-def _http_fleet(stack: ExitStack, url: str) -> tuple[str, list[HttpService], Fleet]:
+def _http_fleet(stack: ExitStack, url: str) -> tuple[str, list[HttpInstance], Fleet]:
     http = stack.enter_context(services(3))
     svc = _fresh_name()
     for one in http:
@@ -441,7 +546,7 @@ def _kill_client(client: str, kind: str, srv: ServerProcess) -> list[str]:
                             await asyncio.sleep(0.05)
                         return await _kill_scenario(fleet, call, listed, chosen)
 
-            return [client, kind, *asyncio.run(aio_run())]
+            return [client, kind, *_run(aio_run())]
         discovery = stack.enter_context(Discovery(srv.url))
         chosen = Chosen(discovery, is_async=False)
         _wait(lambda: len(discovery.instances(svc)) == 3, "three listed")
@@ -478,7 +583,7 @@ def _kill_client(client: str, kind: str, srv: ServerProcess) -> list[str]:
         async def listed(d: Discovery = discovery, s: str = svc) -> int:
             return len(d.instances(s))
 
-        return [client, kind, *asyncio.run(_kill_scenario(fleet, call, listed, chosen))]
+        return [client, kind, *_run(_kill_scenario(fleet, call, listed, chosen))]
 
 
 # ---------------------------------------------------------------- 3. outlier ejection
@@ -611,7 +716,7 @@ def last_known_good(kind: str, srv: ServerProcess) -> list[str]:
         finally:
             await writer.close()
 
-    asyncio.run(register())
+    _run(register())
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "lkg"
         with Discovery(srv.url, last_known_good=directory, retry=retry) as live:
@@ -729,7 +834,7 @@ def choose_cost(n: int) -> list[list[str]]:
                 )
         return rows
 
-    return asyncio.run(run())
+    return _run(run())
 
 
 # ---------------------------------------------------------------- main
@@ -743,6 +848,9 @@ def _quiet() -> Iterator[None]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--serve"]:
+        _serve(int(argv[1]))
+        return 0
     quick = "--quick" in argv
     n = 300 if quick else 2000
     started = time.monotonic()
