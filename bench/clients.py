@@ -133,9 +133,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a TCP check's reset: normal
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 def _serve(port: int) -> None:
-    httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
-    httpd.daemon_threads = True
+    httpd = _Server(("127.0.0.1", port), _Handler)
     print("ready", flush=True)
     httpd.serve_forever()
 
