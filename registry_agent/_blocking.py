@@ -674,9 +674,11 @@ class Discovery:
         """See :meth:`AsyncDiscovery.report` (a direct, thread-safe call)."""
         self._async.report(service, instance, ok, policy=policy)
 
-    def ejected(self, service: str) -> list[ServiceInstance]:
+    def ejected(
+        self, service: str, *, policy: DiscoveryPolicy | None = None
+    ) -> list[ServiceInstance]:
         """See :meth:`AsyncDiscovery.ejected` (a direct, thread-safe call)."""
-        return self._async.ejected(service)
+        return self._async.ejected(service, policy=policy)
 
     def stale(self, service: str) -> bool:
         """See :meth:`AsyncDiscovery.stale` (a direct, thread-safe call)."""

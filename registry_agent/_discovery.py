@@ -31,6 +31,8 @@ __all__ = ["AsyncDiscovery"]
 
 # How long is_service() trusts a registry's list of service names.
 _SERVICES_TTL = 3.0
+# How long is_service() repeats a registry's failure to list them before asking again.
+_SERVICES_FAILED_TTL = 1.0
 _NO_POLICY = DiscoveryPolicy()
 
 
@@ -53,6 +55,12 @@ def _check_policies(
                 field="policies",
             )
     return dict(policies)
+
+
+def _name(value: object, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"expected a service name (non-empty text), got {value!r}", field=field)
+    return value
 
 
 class AsyncDiscovery:
@@ -111,9 +119,13 @@ class AsyncDiscovery:
         self.policy: DiscoveryPolicy = policy if policy is not None else _NO_POLICY
         # Failures and ejections per endpoint, fed by report() from any thread.
         self._outliers = OutlierTracker()
-        # Per backend index, (service names, read at) for is_service().
+        # Per backend index, (service names, read at) for is_service(); its failure
+        # (error, at), repeated for a second; its read in flight, shared by every caller.
         self._names: dict[int, tuple[frozenset[str], float]] = {}
-        self._names_lock = asyncio.Lock()
+        self._names_failed: dict[int, tuple[BaseException, float]] = {}
+        self._names_reads: dict[int, asyncio.Future[None]] = {}
+        # Per (service, policy), (the watcher's state object, its candidates) for report().
+        self._eligible: dict[tuple[str, DiscoveryPolicy], tuple[object, list[ServiceInstance]]] = {}
         self._members = open_backends(backend)
         self._borrowed = tuple(replace(member, owned=False) for member in self._members)
         #: Every backend watched, in the order given.
@@ -255,7 +267,12 @@ class AsyncDiscovery:
         Raises :class:`NoInstanceAvailable` when there is none, saying why.
         """
         strategy = as_strategy(strategy)
-        policy = self.policy_for(service) if policy is None else policy
+        policy = self._policy(service, policy)
+        if isinstance(exclude, str | bytes) or not isinstance(exclude, Collection):
+            raise ConfigError(
+                f"expected a collection of ids or instances, e.g. ({exclude!r},), got {exclude!r}",
+                field="exclude",
+            )
         healthy = await self.instances(service)
         # An entry without a port (registered by another tool) is no target to connect to.
         with_port = [i for i in healthy if i.port]
@@ -263,7 +280,7 @@ class AsyncDiscovery:
         ejected: list[ServiceInstance] = []
         usable = eligible
         if policy.outliers is not None:
-            usable, ejected = self._outliers.split(service, eligible, policy.outliers)
+            usable, ejected = self._outliers.split(service, eligible, policy.outliers, key=policy)
         if exclude:
             usable = [i for i in usable if i.id not in exclude and i not in exclude]
         candidates = preferred(usable, policy.prefer) if policy.prefer else usable
@@ -310,6 +327,37 @@ class AsyncDiscovery:
         """The policy of ``service``: its own from ``policies``, else ``policy``."""
         return self._policies.get(service, self.policy)
 
+    def _policy(self, service: object, policy: object) -> DiscoveryPolicy:
+        """The policy a call names (checked), else the service's; checks ``service``."""
+        name = _name(service, "service")
+        if policy is None:
+            return self.policy_for(name)
+        if not isinstance(policy, DiscoveryPolicy):
+            raise ConfigError(f"expected a DiscoveryPolicy or None, got {policy!r}", field="policy")
+        return policy
+
+    def _candidates(self, service: str, policy: DiscoveryPolicy) -> list[ServiceInstance] | None:
+        """What choose() would weigh now before ejection (healthy, with a port, passing
+        the filter), from the watcher's current view; None while unknown without a read
+        (no watch yet, or served from the last-known-good file). Safe from any thread:
+        it only reads the watcher's state, an object replaced on every change."""
+        watcher = self._watchers.get(service)
+        if watcher is None or service not in self._served or self.stale(service):
+            return None
+        state = watcher._state.get(service)
+        memo = self._eligible.get((service, policy))
+        if memo is not None and memo[0] is state and state is not None:
+            return memo[1]
+        healthy = [h.instance for h in watcher.snapshot(service) if h.healthy]
+        if not healthy and self.keep_last_nonempty:
+            healthy = list(self._last_nonempty.get((service, True), ()))
+        with_port = [i for i in healthy if i.port]
+        eligible = [i for i in with_port if policy.matches(i)] if policy.filters else with_port
+        if len(self._eligible) >= 1024:  # many policies made per call: start over
+            self._eligible.clear()
+        self._eligible[(service, policy)] = (state, eligible)
+        return eligible
+
     def report(
         self,
         service: str,
@@ -326,57 +374,94 @@ class AsyncDiscovery:
         A failure is a connect error or timeout, a TLS handshake failure, a read
         timeout, an HTTP 5xx or gRPC UNAVAILABLE; any other answer is a success.
         """
+        chosen = self._policy(service, policy)
         if not isinstance(instance, ServiceInstance):
             raise ConfigError(
                 f"expected the ServiceInstance choose() gave, got {instance!r}", field="instance"
             )
-        rule = (self.policy_for(service) if policy is None else policy).outliers
+        if instance.service != service:
+            raise ConfigError(
+                f"expected an instance of {service!r}, got one of {instance.service!r}",
+                field="instance",
+            )
+        if not isinstance(ok, bool):
+            raise ConfigError(f"expected True or False, got {ok!r}", field="ok")
+        rule = chosen.outliers
         if rule is not None:
-            self._outliers.report(service, instance, ok, rule)
+            candidates = self._candidates(service, chosen)
+            self._outliers.report(service, instance, ok, rule, key=chosen, candidates=candidates)
 
-    def ejected(self, service: str) -> list[ServiceInstance]:
-        """The instances of ``service`` ejected as outliers now, by address and port.
+    def ejected(
+        self, service: str, *, policy: DiscoveryPolicy | None = None
+    ) -> list[ServiceInstance]:
+        """The instances of ``service`` that :meth:`choose` leaves out as outliers now
+        (under ``policy``, default :meth:`policy_for`), by address and port.
 
-        Not a coroutine, thread-safe. (:meth:`choose` may still offer one of them
-        when ejecting it would break the policy's percent cap.)
+        Not a coroutine, thread-safe. It agrees with :meth:`choose`: only current
+        candidates (healthy, passing the filter) count, and never more than the
+        percent cap of them. Before the service's first choice (no watch yet) it
+        judges from the endpoints reported so far. Empty when the policy has no
+        ``outliers``.
         """
-        return self._outliers.ejected(service)
+        chosen = self._policy(service, policy)
+        if chosen.outliers is None:
+            return []
+        return self._outliers.ejected(
+            service,
+            chosen.outliers,
+            key=chosen,
+            candidates=self._candidates(service, chosen),
+        )
 
     async def is_service(self, name: str) -> bool:
         """True when a registry lists ``name`` as a service; starts no watch.
 
         Each backend's ``services()`` is read at most every few seconds (its answer
-        is cached). True too when no backend can list its services. A registry error
-        (every registry failing, none listing ``name``) propagates as a
-        :class:`RegistryError`; one answering within ``sync_timeout`` suffices.
+        is cached); concurrent callers share one read in flight, bounded by
+        ``sync_timeout``. True too when no backend can list its services. A registry
+        error (every registry failing, none listing ``name``) propagates as a
+        :class:`RegistryError`, and is repeated for a second without asking that
+        registry again; one answering within ``sync_timeout`` suffices.
         """
+        _name(name, "name")
         listing = [
             (n, b) for n, b in enumerate(self.backends) if callable(getattr(b, "services", None))
         ]
         if not listing:
             return True
-        error: BaseException | None = None
-        async with self._names_lock:
-            now = time.monotonic()
-            stale = [
-                (n, b)
-                for n, b in listing
-                if now - self._names.get(n, ((), -1e9))[1] > _SERVICES_TTL
-            ]
-            results = await asyncio.gather(
-                *(self._read_names(b) for _, b in stale), return_exceptions=True
-            )
-            for (n, _), result in zip(stale, results, strict=True):
-                if isinstance(result, BaseException):
-                    self._names.pop(n, None)
-                    error = error or result
-                else:
-                    self._names[n] = (result, time.monotonic())
+        now = time.monotonic()
+        reads: list[asyncio.Future[None]] = []
+        for n, backend in listing:
+            if n in self._names and now - self._names[n][1] <= _SERVICES_TTL:
+                continue
+            if n in self._names_failed and now - self._names_failed[n][1] <= _SERVICES_FAILED_TTL:
+                continue
+            read = self._names_reads.get(n)
+            if read is None:
+                read = self._names_reads[n] = asyncio.ensure_future(self._refresh_names(n, backend))
+            reads.append(read)
+        if reads:
+            # Shielded: a caller cancelled (or timed out) leaves the shared read running.
+            await asyncio.gather(*(asyncio.shield(r) for r in reads))
         if any(name in self._names[n][0] for n, _ in listing if n in self._names):
             return True
-        if error is not None:
-            raise error
+        for n, _ in listing:
+            if n in self._names_failed:
+                raise self._names_failed[n][0].with_traceback(None)
         return False
+
+    async def _refresh_names(self, number: int, backend: Backend) -> None:
+        """Read one backend's service names into the cache (its failure too); never raises."""
+        try:
+            names = await self._read_names(backend)
+        except Exception as exc:
+            self._names.pop(number, None)
+            self._names_failed[number] = (exc, time.monotonic())
+        else:
+            self._names[number] = (names, time.monotonic())
+            self._names_failed.pop(number, None)
+        finally:
+            self._names_reads.pop(number, None)
 
     async def _read_names(self, backend: Backend) -> frozenset[str]:
         try:
@@ -402,6 +487,8 @@ class AsyncDiscovery:
         self._served.clear()
         if self._fork is not None and self._fork.in_child("close()"):
             return
+        for read in list(self._names_reads.values()):  # is_service() reads in flight
+            read.cancel()
         if self._lkg is not None:
             await self._lkg.close()
         for watcher in watchers:

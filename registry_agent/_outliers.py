@@ -4,14 +4,23 @@ Pure apart from the clock, which is injectable. Thread-safe: one lock guards
 everything (``report()`` runs in callers' threads while ``choose()`` runs on the
 discovery's loop). Memory stays bounded: endpoints not seen (reported or offered
 to choose) for ``forget_after`` seconds are forgotten, and never more than
-``max_endpoints`` are kept.
+``max_endpoints`` are kept (the least recently seen go first, one per insert: no
+call pays for a sort of them all).
+
+The percent cap counts only the ejected endpoints among a service's *current*
+candidates: an ejected endpoint that left (deregistered, moved to another address
+or port) holds no slot. The candidates are given by the caller (what ``choose()``
+would weigh now) or, failing that, those the last :meth:`OutlierTracker.split`
+for the same service and policy offered; they are kept per (service, policy key),
+so a choice under one policy (a canary filter) never moves another's cap.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 from registry_agent._models import ServiceInstance
@@ -71,38 +80,62 @@ class OutlierTracker:
         self.max_endpoints = max_endpoints
         self._lock = threading.Lock()
         self._services: dict[str, dict[Endpoint, _State]] = {}
-        # Per service, how many candidates choose() last offered (the percent cap's base).
-        self._candidates: dict[str, int] = {}
-        self._size = 0
+        # Every tracked (service, endpoint), least recently seen first.
+        self._order: OrderedDict[tuple[str, Endpoint], None] = OrderedDict()
+        # Per (service, policy key), the endpoints split() last offered, in its order.
+        self._candidates: dict[tuple[str, Hashable], tuple[Endpoint, ...]] = {}
         self._swept = clock()
 
     @property
     def size(self) -> int:
         """How many endpoints are tracked."""
         with self._lock:
-            return self._size
+            return len(self._order)
+
+    def _touch(self, service: str, key: Endpoint, state: _State, now: float) -> None:
+        state.seen = now
+        self._order.move_to_end((service, key))
+
+    def _base(
+        self, service: str, key: Hashable, candidates: Iterable[ServiceInstance] | None
+    ) -> tuple[Endpoint, ...] | None:
+        if candidates is not None:
+            return tuple(_endpoint(i) for i in candidates)
+        return self._candidates.get((service, key))
 
     def report(
-        self, service: str, instance: ServiceInstance, ok: bool, rule: OutlierEjection
+        self,
+        service: str,
+        instance: ServiceInstance,
+        ok: bool,
+        rule: OutlierEjection,
+        *,
+        key: Hashable = None,
+        candidates: Sequence[ServiceInstance] | None = None,
     ) -> bool:
         """Count one outcome of a call to ``instance``; True when it ejected the endpoint.
 
         A success resets the failure count; ``rule.consecutive_failures`` failures in a
         row eject the endpoint unless the percent cap forbids it (then the next failure
         asks again). Outcomes reported while the endpoint is ejected are ignored.
+
+        The cap's base: ``candidates`` (what choose() would weigh now), else those the
+        last :meth:`split` with the same ``key`` offered; neither known (no choice made
+        yet): no cap here, :meth:`split` applies it at the first choice. Only ejected
+        endpoints among them count; an endpoint not among them takes no slot.
         """
         with self._lock:
             now = self.clock()
-            states = self._services.setdefault(service, {})
-            key = _endpoint(instance)
-            state = states.get(key)
+            endpoint = _endpoint(instance)
+            state = self._services.get(service, {}).get(endpoint)
             if state is None:
                 self._sweep(now)
-                states = self._services.setdefault(service, {})
-                state = states[key] = _State(instance, seen=now, calm_since=now)
-                self._size += 1
+                state = self._services.setdefault(service, {})[endpoint] = _State(
+                    instance, seen=now, calm_since=now
+                )
+                self._order[(service, endpoint)] = None
             state.instance = instance
-            state.seen = now
+            self._touch(service, endpoint, state, now)
             state.expire(now)
             state.decay(rule.base_time, now)
             if state.until is not None:
@@ -113,58 +146,101 @@ class OutlierTracker:
             state.failures += 1
             if state.failures < rule.consecutive_failures:
                 return False
-            # The cap's base: the candidates choose() last offered. Never offered (no
-            # choice made yet): no cap here, split() applies it at the first choice.
-            candidates = self._candidates.get(service)
-            ejected = sum(1 for s in states.values() if s.ejected(now))
-            if candidates is not None and ejected >= max_ejections(
-                candidates, rule.max_ejected_percent
-            ):
-                return False
+            base = self._base(service, key, candidates)
+            if base is not None and endpoint in base:
+                states = self._services[service]
+                out = sum(
+                    1 for e in set(base) if (s := states.get(e)) is not None and s.ejected(now)
+                )
+                if out >= max_ejections(len(base), rule.max_ejected_percent):
+                    return False
             state.k += 1
             state.until = now + rule.duration(state.k)
             state.failures = 0
             return True
 
+    def _parted(
+        self, service: str, endpoints: Sequence[Endpoint], rule: OutlierEjection, now: float
+    ) -> set[int]:
+        """The indexes of ``endpoints`` left out now (lock held): the ejected ones, those
+        whose ejection ends last first, at most the percent cap of them."""
+        states = self._services.get(service)
+        if not states:
+            return set()
+        out: list[tuple[float, int]] = []
+        for index, endpoint in enumerate(endpoints):
+            state = states.get(endpoint)
+            if state is None:
+                continue
+            state.expire(now)
+            state.decay(rule.base_time, now)
+            if state.until is not None:
+                out.append((state.until, index))
+        allowed = max_ejections(len(endpoints), rule.max_ejected_percent)
+        out.sort(reverse=True)  # latest-ending first: those stay out
+        return {index for _, index in out[:allowed]}
+
     def split(
-        self, service: str, eligible: Sequence[ServiceInstance], rule: OutlierEjection
+        self,
+        service: str,
+        eligible: Sequence[ServiceInstance],
+        rule: OutlierEjection,
+        *,
+        key: Hashable = None,
     ) -> tuple[list[ServiceInstance], list[ServiceInstance]]:
         """``eligible`` parted into (usable, ejected), each in the input order.
 
-        ``eligible`` is every instance the service offers for choice (healthy, passing
-        the filter, with a port). When more are ejected than the percent cap allows of
-        them now (the service shrank), those whose ejection ends first are usable again.
+        ``eligible`` is every instance the service offers for choice under the policy
+        ``key`` (healthy, passing the filter, with a port); it becomes that policy's
+        cap base for :meth:`report`. When more are ejected than the percent cap allows
+        of them now (the service shrank), those whose ejection ends first are usable.
         """
         with self._lock:
             now = self.clock()
-            self._candidates[service] = len(eligible)
+            endpoints = tuple(_endpoint(i) for i in eligible)
+            self._candidates[(service, key)] = endpoints
             states = self._services.get(service)
             if not states:
                 return list(eligible), []
-            out: list[tuple[float, int]] = []
-            for index, instance in enumerate(eligible):
-                state = states.get(_endpoint(instance))
-                if state is None:
-                    continue
-                state.seen = now
-                state.expire(now)
-                state.decay(rule.base_time, now)
-                if state.until is not None:
-                    out.append((state.until, index))
-            allowed = max_ejections(len(eligible), rule.max_ejected_percent)
-            out.sort(reverse=True)  # latest-ending first: those stay out
-            ejected = {index for _, index in out[:allowed]}
+            for instance in eligible:
+                endpoint = _endpoint(instance)
+                state = states.get(endpoint)
+                if state is not None:
+                    self._touch(service, endpoint, state, now)
+            ejected = self._parted(service, endpoints, rule, now)
             return (
                 [i for n, i in enumerate(eligible) if n not in ejected],
                 [i for n, i in enumerate(eligible) if n in ejected],
             )
 
-    def ejected(self, service: str) -> list[ServiceInstance]:
-        """The instances of ``service`` ejected now, ordered by address and port."""
+    def ejected(
+        self,
+        service: str,
+        rule: OutlierEjection | None = None,
+        *,
+        key: Hashable = None,
+        candidates: Sequence[ServiceInstance] | None = None,
+    ) -> list[ServiceInstance]:
+        """The instances of ``service`` a choice would leave out now, by address and port.
+
+        Without ``rule``: every endpoint ejected now (no cap applied). With it: those
+        :meth:`split` would leave out of ``candidates`` (else of the last split's with
+        ``key``, else of every endpoint tracked for the service).
+        """
         with self._lock:
             now = self.clock()
             states = self._services.get(service, {})
-            return [states[k].instance for k in sorted(states) if states[k].ejected(now)]
+            if rule is None:
+                return [states[k].instance for k in sorted(states) if states[k].ejected(now)]
+            if candidates is not None:
+                endpoints: Sequence[Endpoint] = [_endpoint(i) for i in candidates]
+                pool: list[ServiceInstance | None] = list(candidates)
+            else:
+                endpoints = self._candidates.get((service, key)) or sorted(states)
+                pool = [states[e].instance if e in states else None for e in endpoints]
+            out = self._parted(service, endpoints, rule, now)
+            found = [i for n, i in enumerate(pool) if n in out and i is not None]
+            return sorted(found, key=_endpoint)
 
     def state(self, service: str, instance: ServiceInstance) -> tuple[int, int, float | None]:
         """(failures in a row, ejection multiplier, ejected until) of an endpoint (tests)."""
@@ -175,33 +251,30 @@ class OutlierTracker:
             found.expire(self.clock())
             return (found.failures, found.k, found.until)
 
+    def _forget(self, service: str, endpoint: Endpoint) -> None:
+        del self._order[(service, endpoint)]
+        states = self._services[service]
+        del states[endpoint]
+        if not states:
+            del self._services[service]
+            for pair in [p for p in self._candidates if p[0] == service]:
+                del self._candidates[pair]
+
     def _sweep(self, now: float) -> None:
-        """Forget endpoints unseen for ``forget_after`` (not ejected); at the bound of
-        ``max_endpoints``, the least recently seen down to nine tenths of it. Runs at
-        most every quarter of ``forget_after`` unless at the bound (before an insert)."""
-        if self._size < self.max_endpoints and now - self._swept < self.forget_after / 4:
-            return
-        self._swept = now
-        for service in list(self._services):
-            states = self._services[service]
-            for key in [k for k, s in states.items() if not s.ejected(now)]:
-                if now - states[key].seen > self.forget_after:
-                    del states[key]
-                    self._size -= 1
-            if not states:
-                del self._services[service]
-                self._candidates.pop(service, None)
-        if self._size >= self.max_endpoints:
-            # Down to nine tenths: the next sort is many inserts away.
-            keep = self.max_endpoints * 9 // 10
-            everything = sorted(
-                (state.seen, service, key)
-                for service, states in self._services.items()
-                for key, state in states.items()
-            )
-            for _, service, key in everything[: self._size - keep]:
-                del self._services[service][key]
-                self._size -= 1
-                if not self._services[service]:
-                    del self._services[service]
-                    self._candidates.pop(service, None)
+        """Before an insert (lock held): forget endpoints unseen for ``forget_after`` (not
+        ejected: those move to the back) from the least recently seen on, at most every
+        quarter of ``forget_after``; at ``max_endpoints``, the least recently seen one."""
+        if now - self._swept >= self.forget_after / 4:
+            self._swept = now
+            for _ in range(len(self._order)):
+                service, endpoint = next(iter(self._order))
+                state = self._services[service][endpoint]
+                if now - state.seen <= self.forget_after:
+                    break
+                if state.ejected(now):
+                    self._order.move_to_end((service, endpoint))
+                else:
+                    self._forget(service, endpoint)
+        while len(self._order) >= self.max_endpoints:
+            service, endpoint = next(iter(self._order))
+            self._forget(service, endpoint)

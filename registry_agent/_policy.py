@@ -7,7 +7,9 @@ transports and the gRPC channel apply.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -110,7 +112,7 @@ def _names(value: object, name: str) -> frozenset[str]:
             f"expected a collection of names, e.g. ({value!r},), got the single text {value!r}",
             field=name,
         )
-    if not isinstance(value, Collection):
+    if isinstance(value, Mapping) or not isinstance(value, Collection):
         raise ConfigError(f"expected a collection of names, got {value!r}", field=name)
     for item in value:
         if not isinstance(item, str) or not item:
@@ -127,6 +129,31 @@ def _pairs(value: object, name: str) -> Mapping[str, str]:
         if not isinstance(item, str):
             raise ConfigError(f"expected a text value for {key!r}, got {item!r}", field=name)
     return MappingProxyType(dict(value))
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _host_name(value: object, name: str) -> str | None:
+    """None, an IP literal, or a DNS host name: labels of 1 to 63 letters, digits and
+    hyphens (none at a label's start or end), 253 characters at most."""
+    if value is None:
+        return None
+    expected = "expected a DNS host name such as 'orders.internal' (or None)"
+    if not isinstance(value, str):
+        raise ConfigError(f"{expected}, got {value!r}", field=name)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        return value
+    host = value[:-1] if value.endswith(".") else value
+    if not host or len(host) > 253 or not all(_LABEL.fullmatch(p) for p in host.split(".")):
+        raise ConfigError(
+            f"{expected}, without scheme, port or wildcard, got {value!r}", field=name
+        )
+    return value
 
 
 def _empty() -> Mapping[str, str]:
@@ -203,14 +230,7 @@ class DiscoveryPolicy:
                 f"expected True or False, got {self.retry_read_timeouts!r}",
                 field="DiscoveryPolicy.retry_read_timeouts",
             )
-        name = self.server_name
-        if name is not None and (
-            not isinstance(name, str) or not name or any(c.isspace() for c in name)
-        ):
-            raise ConfigError(
-                f"expected a host name without spaces (or None), got {name!r}",
-                field="DiscoveryPolicy.server_name",
-            )
+        _host_name(self.server_name, "DiscoveryPolicy.server_name")
 
     def _key(self) -> tuple[object, ...]:
         # prefer's order is part of it (most important first); meta's is not.
