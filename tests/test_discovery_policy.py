@@ -4,7 +4,9 @@ choose()'s reasons in words over the in-memory registry."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -68,6 +70,16 @@ class Clock:
         ({"retry_read_timeouts": 1}, "DiscoveryPolicy.retry_read_timeouts"),
         ({"server_name": ""}, "DiscoveryPolicy.server_name"),
         ({"server_name": "a b"}, "DiscoveryPolicy.server_name"),
+        ({"server_name": "http://x"}, "DiscoveryPolicy.server_name"),
+        ({"server_name": "x:443"}, "DiscoveryPolicy.server_name"),
+        ({"server_name": "*.x"}, "DiscoveryPolicy.server_name"),
+        ({"server_name": "-"}, "DiscoveryPolicy.server_name"),
+        ({"server_name": "a-.b"}, "DiscoveryPolicy.server_name"),
+        ({"server_name": "a" * 64}, "DiscoveryPolicy.server_name"),
+        ({"server_name": ".".join(["a" * 63] * 4)}, "DiscoveryPolicy.server_name"),
+        ({"server_name": 5}, "DiscoveryPolicy.server_name"),
+        ({"tags": {"a": 1}}, "DiscoveryPolicy.tags"),
+        ({"tags": {"a": "b"}}, "DiscoveryPolicy.tags"),
         ({"outliers": 5}, "DiscoveryPolicy.outliers"),
     ],
 )
@@ -192,9 +204,15 @@ def test_percent_cap() -> None:
 # --- the ejection timeline ---------------------------------------------------------------
 
 
-def fail(tracker: OutlierTracker, instance: ServiceInstance, rule: OutlierEjection, n: int) -> bool:
+def fail(
+    tracker: OutlierTracker,
+    instance: ServiceInstance,
+    rule: OutlierEjection,
+    n: int,
+    **kwargs: Any,
+) -> bool:
     """Report ``n`` failures (all of them); True when one of them ejected."""
-    outcomes = [tracker.report("orders", instance, False, rule) for _ in range(n)]
+    outcomes = [tracker.report("orders", instance, False, rule, **kwargs) for _ in range(n)]
     return any(outcomes)
 
 
@@ -514,3 +532,220 @@ def test_sync_discovery_mirrors_the_async_one(registry: MemoryRegistry) -> None:
         assert discovery.choose("orders").id == "o1"  # zone b ejected: fall back
         assert discovery.is_service("orders")
         assert not discovery.is_service("nope")
+
+
+# --- issue 16 break-it fixes ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["orders", "orders.internal", "xn--bcher-kva.example.", "a" * 63, "10.0.0.1", "::1"]
+)
+def test_a_server_name_is_a_dns_host_name_or_an_ip(name: str) -> None:
+    assert DiscoveryPolicy(server_name=name).tls_server_name("orders") == name
+
+
+def test_an_ejected_endpoint_that_left_holds_no_slot() -> None:
+    clock = Clock()
+    tracker = OutlierTracker(clock)
+    rule = OutlierEjection(consecutive_failures=2, base_time=10, max_ejected_percent=50)
+    a, b, c = inst(1), inst(2), inst(3)
+    tracker.split("orders", [a, b, c], rule)
+    fail(tracker, a, rule, 2)
+    assert tracker.ejected("orders", rule) == [a]
+    # a moved to another port while ejected: the candidates are now a2, b, c.
+    a2 = ServiceInstance.from_registry(service="orders", address="127.0.0.1", port=9011, id="o1")
+    assert tracker.split("orders", [a2, b, c], rule) == ([a2, b, c], [])
+    assert fail(tracker, b, rule, 2)  # a's old endpoint takes no slot of the cap (1 of 3)
+    assert tracker.split("orders", [a2, b, c], rule) == ([a2, c], [b])
+    # Given candidates directly (what choose() would weigh now) the same holds.
+    fresh = OutlierTracker(clock)
+    fail(fresh, a, rule, 2)
+    assert fail(fresh, b, rule, 2, candidates=[b, c])
+
+
+def test_the_cap_is_kept_per_policy() -> None:
+    clock = Clock()
+    tracker = OutlierTracker(clock)
+    rule = OutlierEjection(consecutive_failures=2, base_time=10)
+    pool = [inst(n) for n in range(6)]
+    default, canary = DiscoveryPolicy(outliers=rule), DiscoveryPolicy(tags=["c"], outliers=rule)
+    tracker.split("orders", pool, rule, key=default)
+    tracker.split("orders", pool[:1], rule, key=canary)  # one canary: a cap of 0 for it only
+    assert fail(tracker, pool[3], rule, 2, key=default)
+    assert tracker.split("orders", pool, rule, key=default)[1] == [pool[3]]
+
+
+async def test_report_under_one_policy_ignores_another_policys_choice(
+    registry: MemoryRegistry,
+) -> None:
+    pool = [inst(1, tags=("canary",)), *(inst(n) for n in range(2, 7))]
+    for instance in pool:
+        put(registry, instance)
+    rule = OutlierEjection(consecutive_failures=2, base_time=60)
+    policy = DiscoveryPolicy(outliers=rule)
+    canary = DiscoveryPolicy(tags=["canary"], outliers=rule)
+    async with AsyncDiscovery(registry.url, policy=policy) as discovery:
+        await discovery.choose("orders")
+        assert (await discovery.choose("orders", policy=canary)).id == "o1"
+        for _ in range(2):
+            discovery.report("orders", pool[3], False)
+        assert discovery.ejected("orders") == [pool[3]]
+        assert "o4" not in {(await discovery.choose("orders")).id for _ in range(10)}
+        # The only canary is never ejected under the canary policy.
+        for _ in range(4):
+            discovery.report("orders", pool[0], False, policy=canary)
+        assert discovery.ejected("orders", policy=canary) == []
+        assert (await discovery.choose("orders", policy=canary)).id == "o1"
+
+
+async def test_a_deregistered_ejected_instance_frees_its_slot(registry: MemoryRegistry) -> None:
+    pool = [inst(n) for n in range(1, 4)]
+    for instance in pool:
+        put(registry, instance)
+    rule = OutlierEjection(consecutive_failures=2, base_time=60)
+    async with AsyncDiscovery(registry.url, policy=DiscoveryPolicy(outliers=rule)) as discovery:
+        await discovery.choose("orders")
+        for _ in range(2):
+            discovery.report("orders", pool[2], False)
+        assert discovery.ejected("orders") == [pool[2]]
+        registry.delete("orders", pool[2].id, None)
+        for _ in range(100):  # the watch sees it go (in memory: at once, bounded anyway)
+            if len(await discovery.instances("orders")) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert discovery.ejected("orders") == []  # no longer a candidate: not listed
+        # No choice between: report() weighs the current candidates (2: a cap of 1).
+        for _ in range(2):
+            discovery.report("orders", pool[0], False)
+        assert discovery.ejected("orders") == [pool[0]]
+        assert {(await discovery.choose("orders")).id for _ in range(4)} == {"o2"}
+
+
+async def test_ejected_agrees_with_choose_before_and_after_the_first_choice(
+    registry: MemoryRegistry,
+) -> None:
+    rule = OutlierEjection(consecutive_failures=1, base_time=60)
+    policy = DiscoveryPolicy(outliers=rule)
+    only = inst(1)
+    put(registry, only)
+    async with AsyncDiscovery(registry.url, policy=policy) as discovery:
+        discovery.report("orders", only, False)
+        assert discovery.ejected("orders") == []  # the only one is never left out
+        assert (await discovery.choose("orders")).id == "o1"
+        assert discovery.ejected("orders") == []
+    ten = [inst(n) for n in range(10, 20)]
+    for instance in ten:
+        put(registry, instance)
+    async with AsyncDiscovery(registry.url, policy=policy) as discovery:
+        for instance in ten:
+            discovery.report("orders", instance, False)
+        before = discovery.ejected("orders")
+        assert len(before) == 5  # 50 % of the ten reported
+        offered = {(await discovery.choose("orders")).id for _ in range(30)}
+        after = discovery.ejected("orders")
+        assert len(after) == 5  # 50 % of 11 candidates, rounded down
+        assert offered.isdisjoint(i.id for i in after)
+        assert len(offered) == 11 - 5
+        assert discovery.ejected("orders", policy=DiscoveryPolicy()) == []  # no outliers
+
+
+BAD_POLICIES = [{"outliers": None}, "canary", OutlierEjection()]
+
+
+@pytest.mark.parametrize("bad", BAD_POLICIES)
+async def test_a_bad_policy_argument_is_a_config_error_before_any_watch(
+    registry: MemoryRegistry, bad: object
+) -> None:
+    put(registry, inst(1))
+    async with AsyncDiscovery(registry.url) as discovery:
+        with pytest.raises(ConfigError) as info:
+            await discovery.choose("orders", policy=bad)  # type: ignore[arg-type]
+        assert info.value.field == "policy"
+        with pytest.raises(ConfigError) as info:
+            discovery.report("orders", inst(1), False, policy=bad)  # type: ignore[arg-type]
+        assert info.value.field == "policy"
+        with pytest.raises(ConfigError) as info:
+            discovery.ejected("orders", policy=bad)  # type: ignore[arg-type]
+        assert info.value.field == "policy"
+        assert discovery._watchers == {}
+    with Discovery(registry.url) as sync, pytest.raises(ConfigError) as info:
+        sync.choose("orders", policy=bad)  # type: ignore[arg-type]
+    assert info.value.field == "policy"
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ((None, inst(1), False), "service"),
+        (("", inst(1), False), "service"),
+        (("orders", inst(1), "no"), "ok"),
+        (("orders", inst(1), None), "ok"),
+        (("orders", inst(1), 0), "ok"),
+        (("users", inst(1), False), "instance"),
+        (("orders", None, False), "instance"),
+    ],
+)
+def test_bad_report_arguments_are_config_errors(
+    registry: MemoryRegistry, args: tuple[Any, ...], field: str
+) -> None:
+    policy = DiscoveryPolicy(outliers=OutlierEjection(consecutive_failures=1))
+    with Discovery(registry.url, policy=policy) as discovery:
+        with pytest.raises(ConfigError) as info:
+            discovery.report(*args)
+        assert info.value.field == field
+        assert discovery.ejected("orders") == []
+        assert discovery.ejected("users") == []
+
+
+@pytest.mark.parametrize("name", [None, 5, b"x", ""])
+def test_bad_names_for_is_service_and_ejected(registry: MemoryRegistry, name: Any) -> None:
+    with Discovery(registry.url) as discovery:
+        with pytest.raises(ConfigError) as info:
+            discovery.is_service(name)
+        assert info.value.field == "name"
+        with pytest.raises(ConfigError) as info:
+            discovery.ejected(name)
+        assert info.value.field == "service"
+
+
+@pytest.mark.parametrize("exclude", ["o1", b"o1", 5])
+async def test_exclude_must_be_a_collection(registry: MemoryRegistry, exclude: Any) -> None:
+    put(registry, inst(1))
+    async with AsyncDiscovery(registry.url) as discovery:
+        with pytest.raises(ConfigError) as info:
+            await discovery.choose("orders", exclude=exclude)
+        assert info.value.field == "exclude"
+        assert (await discovery.choose("orders", exclude=["o2"])).id == "o1"
+
+
+def test_at_the_bound_one_endpoint_goes_per_insert() -> None:
+    clock = Clock()
+    tracker = OutlierTracker(clock, max_endpoints=2000)
+    rule = OutlierEjection(consecutive_failures=3)
+    pool = [
+        ServiceInstance.from_registry(
+            service="s", address=f"10.{n // 60000}.0.1", port=n % 60000 + 1, id=str(n)
+        )
+        for n in range(6000)
+    ]
+    kept = pool[10]
+    for instance in pool[:2000]:
+        tracker.report("s", instance, False, rule)
+        clock.now += 0.001
+    slowest = 0.0
+    for instance in pool[2000:]:
+        tracker.report("s", kept, True, rule)  # seen again: the least recent go first
+        started = time.perf_counter()
+        tracker.report("s", instance, False, rule)
+        slowest = max(slowest, time.perf_counter() - started)
+        assert tracker.size == 2000  # exactly one forgotten per insert, no mass trim
+        clock.now += 0.001
+    assert tracker.state("s", kept)[0] == 0
+    assert _tracked(tracker, kept)
+    assert not _tracked(tracker, pool[0])
+    # No sort of them all under the lock: an insert at the bound stays cheap (generous).
+    assert slowest < 0.05, slowest
+
+
+def _tracked(tracker: OutlierTracker, instance: ServiceInstance) -> bool:
+    return (instance.address, instance.port) in tracker._services.get(instance.service, {})
