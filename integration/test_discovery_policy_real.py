@@ -17,6 +17,7 @@ from registry_agent import (
     AsyncDiscovery,
     AsyncRegistrar,
     Backend,
+    BackendUnavailable,
     CallableCheck,
     Discovery,
     DiscoveryPolicy,
@@ -27,6 +28,8 @@ from registry_agent import (
     ServiceInstance,
     open_backend,
 )
+from registry_agent._urls import parse_backend_url
+from registry_agent.testing import FaultProxy
 from registry_agent.testing.servers import ServerProcess, free_port
 
 from .test_healing import Measured
@@ -202,6 +205,9 @@ async def test_ejection_and_timed_recovery(
     try:
         async with AsyncDiscovery(server.url, policy=policy) as discovery:
             await until(lambda: _count(discovery, service, 3), 10, "three instances seen")
+            # ejected() agrees with choose(): before its first choice the blocking
+            # discovery knows only the endpoints reported (one: never left out).
+            await asyncio.to_thread(sync.choose, service)
             for nth in (1, 2):
                 # Failures from caller threads, as a blocking client reports them.
                 await asyncio.to_thread(_fail, sync, service, bad, 2)
@@ -298,3 +304,129 @@ async def test_is_service_raises_the_registry_error(server: ServerProcess) -> No
             await discovery.is_service("orders")
         assert time.monotonic() - started < 2 + 1.5
         assert discovery._watchers == {}
+
+
+async def test_a_deregistered_ejected_instance_frees_its_slot(
+    server: ServerProcess, fleet: Fleet, measured: Measured
+) -> None:
+    """Issue 16 break-it: an ejected endpoint that left the registry held a slot of the
+    percent cap, so a live failing instance could not be ejected."""
+    service = fleet.service
+    pool = [await fleet.add(f"d{n}") for n in range(3)]
+    rule = OutlierEjection(consecutive_failures=3, base_time=60, max_time=60)
+    policy = DiscoveryPolicy(outliers=rule)
+    sync = Discovery(server.url, policy=policy)
+    try:
+        async with AsyncDiscovery(server.url, policy=policy) as discovery:
+            await until(lambda: _count(discovery, service, 3), 10, "three instances seen")
+            await asyncio.to_thread(lambda: _wait_sync(sync, service, 3))
+            for client in (discovery, sync):
+                for _ in range(3):
+                    client.report(service, pool[2], False)
+                assert client.ejected(service) == [pool[2]]
+            await fleet.registrars[pool[2].id].stop(timeout=5)
+            took = await until(lambda: _count(discovery, service, 2), WITHDRAWN, "gone")
+            measured("deregistered instance gone from the watch", took, WITHDRAWN)
+            await asyncio.to_thread(lambda: _wait_sync(sync, service, 2))
+            for client in (discovery, sync):
+                assert client.ejected(service) == []  # no candidate any more: not listed
+                # No choice in between: report() weighs the current two (a cap of one).
+                for _ in range(3):
+                    client.report(service, pool[0], False)
+                assert client.ejected(service) == [pool[0]]
+            assert set(await ids(discovery, service, 4)) == {pool[1].id}
+            assert {sync.choose(service).id for _ in range(4)} == {pool[1].id}
+    finally:
+        sync.close()
+
+
+def _wait_sync(sync: Discovery, service: str, n: int) -> None:
+    deadline = time.monotonic() + WITHDRAWN
+    while len(sync.instances(service)) != n:
+        assert time.monotonic() < deadline, f"{n} instances not seen within {WITHDRAWN:g}s"
+        time.sleep(0.05)
+
+
+async def test_is_service_shares_one_read_and_caches_a_failure(
+    server: ServerProcess, fleet: Fleet
+) -> None:
+    """Issue 16 break-it: concurrent is_service() calls against a silent registry were
+    serialised (5 calls took 5 x sync_timeout) and a refused one was read thousands of
+    times a second."""
+    service = fleet.service
+    await fleet.add("s1")
+    bound = 1.0  # sync_timeout
+    ((_, port),) = parse_backend_url(server.url, default_port=0).endpoints
+    with FaultProxy("127.0.0.1", port) as proxy:
+        url = f"{server.name}://{proxy.host}:{proxy.port}"
+        async with AsyncDiscovery(url, sync_timeout=bound) as discovery:
+            reads = _CountedReads(discovery.backend)
+            assert await discovery.is_service(service)
+            proxy.blackhole()
+            await asyncio.sleep(3.2)  # past the names' cache
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(discovery.is_service(service) for _ in range(5)), return_exceptions=True
+            )
+            took = time.monotonic() - started
+            assert all(isinstance(r, BackendUnavailable) for r in results), results
+            assert took < bound + 1.0, took  # one shared read, not five in a row
+            assert reads.count == 2
+            # The failure is repeated for a second without asking again...
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                await discovery.is_service(service)
+            assert time.monotonic() - started < 0.2
+            assert reads.count == 2
+            # ... then the registry is asked again.
+            await asyncio.sleep(1.1)
+            proxy.refuse()
+            with pytest.raises(RegistryError):
+                await discovery.is_service(service)
+            assert reads.count == 3
+            # Hammered for two seconds while refused: about one read a second.
+            started = time.monotonic()
+            calls = 0
+            while time.monotonic() - started < 2.0:
+                with pytest.raises(RegistryError):
+                    await discovery.is_service(service)
+                calls += 1
+                await asyncio.sleep(0)
+            assert calls > 100
+            assert reads.count <= 3 + 3, reads.count
+            assert discovery._watchers == {}
+        proxy.blackhole()
+        with Discovery(url, sync_timeout=bound) as sync:
+            outcomes: list[BaseException | bool] = []
+
+            def ask() -> None:
+                try:
+                    outcomes.append(sync.is_service(service))
+                except Exception as exc:
+                    outcomes.append(exc)
+
+            started = time.monotonic()
+            threads = [threading.Thread(target=ask) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(bound + 5)
+            took = time.monotonic() - started
+            assert len(outcomes) == 4
+            # The registry's own timeout, never the loop thread's "no answer".
+            assert all(isinstance(o, BackendUnavailable) for o in outcomes), outcomes
+            assert took < bound + 1.5, took
+
+
+class _CountedReads:
+    """Counts a real backend's services() reads (its own services() does the work)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.count = 0
+        original = backend.services  # type: ignore[attr-defined]
+
+        async def services() -> Any:
+            self.count += 1
+            return await original()
+
+        backend.services = services  # type: ignore[attr-defined]
