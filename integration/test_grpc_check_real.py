@@ -9,6 +9,9 @@ Registrar (its loop on a thread of its own) and the agent process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -315,3 +318,123 @@ def test_agent_process_with_a_grpc_check(
     measured("agent: SERVING -> registered", took, RETURN_BOUND)
     assert agent.stop() == 0
     assert listed(server.url, "orders") == {}
+
+
+async def test_concurrent_runs_of_one_check_all_pass(grpc_server: GrpcServer) -> None:
+    # One check shared by two registrars runs twice at once: neither run may close the
+    # channel the other is using (that cancelled it and withdrew a healthy instance).
+    check = GrpcCheck(grpc_server.target, timeout=2.0)
+    try:
+        for _ in range(20):
+            results = await asyncio.gather(*(check.run() for _ in range(3)))
+            assert [(r.ok, r.detail) for r in results] == [(True, "status SERVING")] * 3
+        # A run cut short by its caller (unanswered) does not disturb one in flight.
+        slow = asyncio.ensure_future(check.run())
+        cut = asyncio.ensure_future(check.run())
+        await asyncio.sleep(0)
+        cut.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cut
+        assert (await slow).ok
+        assert (await check.run()).ok
+    finally:
+        await check.aclose()
+
+
+def _client_sockets_to(port: int) -> int:
+    """Sockets on this machine whose remote end is 127.0.0.1:port (all states)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        remote = line.split()[2]  # hex address:port
+        if int(remote.rpartition(":")[2], 16) == port:
+            count += 1
+    return count
+
+
+async def test_a_stalled_server_costs_one_socket_per_check() -> None:
+    # A server that accepts but never answers (SIGSTOPped): every run times out, yet the
+    # check keeps using the connection it has instead of dialling anew (each new dial
+    # left a connecting socket behind for ~20 s: hundreds of fds for an agent).
+    server = GrpcServer("stalled").start()
+    assert server.process is not None
+    pid = server.process.pid
+    check = GrpcCheck(server.target, timeout=0.2)
+    try:
+        assert (await check.run()).ok
+        os.kill(pid, signal.SIGSTOP)
+        peak = 0
+        for _ in range(30):
+            result = await check.run()
+            assert not result.ok
+            peak = max(peak, _client_sockets_to(server.port))
+        assert peak <= 2, f"{peak} sockets to the stalled server after 30 runs"
+        os.kill(pid, signal.SIGCONT)
+        recovered = False
+        for _ in range(20):  # the held connection answers once the server runs again
+            if (await check.run()).ok:
+                recovered = True
+                break
+            await asyncio.sleep(0.1)
+        assert recovered, "the check passes again once the server is resumed"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await check.aclose()
+        _kill(server)
+
+
+async def test_ambiguous_connection_failures_and_garbage_answers_say_what_to_check(
+    certs: CertFiles, tmp_path: Path
+) -> None:
+    other = make_certs(tmp_path / "other", "other")
+    server = GrpcServer("mtls", tls=(certs.server_cert, certs.server_key), client_ca=certs.ca)
+    server.start()
+    checks = {
+        "plain": GrpcCheck(server.target),
+        "no cert": GrpcCheck(server.target, ca_file=certs.ca),
+        "foreign cert": GrpcCheck(
+            server.target, ca_file=certs.ca, cert_file=other.client_cert, key_file=other.client_key
+        ),
+        "good": GrpcCheck(
+            server.target, ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key
+        ),
+    }
+    try:
+        results = {name: await check.run() for name, check in checks.items()}
+    finally:
+        _kill(server)
+        for check in checks.values():
+            await check.aclose()
+    assert (results["good"].ok, results["good"].detail) == (True, "status SERVING")
+    assert results["plain"].detail.endswith("(is the server TLS? then set tls = true)")
+    for name in ("no cert", "foreign cert"):
+        assert results[name].detail.startswith("UNAVAILABLE: "), results[name].detail
+        assert results[name].detail.endswith(
+            "(does the server require a client certificate signed by a CA it trusts?)"
+        ), results[name].detail
+
+    import grpc
+
+    def garbage(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return b"\xff\xff\xff\xff"  # not a HealthCheckResponse
+
+    odd = grpc.aio.server()
+    odd.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(garbage)}
+            ),
+        )
+    )
+    port = odd.add_insecure_port("127.0.0.1:0")
+    await odd.start()
+    check = GrpcCheck(f"127.0.0.1:{port}", timeout=2.0)
+    try:
+        result = await check.run()
+    finally:
+        await check.aclose()
+        await odd.stop(None)
+    assert (result.ok, result.detail) == (
+        False,
+        "the server's answer is not a grpc.health.v1.HealthCheckResponse "
+        "(does it serve the standard health protocol?)",
+    )

@@ -914,6 +914,9 @@ def _quiet_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``registry-agent`` console script; returns an :class:`ExitCode`."""
+    # gRPC core logs to stderr by itself (a gRPC check's failed handshakes), bypassing the
+    # agent's log format and level: silenced before a check imports grpc, unless set.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         args = _parser().parse_args(argv)
     except _UsageError as exc:

@@ -125,8 +125,28 @@ def test_defaults_and_names() -> None:
     ("check", "expected"),
     [
         ('grpc = "127.0.0.1"', 'service[0].check[0].grpc: expected "host:port"'),
-        ('grpc = "127.0.0.1:0"', 'service[0].check[0].grpc: expected "host:port"'),
-        ('grpc = "127.0.0.1:70000"', 'service[0].check[0].grpc: expected "host:port"'),
+        ('grpc = "127.0.0.1:0"', "service[0].check[0].grpc: expected a port 1-65535"),
+        ('grpc = "127.0.0.1:70000"', "service[0].check[0].grpc: expected a port 1-65535"),
+        # Digits of other scripts are digits to str.isdigit(), not to a port.
+        ('grpc = "127.0.0.1:²"', 'service[0].check[0].grpc: expected "host:port"'),
+        ('grpc = "127.0.0.1:\u0665\u0660"', 'service[0].check[0].grpc: expected "host:port"'),
+        ('grpc = "127.0.0.1:\uff10\uff18\uff10"', 'service[0].check[0].grpc: expected "host:port"'),
+        ('grpc = "[127.0.0.1]:80"', 'service[0].check[0].grpc: expected "host:port"'),
+        ('grpc = "[localhost]:80"', 'service[0].check[0].grpc: expected "host:port"'),
+        ('tcp = "127.0.0.1:²"', 'service[0].check[0].tcp: expected "host:port"'),
+        ('tcp = "127.0.0.1:\u0665\u0660"', 'service[0].check[0].tcp: expected "host:port"'),
+        ('tcp = "[127.0.0.1]:80"', 'service[0].check[0].tcp: expected "host:port"'),
+        ('tcp = "::1:80"', 'service[0].check[0].tcp: expected "host:port"'),
+        ('grpc = "h:1"\ntimeout = 1e10', "service[0].check[0].timeout: must be at most 86400s"),
+        ('grpc = "h:1"\ninterval = 100000', "service[0].check[0].interval: must be at most 86400s"),
+        ('grpc = "h:1"\nserver_name = "a b"', "service[0].check[0].server_name: expected a host"),
+        ('grpc = "h:1"\nname = ""', "service[0].check[0].name: is empty"),
+        ('tcp = "h:1"\nname = " "', "service[0].check[0].name: is empty"),
+        ('grpc = "h:1"\nca_file = ""', "service[0].check[0].ca_file: is empty"),
+        (
+            'grpc = "h:1"\ncert_file = ""\nkey_file = "/x"',
+            "service[0].check[0].cert_file: is empty",
+        ),
         ('grpc = "::1:50051"', 'service[0].check[0].grpc: expected "host:port"'),
         ('grpc = "http://h:1"', 'service[0].check[0].grpc: expected "host:port"'),
         ("grpc = 50051", "service[0].check[0].grpc: expected a string"),
@@ -149,6 +169,77 @@ def test_defaults_and_names() -> None:
 )
 def test_bad_tables_are_errors_naming_the_field(tmp_path: Path, check: str, expected: str) -> None:
     assert _error(tmp_path, check).startswith(expected)
+
+
+def test_good_targets_of_both_kinds(tmp_path: Path) -> None:
+    assert GrpcCheck("[::1]:50051").target == "[::1]:50051"
+    assert GrpcCheck("my-host.example:65535").target == "my-host.example:65535"
+    for target, host, port in (("[::1]:5432", "::1", 5432), ("db.local:1", "db.local", 1)):
+        config = load_config(_config(tmp_path, f'tcp = "{target}"'), env={})
+        check = config.services[0].checks[0].build()
+        assert (check.host, check.port) == (host, port)  # type: ignore[attr-defined]
+
+
+def test_credentials_in_a_target_are_refused_with_the_password_masked(tmp_path: Path) -> None:
+    for key in ("grpc", "tcp"):
+        text = _error(tmp_path, f'{key} = "user:s3cret@127.0.0.1:1"')
+        assert text.startswith(f"service[0].check[0].{key}: credentials (user:password@) are "), (
+            text
+        )
+        assert "s3cret" not in text
+        assert "user:***@127.0.0.1:1" in text
+    with pytest.raises(ConfigError) as info:
+        GrpcCheck("s3cret@127.0.0.1:1")
+    assert info.value.field == "grpc"
+    assert "s3cret" not in str(info.value)
+    assert "***@127.0.0.1:1" in str(info.value)
+
+
+def test_tls_false_with_a_tls_setting_is_refused_in_python_as_in_toml(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text(_real_pem(tmp_path))
+    for kwargs in ({"ca_file": ca}, {"server_name": "orders"}):
+        with pytest.raises(ConfigError) as info:
+            GrpcCheck("h:1", tls=False, **kwargs)  # type: ignore[arg-type]
+        assert info.value.field == "tls"
+        assert "(a TLS setting) is given" in str(info.value)
+        assert GrpcCheck("h:1", **kwargs).tls is True  # type: ignore[arg-type]
+        assert GrpcCheck("h:1", tls=True, **kwargs).tls is True  # type: ignore[arg-type]
+    assert GrpcCheck("h:1").tls is False
+    assert GrpcCheck("h:1", tls=False).tls is False
+
+
+def test_bad_values_in_python_name_the_field() -> None:
+    cases = [
+        ({"target": "127.0.0.1:²"}, "grpc"),
+        ({"target": "[127.0.0.1]:80"}, "grpc"),
+        ({"target": "h:1", "timeout": 1e10}, "check grpc h:1: timeout"),
+        ({"target": "h:1", "interval": 1e10}, "check grpc h:1: interval"),
+        ({"target": "h:1", "server_name": "a b"}, "server_name"),
+        ({"target": "h:1", "server_name": "-bad.example"}, "server_name"),
+        ({"target": "h:1", "name": ""}, "name"),
+        ({"target": "h:1", "ca_file": ""}, "ca_file"),
+    ]
+    for kwargs, field in cases:
+        with pytest.raises(ConfigError) as info:
+            GrpcCheck(**kwargs)  # type: ignore[arg-type]
+        assert info.value.field == field, (kwargs, info.value)
+    assert GrpcCheck("h:1", server_name="::1").server_name == "::1"
+    assert GrpcCheck("h:1", timeout=86400, interval=86400).timeout == 86400
+
+
+def test_the_agent_silences_grpc_cores_own_log_unless_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    path = _config(tmp_path, f'grpc = "127.0.0.1:{free_port()}"')
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+    main(["check", "-c", str(path)])
+    assert os.environ["GRPC_VERBOSITY"] == "NONE"
+    monkeypatch.setenv("GRPC_VERBOSITY", "DEBUG")
+    main(["check", "-c", str(path)])
+    assert os.environ["GRPC_VERBOSITY"] == "DEBUG", "a value of the user's own is kept"
 
 
 def test_files_that_are_not_pem_are_errors_naming_the_field(tmp_path: Path) -> None:
@@ -264,3 +355,26 @@ def test_a_server_without_the_health_service_says_so() -> None:
         )
 
     asyncio.run(main())
+
+
+def test_a_reload_that_fails_unexpectedly_is_refused_and_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Any error of the new file (a ValueError of a check's parser was one) keeps the running
+    # config and says so, instead of "Task exception was never retrieved".
+    import registry_agent._agent.runtime as runtime_module
+    from registry_agent._agent.runtime import AgentRuntime
+
+    runtime = AgentRuntime(load_config(_config(tmp_path, 'tcp = "127.0.0.1:1"'), env={}))
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("invalid literal for int() with base 10: '²'")
+
+    monkeypatch.setattr(runtime_module, "load_config", broken)
+    with caplog.at_level("ERROR", logger="registry_agent"):
+        asyncio.run(runtime._reload_in_turn())
+    record = next(r for r in caplog.records if r.getMessage().startswith("reload refused"))
+    expected = "unexpected ValueError: invalid literal for int() with base 10: '²'"
+    assert record.getMessage().endswith(expected)
+    assert record.__dict__["error"] == expected
+    assert runtime.reloads == 0

@@ -391,12 +391,15 @@ class AgentRuntime:
             if new.backends != self.config.backends:
                 new_backends, opened = await self._backends_for(new)
             await validate_services(new, new_backends or self.backends)
-        except ConfigError as exc:
+        except Exception as exc:  # a ConfigError, or a bug the new file runs into
             await close_backends(opened)
+            error = str(exc)
+            if not isinstance(exc, ConfigError):
+                error = f"unexpected {type(exc).__name__}: {error}"
             log.error(
                 "reload refused, keeping the running config: %s",
-                exc,
-                extra={"event": "reload_failed", "error": str(exc)},
+                error,
+                extra={"event": "reload_failed", "error": error},
             )
             return
         wanted = {svc.key: svc for svc in new.services}

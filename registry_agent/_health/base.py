@@ -21,6 +21,9 @@ DETAIL_MAX = 500
 INTERVAL_FLOOR = 0.01
 #: The shortest ``timeout`` a check accepts (a probe needs time to be answered).
 TIMEOUT_FLOOR = 0.01
+#: The longest ``interval`` or ``timeout`` a check accepts: one day (asyncio's timers
+#: fail on absurd values, so a typo would fail every run instead of being refused).
+SECONDS_CEILING = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,10 @@ def seconds_at_least(value: float, floor: float, why: str, field: str) -> float:
     seconds = positive(value, field)
     if seconds < floor:
         raise ConfigError(f"must be at least {floor:g}s ({why}), got {seconds:g}s", field=field)
+    if seconds > SECONDS_CEILING:
+        raise ConfigError(
+            f"must be at most {SECONDS_CEILING:g}s (one day), got {seconds:g}s", field=field
+        )
     return seconds
 
 
@@ -102,6 +109,8 @@ class HealthCheck:
             "timeout": table.get("timeout", as_duration, 2.0),
         }
         name = table.get("name", as_str)
+        if name is not None and not name.strip():
+            raise table.error("name", "is empty: leave it out for the default name")
         if name:
             options["name"] = name
         return options

@@ -19,7 +19,7 @@ import httpx
 from registry_agent._errors import ConfigError
 from registry_agent._health.base import MASK, CheckResult, HealthCheck
 from registry_agent._health.command import CommandCheck
-from registry_agent._health.grpc_check import GrpcCheck
+from registry_agent._health.grpc_check import GrpcCheck, split_host_port
 from registry_agent._health.solo_thread import SoloThread
 from registry_agent._urls import Table, as_choice, as_str, as_str_map
 
@@ -206,12 +206,13 @@ class TcpCheck(HealthCheck):
     def from_table(cls, table: Table) -> TcpCheck:
         """``tcp = "host:port"`` (an IPv6 host in brackets: ``"[::1]:5432"``)."""
         target = table.require("tcp", as_str)
-        host, sep, port = target.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise table.error("tcp", f'expected "host:port" like "127.0.0.1:8080", got {target!r}')
+        try:
+            host, port = split_host_port(target, "tcp", "127.0.0.1:8080")
+        except ConfigError as exc:
+            raise table.error("tcp", exc.reason) from None
         options = cls.common_options(table)
         with table.naming_fields():
-            return cls(host.strip("[]"), int(port), **options)
+            return cls(host, port, **options)
 
     def __init__(
         self,

@@ -7,15 +7,17 @@ gRPC is an extra (``pip install 'registry-agent[grpc]'``): it is imported when a
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
 import ssl
 from pathlib import Path
 from typing import Any, ClassVar
 
 from registry_agent._errors import ConfigError
-from registry_agent._health.base import HealthCheck
+from registry_agent._health.base import MASK, HealthCheck
 from registry_agent._urls import Table, as_bool, as_str
 
-__all__ = ["GrpcCheck"]
+__all__ = ["GrpcCheck", "split_host_port"]
 
 #: What to install when gRPC is missing.
 INSTALL = "pip install 'registry-agent[grpc]'"
@@ -26,6 +28,23 @@ _NO_ANSWER = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOW
 
 # In a failed call's details, words that say the TLS handshake or certificate check failed.
 _TLS_WORDS = ("handshake", "verification", "certificate", "ssl")
+
+
+# Words of a connection the server closed before answering: TLS or a client certificate?
+_AMBIGUOUS = ("socket closed", "connection reset", "end of file", "eof")
+
+
+class _Channel:
+    """A channel and what the runs on it know: who uses it, whether it was answered."""
+
+    __slots__ = ("answered", "channel", "loop", "retired", "users")
+
+    def __init__(self, channel: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.channel = channel
+        self.loop = loop
+        self.users = 0  # runs in flight on it: it is closed when the last one ends
+        self.answered = True
+        self.retired = False
 
 
 def _grpc_modules() -> tuple[Any, Any, Any]:
@@ -42,23 +61,64 @@ def _grpc_modules() -> tuple[Any, Any, Any]:
     return grpc, health_pb2, health_pb2_grpc
 
 
-def _split_target(target: str) -> tuple[str, int]:
-    """``(host, port)`` of ``"host:port"`` (an IPv6 host in brackets), or a ConfigError."""
-    host, sep, port = target.rpartition(":") if isinstance(target, str) else ("", "", "")
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+def split_host_port(target: object, field: str, example: str) -> tuple[str, int]:
+    """``(host, port)`` of ``"host:port"``, or a :class:`ConfigError` naming ``field``.
+
+    The port is ASCII digits, 1-65535; brackets go around an IPv6 address and
+    nothing else. Credentials (``user:pass@``) are refused with the password masked.
+    """
+    expected = (
+        f'expected "host:port" like "{example}" (IPv6 as "[::1]:{example.rpartition(":")[2]}")'
+    )
+    if not isinstance(target, str):
+        raise ConfigError(f"{expected}, got {target!r}", field=field)
+    userinfo, at, _ = target.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        shown = target.replace(userinfo, f"{user}:{MASK}" if colon else MASK, 1)
+        raise ConfigError(
+            f"credentials (user:password@) are not supported in a {field} target, got {shown!r}",
+            field=field,
+        )
+    host, sep, port = target.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    bare = host[1:-1] if bracketed else host
     if (
         not sep
         or not bare
-        or not port.isdigit()
-        or not 1 <= int(port) <= 65535
-        or (":" in bare and bare == host)  # an IPv6 address needs its brackets
+        or not (port.isascii() and port.isdigit())
+        or (":" in bare) != bracketed  # brackets around an IPv6 address, and only there
         or any(c in bare for c in "/[]@ ")
+        or not bare.isprintable()
     ):
-        raise ConfigError(
-            f'expected "host:port" like "127.0.0.1:50051" (IPv6 as "[::1]:50051"), got {target!r}',
-            field="grpc",
-        )
+        raise ConfigError(f"{expected}, got {target!r}", field=field)
+    if not 1 <= int(port) <= 65535:
+        raise ConfigError(f"expected a port 1-65535, got {target!r}", field=field)
     return bare, int(port)
+
+
+def _split_target(target: str) -> tuple[str, int]:
+    """``(host, port)`` of a gRPC target, or a ConfigError naming ``grpc``."""
+    return split_host_port(target, "grpc", "127.0.0.1:50051")
+
+
+# A DNS host name (labels of letters, digits and hyphens) or an IP address.
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+    r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?"
+)
+
+
+def _valid_server_name(name: object) -> bool:
+    if not isinstance(name, str) or not name:
+        return False
+    if _HOST_NAME.fullmatch(name):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_tls_files(ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
@@ -69,6 +129,8 @@ def _check_tls_files(ca_file: str | None, cert_file: str | None, key_file: str |
             "cert_file and key_file go together (a client certificate and its key)", field=missing
         )
     for field, path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
+        if path is not None and not path.strip():
+            raise ConfigError("is empty: expected the path of a PEM file", field=field)
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"no such file: {path}", field=field)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -132,7 +194,7 @@ class GrpcCheck(HealthCheck):
                 return cls(
                     target,
                     service=service,
-                    tls=bool(tls),
+                    tls=tls,
                     server_name=server_name,
                     **files,
                     **options,
@@ -147,7 +209,7 @@ class GrpcCheck(HealthCheck):
         target: str,
         *,
         service: str = "",
-        tls: bool = False,
+        tls: bool | None = None,
         ca_file: str | Path | None = None,
         cert_file: str | Path | None = None,
         key_file: str | Path | None = None,
@@ -162,16 +224,24 @@ class GrpcCheck(HealthCheck):
             raise ConfigError(
                 f"expected a service name (a string), got {service!r}", field="service"
             )
-        if not isinstance(tls, bool):
+        if tls is not None and not isinstance(tls, bool):
             raise ConfigError(f"expected true or false, got {tls!r}", field="tls")
         paths = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
         files = {k: None if v is None else str(v) for k, v in paths.items()}
-        if server_name is not None and (not isinstance(server_name, str) or not server_name):
-            raise ConfigError(f"expected a host name, got {server_name!r}", field="server_name")
-        tls = tls or any(v is not None for v in (*files.values(), server_name))
+        if server_name is not None and not _valid_server_name(server_name):
+            raise ConfigError(
+                f"expected a host name like api.example.com, got {server_name!r}",
+                field="server_name",
+            )
+        given = [k for k, v in (*files.items(), ("server_name", server_name)) if v is not None]
+        if tls is False and given:
+            raise ConfigError(f"is False, yet {given[0]} (a TLS setting) is given", field="tls")
         _check_tls_files(files["ca_file"], files["cert_file"], files["key_file"])
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ConfigError(f"expected a non-empty name, got {name!r}", field="name")
         label = f"grpc {target}" + (f"/{service}" if service else "")
         super().__init__(name or label, interval=interval, timeout=timeout)
+        tls = bool(tls) or bool(given)
         self.target = target
         self.service = service
         self.tls = tls
@@ -179,9 +249,13 @@ class GrpcCheck(HealthCheck):
         self.cert_file = files["cert_file"]
         self.key_file = files["key_file"]
         self.server_name = server_name
-        self._channel: Any = None
-        self._channel_loop: asyncio.AbstractEventLoop | None = None
-        self._answered = True
+        self._current: _Channel | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def _channel(self) -> Any:
+        """The channel the next run uses, if any (for tests)."""
+        return None if self._current is None else self._current.channel
 
     def _new_channel(self) -> Any:
         grpc = self._grpc
@@ -206,30 +280,57 @@ class GrpcCheck(HealthCheck):
             options.append(("grpc.ssl_target_name_override", self.server_name))
         return grpc.aio.secure_channel(self.target, credentials, options=options)
 
-    async def _channel_for_this_run(self) -> Any:
-        loop = asyncio.get_running_loop()
-        if self._channel is not None and (not self._answered or self._channel_loop is not loop):
-            old, self._channel = self._channel, None
-            if self._channel_loop is loop:
-                await old.close()
-            # A channel of another (finished) loop is dropped: it cannot be awaited here.
-        if self._channel is None:
-            self._channel = self._new_channel()
-            self._channel_loop = loop
-        return self._channel
+    def _must_redial(self, current: _Channel, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether this run needs a new channel rather than ``current``."""
+        if current.loop is not loop:
+            return True  # a channel of another (finished) loop cannot be used here
+        if current.answered:
+            return False
+        # The last run was not answered. A channel still connecting (a server that
+        # accepted but stalls) or connected is kept: dialling anew would leave its
+        # socket behind and pile up one more per run. A failed channel waits out a
+        # reconnect backoff of up to two minutes: a new one sees a restarted server at once.
+        state = current.channel.get_state(try_to_connect=False)
+        connectivity = self._grpc.ChannelConnectivity
+        return state not in (connectivity.CONNECTING, connectivity.READY)
+
+    def _retire(self, old: _Channel) -> None:
+        """Close ``old`` once no run uses it (a run of another loop: dropped)."""
+        old.retired = True
+        if old.users == 0 and old.loop is asyncio.get_running_loop():
+            task = asyncio.get_running_loop().create_task(old.channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def probe(self) -> str:
-        channel = await self._channel_for_this_run()
-        stub = self._health_pb2_grpc.HealthStub(channel)
-        request = self._health_pb2.HealthCheckRequest(service=self.service)
-        self._answered = False  # until the server answers (a cancelled run leaves it so)
+        loop = asyncio.get_running_loop()
+        current = self._current
+        if current is None or self._must_redial(current, loop):
+            if current is not None:
+                self._retire(current)
+            current = self._current = _Channel(self._new_channel(), loop)
+        current.users += 1
+        answered = False  # a cancelled run leaves it so
         try:
-            response = await stub.Check(request, timeout=self.timeout)
-        except self._grpc.aio.AioRpcError as exc:
-            code = exc.code().name
-            self._answered = code not in _NO_ANSWER
-            raise RuntimeError(self._describe(code, exc.details() or "")) from None
-        self._answered = True
+            stub = self._health_pb2_grpc.HealthStub(current.channel)
+            request = self._health_pb2.HealthCheckRequest(service=self.service)
+            try:
+                response = await stub.Check(request, timeout=self.timeout)
+            except self._grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+                answered = code not in _NO_ANSWER
+                raise RuntimeError(self._describe(code, exc.details() or "")) from None
+            answered = True
+        finally:
+            current.users -= 1
+            current.answered = answered  # this channel's last finished run
+            if current.retired:
+                self._retire(current)
+        if not isinstance(response, self._health_pb2.HealthCheckResponse):
+            raise RuntimeError(
+                "the server's answer is not a grpc.health.v1.HealthCheckResponse "
+                "(does it serve the standard health protocol?)"
+            )
         status = self._health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
         if status != "SERVING":
             raise RuntimeError(f"status {status}")
@@ -244,14 +345,24 @@ class GrpcCheck(HealthCheck):
         if code == "DEADLINE_EXCEEDED":
             return f"no answer within {self.timeout:g}s (DEADLINE_EXCEEDED)"
         text = f"{code}: {details}" if details else code
-        if self.tls and any(word in details.lower() for word in _TLS_WORDS):
+        lowered = details.lower()
+        if self.tls and any(word in lowered for word in _TLS_WORDS):
             # gRPC's words do not say which name the certificate was checked against.
             host = self.server_name or _split_target(self.target)[0]
             text += f" (TLS server name {host!r})"
+        elif code == "UNAVAILABLE" and any(word in lowered for word in _AMBIGUOUS):
+            # A TLS server closes a plain client's connection, and a server that verifies
+            # clients closes one without (or with a foreign) certificate, in the same words.
+            text += (
+                " (does the server require a client certificate signed by a CA it trusts?)"
+                if self.tls
+                else " (is the server TLS? then set tls = true)"
+            )
         return text
 
     async def aclose(self) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None and self._channel_loop is asyncio.get_running_loop():
-            await channel.close()
-        self._channel_loop = None
+        current, self._current = self._current, None
+        if current is not None and current.loop is asyncio.get_running_loop():
+            await current.channel.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
