@@ -165,12 +165,18 @@ class GrpcCheck(HealthCheck):
     certificate (the system store when omitted), ``cert_file`` and ``key_file`` a
     client certificate for servers that verify clients, and ``server_name`` the
     name the certificate is checked against (by default the host of ``target``).
-    Any of these four turns TLS on by itself, as a TLS file does for a backend.
+    Any of these four turns TLS on by itself, as a TLS file does for a backend;
+    ``tls=False`` with any of them is a :class:`ConfigError` (``tls=None``, the
+    default, means "TLS when a TLS setting is given"). Credentials in ``target``
+    are not supported (refused, the password masked in the message).
 
-    One channel serves every run; after a run the server did not answer (refused,
-    unreachable, timed out) the next run dials anew, so a restarted server is seen
-    at once rather than after gRPC's reconnect backoff. :meth:`aclose` closes it.
-    Needs the ``grpc`` extra: without it, building one is a :class:`ConfigError`.
+    One channel serves every run, concurrent runs included. After a run the server
+    did not answer, the next run dials anew only if the channel has failed (refused,
+    unreachable: a restarted server is seen at once rather than after gRPC's
+    reconnect backoff); a channel still connecting or connected to a server that
+    stalls is kept, so a stalled server costs one socket per check, not one per run.
+    :meth:`aclose` closes it. Needs the ``grpc`` extra: without it, building one is
+    a :class:`ConfigError`.
     """
 
     kind: ClassVar[str | None] = "grpc"
