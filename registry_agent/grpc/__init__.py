@@ -33,6 +33,7 @@ How it works:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import threading
 import time
@@ -42,14 +43,16 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from registry_agent._errors import ConfigError, NoInstanceAvailable
+from registry_agent._errors import ConfigError, NoInstanceAvailable, RegistryError
 from registry_agent._models import ServiceInstance
 from registry_agent._select import Strategy, as_strategy
 from registry_agent.grpc._common import (
+    FAILURES,
+    Callables,
     Endpoint,
     Pool,
     channel_options,
-    failed,
+    code_of,
     is_idempotent_rule,
     never_sent,
 )
@@ -58,19 +61,30 @@ if TYPE_CHECKING:
     from registry_agent._blocking import Discovery
     from registry_agent._policy import DiscoveryPolicy
 
-__all__ = ["DiscoveryChannel", "NoInstanceError"]
+__all__ = ["DiscoveryChannel", "LocalRpcError", "NoInstanceError"]
+
+_STATES = {
+    0: grpc.ChannelConnectivity.IDLE,
+    1: grpc.ChannelConnectivity.CONNECTING,
+    2: grpc.ChannelConnectivity.READY,
+    3: grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+    4: grpc.ChannelConnectivity.SHUTDOWN,
+}
 
 
-class NoInstanceError(grpc.RpcError):  # type: ignore[misc]
-    """``StatusCode.UNAVAILABLE``: discovery had no instance to call; ``details()`` says why."""
+class LocalRpcError(grpc.RpcError):  # type: ignore[misc]
+    """A :class:`grpc.RpcError` raised by the discovery channel itself (no server
+    answered): ``code()`` and ``details()`` as a grpc user expects."""
 
-    def __init__(self, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
+        self._code = code
         self._details = details
 
     def code(self) -> grpc.StatusCode:
-        """Always ``StatusCode.UNAVAILABLE``."""
-        return grpc.StatusCode.UNAVAILABLE
+        """The status: UNAVAILABLE (no instance, the registry's trouble) or
+        DEADLINE_EXCEEDED (the call's deadline passed while discovery waited)."""
+        return self._code
 
     def details(self) -> str:
         """Why no instance could be called."""
@@ -89,18 +103,45 @@ class NoInstanceError(grpc.RpcError):  # type: ignore[misc]
         return self._details
 
     def __str__(self) -> str:
-        return f"<NoInstanceError status=UNAVAILABLE details={self._details!r}>"
+        return f"<{type(self).__name__} status={self._code.name} details={self._details!r}>"
 
 
-def no_instance_details(service: str, error: NoInstanceAvailable) -> str:
-    """``"orders: no healthy instance ..."`` from discovery's own words."""
-    return f"{service}: {error.message}"
+class NoInstanceError(LocalRpcError):
+    """``StatusCode.UNAVAILABLE``: discovery had no instance to call, or the registry
+    failed; ``details()`` says why in discovery's own words."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, details)
+
+
+def no_instance_details(service: str, error: RegistryError) -> str:
+    """``"orders: no healthy instance ... (2 ejected as outliers)"``: discovery's own
+    words (a registry error names its backend too)."""
+    if isinstance(error, NoInstanceAvailable):
+        return f"{service}: {error.message}"
+    return f"{service}: {error}"
+
+
+def deadline_details(service: str) -> str:
+    """The details of a call whose deadline passed while discovery waited."""
+    return (
+        f"{service}: the call's deadline passed while discovery waited for the "
+        "registry's first answer"
+    )
 
 
 def _note_tried(error: BaseException, tried: Sequence[ServiceInstance]) -> None:
     if len(tried) > 1:
         where = ", ".join(f"{i.address}:{i.port}" for i in tried)
         error.add_note(f"registry_agent.grpc: {len(tried)} instances tried ({where})")
+
+
+def _retriable(
+    error: grpc.RpcError, code: grpc.StatusCode | None, idempotent: bool, timeouts: bool
+) -> bool:
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return timeouts
+    return idempotent or never_sent(error)
 
 
 class _Core:
@@ -126,7 +167,10 @@ class _Core:
         self.options = tuple(options)
         self.pool: Pool[grpc.Channel] = Pool(self._make, self._close_channel)
         self.on_state: Callable[[], None] = lambda: None
-        # Per channel: its last connectivity state and the callback watching it.
+        # Connectivity is watched (one grpc polling thread per channel) only while the
+        # DiscoveryChannel has subscribers; calls need no watching.
+        self._watch_lock = threading.Lock()
+        self.watching = False
         self.states: dict[grpc.Channel, grpc.ChannelConnectivity] = {}
         self._watching: dict[grpc.Channel, Callable[[grpc.ChannelConnectivity], None]] = {}
 
@@ -141,33 +185,107 @@ class _Core:
             channel = grpc.secure_channel(target, self.credentials, options=options)
         else:
             channel = grpc.insecure_channel(target, options=options)
-
-        def changed(state: grpc.ChannelConnectivity) -> None:
-            self.states[channel] = state
-            self.on_state()
-
-        self._watching[channel] = changed
-        channel.subscribe(changed, try_to_connect=False)
+        if self.watching:
+            self._watch(channel)
         return channel
 
-    def _close_channel(self, channel: grpc.Channel) -> None:
-        watching = self._watching.pop(channel, None)
-        self.states.pop(channel, None)
+    def _watch(self, channel: grpc.Channel) -> None:
+        with self._watch_lock:
+            if channel in self._watching:
+                return
+
+            def changed(state: grpc.ChannelConnectivity) -> None:
+                self.states[channel] = state
+                self.on_state()
+
+            self._watching[channel] = changed
+        channel.subscribe(changed, try_to_connect=False)
+
+    def _unwatch(self, channel: grpc.Channel) -> None:
+        with self._watch_lock:
+            watching = self._watching.pop(channel, None)
+            self.states.pop(channel, None)
         if watching is not None:
             with contextlib.suppress(Exception):
                 channel.unsubscribe(watching)
+
+    def watch(self, on: bool) -> None:
+        """Start (or stop) watching the connectivity of every endpoint's channel."""
+        self.watching = on
+        for channel in self.pool.channels():
+            if on:
+                self._watch(channel)
+            else:
+                self._unwatch(channel)
+
+    def state_of(self, channel: grpc.Channel) -> grpc.ChannelConnectivity | None:
+        """The channel's connectivity: the watched state, else asked (no thread)."""
+        state = self.states.get(channel)
+        if state is not None:
+            return state
+        with contextlib.suppress(Exception):
+            number = channel._channel.check_connectivity_state(False)
+            return _STATES.get(number)
+        return None
+
+    def _close_channel(self, channel: grpc.Channel) -> None:
+        self._unwatch(channel)
         with contextlib.suppress(Exception):
             channel.close()
 
-    def choose(self, tried: Sequence[ServiceInstance]) -> ServiceInstance:
+    def choose(self, tried: Sequence[ServiceInstance], deadline: float | None) -> ServiceInstance:
+        """An instance not in ``tried``, chosen within ``deadline``; registry errors
+        become RpcErrors."""
         self.maybe_prune()
-        return self.discovery.choose(
-            self.service, self.strategy, exclude=tuple(tried), policy=self.policy
+        try:
+            return self._choose(tuple(tried), deadline)
+        except ConfigError:
+            raise
+        except RegistryError as exc:
+            raise NoInstanceError(no_instance_details(self.service, exc)) from exc
+
+    def _choose(
+        self, exclude: tuple[ServiceInstance, ...], deadline: float | None
+    ) -> ServiceInstance:
+        discovery = self.discovery
+        thread = getattr(discovery, "_thread", None)
+        inner = getattr(discovery, "_async", None)
+        if deadline is None or thread is None or inner is None:
+            return discovery.choose(
+                self.service, self.strategy, exclude=exclude, policy=self.policy
+            )
+        # Discovery.choose() waits up to sync_timeout for the first read of the
+        # service; a call waits no longer than its own deadline. The read goes on
+        # (it serves the next call); only this call stops waiting.
+        future = thread.submit(
+            inner.choose(self.service, self.strategy, exclude=exclude, policy=self.policy)
         )
+        try:
+            return future.result(max(deadline - time.monotonic(), 0.0))  # type: ignore[no-any-return]
+        except concurrent.futures.TimeoutError:
+            if future.done():
+                raise
+            raise LocalRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, deadline_details(self.service)
+            ) from None
+
+    def known_failing(self, endpoint: Endpoint[grpc.Channel]) -> bool:
+        """The endpoint's last call failed, or its channel is in TRANSIENT_FAILURE."""
+        if endpoint.failing:
+            return True
+        state = self.state_of(endpoint.channel)
+        return state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
     def report(self, instance: ServiceInstance, ok: bool) -> None:
         with contextlib.suppress(Exception):
             self.discovery.report(self.service, instance, ok, policy=self.policy)
+
+    def outcome(
+        self, instance: ServiceInstance, endpoint: Endpoint[grpc.Channel], ok: bool
+    ) -> None:
+        """Note a call's outcome: for wait_for_ready (endpoint) and ejection (discovery)."""
+        endpoint.failing = not ok
+        self.report(instance, ok)
 
     def maybe_prune(self) -> None:
         if not self.pool.due():
@@ -187,60 +305,73 @@ class _Core:
                 code = call.code()
             except Exception:
                 code = None
-            self.report(instance, code != grpc.StatusCode.UNAVAILABLE)
+            self.outcome(instance, endpoint, code not in FAILURES)
             self.pool.release(endpoint)
 
         return done
 
-    def one(self) -> tuple[ServiceInstance, Endpoint[grpc.Channel]]:
+    def one(self, timeout: float | None) -> tuple[ServiceInstance, Endpoint[grpc.Channel]]:
         """One instance and its endpoint (for calls that are never retried)."""
-        try:
-            instance = self.choose(())
-        except NoInstanceAvailable as exc:
-            raise NoInstanceError(no_instance_details(self.service, exc)) from exc
+        deadline = None if timeout is None else time.monotonic() + timeout
+        instance = self.choose((), deadline)
         return instance, self.pool.acquire(instance)
 
     def unary(
         self,
         method: str,
-        invoke: Callable[[Endpoint[grpc.Channel], float | None], Any],
+        invoke: Callable[[Endpoint[grpc.Channel], float | None, bool | None], Any],
         timeout: float | None,
+        wait_for_ready: bool | None,
     ) -> Any:
-        """Run ``invoke(endpoint, timeout)`` with the retry rule of this channel."""
+        """Run ``invoke(endpoint, timeout, wait_for_ready)`` with the retry rule of this
+        channel."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        retries = self.effective_policy().retries
+        policy = self.policy or self.discovery.policy_for(self.service)
+        retries = policy.retries
         idempotent = self.idempotent(method)
+        timeouts = idempotent and policy.retry_read_timeouts
         tried: list[ServiceInstance] = []
         last: grpc.RpcError | None = None
+        dropped: ServiceInstance | None = None
         while True:
+            wfr = wait_for_ready
             try:
-                instance = self.choose(tried)
-            except NoInstanceAvailable as exc:
-                if last is not None:
+                instance = self.choose(tried, deadline)
+            except LocalRpcError as exc:
+                if dropped is not None and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    # Only instances known failing were left: wait as the caller asked.
+                    instance, dropped = dropped, None
+                elif last is not None:
                     _note_tried(last, tried)
+                    last.add_note(f"registry_agent.grpc: {exc.details()}")
                     raise last from None
-                raise NoInstanceError(no_instance_details(self.service, exc)) from exc
+                raise
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0 and last is not None:
                 _note_tried(last, tried)
                 raise last
             endpoint = self.pool.acquire(instance)
+            if wfr and len(tried) < retries and dropped is None and self.known_failing(endpoint):
+                # wait_for_ready on a channel known failing would wait out the whole
+                # deadline there: this attempt fails fast and the next goes elsewhere.
+                wfr, dropped = None, instance
             try:
-                result = invoke(endpoint, remaining)
+                result = invoke(endpoint, remaining, wfr)
             except grpc.RpcError as error:
-                if not failed(error):
-                    self.report(instance, True)
+                code = code_of(error)
+                if code not in FAILURES:
+                    self.outcome(instance, endpoint, True)
                     raise
-                self.report(instance, False)
+                self.outcome(instance, endpoint, False)
                 tried.append(instance)
                 last = error
-                if len(tried) > retries or not (idempotent or never_sent(error)):
+                if len(tried) > retries or not _retriable(error, code, idempotent, timeouts):
                     _note_tried(error, tried)
                     raise
                 continue
             finally:
                 self.pool.release(endpoint)
-            self.report(instance, True)
+            self.outcome(instance, endpoint, True)
             return result
 
     def close(self) -> None:
@@ -252,10 +383,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
     def __init__(self, core: _Core, method: str, ser: Any, deser: Any, registered: Any) -> None:
         self._core = core
         self._method = method
-        self._args = ("unary_unary", method, ser, deser, registered)
-
-    def _callable(self, endpoint: Endpoint[grpc.Channel]) -> Any:
-        return endpoint.callable(*self._args)
+        self._callable = Callables("unary_unary", method, ser, deser, registered).get
 
     def __call__(
         self,
@@ -267,11 +395,14 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         compression: Any = None,
     ) -> Any:
         """The response; ``UNAVAILABLE`` retried as :class:`DiscoveryChannel` says."""
-        kw = _passed(metadata, credentials, wait_for_ready, compression)
+        kw = _passed(metadata, credentials, compression)
         return self._core.unary(
             self._method,
-            lambda endpoint, left: self._callable(endpoint)(request, timeout=left, **kw),
+            lambda endpoint, left, wfr: self._callable(endpoint)(
+                request, timeout=left, wait_for_ready=wfr, **kw
+            ),
             timeout,
+            wait_for_ready,
         )
 
     def with_call(
@@ -284,11 +415,14 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         compression: Any = None,
     ) -> Any:
         """``(response, call)``; retried like :meth:`__call__`."""
-        kw = _passed(metadata, credentials, wait_for_ready, compression)
+        kw = _passed(metadata, credentials, compression)
         return self._core.unary(
             self._method,
-            lambda endpoint, left: self._callable(endpoint).with_call(request, timeout=left, **kw),
+            lambda endpoint, left, wfr: self._callable(endpoint).with_call(
+                request, timeout=left, wait_for_ready=wfr, **kw
+            ),
             timeout,
+            wait_for_ready,
         )
 
     def future(
@@ -301,10 +435,12 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         compression: Any = None,
     ) -> Any:
         """A future on one chosen instance: never retried, its outcome reported."""
-        kw = _passed(metadata, credentials, wait_for_ready, compression)
-        instance, endpoint = self._core.one()
+        kw = _passed(metadata, credentials, compression)
+        instance, endpoint = self._core.one(timeout)
         try:
-            call = self._callable(endpoint).future(request, timeout=timeout, **kw)
+            call = self._callable(endpoint).future(
+                request, timeout=timeout, wait_for_ready=wait_for_ready, **kw
+            )
         except BaseException:
             self._core.pool.release(endpoint)
             raise
@@ -312,13 +448,8 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         return call
 
 
-def _passed(metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) -> Any:
-    return {
-        "metadata": metadata,
-        "credentials": credentials,
-        "wait_for_ready": wait_for_ready,
-        "compression": compression,
-    }
+def _passed(metadata: Any, credentials: Any, compression: Any) -> dict[str, Any]:
+    return {"metadata": metadata, "credentials": credentials, "compression": compression}
 
 
 class _Single:
@@ -328,12 +459,12 @@ class _Single:
 
     def __init__(self, core: _Core, method: str, ser: Any, deser: Any, registered: Any) -> None:
         self._core = core
-        self._args = (self.kind, method, ser, deser, registered)
+        self._callable = Callables(self.kind, method, ser, deser, registered).get
 
     def _start(self, attribute: str, request: Any, kwargs: dict[str, Any]) -> Any:
-        instance, endpoint = self._core.one()
+        instance, endpoint = self._core.one(kwargs.get("timeout"))
         try:
-            call = getattr(endpoint.callable(*self._args), attribute)(request, **kwargs)
+            call = getattr(self._callable(endpoint), attribute)(request, **kwargs)
         except BaseException:
             self._core.pool.release(endpoint)
             raise
@@ -341,15 +472,15 @@ class _Single:
         return call
 
     def _blocking(self, attribute: str, request: Any, kwargs: dict[str, Any]) -> Any:
-        instance, endpoint = self._core.one()
+        instance, endpoint = self._core.one(kwargs.get("timeout"))
         try:
-            result = getattr(endpoint.callable(*self._args), attribute)(request, **kwargs)
+            result = getattr(self._callable(endpoint), attribute)(request, **kwargs)
         except grpc.RpcError as error:
-            self._core.report(instance, not failed(error))
+            self._core.outcome(instance, endpoint, code_of(error) not in FAILURES)
             raise
         finally:
             self._core.pool.release(endpoint)
-        self._core.report(instance, True)
+        self._core.outcome(instance, endpoint, True)
         return result
 
 
@@ -360,7 +491,11 @@ def _call_kwargs(
     wait_for_ready: bool | None,
     compression: Any,
 ) -> dict[str, Any]:
-    return {"timeout": timeout, **_passed(metadata, credentials, wait_for_ready, compression)}
+    return {
+        "timeout": timeout,
+        "wait_for_ready": wait_for_ready,
+        **_passed(metadata, credentials, compression),
+    }
 
 
 class _UnaryStream(_Single, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
@@ -504,7 +639,7 @@ class DiscoveryChannel(grpc.Channel):  # type: ignore[misc]
 
     def state(self) -> grpc.ChannelConnectivity:
         """READY if any endpoint's channel is, else the best of the others (IDLE when none)."""
-        states = {self._core.states.get(c) for c in self._core.pool.channels()}
+        states = {self._core.state_of(c) for c in self._core.pool.channels()}
         for state in _STATE_ORDER:
             if state in states:
                 return state
@@ -528,11 +663,14 @@ class DiscoveryChannel(grpc.Channel):  # type: ignore[misc]
         on each change. ``try_to_connect``: connect to one instance at once."""
         with self._lock:
             self._subscribers[callback] = None
+        # Only now is each endpoint's connectivity watched (grpc runs a polling
+        # thread per watched channel), until the last subscriber leaves.
+        self._core.watch(True)
         with contextlib.suppress(Exception):
             callback(self.state())
         if try_to_connect:
             with contextlib.suppress(grpc.RpcError):
-                _, endpoint = self._core.one()
+                _, endpoint = self._core.one(None)
                 self._core.pool.release(endpoint)
                 # A subscription that asks to connect makes the endpoint's channel connect.
                 endpoint.channel.subscribe(_ignore, try_to_connect=True)
@@ -542,6 +680,9 @@ class DiscoveryChannel(grpc.Channel):  # type: ignore[misc]
         """Stop calling ``callback``."""
         with self._lock:
             self._subscribers.pop(callback, None)
+            last = not self._subscribers
+        if last:
+            self._core.watch(False)
 
     def unary_unary(
         self,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -15,6 +16,7 @@ from registry_agent._errors import ConfigError
 from registry_agent._models import ServiceInstance
 
 __all__ = [
+    "Callables",
     "Endpoint",
     "Pool",
     "channel_options",
@@ -88,32 +90,76 @@ def never_sent(error: grpc.RpcError) -> bool:
     return details.startswith("failed to connect to all addresses")
 
 
+#: The statuses :meth:`Discovery.report` counts as a failure of the instance:
+#: UNAVAILABLE (which includes a connect failure) and DEADLINE_EXCEEDED (the
+#: instance did not answer in time: a read timeout, as for HTTP).
+FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def code_of(error: BaseException) -> grpc.StatusCode | None:
+    """The status of a gRPC error, None for anything else."""
+    code = getattr(error, "code", None)
+    if not callable(code):
+        return None
+    try:
+        found = code()
+    except Exception:
+        return None
+    return found if isinstance(found, grpc.StatusCode) else None
+
+
 def failed(error: BaseException) -> bool:
     """What :meth:`Discovery.report` counts as a failure: UNAVAILABLE (this includes
-    a connect failure). Any other status is an answer from the server."""
-    code = getattr(error, "code", None)
-    return callable(code) and code() == grpc.StatusCode.UNAVAILABLE
+    a connect failure) or DEADLINE_EXCEEDED (no answer in time). Any other status
+    is an answer from the server."""
+    return code_of(error) in FAILURES
 
 
 @dataclass(eq=False)
 class Endpoint(Generic[C]):
-    """One real channel to one ``address:port``, with its count of calls in flight."""
+    """One real channel to one ``address:port``, with its count of calls in flight.
+
+    ``failing``: the last call on it ended UNAVAILABLE or DEADLINE_EXCEEDED (known
+    from call outcomes, no thread watches the channel); ``instance``: the instance
+    last chosen for it.
+    """
 
     key: tuple[str, int]
     channel: C
+    instance: ServiceInstance
     in_flight: int = 0
     retired: bool = False
-    callables: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    failing: bool = False
 
-    def callable(self, kind: str, method: str, ser: Any, deser: Any, registered: Any) -> Any:
-        """The channel's multicallable for ``method`` (made once, then reused)."""
-        key = (kind, method, ser, deser, registered)
-        found = self.callables.get(key)
+
+class Callables:
+    """The per-endpoint multicallables of one discovery multicallable.
+
+    Held by the multicallable itself (a generated stub makes its multicallables
+    once), keyed weakly by endpoint: they go with the multicallable or with the
+    endpoint's channel, so multicallables made per call never pile up.
+    """
+
+    __slots__ = ("_args", "_made")
+
+    def __init__(self, kind: str, method: str, ser: Any, deser: Any, registered: Any) -> None:
+        self._args = (kind, method, ser, deser, registered)
+        self._made: weakref.WeakKeyDictionary[Endpoint[Any], Any] = weakref.WeakKeyDictionary()
+
+    @property
+    def method(self) -> str:
+        """The full method name."""
+        return str(self._args[1])
+
+    def get(self, endpoint: Endpoint[Any]) -> Any:
+        """The endpoint channel's multicallable (made once per endpoint, then reused)."""
+        found = self._made.get(endpoint)
         if found is None:
-            make = getattr(self.channel, kind)
+            kind, method, ser, deser, registered = self._args
+            make = getattr(endpoint.channel, kind)
             kwargs = {"_registered_method": registered} if registered is not None else {}
             found = make(method, request_serializer=ser, response_deserializer=deser, **kwargs)
-            self.callables[key] = found
+            self._made[endpoint] = found
         return found
 
 
@@ -141,8 +187,10 @@ class Pool(Generic[C]):
                 raise ValueError("the discovery channel is closed")
             endpoint = self._endpoints.get(key)
             if endpoint is None:
-                endpoint = Endpoint(key, self._make(target_of(*key)))
+                endpoint = Endpoint(key, self._make(target_of(*key)), instance)
                 self._endpoints[key] = endpoint
+            else:
+                endpoint.instance = instance
             endpoint.in_flight += 1
             return endpoint
 
@@ -157,6 +205,8 @@ class Pool(Generic[C]):
     def due(self) -> bool:
         """True (once per :data:`PRUNE_EVERY`) when it is time to :meth:`prune`."""
         now = time.monotonic()
+        if now - self.last_prune < PRUNE_EVERY:
+            return False  # the common case: no lock
         with self._lock:
             if now - self.last_prune < PRUNE_EVERY or not self._endpoints:
                 return False

@@ -20,16 +20,18 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from registry_agent._errors import ConfigError, NoInstanceAvailable
+from registry_agent._errors import ConfigError, RegistryError
 from registry_agent._models import ServiceInstance
 from registry_agent._select import Strategy, as_strategy
+from registry_agent.grpc import _retriable, deadline_details, no_instance_details
 from registry_agent.grpc._common import (
+    FAILURES,
+    Callables,
     Endpoint,
     Pool,
     channel_options,
-    failed,
+    code_of,
     is_idempotent_rule,
-    never_sent,
 )
 
 if TYPE_CHECKING:
@@ -39,15 +41,30 @@ if TYPE_CHECKING:
 __all__ = ["DiscoveryChannel"]
 
 
-def _no_instance(service: str, error: NoInstanceAvailable) -> grpc.aio.AioRpcError:
-    details = f"{service}: {error.message}"
+def _local_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE,
+        code,
         grpc.aio.Metadata(),
         grpc.aio.Metadata(),
         details=details,
         debug_error_string=details,
     )
+
+
+def _known_failing(endpoint: Endpoint[grpc.aio.Channel]) -> bool:
+    """The endpoint's last call failed, or its channel is in TRANSIENT_FAILURE."""
+    if endpoint.failing:
+        return True
+    with contextlib.suppress(Exception):
+        state = endpoint.channel.get_state(False)
+        return state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
+    return False
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Retrieve a background choice's outcome (nobody may wait for it any more)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _note_tried(error: BaseException, tried: Sequence[ServiceInstance]) -> None:
@@ -69,6 +86,7 @@ class _Core:
         idempotent: bool | Collection[str],
         strategy: str | Strategy,
         policy: DiscoveryPolicy | None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None,
     ) -> None:
         self.discovery = discovery
         self.service = service
@@ -77,8 +95,26 @@ class _Core:
         self.idempotent = is_idempotent_rule(idempotent)
         self.credentials = credentials
         self.options = tuple(options)
+        self.interceptors = interceptors
         self.pool: Pool[grpc.aio.Channel] = Pool(self._make, self._close_later)
         self._closing: set[asyncio.Task[None]] = set()
+        # The event loop of the first call: grpc.aio channels belong to one loop.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # True once discovery answered a choice: from then on it answers from memory.
+        self.synced = False
+
+    def check_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop; a clear error when it is not the channel's own."""
+        loop = asyncio.get_running_loop()
+        if self.loop is None:
+            self.loop = loop
+        elif loop is not self.loop:
+            raise RuntimeError(
+                f"registry_agent.grpc.aio.DiscoveryChannel for {self.service!r} is bound to "
+                "the event loop of its first call (grpc.aio channels belong to one loop); "
+                "make one DiscoveryChannel per event loop"
+            )
+        return loop
 
     def effective_policy(self) -> DiscoveryPolicy:
         return self.policy or self.discovery.policy_for(self.service)
@@ -87,33 +123,75 @@ class _Core:
         server_name = self.effective_policy().server_name or self.service
         options = channel_options(self.options, server_name, self.credentials is not None)
         if self.credentials is not None:
-            return grpc.aio.secure_channel(target, self.credentials, options=options)
-        return grpc.aio.insecure_channel(target, options=options)
+            return grpc.aio.secure_channel(
+                target, self.credentials, options=options, interceptors=self.interceptors
+            )
+        return grpc.aio.insecure_channel(target, options=options, interceptors=self.interceptors)
 
     def _close_later(self, channel: grpc.aio.Channel) -> None:
         task = asyncio.get_running_loop().create_task(channel.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def choose(self, tried: Sequence[ServiceInstance]) -> ServiceInstance:
+    async def choose(
+        self, tried: Sequence[ServiceInstance], deadline: float | None
+    ) -> ServiceInstance:
+        """An instance not in ``tried``, chosen within ``deadline``; registry errors
+        become AioRpcErrors."""
         if self.pool.due():
             with contextlib.suppress(Exception):
                 keep = await self.discovery.instances(self.service)
                 for channel in self.pool.prune(keep):
                     self._close_later(channel)
-        return await self.discovery.choose(
-            self.service, self.strategy, exclude=tuple(tried), policy=self.policy
+        try:
+            return await self._choose(tuple(tried), deadline)
+        except ConfigError:
+            raise
+        except RegistryError as exc:
+            raise _local_error(
+                grpc.StatusCode.UNAVAILABLE, no_instance_details(self.service, exc)
+            ) from exc
+
+    async def _choose(
+        self, exclude: tuple[ServiceInstance, ...], deadline: float | None
+    ) -> ServiceInstance:
+        choice = self.discovery.choose(
+            self.service, self.strategy, exclude=exclude, policy=self.policy
         )
+        if self.synced or deadline is None:
+            chosen = await choice
+        else:
+            # The first read of the service may take up to sync_timeout; the call
+            # waits no longer than its own deadline (the read goes on for the next).
+            task = asyncio.ensure_future(choice)
+            task.add_done_callback(_retrieve)
+            try:
+                chosen = await asyncio.wait_for(
+                    asyncio.shield(task), max(deadline - time.monotonic(), 0.0)
+                )
+            except TimeoutError:
+                raise _local_error(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, deadline_details(self.service)
+                ) from None
+        self.synced = True
+        return chosen
 
     def report(self, instance: ServiceInstance, ok: bool) -> None:
         with contextlib.suppress(Exception):
             self.discovery.report(self.service, instance, ok, policy=self.policy)
 
-    async def one(self) -> tuple[ServiceInstance, Endpoint[grpc.aio.Channel]]:
-        try:
-            instance = await self.choose(())
-        except NoInstanceAvailable as exc:
-            raise _no_instance(self.service, exc) from exc
+    def outcome(
+        self, instance: ServiceInstance, endpoint: Endpoint[grpc.aio.Channel], ok: bool
+    ) -> None:
+        """Note a call's outcome: for wait_for_ready (endpoint) and ejection (discovery)."""
+        endpoint.failing = not ok
+        self.report(instance, ok)
+
+    async def one(
+        self, timeout: float | None = None
+    ) -> tuple[ServiceInstance, Endpoint[grpc.aio.Channel]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        instance = await self.choose((), deadline)
         return instance, self.pool.acquire(instance)
 
     async def close(self, grace: float | None) -> None:
@@ -128,57 +206,73 @@ class _UnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
     """A unary call that may go to several instances in turn; awaitable like grpc.aio's."""
 
     def __init__(
-        self, core: _Core, args: tuple[Any, ...], request: Any, timeout: float | None, kw: Any
+        self, core: _Core, callables: Callables, request: Any, timeout: float | None, kw: Any
     ) -> None:
         self._core = core
-        self._args = args
+        self._callables = callables
         self._request = request
         self._timeout = timeout
         self._kw = kw
         self._call: Any = None  # the attempt running or last run
         self._error: BaseException | None = None
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = core.check_loop().create_task(self._run())
 
     async def _run(self) -> Any:
         core = self._core
-        method = self._args[1]
+        method = self._callables.method
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        retries = core.effective_policy().retries
+        policy = core.policy or core.discovery.policy_for(core.service)
+        retries = policy.retries
         idempotent = core.idempotent(method)
+        timeouts = idempotent and policy.retry_read_timeouts
         tried: list[ServiceInstance] = []
         last: BaseException | None = None
+        dropped: ServiceInstance | None = None
+        kw = self._kw
+        wait_for_ready = kw.get("wait_for_ready")
         while True:
+            wfr = wait_for_ready
             try:
-                instance = await core.choose(tried)
-            except NoInstanceAvailable as exc:
-                if last is not None:
+                instance = await core.choose(tried, deadline)
+            except grpc.aio.AioRpcError as exc:
+                if dropped is not None and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    # Only instances known failing were left: wait as the caller asked.
+                    instance, dropped = dropped, None
+                elif last is not None:
                     _note_tried(last, tried)
+                    last.add_note(f"registry_agent.grpc: {exc.details()}")
                     raise last from None
-                raise _no_instance(core.service, exc) from exc
+                raise
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0 and last is not None:
                 _note_tried(last, tried)
                 raise last
             endpoint = core.pool.acquire(instance)
+            attempt = kw
+            if wfr and len(tried) < retries and dropped is None and _known_failing(endpoint):
+                # wait_for_ready on a channel known failing would wait out the whole
+                # deadline there: this attempt fails fast and the next goes elsewhere.
+                attempt, dropped = {**kw, "wait_for_ready": None}, instance
             try:
-                self._call = endpoint.callable(*self._args)(
-                    self._request, timeout=remaining, **self._kw
+                self._call = self._callables.get(endpoint)(
+                    self._request, timeout=remaining, **attempt
                 )
                 result = await self._call
             except grpc.RpcError as error:
-                if not failed(error):
-                    core.report(instance, True)
+                code = code_of(error)
+                if code not in FAILURES:
+                    core.outcome(instance, endpoint, True)
                     raise
-                core.report(instance, False)
+                core.outcome(instance, endpoint, False)
                 tried.append(instance)
                 last = error
-                if len(tried) > retries or not (idempotent or never_sent(error)):
+                if len(tried) > retries or not _retriable(error, code, idempotent, timeouts):
                     _note_tried(error, tried)
                     raise
                 continue
             finally:
                 core.pool.release(endpoint)
-            core.report(instance, True)
+            core.outcome(instance, endpoint, True)
             return result
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -238,17 +332,17 @@ class _UnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
 class _StreamCall:
     """A streaming call (any of the three kinds): one instance, chosen at first use."""
 
-    def __init__(self, core: _Core, args: tuple[Any, ...], request: Any, kw: Any) -> None:
+    def __init__(self, core: _Core, callables: Callables, request: Any, kw: Any) -> None:
         self._core = core
-        self._args = args
+        self._callables = callables
         self._request = request
         self._kw = kw
-        self._started: asyncio.Task[Any] = asyncio.get_running_loop().create_task(self._start())
+        self._started: asyncio.Task[Any] = core.check_loop().create_task(self._start())
 
     async def _start(self) -> Any:
-        instance, endpoint = await self._core.one()
+        instance, endpoint = await self._core.one(self._kw.get("timeout"))
         try:
-            call = endpoint.callable(*self._args)(self._request, **self._kw)
+            call = self._callables.get(endpoint)(self._request, **self._kw)
         except BaseException:
             self._core.pool.release(endpoint)
             raise
@@ -258,7 +352,7 @@ class _StreamCall:
             code = None
             with contextlib.suppress(BaseException):
                 code = await finished.code()
-            core.report(instance, code != grpc.StatusCode.UNAVAILABLE)
+            core.outcome(instance, endpoint, code not in FAILURES)
             core.pool.release(endpoint)
 
         def done(finished: Any) -> None:
@@ -332,35 +426,35 @@ class _MultiCallable:
 
     def __init__(self, core: _Core, method: str, ser: Any, deser: Any, registered: Any) -> None:
         self._core = core
-        self._args = (self.kind, method, ser, deser, registered)
+        self._callables = Callables(self.kind, method, ser, deser, registered)
 
 
 class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
     kind = "unary_unary"
 
     def __call__(self, request: Any, *, timeout: float | None = None, **kwargs: Any) -> Any:
-        return _UnaryCall(self._core, self._args, request, timeout, kwargs)
+        return _UnaryCall(self._core, self._callables, request, timeout, kwargs)
 
 
 class _UnaryStream(_MultiCallable, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
     kind = "unary_stream"
 
     def __call__(self, request: Any, **kwargs: Any) -> Any:
-        return _StreamCall(self._core, self._args, request, kwargs)
+        return _StreamCall(self._core, self._callables, request, kwargs)
 
 
 class _StreamUnary(_MultiCallable, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
     kind = "stream_unary"
 
     def __call__(self, request_iterator: Any = None, **kwargs: Any) -> Any:
-        return _StreamCall(self._core, self._args, request_iterator, kwargs)
+        return _StreamCall(self._core, self._callables, request_iterator, kwargs)
 
 
 class _StreamStream(_MultiCallable, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
     kind = "stream_stream"
 
     def __call__(self, request_iterator: Any = None, **kwargs: Any) -> Any:
-        return _StreamCall(self._core, self._args, request_iterator, kwargs)
+        return _StreamCall(self._core, self._callables, request_iterator, kwargs)
 
 
 class DiscoveryChannel(grpc.aio.Channel):  # type: ignore[misc]
@@ -381,9 +475,19 @@ class DiscoveryChannel(grpc.aio.Channel):  # type: ignore[misc]
         idempotent: bool | Collection[str] = False,
         strategy: str | Strategy = Strategy.ROUND_ROBIN,
         policy: DiscoveryPolicy | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
     ) -> None:
         if not isinstance(service, str) or not service:
             raise ConfigError(f"expected a service name, got {service!r}", field="service")
+        if interceptors is not None:
+            interceptors = list(interceptors)
+            for interceptor in interceptors:
+                if not isinstance(interceptor, grpc.aio.ClientInterceptor):
+                    raise ConfigError(
+                        "expected grpc.aio client interceptors (UnaryUnaryClientInterceptor, "
+                        f"...), got {interceptor!r}",
+                        field="interceptors",
+                    )
         self.discovery = discovery
         self.service = service
         self._core = _Core(
@@ -394,6 +498,7 @@ class DiscoveryChannel(grpc.aio.Channel):  # type: ignore[misc]
             idempotent=idempotent,
             strategy=strategy,
             policy=policy,
+            interceptors=interceptors,
         )
 
     def endpoints(self) -> list[tuple[str, int]]:
