@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 
+from integration.acl import AclConsul
 from registry_agent import (
     AsyncDiscovery,
     BackendUnavailable,
     Discovery,
+    DiscoveryPolicy,
     NoInstanceAvailable,
     RetryPolicy,
     ServiceInstance,
@@ -46,7 +49,11 @@ def orders(port: int) -> ServiceInstance:
 
 
 async def register(server: ServerProcess, instances: Iterable[ServiceInstance]) -> None:
-    writer = open_backend(server.url, timeout=2)
+    await register_at(server.url, instances)
+
+
+async def register_at(url: str, instances: Iterable[ServiceInstance]) -> None:
+    writer = open_backend(url, timeout=2)
     try:
         for instance in instances:
             await writer.register(instance, ttl=TTL)
@@ -122,11 +129,21 @@ async def test_async_discovery_serves_last_known_good_while_registry_is_down(
         assert cold.stale("orders")
         assert all(h.note.startswith(STALE_NOTE) and h.note.endswith("Z") for h in served)
         assert (await cold.choose("orders")).port in {9101, 9102}
+        # None left while stale: the error says the set is stale and why.
+        with pytest.raises(
+            NoInstanceAvailable,
+            match=r"matching tags absent \(2 healthy do not match; stale: last known good "
+            r"from \S+Z; the registry is unreachable: .+\)",
+        ):
+            await cold.choose("orders", policy=DiscoveryPolicy(tags=("absent",)))
         for _ in range(5):
             await cold.instances("orders")
-        with pytest.raises(NoInstanceAvailable):
-            await cold.choose("payments")  # the saved fact: none
-        assert cold.stale("payments")
+        # An empty saved set is not served stale (it would hide the outage behind "no
+        # instance"): the registry's own error is raised instead, and said in the log.
+        with pytest.raises(BackendUnavailable, match="no answer from the registry"):
+            await cold.choose("payments")
+        assert not cold.stale("payments")
+        assert len(lines(caplog, logging.WARNING, "payments not used: it holds no instance")) == 1
         assert len(lines(caplog, logging.WARNING, "serving 2 instance(s) from the last")) == 1
 
         # Too old for a max age: not used (said in the log), the first read fails as before.
@@ -271,3 +288,68 @@ async def test_stale_only_once_every_backend_failed(
         # The last set saved: the one consul alone gave (etcd down then): what was served.
         assert {i.port for i in served} == {9401}
         assert cold.stale("orders")
+
+
+async def test_a_refused_token_is_not_an_outage_the_file_is_not_served(
+    acl: AclConsul, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong ACL token (Consul answers 403) is a configuration error, not an outage:
+    the saved set is not served; the registry's own words are raised as without a file."""
+    good = f"{acl.server.url}?token={acl.token}"
+    await register_at(good, [orders(9501)])
+    async with AsyncDiscovery(good, last_known_good=tmp_path, retry=RETRY) as live:
+        assert [i.port for i in await live.instances("orders")] == [9501]
+    assert LastKnownGoodStore(tmp_path).load("orders") is not None
+    caplog.set_level(logging.INFO, logger="registry_agent")
+    sync_timeout = 1.0
+    async with AsyncDiscovery(
+        f"{acl.server.url}?token=wrong-{uuid.uuid4()}",
+        last_known_good=tmp_path,
+        sync_timeout=sync_timeout,
+        retry=RETRY,
+    ) as denied:
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="permission denied for service 'orders'"):
+            await denied.instances("orders")
+        assert time.monotonic() - started < sync_timeout + MARGIN
+        assert not denied.stale("orders")
+        with pytest.raises(BackendUnavailable, match="permission denied"):
+            await denied.choose("orders")
+    assert not lines(caplog, logging.WARNING, "from the last known good")
+    assert not lines(caplog, logging.WARNING, "registry unreachable")
+
+
+async def test_is_service_of_a_served_service_asks_no_silent_registry(
+    server: ServerProcess, tmp_path: Path, measured: Measured
+) -> None:
+    """A paused registry (no services=, as a transport asks): is_service() of a service
+    served stale, or with a file, or already read, answers at once instead of waiting
+    sync_timeout for the registry's list of services each time."""
+    sync_timeout = 2.0
+    await register(server, [orders(9601)])
+    async with AsyncDiscovery(server.url, last_known_good=tmp_path, retry=RETRY) as live:
+        assert [i.port for i in await live.instances("orders")] == [9601]
+    server.pause()
+    try:
+        backend = open_backend(server.url, timeout=1.0)
+        async with AsyncDiscovery(
+            backend, last_known_good=tmp_path, sync_timeout=sync_timeout, retry=RETRY
+        ) as cold:
+            started = time.monotonic()
+            assert await cold.is_service("orders")  # its file: no watch, no registry asked
+            measured("is_service, file only (paused)", time.monotonic() - started, MARGIN / 2)
+            assert "orders" not in cold._watchers
+            assert [i.port for i in await cold.instances("orders")] == [9601]
+            assert cold.stale("orders")
+            for _ in range(5):
+                started = time.monotonic()
+                assert await cold.is_service("orders")
+                took = time.monotonic() - started
+                assert took < sync_timeout / 4
+            measured("is_service, served stale (paused)", took, sync_timeout / 4)
+            with pytest.raises(BackendUnavailable):  # unknown name: the registry is asked
+                await cold.is_service("payments")
+            assert "payments" not in cold._watchers
+        await backend.close()
+    finally:
+        server.resume()

@@ -589,6 +589,19 @@ class Watcher:
         self.close()
 
 
+class _ClosedLoopThread(LoopThread):
+    """A closed Discovery's loop thread: it refuses work and never starts a thread, so
+    nothing (a channel submitting straight to it either) brings the discovery back."""
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        coro.close()
+        raise RuntimeError("the discovery is closed: create a new one")
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        raise RuntimeError("the discovery is closed: create a new one")
+
+
 class Discovery:
     """Blocking facade over :class:`AsyncDiscovery` (same arguments and methods).
 
@@ -633,12 +646,19 @@ class Discovery:
         ``kwargs``: the constructor's keywords."""
         return cls(None, **kwargs)
 
+    def _check_open(self) -> None:
+        # Before the loop thread is touched: a closed discovery starts no new one.
+        if self._closed:
+            raise RuntimeError("the discovery is closed: create a new one")
+
     def health(self, service: str) -> list[InstanceHealth]:
         """See :meth:`AsyncDiscovery.health`."""
+        self._check_open()
         return self._thread.run(self._async.health(service), self._bound)
 
     def instances(self, service: str, healthy_only: bool = True) -> list[ServiceInstance]:
         """See :meth:`AsyncDiscovery.instances`."""
+        self._check_open()
         return self._thread.run(self._async.instances(service, healthy_only), self._bound)
 
     def choose(
@@ -650,6 +670,7 @@ class Discovery:
         policy: DiscoveryPolicy | None = None,
     ) -> ServiceInstance:
         """See :meth:`AsyncDiscovery.choose`."""
+        self._check_open()
         return self._thread.run(
             self._async.choose(service, strategy, exclude=exclude, policy=policy), self._bound
         )
@@ -686,10 +707,14 @@ class Discovery:
 
     def is_service(self, name: str) -> bool:
         """See :meth:`AsyncDiscovery.is_service`."""
+        self._check_open()
         return self._thread.run(self._async.is_service(name), self._bound)
 
     def close(self) -> None:
-        """Stop every watch and the loop thread. Never raises.
+        """Stop every watch and the loop thread. Never raises. Afterwards
+        :meth:`health`, :meth:`instances`, :meth:`choose` and :meth:`is_service`
+        raise :class:`RuntimeError` and start nothing (no new loop thread or watch);
+        :meth:`report` is ignored.
 
         In a child process that inherited a started discovery through
         ``fork()`` it returns at once with a warning.
@@ -697,12 +722,14 @@ class Discovery:
         if self._closed:
             return
         self._closed = True
+        self._async._closed = True  # report() from other threads: ignored from now on
         if self._thread.in_child("close()"):
             return
         try:
             _quietly("closing the discovery", lambda: self._thread.run(self._async.close(), _QUICK))
         finally:
             _quietly("stopping the loop thread", self._thread.close)
+            self._thread = _ClosedLoopThread(self._thread.name, self._thread.what)
 
     def __enter__(self) -> Discovery:
         return self

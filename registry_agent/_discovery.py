@@ -146,6 +146,11 @@ class AsyncDiscovery:
         self._lock = asyncio.Lock()
         # Armed by the first watch: what runs from then on belongs to this process.
         self._fork: ForkGuard | None = None
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the discovery is closed: create a new one")
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> AsyncDiscovery:
@@ -155,9 +160,11 @@ class AsyncDiscovery:
         return cls(None, **kwargs)
 
     async def _watcher(self, service: str) -> AsyncWatcher:
+        self._check_open()
         watcher = self._watchers.get(service)
         if watcher is None:
             async with self._lock:
+                self._check_open()  # closed while this call waited for the lock
                 watcher = self._watchers.get(service)
                 if watcher is None:
                     watcher = AsyncWatcher(
@@ -225,7 +232,13 @@ class AsyncDiscovery:
         """Every instance of ``service`` with its health, ordered by id."""
         watcher = await self._watcher(service)
         if self._lkg is not None:  # the stale set while it is served; saves a changed set
-            return self._lkg.health(service, watcher)
+            found = self._lkg.health(service, watcher, self._last_error)
+            if found is None:  # served stale until now: no longer (too old, or refused)
+                error = self._unsynced(service)
+                error.message = f"{error.message}; {self._lkg.ended(service)}"
+                error.args = (error.message,)
+                raise error
+            return found
         return watcher.snapshot(service)
 
     def stale(self, service: str) -> bool:
@@ -319,8 +332,12 @@ class AsyncDiscovery:
             reasons.append(f"{unmatched} healthy do not match")
         if ejected:
             reasons.append(f"{len(ejected)} ejected as outliers")
-        if reasons:
-            message += f" ({', '.join(reasons)})"
+        said = ", ".join(reasons)
+        stale = self._lkg.describe(service, self._last_error) if self._lkg is not None else None
+        if stale is not None and self.stale(service):
+            said = f"{said}; {stale}" if said else stale
+        if said:
+            message += f" ({said})"
         return NoInstanceAvailable(message, service=service)
 
     def policy_for(self, service: str) -> DiscoveryPolicy:
@@ -387,7 +404,7 @@ class AsyncDiscovery:
         if not isinstance(ok, bool):
             raise ConfigError(f"expected True or False, got {ok!r}", field="ok")
         rule = chosen.outliers
-        if rule is not None:
+        if rule is not None and not self._closed:
             candidates = self._candidates(service, chosen)
             self._outliers.report(service, instance, ok, rule, key=chosen, candidates=candidates)
 
@@ -424,6 +441,17 @@ class AsyncDiscovery:
         registry again; one answering within ``sync_timeout`` suffices.
         """
         _name(name, "name")
+        self._check_open()
+        if self._serves(name):
+            return True
+        if self._lkg is not None and name not in self._watchers:
+            path = self._lkg.store.path_for(name)
+            try:  # bounded: a hung file system must not hang the request
+                found = await asyncio.wait_for(asyncio.to_thread(path.is_file), self.sync_timeout)
+            except (TimeoutError, OSError):
+                found = False
+            if found:
+                return True
         listing = [
             (n, b) for n, b in enumerate(self.backends) if callable(getattr(b, "services", None))
         ]
@@ -449,6 +477,14 @@ class AsyncDiscovery:
             if n in self._names_failed:
                 raise self._names_failed[n][0].with_traceback(None)
         return False
+
+    def _serves(self, name: str) -> bool:
+        """True when discovery already serves ``name``: its watch has read it, or it is
+        served from the last-known-good file."""
+        watcher = self._watchers.get(name)
+        if watcher is not None and watcher._read_by_any(name):
+            return True
+        return self.stale(name)
 
     async def _refresh_names(self, number: int, backend: Backend) -> None:
         """Read one backend's service names into the cache (its failure too); never raises."""
@@ -477,12 +513,15 @@ class AsyncDiscovery:
         return frozenset(str(n) for n in names)
 
     async def close(self) -> None:
-        """Stop every watch.
+        """Stop every watch. Afterwards :meth:`health`, :meth:`instances`,
+        :meth:`choose` and :meth:`is_service` raise :class:`RuntimeError` and start
+        nothing; :meth:`report` is ignored (a call that ends after close()).
 
         In a child process that inherited a discovery already watching through
         ``fork()`` it returns at once (with a warning): the watches belong to
         the parent.
         """
+        self._closed = True
         watchers, self._watchers = list(self._watchers.values()), {}
         self._served.clear()
         if self._fork is not None and self._fork.in_child("close()"):

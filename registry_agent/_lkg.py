@@ -28,16 +28,18 @@ import logging
 import math
 import os
 import re
+import ssl
 import stat
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from registry_agent._errors import ConfigError, RegistryError
+from registry_agent._errors import BackendUnavailable, ConfigError, RegistryError
 from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance
 
 if TYPE_CHECKING:
@@ -65,6 +67,11 @@ _FIRST_READ_POLL = 0.02
 _CLOSE_WAIT = 5.0
 # A failing save is logged again after this long.
 _SAVE_WARNING_EVERY = 300.0
+# A saved_at this far ahead of the clock is accepted (clocks of machines sharing a
+# directory differ a little); further ahead, the file is invalid.
+CLOCK_SKEW = 300.0
+
+T = TypeVar("T")
 
 
 def file_name(service: str) -> str:
@@ -270,18 +277,42 @@ class LastKnownGoodStore:
         except json.JSONDecodeError as exc:
             self._ignored(service, path, f"not valid JSON (line {exc.lineno}, column {exc.colno})")
             return None
+        except RecursionError:
+            self._ignored(service, path, "nested too deeply to be a last-known-good file")
+            return None
+        except (ValueError, TypeError, MemoryError) as exc:
+            self._ignored(service, path, f"not valid JSON ({type(exc).__name__}: {exc})")
+            return None
         try:
             return self._decode(service, path, document)
         except _Foreign as exc:
             self._ignored(service, path, str(exc))
             return None
+        except RecursionError:
+            self._ignored(service, path, "nested too deeply to be a last-known-good file")
+            return None
+        except (ValueError, TypeError, MemoryError) as exc:
+            self._ignored(service, path, f"not a valid set ({type(exc).__name__}: {exc})")
+            return None
 
     def _read(self, path: Path) -> bytes:
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        # A FIFO, device or socket in the file's place would block open() or read()
+        # forever: refuse anything but a regular file before opening it, open without
+        # blocking (a FIFO swapped in meanwhile opens at once), and look again after.
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"not a regular file ({_kind(mode)})")
+        flags = (
+            os.O_RDONLY
+            | getattr(os, "O_NOFOLLOW", 0)
+            | getattr(os, "O_BINARY", 0)
+            | getattr(os, "O_NONBLOCK", 0)
+        )
         fd = os.open(path, flags)
         with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise ValueError("not a regular file")
+            mode = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise ValueError(f"not a regular file ({_kind(mode)})")
             data = handle.read(MAX_FILE_BYTES + 1)
         if len(data) > MAX_FILE_BYTES:
             raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
@@ -305,12 +336,23 @@ class LastKnownGoodStore:
                 f"holds service {document.get('service')!r}, not {service!r} (a foreign file)"
             )
         saved_at = _parse_time(document.get("saved_at"))
+        if saved_at > time.time() + CLOCK_SKEW:
+            raise _Foreign(
+                f'"saved_at" is {document.get("saved_at")!r}, more than {CLOCK_SKEW:g}s '
+                "ahead of this clock (a clock that was wrong, or a file not written by us)"
+            )
         entries = document.get("instances")
         if not isinstance(entries, list):
             raise _Foreign('"instances" is not a list')
         instances = []
+        seen: set[tuple[str, str]] = set()
         for number, entry in enumerate(entries):
-            instances.append(_decode_instance(service, number, entry))
+            decoded = _decode_instance(service, number, entry)
+            key = (decoded.instance.node, decoded.instance.id)
+            if key in seen:  # the same instance twice: the first one counts
+                continue
+            seen.add(key)
+            instances.append(decoded)
         return SavedSet(service, tuple(instances), saved_at, path)
 
     def _ignored(self, service: str, path: Path, why: str) -> None:
@@ -325,6 +367,20 @@ class LastKnownGoodStore:
 
 class _Foreign(Exception):
     """A file that parsed but is not a usable set for the service asked about."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a file"
 
 
 def _parse_time(value: object) -> float:
@@ -392,11 +448,78 @@ def _all_failed(watcher: AsyncWatcher, service: str) -> bool:
     )
 
 
+def _words(error: BaseException | None) -> str:
+    if error is None:
+        return "no answer yet"
+    return error.message if isinstance(error, RegistryError) else str(error)
+
+
+def tls_failure(error: BaseException) -> bool:
+    """True when ``error`` is a failed TLS handshake or certificate check."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            return True
+        if isinstance(current, RegistryError) and current.message.startswith("TLS with "):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def unreachable(error: BaseException | None) -> bool:
+    """True when ``error`` says the registry could not be reached: no answer at all
+    (None: a silent registry), a refused or reset connection, a timeout, a name that
+    does not resolve, a 5xx, 429 or 503 (:class:`BackendUnavailable`). False for an
+    answer that refuses us (permission denied, 401/403: :class:`Rejected`, and any
+    other registry error) and for a failed TLS handshake or certificate check: a
+    configuration to fix, not an outage to ride out.
+    """
+    if error is None:
+        return True
+    if not isinstance(error, BackendUnavailable):
+        return False
+    return not tls_failure(error)
+
+
+def _daemon_call(function: Callable[[], T]) -> asyncio.Future[T]:
+    """``function()`` in a daemon thread of its own, as a future of the running loop.
+
+    Not the loop's executor: a read stuck on a hung network mount would keep
+    ``asyncio.run()`` (which waits for the executor's threads) from ever ending.
+    The caller bounds its wait; a thread still stuck then is left behind.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: tuple[bool, Any]) -> None:
+        if future.done():
+            return
+        if outcome[0]:
+            future.set_result(outcome[1])
+        else:
+            future.set_exception(outcome[1])
+
+    def run() -> None:
+        outcome: tuple[bool, Any]
+        try:
+            outcome = (True, function())
+        except BaseException as exc:  # handed to the loop, raised there
+            outcome = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=run, name="registry-agent last known good read", daemon=True).start()
+    return future
+
+
 class LastKnownGood:
     """Discovery's last-known-good cache over a :class:`LastKnownGoodStore` (event loop side).
 
-    ``max_age``: a saved set older than this many seconds is not used (logged);
-    None (the default): any age.
+    ``max_age``: a saved set older than this many seconds is not used, and one
+    served stale stops being served once it is that old (logged); None (the
+    default): any age.
     """
 
     def __init__(self, directory: str | os.PathLike[str], max_age: float | None = None) -> None:
@@ -411,15 +534,22 @@ class LastKnownGood:
             )
         self.store = LastKnownGoodStore(directory)
         self.max_age = None if max_age is None else float(max_age)
-        # Services served from a file now: the set, and when serving began (monotonic).
-        self._stale: dict[str, tuple[list[InstanceHealth], float]] = {}
+        # Services served from a file now: the set, when serving began (monotonic), the file.
+        self._stale: dict[str, tuple[list[InstanceHealth], float, SavedSet]] = {}
+        # Services whose stale serving ended before the registry answered, and why.
+        self._ended: dict[str, str] = {}
         self._recoveries: dict[str, asyncio.Task[None]] = {}
+        # The file load of a service's episode, shared by every caller (single flight),
+        # and its outcome until the registry answers.
+        self._loads: dict[str, asyncio.Future[SavedSet | None]] = {}
+        self._declined: set[str] = set()
         # Saving: the watcher state last looked at, the content last written, what waits.
         self._seen: dict[str, object] = {}
         self._saved: dict[str, tuple[tuple[ServiceInstance, str, str], ...]] = {}
         self._wanted: dict[str, list[InstanceHealth]] = {}
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._save_warned: dict[str, float] = {}
+        self._closed = False
 
     # -- first read ---------------------------------------------------------------------
 
@@ -433,28 +563,41 @@ class LastKnownGood:
         """Wait for ``service``'s first read; None when it is served from the file instead.
 
         Waits until a backend has read the service, every backend has failed it
-        once (a refused connection: quick), or ``timeout``. Without an answer and
-        with a usable file, the saved set is served as stale from now on (one
-        WARNING) and None returned. Otherwise returns the time left of
-        ``timeout`` for the caller's own wait.
+        once (a refused connection: quick), or ``timeout``. When the registry is
+        unreachable (see :func:`unreachable`: not when it refused us) and a usable
+        file exists, the saved set is served as stale from now on and None
+        returned. Otherwise returns the time left of ``timeout`` for the caller's
+        own wait. Concurrent callers share one load of the file, one WARNING and
+        one recovery task.
         """
         started = time.monotonic()
         deadline = started + timeout
+        if self.stale(service, watcher):
+            return None
         while (  # noqa: ASYNC110 - no event says "every backend failed"
             not watcher._read_by_any(service)
             and not _all_failed(watcher, service)
             and time.monotonic() < deadline
+            and service not in self._stale
         ):
             await asyncio.sleep(_FIRST_READ_POLL)
         if watcher._read_by_any(service):
             return max(0.0, deadline - time.monotonic())
-        saved = await asyncio.to_thread(self.store.load, service)
+        if service in self._stale:  # another caller began serving it meanwhile
+            return None
+        last = errors.get(service)
+        if not unreachable(last):
+            return max(0.0, deadline - time.monotonic())
+        saved = await self._load_once(service, timeout)
         if watcher._read_by_any(service):  # it answered meanwhile: fresh data wins
             return max(0.0, deadline - time.monotonic())
-        if saved is None:
+        if service in self._stale:
+            return None
+        if saved is None or service in self._declined or self._closed:
             return max(0.0, deadline - time.monotonic())
         age = saved.age()
         if self.max_age is not None and age > self.max_age:
+            self._declined.add(service)
             log.warning(
                 "last known good for %s not used: saved %s (%s ago), older than "
                 "last_known_good_max_age=%gs: %s",
@@ -466,15 +609,22 @@ class LastKnownGood:
                 extra={"event": "lkg_too_old", "service": service, "path": str(saved.path)},
             )
             return max(0.0, deadline - time.monotonic())
+        if not saved.instances:
+            # An empty set served stale would hide the outage behind "no instance".
+            self._declined.add(service)
+            log.warning(
+                "last known good for %s not used: it holds no instance (saved %s): %s",
+                service,
+                saved.saved_at_text,
+                saved.path,
+                extra={"event": "lkg_empty", "service": service, "path": str(saved.path)},
+            )
+            return max(0.0, deadline - time.monotonic())
         note = f"stale: last known good from {saved.saved_at_text}"
         served = [InstanceHealth(h.instance, h.status, note) for h in saved.instances]
-        self._stale[service] = (served, time.monotonic())
-        last = errors.get(service)
-        why = (
-            "no answer yet"
-            if last is None
-            else (last.message if isinstance(last, RegistryError) else str(last))
-        )
+        self._stale[service] = (served, time.monotonic(), saved)
+        self._ended.pop(service, None)
+        why = _words(errors.get(service))
         log.warning(
             "registry unreachable for %s (%s): serving %d instance(s) from the last known "
             "good, saved %s (%s ago), marked stale until it answers: %s",
@@ -491,10 +641,43 @@ class LastKnownGood:
                 "error": why,
             },
         )
-        self._recoveries[service] = asyncio.create_task(
-            self._await_answer(service, watcher), name=f"last known good {service}"
-        )
+        if service not in self._recoveries:
+            self._recoveries[service] = asyncio.create_task(
+                self._await_answer(service, watcher), name=f"last known good {service}"
+            )
         return None
+
+    async def _load_once(self, service: str, timeout: float) -> SavedSet | None:
+        """The service's file, loaded once per episode (shared), at most ``timeout`` s."""
+        load = self._loads.get(service)
+        if load is None:
+            load = self._loads[service] = _daemon_call(lambda: self.store.load(service))
+        try:
+            return await asyncio.wait_for(asyncio.shield(load), timeout)
+        except TimeoutError:
+            if not load.done():
+                load.cancel()  # the thread is left behind; its answer is ignored
+                log.warning(
+                    "last known good for %s not used: reading %s took longer than %gs "
+                    "(a hung file system?)",
+                    service,
+                    self.store.path_for(service),
+                    timeout,
+                    extra={
+                        "event": "lkg_ignored",
+                        "service": service,
+                        "path": str(self.store.path_for(service)),
+                        "error": "read timed out",
+                    },
+                )
+            return None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            return None  # the shared load was cancelled by close()
+        except Exception:  # load() logs and returns None for anything it knows
+            return None
 
     async def _await_answer(self, service: str, watcher: AsyncWatcher) -> None:
         synced = watcher._synced.get(service)
@@ -509,6 +692,9 @@ class LastKnownGood:
 
     def _recovered(self, service: str, watcher: AsyncWatcher) -> None:
         entry = self._stale.pop(service, None)
+        self._ended.pop(service, None)
+        self._loads.pop(service, None)
+        self._declined.discard(service)
         task = self._recoveries.pop(service, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -533,21 +719,74 @@ class LastKnownGood:
             return False
         return watcher is None or not watcher._read_by_any(service)
 
-    def health(self, service: str, watcher: AsyncWatcher) -> list[InstanceHealth]:
+    def describe(self, service: str, errors: Mapping[str, BaseException]) -> str | None:
+        """``stale: last known good from <time>; the registry is unreachable: <words>``
+        while ``service`` is served stale, else None."""
+        entry = self._stale.get(service)
+        if entry is None:
+            return None
+        return (
+            f"stale: last known good from {entry[2].saved_at_text}; the registry is "
+            f"unreachable: {_words(errors.get(service))}"
+        )
+
+    def ended(self, service: str) -> str | None:
+        """Why serving ``service`` stale stopped before the registry answered, or None."""
+        return self._ended.get(service)
+
+    def health(
+        self,
+        service: str,
+        watcher: AsyncWatcher,
+        errors: Mapping[str, BaseException] | None = None,
+    ) -> list[InstanceHealth] | None:
         """What discovery serves for ``service``: the stale set until the registry
-        answers, then the watcher's (saved when it changed)."""
+        answers, then the watcher's (saved when it changed). None when the stale set
+        may no longer be served (older than ``max_age`` now, or the registry now
+        refuses us) and the registry has not answered: see :meth:`ended`."""
         entry = self._stale.get(service)
         if entry is not None:
             if not watcher._read_by_any(service):
-                return list(entry[0])
+                why = self._expired(service, entry[2], (errors or {}).get(service))
+                if why is None:
+                    return list(entry[0])
+                self._end(service, entry[2], why)
+                return None
+            self._recovered(service, watcher)
+        elif service in self._ended:
+            if not watcher._read_by_any(service):
+                return None
             self._recovered(service, watcher)
         fresh = watcher.snapshot(service)
         self._offer(service, watcher, fresh)
         return fresh
 
+    def _expired(self, service: str, saved: SavedSet, error: BaseException | None) -> str | None:
+        age = saved.age()
+        if self.max_age is not None and age > self.max_age:
+            return (
+                f"the last known good (saved {saved.saved_at_text}, {_age_text(age)} ago) is "
+                f"older than last_known_good_max_age={self.max_age:g}s"
+            )
+        if not unreachable(error):
+            return f"the registry is reachable but refuses: {_words(error)}"
+        return None
+
+    def _end(self, service: str, saved: SavedSet, why: str) -> None:
+        self._stale.pop(service, None)
+        self._ended[service] = why
+        self._declined.add(service)
+        log.warning(
+            "last known good for %s no longer served: %s: %s",
+            service,
+            why,
+            saved.path,
+            extra={"event": "lkg_ended", "service": service, "path": str(saved.path)},
+        )
+
     def _offer(self, service: str, watcher: AsyncWatcher, fresh: list[InstanceHealth]) -> None:
         """Save ``fresh`` (read from the registry) in the background when it changed."""
-        if not watcher._read_by_any(service):
+        if self._closed or not watcher._read_by_any(service):
             return
         state = watcher._state.get(service)
         # The watcher replaces its state object on every change: same object, same set.
@@ -593,12 +832,19 @@ class LastKnownGood:
         )
 
     async def close(self) -> None:
-        """Stop waiting for answers; let a save in progress finish (bounded)."""
-        for task in self._recoveries.values():
-            task.cancel()
+        """Stop waiting for answers and loading files; let a save in progress finish
+        (bounded)."""
+        self._closed = True
         recoveries, self._recoveries = list(self._recoveries.values()), {}
+        for task in recoveries:
+            task.cancel()
         await asyncio.gather(*recoveries, return_exceptions=True)
+        loads, self._loads = list(self._loads.values()), {}
+        for load in loads:
+            load.cancel()
         self._stale.clear()
+        self._ended.clear()
+        self._declined.clear()
         writers = list(self._writers.values())
         if writers:
             _done, pending = await asyncio.wait(writers, timeout=_CLOSE_WAIT)
