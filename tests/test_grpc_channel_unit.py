@@ -4,11 +4,14 @@ and real grpcio server processes (integration/grpc_kit.py)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from integration.grpc_certs import make_service_cert
-from integration.grpc_channel_kit import started_servers
+from integration.grpc_channel_kit import restart, started_servers
 from integration.grpc_kit import CREATE, GET, SLOW, GrpcServer, unary, unary_stream
 from registry_agent import (
     AsyncDiscovery,
@@ -29,6 +32,7 @@ from registry_agent import (
     DiscoveryPolicy,
     HealthStatus,
     InstanceHealth,
+    OutlierEjection,
     ServiceInstance,
 )
 from registry_agent.grpc import DiscoveryChannel, NoInstanceError
@@ -89,6 +93,10 @@ def put(registry: MemoryRegistry, port: int, service: str = "orders") -> Service
     instance = ServiceInstance(service, address="127.0.0.1", port=port, id=f"{service}-{port}")
     registry.put(InstanceHealth(instance, HealthStatus.PASSING), ttl=600)
     return instance
+
+
+def name_of(answer: bytes) -> str:
+    return answer.split(b":")[0].decode()
 
 
 def names(answers: list[bytes]) -> Counter[str]:
@@ -414,3 +422,231 @@ def test_importing_registry_agent_never_imports_grpc() -> None:
     code = "import sys, registry_agent; assert 'grpc' not in sys.modules, 'grpc imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# --- issue 16 break-it fixes ---------------------------------------------------------
+
+
+def test_a_hung_instance_is_ejected_after_its_deadlines_sync_and_aio(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    # SIGSTOP: the instance accepts connections but never answers (half-open). Each
+    # DEADLINE_EXCEEDED is a failure for report(), so two in a row eject it.
+    for server in servers:
+        put(registry, server.port)
+    hung = servers[0]
+    assert hung.process is not None
+    policy = DiscoveryPolicy(outliers=OutlierEjection(consecutive_failures=2, base_time=60))
+    with Recording(registry.url) as discovery:
+        with DiscoveryChannel(discovery, "orders", idempotent=True, policy=policy) as channel:
+            for _ in range(3):
+                unary(channel)(b"warm", timeout=5)  # one channel per endpoint, connected
+            hung.process.send_signal(signal.SIGSTOP)
+            try:
+                outcomes: Counter[str] = Counter()
+                for _ in range(12):
+                    try:
+                        outcomes[unary(channel)(b"x", timeout=0.5).split(b":")[0].decode()] += 1
+                    except grpc.RpcError as error:
+                        outcomes[error.code().name] += 1
+            finally:
+                hung.process.send_signal(signal.SIGCONT)
+        assert outcomes["DEADLINE_EXCEEDED"] == 2, outcomes
+        assert outcomes["b"] + outcomes["c"] == 10
+        assert (hung.port, False) in discovery.reports
+        assert [i.port for i in discovery.ejected("orders", policy=policy)] == [hung.port]
+
+    async def main() -> Counter[str]:
+        seen: Counter[str] = Counter()
+        async with (
+            AsyncRecording(registry.url) as discovery,
+            grpc_aio.DiscoveryChannel(discovery, "orders", idempotent=True, policy=policy) as ch,
+        ):
+            for _ in range(3):
+                await unary(ch)(b"warm", timeout=5)
+            assert hung.process is not None
+            hung.process.send_signal(signal.SIGSTOP)
+            try:
+                for _ in range(12):
+                    try:
+                        seen[(await unary(ch)(b"x", timeout=0.5)).split(b":")[0].decode()] += 1
+                    except grpc.RpcError as error:
+                        seen[error.code().name] += 1
+            finally:
+                hung.process.send_signal(signal.SIGCONT)
+            assert [i.port for i in discovery.ejected("orders", policy=policy)] == [hung.port]
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen["DEADLINE_EXCEEDED"] == 2, seen
+    assert seen["b"] + seen["c"] == 10
+
+
+def test_deadline_exceeded_is_retried_only_with_retry_read_timeouts(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    for server in servers:
+        put(registry, server.port)
+    timeouts = DiscoveryPolicy(retry_read_timeouts=True)
+    with Recording(registry.url) as discovery:
+        plain = DiscoveryChannel(discovery, "orders", idempotent=True)
+        retrying = DiscoveryChannel(discovery, "orders", idempotent=True, policy=timeouts)
+        once = DiscoveryChannel(discovery, "orders", idempotent=False, policy=timeouts)
+        with plain, retrying, once:
+            servers[0].fail_next("DEADLINE_EXCEEDED", 100)
+            with pytest.raises(grpc.RpcError) as caught:
+                unary(plain)(b"x", timeout=5)  # round robin starts at a
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert (servers[0].port, False) in discovery.reports
+            answers = [unary(retrying)(b"x", timeout=5) for _ in range(6)]
+            assert set(names(answers)) == {"b", "c"}  # a's answers went elsewhere
+            codes: Counter[str] = Counter()
+            for _ in range(6):
+                try:
+                    codes[name_of(unary(once, CREATE)(b"x", timeout=5))] += 1
+                except grpc.RpcError as error:
+                    codes[error.code().name] += 1
+            assert codes == {"DEADLINE_EXCEEDED": 2, "b": 2, "c": 2}  # never retried
+
+
+def test_wait_for_ready_does_not_wait_on_a_dead_instance(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    # The registry still lists the killed instance (no health check here).
+    for server in servers:
+        put(registry, server.port)
+    with Discovery(registry.url) as discovery:
+        with DiscoveryChannel(discovery, "orders", idempotent=True) as channel:
+            for _ in range(6):
+                unary(channel)(b"warm", timeout=5)
+            servers[0].kill()
+            started = time.monotonic()
+            answers = [unary(channel)(b"x", timeout=3, wait_for_ready=True) for _ in range(6)]
+            took = time.monotonic() - started
+        assert set(names(answers)) == {"b", "c"}
+        assert took < 3.0, f"6 calls took {took:.2f}s: one waited out its deadline"
+
+    async def main() -> tuple[Counter[str], float]:
+        async with (
+            AsyncDiscovery(registry.url) as discovery,
+            grpc_aio.DiscoveryChannel(discovery, "orders", idempotent=True) as channel,
+        ):
+            started = time.monotonic()
+            answers = [await unary(channel)(b"x", timeout=3, wait_for_ready=True) for _ in range(6)]
+            return names(answers), time.monotonic() - started
+
+    seen, took = asyncio.run(main())
+    assert set(seen) == {"b", "c"}
+    assert took < 3.0, f"6 aio calls took {took:.2f}s"
+
+
+def test_wait_for_ready_still_waits_when_only_that_instance_is_left(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    only = servers[0]
+    put(registry, only.port)
+    with Discovery(registry.url) as discovery:
+        with DiscoveryChannel(discovery, "orders", idempotent=True) as channel:
+            unary(channel)(b"warm", timeout=5)
+            only.kill()
+            with pytest.raises(grpc.RpcError):
+                unary(channel)(b"x", timeout=2)  # without wait_for_ready: fails fast
+            timer = threading.Timer(1.0, restart, (only,))
+            timer.start()
+            try:
+                answer = unary(channel)(b"x", timeout=20, wait_for_ready=True)
+            finally:
+                timer.join()
+        assert answer == b"a:x"
+
+
+def test_no_connectivity_thread_per_endpoint_until_subscribed(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    for server in servers:
+        put(registry, server.port)
+    with Discovery(registry.url) as discovery:
+        plain = grpc.insecure_channel(servers[0].target)  # grpc's own threads, started
+        unary(plain)(b"x", timeout=5)
+        plain.close()
+        discovery.choose("orders")  # the watch, started
+        before = {t.name for t in threading.enumerate()}
+        with DiscoveryChannel(discovery, "orders", idempotent=True) as channel:
+            for _ in range(9):
+                unary(channel)(b"x", timeout=5)
+            assert len(channel.endpoints()) == 3
+            # No polling thread per endpoint (grpc names none; count what is new).
+            assert len({t.name for t in threading.enumerate()} - before) == 0
+            assert channel.state() == grpc.ChannelConnectivity.READY  # asked, not watched
+            seen: list[grpc.ChannelConnectivity] = []
+            channel.subscribe(seen.append)
+            assert seen == [grpc.ChannelConnectivity.READY]
+            assert len(channel._core._watching) == 3
+            channel.unsubscribe(seen.append)
+            assert channel._core._watching == {}
+
+
+def test_multicallables_made_per_call_do_not_pile_up(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    put(registry, servers[0].port)
+    with Discovery(registry.url) as discovery, DiscoveryChannel(discovery, "orders") as channel:
+        made: list[weakref.ref[Any]] = []
+        for _ in range(200):
+            callable_ = channel.unary_unary(GET, lambda b: b, lambda b: b)
+            assert callable_(b"x", timeout=5) == b"a:x"
+            made.append(weakref.ref(callable_._callable.__self__))  # its Callables
+            del callable_
+        gc.collect()
+        assert sum(ref() is not None for ref in made) == 0
+        stub_like = channel.unary_unary(GET, lambda b: b, lambda b: b)
+        first = stub_like._callable(channel._core.pool.acquire(discovery.choose("orders")))
+        again = stub_like._callable(channel._core.pool.acquire(discovery.choose("orders")))
+        assert first is again  # reused per endpoint while the multicallable lives
+
+
+def test_registry_error_details_and_bad_aio_use(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    for server in servers:
+        put(registry, server.port)
+    canary = DiscoveryPolicy(tags=("canary",))
+    with (
+        Discovery(registry.url) as discovery,
+        DiscoveryChannel(discovery, "orders", policy=canary) as channel,
+        pytest.raises(NoInstanceError) as caught,
+    ):
+        unary(channel)(b"x", timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "matching tags canary" in caught.value.details()
+    assert "3 healthy do not match" in caught.value.details()
+
+    with pytest.raises(ConfigError, match="interceptors"):
+        grpc_aio.DiscoveryChannel(AsyncDiscovery(registry.url), "orders", interceptors=[object()])
+
+    class Counting(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+        calls = 0
+
+        async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            Counting.calls += 1
+            return await continuation(details, request)
+
+    first_loop = asyncio.new_event_loop()
+    second_loop = asyncio.new_event_loop()
+    discovery_ = AsyncDiscovery(registry.url)
+    channel_ = grpc_aio.DiscoveryChannel(discovery_, "orders", interceptors=[Counting()])
+
+    async def call() -> bytes:
+        answer: bytes = await unary(channel_)(b"x", timeout=5)
+        return answer
+
+    try:
+        assert first_loop.run_until_complete(call()) == b"a:x"
+        assert Counting.calls == 1
+        with pytest.raises(RuntimeError, match="one DiscoveryChannel per event loop"):
+            second_loop.run_until_complete(call())
+    finally:
+        first_loop.run_until_complete(channel_.close())
+        first_loop.run_until_complete(discovery_.close())
+        first_loop.close()
+        second_loop.close()

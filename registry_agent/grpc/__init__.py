@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DiscoveryChannel", "LocalRpcError", "NoInstanceError"]
 
+_LIVE = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.CONNECTING)
+
 _STATES = {
     0: grpc.ChannelConnectivity.IDLE,
     1: grpc.ChannelConnectivity.CONNECTING,
@@ -270,11 +272,11 @@ class _Core:
             ) from None
 
     def known_failing(self, endpoint: Endpoint[grpc.Channel]) -> bool:
-        """The endpoint's last call failed, or its channel is in TRANSIENT_FAILURE."""
+        """The endpoint's last call failed, or its channel is neither READY nor CONNECTING
+        (IDLE after a lost connection, TRANSIENT_FAILURE)."""
         if endpoint.failing:
             return True
-        state = self.state_of(endpoint.channel)
-        return state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        return self.state_of(endpoint.channel) not in _LIVE
 
     def report(self, instance: ServiceInstance, ok: bool) -> None:
         with contextlib.suppress(Exception):
@@ -333,27 +335,36 @@ class _Core:
         tried: list[ServiceInstance] = []
         last: grpc.RpcError | None = None
         dropped: ServiceInstance | None = None
+        waited = False  # the last resort: an instance known failing, with wait_for_ready
         while True:
             wfr = wait_for_ready
             try:
                 instance = self.choose(tried, deadline)
             except LocalRpcError as exc:
-                if dropped is not None and exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    # Only instances known failing were left: wait as the caller asked.
-                    instance, dropped = dropped, None
-                elif last is not None:
-                    _note_tried(last, tried)
-                    last.add_note(f"registry_agent.grpc: {exc.details()}")
-                    raise last from None
-                raise
+                if dropped is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    if last is not None:
+                        _note_tried(last, tried)
+                        last.add_note(f"registry_agent.grpc: {exc.details()}")
+                        raise last from None
+                    raise
+                # Only instances known failing were left: wait as the caller asked.
+                instance, dropped, waited = dropped, None, True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0 and last is not None:
                 _note_tried(last, tried)
                 raise last
             endpoint = self.pool.acquire(instance)
-            if wfr and len(tried) < retries and dropped is None and self.known_failing(endpoint):
-                # wait_for_ready on a channel known failing would wait out the whole
-                # deadline there: this attempt fails fast and the next goes elsewhere.
+            if (
+                wfr
+                and not waited
+                and dropped is None
+                and len(tried) < retries
+                and self.known_failing(endpoint)
+            ):
+                # wait_for_ready on a channel known failing (or not connected) would wait
+                # out the whole deadline on an instance that may be dead: this attempt
+                # goes without it (a live server still answers; a dead one fails fast)
+                # and the next goes elsewhere; only that instance left: waited for.
                 wfr, dropped = None, instance
             try:
                 result = invoke(endpoint, remaining, wfr)
@@ -661,13 +672,15 @@ class DiscoveryChannel(grpc.Channel):  # type: ignore[misc]
     ) -> None:
         """Call ``callback`` with the channel's overall state (see :meth:`state`) now and
         on each change. ``try_to_connect``: connect to one instance at once."""
+        state = self.state()
         with self._lock:
             self._subscribers[callback] = None
+            self._last_state = state
         # Only now is each endpoint's connectivity watched (grpc runs a polling
         # thread per watched channel), until the last subscriber leaves.
         self._core.watch(True)
         with contextlib.suppress(Exception):
-            callback(self.state())
+            callback(state)
         if try_to_connect:
             with contextlib.suppress(grpc.RpcError):
                 _, endpoint = self._core.one(None)

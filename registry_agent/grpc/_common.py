@@ -140,7 +140,7 @@ class Callables:
     endpoint's channel, so multicallables made per call never pile up.
     """
 
-    __slots__ = ("_args", "_made")
+    __slots__ = ("__weakref__", "_args", "_made")
 
     def __init__(self, kind: str, method: str, ser: Any, deser: Any, registered: Any) -> None:
         self._args = (kind, method, ser, deser, registered)

@@ -52,13 +52,16 @@ def _local_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 
 
 def _known_failing(endpoint: Endpoint[grpc.aio.Channel]) -> bool:
-    """The endpoint's last call failed, or its channel is in TRANSIENT_FAILURE."""
+    """The endpoint's last call failed, or its channel is neither READY nor CONNECTING
+    (IDLE after a lost connection, TRANSIENT_FAILURE)."""
     if endpoint.failing:
         return True
     with contextlib.suppress(Exception):
-        state = endpoint.channel.get_state(False)
-        return state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        return endpoint.channel.get_state(False) not in _LIVE
     return False
+
+
+_LIVE = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.CONNECTING)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -228,6 +231,7 @@ class _UnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
         tried: list[ServiceInstance] = []
         last: BaseException | None = None
         dropped: ServiceInstance | None = None
+        waited = False  # the last resort: an instance known failing, with wait_for_ready
         kw = self._kw
         wait_for_ready = kw.get("wait_for_ready")
         while True:
@@ -235,21 +239,27 @@ class _UnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
             try:
                 instance = await core.choose(tried, deadline)
             except grpc.aio.AioRpcError as exc:
-                if dropped is not None and exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    # Only instances known failing were left: wait as the caller asked.
-                    instance, dropped = dropped, None
-                elif last is not None:
-                    _note_tried(last, tried)
-                    last.add_note(f"registry_agent.grpc: {exc.details()}")
-                    raise last from None
-                raise
+                if dropped is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    if last is not None:
+                        _note_tried(last, tried)
+                        last.add_note(f"registry_agent.grpc: {exc.details()}")
+                        raise last from None
+                    raise
+                # Only instances known failing were left: wait as the caller asked.
+                instance, dropped, waited = dropped, None, True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0 and last is not None:
                 _note_tried(last, tried)
                 raise last
             endpoint = core.pool.acquire(instance)
             attempt = kw
-            if wfr and len(tried) < retries and dropped is None and _known_failing(endpoint):
+            if (
+                wfr
+                and not waited
+                and dropped is None
+                and len(tried) < retries
+                and _known_failing(endpoint)
+            ):
                 # wait_for_ready on a channel known failing would wait out the whole
                 # deadline there: this attempt fails fast and the next goes elsewhere.
                 attempt, dropped = {**kw, "wait_for_ready": None}, instance
