@@ -5,6 +5,7 @@ started again, ejected as an outlier and let back in, and TLS by service name.""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections import Counter
@@ -262,3 +263,108 @@ def test_tls_by_service_name(server: ServerProcess, tmp_path: Path) -> None:
         ):
             unary(plain)(b"x", timeout=5)
         assert "Hostname Verification" in info.value.details()
+
+
+def test_a_hung_instance_is_ejected_and_calls_succeed(
+    server: ServerProcess, fleet: tuple[str, list[GrpcServer]]
+) -> None:
+    # SIGSTOP: the process keeps its listening socket (the registry's TCP check still
+    # passes: it stays listed) but answers nothing. DEADLINE_EXCEEDED counts as a
+    # failure, so the outlier rule ejects it after two and the calls succeed again.
+    service, servers = fleet
+    hung = servers[0]
+    assert hung.process is not None
+    policy = DiscoveryPolicy(outliers=OutlierEjection(consecutive_failures=2, base_time=60))
+    with (
+        Discovery(server.url) as discovery,
+        DiscoveryChannel(discovery, service, idempotent=True, policy=policy) as channel,
+    ):
+        wait_for(lambda: len(discovery.instances(service)) == 3, 10, "three instances seen")
+        for _ in range(3):
+            unary(channel)(b"warm", timeout=5)
+        hung.process.send_signal(signal.SIGSTOP)
+        try:
+            seen: Counter[str] = Counter()
+            for _ in range(15):
+                try:
+                    seen[name_of(unary(channel)(b"x", timeout=0.5))] += 1
+                except grpc.RpcError as error:
+                    seen[error.code().name] += 1
+            still_listed = len(discovery.instances(service))
+            ejected = [i.port for i in discovery.ejected(service, policy=policy)]
+        finally:
+            hung.process.send_signal(signal.SIGCONT)
+    assert still_listed == 3, "the hung instance left the registry: not the case under test"
+    assert seen["DEADLINE_EXCEEDED"] == 2, seen
+    assert seen["b"] + seen["c"] == 13
+    assert ejected == [hung.port]
+
+
+def test_a_calls_deadline_bounds_the_wait_for_the_registry(
+    server: ServerProcess, fleet: tuple[str, list[GrpcServer]]
+) -> None:
+    service, _ = fleet
+    server.pause()  # before the first read of the service: the registry stays silent
+    try:
+        with (
+            Discovery(server.url, sync_timeout=5) as discovery,
+            DiscoveryChannel(discovery, service, idempotent=True) as channel,
+        ):
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                unary(channel)(b"x", timeout=1)
+            took = time.monotonic() - started
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "registry's first answer" in caught.value.details()
+        assert took < 2.0, f"timeout=1 took {took:.2f}s"
+
+        async def main() -> tuple[grpc.StatusCode, float]:
+            async with (
+                AsyncDiscovery(server.url, sync_timeout=5) as discovery,
+                grpc_aio.DiscoveryChannel(discovery, service, idempotent=True) as channel,
+            ):
+                started = time.monotonic()
+                try:
+                    await unary(channel)(b"x", timeout=1)
+                except grpc.RpcError as error:
+                    return error.code(), time.monotonic() - started
+                raise AssertionError("a call answered while the registry was paused")
+
+        code, took = asyncio.run(main())
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert took < 2.0, f"aio timeout=1 took {took:.2f}s"
+    finally:
+        server.resume()
+
+
+def test_a_registry_error_is_an_unavailable_rpc_error(
+    server: ServerProcess, fleet: tuple[str, list[GrpcServer]]
+) -> None:
+    service, _ = fleet
+    url = server.url
+    server.stop()  # refused: every read of the service fails
+    with (
+        Discovery(url, sync_timeout=2) as discovery,
+        DiscoveryChannel(discovery, service, idempotent=True) as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        unary(channel)(b"x", timeout=20)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.details().startswith(f"{service}: ")
+    assert "no answer from the registry" in caught.value.details()
+
+    async def main() -> grpc.RpcError:
+        async with (
+            AsyncDiscovery(url, sync_timeout=2) as discovery,
+            grpc_aio.DiscoveryChannel(discovery, service, idempotent=True) as channel,
+        ):
+            try:
+                await unary(channel)(b"x", timeout=20)
+            except grpc.RpcError as error:
+                return error
+            raise AssertionError("a call answered with the registry stopped")
+
+    error = asyncio.run(main())
+    assert isinstance(error, grpc.aio.AioRpcError)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no answer from the registry" in str(error.details())
