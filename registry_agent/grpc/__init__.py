@@ -21,14 +21,32 @@ How it works:
   call's own ``timeout``. A non-idempotent call is retried only when the error
   says no connection was made ("failed to connect to all addresses": the
   request never left this process), never after it may have reached a server;
+- ``DEADLINE_EXCEEDED`` is retried only for idempotent methods with
+  ``policy.retry_read_timeouts`` and only while the call's deadline leaves time
+  (a server that answered DEADLINE_EXCEEDED itself). The call's ``timeout`` is
+  one deadline for all its attempts, as in grpc: there is no per-attempt
+  deadline, so a call that waited out its deadline on a hung instance fails;
 - ``future()`` and the streaming kinds pick one instance and are never retried
   (a stream may have delivered part of its answer; a future's caller holds it);
 - each outcome is reported with ``discovery.report(service, instance, ok)``:
-  ``UNAVAILABLE`` is a failure, any other status (OK, NOT_FOUND, ...) a success;
-- no instance to call: a :class:`grpc.RpcError` with ``StatusCode.UNAVAILABLE``
-  whose details say why (discovery's own words). When instances ran out after
-  attempts, the last attempt's real error is raised, with a note of how many
-  instances were tried.
+  ``UNAVAILABLE`` and ``DEADLINE_EXCEEDED`` (no answer in time: a read timeout)
+  are failures, any other status (OK, NOT_FOUND, ...) a success. With
+  ``policy.outliers`` an instance that hangs is ejected after that many
+  deadlines in a row, and later calls go to the others;
+- ``wait_for_ready=True``: an attempt on an instance whose last call failed, or
+  whose channel is not READY or CONNECTING, goes without it (a live server still
+  answers; a dead one fails at once) when another attempt may follow, and the
+  next attempt goes elsewhere; when only that instance is left the call waits
+  for it as asked;
+- discovery's first read of the service (up to its ``sync_timeout``) is waited
+  for no longer than the call's ``timeout``: then ``DEADLINE_EXCEEDED``;
+- no instance to call, or a registry error: a :class:`grpc.RpcError` with
+  ``StatusCode.UNAVAILABLE`` whose details say why (discovery's own words, e.g.
+  "orders: no healthy instance matching tags canary (3 healthy do not match)").
+  When instances ran out after attempts, the last attempt's real error is
+  raised, with notes of how many instances were tried and why none was left;
+- no thread per endpoint: connectivity is asked when needed; only while a
+  callback is subscribed to this channel does grpc watch each endpoint's channel.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ call's timeout, reporting, no retry for streams), over an
 :class:`~registry_agent.AsyncDiscovery`. ``await stub.Get(request)`` on a
 generated stub works as on a ``grpc.aio`` channel; a streaming call picks its
 instance when first read or written.
+
+``interceptors=``: ``grpc.aio`` client interceptors, given to every per-endpoint
+channel (so they run once per attempt: a retried call passes them again). The
+channel belongs to the event loop of its first call; a call from another loop
+raises a RuntimeError saying so (make one channel per loop).
 """
 
 from __future__ import annotations
@@ -471,8 +476,9 @@ class DiscoveryChannel(grpc.aio.Channel):  # type: ignore[misc]
     """A ``grpc.aio`` channel to every healthy instance of ``service``, for generated stubs.
 
     The same keywords and rules as :class:`registry_agent.grpc.DiscoveryChannel`,
-    over an :class:`~registry_agent.AsyncDiscovery`. Make it inside the event
-    loop that will use it.
+    over an :class:`~registry_agent.AsyncDiscovery`, plus ``interceptors``
+    (``grpc.aio`` client interceptors for every per-endpoint channel; they run
+    per attempt). Use it from one event loop (that of its first call).
     """
 
     def __init__(
