@@ -325,6 +325,8 @@ class AsyncDiscovery:
         if not healthy:
             watcher = self._watchers.get(service)
             known = len(watcher.snapshot(service)) if watcher is not None else 0
+            if self._lkg is not None and self.stale(service):
+                known = len(self._lkg.stale_set(service) or ())
             if known:
                 reasons.append(f"{known} registered, none passing")
         unmatched = len(with_port) - len(eligible)

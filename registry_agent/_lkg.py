@@ -730,6 +730,11 @@ class LastKnownGood:
             f"unreachable: {_words(errors.get(service))}"
         )
 
+    def stale_set(self, service: str) -> list[InstanceHealth] | None:
+        """The set served stale for ``service`` now, or None."""
+        entry = self._stale.get(service)
+        return None if entry is None else list(entry[0])
+
     def ended(self, service: str) -> str | None:
         """Why serving ``service`` stale stopped before the registry answered, or None."""
         return self._ended.get(service)

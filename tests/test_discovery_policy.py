@@ -749,3 +749,23 @@ def test_at_the_bound_one_endpoint_goes_per_insert() -> None:
 
 def _tracked(tracker: OutlierTracker, instance: ServiceInstance) -> bool:
     return (instance.address, instance.port) in tracker._services.get(instance.service, {})
+
+
+async def test_is_service_of_a_service_already_read_asks_no_registry(
+    registry: MemoryRegistry,
+) -> None:
+    """A service discovery already serves is a service: a registry that has gone down
+    since is not asked (a transport asks this before every request without services=)."""
+    put(registry, inst(1))
+    backend = CountingBackend(registry)
+    async with AsyncDiscovery(backend, sync_timeout=1.0) as discovery:
+        assert [i.id for i in await discovery.instances("orders")] == ["o1"]
+        registry.stop()
+        for _ in range(3):
+            assert await discovery.is_service("orders")
+        assert backend.listings == 0  # never listed: the watch's read answers it
+        assert backend.watches == 1
+        with pytest.raises(registry_agent.BackendUnavailable):  # not served: asked, fails
+            await discovery.is_service("users")
+        assert backend.listings == 1
+        assert set(discovery._watchers) == {"orders"}

@@ -329,3 +329,135 @@ def test_bad_configuration_is_a_config_error_naming_the_field(tmp_path: Path) ->
         assert caught.value.field == "last_known_good_max_age"
     assert LastKnownGood(tmp_path, max_age=30).max_age == 30.0
     assert LastKnownGood(str(tmp_path)).max_age is None
+
+
+def document(service: str = "orders", **changes: object) -> dict[str, object]:
+    data: dict[str, object] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "service": service,
+        "saved_at": "2026-01-01T00:00:00Z",
+        "instances": [
+            {
+                "instance": {"service": service, "id": "a", "address": "127.0.0.1", "port": 80},
+                "status": "passing",
+            }
+        ],
+    }
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        json.dumps(document(instances=[{"instance": "x" * 10, "status": "passing"}])).encode(),
+        # Deep inside an instance's meta: parsed, then refused while decoding.
+        b'{"format": "registry-agent/last-known-good", "version": 1, "service": "orders", '
+        b'"saved_at": "2026-01-01T00:00:00Z", "instances": [{"status": "passing", "instance": '
+        b'{"service": "orders", "id": "a", "port": 80, "meta": '
+        + b'{"k": ' * 50_000
+        + b"1"
+        + b"}" * 50_000
+        + b"}}]}",
+    ],
+    ids=["deep-list", "instance-not-object", "deep-meta"],
+)
+def test_a_hostile_file_is_a_warning_every_time_never_an_exception(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: bytes
+) -> None:
+    store = LastKnownGoodStore(tmp_path)
+    store.path_for("orders").write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="registry_agent"):
+        for _ in range(3):
+            assert store.load("orders") is None
+    assert len(caplog.records) == 3
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+    assert all(str(store.path_for("orders")) in r.getMessage() for r in caplog.records)
+
+
+def test_a_fifo_in_place_of_the_file_is_refused_without_blocking(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LastKnownGoodStore(tmp_path)
+    os.mkfifo(store.path_for("orders"))
+    outcome: list[object] = []
+    with caplog.at_level(logging.WARNING, logger="registry_agent"):
+        reader = threading.Thread(target=lambda: outcome.append(store.load("orders")), daemon=True)
+        reader.start()
+        reader.join(5.0)  # generous: it returns at once; a blocked open() never would
+        assert not reader.is_alive(), "load() blocked on a FIFO"
+    assert outcome == [None]
+    (record,) = caplog.records
+    assert "not a regular file (a FIFO)" in record.getMessage()
+
+
+def test_a_directory_in_place_of_the_file_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LastKnownGoodStore(tmp_path)
+    store.path_for("orders").mkdir()
+    with caplog.at_level(logging.WARNING, logger="registry_agent"):
+        assert store.load("orders") is None
+    (record,) = caplog.records
+    assert "not a regular file (a directory)" in record.getMessage()
+
+
+def test_a_saved_at_in_the_future_is_invalid_beyond_a_clock_skew(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LastKnownGoodStore(tmp_path)
+    path = store.path_for("orders")
+    ahead = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    path.write_text(json.dumps(document(saved_at=ahead)))
+    with caplog.at_level(logging.WARNING, logger="registry_agent"):
+        assert store.load("orders") is None
+    (record,) = caplog.records
+    assert "ahead of this clock" in record.getMessage()
+    slightly = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 60))
+    path.write_text(json.dumps(document(saved_at=slightly)))
+    saved = store.load("orders")  # within the clock skew allowed: used, age 0
+    assert saved is not None
+    assert saved.age() == 0.0
+
+
+def test_duplicates_count_once_and_a_non_utc_offset_is_read(tmp_path: Path) -> None:
+    store = LastKnownGoodStore(tmp_path)
+    entry = {
+        "instance": {"service": "orders", "id": "a", "address": "127.0.0.1", "port": 80},
+        "status": "passing",
+    }
+    other = {
+        "instance": {"service": "orders", "id": "b", "address": "127.0.0.1", "port": 0},
+        "status": "passing",
+    }
+    store.path_for("orders").write_text(
+        json.dumps(
+            document(instances=[entry, entry, other, entry], saved_at="2026-01-01T05:00:00+05:00")
+        )
+    )
+    saved = store.load("orders")
+    assert saved is not None
+    assert [h.instance.id for h in saved.instances] == ["a", "b"]
+    assert saved.saved_at_text == "2026-01-01T00:00:00Z"
+
+
+def test_unreachable_is_an_outage_not_a_refusal_or_a_tls_failure() -> None:
+    import ssl
+
+    from registry_agent import BackendUnavailable, Rejected, Throttled
+    from registry_agent._errors import BackendError, LeaseLost
+    from registry_agent._lkg import unreachable
+
+    assert unreachable(None)  # no answer at all
+    assert unreachable(BackendUnavailable("Consul agent at http://x unreachable: refused"))
+    assert unreachable(Throttled("Consul answered 503"))
+    assert unreachable(BackendUnavailable("Consul answered 500: boom"))
+    assert not unreachable(Rejected("permission denied for service 'orders'"))
+    assert not unreachable(BackendError("something else"))
+    assert not unreachable(LeaseLost("gone"))
+    assert not unreachable(BackendUnavailable("TLS with Consul agent at https://x failed: ..."))
+    wrapped = BackendUnavailable("watch failed: SSLCertVerificationError")
+    wrapped.__cause__ = ssl.SSLCertVerificationError("certificate verify failed")
+    assert not unreachable(wrapped)
