@@ -19,6 +19,7 @@ from registry_agent._errors import (
     RegistryError,
 )
 from registry_agent._fork import ForkGuard
+from registry_agent._lkg import _daemon_call
 from registry_agent._lkg import last_known_good as _last_known_good
 from registry_agent._models import InstanceHealth, ServiceInstance
 from registry_agent._outliers import OutlierTracker
@@ -124,6 +125,8 @@ class AsyncDiscovery:
         self._names: dict[int, tuple[frozenset[str], float]] = {}
         self._names_failed: dict[int, tuple[BaseException, float]] = {}
         self._names_reads: dict[int, asyncio.Future[None]] = {}
+        # Per name, (a last-known-good file exists, looked at) for is_service().
+        self._files: dict[str, tuple[bool, float]] = {}
         # Per (service, policy), (the watcher's state object, its candidates) for report().
         self._eligible: dict[tuple[str, DiscoveryPolicy], tuple[object, list[ServiceInstance]]] = {}
         self._members = open_backends(backend)
@@ -228,16 +231,28 @@ class AsyncDiscovery:
         error.__cause__ = last
         return error
 
+    def _no_longer_stale(self, service: str, why: str) -> BackendUnavailable:
+        """The error once a stale set may no longer be served and the registry has not
+        answered: why, and the watch's last error."""
+        last = self._last_error.get(service)
+        message = f"no answer from the registry yet, and {why}"
+        if last is None:
+            return BackendUnavailable(message, service=service)
+        words = last.message if isinstance(last, RegistryError) else str(last)
+        backend = last.backend if isinstance(last, RegistryError) else None
+        error = BackendUnavailable(
+            f"{message}; last error: {words}", service=service, backend=backend
+        )
+        error.__cause__ = last
+        return error
+
     async def health(self, service: str) -> list[InstanceHealth]:
         """Every instance of ``service`` with its health, ordered by id."""
         watcher = await self._watcher(service)
         if self._lkg is not None:  # the stale set while it is served; saves a changed set
             found = self._lkg.health(service, watcher, self._last_error)
             if found is None:  # served stale until now: no longer (too old, or refused)
-                error = self._unsynced(service)
-                error.message = f"{error.message}; {self._lkg.ended(service)}"
-                error.args = (error.message,)
-                raise error
+                raise self._no_longer_stale(service, self._lkg.ended(service) or "")
             return found
         return watcher.snapshot(service)
 
@@ -446,14 +461,8 @@ class AsyncDiscovery:
         self._check_open()
         if self._serves(name):
             return True
-        if self._lkg is not None and name not in self._watchers:
-            path = self._lkg.store.path_for(name)
-            try:  # bounded: a hung file system must not hang the request
-                found = await asyncio.wait_for(asyncio.to_thread(path.is_file), self.sync_timeout)
-            except (TimeoutError, OSError):
-                found = False
-            if found:
-                return True
+        if self._lkg is not None and name not in self._watchers and await self._has_file(name):
+            return True
         listing = [
             (n, b) for n, b in enumerate(self.backends) if callable(getattr(b, "services", None))
         ]
@@ -479,6 +488,24 @@ class AsyncDiscovery:
             if n in self._names_failed:
                 raise self._names_failed[n][0].with_traceback(None)
         return False
+
+    async def _has_file(self, name: str) -> bool:
+        """A last-known-good file exists for ``name`` (the answer kept a few seconds)."""
+        if self._lkg is None:
+            return False
+        now = time.monotonic()
+        known = self._files.get(name)
+        if known is not None and now - known[1] <= _SERVICES_TTL:
+            return known[0]
+        path = self._lkg.store.path_for(name)
+        try:  # bounded, in a thread of its own: a hung file system must not hang requests
+            found = await asyncio.wait_for(_daemon_call(path.is_file), self.sync_timeout)
+        except (TimeoutError, OSError):
+            found = False
+        if len(self._files) >= 1024:  # many names asked about: start over
+            self._files.clear()
+        self._files[name] = (found, now)
+        return found
 
     def _serves(self, name: str) -> bool:
         """True when discovery already serves ``name``: its watch has read it, or it is
