@@ -1296,4 +1296,6 @@ class ConsulBackend:
         await self._probe.close()
         api, self._api = self._api, None
         if api is not None and self._api_loop is running_loop():
+            if api.registry_agent_hub is not None:
+                await api.registry_agent_hub.close()
             await api.http.close()

@@ -182,6 +182,8 @@ class AsyncConsul(base.Consul):  # type: ignore[misc]
 
     def __init__(self, *, timeout: float, **kwargs: Any) -> None:
         self._timeout = timeout
+        # The watches' shared change signals (registry_agent_consul._hub.Hub), made on first use.
+        self.registry_agent_hub: Any = None
         super().__init__(**kwargs)
 
     def http_connect(

@@ -25,8 +25,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from consul import base
-
 from registry_agent import BackendUnavailable, ServiceSnapshot
 from registry_agent_consul._decode import (
     Decoded,
@@ -36,6 +34,8 @@ from registry_agent_consul._decode import (
     decode_catalog,
     decode_checks,
 )
+from registry_agent_consul._http import ConsulHTTPError
+from registry_agent_consul._hub import ANY, hub_of
 
 if TYPE_CHECKING:
     from registry_agent_consul._backend import ConsulBackend
@@ -50,10 +50,6 @@ _SPIN_PAUSE = 0.05
 NODE_CHECKS_FILTER = 'ServiceID == "" and Status != "passing"'
 # Most instances one probe (a filtered catalog read) asks about; more: the full catalog.
 PROBE_MAX = 16
-
-
-def _go_duration(seconds: float) -> str:
-    return f"{max(1, round(seconds * 1000))}ms"
 
 
 @dataclass
@@ -76,25 +72,37 @@ class _Query:
 async def _fetch(
     backend: ConsulBackend, service: str, query: _Query, index: int
 ) -> tuple[int, Decoded, float]:
-    """One read; returns (X-Consul-Index, decoded answer, seconds it took)."""
+    """One read; returns (X-Consul-Index, decoded answer, seconds it took).
+
+    A blocking read (``index`` above 0) runs on a connection of its own while the
+    backend has a direct slot free, else it is emulated by the hub (see ``_hub``).
+    """
     if query.pause:
         await asyncio.sleep(query.pause)
-    params = list(query.params)
-    if backend.dc:
-        params.append(("dc", backend.dc))
-    if index > 0:
-        params += [("index", str(index)), ("wait", _go_duration(backend.wait))]
-
-    def read(response: base.Response) -> tuple[str | None, Decoded]:
-        # (a body that is not a JSON array raises a ValueError: BackendUnavailable)
-        return response.headers.get("X-Consul-Index"), query.decode(response.body)
-
-    api = backend.api
+    hub = hub_of(backend)
     started = time.monotonic()
-    raw_index, decoded = await backend._call(
-        api.http.get(read, query.path, params=params, headers=api.prepare_headers()),
-        service=service,
-    )
+    if index <= 0:
+        raw_index, body = await hub.get(query.path, query.params, 0, service=service)
+    elif hub.take_slot():
+        answered = False
+        try:
+            raw_index, body = await hub.get(query.path, query.params, index, service=service)
+            answered = True
+        finally:
+            hub.release_slot(answered=answered)
+    else:
+        signal, key = (
+            (hub.catalog, ANY)
+            if query.kind in ("catalog", "probe")
+            else (hub.checks, "" if query.kind == "nodes" else service)
+        )
+        raw_index, body = await hub.emulate(signal, key, query.path, query.params, index, service)
+    try:
+        # (a body that is not a JSON array raises a ValueError: BackendUnavailable)
+        decoded = query.decode(body)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        answer = ConsulHTTPError(200, {}, body, str(exc))
+        raise backend._http_error(answer, None, service, False) from exc
     try:
         new_index = int(raw_index or "")
     except ValueError:
