@@ -31,7 +31,17 @@ from registry_agent._errors import ConfigError
 from registry_agent._models import ServiceInstance
 from registry_agent._policy import DiscoveryPolicy, is_idempotent
 
-__all__ = ["Failover", "NoPortLeft", "Outcome", "Scope", "Step", "host_is_candidate"]
+__all__ = [
+    "Failover",
+    "NoPortLeft",
+    "Outcome",
+    "Scope",
+    "Step",
+    "host_is_candidate",
+    "service_host",
+]
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class NoPortLeft(LookupError):
@@ -75,6 +85,22 @@ def host_is_candidate(host: str) -> bool:
         return False
     # A dotless all-digit host is an IPv4 literal to most resolvers ("2130706433").
     return not host.isdigit() and not (host.startswith("0x") and _is_hex(host[2:]))
+
+
+def service_host(host: str) -> str:
+    """The name a URL host is looked up as: lower case, an IDNA name in its ASCII form.
+
+    ``Orders`` is ``orders``; ``bücher`` and ``xn--bcher-kva`` are both ``xn--bcher-kva``
+    (what requests sends and httpx keeps as the raw host), so both clients look up the
+    same name.
+    """
+    host = host.lower()
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return host
 
 
 def _is_hex(text: str) -> bool:
@@ -189,16 +215,24 @@ class Scope:
                         f"expected service names (host names without a port), got {name!r}",
                         field="services",
                     )
-                names[name.lower()] = name
+                names[service_host(name)] = name
             self.services = names
 
     def service(self, scheme: str, host: str, port: int | None) -> tuple[str | None, bool]:
         """``(name, confirmed)``: the service a URL names (None: not one; ``confirmed``
-        False: a candidate the registry must confirm)."""
-        if scheme not in ("http", "https") or port is not None:
+        False: a candidate the registry must confirm).
+
+        ``port``: the URL's port, None when it has none. The scheme's default port
+        (``http://orders:80/``) counts as none: httpx drops it from the URL before a
+        transport sees it, so both clients treat it alike.
+        """
+        if scheme not in ("http", "https"):
             return None, False
+        if port is not None and port != _DEFAULT_PORTS[scheme]:
+            return None, False
+        host = service_host(host)
         if self.services is not None:
-            name = self.services.get(host.lower())
+            name = self.services.get(host)
             return name, name is not None
         return (host, False) if host_is_candidate(host) else (None, False)
 
@@ -221,7 +255,17 @@ class Scope:
         """The error for a single-label host no registry lists."""
         return (
             f"no healthy instance: no registry lists a service named {host!r}, and no watch was "
-            f"started for it; a single-label host is looked up as a service: pass "
-            f"services=[...] to name the services this client calls (others='pass' sends "
-            f"every other host out untouched)"
+            f"started for it; a single-label host is looked up as a service (in lower case: "
+            f"registry names are case-sensitive, so for a service named 'Billing' pass "
+            f"services=['Billing']): pass services=[...] to name the services this client "
+            f"calls (others='pass' sends every other host out untouched)"
+        )
+
+    def unconfirmed(self, host: str, why: str) -> str:
+        """The error for a single-label host when the registry cannot say whether it
+        lists it: no watch is started for a name nobody confirmed."""
+        return (
+            f"cannot tell whether {host!r} is a service: {why}; no watch was started for it; "
+            f"pass services=[...] to name the services this client calls (those are not "
+            f"checked against the registry)"
         )

@@ -86,9 +86,35 @@ def _route(request: httpx.Request, instance: ServiceInstance, server_name: str) 
     request.extensions = extensions
 
 
+_TIMEOUT_WORDS: dict[type[Exception], str] = {
+    httpx.ConnectTimeout: "timed out connecting",
+    httpx.ReadTimeout: "timed out waiting for the response",
+    httpx.WriteTimeout: "timed out sending the request",
+    httpx.PoolTimeout: "timed out waiting for a connection from the pool",
+}
+
+
+def _words(exc: BaseException) -> str:
+    """What went wrong, in words, even when ``str(exc)`` is empty (httpcore's async
+    timeouts): the first non-empty message down the cause chain, else the class's words."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        text = str(seen)
+        if text:
+            return text
+        seen = seen.__cause__ or seen.__context__
+    for kind, words in _TIMEOUT_WORDS.items():
+        if isinstance(exc, kind):
+            return f"{type(exc).__name__}: {words}"
+    return type(exc).__name__
+
+
 def _raise_final(exc: Exception, failover: Failover, request: httpx.Request) -> NoReturn:
-    """Raise the attempt's own error, saying how many instances were tried."""
-    message = f"{exc} ({failover.tried()})"
+    """Raise the attempt's own error (its class, its words), saying how many instances
+    were tried; ``request`` carries the URL the caller sent."""
+    message = f"{_words(exc)} ({failover.tried()})"
     if isinstance(exc, httpx.TransportError):
         try:
             again = type(exc)(message, request=request)
@@ -100,10 +126,19 @@ def _raise_final(exc: Exception, failover: Failover, request: httpx.Request) -> 
     raise exc
 
 
-def _no_instance(
-    request: httpx.Request, service: str, exc: NoInstanceAvailable
-) -> httpx.ConnectError:
-    return httpx.ConnectError(f"{service}: {exc.message}", request=request)
+def _registry_error(request: httpx.Request, service: str, exc: Exception) -> httpx.ConnectError:
+    """A registry's answer (no instance, the registry unreachable, ...) as the connect
+    error an httpx caller expects, in the registry's words."""
+    words = exc.message if isinstance(exc, NoInstanceAvailable) else str(exc)
+    return httpx.ConnectError(f"{service}: {words}", request=request)
+
+
+_INSTANCE_HTTPS = (
+    "{url}: an https:// service URL needs transport= to be a callable that makes a "
+    "transport (e.g. transport=lambda: httpx.{cls}(verify=ctx)), not a transport instance: "
+    "one instance pools connections by address and port, so a connection verified for one "
+    "service name could carry requests for another name or for a plain address"
+)
 
 
 class _Base:
@@ -130,7 +165,9 @@ class _Base:
         """The service a request names (None: none) and whether it is confirmed;
         raises for a URL refused by ``others="refuse"``."""
         url = request.url
-        service, confirmed = self.scope.service(url.scheme, url.host, url.port)
+        # The raw host: lower case, IDNA in ASCII (what requests looks up too).
+        host = url.raw_host.decode("ascii", "replace")
+        service, confirmed = self.scope.service(url.scheme, host, url.port)
         if service is None:
             why = self.scope.refusal(str(url.copy_with(query=None, fragment=None)))
             if why is not None:
@@ -140,6 +177,20 @@ class _Base:
 
     def _unknown(self, request: httpx.Request, service: str) -> httpx.ConnectError:
         return httpx.ConnectError(f"{service}: {self.scope.unknown(service)}", request=request)
+
+    def _unconfirmed(
+        self, request: httpx.Request, service: str, exc: RegistryError
+    ) -> httpx.ConnectError:
+        why = f"the registry did not answer ({exc})"
+        return httpx.ConnectError(
+            f"{service}: {self.scope.unconfirmed(service, why)}", request=request
+        )
+
+    def _check_tls(self, request: httpx.Request, made: bool, cls: str) -> None:
+        """Refuse an https:// service URL when ``transport=`` was an instance."""
+        if request.url.scheme == "https" and not made:
+            url = str(request.url.copy_with(query=None, fragment=None))
+            raise httpx.ConnectError(_INSTANCE_HTTPS.format(url=url, cls=cls), request=request)
 
     def _failover(self, request: httpx.Request, service: str) -> Failover:
         policy = self.policy
@@ -184,8 +235,16 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
     HTTPS by name: each TLS server name gets a transport of its own from the callable
     (the default makes ``httpx.HTTPTransport()``), so a connection verified for one
     name never carries a request for another name or for a plain address (httpx pools
-    connections by address and port). A transport *instance* given here serves every
-    name from one pool: use a callable when names share an address and port.
+    connections by address and port). With a transport *instance* an ``https://``
+    service URL is refused (:class:`httpx.ConnectError` telling to pass a callable);
+    the instance serves ``http://`` service URLs and every URL passed through.
+
+    Errors are httpx's: a registry error (no instance, the registry unreachable) is an
+    :class:`httpx.ConnectError` in the registry's words, chained; a failed attempt
+    keeps its class and words; ``exc.request.url`` is the URL the caller sent. A
+    single-label host the registry cannot confirm (it does not answer) fails at once
+    and starts no watch. Hosts are looked up in lower case (IDNA names in ASCII form);
+    the default port (``http://orders:80/``) counts as no port.
     """
 
     def __init__(
@@ -226,8 +285,8 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
             return
         try:
             known = bool(is_service(service))
-        except RegistryError:
-            return  # the registry cannot say now: discovery answers (or fails) in its own words
+        except RegistryError as exc:  # no watch for a name nobody confirmed
+            raise self._unconfirmed(request, service, exc) from exc
         if not known:
             raise self._unknown(request, service)
         self._known.add(service)
@@ -236,10 +295,17 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
         service, confirmed = self._target(request)
         if service is None:
             return self.transport.handle_request(request)
+        self._check_tls(request, self._make is not None, "HTTPTransport")
         if not confirmed:
             self._confirm(request, service)
-        failover = self._failover(request, service)
         url = request.url
+        try:
+            return self._send(request, service)
+        finally:
+            request.url = url  # as the caller sent it: errors and redirects name the service
+
+    def _send(self, request: httpx.Request, service: str) -> httpx.Response:
+        failover = self._failover(request, service)
         held: httpx.Response | None = None  # a retried 5xx, returned when none is left
         error: Exception | None = None  # the last attempt's error
         while True:
@@ -249,14 +315,12 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
                 )
                 if not failover.offer(instance):
                     continue  # no port: skipped, which is no retry
-            except (NoInstanceAvailable, NoPortLeft) as exc:
+            except (RegistryError, NoPortLeft) as exc:
                 if held is not None:
                     return held
                 if error is not None:
                     _raise_final(error, failover, request)
-                if isinstance(exc, NoInstanceAvailable):
-                    raise _no_instance(request, service, exc) from exc
-                raise httpx.ConnectError(f"{service}: {exc}", request=request) from exc
+                raise _registry_error(request, service, exc) from exc
             if held is not None:
                 held.close()
                 held = None
@@ -275,7 +339,6 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
             step = failover.after(instance, Outcome.ANSWER, response.status_code)
             self._report(service, instance, step, failover)
             if not step.retry:
-                request.url = url  # as the caller sent it: a relative redirect names the service
                 return response
             held, error = response, None
 
@@ -326,8 +389,8 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
             return
         try:
             known = bool(await is_service(service))
-        except RegistryError:
-            return  # the registry cannot say now: discovery answers (or fails) in its own words
+        except RegistryError as exc:  # no watch for a name nobody confirmed
+            raise self._unconfirmed(request, service, exc) from exc
         if not known:
             raise self._unknown(request, service)
         self._known.add(service)
@@ -336,10 +399,17 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
         service, confirmed = self._target(request)
         if service is None:
             return await self.transport.handle_async_request(request)
+        self._check_tls(request, self._make is not None, "AsyncHTTPTransport")
         if not confirmed:
             await self._confirm(request, service)
-        failover = self._failover(request, service)
         url = request.url
+        try:
+            return await self._send(request, service)
+        finally:
+            request.url = url  # as the caller sent it: errors and redirects name the service
+
+    async def _send(self, request: httpx.Request, service: str) -> httpx.Response:
+        failover = self._failover(request, service)
         held: httpx.Response | None = None  # a retried 5xx, returned when none is left
         error: Exception | None = None  # the last attempt's error
         while True:
@@ -349,14 +419,12 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
                 )
                 if not failover.offer(instance):
                     continue  # no port: skipped, which is no retry
-            except (NoInstanceAvailable, NoPortLeft) as exc:
+            except (RegistryError, NoPortLeft) as exc:
                 if held is not None:
                     return held
                 if error is not None:
                     _raise_final(error, failover, request)
-                if isinstance(exc, NoInstanceAvailable):
-                    raise _no_instance(request, service, exc) from exc
-                raise httpx.ConnectError(f"{service}: {exc}", request=request) from exc
+                raise _registry_error(request, service, exc) from exc
             if held is not None:
                 await held.aclose()
                 held = None
@@ -375,7 +443,6 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
             step = failover.after(instance, Outcome.ANSWER, response.status_code)
             self._report(service, instance, step, failover)
             if not step.retry:
-                request.url = url  # as the caller sent it: a relative redirect names the service
                 return response
             held, error = response, None
 

@@ -21,6 +21,8 @@ reported to ``discovery.report()``, the last real error raised, HTTPS by service
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Collection, Mapping
 from typing import Any, Literal, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -61,6 +63,8 @@ __all__ = ["DiscoveryAdapter"]
 # Set on the copy of a request sent to an instance: the TLS server name to check.
 _SERVER_NAME = "_registry_agent_server_name"
 _NO_POLICY = DiscoveryPolicy()
+# How often pools to instances no longer listed are looked for (and closed).
+_PRUNE_EVERY = 10.0
 
 
 def _outcome(exc: Exception) -> Outcome:
@@ -83,14 +87,13 @@ def _replayable(request: PreparedRequest) -> bool:
     return request.body is None or isinstance(request.body, bytes | str)
 
 
-def _raise_final(exc: RequestException, failover: Failover) -> NoReturn:
-    """Raise the attempt's own error, saying how many instances were tried."""
-    try:
-        again = type(exc)(f"{exc} ({failover.tried()})", request=exc.request)
-    except TypeError:
-        exc.add_note(failover.tried())
-        raise exc from None
-    raise again from exc
+def _raise_final(exc: RequestException, failover: Failover, request: PreparedRequest) -> NoReturn:
+    """Raise the attempt's own error: its class and args kept (``e.args[0].reason``
+    still works), ``e.request`` the caller's request (its URL names the service), and a
+    note saying how many instances were tried."""
+    exc.request = request
+    exc.add_note(failover.tried())
+    raise exc
 
 
 class DiscoveryAdapter(HTTPAdapter):
@@ -131,6 +134,10 @@ class DiscoveryAdapter(HTTPAdapter):
         self.retries = retries
         self.policy = policy
         self._known: set[str] = set()
+        # Instances requests were sent to: (scheme, address, port) -> service.
+        self._routed: dict[tuple[str, str, int], str] = {}
+        self._pruned = time.monotonic()
+        self._prune_lock = threading.Lock()
         super().__init__(**kwargs)
 
     def build_connection_pool_key_attributes(  # type: ignore[override]
@@ -173,7 +180,13 @@ class DiscoveryAdapter(HTTPAdapter):
         if not confirmed and service not in self._known:
             self._confirm(request, service)
         return self._failover(
-            request, service, url.hostname or service, stream, timeout, verify, cert
+            request,
+            service,
+            url.netloc.rpartition("@")[2] or service,
+            stream,
+            timeout,
+            verify,
+            cert,
         )
 
     def _confirm(self, request: PreparedRequest, service: str) -> None:
@@ -182,8 +195,9 @@ class DiscoveryAdapter(HTTPAdapter):
             return
         try:
             known = bool(is_service(service))
-        except RegistryError:
-            return  # the registry cannot say now: discovery answers (or fails) in its own words
+        except RegistryError as exc:  # no watch for a name nobody confirmed
+            why = self.scope.unconfirmed(service, f"the registry did not answer ({exc})")
+            raise ConnectionError(f"{service}: {why}", request=request) from exc
         if not known:
             raise ConnectionError(f"{service}: {self.scope.unknown(service)}", request=request)
         self._known.add(service)
@@ -217,17 +231,19 @@ class DiscoveryAdapter(HTTPAdapter):
                 instance = self._choose(service, failover)
                 if not failover.offer(instance):
                     continue  # no port: skipped, which is no retry
-            except (NoInstanceAvailable, NoPortLeft) as exc:
+            except (RegistryError, NoPortLeft) as exc:
                 if held is not None:
-                    return held
+                    return self._as_sent(held, request)
                 if error is not None:
-                    _raise_final(error, failover)
+                    _raise_final(error, failover, request)
                 words = exc.message if isinstance(exc, NoInstanceAvailable) else str(exc)
                 raise ConnectionError(f"{service}: {words}", request=request) from exc
             if held is not None:
                 held.close()
                 held = None
             attempt = self._to(request, instance, host, policy.tls_server_name(service))
+            scheme = "https" if (request.url or "").startswith("https:") else "http"
+            self._routed[(scheme, instance.address.lower(), instance.port)] = service
             try:
                 response = super().send(attempt, stream, timeout, verify, cert, None)
             except RequestException as exc:
@@ -235,18 +251,53 @@ class DiscoveryAdapter(HTTPAdapter):
                 self._report(service, instance, step, failover)
                 if not step.retry:
                     if step.report is None:
+                        exc.request = request
                         raise
-                    _raise_final(exc, failover)
+                    _raise_final(exc, failover, request)
                 error = exc
                 continue
             step = failover.after(instance, Outcome.ANSWER, response.status_code)
             self._report(service, instance, step, failover)
             if not step.retry:
-                # As the caller sent it: redirects and response.url name the service.
-                response.url = request.url or response.url
-                response.request = request
-                return response
+                self._prune()
+                return self._as_sent(response, request)
             held, error = response, None
+
+    @staticmethod
+    def _as_sent(response: Response, request: PreparedRequest) -> Response:
+        """As the caller sent it: redirects and ``response.url`` name the service."""
+        response.url = request.url or response.url
+        response.request = request
+        return response
+
+    def _prune(self) -> None:
+        """Every few seconds, close the pools to instances their service no longer lists
+        (deregistered, replaced): their idle sockets would linger (CLOSE-WAIT) until
+        ``pool_connections`` other pools pushed them out."""
+        now = time.monotonic()
+        if now - self._pruned < _PRUNE_EVERY or not self._prune_lock.acquire(blocking=False):
+            return
+        try:
+            self._pruned = now
+            listed: dict[str, set[tuple[str, int]]] = {}
+            for service in set(self._routed.values()):
+                try:
+                    found = self.discovery.instances(service, healthy_only=False)
+                except Exception:  # the registry cannot say now: keep every pool
+                    return
+                listed[service] = {(i.address.lower(), i.port) for i in found}
+            gone = {e for e, s in list(self._routed.items()) if (e[1], e[2]) not in listed[s]}
+            if not gone:
+                return
+            pools = self.poolmanager.pools
+            for key in list(pools.keys()):
+                endpoint = (key.key_scheme, str(key.key_host).strip("[]").lower(), key.key_port)
+                if endpoint in gone:
+                    pools.pop(key, None)  # closes the pool's idle connections
+            for endpoint in gone:
+                self._routed.pop(endpoint, None)
+        finally:
+            self._prune_lock.release()
 
     def _choose(self, service: str, failover: Failover) -> ServiceInstance:
         if self.policy is not None:
