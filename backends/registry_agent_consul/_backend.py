@@ -128,6 +128,12 @@ _DENIED_RETRY = 60.0
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a shared future's error retrieved (each awaiter gets it; none may be left)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _go_duration(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
@@ -368,6 +374,7 @@ class ConsulBackend:
             self._tls.ssl_context() if self._scheme == "https" else True
         )
         self._api: AsyncConsul | None = None
+        self._node_asking: tuple[AsyncConsul, asyncio.Future[None]] | None = None
         self._api_loop: asyncio.AbstractEventLoop | None = None
         # Status last set per check, so a heartbeat renews the TTL without changing it.
         self._status: dict[str, tuple[HealthStatus, str]] = {}
@@ -1163,13 +1170,22 @@ class ConsulBackend:
         api = self.api  # created first: a fresh API object means a new question
         if self._node is not None or self._node_asked is api:
             return
+        # One question at a time: a thousand watches starting at once ask once.
+        asking = self._node_asking
+        if asking is None or asking[0] is not api or asking[1].done():
+            asking = (api, asyncio.ensure_future(self._ask_local_node(api)))
+            asking[1].add_done_callback(_retrieved)
+            self._node_asking = asking
+        await asyncio.shield(asking[1])
+
+    async def _ask_local_node(self, api: AsyncConsul) -> None:
         try:
             # py-consul's agent.self() sends no token: ask with ours.
             data = await self._call(
-                self.api.http.get(
+                api.http.get(
                     lambda r: json.loads(r.body),
                     "/v1/agent/self",
-                    headers=self.api.prepare_headers(),
+                    headers=api.prepare_headers(),
                 )
             )
         except (Rejected, LeaseLost):  # no agent:read: keys fall back to the first node

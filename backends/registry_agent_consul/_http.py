@@ -22,6 +22,8 @@ _WAIT_PARAM = re.compile(r"^\d+(?:\.\d+)?(?:ms|s|m|h)?$")
 # Slack on top of a blocking query's wait (+ Consul's wait/16 jitter) for the answer
 # to travel: small, so a dead connection is noticed soon after the wait.
 _MAX_SLACK = 3.0
+# Connections for blocking queries (Consul resets those beyond 200 per client address).
+BLOCKING_MAX = 64
 
 
 class ConsulHTTPError(ConsulException):  # type: ignore[misc]
@@ -70,7 +72,12 @@ class HttpxConsulClient(base.HTTPClient):  # type: ignore[misc]
         # blocking query holds a connection of its own for up to `wait`.
         if blocking:
             if self._blocking is None:
-                self._blocking = self._new_client(httpx.Limits(max_connections=None))
+                # A safety net: the watch hub keeps blocking queries well below this.
+                self._blocking = self._new_client(
+                    httpx.Limits(
+                        max_connections=BLOCKING_MAX, max_keepalive_connections=BLOCKING_MAX
+                    )
+                )
             return self._blocking
         if self._quick is None:
             self._quick = self._new_client(

@@ -41,6 +41,10 @@ __all__ = ["DIRECT_MAX", "Hub", "hub_of"]
 # Blocking queries one backend runs on connections of their own: well below
 # Consul's 200 per client address, which other processes on this host share.
 DIRECT_MAX = 48
+# Short reads of watches at a time (of the 8 short-call connections: the rest stay free
+# for registrations), and the longest one waits for its turn.
+READS_MAX = 6
+QUEUE_BOUND = 60.0
 _ERROR_PAUSE = 1.0
 _SPIN_PAUSE = 0.05
 ANY = "*"  # the catalog signal's only key
@@ -132,7 +136,7 @@ class Signal:
                     await asyncio.sleep(pause)
                 started = time.monotonic()
                 try:
-                    raw, body = await self.hub.get(self.path, [], index)
+                    raw, body = await self.hub.get(self.path, [], index, queued=False)
                     new_index = int(raw or "")
                     prints = self.prints_of(new_index, body)
                 except ValueError:
@@ -181,6 +185,7 @@ class Hub:
         self.direct = 0
         self.catalog = Signal(self, "/v1/catalog/services", _catalog_prints)
         self.checks = Signal(self, "/v1/health/state/any", _check_prints)
+        self._reads = asyncio.Semaphore(READS_MAX)
         self._shared: dict[Hashable, tuple[int, asyncio.Task[Read]]] = {}
         # Per read: the index it last answered and the signal's fingerprint before it.
         self._seen: dict[Hashable, tuple[str | None, object]] = {}
@@ -192,6 +197,7 @@ class Hub:
         index: int,
         *,
         service: str | None = None,
+        queued: bool = True,
     ) -> Read:
         """One GET: (X-Consul-Index, body); blocks on ``index`` when it is above 0."""
         backend = self.backend
@@ -205,10 +211,32 @@ class Hub:
             return response.headers.get("X-Consul-Index"), response.body
 
         api = backend.api
-        result: Read = await backend._call(
-            api.http.get(read, path, params=params, headers=api.prepare_headers()),
-            service=service,
-        )
+        if index > 0 or not queued:
+            result: Read = await backend._call(
+                api.http.get(read, path, params=params, headers=api.prepare_headers()),
+                service=service,
+            )
+            return result
+        # Short reads of watches take turns (FIFO) on a few of the short-call connections:
+        # a thousand watches starting at once would otherwise spend their timeout waiting
+        # for a connection, and registrations (TTL renewals) behind them.
+        try:
+            async with asyncio.timeout(QUEUE_BOUND):
+                await self._reads.acquire()
+        except TimeoutError:
+            raise BackendUnavailable(
+                f"no turn to read {path} from the Consul agent within {QUEUE_BOUND:g}s "
+                f"({READS_MAX} reads at a time, all slow or hung)",
+                backend="consul",
+                service=service,
+            ) from None
+        try:
+            result = await backend._call(
+                api.http.get(read, path, params=params, headers=api.prepare_headers()),
+                service=service,
+            )
+        finally:
+            self._reads.release()
         return result
 
     def take_slot(self) -> bool:
