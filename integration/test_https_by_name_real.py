@@ -83,7 +83,9 @@ def test_httpx_verifies_against_the_service_name(
         # ... unless the policy names the certificate's name.
         policy = DiscoveryPolicy(server_name="orders")
         transport = DiscoveryTransport(
-            discovery, policy=policy, transport=httpx.HTTPTransport(verify=cert.client_context())
+            discovery,
+            policy=policy,
+            transport=lambda: httpx.HTTPTransport(verify=cert.client_context()),
         )
         with httpx.Client(transport=transport, timeout=5) as c:
             answer = c.get("https://shop/")
@@ -96,7 +98,7 @@ def test_httpx_with_an_untrusted_ca_raises_the_tls_error(
 ) -> None:
     with Discovery(server.url) as discovery:
         healthy(discovery, 2)
-        inner = httpx.HTTPTransport(verify=stranger.client_context())
+        inner = lambda: httpx.HTTPTransport(verify=stranger.client_context())  # noqa: E731
         with (
             httpx.Client(transport=DiscoveryTransport(discovery, transport=inner), timeout=5) as c,
             pytest.raises(httpx.ConnectError) as caught,
@@ -127,7 +129,7 @@ async def test_async_httpx_verifies_against_the_service_name(
         wrong = AsyncDiscoveryTransport(
             discovery,
             policy=DiscoveryPolicy(server_name="billing"),
-            transport=httpx.AsyncHTTPTransport(verify=cert.client_context()),
+            transport=lambda: httpx.AsyncHTTPTransport(verify=cert.client_context()),
         )
         async with httpx.AsyncClient(transport=wrong, timeout=5) as client:
             with pytest.raises(httpx.ConnectError, match=r"not valid for 'billing'") as caught:
@@ -150,9 +152,11 @@ def test_requests_verifies_against_the_service_name(
             with pytest.raises(requests.exceptions.SSLError) as caught:
                 session.get("https://shop/", verify=cert.ca, timeout=5)
             message = str(caught.value)
-            # urllib3 checks the name itself: its words
+            # urllib3 checks the name itself: its words; the class and args are requests'
             assert "hostname 'shop' doesn't match 'orders'" in message
-            assert "2 instances of shop tried" in message
+            assert caught.value.__notes__ == ["2 instances of shop tried"]
+            assert caught.value.request is not None
+            assert caught.value.request.url == "https://shop/"
             assert "no healthy instance" not in message
             with pytest.raises(requests.exceptions.SSLError, match="CERTIFICATE_VERIFY_FAILED"):
                 session.get("https://orders/", verify=stranger.ca, timeout=5)
@@ -174,3 +178,33 @@ def test_the_certificate_names_the_service_only(cert: NamedCert) -> None:
     names = loaded.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["orders"]
     assert names.get_values_for_type(x509.IPAddress) == []
+
+
+def test_a_transport_instance_refuses_https_service_urls(
+    server: ServerProcess, cert: NamedCert, tls_orders: list[HttpService]
+) -> None:
+    """One transport instance pools by address: it could carry a connection verified
+    for ``orders`` to ``https://shop/`` or a plain address. So it serves no https://
+    service URL (a clear error), and a plain address is verified against itself."""
+    with Discovery(server.url) as discovery:
+        healthy(discovery, 2)
+        inner = httpx.HTTPTransport(verify=cert.client_context())
+        with httpx.Client(transport=DiscoveryTransport(discovery, transport=inner)) as c:
+            for url in ("https://orders/", "https://shop/", "https://orders/"):
+                with pytest.raises(httpx.ConnectError, match="needs transport= to be a callable"):
+                    c.get(url)
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                c.get(f"https://127.0.0.1:{tls_orders[0].port}/")
+        assert set(discovery._async._watchers) == {"orders", "shop"}  # healthy()'s only
+
+
+async def test_an_async_transport_instance_refuses_https_service_urls(
+    server: ServerProcess, cert: NamedCert, tls_orders: list[HttpService]
+) -> None:
+    async with AsyncDiscovery(server.url) as discovery:
+        inner = httpx.AsyncHTTPTransport(verify=cert.client_context())
+        transport = AsyncDiscoveryTransport(discovery, transport=inner)
+        async with httpx.AsyncClient(transport=transport, timeout=5) as client:
+            with pytest.raises(httpx.ConnectError, match=r"lambda: httpx.AsyncHTTPTransport"):
+                await client.get("https://orders/")
+        assert discovery._watchers == {}

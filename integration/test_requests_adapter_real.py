@@ -8,9 +8,10 @@ from collections import Counter
 
 import pytest
 import requests
+from urllib3.exceptions import MaxRetryError
 
 from integration.http_service_kit import SLOW, services, wait_for
-from registry_agent import Discovery, DiscoveryPolicy, OutlierEjection
+from registry_agent import Discovery, DiscoveryPolicy, OutlierEjection, RegistryError
 from registry_agent.requests import DiscoveryAdapter
 from registry_agent.testing.servers import ServerProcess
 
@@ -162,3 +163,114 @@ def test_scoping_prefix_mounts_and_unknown_names(server: ServerProcess) -> None:
             ),
         ):
             plain.get("http://orders/", timeout=5)
+
+
+def test_a_silent_registry_fails_unconfirmed_names_and_starts_no_watch(
+    server: ServerProcess,
+) -> None:
+    sync_timeout = 1.0
+    with services(1) as inst, Discovery(server.url, sync_timeout=sync_timeout) as discovery:
+        inst[0].register(server.url)
+        wait_for(lambda: len(discovery.instances("orders")) == 1, 15, "1 healthy")
+        server.pause()
+        try:
+            with session_for(DiscoveryAdapter(discovery)) as session:
+                for n in range(3):
+                    started = time.monotonic()
+                    with pytest.raises(requests.ConnectionError) as caught:
+                        session.get(f"http://ghost{n}/", timeout=5)
+                    assert time.monotonic() - started <= sync_timeout + 1.0
+                    assert f"cannot tell whether 'ghost{n}' is a service" in str(caught.value)
+                    assert isinstance(caught.value.__cause__, RegistryError)
+            assert set(discovery._async._watchers) == {"orders"}
+            listed = session_for(DiscoveryAdapter(discovery, services=["billing"]))
+            with listed, pytest.raises(requests.ConnectionError) as caught:
+                listed.get("http://billing/", timeout=5)
+            assert isinstance(caught.value.__cause__, RegistryError)
+            assert str(caught.value).startswith("billing: ")
+        finally:
+            server.resume()
+
+
+def test_errors_keep_their_class_and_args_and_name_the_service_url(server: ServerProcess) -> None:
+    with services(2) as inst, Discovery(server.url) as discovery:
+        for s in inst:
+            s.register(server.url)
+        wait_for(lambda: len(discovery.instances("orders")) == 2, 15, "2 healthy")
+        for s in inst:
+            s.kill()
+        with (
+            session_for(DiscoveryAdapter(discovery)) as session,
+            pytest.raises(requests.ConnectionError) as caught,
+        ):
+            session.get("http://orders/x?y=1", timeout=5)
+        error = caught.value
+        assert type(error) is requests.ConnectionError
+        assert isinstance(error.args[0], MaxRetryError)
+        assert "refused" in str(error.args[0].reason).lower()
+        assert error.request is not None
+        assert error.request.url == "http://orders/x?y=1"
+        assert error.__notes__ == ["2 instances of orders tried"]
+
+
+def test_host_forms_the_same_as_httpx(server: ServerProcess) -> None:
+    with services(1) as inst, Discovery(server.url) as discovery:
+        inst[0].register(server.url)
+        inst[0].register(server.url, name="xn--bcher-kva")
+        inst[0].register(server.url, name="Billing")
+        wait_for(lambda: len(discovery.instances("orders")) == 1, 15, "1 healthy")
+        with session_for(DiscoveryAdapter(discovery)) as session:
+            for url in ("http://ORDERS/", "http://orders:80/", "http://bücher/"):
+                answer = get_when_listed(session, url)
+                assert port_of(answer) == inst[0].port, url
+            with pytest.raises(requests.ConnectionError) as caught:
+                session.get("http://Billing/", timeout=5)
+            assert "services=['Billing']" in str(caught.value)
+            # An explicit other port passes through untouched.
+            direct = session.get(f"http://127.0.0.1:{inst[0].port}/", timeout=5)
+            assert direct.text.split()[1] == f"127.0.0.1:{inst[0].port}"
+        with session_for(DiscoveryAdapter(discovery, services=["Billing"])) as session:
+            assert port_of(get_when_listed(session, "http://billing/")) == inst[0].port
+        assert set(discovery._async._watchers) == {"orders", "xn--bcher-kva", "Billing"}
+
+
+def get_when_listed(session: requests.Session, url: str) -> requests.Response:
+    """The first 200 within 15 s (a name just registered is listed within seconds)."""
+    answers: list[requests.Response] = []
+
+    def answered() -> bool:
+        try:
+            answers.append(session.get(url, timeout=5))
+        except requests.ConnectionError:
+            return False
+        return answers[-1].status_code == 200
+
+    wait_for(answered, 15, f"{url} answered")
+    return answers[-1]
+
+
+def test_pools_to_instances_no_longer_listed_are_closed(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import registry_agent.requests as adapter_module
+
+    monkeypatch.setattr(adapter_module, "_PRUNE_EVERY", 0.0)  # look on every request
+    with services(2) as inst, Discovery(server.url) as discovery:
+        for s in inst:
+            s.register(server.url)
+        wait_for(lambda: len(discovery.instances("orders")) == 2, 15, "2 healthy")
+        adapter = DiscoveryAdapter(discovery)
+
+        def ports() -> set[int]:
+            # keys(): the container refuses plain iteration (not thread-safe)
+            return {key.key_port for key in adapter.poolmanager.pools.keys()}  # noqa: SIM118
+
+        with session_for(adapter) as session:
+            get_twice(session)
+            assert ports() == {s.port for s in inst}
+            inst[0].close()  # deregistered and killed
+            wait_for(
+                lambda: len(discovery.instances("orders", healthy_only=False)) == 1, 15, "gone"
+            )
+            assert port_of(session.get("http://orders/", timeout=5)) == inst[1].port
+            assert ports() == {inst[1].port}

@@ -20,6 +20,7 @@ from registry_agent import (
     DiscoveryPolicy,
     DiscoveryTransport,
     OutlierEjection,
+    RegistryError,
 )
 from registry_agent.testing.servers import ServerProcess
 
@@ -259,3 +260,141 @@ async def test_async_transport_fails_over_and_retries(server: ServerProcess) -> 
                 ):
                     await client.get("http://nope/")
                 assert set(discovery._watchers) == {"orders"}
+
+
+def test_a_silent_registry_fails_unconfirmed_names_at_once_and_starts_no_watch(
+    server: ServerProcess,
+) -> None:
+    """The registry paused during the is_service check: no watch for a name nobody
+    confirmed, a ConnectError in the registry's words within sync_timeout; a name in
+    services= is not checked, and the registry's own error is a ConnectError too."""
+    sync_timeout = 1.0
+    with services(1) as inst, Discovery(server.url, sync_timeout=sync_timeout) as discovery:
+        inst[0].register(server.url)
+        wait_for(lambda: len(discovery.instances("orders")) == 1, 15, "1 healthy")
+        server.pause()
+        try:
+            with httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client:
+                for n in range(5):
+                    started = time.monotonic()
+                    with pytest.raises(httpx.ConnectError) as caught:
+                        client.get(f"http://host{n}/x")
+                    took = time.monotonic() - started
+                    assert took <= sync_timeout + 1.0, took
+                    message = str(caught.value)
+                    assert f"cannot tell whether 'host{n}' is a service" in message
+                    assert "the registry did not answer" in message
+                    assert "services=" in message
+                    assert isinstance(caught.value.__cause__, RegistryError)
+                    assert caught.value.request.url == f"http://host{n}/x"
+                # The watched service is still served from what discovery holds.
+                assert client.get("http://orders/").status_code == 200
+            assert set(discovery._async._watchers) == {"orders"}
+            # services=["billing"]: confirmed by the caller, so discovery is asked, and its
+            # error (no answer from the registry) is an httpx error, bounded by sync_timeout.
+            listed = DiscoveryTransport(discovery, services=["billing"])
+            with httpx.Client(transport=listed, timeout=5) as client:
+                started = time.monotonic()
+                with pytest.raises(httpx.ConnectError) as caught:
+                    client.get("http://billing/")
+                assert time.monotonic() - started <= sync_timeout + 1.0
+            assert isinstance(caught.value.__cause__, RegistryError)
+            assert str(caught.value).startswith("billing: ")
+            assert str(caught.value.__cause__) in str(caught.value)
+        finally:
+            server.resume()
+
+
+async def test_async_a_silent_registry_is_a_connect_error_and_starts_no_watch(
+    server: ServerProcess,
+) -> None:
+    with services(1) as inst:
+        inst[0].register(server.url)
+        server.pause()
+        try:
+            async with AsyncDiscovery(server.url, sync_timeout=1.0) as discovery:
+                transport = AsyncDiscoveryTransport(discovery)
+                async with httpx.AsyncClient(transport=transport, timeout=5) as client:
+                    with pytest.raises(httpx.ConnectError, match="cannot tell whether 'orders'"):
+                        await client.get("http://orders/")
+                assert discovery._watchers == {}
+        finally:
+            server.resume()
+
+
+def test_errors_name_the_service_url_and_keep_their_words(server: ServerProcess) -> None:
+    with services(2) as inst, Discovery(server.url) as discovery:
+        for s in inst:
+            s.register(server.url)
+        wait_for(lambda: len(discovery.instances("orders")) == 2, 15, "2 healthy")
+        for s in inst:
+            s.kill()
+        with (
+            httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client,
+            pytest.raises(httpx.ConnectError) as caught,
+        ):
+            client.get("http://orders/x?y=1")
+        assert caught.value.request.url == "http://orders/x?y=1"
+        assert "2 instances of orders tried" in str(caught.value)
+        assert not str(caught.value).startswith(" (")
+
+
+async def test_async_read_timeouts_keep_words_and_the_service_url(server: ServerProcess) -> None:
+    policy = DiscoveryPolicy(retry_read_timeouts=True)
+    with services(2) as inst:
+        for s in inst:
+            s.register(server.url)
+            s.mode("slow")
+        async with AsyncDiscovery(server.url, policy=policy) as discovery:
+            for _ in range(300):
+                if len(await discovery.instances("orders")) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            timeout = httpx.Timeout(SLOW / 3, connect=5)
+            transport = AsyncDiscoveryTransport(discovery)
+            async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
+                with pytest.raises(httpx.ReadTimeout) as caught:
+                    await client.get("http://orders/x")
+        message = str(caught.value)
+        assert message.endswith("(2 instances of orders tried)")
+        words = message.removesuffix("(2 instances of orders tried)").strip()
+        assert words, message  # httpcore's async timeouts have no message: words made up
+        assert caught.value.request.url == "http://orders/x"
+
+
+def test_host_forms_the_same_as_requests(server: ServerProcess) -> None:
+    """Upper case, the default port and an IDNA name reach the service; a mixed-case
+    service name is reached through services= and the error says so."""
+    with services(1) as inst, Discovery(server.url) as discovery:
+        inst[0].register(server.url)
+        inst[0].register(server.url, name="xn--bcher-kva")
+        inst[0].register(server.url, name="Billing")
+        wait_for(lambda: len(discovery.instances("orders")) == 1, 15, "1 healthy")
+        with httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client:
+            for url in ("http://ORDERS/", "http://orders:80/", "http://bücher/"):
+                answer = wait_for_answer(client, url)
+                assert port_of(answer) == inst[0].port, url
+                assert answer.request.url == httpx.URL(url)
+            with pytest.raises(httpx.ConnectError) as caught:
+                client.get("http://Billing/")
+            assert "case-sensitive" in str(caught.value)
+            assert "services=['Billing']" in str(caught.value)
+        listed = DiscoveryTransport(discovery, services=["Billing"])
+        with httpx.Client(transport=listed, timeout=5) as client:
+            assert port_of(wait_for_answer(client, "http://billing/")) == inst[0].port
+        assert set(discovery._async._watchers) == {"orders", "xn--bcher-kva", "Billing"}
+
+
+def wait_for_answer(client: httpx.Client, url: str) -> httpx.Response:
+    """The first 200 within 15 s (a name just registered is listed within seconds)."""
+    answers: list[httpx.Response] = []
+
+    def answered() -> bool:
+        try:
+            answers.append(client.get(url))
+        except httpx.ConnectError:
+            return False
+        return answers[-1].status_code == 200
+
+    wait_for(answered, 15, f"{url} answered")
+    return answers[-1]

@@ -237,7 +237,11 @@ def test_scope_with_services_is_exact_and_confirmed() -> None:
     assert scope.service("http", "billing.internal", None) == ("billing.internal", True)
     assert scope.service("http", "orders.example.com", None) == (None, False)
     assert scope.service("http", "users", None) == (None, False)  # a candidate, but not listed
-    assert scope.service("http", "orders", 80) == (None, False)
+    # The scheme's default port counts as none (httpx drops it before a transport sees it).
+    assert scope.service("http", "orders", 80) == ("Orders", True)
+    assert scope.service("https", "orders", 443) == ("Orders", True)
+    assert scope.service("https", "orders", 80) == (None, False)
+    assert scope.service("http", "orders", 8080) == (None, False)
     why = scope.refusal("http://users/")
     assert why is not None
     assert "http://users/" in why
