@@ -359,6 +359,7 @@ async def test_async_read_timeouts_keep_words_and_the_service_url(server: Server
         assert message.endswith("(2 instances of orders tried)")
         words = message.removesuffix("(2 instances of orders tried)").strip()
         assert words, message  # httpcore's async timeouts have no message: words made up
+        assert "timed out" in words or "Timeout" in words, words
         assert caught.value.request.url == "http://orders/x"
 
 

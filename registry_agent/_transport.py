@@ -96,18 +96,21 @@ _TIMEOUT_WORDS: dict[type[Exception], str] = {
 
 def _words(exc: BaseException) -> str:
     """What went wrong, in words, even when ``str(exc)`` is empty (httpcore's async
-    timeouts): the first non-empty message down the cause chain, else the class's words."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            break
-        text = str(seen)
-        if text:
-            return text
-        seen = seen.__cause__ or seen.__context__
+    timeouts): a timeout's own words, else the first message down the cause chain, else
+    the class name."""
+    text = str(exc)
+    if text:
+        return text
     for kind, words in _TIMEOUT_WORDS.items():
         if isinstance(exc, kind):
             return f"{type(exc).__name__}: {words}"
+    seen = exc.__cause__ or exc.__context__
+    for _ in range(8):
+        if seen is None:
+            break
+        if str(seen):
+            return f"{type(exc).__name__}: {seen}"
+        seen = seen.__cause__ or seen.__context__
     return type(exc).__name__
 
 
