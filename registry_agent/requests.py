@@ -64,7 +64,7 @@ __all__ = ["DiscoveryAdapter"]
 _SERVER_NAME = "_registry_agent_server_name"
 _NO_POLICY = DiscoveryPolicy()
 # How often pools to instances no longer listed are looked for (and closed).
-_PRUNE_EVERY = 10.0
+_PRUNE_EVERY = 2.0
 
 
 def _outcome(exc: Exception) -> Outcome:
