@@ -223,6 +223,9 @@ def test_host_forms_the_same_as_httpx(server: ServerProcess) -> None:
             for url in ("http://ORDERS/", "http://orders:80/", "http://bücher/"):
                 answer = get_when_listed(session, url)
                 assert port_of(answer) == inst[0].port, url
+                assert answer.url == requests.Request("GET", url).prepare().url
+            # The default port is left out of Host, as httpx does.
+            assert session.get("http://orders:80/", timeout=5).text.split()[1] == "orders"
             with pytest.raises(requests.ConnectionError) as caught:
                 session.get("http://Billing/", timeout=5)
             assert "services=['Billing']" in str(caught.value)

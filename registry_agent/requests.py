@@ -83,6 +83,13 @@ def _outcome(exc: Exception) -> Outcome:
     return Outcome.LOCAL
 
 
+def _host_header(netloc: str, port: int | None) -> str:
+    """The ``Host`` header of a service URL: its host as written, without user info or
+    the scheme's default port (as httpx sends it: the same header from both clients)."""
+    host = netloc.rpartition("@")[2]
+    return host.rpartition(":")[0] if port is not None else host
+
+
 def _replayable(request: PreparedRequest) -> bool:
     return request.body is None or isinstance(request.body, bytes | str)
 
@@ -182,7 +189,7 @@ class DiscoveryAdapter(HTTPAdapter):
         return self._failover(
             request,
             service,
-            url.netloc.rpartition("@")[2] or service,
+            _host_header(url.netloc, port) or service,
             stream,
             timeout,
             verify,
