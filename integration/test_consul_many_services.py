@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 
 import psutil
-from registry_agent_consul import ConsulBackend
+import pytest
+from registry_agent_consul import ConsulBackend, _hub
 from registry_agent_consul._http import BLOCKING_MAX
 from registry_agent_consul._hub import DIRECT_MAX
 
@@ -157,5 +158,47 @@ async def test_one_watcher_over_300_services_gets_one_services_change(
             most = max(most, _connections(consul_server))
             print(f"watcher over {COUNT} services: {most} connections to the agent")
             assert 0 < most <= MOST_CONNECTIONS, most
+    finally:
+        await backend.close()
+
+
+async def test_emulated_watches_see_changes_after_an_agent_restart(
+    persistent_consul_server: ConsulServer, measured: Measured, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every blocking query emulated (as beyond DIRECT_MAX): the signals must notice
+    # the agent going away and coming back (its indexes start over).
+    monkeypatch.setattr(_hub, "DIRECT_MAX", 0)
+    consul = persistent_consul_server
+    _register(consul, 3)
+    backend = open_backend(consul.url)
+    assert isinstance(backend, ConsulBackend)
+    events: list[WatchEvent] = []
+    names = [f"many{k}" for k in range(3)]
+    try:
+        async with AsyncWatcher(backend, names, listener=events.append) as watcher:
+            assert await watcher.wait_synced(30)
+            await _until(lambda: len(events) >= 3, 10)
+            hub = backend.api.registry_agent_hub
+            assert isinstance(hub, _hub.Hub)
+            assert hub.direct == 0
+            assert hub.catalog.task is not None
+            assert hub.checks.task is not None
+
+            await asyncio.to_thread(consul.restart)
+            await asyncio.to_thread(
+                consul.api,
+                "/v1/agent/service/register",
+                method="PUT",
+                body={"ID": "extra", "Name": "many1", "Address": "127.0.0.1", "Port": PORT - 1},
+            )
+            took = await _until(
+                lambda: any(
+                    e.type is EventType.ADDED and e.instance.port == PORT - 1 for e in events
+                ),
+                backend.wait,
+            )
+            measured("emulated watch after restart", took, backend.wait)
+            ports = sorted(i.instance.port for i in watcher.snapshot("many1"))
+            assert ports == [PORT - 1, PORT + 1]
     finally:
         await backend.close()
