@@ -14,6 +14,10 @@ a snapshot is yielded whenever the combination changed. When the checks show an
 instance come or go before the (larger, slower) catalog answer does, a catalog
 read filtered to those few instances (a probe) settles it first. Needs Consul
 1.5 or later (``filter``).
+
+A backend runs at most ``DIRECT_MAX`` blocking queries on connections of their
+own; beyond that (hundreds of services watched), a blocking query is emulated
+by the backend's hub from two shared change signals and short reads (``_hub``).
 """
 
 from __future__ import annotations
