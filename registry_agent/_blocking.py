@@ -671,6 +671,16 @@ class Discovery:
     ) -> ServiceInstance:
         """See :meth:`AsyncDiscovery.choose`."""
         self._check_open()
+        thread = self._thread
+        if (
+            thread._loop is not None
+            and not thread.forked()
+            and threading.current_thread() is not thread._thread
+        ):
+            # Served from memory in this thread while the watcher's view is unchanged.
+            chosen = self._async._choose_now(service, strategy, exclude, policy)
+            if chosen is not None:
+                return chosen
         return self._thread.run(
             self._async.choose(service, strategy, exclude=exclude, policy=policy), self._bound
         )

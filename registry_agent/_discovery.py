@@ -58,6 +58,45 @@ def _check_policies(
     return dict(policies)
 
 
+class _Plan:
+    """What choose() weighs for a service under one policy while the watcher's view
+    of it stays the same object (the watcher replaces it on every change): built by
+    the first choice after a change, reused until the next one."""
+
+    __slots__ = (
+        "candidates",
+        "eligible",
+        "endpoints",
+        "healthy",
+        "policy",
+        "state",
+        "watcher",
+        "with_port",
+    )
+
+    def __init__(
+        self,
+        policy: DiscoveryPolicy,
+        watcher: AsyncWatcher | None,
+        state: object,
+        healthy: list[ServiceInstance],
+    ) -> None:
+        self.policy = policy
+        self.watcher = watcher
+        self.state = state
+        self.healthy = healthy
+        # An entry without a port (registered by another tool) is no target to connect to.
+        self.with_port = [i for i in healthy if i.port]
+        self.eligible = (
+            [i for i in self.with_port if policy.matches(i)] if policy.filters else self.with_port
+        )
+        self.endpoints = tuple((i.address, i.port) for i in self.eligible)
+        # The choice when none is ejected or excluded: the best locality tier.
+        self.candidates = (
+            preferred(self.eligible, policy.prefer) if policy.prefer else self.eligible
+        )
+
+
 def _name(value: object, field: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"expected a service name (non-empty text), got {value!r}", field=field)
@@ -129,6 +168,9 @@ class AsyncDiscovery:
         self._files: dict[str, tuple[bool, float]] = {}
         # Per (service, policy), (the watcher's state object, its candidates) for report().
         self._eligible: dict[tuple[str, DiscoveryPolicy], tuple[object, list[ServiceInstance]]] = {}
+        # Per (service, id of the policy object), what choose() weighs while the watcher's
+        # view stays the same (the plan holds its policy: the id is not reused meanwhile).
+        self._plans: dict[tuple[str, int], _Plan] = {}
         self._members = open_backends(backend)
         self._borrowed = tuple(replace(member, owned=False) for member in self._members)
         #: Every backend watched, in the order given.
@@ -296,26 +338,90 @@ class AsyncDiscovery:
         """
         strategy = as_strategy(strategy)
         policy = self._policy(service, policy)
-        if isinstance(exclude, str | bytes) or not isinstance(exclude, Collection):
+        if exclude.__class__ is not tuple and (
+            isinstance(exclude, str | bytes) or not isinstance(exclude, Collection)
+        ):
             raise ConfigError(
                 f"expected a collection of ids or instances, e.g. ({exclude!r},), got {exclude!r}",
                 field="exclude",
             )
-        healthy = await self.instances(service)
-        # An entry without a port (registered by another tool) is no target to connect to.
-        with_port = [i for i in healthy if i.port]
-        eligible = [i for i in with_port if policy.matches(i)] if policy.filters else with_port
+        plan = self._plan(service, policy)
+        if plan is None:  # the first choice since the watcher's view changed
+            plan = self._new_plan(service, policy, await self.instances(service))
+        return self._pick(service, policy, plan, strategy, exclude)
+
+    def _plan(self, service: str, policy: DiscoveryPolicy) -> _Plan | None:
+        """The plan kept for ``service`` under ``policy`` when the watcher's view has not
+        changed since it was made; else None. Safe from any thread."""
+        plan = self._plans.get((service, id(policy)))
+        if plan is None or plan.policy is not policy:
+            return None
+        watcher = self._watchers.get(service)
+        if watcher is None or plan.watcher is not watcher:
+            return None
+        if watcher._state.get(service) is not plan.state:
+            return None
+        return plan
+
+    def _new_plan(
+        self, service: str, policy: DiscoveryPolicy, healthy: list[ServiceInstance]
+    ) -> _Plan:
+        """The plan for ``healthy`` (what instances() just served), kept when it is the
+        watcher's current view (not a stale set from the last-known-good file)."""
+        watcher = self._watchers.get(service)
+        state = watcher._state.get(service) if watcher is not None else None
+        plan = _Plan(policy, watcher, state, healthy)
+        if state is not None and service in self._served and not self.stale(service):
+            if len(self._plans) >= 1024:  # many policies made per call: start over
+                self._plans.clear()
+            self._plans[(service, id(policy))] = plan
+        return plan
+
+    def _pick(
+        self,
+        service: str,
+        policy: DiscoveryPolicy,
+        plan: _Plan,
+        strategy: Strategy,
+        exclude: Collection[str | ServiceInstance],
+    ) -> ServiceInstance:
+        """choose() on a plan: leaves out ejected and excluded instances, prefers locality."""
+        candidates = plan.candidates
+        usable: Sequence[ServiceInstance] = plan.eligible
         ejected: list[ServiceInstance] = []
-        usable = eligible
         if policy.outliers is not None:
-            usable, ejected = self._outliers.split(service, eligible, policy.outliers, key=policy)
+            usable, ejected = self._outliers.split(
+                service, plan.eligible, policy.outliers, key=policy, endpoints=plan.endpoints
+            )
         if exclude:
             usable = [i for i in usable if i.id not in exclude and i not in exclude]
-        candidates = preferred(usable, policy.prefer) if policy.prefer else usable
+        if ejected or exclude:
+            candidates = preferred(usable, policy.prefer) if policy.prefer else list(usable)
         chosen = self.selector.pick(service, candidates, strategy)
         if chosen is None:
-            raise self._none_left(service, policy, healthy, with_port, eligible, ejected, exclude)
+            raise self._none_left(
+                service, policy, plan.healthy, plan.with_port, plan.eligible, ejected, exclude
+            )
         return chosen
+
+    def _choose_now(
+        self,
+        service: str,
+        strategy: str | Strategy,
+        exclude: Collection[str | ServiceInstance],
+        policy: DiscoveryPolicy | None,
+    ) -> ServiceInstance | None:
+        """choose() without the event loop when a plan for the watcher's current view is
+        kept (thread-safe: it only reads what the loop replaces); None otherwise (then
+        call choose() on the loop). Raises as choose() does."""
+        if exclude.__class__ is not tuple or self._closed:
+            return None
+        strategy = as_strategy(strategy)
+        chosen = self._policy(service, policy)
+        plan = self._plan(service, chosen)
+        if plan is None:
+            return None
+        return self._pick(service, chosen, plan, strategy, exclude)
 
     def _none_left(
         self,
@@ -375,6 +481,9 @@ class AsyncDiscovery:
         the filter), from the watcher's current view; None while unknown without a read
         (no watch yet, or served from the last-known-good file). Safe from any thread:
         it only reads the watcher's state, an object replaced on every change."""
+        plan = self._plan(service, policy)
+        if plan is not None:
+            return plan.eligible
         watcher = self._watchers.get(service)
         if watcher is None or service not in self._served or self.stale(service):
             return None
@@ -552,6 +661,7 @@ class AsyncDiscovery:
         """
         self._closed = True
         watchers, self._watchers = list(self._watchers.values()), {}
+        self._plans.clear()
         self._served.clear()
         if self._fork is not None and self._fork.in_child("close()"):
             return

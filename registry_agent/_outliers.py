@@ -84,6 +84,8 @@ class OutlierTracker:
         self._order: OrderedDict[tuple[str, Endpoint], None] = OrderedDict()
         # Per (service, policy key), the endpoints split() last offered, in its order.
         self._candidates: dict[tuple[str, Hashable], tuple[Endpoint, ...]] = {}
+        # Per service, when its latest-ending ejection ends: none is ejected from then on.
+        self._ejecting: dict[str, float] = {}
         self._swept = clock()
 
     @property
@@ -155,7 +157,9 @@ class OutlierTracker:
                 if out >= max_ejections(len(base), rule.max_ejected_percent):
                     return False
             state.k += 1
-            state.until = now + rule.duration(state.k)
+            state.until = until = now + rule.duration(state.k)
+            if until > self._ejecting.get(service, until - 1):
+                self._ejecting[service] = until
             state.failures = 0
             return True
 
@@ -187,27 +191,35 @@ class OutlierTracker:
         rule: OutlierEjection,
         *,
         key: Hashable = None,
-    ) -> tuple[list[ServiceInstance], list[ServiceInstance]]:
+        endpoints: tuple[Endpoint, ...] | None = None,
+    ) -> tuple[Sequence[ServiceInstance], list[ServiceInstance]]:
         """``eligible`` parted into (usable, ejected), each in the input order.
 
         ``eligible`` is every instance the service offers for choice under the policy
         ``key`` (healthy, passing the filter, with a port); it becomes that policy's
         cap base for :meth:`report`. When more are ejected than the percent cap allows
         of them now (the service shrank), those whose ejection ends first are usable.
+        ``endpoints``: those of ``eligible`` in its order, when the caller keeps them.
+        When none is ejected, ``usable`` is ``eligible`` itself (not a copy).
         """
         with self._lock:
             now = self.clock()
-            endpoints = tuple(_endpoint(i) for i in eligible)
+            if endpoints is None:
+                endpoints = tuple(_endpoint(i) for i in eligible)
             self._candidates[(service, key)] = endpoints
             states = self._services.get(service)
             if not states:
-                return list(eligible), []
-            for instance in eligible:
-                endpoint = _endpoint(instance)
+                return eligible, []
+            for endpoint in endpoints:
                 state = states.get(endpoint)
                 if state is not None:
                     self._touch(service, endpoint, state, now)
+            ending = self._ejecting.get(service)
+            if ending is None or ending <= now:  # no ejection lasts until now
+                return eligible, []
             ejected = self._parted(service, endpoints, rule, now)
+            if not ejected:
+                return eligible, []
             return (
                 [i for n, i in enumerate(eligible) if n not in ejected],
                 [i for n, i in enumerate(eligible) if n in ejected],
@@ -257,6 +269,7 @@ class OutlierTracker:
         del states[endpoint]
         if not states:
             del self._services[service]
+            self._ejecting.pop(service, None)
             for pair in [p for p in self._candidates if p[0] == service]:
                 del self._candidates[pair]
 

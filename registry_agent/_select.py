@@ -23,6 +23,8 @@ class Strategy(enum.StrEnum):
 
 def as_strategy(value: str | Strategy) -> Strategy:
     """Parse a strategy name; raises ConfigError naming the choices."""
+    if value.__class__ is Strategy:  # the common case, without the enum's lookup
+        return value
     try:
         return Strategy(value)
     except ValueError:
