@@ -769,3 +769,120 @@ async def test_is_service_of_a_service_already_read_asks_no_registry(
             await discovery.is_service("users")
         assert backend.listings == 1
         assert set(discovery._watchers) == {"orders"}
+
+
+# --- choose() plans: kept while the watcher's view stays, rebuilt on every change --------
+
+
+async def _watched(discovery: AsyncDiscovery, ids: set[str]) -> None:
+    """Until the watcher's view of orders holds exactly ``ids`` (bounded: 5 s)."""
+    watcher = discovery._watchers["orders"]
+    for _ in range(500):
+        if {h.instance.id for h in watcher.snapshot("orders")} == ids:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the watcher never saw {ids}")
+
+
+async def test_choose_plan_is_reused_and_follows_every_change(registry: MemoryRegistry) -> None:
+    put(registry, inst(1, tags=("v2",), zone="b"))
+    put(registry, inst(2, tags=("v1",), zone="a"))
+    rule = OutlierEjection(consecutive_failures=1, base_time=60)
+    policy = DiscoveryPolicy(tags=("v2",), prefer={"zone": "a"}, outliers=rule)
+    async with AsyncDiscovery(registry.url, policy=policy) as discovery:
+        reads = 0
+        instances = discovery.instances
+
+        async def counted(service: str, healthy_only: bool = True) -> list[ServiceInstance]:
+            nonlocal reads
+            reads += 1
+            return await instances(service, healthy_only)
+
+        discovery.instances = counted  # type: ignore[method-assign]
+        assert {(await discovery.choose("orders")).id for _ in range(4)} == {"o1"}
+        assert reads == 1  # one read for the view; the other choices reuse its plan
+        # A preferred match arrives: the first choice after the watcher saw it uses it.
+        put(registry, inst(3, tags=("v2",), zone="a"))
+        await _watched(discovery, {"o1", "o2", "o3"})
+        assert {(await discovery.choose("orders")).id for _ in range(4)} == {"o3"}
+        assert reads == 2
+        # Ejection and exclusion still apply on a kept plan (fallback to the next tier).
+        discovery.report("orders", inst(3, tags=("v2",), zone="a"), False)
+        assert (await discovery.choose("orders")).id == "o1"
+        with pytest.raises(NoInstanceAvailable) as info:  # exclusion after ejection, as before
+            await discovery.choose("orders", exclude=["o1"])
+        assert info.value.message == (
+            "no healthy instance matching tags v2 left to try"
+            " (1 healthy do not match, 1 ejected as outliers)"
+        )
+        assert reads == 2
+        # Failing its check takes it out at once; a policy object of its own has its own plan.
+        put(registry, inst(1, tags=("v2",), zone="b"), HealthStatus.CRITICAL)
+        await _watched(discovery, {"o1", "o2", "o3"})
+        for _ in range(500):
+            if not any(
+                h.healthy and h.instance.id == "o1" for h in await discovery.health("orders")
+            ):
+                break
+            await asyncio.sleep(0.01)
+        assert {(await discovery.choose("orders")).id for _ in range(4)} == {"o3"}
+        assert (await discovery.choose("orders", policy=DiscoveryPolicy(tags=("v1",)))).id == "o2"
+        with pytest.raises(NoInstanceAvailable) as info:
+            await discovery.choose("orders", exclude=["o3"])
+        assert info.value.message == (
+            "no healthy instance matching tags v2 left to try (1 healthy do not match)"
+        )
+
+
+def test_blocking_choose_reads_a_kept_plan_in_the_callers_thread(
+    registry: MemoryRegistry,
+) -> None:
+    put(registry, inst(1))
+    with Discovery(registry.url) as discovery:
+        assert discovery.choose("orders").id == "o1"  # the first: through the loop thread
+        hops = 0
+        run = discovery._thread.run
+
+        def counted(coro: Any, timeout: float | None) -> Any:
+            nonlocal hops
+            hops += 1
+            return run(coro, timeout)
+
+        discovery._thread.run = counted  # type: ignore[method-assign]
+        assert {discovery.choose("orders").id for _ in range(3)} == {"o1"}
+        assert hops == 0
+        put(registry, inst(2))
+        deadline = time.monotonic() + 5
+        while len(discovery._async._watchers["orders"].snapshot("orders")) < 2:
+            assert time.monotonic() < deadline, "the watcher never saw o2"
+            time.sleep(0.01)
+        assert {discovery.choose("orders").id for _ in range(4)} == {"o1", "o2"}
+        assert hops == 1  # the view changed: one trip to the loop rebuilt the plan
+        assert discovery.choose("orders", exclude=["o1"]).id == "o2"
+        assert discovery.choose("orders", exclude=("o2",)).id == "o1"
+    with pytest.raises(RuntimeError, match="closed"):
+        discovery.choose("orders")
+
+
+def test_split_skips_no_ejection_and_keeps_the_timed_recovery() -> None:
+    clock = Clock()
+    tracker = OutlierTracker(clock)
+    rule = OutlierEjection(consecutive_failures=1, base_time=10)
+    pool = [inst(n) for n in range(1, 5)]
+    for instance in pool:
+        tracker.report("orders", instance, True, rule)
+    usable, ejected = tracker.split("orders", pool, rule)
+    assert usable is pool  # nothing ejected: the input itself
+    assert ejected == []
+    tracker.report("orders", pool[1], False, rule)  # 10 s
+    clock.now += 5
+    tracker.report("orders", pool[2], False, rule)  # 10 s, ends 5 s later
+    assert tracker.split("orders", pool, rule) == ([pool[0], pool[3]], [pool[1], pool[2]])
+    clock.now += 5
+    assert tracker.split("orders", pool, rule) == ([pool[0], pool[1], pool[3]], [pool[2]])
+    clock.now += 5
+    assert tracker.split("orders", pool, rule) == (pool, [])
+    assert tracker.state("orders", pool[1]) == (0, 1, None)  # recovered, k decays later
+    clock.now += 20
+    tracker.report("orders", pool[1], False, rule)  # k decayed to 0 first: 10 s again
+    assert tracker.state("orders", pool[1])[2] == clock.now + 10
