@@ -68,6 +68,7 @@ class _Plan:
         "eligible",
         "endpoints",
         "healthy",
+        "levels",
         "policy",
         "state",
         "watcher",
@@ -91,10 +92,24 @@ class _Plan:
             [i for i in self.with_port if policy.matches(i)] if policy.filters else self.with_port
         )
         self.endpoints = tuple((i.address, i.port) for i in self.eligible)
+        # Per eligible instance, how many leading ``prefer`` entries it matches.
+        entries = list(policy.prefer.items())
+        self.levels = [_level(i, entries) for i in self.eligible] if entries else []
         # The choice when none is ejected or excluded: the best locality tier.
         self.candidates = (
             preferred(self.eligible, policy.prefer) if policy.prefer else self.eligible
         )
+
+
+def _level(instance: ServiceInstance, entries: list[tuple[str, str]]) -> int:
+    """How many of ``entries`` (locality, most important first) ``instance`` matches
+    before the first it does not: it is in every tier of :func:`preferred` up to it."""
+    matched = 0
+    for key, value in entries:
+        if instance.meta.get(key) != value:
+            break
+        matched += 1
+    return matched
 
 
 def _name(value: object, field: str) -> str:
@@ -387,16 +402,25 @@ class AsyncDiscovery:
     ) -> ServiceInstance:
         """choose() on a plan: leaves out ejected and excluded instances, prefers locality."""
         candidates = plan.candidates
-        usable: Sequence[ServiceInstance] = plan.eligible
+        eligible = plan.eligible
         ejected: list[ServiceInstance] = []
         if policy.outliers is not None:
-            usable, ejected = self._outliers.split(
-                service, plan.eligible, policy.outliers, key=policy, endpoints=plan.endpoints
+            _, ejected = self._outliers.split(
+                service, eligible, policy.outliers, key=policy, endpoints=plan.endpoints
             )
-        if exclude:
-            usable = [i for i in usable if i.id not in exclude and i not in exclude]
         if ejected or exclude:
-            candidates = preferred(usable, policy.prefer) if policy.prefer else list(usable)
+            out = {id(i) for i in ejected}  # the very objects of ``eligible``
+            keep = [
+                n
+                for n, i in enumerate(eligible)
+                if id(i) not in out and not (exclude and (i.id in exclude or i in exclude))
+            ]
+            if plan.levels and keep:  # the best locality tier left (see preferred())
+                levels = plan.levels
+                best = max(levels[n] for n in keep)
+                if best:
+                    keep = [n for n in keep if levels[n] >= best]
+            candidates = [eligible[n] for n in keep]
         chosen = self.selector.pick(service, candidates, strategy)
         if chosen is None:
             raise self._none_left(

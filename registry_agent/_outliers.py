@@ -176,10 +176,15 @@ class OutlierTracker:
             state = states.get(endpoint)
             if state is None:
                 continue
-            state.expire(now)
-            state.decay(rule.base_time, now)
-            if state.until is not None:
-                out.append((state.until, index))
+            # state.expire(now) then state.decay(...), without the calls when idle.
+            until = state.until
+            if until is not None:
+                if now < until:
+                    out.append((until, index))
+                    continue
+                state.expire(now)
+            if state.k > 0:
+                state.decay(rule.base_time, now)
         allowed = max_ejections(len(endpoints), rule.max_ejected_percent)
         out.sort(reverse=True)  # latest-ending first: those stay out
         return {index for _, index in out[:allowed]}
@@ -210,10 +215,12 @@ class OutlierTracker:
             states = self._services.get(service)
             if not states:
                 return eligible, []
-            for endpoint in endpoints:
+            order = self._order
+            for endpoint in endpoints:  # seen: self._touch(), inlined (once per choice)
                 state = states.get(endpoint)
                 if state is not None:
-                    self._touch(service, endpoint, state, now)
+                    state.seen = now
+                    order.move_to_end((service, endpoint))
             ending = self._ejecting.get(service)
             if ending is None or ending <= now:  # no ejection lasts until now
                 return eligible, []
