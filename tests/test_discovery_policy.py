@@ -886,3 +886,22 @@ def test_split_skips_no_ejection_and_keeps_the_timed_recovery() -> None:
     clock.now += 20
     tracker.report("orders", pool[1], False, rule)  # k decayed to 0 first: 10 s again
     assert tracker.state("orders", pool[1])[2] == clock.now + 10
+
+
+async def test_kept_plan_tiers_agree_with_preferred(registry: MemoryRegistry) -> None:
+    """With exclusions (and so on a kept plan), the choice is among preferred()'s tier."""
+    pool = [inst(n, zone="ab"[n % 2], dc="12"[n // 2 % 2]) for n in range(1, 13)]
+    for instance in pool:
+        put(registry, instance)
+    policy = DiscoveryPolicy(prefer={"zone": "a", "dc": "1"})
+    async with AsyncDiscovery(registry.url, policy=policy) as discovery:
+        await discovery.choose("orders")
+        for cut in range(len(pool)):
+            exclude = [i.id for i in pool[: cut + 1] if i.meta["zone"] == "a" or cut % 3 == 0]
+            usable = [i for i in pool if i.id not in exclude]
+            expected = {i.id for i in preferred(usable, policy.prefer)}
+            assert expected
+            chosen = {
+                (await discovery.choose("orders", exclude=exclude)).id for _ in range(2 * len(pool))
+            }
+            assert chosen == expected, (exclude, chosen, expected)
