@@ -834,7 +834,7 @@ def choose_cost(n: int) -> list[list[str]]:
                 samples = _timed(lambda: sd.choose(svc), n)
                 rows.append(
                     [
-                        f"Discovery.choose() (blocking, loop thread hop), {label}",
+                        f"Discovery.choose() (blocking, picked in the caller), {label}",
                         _us(statistics.median(samples)),
                         _us(percentile(samples, 99)),
                     ]
