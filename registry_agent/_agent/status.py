@@ -175,9 +175,14 @@ class StatusServer:
                 self._complain(f"accept failed: {exc}")
                 await asyncio.sleep(0.1)
                 continue
+            evicted = self.evicted
             if not self._make_room():
                 conn.close()
                 continue
+            if self.evicted != evicted:
+                # abort() closes the evicted socket on a later loop turn; a burst of
+                # ready accepts never yields, so let it close before the next accept.
+                await asyncio.sleep(0)
             self._pending += 1
             task = loop.create_task(self._handle(conn))
             self._handlers.add(task)
