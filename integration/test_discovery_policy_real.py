@@ -155,6 +155,10 @@ async def test_filters_and_zone_preference_with_fallback(
             )
             measured("fallback to zone b", took, WITHDRAWN)
             assert await discovery.instances(service) == [stable_b]
+            # The blocking discovery has a watch of its own: it may see the change later.
+            await until(
+                lambda: _sync_only(sync, service, {stable_b.id}), WITHDRAWN, "sync fallback to b"
+            )
             assert {sync.choose(service).id for _ in range(4)} == {stable_b.id}
             with pytest.raises(NoInstanceAvailable) as info:
                 await discovery.choose(service, policy=tagged)
@@ -181,6 +185,16 @@ async def _count(discovery: AsyncDiscovery, service: str, n: int) -> bool:
 async def _only(discovery: AsyncDiscovery, service: str, wanted: set[str]) -> bool:
     try:
         return set(await ids(discovery, service, 2 * len(wanted) + 2)) == wanted
+    except NoInstanceAvailable:
+        return False
+
+
+async def _sync_only(discovery: Discovery, service: str, wanted: set[str]) -> bool:
+    def chosen() -> set[str]:
+        return {discovery.choose(service).id for _ in range(2 * len(wanted) + 2)}
+
+    try:
+        return await asyncio.to_thread(chosen) == wanted
     except NoInstanceAvailable:
         return False
 
