@@ -1,9 +1,12 @@
-"""Throwaway PEM certificates for the TLS tests: a CA, a 127.0.0.1 server, a client."""
+"""Throwaway PEM certificates for the TLS tests: a CA with a 127.0.0.1 server and a client
+(``make_certs``), or a CA with a server certificate for DNS names only (``make_named_cert``:
+TLS by service name, where checking the instance's address must fail)."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,16 +58,18 @@ def _write_cert(cert: x509.Certificate, path: Path) -> str:
     return str(path)
 
 
-def make_certs(folder: Path, name: str = "test") -> CertFiles:
-    """A CA and a server (127.0.0.1, ::1, localhost) and client certificate it signed."""
-    folder.mkdir(parents=True, exist_ok=True)
+def _validity() -> dict[str, datetime.datetime]:
     now = datetime.datetime.now(datetime.UTC)
-    valid = {"not_valid_before": now - datetime.timedelta(hours=1)}
-    valid["not_valid_after"] = now + datetime.timedelta(days=2)
+    return {
+        "not_valid_before": now - datetime.timedelta(hours=1),
+        "not_valid_after": now + datetime.timedelta(days=2),
+    }
+
+
+def _make_ca(ca_name: x509.Name) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name(f"registry-agent {name} CA")
     ca = (
-        x509.CertificateBuilder(subject_name=ca_name, issuer_name=ca_name, **valid)
+        x509.CertificateBuilder(subject_name=ca_name, issuer_name=ca_name, **_validity())
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -85,6 +90,15 @@ def make_certs(folder: Path, name: str = "test") -> CertFiles:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
+    return ca_key, ca
+
+
+def make_certs(folder: Path, name: str = "test") -> CertFiles:
+    """A CA and a server (127.0.0.1, ::1, localhost) and client certificate it signed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    valid = _validity()
+    ca_name = _name(f"registry-agent {name} CA")
+    ca_key, ca = _make_ca(ca_name)
 
     def leaf(common_name: str, usages: list[x509.ObjectIdentifier]) -> tuple[str, str]:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -121,4 +135,55 @@ def make_certs(folder: Path, name: str = "test") -> CertFiles:
         server_key=server_key,
         client_cert=client_cert,
         client_key=client_key,
+    )
+
+
+@dataclass(frozen=True)
+class NamedCert:
+    """PEM file paths: the CA, and one server certificate for DNS names with its key."""
+
+    ca: str
+    cert: str
+    key: str
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        """``(cert, key)``, what a TLS server (HTTP or gRPC) serves."""
+        return (self.cert, self.key)
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context trusting only this CA (hostname checked)."""
+        return ssl.create_default_context(cafile=self.ca)
+
+    def ca_bytes(self) -> bytes:
+        """The CA certificate, for ``grpc.ssl_channel_credentials(root_certificates=...)``."""
+        return Path(self.ca).read_bytes()
+
+
+def make_named_cert(folder: Path, *names: str) -> NamedCert:
+    """A fresh CA and a server certificate for the DNS ``names`` only, no IP address (the
+    first name is its CN)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = "-".join(names)
+    ca_name = _name(f"registry-agent by-name CA {stem}")
+    ca_key, ca = _make_ca(ca_name)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder(subject_name=_name(names[0]), issuer_name=ca_name, **_validity())
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return NamedCert(
+        ca=_write_cert(ca, folder / f"{stem}-ca.pem"),
+        cert=_write_cert(cert, folder / f"{stem}.pem"),
+        key=_write_key(key, folder / f"{stem}-key.pem"),
     )

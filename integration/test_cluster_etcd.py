@@ -26,7 +26,10 @@ from registry_agent import (
 )
 from registry_agent.testing.servers import EtcdCluster, EtcdServer
 
-TTL = 3.0
+# A hung member costs a heartbeat interval (TTL / 3) plus the call's TIMEOUT before the
+# next member is asked: TTL 5 leaves 2.3 s for that member to answer on a loaded machine
+# (with TTL 3 a CI run saw no heartbeat succeed for a whole TTL, and a lease counted lost).
+TTL = 5.0
 TIMEOUT = 1.0  # per request: how long a hung member can hold a call
 RETRY = RetryPolicy(initial=0.1, cap=1.0)
 MARGIN = 2.0

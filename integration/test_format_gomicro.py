@@ -222,6 +222,8 @@ async def test_go_micro_entries_are_listed_watched_and_discovered(
             chosen = await asyncio.to_thread(blocking_discovery.choose, SERVICE)
             assert chosen in (rpc, grpc)
             assert await asyncio.to_thread(blocking_watcher.wait_synced, 10)
+            # Synced may mean synced before the puts: its own watch brings them after.
+            await until(lambda: len(blocking_watcher.snapshot(SERVICE)) == 2, 10)
             assert [h.instance for h in blocking_watcher.snapshot(SERVICE)] == [rpc, grpc]
 
             # The rpc server stops, or its lease runs out: deleted everywhere.

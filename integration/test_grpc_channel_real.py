@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from integration.grpc_certs import make_service_cert
+from integration.certs import make_named_cert
 from integration.grpc_channel_kit import restart, started_servers
 from integration.grpc_kit import CREATE, GET, GrpcServer, unary
 from registry_agent import (
@@ -243,7 +243,7 @@ def test_non_idempotent_call_is_not_retried(
 
 def test_tls_by_service_name(server: ServerProcess, tmp_path: Path) -> None:
     service = f"orders-{uuid.uuid4().hex[:8]}"
-    cert = make_service_cert(tmp_path, service)  # DNS name only: no IP address in it
+    cert = make_named_cert(tmp_path, service)  # DNS name only: no IP address in it
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.ca_bytes())
     with ExitStack() as stack:
         servers = stack.enter_context(started_servers("a", "b", "c", tls=cert.pair))

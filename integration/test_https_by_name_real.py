@@ -13,8 +13,8 @@ import httpx
 import pytest
 import requests
 
+from integration.certs import NamedCert, make_named_cert
 from integration.http_service_kit import HttpService, services, wait_for
-from integration.service_certs import NamedCert, make_named_cert
 from registry_agent import (
     AsyncDiscovery,
     AsyncDiscoveryTransport,

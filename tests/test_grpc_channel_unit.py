@@ -22,7 +22,7 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from integration.grpc_certs import make_service_cert
+from integration.certs import make_named_cert
 from integration.grpc_channel_kit import restart, started_servers
 from integration.grpc_kit import CREATE, GET, SLOW, GrpcServer, unary, unary_stream
 from registry_agent import (
@@ -379,7 +379,7 @@ def test_aio_non_idempotent_is_not_retried(
 def test_tls_checks_the_certificate_against_the_service_name(
     registry: MemoryRegistry, tmp_path: Path
 ) -> None:
-    cert = make_service_cert(tmp_path, "orders")
+    cert = make_named_cert(tmp_path, "orders")
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.ca_bytes())
     with started_servers("a", "b", tls=cert.pair) as servers, Discovery(registry.url) as discovery:
         for server in servers:
