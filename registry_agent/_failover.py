@@ -26,8 +26,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
-from registry_agent._errors import ConfigError
+from registry_agent._errors import ConfigError, RegistryError
 from registry_agent._models import ServiceInstance
 from registry_agent._policy import DiscoveryPolicy, is_idempotent
 
@@ -35,6 +36,7 @@ __all__ = [
     "Failover",
     "NoPortLeft",
     "Outcome",
+    "Routing",
     "Scope",
     "Step",
     "host_is_candidate",
@@ -42,6 +44,7 @@ __all__ = [
 ]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_NO_POLICY = DiscoveryPolicy()
 
 
 class NoPortLeft(LookupError):
@@ -269,3 +272,62 @@ class Scope:
             f"pass services=[...] to name the services this client calls (those are not "
             f"checked against the registry)"
         )
+
+
+class Routing:
+    """What every discovery-fed HTTP client holds and decides the same way: the
+    discovery, the scoping rule, how to choose and retry, and the names the registry
+    confirmed as services (not asked again). The clients only do the I/O."""
+
+    def __init__(
+        self,
+        discovery: Any,
+        services: Collection[str] | None,
+        others: str,
+        strategy: Any,
+        retries: int | None,
+        policy: DiscoveryPolicy | None,
+    ) -> None:
+        self.discovery = discovery
+        self.scope = Scope(services, others)
+        self.strategy = strategy
+        self.retries = retries
+        self.policy = policy
+        self.known: set[str] = set()
+
+    def failover(self, service: str, method: str, *, replayable: bool) -> Failover:
+        """The rules for one request: the client's policy, else the discovery's for
+        ``service``."""
+        policy = self.policy
+        if policy is None:
+            policy_for = getattr(self.discovery, "policy_for", None)
+            policy = policy_for(service) if callable(policy_for) else _NO_POLICY
+        assert policy is not None
+        return Failover(service, method, policy, retries=self.retries, replayable=replayable)
+
+    def choose_kwargs(self, failover: Failover) -> dict[str, Any]:
+        """Keywords for ``discovery.choose(service, strategy, **...)``."""
+        kwargs: dict[str, Any] = {"exclude": failover.exclude}
+        if self.policy is not None:
+            kwargs["policy"] = self.policy
+        return kwargs
+
+    def report(
+        self, service: str, instance: ServiceInstance, step: Step, failover: Failover
+    ) -> None:
+        """Tell the discovery's outlier ejection what the attempt said, if anything."""
+        report = getattr(self.discovery, "report", None)
+        if step.report is not None and callable(report):
+            report(service, instance, step.report, policy=failover.policy)
+
+    def refusal(self, service: str, answer: bool | RegistryError) -> str | None:
+        """``discovery.is_service(service)``'s answer (or its error) turned into the
+        reason to fail the request, None when the registry confirmed the name."""
+        if isinstance(answer, RegistryError):
+            return f"{service}: " + self.scope.unconfirmed(
+                service, f"the registry did not answer ({answer})"
+            )
+        if not answer:
+            return f"{service}: {self.scope.unknown(service)}"
+        self.known.add(service)
+        return None

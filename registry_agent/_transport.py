@@ -29,14 +29,12 @@ from typing import Any, Literal, NoReturn, Protocol
 import httpx
 
 from registry_agent._errors import NoInstanceAvailable, RegistryError
-from registry_agent._failover import Failover, NoPortLeft, Outcome, Scope, Step
+from registry_agent._failover import Failover, NoPortLeft, Outcome, Routing
 from registry_agent._models import ServiceInstance
 from registry_agent._policy import DiscoveryPolicy
 from registry_agent._select import Strategy
 
 __all__ = ["AsyncDiscoveryTransport", "DiscoveryTransport"]
-
-_NO_POLICY = DiscoveryPolicy()
 
 
 class _Chooser(Protocol):
@@ -157,12 +155,7 @@ class _Base:
         policy: DiscoveryPolicy | None,
     ) -> None:
         self.discovery = discovery
-        self.scope = Scope(services, others)
-        self.strategy = strategy
-        self.retries = retries
-        self.policy = policy
-        # Candidates the registry confirmed as services: not asked again.
-        self._known: set[str] = set()
+        self._routing = Routing(discovery, services, others, strategy, retries, policy)
 
     def _target(self, request: httpx.Request) -> tuple[str | None, bool]:
         """The service a request names (None: none) and whether it is confirmed;
@@ -170,24 +163,24 @@ class _Base:
         url = request.url
         # The raw host: lower case, IDNA in ASCII (what requests looks up too).
         host = url.raw_host.decode("ascii", "replace")
-        service, confirmed = self.scope.service(url.scheme, host, url.port)
+        scope = self._routing.scope
+        service, confirmed = scope.service(url.scheme, host, url.port)
         if service is None:
-            why = self.scope.refusal(str(url.copy_with(query=None, fragment=None)))
+            why = scope.refusal(str(url.copy_with(query=None, fragment=None)))
             if why is not None:
                 raise httpx.ConnectError(why, request=request)
             return None, True
-        return service, confirmed or service in self._known
+        return service, confirmed or service in self._routing.known
 
-    def _unknown(self, request: httpx.Request, service: str) -> httpx.ConnectError:
-        return httpx.ConnectError(f"{service}: {self.scope.unknown(service)}", request=request)
-
-    def _unconfirmed(
-        self, request: httpx.Request, service: str, exc: RegistryError
-    ) -> httpx.ConnectError:
-        why = f"the registry did not answer ({exc})"
-        return httpx.ConnectError(
-            f"{service}: {self.scope.unconfirmed(service, why)}", request=request
-        )
+    def _confirmed(
+        self, request: httpx.Request, service: str, answer: bool | RegistryError
+    ) -> None:
+        """Raise unless ``is_service``'s answer confirmed ``service`` (no watch for a
+        name nobody confirmed)."""
+        why = self._routing.refusal(service, answer)
+        if why is not None:
+            cause = answer if isinstance(answer, RegistryError) else None
+            raise httpx.ConnectError(why, request=request) from cause
 
     def _check_tls(self, request: httpx.Request, made: bool, cls: str) -> None:
         """Refuse an https:// service URL when ``transport=`` was an instance."""
@@ -196,30 +189,7 @@ class _Base:
             raise httpx.ConnectError(_INSTANCE_HTTPS.format(url=url, cls=cls), request=request)
 
     def _failover(self, request: httpx.Request, service: str) -> Failover:
-        policy = self.policy
-        if policy is None:
-            policy_for = getattr(self.discovery, "policy_for", None)
-            policy = policy_for(service) if callable(policy_for) else _NO_POLICY
-        return Failover(
-            service,
-            request.method,
-            policy,
-            retries=self.retries,
-            replayable=_replayable(request),
-        )
-
-    def _choose_kwargs(self, failover: Failover) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"exclude": failover.exclude}
-        if self.policy is not None:
-            kwargs["policy"] = self.policy
-        return kwargs
-
-    def _report(
-        self, service: str, instance: ServiceInstance, step: Step, failover: Failover
-    ) -> None:
-        report = getattr(self.discovery, "report", None)
-        if step.report is not None and callable(report):
-            report(service, instance, step.report, policy=failover.policy)
+        return self._routing.failover(service, request.method, replayable=_replayable(request))
 
 
 class DiscoveryTransport(_Base, httpx.BaseTransport):
@@ -286,13 +256,12 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
         is_service = getattr(self.discovery, "is_service", None)
         if not callable(is_service):
             return
+        answer: bool | RegistryError
         try:
-            known = bool(is_service(service))
-        except RegistryError as exc:  # no watch for a name nobody confirmed
-            raise self._unconfirmed(request, service, exc) from exc
-        if not known:
-            raise self._unknown(request, service)
-        self._known.add(service)
+            answer = bool(is_service(service))
+        except RegistryError as exc:
+            answer = exc
+        self._confirmed(request, service, answer)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         service, confirmed = self._target(request)
@@ -314,7 +283,7 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
         while True:
             try:
                 instance = self.discovery.choose(
-                    service, self.strategy, **self._choose_kwargs(failover)
+                    service, self._routing.strategy, **self._routing.choose_kwargs(failover)
                 )
                 if not failover.offer(instance):
                     continue  # no port: skipped, which is no retry
@@ -332,7 +301,7 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
                 response = self._inner(request).handle_request(request)
             except Exception as exc:
                 step = failover.after(instance, _outcome(exc))
-                self._report(service, instance, step, failover)
+                self._routing.report(service, instance, step, failover)
                 if not step.retry:
                     if step.report is None:
                         raise
@@ -340,7 +309,7 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
                 error = exc
                 continue
             step = failover.after(instance, Outcome.ANSWER, response.status_code)
-            self._report(service, instance, step, failover)
+            self._routing.report(service, instance, step, failover)
             if not step.retry:
                 return response
             held, error = response, None
@@ -390,13 +359,12 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
         is_service = getattr(self.discovery, "is_service", None)
         if not callable(is_service):
             return
+        answer: bool | RegistryError
         try:
-            known = bool(await is_service(service))
-        except RegistryError as exc:  # no watch for a name nobody confirmed
-            raise self._unconfirmed(request, service, exc) from exc
-        if not known:
-            raise self._unknown(request, service)
-        self._known.add(service)
+            answer = bool(await is_service(service))
+        except RegistryError as exc:
+            answer = exc
+        self._confirmed(request, service, answer)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         service, confirmed = self._target(request)
@@ -418,7 +386,7 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
         while True:
             try:
                 instance = await self.discovery.choose(
-                    service, self.strategy, **self._choose_kwargs(failover)
+                    service, self._routing.strategy, **self._routing.choose_kwargs(failover)
                 )
                 if not failover.offer(instance):
                     continue  # no port: skipped, which is no retry
@@ -436,7 +404,7 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
                 response = await self._inner(request).handle_async_request(request)
             except Exception as exc:
                 step = failover.after(instance, _outcome(exc))
-                self._report(service, instance, step, failover)
+                self._routing.report(service, instance, step, failover)
                 if not step.retry:
                     if step.report is None:
                         raise
@@ -444,7 +412,7 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
                 error = exc
                 continue
             step = failover.after(instance, Outcome.ANSWER, response.status_code)
-            self._report(service, instance, step, failover)
+            self._routing.report(service, instance, step, failover)
             if not step.retry:
                 return response
             held, error = response, None

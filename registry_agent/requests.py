@@ -53,7 +53,7 @@ if not hasattr(HTTPAdapter, "build_connection_pool_key_attributes"):  # pragma: 
 
 from registry_agent._blocking import Discovery
 from registry_agent._errors import NoInstanceAvailable, RegistryError
-from registry_agent._failover import Failover, NoPortLeft, Outcome, Scope, Step
+from registry_agent._failover import Failover, NoPortLeft, Outcome, Routing
 from registry_agent._models import ServiceInstance
 from registry_agent._policy import DiscoveryPolicy
 from registry_agent._select import Strategy
@@ -62,7 +62,6 @@ __all__ = ["DiscoveryAdapter"]
 
 # Set on the copy of a request sent to an instance: the TLS server name to check.
 _SERVER_NAME = "_registry_agent_server_name"
-_NO_POLICY = DiscoveryPolicy()
 # How often pools to instances no longer listed are looked for (and closed).
 _PRUNE_EVERY = 2.0
 
@@ -136,11 +135,7 @@ class DiscoveryAdapter(HTTPAdapter):
         **kwargs: Any,
     ) -> None:
         self.discovery = discovery
-        self.scope = Scope(services, others)
-        self.strategy = strategy
-        self.retries = retries
-        self.policy = policy
-        self._known: set[str] = set()
+        self._routing = Routing(discovery, services, others, strategy, retries, policy)
         # Instances requests were sent to: (scheme, address, port) -> service.
         self._routed: dict[tuple[str, str, int], str] = {}
         self._pruned = time.monotonic()
@@ -178,13 +173,14 @@ class DiscoveryAdapter(HTTPAdapter):
             port = url.port
         except ValueError:
             port = -1  # not a service URL; requests reports the bad port itself
-        service, confirmed = self.scope.service(url.scheme, (url.hostname or ""), port)
+        scope = self._routing.scope
+        service, confirmed = scope.service(url.scheme, (url.hostname or ""), port)
         if service is None:
-            why = self.scope.refusal(urlunsplit((url.scheme, url.netloc, url.path, "", "")))
+            why = scope.refusal(urlunsplit((url.scheme, url.netloc, url.path, "", "")))
             if why is not None:
                 raise ConnectionError(why, request=request)
             return super().send(request, stream, timeout, verify, cert, proxies)
-        if not confirmed and service not in self._known:
+        if not confirmed and service not in self._routing.known:
             self._confirm(request, service)
         return self._failover(
             request,
@@ -200,14 +196,15 @@ class DiscoveryAdapter(HTTPAdapter):
         is_service = getattr(self.discovery, "is_service", None)
         if not callable(is_service):
             return
+        answer: bool | RegistryError
         try:
-            known = bool(is_service(service))
-        except RegistryError as exc:  # no watch for a name nobody confirmed
-            why = self.scope.unconfirmed(service, f"the registry did not answer ({exc})")
-            raise ConnectionError(f"{service}: {why}", request=request) from exc
-        if not known:
-            raise ConnectionError(f"{service}: {self.scope.unknown(service)}", request=request)
-        self._known.add(service)
+            answer = bool(is_service(service))
+        except RegistryError as exc:
+            answer = exc
+        why = self._routing.refusal(service, answer)
+        if why is not None:  # no watch for a name nobody confirmed
+            cause = answer if isinstance(answer, RegistryError) else None
+            raise ConnectionError(why, request=request) from cause
 
     def _failover(
         self,
@@ -219,23 +216,18 @@ class DiscoveryAdapter(HTTPAdapter):
         verify: bool | str,
         cert: Any,
     ) -> Response:
-        policy = self.policy
-        if policy is None:
-            policy_for = getattr(self.discovery, "policy_for", None)
-            policy = policy_for(service) if callable(policy_for) else _NO_POLICY
-        assert policy is not None
-        failover = Failover(
-            service,
-            request.method or "GET",
-            policy,
-            retries=self.retries,
-            replayable=_replayable(request),
+        routing = self._routing
+        failover = routing.failover(
+            service, request.method or "GET", replayable=_replayable(request)
         )
+        policy = failover.policy
         held: Response | None = None  # a retried 5xx, returned when none is left
         error: RequestException | None = None  # the last attempt's error
         while True:
             try:
-                instance = self._choose(service, failover)
+                instance = self.discovery.choose(
+                    service, routing.strategy, **routing.choose_kwargs(failover)
+                )
                 if not failover.offer(instance):
                     continue  # no port: skipped, which is no retry
             except (RegistryError, NoPortLeft) as exc:
@@ -255,7 +247,7 @@ class DiscoveryAdapter(HTTPAdapter):
                 response = super().send(attempt, stream, timeout, verify, cert, None)
             except RequestException as exc:
                 step = failover.after(instance, _outcome(exc))
-                self._report(service, instance, step, failover)
+                routing.report(service, instance, step, failover)
                 if not step.retry:
                     if step.report is None:
                         exc.request = request
@@ -264,7 +256,7 @@ class DiscoveryAdapter(HTTPAdapter):
                 error = exc
                 continue
             step = failover.after(instance, Outcome.ANSWER, response.status_code)
-            self._report(service, instance, step, failover)
+            routing.report(service, instance, step, failover)
             if not step.retry:
                 self._prune()
                 return self._as_sent(response, request)
@@ -305,20 +297,6 @@ class DiscoveryAdapter(HTTPAdapter):
                 self._routed.pop(endpoint, None)
         finally:
             self._prune_lock.release()
-
-    def _choose(self, service: str, failover: Failover) -> ServiceInstance:
-        if self.policy is not None:
-            return self.discovery.choose(
-                service, self.strategy, exclude=failover.exclude, policy=self.policy
-            )
-        return self.discovery.choose(service, self.strategy, exclude=failover.exclude)
-
-    def _report(
-        self, service: str, instance: ServiceInstance, step: Step, failover: Failover
-    ) -> None:
-        report = getattr(self.discovery, "report", None)
-        if step.report is not None and callable(report):
-            report(service, instance, step.report, policy=failover.policy)
 
     @staticmethod
     def _to(
