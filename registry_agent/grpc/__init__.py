@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -66,13 +67,13 @@ from registry_agent._models import ServiceInstance
 from registry_agent._select import Strategy, as_strategy
 from registry_agent.grpc._common import (
     FAILURES,
+    Attempts,
     Callables,
     Endpoint,
     Pool,
     channel_options,
     code_of,
     is_idempotent_rule,
-    never_sent,
 )
 
 if TYPE_CHECKING:
@@ -148,20 +149,6 @@ def deadline_details(service: str) -> str:
         f"{service}: the call's deadline passed while discovery waited for the "
         "registry's first answer"
     )
-
-
-def _note_tried(error: BaseException, tried: Sequence[ServiceInstance]) -> None:
-    if len(tried) > 1:
-        where = ", ".join(f"{i.address}:{i.port}" for i in tried)
-        error.add_note(f"registry_agent.grpc: {len(tried)} instances tried ({where})")
-
-
-def _retriable(
-    error: grpc.RpcError, code: grpc.StatusCode | None, idempotent: bool, timeouts: bool
-) -> bool:
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return timeouts
-    return idempotent or never_sent(error)
 
 
 class _Core:
@@ -345,58 +332,28 @@ class _Core:
     ) -> Any:
         """Run ``invoke(endpoint, timeout, wait_for_ready)`` with the retry rule of this
         channel."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        policy = self.policy or self.discovery.policy_for(self.service)
-        retries = policy.retries
-        idempotent = self.idempotent(method)
-        timeouts = idempotent and policy.retry_read_timeouts
-        tried: list[ServiceInstance] = []
-        last: grpc.RpcError | None = None
-        dropped: ServiceInstance | None = None
-        waited = False  # the last resort: an instance known failing, with wait_for_ready
+        plan = Attempts(
+            self.policy or self.discovery.policy_for(self.service),
+            self.idempotent(method),
+            timeout,
+            wait_for_ready,
+        )
         while True:
-            wfr = wait_for_ready
             try:
-                instance = self.choose(tried, deadline)
+                instance = self.choose(plan.tried, plan.deadline)
             except LocalRpcError as exc:
-                if dropped is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    if last is not None:
-                        _note_tried(last, tried)
-                        last.add_note(f"registry_agent.grpc: {exc.details()}")
-                        raise last from None
-                    raise
-                # Only instances known failing were left: wait as the caller asked.
-                instance, dropped, waited = dropped, None, True
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0 and last is not None:
-                _note_tried(last, tried)
-                raise last
+                instance = plan.no_instance(exc)
+            remaining = plan.remaining()
             endpoint = self.pool.acquire(instance)
-            if (
-                wfr
-                and not waited
-                and dropped is None
-                and len(tried) < retries
-                and self.known_failing(endpoint)
-            ):
-                # wait_for_ready on a channel known failing (or not connected) would wait
-                # out the whole deadline on an instance that may be dead: this attempt
-                # goes without it (a live server still answers; a dead one fails fast)
-                # and the next goes elsewhere; only that instance left: waited for.
-                wfr, dropped = None, instance
+            wfr = plan.wait_for_ready(instance, functools.partial(self.known_failing, endpoint))
             try:
                 result = invoke(endpoint, remaining, wfr)
             except grpc.RpcError as error:
                 code = code_of(error)
+                self.outcome(instance, endpoint, code not in FAILURES)
                 if code not in FAILURES:
-                    self.outcome(instance, endpoint, True)
                     raise
-                self.outcome(instance, endpoint, False)
-                tried.append(instance)
-                last = error
-                if len(tried) > retries or not _retriable(error, code, idempotent, timeouts):
-                    _note_tried(error, tried)
-                    raise
+                plan.failed(instance, error, code)
                 continue
             finally:
                 self.pool.release(endpoint)

@@ -14,14 +14,18 @@ import grpc
 
 from registry_agent._errors import ConfigError
 from registry_agent._models import ServiceInstance
+from registry_agent._policy import DiscoveryPolicy
 
 __all__ = [
+    "Attempts",
     "Callables",
     "Endpoint",
     "Pool",
     "channel_options",
     "is_idempotent_rule",
     "never_sent",
+    "note_tried",
+    "retriable",
     "target_of",
 ]
 
@@ -106,6 +110,112 @@ def code_of(error: BaseException) -> grpc.StatusCode | None:
     except Exception:
         return None
     return found if isinstance(found, grpc.StatusCode) else None
+
+
+def note_tried(error: BaseException, tried: Sequence[ServiceInstance]) -> None:
+    """Add which instances were tried to ``error``'s notes, when more than one was."""
+    if len(tried) > 1:
+        where = ", ".join(f"{i.address}:{i.port}" for i in tried)
+        error.add_note(f"registry_agent.grpc: {len(tried)} instances tried ({where})")
+
+
+def retriable(
+    error: BaseException, code: grpc.StatusCode | None, idempotent: bool, timeouts: bool
+) -> bool:
+    """Whether a failed attempt may go to another instance: a deadline only when read
+    timeouts are retried; UNAVAILABLE for idempotent methods, or when nothing was sent."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return timeouts
+    return idempotent or (isinstance(error, grpc.RpcError) and never_sent(error))
+
+
+class Attempts:
+    """The retry rule of one unary call, without I/O: the sync and aio channels run
+    their own loop (choose an instance, call it) and ask this what comes next.
+
+    - ``no_instance(exc)``: ``choose()`` failed: the last resort to try, or raise;
+    - ``remaining()``: the time left of the call's deadline (raises the last error
+      once it is spent);
+    - ``wait_for_ready(instance, known_failing)``: the caller's ``wait_for_ready``,
+      or None for an attempt on an instance known failing while others may be left
+      (it would wait out the deadline there), which is then kept as the last resort;
+    - ``failed(instance, error, code)``: an attempt failed with a status in
+      ``FAILURES``: returns to retry elsewhere, raises ``error`` when no retry is left
+      or the rule forbids one.
+    """
+
+    def __init__(
+        self,
+        policy: DiscoveryPolicy,
+        idempotent: bool,
+        timeout: float | None,
+        wait_for_ready: bool | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
+        self.deadline = None if timeout is None else clock() + timeout
+        self.retries = policy.retries
+        self.idempotent = idempotent
+        self.timeouts = idempotent and policy.retry_read_timeouts
+        self.asked = wait_for_ready
+        self.tried: list[ServiceInstance] = []
+        self.last: BaseException | None = None
+        self.dropped: ServiceInstance | None = None
+        self.waited = False  # the last resort: an instance known failing, waited for
+
+    def no_instance(self, exc: BaseException) -> ServiceInstance:
+        """``choose()`` raised ``exc`` (a gRPC error): the instance dropped earlier as
+        known failing, now to be waited for; else raise the last attempt's error (with
+        ``exc``'s words as a note) or ``exc``."""
+        if self.dropped is None or code_of(exc) != grpc.StatusCode.UNAVAILABLE:
+            if self.last is not None:
+                note_tried(self.last, self.tried)
+                details = getattr(exc, "details", None)
+                words = details() if callable(details) else str(exc)
+                self.last.add_note(f"registry_agent.grpc: {words}")
+                raise self.last from None
+            raise exc
+        instance, self.dropped, self.waited = self.dropped, None, True
+        return instance
+
+    def remaining(self) -> float | None:
+        """Seconds left of the call's deadline (None: no deadline)."""
+        left = None if self.deadline is None else self.deadline - self.clock()
+        if left is not None and left <= 0 and self.last is not None:
+            note_tried(self.last, self.tried)
+            raise self.last
+        return left
+
+    def wait_for_ready(
+        self, instance: ServiceInstance, known_failing: Callable[[], bool]
+    ) -> bool | None:
+        """The ``wait_for_ready`` of the attempt on ``instance``."""
+        if (
+            self.asked
+            and not self.waited
+            and self.dropped is None
+            and len(self.tried) < self.retries
+            and known_failing()
+        ):
+            # wait_for_ready on a channel known failing (or not connected) would wait
+            # out the whole deadline on an instance that may be dead: this attempt goes
+            # without it (a live server still answers; a dead one fails fast) and the
+            # next goes elsewhere; only that instance left: waited for.
+            self.dropped = instance
+            return None
+        return self.asked
+
+    def failed(
+        self, instance: ServiceInstance, error: BaseException, code: grpc.StatusCode | None
+    ) -> None:
+        """Record a failed attempt; raise ``error`` unless another instance may be tried."""
+        self.tried.append(instance)
+        self.last = error
+        if len(self.tried) > self.retries or not retriable(
+            error, code, self.idempotent, self.timeouts
+        ):
+            note_tried(error, self.tried)
+            raise error
 
 
 def failed(error: BaseException) -> bool:

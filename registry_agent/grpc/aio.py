@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Generator, Sequence
 from types import TracebackType
@@ -28,9 +29,10 @@ import grpc.aio
 from registry_agent._errors import ConfigError, RegistryError
 from registry_agent._models import ServiceInstance
 from registry_agent._select import Strategy, as_strategy
-from registry_agent.grpc import _retriable, deadline_details, no_instance_details
+from registry_agent.grpc import deadline_details, no_instance_details
 from registry_agent.grpc._common import (
     FAILURES,
+    Attempts,
     Callables,
     Endpoint,
     Pool,
@@ -73,12 +75,6 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
     """Retrieve a background choice's outcome (nobody may wait for it any more)."""
     if not task.cancelled():
         task.exception()
-
-
-def _note_tried(error: BaseException, tried: Sequence[ServiceInstance]) -> None:
-    if len(tried) > 1:
-        where = ", ".join(f"{i.address}:{i.port}" for i in tried)
-        error.add_note(f"registry_agent.grpc: {len(tried)} instances tried ({where})")
 
 
 class _Core:
@@ -228,62 +224,32 @@ class _UnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
     async def _run(self) -> Any:
         core = self._core
         method = self._callables.method
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        policy = core.policy or core.discovery.policy_for(core.service)
-        retries = policy.retries
-        idempotent = core.idempotent(method)
-        timeouts = idempotent and policy.retry_read_timeouts
-        tried: list[ServiceInstance] = []
-        last: BaseException | None = None
-        dropped: ServiceInstance | None = None
-        waited = False  # the last resort: an instance known failing, with wait_for_ready
         kw = self._kw
-        wait_for_ready = kw.get("wait_for_ready")
+        plan = Attempts(
+            core.policy or core.discovery.policy_for(core.service),
+            core.idempotent(method),
+            self._timeout,
+            kw.get("wait_for_ready"),
+        )
         while True:
-            wfr = wait_for_ready
             try:
-                instance = await core.choose(tried, deadline)
+                instance = await core.choose(plan.tried, plan.deadline)
             except grpc.aio.AioRpcError as exc:
-                if dropped is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    if last is not None:
-                        _note_tried(last, tried)
-                        last.add_note(f"registry_agent.grpc: {exc.details()}")
-                        raise last from None
-                    raise
-                # Only instances known failing were left: wait as the caller asked.
-                instance, dropped, waited = dropped, None, True
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0 and last is not None:
-                _note_tried(last, tried)
-                raise last
+                instance = plan.no_instance(exc)
+            remaining = plan.remaining()
             endpoint = core.pool.acquire(instance)
-            attempt = kw
-            if (
-                wfr
-                and not waited
-                and dropped is None
-                and len(tried) < retries
-                and _known_failing(endpoint)
-            ):
-                # wait_for_ready on a channel known failing would wait out the whole
-                # deadline there: this attempt fails fast and the next goes elsewhere.
-                attempt, dropped = {**kw, "wait_for_ready": None}, instance
+            wfr = plan.wait_for_ready(instance, functools.partial(_known_failing, endpoint))
             try:
                 self._call = self._callables.get(endpoint)(
-                    self._request, timeout=remaining, **attempt
+                    self._request, timeout=remaining, **{**kw, "wait_for_ready": wfr}
                 )
                 result = await self._call
             except grpc.RpcError as error:
                 code = code_of(error)
+                core.outcome(instance, endpoint, code not in FAILURES)
                 if code not in FAILURES:
-                    core.outcome(instance, endpoint, True)
                     raise
-                core.outcome(instance, endpoint, False)
-                tried.append(instance)
-                last = error
-                if len(tried) > retries or not _retriable(error, code, idempotent, timeouts):
-                    _note_tried(error, tried)
-                    raise
+                plan.failed(instance, error, code)
                 continue
             finally:
                 core.pool.release(endpoint)

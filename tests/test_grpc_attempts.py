@@ -1,0 +1,135 @@
+"""The gRPC channels' retry rule (``registry_agent.grpc._common.Attempts``), without I/O:
+a fake clock, stand-in errors carrying real gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from registry_agent import DiscoveryPolicy, ServiceInstance
+from registry_agent.grpc._common import Attempts
+
+A = ServiceInstance("orders", address="10.0.0.1", port=50051, id="a")
+B = ServiceInstance("orders", address="10.0.0.2", port=50051, id="b")
+C = ServiceInstance("orders", address="10.0.0.3", port=50051, id="c")
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Error(grpc.RpcError):  # type: ignore[misc]
+    def __init__(self, code: grpc.StatusCode, details: str = "connection reset") -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def plan(
+    retries: int = 2,
+    *,
+    idempotent: bool = True,
+    timeout: float | None = 5.0,
+    wait_for_ready: bool | None = None,
+    read_timeouts: bool = False,
+    clock: Clock | None = None,
+) -> Attempts:
+    policy = DiscoveryPolicy(retries=retries, retry_read_timeouts=read_timeouts)
+    return Attempts(policy, idempotent, timeout, wait_for_ready, clock or Clock())
+
+
+def test_unavailable_on_an_idempotent_call_is_retried_until_the_retries_are_spent() -> None:
+    attempts = plan(retries=2)
+    first, second, third = Error(UNAVAILABLE), Error(UNAVAILABLE), Error(UNAVAILABLE)
+    attempts.failed(A, first, UNAVAILABLE)
+    attempts.failed(B, second, UNAVAILABLE)
+    with pytest.raises(Error) as info:
+        attempts.failed(C, third, UNAVAILABLE)
+    assert info.value is third
+    assert info.value.__notes__ == [
+        "registry_agent.grpc: 3 instances tried (10.0.0.1:50051, 10.0.0.2:50051, 10.0.0.3:50051)"
+    ]
+    assert attempts.tried == [A, B, C]
+
+
+def test_a_non_idempotent_call_is_retried_only_when_nothing_was_sent() -> None:
+    attempts = plan(idempotent=False)
+    attempts.failed(
+        A, Error(UNAVAILABLE, "failed to connect to all addresses; last: x"), UNAVAILABLE
+    )
+    sent = Error(UNAVAILABLE, "Socket closed")
+    with pytest.raises(Error) as info:
+        attempts.failed(B, sent, UNAVAILABLE)
+    assert info.value is sent
+
+
+def test_a_deadline_is_retried_only_when_read_timeouts_are() -> None:
+    with pytest.raises(Error):
+        plan().failed(A, Error(DEADLINE), DEADLINE)
+    kept = plan(read_timeouts=True)
+    kept.failed(A, Error(DEADLINE), DEADLINE)
+    assert kept.tried == [A]
+    # A non-idempotent call never retries a deadline, whatever the policy says.
+    with pytest.raises(Error):
+        plan(idempotent=False, read_timeouts=True).failed(A, Error(DEADLINE), DEADLINE)
+
+
+def test_the_deadline_bounds_every_attempt_and_ends_with_the_last_error() -> None:
+    clock = Clock()
+    attempts = plan(timeout=2.0, clock=clock)
+    assert attempts.remaining() == pytest.approx(2.0)
+    clock.now += 1.5
+    assert attempts.remaining() == pytest.approx(0.5)
+    first, second = Error(UNAVAILABLE), Error(UNAVAILABLE)
+    attempts.failed(A, first, UNAVAILABLE)
+    attempts.failed(B, second, UNAVAILABLE)
+    clock.now += 0.6
+    with pytest.raises(Error) as info:
+        attempts.remaining()
+    assert info.value is second
+    assert plan(timeout=None).remaining() is None
+
+
+def test_no_instance_left_raises_the_last_attempts_error_with_the_registrys_words() -> None:
+    attempts = plan()
+    last = Error(UNAVAILABLE)
+    attempts.failed(A, last, UNAVAILABLE)
+    with pytest.raises(Error) as info:
+        attempts.no_instance(Error(UNAVAILABLE, "no healthy instance of 'orders' left"))
+    assert info.value is last
+    assert info.value.__notes__ == ["registry_agent.grpc: no healthy instance of 'orders' left"]
+    # Before any attempt: the registry's own error.
+    empty = Error(UNAVAILABLE, "no healthy instance of 'orders'")
+    with pytest.raises(Error) as info:
+        plan().no_instance(empty)
+    assert info.value is empty
+
+
+def test_wait_for_ready_is_dropped_on_a_known_failing_instance_which_is_the_last_resort() -> None:
+    attempts = plan(retries=2, wait_for_ready=True)
+    assert attempts.wait_for_ready(A, lambda: False) is True
+    assert attempts.wait_for_ready(A, lambda: True) is None  # fail fast there, go elsewhere
+    attempts.failed(A, Error(UNAVAILABLE), UNAVAILABLE)
+    # Only one instance is dropped: the next known failing one is waited for.
+    assert attempts.wait_for_ready(B, lambda: True) is True
+    attempts.failed(B, Error(UNAVAILABLE), UNAVAILABLE)
+    # Nothing else to choose: the dropped instance, waited for as the caller asked.
+    assert attempts.no_instance(Error(UNAVAILABLE, "none left")) == A
+    assert attempts.wait_for_ready(A, lambda: True) is True
+    # The caller's own value is kept when not asked for.
+    assert plan(wait_for_ready=None).wait_for_ready(A, lambda: True) is None
+
+
+def test_wait_for_ready_is_kept_when_no_retry_is_left() -> None:
+    attempts = plan(retries=0, wait_for_ready=True)
+    assert attempts.wait_for_ready(A, lambda: True) is True
