@@ -35,7 +35,7 @@ from typing import Any
 
 import grpc
 
-from registry_agent.testing.servers import free_port
+from registry_agent.testing.servers import free_port, freeze_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,7 +117,11 @@ def _serve(
             fn, request_deserializer=_bytes, response_serializer=_bytes
         )
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    # No SO_REUSEPORT (grpc's default): a port taken by another process must fail the
+    # start, not silently share its connections with it.
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16), options=[("grpc.so_reuseport", 0)]
+    )
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
@@ -213,6 +217,17 @@ class GrpcServer:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(10)
         self.kill()
+
+    def pause(self) -> None:
+        """SIGSTOP (by its PID): connections are kept and accepted, nothing is answered;
+        returns once every thread has stopped."""
+        assert self.process is not None
+        freeze_process(self.process.pid)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
 
     def _control(self, method: str, payload: bytes) -> None:
         with grpc.insecure_channel(self.target) as channel:

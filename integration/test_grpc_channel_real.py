@@ -5,7 +5,6 @@ started again, ejected as an outlier and let back in, and TLS by service name.""
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 import uuid
 from collections import Counter
@@ -282,7 +281,7 @@ def test_a_hung_instance_is_ejected_and_calls_succeed(
         wait_for(lambda: len(discovery.instances(service)) == 3, 10, "three instances seen")
         for _ in range(3):
             unary(channel)(b"warm", timeout=5)
-        hung.process.send_signal(signal.SIGSTOP)
+        hung.pause()
         try:
             seen: Counter[str] = Counter()
             for _ in range(15):
@@ -293,7 +292,7 @@ def test_a_hung_instance_is_ejected_and_calls_succeed(
             still_listed = len(discovery.instances(service))
             ejected = [i.port for i in discovery.ejected(service, policy=policy)]
         finally:
-            hung.process.send_signal(signal.SIGCONT)
+            hung.resume()
     assert still_listed == 3, "the hung instance left the registry: not the case under test"
     assert seen["DEADLINE_EXCEEDED"] == 2, seen
     assert seen["b"] + seen["c"] == 13

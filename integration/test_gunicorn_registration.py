@@ -59,7 +59,7 @@ from integration.event_log import EventLog
 from integration.readme_kit import readme_block
 from integration.registry_view import registry_health
 from registry_agent import AsyncWatcher, EventType, HealthStatus, RetryPolicy, open_backend
-from registry_agent.testing.servers import ServerProcess
+from registry_agent.testing.servers import ServerProcess, freeze_process
 
 ROOT = Path(__file__).resolve().parent.parent
 TTL = 3.0
@@ -623,7 +623,7 @@ async def test_the_readme_recipe(
                 if "registry-agent: keeper " in line and " registers " in line
             ]
             conf.write_text(text.replace('tags=["web"]', 'tags=["web", "v3"]'))
-            os.kill(keeper, signal.SIGSTOP)
+            freeze_process(keeper)
             os.kill(process.pid, signal.SIGHUP)
             await asyncio.sleep(0.5)
             killed = time.monotonic()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import signal
 import subprocess
 import sys
 import threading
@@ -441,7 +440,7 @@ def test_a_hung_instance_is_ejected_after_its_deadlines_sync_and_aio(
         with DiscoveryChannel(discovery, "orders", idempotent=True, policy=policy) as channel:
             for _ in range(3):
                 unary(channel)(b"warm", timeout=5)  # one channel per endpoint, connected
-            hung.process.send_signal(signal.SIGSTOP)
+            hung.pause()
             try:
                 outcomes: Counter[str] = Counter()
                 for _ in range(12):
@@ -450,9 +449,9 @@ def test_a_hung_instance_is_ejected_after_its_deadlines_sync_and_aio(
                     except grpc.RpcError as error:
                         outcomes[error.code().name] += 1
             finally:
-                hung.process.send_signal(signal.SIGCONT)
+                hung.resume()
         assert outcomes["DEADLINE_EXCEEDED"] == 2, outcomes
-        assert outcomes["b"] + outcomes["c"] == 10
+        assert outcomes["b"] + outcomes["c"] == 10, outcomes
         assert (hung.port, False) in discovery.reports
         assert [i.port for i in discovery.ejected("orders", policy=policy)] == [hung.port]
 
@@ -465,7 +464,7 @@ def test_a_hung_instance_is_ejected_after_its_deadlines_sync_and_aio(
             for _ in range(3):
                 await unary(ch)(b"warm", timeout=5)
             assert hung.process is not None
-            hung.process.send_signal(signal.SIGSTOP)
+            hung.pause()
             try:
                 for _ in range(12):
                     try:
@@ -473,13 +472,13 @@ def test_a_hung_instance_is_ejected_after_its_deadlines_sync_and_aio(
                     except grpc.RpcError as error:
                         seen[error.code().name] += 1
             finally:
-                hung.process.send_signal(signal.SIGCONT)
+                hung.resume()
             assert [i.port for i in discovery.ejected("orders", policy=policy)] == [hung.port]
         return seen
 
     seen = asyncio.run(main())
     assert seen["DEADLINE_EXCEEDED"] == 2, seen
-    assert seen["b"] + seen["c"] == 10
+    assert seen["b"] + seen["c"] == 10, seen
 
 
 def test_deadline_exceeded_is_retried_only_with_retry_read_timeouts(

@@ -34,6 +34,7 @@ from registry_agent.integrations.gunicorn import (
     GunicornStartError,
     registration_hooks,
 )
+from registry_agent.testing.servers import freeze_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -577,7 +578,7 @@ def test_a_sighup_update_unanswered_is_sent_again_and_a_death_during_it_is_told(
     keeper = server._registry_agent_keeper  # type: ignore[attr-defined]
     with caplog.at_level(logging.INFO, logger="test.gunicorn"):
         # A hung keeper: no answer within deregister_timeout + 1 s; sent again later.
-        os.kill(keeper.pid, signal.SIGSTOP)
+        freeze_process(keeper.pid)
         began = time.monotonic()
         GunicornRegistration(
             "memory://gunicorn-hooks", "orders", deregister_timeout=1, tags=["v2"]
@@ -590,7 +591,7 @@ def test_a_sighup_update_unanswered_is_sent_again_and_a_death_during_it_is_told(
         _loop(server, lambda: _tags(keeper) == ("v2",), within=20)
         assert server._registry_agent_keeper is keeper  # type: ignore[attr-defined]
         # The keeper dies while updating: told as such; its successor holds the new tags.
-        os.kill(keeper.pid, signal.SIGSTOP)
+        freeze_process(keeper.pid)
         threading.Timer(0.3, os.kill, (keeper.pid, signal.SIGKILL)).start()
         GunicornRegistration(
             "memory://gunicorn-hooks", "orders", deregister_timeout=1, tags=["v3"]

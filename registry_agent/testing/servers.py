@@ -34,6 +34,7 @@ __all__ = [
     "ServerTLS",
     "find_binary",
     "free_port",
+    "freeze_process",
 ]
 
 
@@ -63,6 +64,30 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError(f"no free port in {low}-{low + _PORT_BLOCK - 1}")
+
+
+def freeze_process(pid: int, within: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it has stopped.
+
+    ``kill()`` returns before a thread running on another CPU has stopped: on a loaded
+    machine a "frozen" server was seen answering one more request after it. Where
+    ``/proc`` cannot say (not Linux), returns after the signal.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    tasks = Path(f"/proc/{pid}/task")
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            states = [
+                (task / "stat").read_text().rpartition(")")[2].split()[0]
+                for task in tasks.iterdir()
+            ]
+        except (OSError, IndexError):
+            return
+        if all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.001)
+    raise TimeoutError(f"process {pid} did not stop within {within:g}s of SIGSTOP")
 
 
 def find_binary(name: str) -> str:
@@ -235,7 +260,7 @@ class ServerProcess:
     def pause(self) -> None:
         """SIGSTOP: the server stops answering but keeps its sockets."""
         if self.process is not None:
-            self.process.send_signal(signal.SIGSTOP)
+            freeze_process(self.process.pid)
             self._paused = True
 
     def resume(self) -> None:
