@@ -36,8 +36,10 @@ imports the library's hooks in its config
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import http.client
 import json
 import os
@@ -45,6 +47,7 @@ import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 import uuid
@@ -75,6 +78,17 @@ WITHDRAW_BOUND = 4.0
 KEEPER_RESTART_BOUND = 5.0
 SLOW_REQUEST = 2.0
 POLL = 0.1
+
+
+def _unread_input(pid: int) -> int:
+    """Bytes waiting unread in process ``pid``'s standard input pipe."""
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        count = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, count)
+        return count[0]
+    finally:
+        os.close(fd)
 
 
 def _free_port() -> int:
@@ -625,7 +639,12 @@ async def test_the_readme_recipe(
             conf.write_text(text.replace('tags=["web"]', 'tags=["web", "v3"]'))
             freeze_process(keeper)
             os.kill(process.pid, signal.SIGHUP)
-            await asyncio.sleep(0.5)
+            deadline = time.monotonic() + 30
+            # Killed once the update waits in its pipe: earlier, the master would find
+            # it dead before sending (another path, another log line).
+            while _unread_input(keeper) == 0:
+                assert time.monotonic() < deadline, log_path.read_text()
+                await asyncio.sleep(0.05)
             killed = time.monotonic()
             os.kill(keeper, signal.SIGKILL)
             deadline = time.monotonic() + KEEPER_RESTART_BOUND + 10
