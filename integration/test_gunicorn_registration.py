@@ -36,10 +36,8 @@ imports the library's hooks in its config
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
-import fcntl
 import http.client
 import json
 import os
@@ -47,7 +45,6 @@ import signal
 import socket
 import subprocess
 import sys
-import termios
 import threading
 import time
 import uuid
@@ -62,7 +59,7 @@ from integration.event_log import EventLog
 from integration.readme_kit import readme_block
 from integration.registry_view import registry_health
 from registry_agent import AsyncWatcher, EventType, HealthStatus, RetryPolicy, open_backend
-from registry_agent.testing.servers import ServerProcess, freeze_process
+from registry_agent.testing.servers import ServerProcess, freeze_process, unread_input
 
 ROOT = Path(__file__).resolve().parent.parent
 TTL = 3.0
@@ -78,17 +75,6 @@ WITHDRAW_BOUND = 4.0
 KEEPER_RESTART_BOUND = 5.0
 SLOW_REQUEST = 2.0
 POLL = 0.1
-
-
-def _unread_input(pid: int) -> int:
-    """Bytes waiting unread in process ``pid``'s standard input pipe."""
-    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        count = array.array("i", [0])
-        fcntl.ioctl(fd, termios.FIONREAD, count)
-        return count[0]
-    finally:
-        os.close(fd)
 
 
 def _free_port() -> int:
@@ -642,7 +628,7 @@ async def test_the_readme_recipe(
             deadline = time.monotonic() + 30
             # Killed once the update waits in its pipe: earlier, the master would find
             # it dead before sending (another path, another log line).
-            while _unread_input(keeper) == 0:
+            while unread_input(keeper) == 0:
                 assert time.monotonic() < deadline, log_path.read_text()
                 await asyncio.sleep(0.05)
             killed = time.monotonic()

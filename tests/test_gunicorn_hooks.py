@@ -34,7 +34,7 @@ from registry_agent.integrations.gunicorn import (
     GunicornStartError,
     registration_hooks,
 )
-from registry_agent.testing.servers import freeze_process
+from registry_agent.testing.servers import freeze_process, unread_input
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -568,6 +568,14 @@ def test_a_sighup_with_the_keeper_dead_or_starting_never_withdraws(
     assert "registry-agent: withdrawn in" in caplog.text
 
 
+def _kill_once_sent(pid: int, within: float = 20.0) -> None:
+    """SIGKILL stopped ``pid`` once something waits in its stdin (the update was sent)."""
+    deadline = time.monotonic() + within
+    while unread_input(pid) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+
+
 def test_a_sighup_update_unanswered_is_sent_again_and_a_death_during_it_is_told(
     listening: socket.socket, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -592,7 +600,7 @@ def test_a_sighup_update_unanswered_is_sent_again_and_a_death_during_it_is_told(
         assert server._registry_agent_keeper is keeper  # type: ignore[attr-defined]
         # The keeper dies while updating: told as such; its successor holds the new tags.
         freeze_process(keeper.pid)
-        threading.Timer(0.3, os.kill, (keeper.pid, signal.SIGKILL)).start()
+        threading.Thread(target=_kill_once_sent, args=(keeper.pid,), daemon=True).start()
         GunicornRegistration(
             "memory://gunicorn-hooks", "orders", deregister_timeout=1, tags=["v3"]
         ).on_reload(server)

@@ -7,8 +7,10 @@ are stopped by the PID this module started, never by name.
 
 from __future__ import annotations
 
+import array
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import termios
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +38,7 @@ __all__ = [
     "find_binary",
     "free_port",
     "freeze_process",
+    "unread_input",
 ]
 
 
@@ -88,6 +92,20 @@ def freeze_process(pid: int, within: float = 5.0) -> None:
             return
         time.sleep(0.001)
     raise TimeoutError(f"process {pid} did not stop within {within:g}s of SIGSTOP")
+
+
+def unread_input(pid: int) -> int:
+    """Bytes written to process ``pid``'s standard input pipe and not read yet (Linux).
+
+    With :func:`freeze_process`, tells a test that a message reached a stopped process.
+    """
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        count = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, count)
+        return count[0]
+    finally:
+        os.close(fd)
 
 
 def find_binary(name: str) -> str:
