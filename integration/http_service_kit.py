@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from registry_agent import Registrar, ServiceInstance
+from registry_agent import Discovery, Registrar, ServiceInstance
 from registry_agent.testing.servers import free_port
 
 SLOW = 3.0  # seconds a "slow" instance takes to answer
@@ -94,6 +94,13 @@ def wait_for(condition: object, timeout: float, what: str) -> float:
             return time.monotonic() - started
         time.sleep(0.05)
     raise AssertionError(f"{what} not within {timeout} s")
+
+
+def register_all(inst: list[HttpService], url: str, discovery: Discovery) -> None:
+    """Register each of ``inst`` as ``orders`` and wait (15 s) until ``discovery`` sees all."""
+    for service in inst:
+        service.register(url)
+    wait_for(lambda: len(discovery.instances("orders")) == len(inst), 15, f"{len(inst)} healthy")
 
 
 # The server process.

@@ -10,7 +10,7 @@ import pytest
 import requests
 from urllib3.exceptions import MaxRetryError
 
-from integration.http_service_kit import SLOW, services, wait_for
+from integration.http_service_kit import SLOW, register_all, services, wait_for
 from registry_agent import Discovery, DiscoveryPolicy, OutlierEjection, RegistryError
 from registry_agent.requests import DiscoveryAdapter
 from registry_agent.testing.servers import ServerProcess
@@ -36,9 +36,7 @@ def get_twice(session: requests.Session) -> None:
 
 def test_a_killed_instance_costs_no_get(server: ServerProcess) -> None:
     with services(3) as inst, Discovery(server.url) as discovery:
-        for s in inst:
-            s.register(server.url)
-        wait_for(lambda: len(discovery.instances("orders")) == 3, 15, "3 healthy")
+        register_all(inst, server.url, discovery)
         served: Counter[int] = Counter()
         with session_for(DiscoveryAdapter(discovery)) as session:
             for n in range(90):
@@ -60,9 +58,7 @@ def test_a_killed_instance_costs_no_get(server: ServerProcess) -> None:
 
 def test_5xx_and_read_timeouts_retried_for_get_only_when_opted_in(server: ServerProcess) -> None:
     with services(2) as inst, Discovery(server.url) as discovery:
-        for s in inst:
-            s.register(server.url)
-        wait_for(lambda: len(discovery.instances("orders")) == 2, 15, "2 healthy")
+        register_all(inst, server.url, discovery)
         inst[0].mode("503")
         opted = DiscoveryPolicy(retry_statuses=(502, 503, 504), retry_read_timeouts=True)
         with session_for(DiscoveryAdapter(discovery, policy=opted)) as session:
@@ -194,9 +190,7 @@ def test_a_silent_registry_fails_unconfirmed_names_and_starts_no_watch(
 
 def test_errors_keep_their_class_and_args_and_name_the_service_url(server: ServerProcess) -> None:
     with services(2) as inst, Discovery(server.url) as discovery:
-        for s in inst:
-            s.register(server.url)
-        wait_for(lambda: len(discovery.instances("orders")) == 2, 15, "2 healthy")
+        register_all(inst, server.url, discovery)
         for s in inst:
             s.kill()
         with (
@@ -259,9 +253,7 @@ def test_pools_to_instances_no_longer_listed_are_closed(
 
     monkeypatch.setattr(adapter_module, "_PRUNE_EVERY", 0.0)  # look on every request
     with services(2) as inst, Discovery(server.url) as discovery:
-        for s in inst:
-            s.register(server.url)
-        wait_for(lambda: len(discovery.instances("orders")) == 2, 15, "2 healthy")
+        register_all(inst, server.url, discovery)
         adapter = DiscoveryAdapter(discovery)
 
         def ports() -> set[int]:

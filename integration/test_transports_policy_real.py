@@ -12,7 +12,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from integration.http_service_kit import SLOW, services, wait_for
+from integration.http_service_kit import SLOW, register_all, services, wait_for
 from registry_agent import (
     AsyncDiscovery,
     AsyncDiscoveryTransport,
@@ -40,9 +40,7 @@ def send_twice(client: httpx.Client, method: str) -> None:
 
 def test_a_killed_instance_costs_no_get(server: ServerProcess) -> None:
     with services(3) as inst, Discovery(server.url) as discovery:
-        for s in inst:
-            s.register(server.url)
-        wait_for(lambda: len(discovery.instances("orders")) == 3, 15, "3 healthy")
+        register_all(inst, server.url, discovery)
         served: Counter[int] = Counter()
         with httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client:
             for n in range(120):
@@ -63,9 +61,7 @@ def test_a_killed_instance_costs_no_get(server: ServerProcess) -> None:
 def test_5xx_retried_for_get_when_opted_in_never_for_post(server: ServerProcess) -> None:
     policy = DiscoveryPolicy(retry_statuses=(503,))
     with services(2) as inst, Discovery(server.url, policy=policy) as discovery:
-        for s in inst:
-            s.register(server.url)
-        wait_for(lambda: len(discovery.instances("orders")) == 2, 15, "2 healthy")
+        register_all(inst, server.url, discovery)
         inst[0].mode("503")
         with httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client:
             gets = [client.get("http://orders/") for _ in range(6)]
@@ -88,9 +84,7 @@ def test_5xx_retried_for_get_when_opted_in_never_for_post(server: ServerProcess)
 
 def test_read_timeouts_retried_when_opted_in(server: ServerProcess) -> None:
     with services(2) as inst, Discovery(server.url) as discovery:
-        for s in inst:
-            s.register(server.url)
-        wait_for(lambda: len(discovery.instances("orders")) == 2, 15, "2 healthy")
+        register_all(inst, server.url, discovery)
         inst[0].mode("slow")
         timeout = httpx.Timeout(5, read=SLOW / 3)
         opted = DiscoveryPolicy(retry_read_timeouts=True)
@@ -116,9 +110,7 @@ def test_an_instance_answering_503_is_ejected_and_comes_back(
     rule = OutlierEjection(consecutive_failures=3, base_time=2.0, max_time=10.0)
     policy = DiscoveryPolicy(outliers=rule)
     with services(3) as inst, Discovery(server.url, policy=policy) as discovery:
-        for s in inst:
-            s.register(server.url)
-        wait_for(lambda: len(discovery.instances("orders")) == 3, 15, "3 healthy")
+        register_all(inst, server.url, discovery)
         inst[0].mode("503")
         with httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client:
             statuses = [client.get("http://orders/").status_code for _ in range(9)]
@@ -324,9 +316,7 @@ async def test_async_a_silent_registry_is_a_connect_error_and_starts_no_watch(
 
 def test_errors_name_the_service_url_and_keep_their_words(server: ServerProcess) -> None:
     with services(2) as inst, Discovery(server.url) as discovery:
-        for s in inst:
-            s.register(server.url)
-        wait_for(lambda: len(discovery.instances("orders")) == 2, 15, "2 healthy")
+        register_all(inst, server.url, discovery)
         for s in inst:
             s.kill()
         with (
