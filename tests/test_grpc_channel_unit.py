@@ -41,40 +41,31 @@ from registry_agent.testing.memory import MemoryRegistry
 from registry_agent.testing.servers import free_port
 
 
-class Recording(Discovery):
+class _Reports:
+    """Mixed into a real discovery class: also keeps every report it is given."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reports: list[tuple[int, bool]] = []
+
+    def report(
+        self,
+        service: str,
+        instance: ServiceInstance,
+        ok: bool,
+        *,
+        policy: DiscoveryPolicy | None = None,
+    ) -> None:
+        self.reports.append((instance.port, ok))
+        super().report(service, instance, ok, policy=policy)  # type: ignore[misc]
+
+
+class Recording(_Reports, Discovery):
     """A real Discovery that also keeps every report it is given."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.reports: list[tuple[int, bool]] = []
 
-    def report(
-        self,
-        service: str,
-        instance: ServiceInstance,
-        ok: bool,
-        *,
-        policy: DiscoveryPolicy | None = None,
-    ) -> None:
-        self.reports.append((instance.port, ok))
-        super().report(service, instance, ok, policy=policy)
-
-
-class AsyncRecording(AsyncDiscovery):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.reports: list[tuple[int, bool]] = []
-
-    def report(
-        self,
-        service: str,
-        instance: ServiceInstance,
-        ok: bool,
-        *,
-        policy: DiscoveryPolicy | None = None,
-    ) -> None:
-        self.reports.append((instance.port, ok))
-        super().report(service, instance, ok, policy=policy)
+class AsyncRecording(_Reports, AsyncDiscovery):
+    """A real AsyncDiscovery that also keeps every report it is given."""
 
 
 @pytest.fixture
