@@ -115,17 +115,30 @@ def test_no_instance_left_raises_the_last_attempts_error_with_the_registrys_word
     assert info.value is empty
 
 
-def test_wait_for_ready_is_dropped_on_a_known_failing_instance_which_is_the_last_resort() -> None:
-    attempts = plan(retries=2, wait_for_ready=True)
+def test_wait_for_ready_is_dropped_on_every_known_failing_instance_while_others_are_left() -> None:
+    attempts = plan(retries=3, wait_for_ready=True)
     assert attempts.wait_for_ready(A, lambda: False) is True
     assert attempts.wait_for_ready(A, lambda: True) is None  # fail fast there, go elsewhere
-    attempts.failed(A, Error(UNAVAILABLE), UNAVAILABLE)
-    # Only one instance is dropped: the next known failing one is waited for.
-    assert attempts.wait_for_ready(B, lambda: True) is True
-    attempts.failed(B, Error(UNAVAILABLE), UNAVAILABLE)
-    # Nothing else to choose: the dropped instance, waited for as the caller asked.
+    refused = Error(UNAVAILABLE, "failed to connect to all addresses; Connection refused")
+    attempts.failed(A, refused, UNAVAILABLE)
+    # The next known failing one fails fast too (a live third may be left: a break-it
+    # run saw every third call wait out its deadline on a dead second instance).
+    assert attempts.wait_for_ready(B, lambda: True) is None
+    attempts.failed(B, Error(UNAVAILABLE, "failed to connect; Connection refused"), UNAVAILABLE)
+    assert attempts.wait_for_ready(C, lambda: False) is True
+    attempts.failed(C, Error(UNAVAILABLE, "Socket closed"), UNAVAILABLE)
+    # Nothing else to choose: the first dropped instance, waited for as the caller asked.
     assert attempts.no_instance(Error(UNAVAILABLE, "none left")) == A
     assert attempts.wait_for_ready(A, lambda: True) is True
+    # Its deadline then carries the words of the attempt before the wait.
+    late = Error(DEADLINE, "Deadline Exceeded")
+    with pytest.raises(Error) as info:
+        attempts.failed(A, late, DEADLINE)
+    assert info.value is late
+    assert info.value.__notes__[-1] == (
+        "registry_agent.grpc: waited for 10.0.0.1:50051 (wait_for_ready) after an attempt"
+        " failed: Socket closed"
+    )
     # The caller's own value is kept when not asked for.
     assert plan(wait_for_ready=None).wait_for_ready(A, lambda: True) is None
 

@@ -173,6 +173,8 @@ class _Core:
         self.credentials = credentials
         self.options = tuple(options)
         self.pool: Pool[grpc.Channel] = Pool(self._make, self._close_channel)
+        # True once discovery answered a choice: from then on it answers from memory.
+        self.synced = False
         self.on_state: Callable[[], None] = lambda: None
         # Connectivity is watched (one grpc polling thread per channel) only while the
         # DiscoveryChannel has subscribers; calls need no watching.
@@ -257,10 +259,12 @@ class _Core:
         discovery = self.discovery
         thread = getattr(discovery, "_thread", None)
         inner = getattr(discovery, "_async", None)
-        if deadline is None or thread is None or inner is None:
-            return discovery.choose(
+        if self.synced or deadline is None or thread is None or inner is None:
+            chosen = discovery.choose(
                 self.service, self.strategy, exclude=exclude, policy=self.policy
             )
+            self.synced = True
+            return chosen
         # Discovery.choose() waits up to sync_timeout for the first read of the
         # service; a call waits no longer than its own deadline. The read goes on
         # (it serves the next call); only this call stops waiting.
@@ -268,13 +272,15 @@ class _Core:
             inner.choose(self.service, self.strategy, exclude=exclude, policy=self.policy)
         )
         try:
-            return future.result(max(deadline - time.monotonic(), 0.0))  # type: ignore[no-any-return]
+            chosen = future.result(max(deadline - time.monotonic(), 0.0))
         except concurrent.futures.TimeoutError:
             if future.done():
                 raise
             raise LocalRpcError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, deadline_details(self.service)
             ) from None
+        self.synced = True
+        return chosen  # type: ignore[no-any-return]
 
     def known_failing(self, endpoint: Endpoint[grpc.Channel]) -> bool:
         """The endpoint's last call failed, or its channel is neither READY nor CONNECTING
@@ -339,6 +345,7 @@ class _Core:
             wait_for_ready,
         )
         while True:
+            plan.remaining()  # spent by the last attempt: its error, not another choice
             try:
                 instance = self.choose(plan.tried, plan.deadline)
             except LocalRpcError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import threading
 import time
@@ -94,6 +95,15 @@ def never_sent(error: grpc.RpcError) -> bool:
     return details.startswith("failed to connect to all addresses")
 
 
+def words_of(error: BaseException) -> str:
+    """A gRPC error's details (the text after its status), else its ``str()``."""
+    details = getattr(error, "details", None)
+    with contextlib.suppress(Exception):
+        if callable(details) and (text := details()):
+            return str(text)
+    return str(error)
+
+
 #: The statuses :meth:`Discovery.report` counts as a failure of the instance:
 #: UNAVAILABLE (which includes a connect failure) and DEADLINE_EXCEEDED (the
 #: instance did not answer in time: a read timeout, as for HTTP).
@@ -138,7 +148,8 @@ class Attempts:
       once it is spent);
     - ``wait_for_ready(instance, known_failing)``: the caller's ``wait_for_ready``,
       or None for an attempt on an instance known failing while others may be left
-      (it would wait out the deadline there), which is then kept as the last resort;
+      (it would wait out the deadline there); the first such instance is kept as the
+      last resort, waited for once no other is left;
     - ``failed(instance, error, code)``: an attempt failed with a status in
       ``FAILURES``: returns to retry elsewhere, raises ``error`` when no retry is left
       or the rule forbids one.
@@ -160,23 +171,22 @@ class Attempts:
         self.asked = wait_for_ready
         self.tried: list[ServiceInstance] = []
         self.last: BaseException | None = None
-        self.dropped: ServiceInstance | None = None
+        self.dropped: list[ServiceInstance] = []  # tried without wait_for_ready
         self.waited = False  # the last resort: an instance known failing, waited for
+        self.before: BaseException | None = None  # the last error before a wait
 
     def no_instance(self, exc: BaseException) -> ServiceInstance:
         """``choose()`` raised ``exc`` (a gRPC error): the instance dropped earlier as
         known failing, now to be waited for; else raise the last attempt's error (with
         ``exc``'s words as a note) or ``exc``."""
-        if self.dropped is None or code_of(exc) != grpc.StatusCode.UNAVAILABLE:
+        if not self.dropped or code_of(exc) != grpc.StatusCode.UNAVAILABLE:
             if self.last is not None:
                 note_tried(self.last, self.tried)
-                details = getattr(exc, "details", None)
-                words = details() if callable(details) else str(exc)
-                self.last.add_note(f"registry_agent.grpc: {words}")
+                self.last.add_note(f"registry_agent.grpc: {words_of(exc)}")
                 raise self.last from None
             raise exc
-        instance, self.dropped, self.waited = self.dropped, None, True
-        return instance
+        self.waited = True
+        return self.dropped[0]
 
     def remaining(self) -> float | None:
         """Seconds left of the call's deadline (None: no deadline)."""
@@ -190,19 +200,15 @@ class Attempts:
         self, instance: ServiceInstance, known_failing: Callable[[], bool]
     ) -> bool | None:
         """The ``wait_for_ready`` of the attempt on ``instance``."""
-        if (
-            self.asked
-            and not self.waited
-            and self.dropped is None
-            and len(self.tried) < self.retries
-            and known_failing()
-        ):
+        if self.asked and not self.waited and len(self.tried) < self.retries and known_failing():
             # wait_for_ready on a channel known failing (or not connected) would wait
             # out the whole deadline on an instance that may be dead: this attempt goes
             # without it (a live server still answers; a dead one fails fast) and the
-            # next goes elsewhere; only that instance left: waited for.
-            self.dropped = instance
+            # next goes elsewhere; none left: the first of them is waited for.
+            self.dropped.append(instance)
             return None
+        if self.asked:
+            self.before = self.last
         return self.asked
 
     def failed(
@@ -215,6 +221,12 @@ class Attempts:
             error, code, self.idempotent, self.timeouts
         ):
             note_tried(error, self.tried)
+            if self.before is not None and self.before is not error:
+                # A deadline passed waiting for ready says nothing of why: the others'.
+                error.add_note(
+                    f"registry_agent.grpc: waited for {instance.address}:{instance.port}"
+                    f" (wait_for_ready) after an attempt failed: {words_of(self.before)}"
+                )
             raise error
 
 

@@ -232,6 +232,7 @@ class _UnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
             kw.get("wait_for_ready"),
         )
         while True:
+            plan.remaining()  # spent by the last attempt: its error, not another choice
             try:
                 instance = await core.choose(plan.tried, plan.deadline)
             except grpc.aio.AioRpcError as exc:
