@@ -3,6 +3,7 @@ the same failover rules as the httpx transports, through requests.Session.mount.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 
@@ -269,3 +270,32 @@ def test_pools_to_instances_no_longer_listed_are_closed(
             )
             assert port_of(session.get("http://orders/", timeout=5)) == inst[1].port
             assert ports() == {inst[1].port}
+
+
+def test_a_call_in_flight_when_the_session_closes_makes_no_further_attempt(
+    server: ServerProcess,
+) -> None:
+    # Both instances slow: a second attempt (through the closed pools, its connection
+    # left open: a break-it run saw it answer 200) would show in the count tried.
+    opted = DiscoveryPolicy(retry_read_timeouts=True)
+    with services(2) as inst, Discovery(server.url) as discovery:
+        register_all(inst, server.url, discovery)
+        for s in inst:
+            s.mode("slow")
+        session = session_for(DiscoveryAdapter(discovery, policy=opted))
+        caught: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                session.get("http://orders/", timeout=(5, SLOW / 3))
+            except requests.RequestException as exc:
+                caught.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.3)
+        session.close()
+        caller.join(4 * SLOW)
+        assert not caller.is_alive()
+        [error] = caught
+        assert "1 instance of orders tried" in getattr(error, "__notes__", []), error

@@ -5,6 +5,7 @@ and the scoping rule."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -389,3 +390,79 @@ def wait_for_answer(client: httpx.Client, url: str) -> httpx.Response:
 
     wait_for(answered, 15, f"{url} answered")
     return answers[-1]
+
+
+def test_a_call_in_flight_when_the_transport_closes_makes_no_further_attempt(
+    server: ServerProcess,
+) -> None:
+    # A break-it run saw such a call fail over through the closed pools and answer 200,
+    # leaving the new connection open. Both instances are slow: any second attempt would
+    # show in the count of instances tried.
+    opted = DiscoveryPolicy(retry_read_timeouts=True)
+    timeout = httpx.Timeout(5, read=SLOW / 3)
+    with services(2) as inst, Discovery(server.url) as discovery:
+        register_all(inst, server.url, discovery)
+        for s in inst:
+            s.mode("slow")
+        client = httpx.Client(transport=DiscoveryTransport(discovery, policy=opted), timeout=5)
+        caught: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.get("http://orders/", timeout=timeout)
+            except httpx.HTTPError as exc:
+                caught.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.3)
+        client.close()
+        caller.join(4 * SLOW)
+        assert not caller.is_alive()
+        [error] = caught  # its read timed out, or the close broke it
+        assert isinstance(error, httpx.TransportError)
+        assert "(1 instance of orders tried)" in str(error), error
+
+    async def main() -> BaseException:
+        async with AsyncDiscovery(server.url) as discovery:
+            transport = AsyncDiscoveryTransport(discovery, policy=opted)
+            async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
+                call = asyncio.ensure_future(client.get("http://orders/"))
+                await asyncio.sleep(0.3)
+                await transport.aclose()  # interrupts the attempt: no other follows
+                with pytest.raises(httpx.TransportError) as caught:
+                    await asyncio.wait_for(call, 4 * SLOW)
+                return caught.value
+
+    with services(2) as inst, Discovery(server.url) as discovery:
+        register_all(inst, server.url, discovery)
+        for s in inst:
+            s.mode("slow")
+        error = asyncio.run(main())
+    assert "(1 instance of orders tried)" in str(error), error
+
+
+def test_sync_and_async_say_a_refused_connection_alike(server: ServerProcess) -> None:
+    with services(2) as inst, Discovery(server.url) as discovery:
+        register_all(inst, server.url, discovery)
+        for s in inst:
+            s.kill()
+        with (
+            httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client,
+            pytest.raises(httpx.ConnectError) as sync_error,
+        ):
+            client.get("http://orders/")
+
+        async def main() -> str:
+            async with (
+                AsyncDiscovery(server.url) as found,
+                httpx.AsyncClient(transport=AsyncDiscoveryTransport(found), timeout=5) as client,
+            ):
+                with pytest.raises(httpx.ConnectError) as caught:
+                    await client.get("http://orders/")
+                return str(caught.value)
+
+        async_words = asyncio.run(main())
+    for words in (str(sync_error.value), async_words):
+        assert "[Errno 111] Connection refused" in words, words
+        assert words.endswith("(2 instances of orders tried)"), words

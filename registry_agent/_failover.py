@@ -185,10 +185,6 @@ class Failover:
         noun = "instance" if self.attempts == 1 else "instances"
         return f"{self.attempts} {noun} of {self.service} tried"
 
-    def annotate(self, message: str) -> str:
-        """``message`` with how many instances were tried, when more than one was."""
-        return f"{message} ({self.tried()})" if self.attempts > 1 else message
-
 
 class Scope:
     """Which request URLs go through discovery (see the transports' ``services`` and ``others``).
@@ -294,6 +290,9 @@ class Routing:
         self.retries = retries
         self.policy = policy
         self.known: set[str] = set()
+        #: Set by the client's close(): a call still running makes no further attempt
+        #: (it would open a connection nobody closes, through a closed pool).
+        self.closed = False
 
     def failover(self, service: str, method: str, *, replayable: bool) -> Failover:
         """The rules for one request: the client's policy, else the discovery's for
@@ -312,13 +311,22 @@ class Routing:
             kwargs["policy"] = self.policy
         return kwargs
 
-    def report(
-        self, service: str, instance: ServiceInstance, step: Step, failover: Failover
-    ) -> None:
-        """Tell the discovery's outlier ejection what the attempt said, if anything."""
+    def after(
+        self,
+        failover: Failover,
+        instance: ServiceInstance,
+        outcome: Outcome,
+        status: int | None = None,
+    ) -> Step:
+        """:meth:`Failover.after`, told to the discovery's outlier ejection; never a
+        retry once the client is closed."""
+        step = failover.after(instance, outcome, status)
         report = getattr(self.discovery, "report", None)
         if step.report is not None and callable(report):
-            report(service, instance, step.report, policy=failover.policy)
+            report(failover.service, instance, step.report, policy=failover.policy)
+        if step.retry and self.closed:
+            return Step(step.report, retry=False)
+        return step
 
     def refusal(self, service: str, answer: bool | RegistryError) -> str | None:
         """``discovery.is_service(service)``'s answer (or its error) turned into the

@@ -23,6 +23,7 @@ read from another tool's entry) is never a target: it is skipped, and that is no
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection
 from typing import Any, Literal, NoReturn, Protocol
 
@@ -93,23 +94,26 @@ _TIMEOUT_WORDS: dict[type[Exception], str] = {
 
 
 def _words(exc: BaseException) -> str:
-    """What went wrong, in words, even when ``str(exc)`` is empty (httpcore's async
-    timeouts): a timeout's own words, else the first message down the cause chain, else
-    the class name."""
-    text = str(exc)
-    if text:
-        return text
+    """What went wrong, in words, the same from the sync and async transports: a
+    timeout's own words; else ``str(exc)`` with the system's reason when the cause chain
+    holds one it lacks (anyio's "All connection attempts failed" hides "Connection
+    refused"); else the first message down the cause chain; else the class name."""
     for kind, words in _TIMEOUT_WORDS.items():
         if isinstance(exc, kind):
             return f"{type(exc).__name__}: {words}"
+    chain: list[BaseException] = []
     seen = exc.__cause__ or exc.__context__
-    for _ in range(8):
-        if seen is None:
-            break
-        if str(seen):
-            return f"{type(exc).__name__}: {seen}"
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    return type(exc).__name__
+    text = str(exc)
+    if not text:
+        found = next((str(e) for e in chain if str(e)), "")
+        return f"{type(exc).__name__}: {found}" if found else type(exc).__name__
+    code = next((e.errno for e in chain if isinstance(e, OSError) and e.errno), None)
+    if code is not None and f"[Errno {code}]" not in text:
+        return f"{text} ([Errno {code}] {os.strerror(code)})"
+    return text
 
 
 def _raise_final(exc: Exception, failover: Failover, request: httpx.Request) -> NoReturn:
@@ -300,21 +304,20 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
             try:
                 response = self._inner(request).handle_request(request)
             except Exception as exc:
-                step = failover.after(instance, _outcome(exc))
-                self._routing.report(service, instance, step, failover)
+                step = self._routing.after(failover, instance, _outcome(exc))
                 if not step.retry:
                     if step.report is None:
                         raise
                     _raise_final(exc, failover, request)
                 error = exc
                 continue
-            step = failover.after(instance, Outcome.ANSWER, response.status_code)
-            self._routing.report(service, instance, step, failover)
+            step = self._routing.after(failover, instance, Outcome.ANSWER, response.status_code)
             if not step.retry:
                 return response
             held, error = response, None
 
     def close(self) -> None:
+        self._routing.closed = True
         for inner in (self.transport, *self._tls.values()):
             inner.close()
 
@@ -403,20 +406,19 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
             try:
                 response = await self._inner(request).handle_async_request(request)
             except Exception as exc:
-                step = failover.after(instance, _outcome(exc))
-                self._routing.report(service, instance, step, failover)
+                step = self._routing.after(failover, instance, _outcome(exc))
                 if not step.retry:
                     if step.report is None:
                         raise
                     _raise_final(exc, failover, request)
                 error = exc
                 continue
-            step = failover.after(instance, Outcome.ANSWER, response.status_code)
-            self._routing.report(service, instance, step, failover)
+            step = self._routing.after(failover, instance, Outcome.ANSWER, response.status_code)
             if not step.retry:
                 return response
             held, error = response, None
 
     async def aclose(self) -> None:
+        self._routing.closed = True
         for inner in (self.transport, *self._tls.values()):
             await inner.aclose()

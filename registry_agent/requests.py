@@ -246,8 +246,7 @@ class DiscoveryAdapter(HTTPAdapter):
             try:
                 response = super().send(attempt, stream, timeout, verify, cert, None)
             except RequestException as exc:
-                step = failover.after(instance, _outcome(exc))
-                routing.report(service, instance, step, failover)
+                step = routing.after(failover, instance, _outcome(exc))
                 if not step.retry:
                     if step.report is None:
                         exc.request = request
@@ -255,12 +254,16 @@ class DiscoveryAdapter(HTTPAdapter):
                     _raise_final(exc, failover, request)
                 error = exc
                 continue
-            step = failover.after(instance, Outcome.ANSWER, response.status_code)
-            routing.report(service, instance, step, failover)
+            step = routing.after(failover, instance, Outcome.ANSWER, response.status_code)
             if not step.retry:
                 self._prune()
                 return self._as_sent(response, request)
             held, error = response, None
+
+    def close(self) -> None:
+        """Close every pool; a call still running makes no further attempt."""
+        self._routing.closed = True
+        super().close()
 
     @staticmethod
     def _as_sent(response: Response, request: PreparedRequest) -> Response:
