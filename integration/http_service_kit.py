@@ -13,9 +13,10 @@ import contextlib
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -101,6 +102,38 @@ def register_all(inst: list[HttpService], url: str, discovery: Discovery) -> Non
     for service in inst:
         service.register(url)
     wait_for(lambda: len(discovery.instances("orders")) == len(inst), 15, f"{len(inst)} healthy")
+
+
+@contextlib.contextmanager
+def fleet(url: str, count: int = 2, then: str = "ok") -> Iterator[Discovery]:
+    """A Discovery that has seen ``count`` instances of ``orders``, each then ``killed`` or
+    switched to a mode (``ok``, ``slow``, ``503``); all closed on the way out."""
+    with services(count) as inst, Discovery(url) as discovery:
+        register_all(inst, url, discovery)
+        for service in inst:
+            service.kill() if then == "killed" else service.mode(then)
+        yield discovery
+
+
+def close_mid_call(call: Callable[[], object], close: Callable[[], object]) -> BaseException:
+    """Run ``call`` in a thread, ``close`` its client 0.3 s in, and return what the call
+    raised (it must end within 4 * SLOW and raise)."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except Exception as exc:
+            raised.append(exc)
+
+    caller = threading.Thread(target=run)
+    caller.start()
+    time.sleep(0.3)
+    close()
+    caller.join(4 * SLOW)
+    assert not caller.is_alive(), "the call outlived its closed client"
+    [error] = raised
+    return error
 
 
 # The server process.

@@ -3,7 +3,6 @@ the same failover rules as the httpx transports, through requests.Session.mount.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 
@@ -11,7 +10,14 @@ import pytest
 import requests
 from urllib3.exceptions import MaxRetryError
 
-from integration.http_service_kit import SLOW, register_all, services, wait_for
+from integration.http_service_kit import (
+    SLOW,
+    close_mid_call,
+    fleet,
+    register_all,
+    services,
+    wait_for,
+)
 from registry_agent import Discovery, DiscoveryPolicy, OutlierEjection, RegistryError
 from registry_agent.requests import DiscoveryAdapter
 from registry_agent.testing.servers import ServerProcess
@@ -190,10 +196,7 @@ def test_a_silent_registry_fails_unconfirmed_names_and_starts_no_watch(
 
 
 def test_errors_keep_their_class_and_args_and_name_the_service_url(server: ServerProcess) -> None:
-    with services(2) as inst, Discovery(server.url) as discovery:
-        register_all(inst, server.url, discovery)
-        for s in inst:
-            s.kill()
+    with fleet(server.url, then="killed") as discovery:
         with (
             session_for(DiscoveryAdapter(discovery)) as session,
             pytest.raises(requests.ConnectionError) as caught,
@@ -278,24 +281,10 @@ def test_a_call_in_flight_when_the_session_closes_makes_no_further_attempt(
     # Both instances slow: a second attempt (through the closed pools, its connection
     # left open: a break-it run saw it answer 200) would show in the count tried.
     opted = DiscoveryPolicy(retry_read_timeouts=True)
-    with services(2) as inst, Discovery(server.url) as discovery:
-        register_all(inst, server.url, discovery)
-        for s in inst:
-            s.mode("slow")
+    with fleet(server.url, then="slow") as discovery:
         session = session_for(DiscoveryAdapter(discovery, policy=opted))
-        caught: list[BaseException] = []
-
-        def call() -> None:
-            try:
-                session.get("http://orders/", timeout=(5, SLOW / 3))
-            except requests.RequestException as exc:
-                caught.append(exc)
-
-        caller = threading.Thread(target=call)
-        caller.start()
-        time.sleep(0.3)
-        session.close()
-        caller.join(4 * SLOW)
-        assert not caller.is_alive()
-        [error] = caught
+        error = close_mid_call(
+            lambda: session.get("http://orders/", timeout=(5, SLOW / 3)), session.close
+        )
+        assert isinstance(error, requests.RequestException)
         assert "1 instance of orders tried" in getattr(error, "__notes__", []), error

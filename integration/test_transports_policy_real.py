@@ -5,7 +5,6 @@ and the scoping rule."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -13,7 +12,14 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from integration.http_service_kit import SLOW, register_all, services, wait_for
+from integration.http_service_kit import (
+    SLOW,
+    close_mid_call,
+    fleet,
+    register_all,
+    services,
+    wait_for,
+)
 from registry_agent import (
     AsyncDiscovery,
     AsyncDiscoveryTransport,
@@ -315,21 +321,6 @@ async def test_async_a_silent_registry_is_a_connect_error_and_starts_no_watch(
             server.resume()
 
 
-def test_errors_name_the_service_url_and_keep_their_words(server: ServerProcess) -> None:
-    with services(2) as inst, Discovery(server.url) as discovery:
-        register_all(inst, server.url, discovery)
-        for s in inst:
-            s.kill()
-        with (
-            httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client,
-            pytest.raises(httpx.ConnectError) as caught,
-        ):
-            client.get("http://orders/x?y=1")
-        assert caught.value.request.url == "http://orders/x?y=1"
-        assert "2 instances of orders tried" in str(caught.value)
-        assert not str(caught.value).startswith(" (")
-
-
 async def test_async_read_timeouts_keep_words_and_the_service_url(server: ServerProcess) -> None:
     policy = DiscoveryPolicy(retry_read_timeouts=True)
     with services(2) as inst:
@@ -400,27 +391,10 @@ def test_a_call_in_flight_when_the_transport_closes_makes_no_further_attempt(
     # show in the count of instances tried.
     opted = DiscoveryPolicy(retry_read_timeouts=True)
     timeout = httpx.Timeout(5, read=SLOW / 3)
-    with services(2) as inst, Discovery(server.url) as discovery:
-        register_all(inst, server.url, discovery)
-        for s in inst:
-            s.mode("slow")
+    with fleet(server.url, then="slow") as discovery:
         client = httpx.Client(transport=DiscoveryTransport(discovery, policy=opted), timeout=5)
-        caught: list[BaseException] = []
-
-        def call() -> None:
-            try:
-                client.get("http://orders/", timeout=timeout)
-            except httpx.HTTPError as exc:
-                caught.append(exc)
-
-        caller = threading.Thread(target=call)
-        caller.start()
-        time.sleep(0.3)
-        client.close()
-        caller.join(4 * SLOW)
-        assert not caller.is_alive()
-        [error] = caught  # its read timed out, or the close broke it
-        assert isinstance(error, httpx.TransportError)
+        error = close_mid_call(lambda: client.get("http://orders/", timeout=timeout), client.close)
+        assert isinstance(error, httpx.TransportError)  # its read timed out, or the close broke it
         assert "(1 instance of orders tried)" in str(error), error
 
     async def main() -> BaseException:
@@ -434,24 +408,21 @@ def test_a_call_in_flight_when_the_transport_closes_makes_no_further_attempt(
                     await asyncio.wait_for(call, 4 * SLOW)
                 return caught.value
 
-    with services(2) as inst, Discovery(server.url) as discovery:
-        register_all(inst, server.url, discovery)
-        for s in inst:
-            s.mode("slow")
+    with fleet(server.url, then="slow"):
         error = asyncio.run(main())
     assert "(1 instance of orders tried)" in str(error), error
 
 
-def test_sync_and_async_say_a_refused_connection_alike(server: ServerProcess) -> None:
-    with services(2) as inst, Discovery(server.url) as discovery:
-        register_all(inst, server.url, discovery)
-        for s in inst:
-            s.kill()
+def test_errors_name_the_service_url_and_say_a_refused_connection_alike(
+    server: ServerProcess,
+) -> None:
+    with fleet(server.url, then="killed") as discovery:
         with (
             httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client,
             pytest.raises(httpx.ConnectError) as sync_error,
         ):
-            client.get("http://orders/")
+            client.get("http://orders/x?y=1")
+        assert sync_error.value.request.url == "http://orders/x?y=1"
 
         async def main() -> str:
             async with (
