@@ -3,14 +3,16 @@ started and killed by PID, registered in a real registry through a Registrar.
 
 Each answers ``"<port> <Host header> <method>"`` (HTTP/1.1, keep-alive). Its mode is set
 at run time through ``/_mode/<mode>`` on its own port: ``ok``, ``503`` (every answer a
-503), ``slow`` (answers after 3 s). ``python integration/http_service_kit.py PORT
-[CERT KEY]`` runs one (TLS with a certificate and key).
+503), ``slow`` (answers after 3 s), ``reset`` (resets the connection instead).
+``python integration/http_service_kit.py PORT [CERT KEY]`` runs one (TLS with a
+certificate and key).
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -51,7 +53,7 @@ class HttpService:
         raise RuntimeError(f"the service on {self.port} did not listen within 10 s")
 
     def mode(self, mode: str) -> None:
-        """Set what it answers (``ok``, ``503``, ``slow``); plain HTTP only."""
+        """Set what it answers (``ok``, ``503``, ``slow``, ``reset``); plain HTTP only."""
         assert self.tls is None, "set modes on plain HTTP instances"
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_mode/{mode}", timeout=5) as r:
             assert r.status == 200
@@ -107,7 +109,7 @@ def register_all(inst: list[HttpService], url: str, discovery: Discovery) -> Non
 @contextlib.contextmanager
 def fleet(url: str, count: int = 2, then: str = "ok") -> Iterator[Discovery]:
     """A Discovery that has seen ``count`` instances of ``orders``, each then ``killed`` or
-    switched to a mode (``ok``, ``slow``, ``503``); all closed on the way out."""
+    switched to a mode (``ok``, ``slow``, ``503``, ``reset``); all closed on the way out."""
     with services(count) as inst, Discovery(url) as discovery:
         register_all(inst, url, discovery)
         for service in inst:
@@ -132,8 +134,8 @@ def close_mid_call(call: Callable[[], object], close: Callable[[], object]) -> B
     close()
     caller.join(4 * SLOW)
     assert not caller.is_alive(), "the call outlived its closed client"
-    [error] = raised
-    return error
+    assert raised, "the call succeeded after its client was closed"
+    return raised[0]
 
 
 # The server process.
@@ -160,6 +162,11 @@ class _Handler(BaseHTTPRequestHandler):
             status = 200
         elif _mode == "503":
             status = 503
+        elif _mode == "reset":  # no answer: the connection reset (RST, not FIN)
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.connection.close()
+            return
         else:
             if _mode == "slow":
                 time.sleep(SLOW)

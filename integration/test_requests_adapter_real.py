@@ -288,3 +288,24 @@ def test_a_call_in_flight_when_the_session_closes_makes_no_further_attempt(
         )
         assert isinstance(error, requests.RequestException)
         assert "1 instance of orders tried" in getattr(error, "__notes__", []), error
+
+
+def test_a_session_closed_while_its_call_waits_for_the_registry_sends_nothing(
+    server: ServerProcess,
+) -> None:
+    # A break-it run: closed while the call waited for discovery's first read, the call
+    # went on once the registry answered, opened a new connection and got its 200.
+    with fleet(server.url), Discovery(server.url, sync_timeout=10) as discovery:
+        session = session_for(DiscoveryAdapter(discovery, services=["orders"]))
+
+        def close() -> None:
+            session.close()
+            server.resume()
+
+        server.pause()
+        try:
+            error = close_mid_call(lambda: session.get("http://orders/", timeout=5), close)
+        finally:
+            server.resume()
+    assert isinstance(error, requests.ConnectionError), repr(error)
+    assert str(error) == "orders: the adapter was closed"

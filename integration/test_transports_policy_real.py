@@ -413,27 +413,75 @@ def test_a_call_in_flight_when_the_transport_closes_makes_no_further_attempt(
     assert "(1 instance of orders tried)" in str(error), error
 
 
-def test_errors_name_the_service_url_and_say_a_refused_connection_alike(
-    server: ServerProcess,
+@pytest.mark.parametrize("fault", ["killed", "reset"])
+def test_errors_name_the_service_url_and_are_worded_alike_sync_and_async(
+    server: ServerProcess, fault: str
 ) -> None:
-    with fleet(server.url, then="killed") as discovery:
+    # Async httpx (anyio) words a refused connection "All connection attempts failed"
+    # and a reset with no text at all: the transports give the system's reason for both.
+    with fleet(server.url, then=fault) as discovery:
         with (
             httpx.Client(transport=DiscoveryTransport(discovery), timeout=5) as client,
-            pytest.raises(httpx.ConnectError) as sync_error,
+            pytest.raises(httpx.TransportError) as sync_error,
         ):
             client.get("http://orders/x?y=1")
         assert sync_error.value.request.url == "http://orders/x?y=1"
 
-        async def main() -> str:
+        async def main() -> BaseException:
             async with (
                 AsyncDiscovery(server.url) as found,
                 httpx.AsyncClient(transport=AsyncDiscoveryTransport(found), timeout=5) as client,
             ):
-                with pytest.raises(httpx.ConnectError) as caught:
+                with pytest.raises(httpx.TransportError) as caught:
                     await client.get("http://orders/")
-                return str(caught.value)
+                return caught.value
 
-        async_words = asyncio.run(main())
-    for words in (str(sync_error.value), async_words):
-        assert "[Errno 111] Connection refused" in words, words
-        assert words.endswith("(2 instances of orders tried)"), words
+        async_error = asyncio.run(main())
+    reason = {"killed": "[Errno 111] Connection refused", "reset": "[Errno 104] Connection reset"}
+    assert type(async_error) is type(sync_error.value)
+    assert str(async_error) == str(sync_error.value), (async_error, sync_error.value)
+    assert str(async_error).startswith(reason[fault]), async_error
+    assert str(async_error).endswith("(2 instances of orders tried)"), async_error
+
+
+def test_a_transport_closed_while_its_call_waits_for_the_registry_sends_nothing(
+    server: ServerProcess,
+) -> None:
+    # A break-it run: closed while the call waited for discovery's first read, the call
+    # went on once the registry answered, opened a new connection and got its 200.
+    def resume_after(close: Callable[[], object]) -> Callable[[], None]:
+        def closing() -> None:
+            close()
+            server.resume()
+
+        return closing
+
+    with fleet(server.url), Discovery(server.url, sync_timeout=10) as discovery:
+        server.pause()
+        try:
+            client = httpx.Client(transport=DiscoveryTransport(discovery, services=["orders"]))
+            error = close_mid_call(lambda: client.get("http://orders/"), resume_after(client.close))
+        finally:
+            server.resume()
+        assert isinstance(error, httpx.ConnectError), repr(error)
+        assert str(error) == "orders: the transport was closed"
+
+    async def main() -> BaseException:
+        async with AsyncDiscovery(server.url, sync_timeout=10) as found:
+            transport = AsyncDiscoveryTransport(found, services=["orders"])
+            async with httpx.AsyncClient(transport=transport) as client:
+                call = asyncio.ensure_future(client.get("http://orders/"))
+                await asyncio.sleep(0.3)
+                await transport.aclose()
+                server.resume()
+                with pytest.raises(httpx.ConnectError) as caught:
+                    await asyncio.wait_for(call, 10)
+                return caught.value
+
+    with fleet(server.url):
+        server.pause()
+        try:
+            error = asyncio.run(main())
+        finally:
+            server.resume()
+    assert str(error) == "orders: the transport was closed"

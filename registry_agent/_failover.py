@@ -33,6 +33,7 @@ from registry_agent._models import ServiceInstance
 from registry_agent._policy import DiscoveryPolicy, is_idempotent
 
 __all__ = [
+    "ClientClosed",
     "Failover",
     "NoPortLeft",
     "Outcome",
@@ -45,6 +46,10 @@ __all__ = [
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NO_POLICY = DiscoveryPolicy()
+
+
+class ClientClosed(LookupError):
+    """The client was closed while a call chose its next instance: no attempt follows."""
 
 
 class NoPortLeft(LookupError):
@@ -310,6 +315,14 @@ class Routing:
         if self.policy is not None:
             kwargs["policy"] = self.policy
         return kwargs
+
+    def offer(self, failover: Failover, instance: ServiceInstance, client: str) -> bool:
+        """:meth:`Failover.offer`, once the client is known open: raises
+        :class:`ClientClosed` when ``client`` (its name, for the words) was closed while
+        the call chose, so no connection is opened through its closed pools."""
+        if self.closed:
+            raise ClientClosed(f"the {client} was closed")
+        return failover.offer(instance)
 
     def after(
         self,

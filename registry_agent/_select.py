@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from registry_agent._errors import ConfigError
 from registry_agent._models import ServiceInstance
 
-__all__ = ["Selector", "Strategy", "weight_of"]
+__all__ = ["MAX_WEIGHT", "Selector", "Strategy", "weight_of"]
 
 
 class Strategy(enum.StrEnum):
@@ -32,11 +32,17 @@ def as_strategy(value: str | Strategy) -> Strategy:
         raise ConfigError(f"expected one of {choices}, got {value!r}", field="strategy") from None
 
 
+#: The largest weight counted (Consul's own cap): a peer's entry may say more, and a
+#: weight beyond a float's range would break the weighted choice.
+MAX_WEIGHT = 65535
+
+
 def weight_of(instance: ServiceInstance) -> int:
-    """The meta ``weight`` as a whole number >= 0; 1 when absent or not a number."""
+    """The meta ``weight`` as a whole number 0 to :data:`MAX_WEIGHT` (larger counts as
+    the cap); 1 when absent or not a number."""
     text = instance.meta.get("weight", "1")
     try:
-        return max(0, int(text))
+        return min(max(0, int(text)), MAX_WEIGHT)
     except ValueError:
         return 1
 

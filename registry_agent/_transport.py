@@ -24,13 +24,14 @@ read from another tool's entry) is never a target: it is skipped, and that is no
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable, Collection
 from typing import Any, Literal, NoReturn, Protocol
 
 import httpx
 
 from registry_agent._errors import NoInstanceAvailable, RegistryError
-from registry_agent._failover import Failover, NoPortLeft, Outcome, Routing
+from registry_agent._failover import ClientClosed, Failover, NoPortLeft, Outcome, Routing
 from registry_agent._models import ServiceInstance
 from registry_agent._policy import DiscoveryPolicy
 from registry_agent._select import Strategy
@@ -95,9 +96,11 @@ _TIMEOUT_WORDS: dict[type[Exception], str] = {
 
 def _words(exc: BaseException) -> str:
     """What went wrong, in words, the same from the sync and async transports: a
-    timeout's own words; else ``str(exc)`` with the system's reason when the cause chain
-    holds one it lacks (anyio's "All connection attempts failed" hides "Connection
-    refused"); else the first message down the cause chain; else the class name."""
+    timeout's own words; else the system's reason (``[Errno 111] Connection refused``)
+    where the message lacks it (anyio says "All connection attempts failed", or
+    nothing); else ``str(exc)``; else the first message down the cause chain; else the
+    class name. An ``ssl.SSLError``'s number is OpenSSL's, not the system's: its text
+    stands."""
     for kind, words in _TIMEOUT_WORDS.items():
         if isinstance(exc, kind):
             return f"{type(exc).__name__}: {words}"
@@ -107,13 +110,19 @@ def _words(exc: BaseException) -> str:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     text = str(exc)
-    if not text:
-        found = next((str(e) for e in chain if str(e)), "")
-        return f"{type(exc).__name__}: {found}" if found else type(exc).__name__
-    code = next((e.errno for e in chain if isinstance(e, OSError) and e.errno), None)
+    code = next(
+        (
+            e.errno
+            for e in chain
+            if isinstance(e, OSError) and not isinstance(e, ssl.SSLError) and (e.errno or 0) > 0
+        ),
+        None,
+    )
     if code is not None and f"[Errno {code}]" not in text:
-        return f"{text} ([Errno {code}] {os.strerror(code)})"
-    return text
+        return f"[Errno {code}] {os.strerror(code)}"
+    if text:
+        return text
+    return next((str(e) for e in chain if str(e)), type(exc).__name__)
 
 
 def _raise_final(exc: Exception, failover: Failover, request: httpx.Request) -> NoReturn:
@@ -289,9 +298,9 @@ class DiscoveryTransport(_Base, httpx.BaseTransport):
                 instance = self.discovery.choose(
                     service, self._routing.strategy, **self._routing.choose_kwargs(failover)
                 )
-                if not failover.offer(instance):
+                if not self._routing.offer(failover, instance, "transport"):
                     continue  # no port: skipped, which is no retry
-            except (RegistryError, NoPortLeft) as exc:
+            except (RegistryError, NoPortLeft, ClientClosed) as exc:
                 if held is not None:
                     return held
                 if error is not None:
@@ -391,9 +400,9 @@ class AsyncDiscoveryTransport(_Base, httpx.AsyncBaseTransport):
                 instance = await self.discovery.choose(
                     service, self._routing.strategy, **self._routing.choose_kwargs(failover)
                 )
-                if not failover.offer(instance):
+                if not self._routing.offer(failover, instance, "transport"):
                     continue  # no port: skipped, which is no retry
-            except (RegistryError, NoPortLeft) as exc:
+            except (RegistryError, NoPortLeft, ClientClosed) as exc:
                 if held is not None:
                     return held
                 if error is not None:

@@ -53,7 +53,7 @@ if not hasattr(HTTPAdapter, "build_connection_pool_key_attributes"):  # pragma: 
 
 from registry_agent._blocking import Discovery
 from registry_agent._errors import NoInstanceAvailable, RegistryError
-from registry_agent._failover import Failover, NoPortLeft, Outcome, Routing
+from registry_agent._failover import ClientClosed, Failover, NoPortLeft, Outcome, Routing
 from registry_agent._models import ServiceInstance
 from registry_agent._policy import DiscoveryPolicy
 from registry_agent._select import Strategy
@@ -228,9 +228,9 @@ class DiscoveryAdapter(HTTPAdapter):
                 instance = self.discovery.choose(
                     service, routing.strategy, **routing.choose_kwargs(failover)
                 )
-                if not failover.offer(instance):
+                if not routing.offer(failover, instance, "adapter"):
                     continue  # no port: skipped, which is no retry
-            except (RegistryError, NoPortLeft) as exc:
+            except (RegistryError, NoPortLeft, ClientClosed) as exc:
                 if held is not None:
                     return self._as_sent(held, request)
                 if error is not None:
@@ -281,14 +281,15 @@ class DiscoveryAdapter(HTTPAdapter):
             return
         try:
             self._pruned = now
+            routed = self._routed.copy()  # other threads add to it meanwhile
             listed: dict[str, set[tuple[str, int]]] = {}
-            for service in set(self._routed.values()):
+            for service in set(routed.values()):
                 try:
                     found = self.discovery.instances(service, healthy_only=False)
                 except Exception:  # the registry cannot say now: keep every pool
                     return
                 listed[service] = {(i.address.lower(), i.port) for i in found}
-            gone = {e for e, s in list(self._routed.items()) if (e[1], e[2]) not in listed[s]}
+            gone = {e for e, s in routed.items() if (e[1], e[2]) not in listed[s]}
             if not gone:
                 return
             pools = self.poolmanager.pools

@@ -71,6 +71,13 @@ def test_weight_parsing() -> None:
     assert weight_of(inst(1, weight="5")) == 5
     assert weight_of(inst(1, weight="-2")) == 0
     assert weight_of(inst(1, weight="heavy")) == 1
+    # A peer's entry may say anything: beyond a float's range it broke the weighted
+    # choice (OverflowError); the cap is Consul's own.
+    huge = [inst(1, weight="1" + "0" * 400), inst(2, weight="9" * 308), inst(3)]
+    assert weight_of(huge[0]) == weight_of(huge[1]) == 65535
+    selector = Selector(random.Random(2))
+    chosen = Counter(selector.pick("orders", huge, "weighted").id for _ in range(200))  # type: ignore[union-attr]
+    assert chosen["o1"] + chosen["o2"] > 190  # o3 weighs 1 against 65535 twice
 
 
 def test_unknown_strategy() -> None:

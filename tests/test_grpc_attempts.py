@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from registry_agent import DiscoveryPolicy, ServiceInstance
+from registry_agent import DiscoveryPolicy, NoInstanceAvailable, ServiceInstance
 from registry_agent.grpc._common import Attempts
 
 A = ServiceInstance("orders", address="10.0.0.1", port=50051, id="a")
@@ -143,6 +143,57 @@ def test_wait_for_ready_is_dropped_on_every_known_failing_instance_while_others_
     assert plan(wait_for_ready=None).wait_for_ready(A, lambda: True) is None
 
 
-def test_wait_for_ready_is_kept_when_no_retry_is_left() -> None:
-    attempts = plan(retries=0, wait_for_ready=True)
+def test_a_fast_failure_on_a_known_failing_instance_spends_no_retry() -> None:
+    # A break-it run: retries=1, 2 of 3 instances dead, wait_for_ready: the last allowed
+    # attempt waited out the deadline on the second dead one while the third was alive.
+    attempts = plan(retries=1, wait_for_ready=True)
+    refused = "failed to connect to all addresses; Connection refused"
+    for dead in (A, B):
+        assert attempts.wait_for_ready(dead, lambda: True) is None
+        attempts.failed(dead, Error(UNAVAILABLE, refused), UNAVAILABLE)  # no raise
+    assert attempts.wait_for_ready(C, lambda: False) is True
+    attempts.failed(C, Error(UNAVAILABLE, "Socket closed"), UNAVAILABLE)  # the one retry
+    assert attempts.no_instance(Error(UNAVAILABLE, "none left")) == A  # the last resort
     assert attempts.wait_for_ready(A, lambda: True) is True
+    late = Error(DEADLINE, "Deadline Exceeded")
+    with pytest.raises(Error) as info:
+        attempts.failed(A, late, DEADLINE)
+    assert info.value is late
+    # After the last resort, nothing is waited for twice.
+    with pytest.raises(Error) as info:
+        attempts.no_instance(Error(UNAVAILABLE, "none left"))
+    assert info.value is late
+    # Without retries, too: the fast failure is free, a sent call is not.
+    none = plan(retries=0, wait_for_ready=True)
+    assert none.wait_for_ready(A, lambda: True) is None
+    none.failed(A, Error(UNAVAILABLE, refused), UNAVAILABLE)
+    assert none.wait_for_ready(B, lambda: True) is None
+    sent = Error(UNAVAILABLE, "Socket closed")  # it reached B: spends the retry it lacks
+    with pytest.raises(Error) as info:
+        none.failed(B, sent, UNAVAILABLE)
+    assert info.value is sent
+
+
+def test_no_attempt_follows_once_the_channel_is_closed() -> None:
+    closed = False
+    attempts = Attempts(DiscoveryPolicy(retries=2), True, 5.0, None, Clock(), lambda: closed)
+    attempts.failed(A, Error(UNAVAILABLE), UNAVAILABLE)
+    closed = True
+    own = Error(UNAVAILABLE, "Socket closed")
+    with pytest.raises(Error) as info:
+        attempts.failed(B, own, UNAVAILABLE)
+    assert info.value is own
+
+
+def test_none_left_after_failures_adds_no_note_of_its_own() -> None:
+    # "no healthy instance left to try" after a TLS failure would hide the TLS error
+    # behind "no instance left": the tries' note says it already.
+    attempts = plan()
+    tls = Error(UNAVAILABLE, "Ssl handshake failed: CERTIFICATE_VERIFY_FAILED")
+    attempts.failed(A, tls, UNAVAILABLE)
+    exhausted = Error(UNAVAILABLE, "orders: no healthy instance left to try")
+    exhausted.__cause__ = NoInstanceAvailable("no healthy instance left to try")
+    with pytest.raises(Error) as info:
+        attempts.no_instance(exhausted)
+    assert info.value is tls
+    assert not any("left to try" in note for note in getattr(tls, "__notes__", []))

@@ -499,15 +499,18 @@ def test_deadline_exceeded_is_retried_only_with_retry_read_timeouts(
             assert codes == {"DEADLINE_EXCEEDED": 2, "b": 2, "c": 2}  # never retried
 
 
+@pytest.mark.parametrize("retries", [1, 2])
 def test_wait_for_ready_does_not_wait_on_dead_instances(
-    registry: MemoryRegistry, servers: list[GrpcServer]
+    registry: MemoryRegistry, servers: list[GrpcServer], retries: int
 ) -> None:
     # The registry still lists the killed instances (no health check here); with two of
-    # three dead a break-it run saw every third call wait out its deadline on the second.
+    # three dead a break-it run saw every third call wait out its deadline on the second
+    # (and again with retries=1, where the last allowed attempt waited on a dead one).
     for server in servers:
         put(registry, server.port)
+    policy = DiscoveryPolicy(retries=retries)
     with Discovery(registry.url) as discovery:
-        with DiscoveryChannel(discovery, "orders", idempotent=True) as channel:
+        with DiscoveryChannel(discovery, "orders", idempotent=True, policy=policy) as channel:
             for _ in range(6):
                 unary(channel)(b"warm", timeout=5)
             servers[0].kill()
@@ -521,7 +524,9 @@ def test_wait_for_ready_does_not_wait_on_dead_instances(
     async def main() -> tuple[Counter[str], float]:
         async with (
             AsyncDiscovery(registry.url) as discovery,
-            grpc_aio.DiscoveryChannel(discovery, "orders", idempotent=True) as channel,
+            grpc_aio.DiscoveryChannel(
+                discovery, "orders", idempotent=True, policy=policy
+            ) as channel,
         ):
             started = time.monotonic()
             answers = [await unary(channel)(b"x", timeout=3, wait_for_ready=True) for _ in range(6)]
@@ -692,3 +697,37 @@ def test_a_deadline_spent_by_an_attempt_ends_with_that_attempts_error(
     error = asyncio.run(main())
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
     assert "first answer" not in error.details() + notes(error)  # type: ignore[attr-defined]
+
+
+def test_a_call_in_flight_when_the_aio_channel_closes_ends_with_its_own_error(
+    registry: MemoryRegistry, servers: list[GrpcServer]
+) -> None:
+    # A break-it run: close(grace=3) while a call ran, then its server died: the retry
+    # met the closed pool and the call ended in "ValueError: the discovery channel is
+    # closed", its own UNAVAILABLE lost.
+    for server in servers:
+        put(registry, server.port)
+
+    async def main() -> BaseException:
+        async with AsyncDiscovery(registry.url) as discovery:
+            channel = grpc_aio.DiscoveryChannel(discovery, "orders", idempotent=True)
+            await unary(channel)(b"warm", timeout=5)
+            call = asyncio.ensure_future(unary(channel, SLOW)(b"2", timeout=8))
+            await asyncio.sleep(0.3)
+            closing = asyncio.ensure_future(channel.close(grace=3))
+            await asyncio.sleep(0.3)
+            for server in servers:
+                server.kill()
+            try:
+                await asyncio.wait_for(call, 8)
+            except Exception as exc:
+                error: BaseException = exc
+            else:
+                raise AssertionError("the call answered after its server was killed")
+            await closing
+            return error
+
+    error = asyncio.run(main())
+    assert isinstance(error, grpc.aio.AioRpcError), repr(error)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "instances tried" not in " ".join(getattr(error, "__notes__", []))  # no retry

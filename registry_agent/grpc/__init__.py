@@ -343,6 +343,7 @@ class _Core:
             self.idempotent(method),
             timeout,
             wait_for_ready,
+            closed=lambda: self.pool.closed,
         )
         while True:
             plan.remaining()  # spent by the last attempt: its error, not another choice

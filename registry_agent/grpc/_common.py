@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from registry_agent._errors import ConfigError
+from registry_agent._errors import ConfigError, NoInstanceAvailable
 from registry_agent._models import ServiceInstance
 from registry_agent._policy import DiscoveryPolicy
 
@@ -151,8 +151,8 @@ class Attempts:
       (it would wait out the deadline there); the first such instance is kept as the
       last resort, waited for once no other is left;
     - ``failed(instance, error, code)``: an attempt failed with a status in
-      ``FAILURES``: returns to retry elsewhere, raises ``error`` when no retry is left
-      or the rule forbids one.
+      ``FAILURES``: returns to retry elsewhere, raises ``error`` when no retry is left,
+      the rule forbids one or the channel was closed (``closed()``).
     """
 
     def __init__(
@@ -162,6 +162,7 @@ class Attempts:
         timeout: float | None,
         wait_for_ready: bool | None,
         clock: Callable[[], float] = time.monotonic,
+        closed: Callable[[], bool] = lambda: False,
     ) -> None:
         self.clock = clock
         self.deadline = None if timeout is None else clock() + timeout
@@ -174,15 +175,20 @@ class Attempts:
         self.dropped: list[ServiceInstance] = []  # tried without wait_for_ready
         self.waited = False  # the last resort: an instance known failing, waited for
         self.before: BaseException | None = None  # the last error before a wait
+        self.fast = False  # this attempt goes without the wait_for_ready asked for
+        self.free = 0  # such attempts that failed to connect: they spend no retry
+        self.closed = closed
 
     def no_instance(self, exc: BaseException) -> ServiceInstance:
         """``choose()`` raised ``exc`` (a gRPC error): the instance dropped earlier as
         known failing, now to be waited for; else raise the last attempt's error (with
         ``exc``'s words as a note) or ``exc``."""
-        if not self.dropped or code_of(exc) != grpc.StatusCode.UNAVAILABLE:
+        if self.waited or not self.dropped or code_of(exc) != grpc.StatusCode.UNAVAILABLE:
             if self.last is not None:
                 note_tried(self.last, self.tried)
-                self.last.add_note(f"registry_agent.grpc: {words_of(exc)}")
+                if not isinstance(exc.__cause__, NoInstanceAvailable):
+                    # The registry's trouble (not "none left": the tries say so).
+                    self.last.add_note(f"registry_agent.grpc: {words_of(exc)}")
                 raise self.last from None
             raise exc
         self.waited = True
@@ -200,11 +206,13 @@ class Attempts:
         self, instance: ServiceInstance, known_failing: Callable[[], bool]
     ) -> bool | None:
         """The ``wait_for_ready`` of the attempt on ``instance``."""
-        if self.asked and not self.waited and len(self.tried) < self.retries and known_failing():
+        self.fast = bool(self.asked and not self.waited and known_failing())
+        if self.fast:
             # wait_for_ready on a channel known failing (or not connected) would wait
             # out the whole deadline on an instance that may be dead: this attempt goes
-            # without it (a live server still answers; a dead one fails fast) and the
-            # next goes elsewhere; none left: the first of them is waited for.
+            # without it (a live server still answers; a dead one fails fast, which
+            # spends no retry) and the next goes elsewhere; none left: the first of
+            # them is waited for.
             self.dropped.append(instance)
             return None
         if self.asked:
@@ -217,8 +225,12 @@ class Attempts:
         """Record a failed attempt; raise ``error`` unless another instance may be tried."""
         self.tried.append(instance)
         self.last = error
-        if len(self.tried) > self.retries or not retriable(
-            error, code, self.idempotent, self.timeouts
+        if self.fast and isinstance(error, grpc.RpcError) and never_sent(error):
+            self.free += 1
+        if (
+            self.closed()
+            or len(self.tried) - self.free > self.retries
+            or not retriable(error, code, self.idempotent, self.timeouts)
         ):
             note_tried(error, self.tried)
             if self.before is not None and self.before is not error:

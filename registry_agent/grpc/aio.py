@@ -230,6 +230,7 @@ class _UnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
             core.idempotent(method),
             self._timeout,
             kw.get("wait_for_ready"),
+            closed=lambda: core.pool.closed,
         )
         while True:
             plan.remaining()  # spent by the last attempt: its error, not another choice
