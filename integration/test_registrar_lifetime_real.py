@@ -204,3 +204,51 @@ def test_the_exit_hook_stops_registrars_at_once_on_a_frozen_registry(
     assert not any(r in _blocking._running for r in registrars)
     # one after another: count * stop_timeout at least
     assert took < stop_timeout + 3.0 < count * stop_timeout
+
+
+SIGTERM_WHILE_STARTING = """
+import sys
+from registry_agent import Registrar, RetryPolicy, ServiceInstance
+
+registrar = Registrar(
+    [sys.argv[1], sys.argv[3]],  # the second registry never answers
+    ServiceInstance(sys.argv[2], address="127.0.0.1", port=45011, id="s1"),
+    install_signal_handlers=True,
+    retry=RetryPolicy(initial=0.1, cap=0.5),
+)
+print("starting", flush=True)
+registrar.start(wait_registered=30)
+print("start() returned", flush=True)
+"""
+
+
+def test_sigterm_while_start_waits_for_another_registry_deregisters(
+    server: ServerProcess,
+) -> None:
+    # A break-it run: one registry took the entry while start(wait_registered) still
+    # waited for the other; a SIGTERM then killed the process (the handlers came only
+    # after start() returned) and the entry stayed, passing.
+    service = f"ss-{uuid.uuid4().hex[:8]}"
+    silent = f"{server.url.split('://')[0]}://127.0.0.1:{free_port()}"
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_WHILE_STARTING, server.url, service, silent],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    try:
+        assert child.stdout.readline() == "starting\n"
+        deadline = time.monotonic() + 15
+        while "s1" not in asyncio.run(registry_health(server.url, service)):
+            assert time.monotonic() < deadline, "the reachable registry never took the entry"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGTERM, err  # the signal took its course...
+    assert "start() returned" not in out
+    assert "s1" not in asyncio.run(registry_health(server.url, service)), err  # ...after this

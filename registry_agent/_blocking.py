@@ -305,14 +305,17 @@ class Registrar:
     def start(self, *, wait_registered: float | None = None) -> Registrar:
         """Start in the background and return at once (or wait, see AsyncRegistrar.start)."""
         timeout = None if wait_registered is None else wait_registered + 15.0
+        if self.install_signal_handlers:
+            # Before the wait: a SIGTERM while one registry already holds the entry
+            # and another is still awaited must deregister it, not kill the process.
+            self._install_signal_handlers()
         try:
             self._thread.run(self._async.start(wait_registered=wait_registered), timeout)
         except BaseException:
+            _quietly("removing the signal handlers", self._remove_signal_handlers)
             self._thread.close()
             raise
         _hold(self)
-        if self.install_signal_handlers:
-            self._install_signal_handlers()
         return self
 
     def wait_registered(self, timeout: float | None = None) -> bool:
