@@ -10,6 +10,7 @@ WARNING "not deregistered".
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -115,3 +116,30 @@ async def test_a_registry_down_for_the_whole_stop(
     assert registrar.status()["last_error"]
     # The entry was left for its TTL: still there.
     assert _ids(server, registrar.instance.service) == [registrar.instance.id]
+
+
+async def test_a_cancelled_stop_runs_to_its_end_and_a_later_stop_waits_for_it(
+    server: ServerProcess,
+) -> None:
+    # A break-it run: stop() cut by an ASGI server's shutdown timeout, then stop() again:
+    # the second returned at once, and the connection probe and the backend (etcd: its
+    # gRPC streams) ran on for good, one set per registrar.
+    with FaultProxy(*target_of(server.url)) as proxy:
+        registrar = _registrar(server, proxy, shared=False)
+        service = registrar.instance.service
+        await registrar.start(wait_registered=10.0)
+        before = asyncio.all_tasks()
+        proxy.latency(0.3)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(registrar.stop(timeout=STOP_TIMEOUT), 0.05)
+        await registrar.stop(timeout=STOP_TIMEOUT)
+        assert _ids(server, service) == []
+        current = asyncio.current_task()
+        # Everything the registrar ran has ended (a moment for cancelled callbacks).
+        for _ in range(40):
+            left = {t for t in asyncio.all_tasks() - before if t is not current}
+            left |= {t for t in before if t is not current and not t.done()}
+            if not left:
+                break
+            await asyncio.sleep(0.05)
+        assert not left, [t.get_name() for t in left]

@@ -331,6 +331,7 @@ class AsyncRegistrar:
         self._rejected: asyncio.Event | None = None  # set while a backend refuses it
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._stop_task: asyncio.Future[None] | None = None
         self._started = False
         self._signals: list[tuple[int, Any]] = []
 
@@ -689,9 +690,15 @@ class AsyncRegistrar:
         """
         if self._fork.in_child("stop()"):
             return
-        if self._stopping:
-            return
-        self._stopping = True
+        if self._stop_task is None:
+            self._stopping = True
+            self._stop_task = asyncio.ensure_future(self._shutdown_logged(timeout))
+        # Shielded: a caller cancelled (an ASGI server's shutdown timeout) leaves the stop
+        # running to its end, and a later stop() waits for that one (a second shutdown
+        # would find nothing left to close: the probe and the backend kept running).
+        await asyncio.shield(self._stop_task)
+
+    async def _shutdown_logged(self, timeout: float) -> None:
         try:
             await self._shutdown(timeout)
         except Exception as exc:  # stop() never raises: whatever broke is logged and kept
