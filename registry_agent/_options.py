@@ -18,7 +18,15 @@ from registry_agent._health.gate import OnUnhealthy
 from registry_agent._retry import RetryPolicy
 from registry_agent._urls import parse_duration
 
-__all__ = ["HEARTBEAT_FLOOR", "OPTION_KEYS", "TTL_FLOOR", "OptionArgs", "RegistrationOptions"]
+__all__ = [
+    "HEARTBEAT_FLOOR",
+    "OPTION_KEYS",
+    "REAP_CEILING",
+    "TTL_CEILING",
+    "TTL_FLOOR",
+    "OptionArgs",
+    "RegistrationOptions",
+]
 
 #: Shortest TTL accepted. etcd grants leases in whole seconds (and rounds a short
 #: one up to its own minimum, 2 s by default); Consul reaps on a coarse timer.
@@ -26,6 +34,12 @@ __all__ = ["HEARTBEAT_FLOOR", "OPTION_KEYS", "TTL_FLOOR", "OptionArgs", "Registr
 TTL_FLOOR = 1.0
 #: Shortest heartbeat accepted: at most 4 renewals a second per registrar.
 HEARTBEAT_FLOOR = 0.25
+#: Longest TTL accepted: a day. An entry of a dead instance stays listed for its TTL,
+#: and much more is refused by the registries themselves (etcd: "too large lease
+#: TTL"; Consul: a duration out of its range) on every retry, never up front.
+TTL_CEILING = 86400.0
+#: Longest ``deregister_critical_after`` accepted: a year.
+REAP_CEILING = 365 * 86400.0
 
 
 class OptionArgs(TypedDict, total=False):
@@ -50,8 +64,9 @@ _DURATIONS = ("ttl", "heartbeat", "deregister_critical_after")
 class RegistrationOptions:
     """How one instance is registered and healed; invalid values raise ``ConfigError(field=…)``.
 
-    - ``ttl`` (10 s, at least :data:`TTL_FLOOR`): the registry drops (etcd) or
-      fails (Consul) the entry when no heartbeat renewed it for this long.
+    - ``ttl`` (10 s, at least :data:`TTL_FLOOR`, at most :data:`TTL_CEILING`): the
+      registry drops (etcd) or fails (Consul) the entry when no heartbeat renewed it
+      for this long.
     - ``heartbeat`` (None: ``ttl / 3``; at least :data:`HEARTBEAT_FLOOR`, at most
       ``ttl / 3``): seconds between renewals.
     - ``fall`` (3) / ``rise`` (2): failures in a row that withdraw the instance,
@@ -60,7 +75,7 @@ class RegistrationOptions:
       it as ``"critical"``.
     - ``deregister_critical_after`` (None: the backend's own setting): ask a
       registry that keeps critical entries (Consul) to reap them after this long;
-      the backend checks its own floor (Consul: 60 s).
+      the backend checks its own floor (Consul: 60 s); at most :data:`REAP_CEILING`.
     - ``retry`` (:class:`RetryPolicy` defaults): the backoff of every healing path.
     """
 
@@ -73,7 +88,9 @@ class RegistrationOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
-        ttl = _seconds(self.ttl, "ttl", TTL_FLOOR, "etcd leases are whole seconds")
+        ttl = _seconds(
+            self.ttl, "ttl", TTL_FLOOR, "etcd leases are whole seconds", TTL_CEILING, "a day"
+        )
         heartbeat = None
         if self.heartbeat is not None:
             heartbeat = _seconds(
@@ -98,7 +115,9 @@ class RegistrationOptions:
             ) from None
         reap = self.deregister_critical_after
         if reap is not None:
-            reap = _seconds(reap, "deregister_critical_after", 0.0, "a duration")
+            reap = _seconds(
+                reap, "deregister_critical_after", 0.0, "a duration", REAP_CEILING, "a year"
+            )
             if reap <= 0:
                 raise ConfigError(
                     f"expected a duration above zero, got {reap:g}s",
@@ -181,9 +200,18 @@ class RegistrationOptions:
             raise ConfigError(exc.reason, field=named(exc.field or ""), source=exc.source) from None
 
 
-def _seconds(value: object, name: str, floor: float, why: str) -> float:
+def _seconds(
+    value: object,
+    name: str,
+    floor: float,
+    why: str,
+    ceiling: float = math.inf,
+    longest: str = "",
+) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"expected a number of seconds, got {value!r}", field=name)
     if value < floor:
         raise ConfigError(f"must be at least {floor:g}s ({why}), got {value:g}s", field=name)
+    if value > ceiling:
+        raise ConfigError(f"must be at most {ceiling:g}s ({longest}), got {value:g}s", field=name)
     return float(value)

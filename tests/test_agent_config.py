@@ -297,6 +297,10 @@ def test_ttl_has_a_floor_naming_the_field(tmp_path: Path) -> None:
         f"{path}: service[0].ttl: must be at least 1s (etcd leases are whole seconds), got 0.001s"
     )
     assert load_config(write(tmp_path, GOOD.replace('ttl = "10s"', 'ttl = "1s"')), env={})
+    assert load_config(write(tmp_path, GOOD.replace('ttl = "10s"', 'ttl = "24h"')), env={})
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD.replace('ttl = "10s"', 'ttl = 10000000000')), env={})
+    assert str(info.value).endswith("service[0].ttl: must be at most 86400s (a day), got 1e+10s")
 
 
 def test_check_refuses_what_run_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -48,6 +48,10 @@ def test_values_are_normalised() -> None:
         ({"on_unhealthy": "panic"}, "on_unhealthy", '"deregister" or "critical"'),
         ({"deregister_critical_after": 0}, "deregister_critical_after", "above zero"),
         ({"deregister_critical_after": -5}, "deregister_critical_after", "at least"),
+        # Ceilings: what the registries refuse anyway, on every retry (a break-it run).
+        ({"ttl": 86401}, "ttl", "at most 86400s (a day)"),
+        ({"ttl": 1e300}, "ttl", "at most 86400s"),
+        ({"deregister_critical_after": 1e12}, "deregister_critical_after", "(a year)"),
         ({"retry": 3}, "retry", "RetryPolicy"),
         ({"tll": 5}, "tll", "unknown option"),
     ],
