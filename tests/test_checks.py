@@ -33,6 +33,7 @@ from registry_agent import (
 )
 from registry_agent._health.base import INTERVAL_FLOOR, TIMEOUT_FLOOR
 from registry_agent._health.checks import as_check
+from registry_agent._health.command import RUN_MARK
 from registry_agent.testing.servers import free_port
 
 PASSWORD = "s3cr@t-pw:x"  # a test secret: "@" and ":" must be escaped in URLs
@@ -613,6 +614,30 @@ async def test_a_timed_out_command_loses_its_setsid_escapees_too() -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("then", ["sleep 1000", "exit 0"], ids=["timed-out", "exited"])
+async def test_a_command_loses_the_daemons_it_started(then: str) -> None:
+    # setsid and a double fork: the daemon's parent exits, it belongs to init, neither
+    # in the check's group nor in its tree. A break-it run saw 25 such daemons left by
+    # an agent after 5 s (and after its exit). The run's mark in their environment
+    # finds them.
+    mark = f"RA_DAEMON_MARK={os.getpid()}-{time.monotonic_ns()}"
+    daemon = f"setsid sh -c 'sleep 1000 & exit 0' </dev/null >/dev/null 2>&1; {then}"
+    check = CommandCheck(["sh", "-c", daemon], env=dict([mark.split("=")]), timeout=0.5)
+    leftovers: list[int] = []
+    try:
+        for run in range(2):
+            result = await check.run()
+            assert result.ok == (then == "exit 0"), result
+            await asyncio.sleep(0.2)  # a SIGKILLed process may take a moment to go
+            leftovers = _marked(mark.encode())
+            print(f"run {run}: {result.latency:.3f}s, daemons left: {leftovers}")
+            assert leftovers == []
+    finally:
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 async def test_a_command_that_exits_leaves_nothing_running(tmp_path: Path) -> None:
     # The leftover keeps the output pipe open: the check must not wait for it.
     pidfile = tmp_path / "left.pid"
@@ -650,6 +675,7 @@ async def test_command_checks_get_a_scrubbed_environment(
         assert value not in out.read_text()
     assert seen["PATH"] == os.environ["PATH"]
     assert seen["LC_TIME"] == "C"
+    assert seen[RUN_MARK].startswith(f"{os.getpid()}.")  # what finds its leftovers
 
     given = {"PGHOST": "db", "CONSUL_HTTP_TOKEN": "for-this-check"}
     assert (await CommandCheck(argv, env=given).run()).ok
@@ -860,3 +886,24 @@ def test_each_shipped_kind_is_registered_under_its_key() -> None:
         "grpc": GrpcCheck,
     }
     assert all(cls.example.startswith(f"{kind} = ") for kind, cls in CHECK_KINDS.items())
+
+
+async def test_a_details_output_cannot_forge_a_log_line_or_drive_a_terminal() -> None:
+    # A break-it run: a check printing a newline, a fake log line and escape sequences
+    # (clear screen, window title) got them into the agent's log and the terminal.
+    forged = "boom\n2026-12-02T00:00:00Z ERROR   registry_agent.agent: FAKE\x1b[2J\x1b]0;pwned\x07"
+    script = f"import sys; sys.stdout.write({forged!r}); sys.exit(1)"
+    result = await CommandCheck([sys.executable, "-c", script]).run()
+    assert not result.ok
+    assert result.detail == (
+        "exit 1: boom ⏎ 2026-12-02T00:00:00Z ERROR   registry_agent.agent: FAKE"
+        "\\x1b[2J\\x1b]0;pwned\\x07"
+    )
+    assert result.detail.isprintable()
+
+    def raising() -> bool:
+        raise RuntimeError("line one\r\nline\ttwo\x00")
+
+    detail = (await as_check(raising).run()).detail
+    assert detail.isprintable(), detail
+    assert "line one ⏎ line two\\x00" in detail

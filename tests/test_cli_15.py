@@ -695,4 +695,4 @@ def test_check_table_shows_a_multi_line_detail_on_one_line(
     assert out[0].endswith("first line ⏎ second line ⏎ third"), out[0]
     assert main(["check", "-c", str(path), "--json"]) == ExitCode.FAILED
     (check,) = json.loads(capsys.readouterr().out)["services"][0]["checks"]
-    assert "first line\nsecond\tline" in check["detail"]  # JSON keeps the text as it is
+    assert check["detail"] == "exit 3: first line ⏎ second line ⏎ third"  # one line everywhere

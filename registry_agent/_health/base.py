@@ -70,7 +70,22 @@ def raised(exc: BaseException) -> str:
     return f"raised {type(exc).__name__}" + (f": {text}" if text else "")
 
 
-def _shorten(text: str) -> str:
+# Line breaks shown as " ⏎ ", a tab as a space, every other control character escaped
+# ("\x1b"): a detail is one line in the log and on a terminal, whatever a check prints
+# (a forged log line, a terminal's escape sequences).
+_CONTROLS = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))},
+    0x09: " ",
+    0x0A: " ⏎ ",
+    0x0D: "",
+    0x2028: " ⏎ ",
+    0x2029: " ⏎ ",
+}
+
+
+def _as_detail(text: str) -> str:
+    """``text`` as a detail: one line, printable, at most :data:`DETAIL_MAX` characters."""
+    text = text.translate(_CONTROLS)
     if len(text) <= DETAIL_MAX:
         return text
     half = DETAIL_MAX // 2 - 3
@@ -165,7 +180,7 @@ class HealthCheck:
             # SystemExit or KeyboardInterrupt from an async check's own code: raised on
             # the loop, it would end the whole application's loop. It is the check failing.
             ok, detail = False, raised(exc)
-        return CheckResult(ok, _shorten(self._mask(detail)), time.perf_counter() - started, at)
+        return CheckResult(ok, _as_detail(self._mask(detail)), time.perf_counter() - started, at)
 
     async def aclose(self) -> None:
         """Release what the check holds (connections); returns promptly."""

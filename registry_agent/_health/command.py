@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from registry_agent._errors import ConfigError
 from registry_agent._health.base import HealthCheck
 from registry_agent._urls import Table, as_str_list, as_str_map
 
-__all__ = ["SAFE_ENV", "CommandCheck", "command_env"]
+__all__ = ["RUN_MARK", "SAFE_ENV", "CommandCheck", "command_env"]
 
 #: Variables a command check inherits from the agent (plus every ``LC_*``); nothing else.
 SAFE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR")
@@ -29,6 +30,12 @@ _REAP_WAIT = 1.0
 #: Walks of the process tree on timeout before killing what was found.
 _TREE_ROUNDS = 8
 _PROC = Path("/proc")
+
+#: A variable set in each run's environment (``<our pid>.<run>``): what a run leaves
+#: running is found by it once the run ends, daemons that left its process tree
+#: (``setsid`` and a double fork: their parent gone, they belong to init) included.
+RUN_MARK = "REGISTRY_AGENT_CHECK_RUN"
+_runs = itertools.count(1)
 
 _reaping: set[asyncio.Task[int]] = set()
 
@@ -135,6 +142,40 @@ def _kill_tree(pid: int) -> None:
             _kill(child, signal.SIGKILL)
 
 
+def _marked(entry: bytes) -> set[int]:
+    """Processes whose environment holds ``entry`` (``NAME=value``); empty without /proc."""
+    found: set[int] = set()
+    if not _PROC.is_dir():
+        return found
+    for proc in os.scandir(_PROC):
+        if not proc.name.isdigit():
+            continue
+        try:
+            with open(f"{proc.path}/environ", "rb") as environ:
+                if entry in environ.read().split(b"\0"):
+                    found.add(int(proc.name))
+        except OSError:
+            continue  # gone meanwhile, a zombie, or not ours to read
+    return found
+
+
+def _kill_marked(entry: bytes) -> None:
+    """SIGKILL every process carrying a run's mark: frozen first (SIGSTOP, so none forks
+    meanwhile), looked for again until no new one shows up."""
+    frozen: set[int] = set()
+    try:
+        for _ in range(_TREE_ROUNDS):
+            new = _marked(entry) - frozen
+            if not new:
+                break
+            for pid in new:
+                _kill(pid, signal.SIGSTOP)
+            frozen |= new
+    finally:
+        for pid in frozen:
+            _kill(pid, signal.SIGKILL)
+
+
 class CommandCheck(HealthCheck):
     """Passes when ``argv`` exits 0; its output (stdout and stderr) is the detail.
 
@@ -142,7 +183,10 @@ class CommandCheck(HealthCheck):
     when the check is cancelled, its whole process tree is killed with
     SIGKILL: its process group, and on Linux every descendant found through
     ``/proc``, those that left the group with ``setsid`` included; when it
-    exits, whatever it left running in its group is killed too. The command is
+    exits, whatever it left running in its group is killed too. Either way,
+    on Linux, so is every process still carrying the run's
+    :data:`RUN_MARK` variable: daemons that left the tree (``setsid`` and a
+    double fork) are found by it (one that clears its environment is not). The command is
     always waited for, so it never stays a zombie of ours. Output is read as
     it comes and only its last 4 KiB are kept: a command printing gigabytes
     costs no memory.
@@ -152,7 +196,7 @@ class CommandCheck(HealthCheck):
     ``REGISTRY_AGENT_*``, ``ETCD_PASSWORD``…). It gets only ``PATH``,
     ``HOME``, ``USER``, ``LOGNAME``, ``LANG``, ``LANGUAGE``, ``LC_*``, ``TZ``
     and ``TMPDIR`` from the agent, plus the ``env`` mapping given here, which
-    wins over them.
+    wins over them, and :data:`RUN_MARK`.
     """
 
     kind: ClassVar[str | None] = "command"
@@ -197,6 +241,7 @@ class CommandCheck(HealthCheck):
 
     async def probe(self) -> str:
         loop = asyncio.get_running_loop()
+        mark = f"{os.getpid()}.{next(_runs)}"
         read_fd, write_fd = os.pipe()
         try:
             try:
@@ -206,7 +251,7 @@ class CommandCheck(HealthCheck):
                     stdout=write_fd,
                     stderr=write_fd,
                     start_new_session=True,
-                    env=command_env(self.env),
+                    env={**command_env(self.env), RUN_MARK: mark},
                 )
             finally:
                 os.close(write_fd)
@@ -220,11 +265,13 @@ class CommandCheck(HealthCheck):
             code = await proc.wait()
             # Leftovers in its group may hold the pipe open: kill them, take what they wrote.
             _kill_group(proc.pid)
+            _kill_marked(f"{RUN_MARK}={mark}".encode())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_AFTER_EXIT):
                     await asyncio.shield(tail.closed)
         except BaseException:
             _kill_tree(proc.pid)
+            _kill_marked(f"{RUN_MARK}={mark}".encode())
             await _reap(proc)
             raise
         finally:
