@@ -299,7 +299,7 @@ def test_ttl_has_a_floor_naming_the_field(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, GOOD.replace('ttl = "10s"', 'ttl = "1s"')), env={})
     assert load_config(write(tmp_path, GOOD.replace('ttl = "10s"', 'ttl = "24h"')), env={})
     with pytest.raises(ConfigError) as info:
-        load_config(write(tmp_path, GOOD.replace('ttl = "10s"', 'ttl = 10000000000')), env={})
+        load_config(write(tmp_path, GOOD.replace('ttl = "10s"', "ttl = 10000000000")), env={})
     assert str(info.value).endswith("service[0].ttl: must be at most 86400s (a day), got 1e+10s")
 
 
