@@ -131,6 +131,40 @@ async def test_outage_longer_than_the_ttl_is_reported_truthfully(
         await reg.backend.close()
 
 
+@pytest.mark.parametrize("fault", ["blackhole", "stall"])
+async def test_shared_liveness_cut_off_is_not_ready_within_the_ttl(
+    server: ServerProcess, proxy: FaultProxy, measured: Measured, fault: str
+) -> None:
+    # A break-it run (the agent's default, shared liveness, ttl 3 s): behind a
+    # blackhole, registered and /readyz stayed True 3-5 s past the TTL, while the
+    # shared renewal or the new lease's grant waited out a 5 s call timeout (etcd had
+    # dropped the key 4.8 s before /readyz said so).
+    timeout = 5.0  # a call timeout longer than the TTL, as the backends' default
+    backend = open_backend(through(server, proxy), timeout=timeout)
+    reg = AsyncRegistrar(backend, INSTANCE, ttl=TTL, retry=RETRY, shared_liveness=True)
+    await reg.start(wait_registered=10)
+    try:
+        await until(lambda: reg.status()["last_heartbeat"] is not None, 5, "a renewal")
+        await asyncio.sleep(TTL / 2)
+        getattr(proxy, fault)()
+        cut = time.time()
+        renewed = reg.status()["last_heartbeat"]  # the last renewal: none answers after the cut
+        await until(lambda: not reg.registered, TTL + timeout + MARGIN, "registered False")
+        took = time.time() - renewed
+        measured("shared: not registered after last renewal", took, TTL + MARGIN)
+        assert took >= TTL - 0.1, took  # and not before the TTL ran out
+        status = reg.status()
+        assert status["ready"] is False
+        assert status["not_ready_reason"].startswith("entry lost ("), status
+        assert time.time() - cut < TTL + MARGIN
+        proxy.heal()
+        await until(lambda: reg.ready, 10 + timeout + MARGIN, "ready again")
+    finally:
+        proxy.heal()
+        await reg.stop(timeout=5)
+        await backend.close()
+
+
 async def test_consul_maintenance_mode_is_read_back(
     consul_server: ConsulServer, measured: Measured, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -297,9 +297,19 @@ class BackendLane:
         if unfollow is not None:
             unfollow()
 
+    def observe(self) -> None:
+        """Before reading the entry's state: a shared lease's last renewal, from the
+        backend's memory (no I/O)."""
+        lease = self.reg.lease
+        if lease is not None and lease.shared and isinstance(self.backend, SharedLiveness):
+            renewed = self.backend.last_renewal(lease)  # wall clock
+            if renewed is not None:
+                self.reg.shared_renewed(self.owner._clock() - (time.time() - renewed))
+
     def status(self) -> BackendStatus:
         """This backend's part of ``status()``."""
         reg = self.reg
+        self.observe()
         ready, reason = self.owner.readiness(self)
         registered = reg.registered(self.owner._clock())
         seen = reg.seen

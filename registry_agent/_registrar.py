@@ -378,6 +378,8 @@ class AsyncRegistrar:
         by then the registry has dropped the entry (etcd) or failed it (Consul).
         """
         now = self._clock()
+        for lane in self._lanes:
+            lane.observe()
         return any(lane.reg.registered(now) for lane in self._lanes)
 
     @property
@@ -810,6 +812,7 @@ class AsyncRegistrar:
     def readiness(self, lane: BackendLane) -> tuple[bool, str | None]:
         """``(ready, why not)`` of one backend's entry."""
         failing = "" if self.gate.healthy else self.failing_checks()
+        lane.observe()
         return lane.reg.readiness(
             self._clock(), self.state, stopping=self._stopping, failing=failing
         )

@@ -160,6 +160,9 @@ class Registration:
         self.lease: Lease | None = None
         self.actual: HealthStatus | None = None  # the status we last wrote; None: no entry
         self.expires_at: float | None = None  # our entry lapses then unless renewed
+        #: A shared lease: when the backend's last shared renewal stops covering our
+        #: entry (see :meth:`shared_renewed`); the backend decides the loss itself.
+        self.shared_expires_at: float | None = None
         self.stale: Lease | None = None  # a lease we abandoned that may still be alive
         #: The instance our entry holds as we wrote it (None: no entry written yet).
         self.written: ServiceInstance | None = None
@@ -216,9 +219,20 @@ class Registration:
 
     def registered(self, now: float) -> bool:
         """The registry holds our entry: written, and not a TTL without renewal ago."""
-        return self.actual is not None and not (
-            self.expires_at is not None and now >= self.expires_at
-        )
+        return self.actual is not None and not self._lapsed(now)
+
+    def shared_renewed(self, at: float) -> None:
+        """The shared liveness our lease is on was last renewed at ``at`` (this clock):
+        a TTL later, with no renewal since, our entry no longer counts as held, even
+        while the backend still waits for a call to tell it is lost."""
+        if self.lease is not None and self.lease.shared:
+            self.shared_expires_at = max(at, self._registered_at) + self.options.ttl
+
+    def _lapsed(self, now: float) -> bool:
+        if self.expires_at is not None and now >= self.expires_at:
+            return True
+        shared = self.lease is not None and self.lease.shared
+        return shared and self.shared_expires_at is not None and now >= self.shared_expires_at
 
     def next(self, desired: Desired, now: float, note: str = "") -> Step | Sleep:
         """The step to perform now, or how long to sleep. ``note`` goes with a
@@ -253,6 +267,8 @@ class Registration:
                 return False, "health checks have not passed yet"
             if state is GateState.WITHDRAWN:
                 return False, "withdrawn: " + failing
+            if self.actual is not None:  # written, then a TTL without renewal
+                return False, f"entry lost ({self._expiry_reason()})"
             if self.lost_reason is not None:
                 again = self.last_error
                 more = (

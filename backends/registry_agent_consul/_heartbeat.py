@@ -362,6 +362,22 @@ class HeartbeatGroup:
         )
         self._tell(LivenessNews.RENEWAL, list(self.members.values()))
 
+    async def _renew_within_ttl(self) -> None:
+        """Renew, waiting no longer than the TTL's end: a renewal still unanswered then
+        (a stalled or blackholed agent) counts the heartbeat lost now, not when the
+        call's own timeout ends (members said "registered" up to 5 s past the TTL)."""
+        left = self.ttl - (time.monotonic() - self._since_ok)
+        try:
+            async with asyncio.timeout(max(0.1, left)) as bound:
+                await self.calls.renew(self.service_id)
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            raise BackendUnavailable(
+                f"no answer before the TTL ran out ({self.ttl:g}s since the last renewal)",
+                backend="consul",
+            ) from None
+
     async def _renew_loop(self) -> None:
         attempt = 0
         while True:
@@ -369,7 +385,7 @@ class HeartbeatGroup:
             renewing = self._registered
             try:
                 if renewing:
-                    await self.calls.renew(self.service_id)
+                    await self._renew_within_ttl()
                 else:
                     back = bool(self._lost_why)  # a new heartbeat after a loss
                     await self.ensure()

@@ -326,13 +326,14 @@ class LeaseGroup:
                     return
                 sent = time.monotonic()
                 try:
-                    if stream is None:
-                        stream = await self._open()
-                    self.stats.renewals += 1
-                    # No longer than the lease may still live: a renewal unanswered
-                    # by then counts the lease lost (members hear at once).
+                    # No longer than the lease may still live, reconnecting included: a
+                    # renewal unanswered by then counts the lease lost (members hear at
+                    # once; a reconnect to a blackholed member took the whole timeout).
                     left = (self._last_ok or sent) + self.seconds - time.monotonic()
                     async with asyncio.timeout(min(self.backend.timeout, max(0.1, left))):
+                        if stream is None:
+                            stream = await self._open()
+                        self.stats.renewals += 1
                         await stream.call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
                         reply = self._answer(await stream.replies.get())
                 except asyncio.CancelledError:
