@@ -756,6 +756,16 @@ async def test_credentials_in_the_query_are_sent_and_never_shown(http_url: str) 
     _no_password(result.detail, refused.url, refused.name)
     for c in (check, refused):
         await c.aclose()
+    # Names a break-it run saw shown in clear: ?pass=, ?jwt=, AWS presigned URLs.
+    presigned = HttpCheck(
+        "http://127.0.0.1:1/h?pass=p4ss&jwt=eyJhbGci.x.y&X-Amz-Credential=AKIA/2026"
+        "&X-Amz-Signature=abcd1234&X-Amz-Security-Token=t0k&v=2"
+    )
+    assert presigned.url == (
+        "http://127.0.0.1:1/h?pass=***&jwt=***&X-Amz-Credential=***"
+        "&X-Amz-Signature=***&X-Amz-Security-Token=***&v=2"
+    )
+    await presigned.aclose()
 
 
 async def test_failing_http_checks_never_show_the_password(http_url: str) -> None:

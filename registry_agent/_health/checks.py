@@ -47,8 +47,12 @@ def _mask_userinfo(text: str) -> str:
 # Header names whose value is a credential (``Authorization``, ``X-Api-Key``…).
 _SECRET_HEADER_WORDS = ("auth", "token", "key", "secret", "cookie", "password")
 
-# Query parameters whose value is a credential (``?access_token=…``, ``?api_key=…``).
-_SECRET_PARAM = re.compile(r"token|passw|pwd|secret|key|auth|signature|sig$", re.IGNORECASE)
+# Query parameters whose value is a credential (``?access_token=…``, ``?api_key=…``,
+# ``?pass=…``, ``?jwt=…``, AWS's ``X-Amz-Credential``/``X-Amz-Signature``).
+_SECRET_PARAM = re.compile(
+    r"token|pass|pwd|secret|key|auth|signature|sig$|jwt|credential|session|cookie",
+    re.IGNORECASE,
+)
 
 
 def _mask_query(query: str) -> tuple[str, list[str]]:
