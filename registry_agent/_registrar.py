@@ -310,7 +310,11 @@ class AsyncRegistrar:
         self.checks = [as_check(c) for c in checks]
         names = [c.name for c in self.checks]
         if len(set(names)) != len(names):
-            raise ConfigError(f"check names must be unique, got {names}", field="checks")
+            raise ConfigError(
+                f"check names must be unique (give each a name: name = \"…\" in a config "
+                f"table, name= in code), got {names}",
+                field="checks",
+            )
         self.gate = HealthGate(names, rise=options.rise, fall=options.fall)
         self._shared_liveness = shared_liveness
         self._changing: asyncio.Lock | None = None  # held by set_backends

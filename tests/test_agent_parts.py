@@ -8,11 +8,13 @@ import logging
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from registry_agent import ConfigError
 from registry_agent._agent.config import ServiceConfig, load_config, parse_config
 from registry_agent._agent.logs import (
     JsonFormatter,
@@ -194,6 +196,26 @@ async def test_listening_beyond_loopback_warns(
             (message,) = warnings
             assert "beyond loopback" in message
             assert warned in message
+
+
+async def test_a_status_port_in_use_is_an_error_naming_the_field(tmp_path: Path) -> None:
+    # A break-it run: "unexpected OSError: [Errno 98] Address already in use (while
+    # attempting to bind ...)", naming neither the setting nor the file.
+    base = {"backend": {"url": "consul://127.0.0.1:8500"}, "service": [{"name": "a", "port": 1}]}
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = parse_config(
+            {**base, "status": {"listen": f"127.0.0.1:{port}"}},
+            env={},
+            base=tmp_path,
+            source=str(tmp_path / "agent.toml"),
+        )
+        with pytest.raises(ConfigError) as caught:
+            await AgentRuntime(config)._start_status_server()
+    assert str(caught.value) == (
+        f"{tmp_path / 'agent.toml'}: status.listen: cannot listen on 127.0.0.1:{port}: "
+        "Address already in use"
+    )
 
 
 def test_status_and_metrics_are_scrubbed_of_every_credential(tmp_path: Path) -> None:

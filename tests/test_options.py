@@ -111,3 +111,17 @@ def test_registrar_names_an_unknown_keyword() -> None:
     with pytest.raises(ConfigError) as info:
         AsyncRegistrar("memory://options", INSTANCE, tll=5)  # type: ignore[call-arg]
     assert info.value.field == "tll"
+
+
+def test_checks_of_one_name_say_how_to_name_them() -> None:
+    # A break-it run: two `command = ["sh", "-c", …]` checks were refused as
+    # "check names must be unique, got ['command sh', 'command sh']", with no word of
+    # the `name` key that fixes it.
+    from registry_agent import CommandCheck
+
+    checks = [CommandCheck(["sh", "-c", "true"]), CommandCheck(["sh", "-c", "exit 0"])]
+    with pytest.raises(ConfigError) as info:
+        AsyncRegistrar("memory://names", INSTANCE, checks=checks)
+    assert info.value.field == "checks"
+    assert 'name = "…"' in info.value.reason
+    assert "['command sh', 'command sh']" in info.value.reason

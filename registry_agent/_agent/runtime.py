@@ -486,7 +486,15 @@ class AgentRuntime:
             },
             token=self.config.status_token,
         )
-        await self.status_server.start()
+        try:
+            await self.status_server.start()
+        except OSError as exc:  # the port is taken, or the address is not ours
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: "
+                f"{os.strerror(exc.errno) if exc.errno else exc}",
+                field="status.listen",
+                source=self.config.source,
+            ) from None
         log.info(
             "status server on http://%s:%d%s",
             host,
