@@ -311,7 +311,7 @@ class AsyncRegistrar:
         names = [c.name for c in self.checks]
         if len(set(names)) != len(names):
             raise ConfigError(
-                f"check names must be unique (give each a name: name = \"…\" in a config "
+                f'check names must be unique (give each a name: name = "…" in a config '
                 f"table, name= in code), got {names}",
                 field="checks",
             )

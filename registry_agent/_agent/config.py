@@ -270,7 +270,9 @@ def _backend_variable(name: str) -> bool:
     return name.startswith(ENV_PREFIX) and _ENV_KEYS.get(key, ("",))[0] == "backend"
 
 
-def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
+def _apply_env(data: dict[str, Any], env: Mapping[str, str], given: dict[str, str]) -> list[str]:
+    """Set the file's keys the environment overrides (``given``: their paths, such as
+    ``log.level``, to the variable that set them); returns unknown variables."""
     unknown = []
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX):
@@ -288,6 +290,7 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
             section = data.setdefault(table, {})
             if isinstance(section, dict):
                 section[item] = value
+                given[f"{table}.{item}"] = name
                 if item in ("token", "token_file"):
                     section.pop("token_file" if item == "token" else "token", None)
                 if item in ("password", "password_file"):
@@ -317,13 +320,27 @@ def _parse(
         # The environment names the backends, its REGISTRY_AGENT_* backend keys included.
         data["backend"] = backend_tables_from_env(env)
         env = {name: value for name, value in env.items() if not _backend_variable(name)}
-    unknown_env = _apply_env(data, env)
+    given: dict[str, str] = {}
+    unknown_env = _apply_env(data, env, given)
     if unknown_env:
         raise ConfigError(
             f"unknown environment variable(s) {', '.join(sorted(unknown_env))}; expected "
             + ", ".join(ENV_PREFIX + k for k in _ENV_KEYS),
             source="environment",
         )
+    try:
+        return _parse_tables(data, source, env, base)
+    except ConfigError as exc:
+        name = given.get(exc.field or "")
+        if name is None:
+            raise
+        # The value came from the environment, not the file: name the variable.
+        raise ConfigError(exc.reason, field=name, source="environment") from None
+
+
+def _parse_tables(
+    data: dict[str, Any], source: str, env: Mapping[str, str], base: Path
+) -> AgentConfig:
     top = Table(data, "", source)
     if "backend" not in top:
         raise top.error("backend", "is required")

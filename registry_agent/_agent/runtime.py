@@ -490,8 +490,7 @@ class AgentRuntime:
             await self.status_server.start()
         except OSError as exc:  # the port is taken, or the address is not ours
             raise ConfigError(
-                f"cannot listen on {host}:{port}: "
-                f"{os.strerror(exc.errno) if exc.errno else exc}",
+                f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}",
                 field="status.listen",
                 source=self.config.source,
             ) from None
