@@ -120,7 +120,12 @@ def parse_backend_url(url: str, *, default_port: int | None = None) -> BackendUR
 def _split_host_port(part: str, url: str, default_port: int | None) -> tuple[str, int]:
     if part.startswith("["):
         host, sep, port_text = part[1:].partition("]")
-        port_text = port_text.removeprefix(":") if sep else ""
+        if not sep or (port_text and not port_text.startswith(":")):
+            raise ConfigError(
+                f"expected an IPv6 address in brackets, the port after them ([::1]:port): {url!r}",
+                field="backend",
+            )
+        port_text = port_text.removeprefix(":")
     elif part.count(":") == 1:
         host, port_text = part.split(":")
     elif ":" in part:

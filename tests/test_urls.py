@@ -29,6 +29,8 @@ def test_default_port_and_empty_host_list() -> None:
         ("consul://h:70000", "expected a port 1-65535"),
         ("consul://:8500", "missing host"),
         ("etcd://::1:2379", "IPv6 addresses need brackets"),
+        ("etcd://u:p@[::1:2379", "an IPv6 address in brackets"),  # a break-it run: exit 1
+        ("etcd://[::1]x:2379", "an IPv6 address in brackets"),
         ("1bad://h:1", "invalid URL scheme"),
         ("consul://h:1?token=a&token=b", "given twice"),
     ],
