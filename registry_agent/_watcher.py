@@ -40,6 +40,9 @@ __all__ = ["AsyncWatcher", "Backends", "WatchedBackend", "WatcherStats", "open_b
 
 log = logging.getLogger("registry_agent.watcher")
 
+# A failing listener is reported at most this often (seconds).
+_LISTENER_REPORT_EVERY = 60.0
+
 _REPEAT_LOG_EVERY = 30.0
 _EMPTY: Mapping[str, InstanceHealth] = MappingProxyType({})
 
@@ -218,6 +221,8 @@ class AsyncWatcher:
         self.retry = retry or RetryPolicy(initial=0.1, cap=2.0)
         self.on_error = on_error
         self.listener = listener
+        self._listener_failures = 0  # since the last report
+        self._listener_reported = 0.0
         self.lag_warning = lag_warning
         self._state: dict[str, Mapping[str, InstanceHealth]] = {}
         self._index: dict[str, int] = {}
@@ -234,6 +239,31 @@ class AsyncWatcher:
         self._events = {(s, str(t)): 0 for s in self.services for t in EventType}
         self._errors = {(s, m): 0 for s in self.services for m in range(len(members))}
         self._coalesced = 0
+
+    def _listener_failed(self, exc: BaseException) -> None:
+        """The first failure with its traceback; later ones counted, one line a minute."""
+        self._listener_failures += 1
+        now = time.monotonic()
+        first = self._listener_reported == 0.0
+        if not first and now - self._listener_reported < _LISTENER_REPORT_EVERY:
+            return
+        failures, self._listener_failures = self._listener_failures, 0
+        self._listener_reported = now
+        if first:
+            log.error(
+                "watch listener failed (later failures: one line a minute)",
+                exc_info=exc,
+                extra={"event": "listener_failed"},
+            )
+        else:
+            log.error(
+                "watch listener failed %d time(s) in the last %gs; the last: %s: %s",
+                failures,
+                _LISTENER_REPORT_EVERY,
+                type(exc).__name__,
+                exc,
+                extra={"event": "listener_failed"},
+            )
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -530,8 +560,8 @@ class AsyncWatcher:
             for event in diff_snapshots(old, new, snapshot.index, changed):
                 try:
                     self.listener(event)
-                except Exception:
-                    log.exception("watch listener failed", extra={"event": "listener_failed"})
+                except (Exception, SystemExit) as exc:  # the app's bug ends no watch
+                    self._listener_failed(exc)
         consumers = list(self._consumers)
         if not consumers:
             return

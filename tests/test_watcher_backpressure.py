@@ -511,3 +511,33 @@ async def test_snapshots_that_name_their_changes_cost_the_watcher_only_those(
     assert sum(e.type is EventType.OFFLINE for e in taken) == changes // 2
     assert sum(e.type is EventType.ONLINE for e in taken) == changes // 2
     assert sum(e.type is EventType.ADDED for e in taken) == changes // 50
+
+
+async def test_a_failing_listener_ends_no_watch_and_is_reported_a_line_a_minute(
+    registry: MemoryRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A break-it run: a raising listener logged its traceback on every event, and one
+    # calling sys.exit() ended the app's asyncio.run() with SystemExit.
+    calls = 0
+
+    def listener(event: WatchEvent) -> None:
+        nonlocal calls
+        calls += 1
+        if calls % 2:
+            raise ValueError(f"bad listener {calls}")
+        raise SystemExit(3)
+
+    for n in range(3):
+        registry.put(InstanceHealth(inst(n)), ttl=600)
+    with caplog.at_level(logging.ERROR, "registry_agent.watcher"):
+        async with AsyncWatcher(registry.url, "orders", listener=listener, retry=FAST) as w:
+            await w.wait_synced(5)
+            for n in range(20):
+                registry.put(InstanceHealth(inst(n % 3, version=n + 1)), ttl=600)
+            registry.delete("orders", "o0", None)
+            await wait_until(lambda: "o0" not in final_state(w))
+            assert final_state(w).keys() == {"o1", "o2"}  # the watch went on
+    assert calls >= 4  # both kinds raised, many times
+    failures = [r for r in caplog.records if r.getMessage().startswith("watch listener failed")]
+    assert len(failures) == 1, [r.getMessage() for r in failures]  # then counted, quiet
+    assert failures[0].exc_info is not None  # the first with its traceback
