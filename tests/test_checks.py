@@ -592,45 +592,37 @@ def _marked(mark: bytes) -> list[int]:
     return found
 
 
-async def test_a_timed_out_command_loses_its_setsid_escapees_too() -> None:
-    # "setsid" leaves the check's process group (and closes its end of the pipe):
-    # only the walk of the process tree finds it.
+_DAEMON = "setsid sh -c 'sleep 1000 & exit 0' </dev/null >/dev/null 2>&1"
+
+
+@pytest.mark.parametrize(
+    ("script", "ok"),
+    [
+        # "setsid" leaves the check's process group (and closes its end of the pipe):
+        # only the walk of the process tree finds it.
+        ("setsid sh -c 'exec 1>&-; sleep 1000' & exec sleep 1000", False),
+        # setsid and a double fork: the daemon's parent exits, it belongs to init,
+        # neither in the check's group nor in its tree; the run's mark in its
+        # environment finds it (a break-it run saw 25 left by an agent after 5 s).
+        (f"{_DAEMON}; sleep 1000", False),
+        (f"{_DAEMON}; exit 0", True),
+    ],
+    ids=["setsid-escapee", "daemon-timed-out", "daemon-exited"],
+)
+async def test_a_command_leaves_nothing_running_once_its_run_ends(script: str, ok: bool) -> None:
     mark = f"RA_TREE_MARK={os.getpid()}-{time.monotonic_ns()}"
-    escapee = "setsid sh -c 'exec 1>&-; sleep 1000' & exec sleep 1000"
-    check = CommandCheck(["sh", "-c", escapee], env=dict([mark.split("=")]), timeout=0.5)
-    leftovers: list[int] = []
-    try:
-        for run in range(3):
-            result = await check.run()
-            assert (result.ok, result.detail) == (False, "timed out after 0.5s")
-            assert result.latency < 2.5, f"run {run}: {result.latency:.2f}s"
-            await asyncio.sleep(0.2)  # a SIGKILLed process may take a moment to go
-            leftovers = _marked(mark.encode())
-            print(f"run {run}: {result.latency:.2f}s, processes of the check left: {leftovers}")
-            assert leftovers == []
-    finally:
-        for pid in leftovers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-@pytest.mark.parametrize("then", ["sleep 1000", "exit 0"], ids=["timed-out", "exited"])
-async def test_a_command_loses_the_daemons_it_started(then: str) -> None:
-    # setsid and a double fork: the daemon's parent exits, it belongs to init, neither
-    # in the check's group nor in its tree. A break-it run saw 25 such daemons left by
-    # an agent after 5 s (and after its exit). The run's mark in their environment
-    # finds them.
-    mark = f"RA_DAEMON_MARK={os.getpid()}-{time.monotonic_ns()}"
-    daemon = f"setsid sh -c 'sleep 1000 & exit 0' </dev/null >/dev/null 2>&1; {then}"
-    check = CommandCheck(["sh", "-c", daemon], env=dict([mark.split("=")]), timeout=0.5)
+    check = CommandCheck(["sh", "-c", script], env=dict([mark.split("=")]), timeout=0.5)
     leftovers: list[int] = []
     try:
         for run in range(2):
             result = await check.run()
-            assert result.ok == (then == "exit 0"), result
+            assert result.ok == ok, result
+            if not ok:
+                assert result.detail == "timed out after 0.5s"
+            assert result.latency < 2.5, f"run {run}: {result.latency:.2f}s"
             await asyncio.sleep(0.2)  # a SIGKILLed process may take a moment to go
             leftovers = _marked(mark.encode())
-            print(f"run {run}: {result.latency:.3f}s, daemons left: {leftovers}")
+            print(f"run {run}: {result.latency:.3f}s, processes of the check left: {leftovers}")
             assert leftovers == []
     finally:
         for pid in leftovers:
