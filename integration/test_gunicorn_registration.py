@@ -526,7 +526,11 @@ async def test_sighup_keeps_the_entry_and_a_killed_master_takes_it_away(
         # The master SIGKILLed (no hook runs): the keeper sees its parent gone and deregisters.
         killed = time.monotonic()
         os.kill(gunicorn.process.pid, signal.SIGKILL)
-        gone = [await seen.wait_for((EventType.DELETED, entry_id)) for entry_id in ids]
+        try:
+            gone = [await seen.wait_for((EventType.DELETED, entry_id)) for entry_id in ids]
+        except BaseException:
+            print(gunicorn.log())  # the keeper logs to gunicorn's stderr
+            raise
         gone_at = max(seen.at(event) for event in gone)
     measured("master kill -9 -> entries gone", gone_at - killed, WITHDRAW_BOUND)
     assert gone_at - killed < TTL  # deregistered, not expired

@@ -31,10 +31,11 @@ _REAP_WAIT = 1.0
 _TREE_ROUNDS = 8
 _PROC = Path("/proc")
 
-#: A variable set in each run's environment (``<our pid>.<run>``): what a run leaves
+#: A variable set in each run's environment (``<our pid>.<run>``; not ``REGISTRY_AGENT_*``,
+#: which the agent reads as its settings, should a check run one): what a run leaves
 #: running is found by it once the run ends, daemons that left its process tree
 #: (``setsid`` and a double fork: their parent gone, they belong to init) included.
-RUN_MARK = "REGISTRY_AGENT_CHECK_RUN"
+RUN_MARK = "RA_CHECK_RUN"
 _runs = itertools.count(1)
 
 _reaping: set[asyncio.Task[int]] = set()
