@@ -352,6 +352,27 @@ def test_a_shared_lease_runs_no_timers() -> None:
     assert reg.next(Desired.PASSING, 1000) == Sleep(None)
 
 
+def test_a_shared_lease_counts_as_held_for_a_ttl_after_its_last_shared_renewal() -> None:
+    # The backend may still wait on a call before it tells its members the shared
+    # liveness is lost; what the registry holds is known from its last renewal.
+    reg, _, _ = drive([(REGISTER, SHARED, 100)])
+    ttl = reg.options.ttl
+    reg.shared_renewed(95)  # renewed before we joined: our registration counts from 100
+    assert reg.registered(100 + ttl - 0.01)
+    assert not reg.registered(100 + ttl)
+    reg.shared_renewed(108)
+    assert reg.registered(108 + ttl - 0.01)
+    assert not reg.registered(108 + ttl)
+    ready, why = reg.readiness(108 + ttl, GateState.REGISTERED, stopping=False, failing="")
+    assert not ready
+    assert why is not None
+    assert why.startswith("entry lost (no heartbeat succeeded for")
+    # An own lease is timed by its own heartbeats, never by this.
+    own, _, _ = drive([(REGISTER, OK, 0)])
+    own.shared_renewed(-1000)
+    assert own.registered(1)
+
+
 def test_failures_are_loud_once_per_kind_and_reminded_every_30s() -> None:
     history: list[tuple[Any, Outcome | None, float]] = [(REGISTER, DOWN, t) for t in (0, 1, 2)]
     reg, _, _ = drive(history)
