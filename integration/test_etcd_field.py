@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -17,6 +18,7 @@ import pytest
 from registry_agent_etcd import EtcdBackend
 
 from registry_agent import (
+    AsyncRegistrar,
     BackendUnavailable,
     ConfigError,
     HealthStatus,
@@ -432,3 +434,39 @@ async def test_a_slow_link_connects(etcd_server: EtcdServer) -> None:
             assert time.monotonic() - started < 15
         finally:
             await backend.close()
+
+
+async def test_shared_registrations_come_back_quietly_after_a_long_blackhole(
+    etcd_server: EtcdServer, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A break-it run: after a blackhole longer than the TTL, the lease granted on the
+    # heal was counted lost 1 ms later (timed from its send, held up by the reconnect),
+    # a second grant's put-back met the members' own puts of the same keys in one
+    # transaction, and etcd refused it: an ERROR "no retry can fix this" per entry.
+    backend = open_backend(f"etcd://{proxy.host}:{proxy.port}")  # default 5 s timeout > TTL
+    ttl = 3.0
+    registrars = [
+        AsyncRegistrar(backend, instance(9900 + i), ttl=ttl, shared_liveness=True) for i in range(3)
+    ]
+    try:
+        for registrar in registrars:
+            await registrar.start(wait_registered=10)
+        with caplog.at_level(logging.DEBUG, "registry_agent"):
+            for _ in range(2):
+                await asyncio.sleep(1.5)
+                proxy.blackhole()
+                await asyncio.sleep(2 * ttl)
+                proxy.heal()
+                began = time.monotonic()
+                while not all(r.status()["ready"] for r in registrars):
+                    assert time.monotonic() - began < 10, [r.status() for r in registrars]
+                    await asyncio.sleep(0.05)
+        grants = [r for r in caplog.records if "granted" in r.getMessage()]
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == []
+        assert len(grants) == 2, [r.getMessage() for r in grants]  # one per heal
+        assert len(etcd_server.leases()) == 1
+    finally:
+        for registrar in registrars:
+            await registrar.stop(timeout=3)
+        await backend.close()

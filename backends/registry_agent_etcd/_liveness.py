@@ -79,6 +79,11 @@ class _Put:
         return len(self.key) + len(self.value) + _OP_OVERHEAD
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 @dataclass(slots=True)
 class _Stream:
     """One open keepalive stream, the client it runs on, and what it has answered.
@@ -187,7 +192,12 @@ class LeaseGroup:
         old, self.lease_id = self.lease_id, lease_id
         self.lost = None
         self.error = None
-        self._last_ok, self._last_ok_wall = sent, time.time()
+        # Granted between sent and now. A grant held up by an outage (a reconnect) was
+        # still granted: counting it from its send time made it lost at once, and the
+        # next grant's puts met the members' own for the same keys. The keepalive that
+        # starts now confirms it (or finds it gone) within a renewal.
+        self._last_ok = max(sent, time.monotonic() - self.seconds / 3)
+        self._last_ok_wall = time.time()
         if old is not None and old != lease_id:
             backend._orphan(old, self.seconds)  # in case it still lives: its keys are re-put
         for task in self._tasks:
@@ -248,6 +258,8 @@ class LeaseGroup:
         """
         stale = [(k, m) for k, m in self.members.items() if m.lease_id not in (None, lease_id)]
         puts = [(k, m, self.put(k, m.value, lease_id)) for k, m in stale]
+        for _, _, future in puts:  # read even if this task ends first (no "never retrieved")
+            future.add_done_callback(_retrieved)
         try:
             for key, member, future in puts:
                 try:
@@ -458,14 +470,17 @@ class LeaseGroup:
         while self._queue and self._in_flight < MAX_TXN_IN_FLIGHT:
             batch = [self._queue.popleft()]
             size = batch[0].size
+            keys = {batch[0].key}
             limit = self.backend.max_request_bytes - 1024
             while (
                 self._queue
                 and len(batch) < MAX_TXN_OPS
                 and self._queue[0].lease_id == batch[0].lease_id
+                and self._queue[0].key not in keys  # etcd refuses a txn with a key twice
                 and size + self._queue[0].size <= limit
             ):
                 size += self._queue[0].size
+                keys.add(self._queue[0].key)
                 batch.append(self._queue.popleft())
             batch = [p for p in batch if not p.future.done()]  # callers gone
             if not batch:
