@@ -213,5 +213,12 @@ def _seconds(
     if value < floor:
         raise ConfigError(f"must be at least {floor:g}s ({why}), got {value:g}s", field=name)
     if value > ceiling:
-        raise ConfigError(f"must be at most {ceiling:g}s ({longest}), got {value:g}s", field=name)
+        raise ConfigError(
+            f"must be at most {_plain(ceiling)}s ({longest}), got {_plain(value)}s", field=name
+        )
     return float(value)
+
+
+def _plain(seconds: float) -> str:
+    """``31536000`` rather than ``3.1536e+07`` (a huge value stays short)."""
+    return f"{seconds:.0f}" if seconds == int(seconds) and seconds < 1e12 else f"{seconds:g}"

@@ -97,6 +97,12 @@ def test_missing_extra_gives_the_pip_hint(
             "backend.deregister_critical_after",
             "floor is 60s",
         ),
+        (  # a break-it run: the keyword had a ceiling, the URL option did not
+            "consul://h:1?deregister_critical_after=17520h",
+            {},
+            "backend.deregister_critical_after",
+            "at most 31536000s (a year), got 63072000s",
+        ),
         ("etcd://h:1?prefix=services", {}, "backend.prefix", "leading '/'"),
         ("etcd://h:1?prefix=//services", {}, "backend.prefix", "got '//services'"),
         ("etcd://h:1?user=alice", {}, "backend.user", "user and password go together"),

@@ -353,7 +353,10 @@ def _parse_tables(
     status_fields.done()
     log = top.table_at("log")
     log_format = log.get("format", as_choice("text", "json"), "text")
-    log_level = log.get("level", as_choice("debug", "info", "warning", "error"), "info")
+    levels = as_choice("debug", "info", "warning", "error")
+    log_level = log.get(  # "INFO" as Python's logging spells it is fine too
+        "level", lambda v, p: levels(v.lower() if isinstance(v, str) else v, p), "info"
+    )
     log.done()
     raw_services = top.get("service", lambda v, p: v, [])
     top.done()
