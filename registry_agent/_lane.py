@@ -309,8 +309,7 @@ class BackendLane:
     def status(self) -> BackendStatus:
         """This backend's part of ``status()``."""
         reg = self.reg
-        self.observe()
-        ready, reason = self.owner.readiness(self)
+        ready, reason = self.owner.readiness(self)  # observes the shared renewal first
         registered = reg.registered(self.owner._clock())
         seen = reg.seen
         shown = seen.status if seen is not None else reg.actual

@@ -47,6 +47,7 @@ from registry_agent._errors import (
 from registry_agent._events import InstanceMap
 from registry_agent._identity import registry_address
 from registry_agent._models import HealthStatus, InstanceHealth, ServiceInstance, ServiceSnapshot
+from registry_agent._options import REAP_CEILING
 from registry_agent._plugins import ENTRY_POINT_GROUP
 from registry_agent._probe import ConnectionAware, ConnectionProbe, Hold
 from registry_agent._tls import TLSFiles
@@ -70,6 +71,7 @@ from registry_agent._urls import (
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "REAP_CEILING",
     "Backend",
     "BackendError",
     "BackendURL",

@@ -37,6 +37,7 @@ from registry_agent import (
     Throttled,
 )
 from registry_agent.backend import (
+    REAP_CEILING,
     ConnectionProbe,
     LivenessNews,
     Option,
@@ -101,9 +102,6 @@ _LOST_MARKERS = ("does not have associated TTL", "Unknown check", "Unknown servi
 # A pause longer than this between two queries may hide an agent restart.
 # Consul never reaps a critical service sooner than this.
 _MIN_DEREGISTER_AFTER = 60.0
-#: The longest accepted, as for the registration option: beyond it Consul refuses the
-#: duration on every write (or reaps after decades).
-_MAX_DEREGISTER_AFTER = 365 * 86400.0
 # Consul's own limits on service meta (structs.validateMetaPair, Consul 1.8).
 _META_MAX_KEYS = 64
 _META_KEY_MAX = 128
@@ -333,9 +331,9 @@ class ConsulBackend:
                 f"Consul's floor is 60s, got {deregister_critical_after:g}s",
                 field="backend.deregister_critical_after",
             )
-        if deregister_critical_after > _MAX_DEREGISTER_AFTER:
+        if deregister_critical_after > REAP_CEILING:  # as for the registration option
             raise ConfigError(
-                f"must be at most {_MAX_DEREGISTER_AFTER:.0f}s (a year), "
+                f"must be at most {REAP_CEILING:.0f}s (a year), "
                 f"got {deregister_critical_after:.0f}s",
                 field="backend.deregister_critical_after",
             )

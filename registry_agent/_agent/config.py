@@ -270,9 +270,7 @@ def _backend_variable(name: str) -> bool:
     return name.startswith(ENV_PREFIX) and _ENV_KEYS.get(key, ("",))[0] == "backend"
 
 
-def _apply_env(data: dict[str, Any], env: Mapping[str, str], given: dict[str, str]) -> list[str]:
-    """Set the file's keys the environment overrides (``given``: their paths, such as
-    ``log.level``, to the variable that set them); returns unknown variables."""
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
     unknown = []
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX):
@@ -290,7 +288,6 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str], given: dict[str, st
             section = data.setdefault(table, {})
             if isinstance(section, dict):
                 section[item] = value
-                given[f"{table}.{item}"] = name
                 if item in ("token", "token_file"):
                     section.pop("token_file" if item == "token" else "token", None)
                 if item in ("password", "password_file"):
@@ -320,8 +317,7 @@ def _parse(
         # The environment names the backends, its REGISTRY_AGENT_* backend keys included.
         data["backend"] = backend_tables_from_env(env)
         env = {name: value for name, value in env.items() if not _backend_variable(name)}
-    given: dict[str, str] = {}
-    unknown_env = _apply_env(data, env, given)
+    unknown_env = _apply_env(data, env)
     if unknown_env:
         raise ConfigError(
             f"unknown environment variable(s) {', '.join(sorted(unknown_env))}; expected "
@@ -331,6 +327,8 @@ def _parse(
     try:
         return _parse_tables(data, source, env, base)
     except ConfigError as exc:
+        # Paths such as ``log.level`` the environment set, to the variable that set them.
+        given = {".".join(_ENV_KEYS[k]): ENV_PREFIX + k for k in _ENV_KEYS if ENV_PREFIX + k in env}
         name = given.get(exc.field or "")
         if name is None:
             raise

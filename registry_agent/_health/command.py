@@ -8,7 +8,7 @@ import itertools
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -124,21 +124,32 @@ def _kill_tree(pid: int) -> None:
     through ``/proc`` parent links until no new descendant shows up, then
     killed. Without ``/proc`` (not Linux) only the group is killed.
     """
+
+    def descendants() -> set[int] | None:
+        parents = _parents()
+        return None if parents is None else _descendants(pid, parents)
+
     _kill_group(pid, signal.SIGSTOP)
+    try:
+        _freeze_then_kill(descendants)
+    finally:  # whatever the walk met, nothing is left stopped
+        _kill_group(pid)
+
+
+def _freeze_then_kill(find: Callable[[], set[int] | None]) -> None:
+    """SIGSTOP what ``find()`` returns (None: it cannot look) until no new process shows
+    up (so none forks or exits meanwhile), then SIGKILL them all."""
     frozen: set[int] = set()
     try:
         for _ in range(_TREE_ROUNDS):
-            parents = _parents()
-            if parents is None:
-                break
-            new = _descendants(pid, parents) - frozen
+            found = find()
+            new = set() if found is None else found - frozen
             if not new:
                 break
             for child in new:
                 _kill(child, signal.SIGSTOP)
             frozen |= new
-    finally:  # whatever the walk met, nothing is left stopped
-        _kill_group(pid)
+    finally:
         for child in frozen:
             _kill(child, signal.SIGKILL)
 
@@ -161,20 +172,8 @@ def _marked(entry: bytes) -> set[int]:
 
 
 def _kill_marked(entry: bytes) -> None:
-    """SIGKILL every process carrying a run's mark: frozen first (SIGSTOP, so none forks
-    meanwhile), looked for again until no new one shows up."""
-    frozen: set[int] = set()
-    try:
-        for _ in range(_TREE_ROUNDS):
-            new = _marked(entry) - frozen
-            if not new:
-                break
-            for pid in new:
-                _kill(pid, signal.SIGSTOP)
-            frozen |= new
-    finally:
-        for pid in frozen:
-            _kill(pid, signal.SIGKILL)
+    """SIGKILL every process carrying a run's mark (frozen first, looked for again)."""
+    _freeze_then_kill(lambda: _marked(entry))
 
 
 class CommandCheck(HealthCheck):
